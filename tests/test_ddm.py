@@ -1,0 +1,204 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddm import (Indicator, ddm_loss, fairness_discrepancy, group_proportions, mean_entropy,
+                 statistical_parity_difference)
+
+LATENT = (4, 4, 4)  # a 32 px image's latent, the authors' training resolution
+
+
+class TinyEpsNet(nn.Module):
+    """A UNet stand-in: conv layers producing eps_hat of the latent's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, z):
+        return self.b(F.silu(self.a(z)))
+
+
+def batch(seed=0, b=6, k=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, *LATENT, generator=g), torch.randn(b, *LATENT, generator=g), torch.arange(b) % k
+
+
+def test_indicator_has_the_authors_mlp_shape():
+    ind = Indicator(LATENT, 3)
+    linears = [m for m in ind.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 1024), (1024, 512), (512, 3)]
+    assert sum(isinstance(m, nn.ReLU) for m in ind.modules()) == 2
+    assert ind(torch.randn(5, *LATENT)).shape == (5, 3)
+    with pytest.raises(ValueError, match="latents"):
+        ind(torch.randn(5, 4, 8, 8))
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        Indicator(LATENT, 1)
+
+
+def test_loss_with_w_ind_zero_is_exactly_weighted_mse_and_skips_the_indicator():
+    z, noise, groups = batch()
+    net = TinyEpsNet()
+    eps_hat = net(z)
+    calls = []
+    ind = Indicator(LATENT, 3)
+    ind.register_forward_hook(lambda *a: calls.append(1))
+    total, parts = ddm_loss(eps_hat, noise, groups, ind, w_rec=0.95, w_ind=0.0)
+    assert torch.equal(total, 0.95 * F.mse_loss(eps_hat, noise))
+    assert torch.equal(ddm_loss(eps_hat, noise, groups, ind, w_rec=1.0, w_ind=0)[0], F.mse_loss(eps_hat, noise))
+    assert calls == []
+    assert torch.equal(parts["rec"], F.mse_loss(eps_hat, noise).detach()) and not parts["rec"].requires_grad
+    assert math.isnan(parts["ind"].item()) and math.isnan(parts["acc"])
+
+
+def test_loss_is_the_papers_weighted_sum():
+    z, noise, groups = batch()
+    eps_hat = TinyEpsNet()(z)
+    ind = Indicator(LATENT, 3)
+    total, parts = ddm_loss(eps_hat, noise, groups, ind, w_rec=0.7, w_ind=0.3)
+    logits = ind(eps_hat)
+    expected = 0.7 * F.mse_loss(eps_hat, noise) + 0.3 * F.cross_entropy(logits, groups)
+    torch.testing.assert_close(total, expected, atol=0, rtol=1e-6)
+    torch.testing.assert_close(parts["ind"], F.cross_entropy(logits, groups).detach())
+    assert parts["acc"] == (logits.argmax(1) == groups).float().mean().item()
+    assert isinstance(parts["acc"], float) and not parts["ind"].requires_grad
+
+
+def grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def test_gradient_reaches_the_noise_predictor_through_both_terms_and_the_indicator():
+    z, noise, groups = batch()
+    for w_rec, w_ind in [(1.0, 0.0), (0.0, 1.0), (0.95, 0.05)]:
+        torch.manual_seed(0)
+        net, ind = TinyEpsNet(), Indicator(LATENT, 3)
+        total, _ = ddm_loss(net(z), noise, groups, ind, w_rec=w_rec, w_ind=w_ind)
+        total.backward()
+        assert all(g is not None and g.abs().sum() > 0 for g in grads(net)), (w_rec, w_ind)
+        if w_ind == 0:
+            assert all(g is None for g in grads(ind))
+        else:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads(ind)), (w_rec, w_ind)
+
+    # the total's gradient is the weighted sum of the two terms' gradients (nothing detached on the way)
+    def net_grad(w_rec, w_ind):
+        torch.manual_seed(0)
+        net, ind = TinyEpsNet(), Indicator(LATENT, 3)
+        ddm_loss(net(z), noise, groups, ind, w_rec=w_rec, w_ind=w_ind)[0].backward()
+        return torch.cat([g.flatten() for g in grads(net)])
+    torch.testing.assert_close(net_grad(0.95, 0.05), net_grad(0.95, 0.0) + net_grad(0.0, 0.05),
+                               atol=1e-7, rtol=1e-5)
+
+
+def test_loss_is_float32_under_bf16_autocast():
+    z, noise, groups = batch()
+    net, ind = TinyEpsNet(), Indicator(LATENT, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eps_hat = net(z)
+        total, parts = ddm_loss(eps_hat, noise, groups, ind)
+    assert eps_hat.dtype == torch.bfloat16
+    assert total.dtype == parts["rec"].dtype == parts["ind"].dtype == torch.float32
+
+
+def test_loss_rejects_mismatched_shapes():
+    z, noise, groups = batch()
+    ind = Indicator(LATENT, 3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        ddm_loss(z, noise[:, :3], groups, ind)
+    with pytest.raises(ValueError, match="groups"):
+        ddm_loss(z, noise, groups[:2], ind)
+
+
+@pytest.fixture
+def one_thread():
+    # tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP waits make them 20x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_indicator_learns_a_separable_toy_problem(one_thread):
+    # group k shifts the predicted noise along a fixed random direction; the indicator must find it
+    torch.manual_seed(0)
+    k, n = 3, 384
+    directions = torch.randn(k, *LATENT)
+    groups = torch.randint(0, k, (n,))
+    eps_hat = torch.randn(n, *LATENT) + 0.8 * directions[groups]
+    ind = Indicator(LATENT, k, hidden=(64, 32))  # the authors' (1024, 512) learns it too, 30x slower on CPU
+    with torch.no_grad():
+        assert ddm_loss(eps_hat[256:], eps_hat[256:], groups[256:], ind)[1]["acc"] < 0.6  # chance before training
+    opt = torch.optim.AdamW(ind.parameters(), lr=1e-3)
+    for step in range(300):
+        idx = torch.randint(0, 256, (32,))  # train on the first 256, judge on the last 128
+        loss, _ = ddm_loss(eps_hat[idx], eps_hat[idx], groups[idx], ind, w_rec=0.95, w_ind=0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        _, parts = ddm_loss(eps_hat[256:], eps_hat[256:], groups[256:], ind)
+    assert parts["acc"] > 0.95
+    assert parts["ind"] < 0.3
+
+
+def test_fairness_discrepancy_on_known_proportions():
+    for k in (2, 3, 10):
+        assert fairness_discrepancy(torch.full((k,), 1 / k, dtype=torch.float64)) == pytest.approx(0, abs=1e-15)
+        assert fairness_discrepancy([1 / k] * k) == pytest.approx(0, abs=1e-7)  # float32 rounding of 1/k
+        one = torch.zeros(k)
+        one[k - 1] = 1
+        assert fairness_discrepancy(one) == pytest.approx(math.sqrt((k - 1) / k), abs=1e-12)
+        assert fairness_discrepancy(one, normalized=True) == pytest.approx(1, abs=1e-12)
+    assert fairness_discrepancy([0.9, 0.1]) == pytest.approx(math.sqrt(2 * 0.4 ** 2), abs=1e-12)
+    assert fairness_discrepancy([0.5, 0.25, 0.25]) == pytest.approx(
+        math.sqrt((0.5 - 1 / 3) ** 2 + 2 * (0.25 - 1 / 3) ** 2), abs=1e-12)
+    for bad in ([], [0.5, 0.6], [1.2, -0.2], [[0.5, 0.5]]):
+        with pytest.raises(ValueError):
+            fairness_discrepancy(bad)
+
+
+def test_group_proportions_hard_and_soft():
+    p = group_proportions(torch.tensor([0, 0, 0, 1]), 3)
+    assert p.dtype == torch.float64 and p.tolist() == [0.75, 0.25, 0.0]
+    assert group_proportions([1, 1], 2).tolist() == [0.0, 1.0]
+    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    torch.testing.assert_close(group_proportions(probs, 2), torch.tensor([0.6, 0.4], dtype=torch.float64))
+    with pytest.raises(ValueError, match="empty"):
+        group_proportions(torch.tensor([], dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        group_proportions([0, 2], 2)
+    with pytest.raises(ValueError, match="columns"):
+        group_proportions(probs, 3)
+    with pytest.raises(ValueError, match="sum to 1"):
+        group_proportions(torch.tensor([[2.0, 1.0]]), 2)
+
+
+def test_statistical_parity_difference():
+    assert statistical_parity_difference([0.8, 0.8, 0.8]) == pytest.approx(0)
+    assert statistical_parity_difference([0.9, 0.5, 0.7]) == pytest.approx(0.4)
+    assert statistical_parity_difference({"7": 1.0, "8": 0.0}) == pytest.approx(1.0)
+    for bad in ([], [0.5, 1.5], [-0.1, 0.2]):
+        with pytest.raises(ValueError):
+            statistical_parity_difference(bad)
+
+
+def test_mean_entropy_on_known_distributions():
+    for k in (2, 5):
+        assert mean_entropy(torch.zeros(7, k)) == pytest.approx(math.log(k), abs=1e-12)
+        assert mean_entropy(torch.zeros(7, k), normalized=True) == pytest.approx(1, abs=1e-12)
+        one_hot = torch.full((3, k), float("-inf"))
+        one_hot[:, 0] = 0
+        assert mean_entropy(one_hot) == 0
+    p = torch.tensor([0.2, 0.3, 0.5])
+    h = -(p * p.log()).sum().item()
+    # mean over samples: one uniform row (log 3) and one row with softmax p
+    assert mean_entropy(torch.stack([torch.zeros(3), p.log()])) == pytest.approx((math.log(3) + h) / 2, rel=1e-6)
+    with pytest.raises(ValueError):
+        mean_entropy(torch.zeros(0, 3))
+    with pytest.raises(ValueError):
+        mean_entropy(torch.zeros(3))
