@@ -1,0 +1,190 @@
+"""Low-rank adaptation (LoRA) of linear layers, minimal and dependency-free.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv 2106.09685), section 4.1: a frozen
+weight W0 (out, in) is adapted by a trainable low-rank product,
+
+    h = W0 x + b + (alpha / r) * B A x,        A: (r, in),  B: (out, r),
+
+with A initialised randomly and B at zero, so a fresh adapter leaves the model's output unchanged. After
+training, W = W0 + (alpha / r) * B A can be merged into the weight and the adapter costs nothing at inference.
+
+DDM (Huang et al. 2025) fine-tunes Stable Diffusion with rank 8, alpha 32 on the UNet attention projections
+`to_q`, `to_v` (and `q_proj`, `v_proj` when the text encoder is trained), which are the defaults here.
+
+Decisions a caller must know:
+- `LoRALinear` keeps the base layer's `weight`/`bias` parameters under their names, so an injected model still
+  loads base checkpoints by name; the adapter adds `lora_A`, `lora_B` beside them.
+- `inject_lora` does not touch `requires_grad`: call `mark_only_lora_trainable(model)` for LoRA training (the
+  DDM indicator is a separate module and is not affected).
+- `LoRALinear.merge()` folds the adapter into `weight` in place (for inference; the adapter then gets no
+  gradient); `unmerge()` takes it out again. `merge_lora(model)` merges every adapter and puts plain
+  `nn.Linear` modules back, so the model's state dict has the base layout again (for exporting).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Linear):
+    """An `nn.Linear` plus a low-rank update: y = x W^T + b + scale * x A^T B^T, scale = alpha / rank."""
+
+    def __init__(self, in_features, out_features, bias=True, rank=8, alpha=32, device=None, dtype=None):
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear, rank=8, alpha=32):
+        """Wrap an existing `nn.Linear`, sharing (not copying) its weight and bias; the adapter gets their
+        device and dtype."""
+        w = linear.weight
+        with torch.device("meta"):  # the base tensors are taken over below, so never allocate them twice
+            lora = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, rank=rank, alpha=alpha)
+        lora.weight, lora.bias = linear.weight, linear.bias
+        lora.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=w.device, dtype=w.dtype))
+        lora.lora_B = nn.Parameter(torch.empty(linear.out_features, rank, device=w.device, dtype=w.dtype))
+        lora.reset_lora_parameters()
+        lora.train(linear.training)
+        return lora
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        # A as nn.Linear's default init (peft and loralib do the same), B = 0 so the adapter starts as a no-op
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self):
+        """scale * B A, the adapter as a (out, in) weight update, in the weight's dtype (computed in fp32)."""
+        return (self.scale * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:  # the update already lives in self.weight
+            return y
+        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W + scale B A. Idempotent. Exact up to rounding in the weight's dtype."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W <- W - scale B A, undoing `merge()` (bitwise only in fp32-exact cases; low precision rounds)."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def _matches(name, targets):
+    # whole dotted components only: "to_q" matches "attn1.to_q" but not "attn1.proto_q"
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _set_submodule(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def inject_lora(model, targets=("to_q", "to_v"), rank=8, alpha=32):
+    """Replace, in place, every `nn.Linear` whose qualified name ends with one of `targets` (whole dotted
+    components, e.g. "to_q" or "to_out.0") by a `LoRALinear` sharing its weight. Returns the replaced names.
+
+    Works on models on any device, the meta device included (the adapter is then on meta too and must be loaded,
+    e.g. with `load_lora_state_dict`). Does not change any `requires_grad`.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    wrong = [f"{n} ({type(m).__name__})" for n, m in found if not isinstance(m, nn.Linear)]
+    if wrong:
+        raise ValueError(f"LoRA targets {targets} match modules that are not nn.Linear: {', '.join(wrong[:5])}")
+    done = [n for n, m in found if isinstance(m, LoRALinear)]
+    if done:
+        raise ValueError(f"modules already carry a LoRA adapter: {', '.join(done[:5])}")
+    if not found:
+        linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no nn.Linear module name ends with any of {targets}; Linear names end with {linears}")
+    for name, linear in found:
+        _set_submodule(model, name, LoRALinear.from_linear(linear, rank=rank, alpha=alpha))
+    return [n for n, _ in found]
+
+
+def lora_parameters(model):
+    """The adapter parameters (every lora_A and lora_B), for the optimizer."""
+    return [p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+
+
+def mark_only_lora_trainable(model):
+    """Freeze everything in `model` but the LoRA adapters. Returns the number of trainable parameters."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith((".lora_A", ".lora_B")))
+    return sum(p.numel() for p in lora_parameters(model))
+
+
+def lora_state_dict(model):
+    """{name: tensor} of the adapters only (names as in `model.state_dict()`, e.g. `...attn1.to_q.lora_A`)."""
+    return {n: t for n, t in model.state_dict().items() if n.endswith((".lora_A", ".lora_B"))}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model, state_dict):
+    """Load adapter tensors strictly: the names must be exactly the model's lora_A/lora_B, shapes equal.
+
+    Values are cast to each adapter's dtype. Adapters on the meta device take the given tensors by assignment.
+    """
+    params = dict(lora_state_dict(model))
+    missing = sorted(set(params) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(params))
+    shapes = [f"{n}: checkpoint {tuple(state_dict[n].shape)} vs model {tuple(params[n].shape)}"
+              for n in sorted(set(params) & set(state_dict)) if state_dict[n].shape != params[n].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            "LoRA state dict does not match the model (was it injected with the same targets and rank?)"
+            + (f"\n  missing ({len(missing)}): {missing[:5]}" if missing else "")
+            + (f"\n  unexpected ({len(unexpected)}): {unexpected[:5]}" if unexpected else "")
+            + (f"\n  shape mismatch: {shapes[:5]}" if shapes else ""))
+    for name, t in state_dict.items():
+        module_name, _, pname = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if module.merged:
+            raise ValueError(f"{module_name} is merged; unmerge before loading a new adapter")
+        p = getattr(module, pname)
+        if p.is_meta:
+            setattr(module, pname, nn.Parameter(t.to(p.dtype), requires_grad=p.requires_grad))
+        else:
+            p.copy_(t)
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its weight and put a plain `nn.Linear` back in its place, in place; returns the
+    model, whose state dict then has the base (adapter-free) layout, e.g. for exporting a merged checkpoint."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            with torch.device("meta"):
+                linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            linear.weight, linear.bias = m.weight, m.bias
+            linear.train(m.training)
+            _set_submodule(model, name, linear)
+    return model
