@@ -1,0 +1,362 @@
+"""The CLIP ViT-L/14 text encoder and its byte-level BPE tokenizer: Stable Diffusion v1.x's prompt conditioning.
+
+Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (ICML 2021), Sec. 2.4:
+the text encoder is a GPT-2-style Transformer (pre-LayerNorm, masked i.e. causal self-attention) over a
+lower-cased byte pair encoding of the text with [SOS] and [EOS] tokens around it. Rombach et al., "High-Resolution
+Image Synthesis with Latent Diffusion Models" (CVPR 2022), Sec. 3.3: the UNet cross-attends to the encoder's
+token features; SD v1 uses the frozen ViT-L/14 text tower and its *last* hidden state after the final LayerNorm,
+all 77 positions (B, 77, 768), padding included.
+
+Module names follow transformers' CLIPTextModel, which is what both public layouts store (`text_encoder/` in a
+diffusers folder, `cond_stage_model.transformer.` in the single file), so either loads with strict=True and no
+renaming. The tokenizer reproduces transformers' CLIPTokenizer (the one every SD pipeline uses) id for id, with
+the standard library only: no `regex`, no `ftfy`, no `tokenizers`.
+"""
+import functools
+import gzip
+import itertools
+import json
+import operator
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import weights
+
+BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"  # CLIP's merges, MIT
+START, END = "<|startoftext|>", "<|endoftext|>"
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408  # 2 x 256 byte symbols + 48,894 BPE merges + start + end
+    max_position: int = 77  # 75 text tokens between start and end (CLIP Sec. 2.4 caps the text at 76 + [SOS])
+    width: int = 768
+    layers: int = 12
+    heads: int = 12  # head dim 64
+    mlp: int = 3072  # 4 x width
+    eos_token_id: int = 49407  # <|endoftext|>; also the padding token
+    activation: str = "quick_gelu"  # OpenAI CLIP's x * sigmoid(1.702 x); OpenCLIP towers (SD 2.x) use "gelu"
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)  # 1.702: the sigmoid approximation of GELU that OpenAI CLIP trained with
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention; q/k/v kept apart as the checkpoint stores them."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = nn.Linear(cfg.width, cfg.width)
+        self.v_proj = nn.Linear(cfg.width, cfg.width)
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, T, head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # token t sees tokens <= t; scale 1/sqrt(64)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp)
+        self.fc2 = nn.Linear(cfg.mlp, cfg.width)
+        self.act = quick_gelu if cfg.activation == "quick_gelu" else F.gelu
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=1e-5)  # CLIP's LayerNorm default
+        self.self_attn = Attention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=1e-5)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextModel(nn.Module):
+    """Token ids (B, T<=77) -> last hidden state after the final LayerNorm (B, T, width).
+
+    Position ids are an arange computed on the fly (no buffer), so a model built on the meta device takes every
+    tensor from the checkpoint; the `position_ids` some files store is ignored by weights.IGNORED.
+    """
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.config = cfg = cfg or CLIPTextConfig()
+        if cfg.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"activation must be 'quick_gelu' or 'gelu', not {cfg.activation!r}")
+        if cfg.width % cfg.heads:
+            raise ValueError(f"width {cfg.width} is not divisible by heads {cfg.heads}")
+        self.text_model = nn.ModuleDict(dict(
+            embeddings=nn.ModuleDict(dict(
+                token_embedding=nn.Embedding(cfg.vocab_size, cfg.width),
+                position_embedding=nn.Embedding(cfg.max_position, cfg.width),  # learned, absolute
+            )),
+            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers)))),
+            final_layer_norm=nn.LayerNorm(cfg.width, eps=1e-5),
+        ))
+
+    def forward(self, input_ids):
+        cfg = self.config
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError("input_ids must be an integer tensor of shape (batch, tokens), got "
+                             + (f"{input_ids.dtype} {tuple(input_ids.shape)}" if torch.is_tensor(input_ids)
+                                else type(input_ids).__name__))
+        T = input_ids.shape[1]
+        if T > cfg.max_position:
+            raise ValueError(f"{T} tokens, but the text encoder has only {cfg.max_position} positions")
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got ids from {int(input_ids.min())} "
+                             f"to {int(input_ids.max())}")
+        emb = self.text_model.embeddings
+        x = emb.token_embedding(input_ids) + emb.position_embedding(torch.arange(T, device=input_ids.device))
+        for layer in self.text_model.encoder.layers:
+            x = layer(x)
+        return self.text_model.final_layer_norm(x)  # (B, T, width)
+
+
+# --- loading and export --------------------------------------------------------------------------------------------
+
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+# transformers >= 5 dropped CLIPTextModel's `text_model.` level, so files it saves name `embeddings.…`,
+# `encoder.…`, `final_layer_norm.…`; SD's published files (transformers 4) keep it. {v5 prefix: ours}; invert it
+# to write v5 names (transformers 5 reads both).
+TRANSFORMERS5_NAMES = {name: f"text_model.{name}" for name in ("embeddings", "encoder", "final_layer_norm")}
+
+
+def text_encoder_config_from_hf(d):
+    """CLIPTextConfig from a transformers CLIPTextConfig config.json dict (a diffusers `text_encoder/`)."""
+    if d.get("layer_norm_eps", 1e-5) != 1e-5:
+        raise ValueError(f"text encoder config has layer_norm_eps {d['layer_norm_eps']}; only 1e-5 is supported")
+    # eos_token_id 2 is transformers' legacy placeholder (SD v1.5's config.json says 2) meaning "the highest id"
+    eos = d.get("eos_token_id", 2)
+    return CLIPTextConfig(eos_token_id=CLIPTextConfig.eos_token_id if eos == 2 else eos,
+                          vocab_size=d["vocab_size"], max_position=d["max_position_embeddings"],
+                          width=d["hidden_size"], layers=d["num_hidden_layers"], heads=d["num_attention_heads"],
+                          mlp=d["intermediate_size"], activation=d.get("hidden_act", "quick_gelu"))
+
+
+def text_encoder_hf_config(cfg):
+    """The transformers config.json dict (CLIPTextConfig) for `cfg`, for exporting a diffusers `text_encoder/`."""
+    return {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position, "hidden_size": cfg.width,
+        "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp,
+        "hidden_act": cfg.activation, "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "dropout": 0.0,
+        "initializer_factor": 1.0, "initializer_range": 0.02, "projection_dim": cfg.width,
+        "bos_token_id": cfg.eos_token_id - 1, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.eos_token_id,
+        "torch_dtype": "float32",
+    }
+
+
+def load_text_encoder(path, dtype=torch.float32):
+    """The text encoder from a single file (`cond_stage_model.transformer.`), a diffusers folder or its
+    `text_encoder/` subfolder; strict (names, count and shapes checked), in eval mode."""
+    sd, config = weights.read_component(path, subfolder="text_encoder",
+                                        single_file_prefix="cond_stage_model.transformer.",
+                                        weight_names=WEIGHT_NAMES, dtype=dtype)
+    sd = weights.rename(sd, TRANSFORMERS5_NAMES)  # a no-op on names that already start with text_model.
+    cfg = CLIPTextConfig() if config is None else text_encoder_config_from_hf(config)  # single files: SD v1.x
+    with torch.device("meta"):
+        model = CLIPTextModel(cfg)
+    return weights.load_strict(model, sd, f"text encoder from {path}").eval()
+
+
+# --- tokenizer -----------------------------------------------------------------------------------------------------
+
+def bytes_to_unicode():
+    """CLIP's (= GPT-2's) reversible map byte -> printable character, so BPE runs on strings without spaces or
+    control characters: printable Latin-1 bytes map to themselves, the other 68 to chr(256), chr(257), ...
+
+    The dict order (printable bytes first) is the order of the first 256 vocabulary entries.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return dict(zip(printable + others, map(chr, printable + [256 + n for n in range(len(others))])))
+
+
+# transformers' CLIPTokenizer normalizes with Oniguruma's `\s`, the Unicode White_Space set. Python's `\s` also
+# matches U+001C..U+001F, which the reference keeps as symbols, so the set is spelled out.
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]+")
+# The special strings count only where written exactly, found before normalization. transformers' split pattern
+# lists them as well, but there they never match (lower-cased "<|ENDOFTEXT|>" splits as "<|" "endoftext" "|>").
+SPECIAL = re.compile(f"({re.escape(START)}|{re.escape(END)})")
+
+
+def lower(text):
+    """Lower-case character by character, as the reference's normalizer does: str.lower() alone gives a
+    word-final capital sigma its final form (ΟΔΟΣ -> οδος, not οδοσ), a context rule applied nowhere else."""
+    return "".join(map(str.lower, text)) if "Σ" in text else text.lower()
+
+
+@functools.cache
+def pre_split_pattern():
+    """CLIP's pre-split regex without the `regex` package (which has \\p{L}, \\p{N}; `re` has neither):
+
+        's|'t|'re|'ve|'m|'ll|'d | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+
+
+    i.e. English contractions, runs of letters, single digits, runs of other non-space characters. \\p{L} and
+    \\p{N} are built as explicit code point ranges from unicodedata's categories (L*, N*), once per process.
+    """
+    letters, numbers, start = [], [], 0
+    for major, run in itertools.groupby(map(unicodedata.category, map(chr, range(sys.maxunicode + 1))),
+                                        key=operator.itemgetter(0)):
+        end = start + sum(1 for _ in run)
+        if major in "LN":
+            (letters if major == "L" else numbers).append(f"\\U{start:08x}-\\U{end - 1:08x}")
+        start = end
+    L, N = "".join(letters), "".join(numbers)
+    return re.compile(f"'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{WHITESPACE}{L}{N}]+")
+
+
+def clip_vocab_and_merges(path=BPE_PATH):
+    """CLIP's vocabulary {token: id} and merge list from its `bpe_simple_vocab_16e6.txt.gz`, built as CLIP does."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # CLIP keeps the first 49152 - 256 - 2 = 48,894 merges (line 0 is a version header)
+    merges = [tuple(line.split(" ")) for line in lines[1:1 + 49152 - 256 - 2]]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [START, END]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+class Tokenizer:
+    """Byte-level BPE as in CLIP, id for id equal to transformers' CLIPTokenizer.
+
+    encode(text): split out the literal special strings; NFC; collapse whitespace runs to one space; lower-case;
+    pre-split (pre_split_pattern); each piece -> UTF-8 bytes -> bytes_to_unicode symbols, the last one marked
+    `</w>` (end of word); merge adjacent pairs, lowest merge rank first, until no pair has a rank; look up ids.
+    __call__ wraps each text as [start] + ids[:75] + [end] and pads with end to 77.
+    Unlike OpenAI's original, no ftfy / html.unescape clean-up: the pipelines' reference does none either.
+    """
+
+    def __init__(self, vocab, merges, max_length=77):
+        self.encoder = dict(vocab)
+        self.decoder = {i: t for t, i in self.encoder.items()}
+        self.ranks = {tuple(m): rank for rank, m in enumerate(merges)}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        needed = [START, END, *self.byte_encoder.values(), *(s + "</w>" for s in self.byte_encoder.values())]
+        needed += ["".join(m) for m in self.ranks]
+        missing = [t for t in needed if t not in self.encoder]
+        if missing:
+            raise ValueError(f"the vocabulary lacks {len(missing)} tokens the tokenizer needs "
+                             f"(byte symbols, merge results, {START}, {END}), e.g. {missing[:5]}")
+        self.start_id, self.end_id = self.encoder[START], self.encoder[END]
+        self.max_length = max_length
+        self.pattern = pre_split_pattern()
+        self.cache = {}  # pre-split piece -> ids; prompts reuse few words, so BPE runs once per word
+
+    @classmethod
+    def from_folder(cls, path):
+        """A tokenizer from an SD `tokenizer/` folder (vocab.json, merges.txt with a `#version` header)."""
+        path = Path(path)
+        for name in ("vocab.json", "merges.txt"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path} has no {name}: a CLIP tokenizer folder needs vocab.json and "
+                                        "merges.txt")
+        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+        lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
+        first = 1 if lines[0].startswith("#version") else 0
+        merges = []
+        for n, line in enumerate(lines[first:], first + 1):
+            if line:
+                pair = line.split(" ")
+                if len(pair) != 2:
+                    raise ValueError(f"{path / 'merges.txt'} line {n}: expected two symbols, got {line!r}")
+                merges.append(tuple(pair))
+        return cls(vocab, merges)
+
+    @classmethod
+    def default(cls):
+        """The SD v1.x tokenizer (CLIP's vocabulary), built from the shipped assets/bpe_simple_vocab_16e6.txt.gz."""
+        return cls(*clip_vocab_and_merges())
+
+    def bpe(self, piece):
+        """Ids of one pre-split piece."""
+        symbols = [self.byte_encoder[b] for b in piece.encode("utf-8")]
+        symbols[-1] += "</w>"
+        while len(symbols) > 1:
+            pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, float("inf")))
+            if pair not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence, left to right
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        ids = self.cache[piece] = [self.encoder[s] for s in symbols]
+        return ids
+
+    def encode(self, text):
+        """Token ids of `text`, without start/end tokens or truncation."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        ids = []
+        for i, part in enumerate(SPECIAL.split(text)):  # odd parts are the special strings themselves
+            if i % 2:
+                ids.append(self.encoder[part])
+                continue
+            part = lower(WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", part)))
+            for piece in self.pattern.findall(part):
+                ids += self.cache.get(piece) or self.bpe(piece)
+        return ids
+
+    def __call__(self, texts):
+        """LongTensor (B, max_length): [start] + at most max_length-2 text ids + [end], padded with end."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a str or a list of str")
+        n, rows = self.max_length, []
+        for text in texts:
+            ids = [self.start_id, *self.encode(text)[:n - 2], self.end_id]  # truncate first: end is always kept
+            rows.append(ids + [self.end_id] * (n - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).view(len(rows), n)
+
+    def decode(self, ids):
+        """Text of `ids` (list or 1-D tensor), start/end/padding dropped; words end at `</w>` markers."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        bad = [i for i in ids if i not in self.decoder]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are not in the vocabulary (size {len(self.decoder)})")
+        symbols = "".join(self.decoder[i] for i in ids if i not in (self.start_id, self.end_id))
+        text = bytearray(self.byte_decoder[c] for c in symbols).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ").strip()
+
+
+def load_tokenizer(path):
+    """The tokenizer of a diffusers folder (its `tokenizer/`, or the folder itself if it holds vocab.json), or,
+    for a single-file checkpoint (which carries none), the standard CLIP tokenizer."""
+    path = Path(path)
+    if path.is_file():
+        return Tokenizer.default()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint file or folder at {path}")
+    return Tokenizer.from_folder(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
