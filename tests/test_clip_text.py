@@ -1,0 +1,268 @@
+"""clip_text.py against transformers' CLIPTextModel and CLIPTokenizer (the oracles SD pipelines use).
+
+The tokenizer tests run offline on CLIP's real vocabulary: vocab.json + merges.txt are generated into a temporary
+folder from the shipped assets/bpe_simple_vocab_16e6.txt.gz by tools/make_sd_tokenizer.py.
+"""
+import json
+import random
+
+import pytest
+import regex
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import weights
+from clip_text import (CLIPTextConfig, CLIPTextModel, Tokenizer, load_text_encoder, load_tokenizer,
+                       pre_split_pattern, text_encoder_config_from_hf, text_encoder_hf_config)
+from tools.make_sd_tokenizer import write_sd_tokenizer
+
+SD15_ASTRONAUT = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407] + [49407] * 65
+
+LONG = ", ".join(f"a very detailed photo number {i} of a cat" for i in range(20))  # ~180 tokens
+HARD = [
+    "a photo of an astronaut riding a horse on mars",
+    "",
+    "   ",
+    "Hello!!! What?!... (yes) [no] {maybe} <tag> #hash @at $5 100% a&b ~~ ** __init__ -- ->",
+    "3.14159, 1,000,000 and 2nd 1990s 0.5x 4k 8K",
+    "don't I'll we've they're she's it'd I'm DON'T WE'VE o'clock rock'n'roll '' 's",
+    "café naïve résumé Ångström Straße jalapeño ÉCOLE ΟΔΟΣ Σίσυφος İstanbul",
+    "cafe\u0301 (combining accent, NFC-composed by the reference)",
+    "emoji 😀👍🏽 👨‍👩‍👧 ❤️ 🇫🇷 ★☆",
+    "日本語のテキスト 中文 你好世界 한국어 一二三 ½ ² Ⅻ ٣",
+    "русский текст and العربية and עברית",
+    "  extra   spaces\tand\ttabs\nand\r\nnewlines  \u00a0nbsp\u3000ideographic\u2003em ",
+    "a\x1cb\x1fc zero\u200bwidth soft\u00adhyphen",
+    "UPPER CASE PROMPT, Mixed Case Prompt",
+    "<|startoftext|>literal specials<|endoftext|> and <|ENDOFTEXT|> and <|endoftext",
+    "ﬁ ligature, ＦＵＬＬＷＩＤＴＨ, ℌ, ㎏, ①②",
+    LONG,
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return write_sd_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def ours(tok_dir):
+    return Tokenizer.from_folder(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def ref(tok_dir):
+    return transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
+
+
+def ref_ids(ref, texts):
+    return torch.tensor(ref(texts, padding="max_length", max_length=77, truncation=True).input_ids)
+
+
+# --- tokenizer -----------------------------------------------------------------------------------------------------
+
+def test_sd15_prompt_ids_are_the_published_literals(ours, ref):
+    prompt = "a photo of an astronaut riding a horse on mars"
+    assert ours(prompt).tolist() == [SD15_ASTRONAUT]
+    assert ref_ids(ref, [prompt]).tolist() == [SD15_ASTRONAUT]
+    assert Tokenizer.default()(prompt).tolist() == [SD15_ASTRONAUT]
+
+
+def test_hard_strings_give_identical_ids_to_transformers(ours, ref):
+    got, want = ours(HARD), ref_ids(ref, HARD)
+    assert got.shape == (len(HARD), 77) and got.dtype == torch.long
+    for text, g, w in zip(HARD, got, want):
+        assert g.tolist() == w.tolist(), text
+    for text in HARD:  # untruncated too
+        assert ours.encode(text) == ref(text, add_special_tokens=False).input_ids, text
+
+
+def test_long_prompt_is_truncated_to_75_tokens_and_keeps_the_end_token(ours, ref):
+    ids = ours(LONG)[0]
+    assert len(ours.encode(LONG)) > 150
+    assert ids[0] == 49406 and ids[-1] == 49407 and (ids[1:76] != 49407).all()
+    assert ids[1:76].tolist() == ours.encode(LONG)[:75]
+    assert ids.tolist() == ref_ids(ref, [LONG])[0].tolist()
+
+
+def random_texts(n, seed):
+    """Random strings over scripts, marks, digits, symbols, emoji and every kind of space."""
+    pools = [range(0x20, 0x7F), range(0xA0, 0x250), range(0x300, 0x370), range(0x370, 0x530), range(0x590, 0x700),
+             range(0x900, 0x980), range(0x2000, 0x2070), range(0x2150, 0x2190), range(0x2460, 0x24FF),
+             range(0x3000, 0x3100), range(0x4E00, 0x4F00), range(0xAC00, 0xAD00), range(0xFF00, 0xFF70),
+             range(0x1F300, 0x1F700), range(0x1D400, 0x1D500), range(0x0, 0x20)]
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        chars = []
+        for _ in range(rng.randint(1, 40)):
+            pool = rng.choice(pools[:3] * 4 + pools)  # mostly Latin, ASCII punctuation and digits
+            chars.append(chr(rng.choice(pool)))
+            if rng.random() < 0.15:
+                chars.append(rng.choice([" ", "  ", "\t", "'s", "'ll", "'", "\u0301"]))
+        texts.append("".join(chars))
+    return texts
+
+
+def test_random_unicode_gives_identical_ids_to_transformers(ours, ref):
+    texts = random_texts(400, seed=0)
+    want = ref(texts, add_special_tokens=False).input_ids
+    for text, w in zip(texts, want):
+        assert ours.encode(text) == w, ascii(text)
+
+
+def test_pre_split_letters_and_numbers_equal_the_regex_packages_unicode_classes():
+    """Our \\p{L} / \\p{N} built from unicodedata against the `regex` package's, on every assigned code point."""
+    import unicodedata
+    ref_pattern = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""")
+    chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs", "Zs", "Zl", "Zp",
+                                                                                       "Cc")]
+    # each char between a letter and a digit: it joins the letter run, stands alone, or forms its own run
+    text = " ".join(f"a{c}1" for c in chars)
+    assert pre_split_pattern().findall(text) == ref_pattern.findall(text)
+
+
+def test_decode_inverts_encode_like_transformers(ours, ref):
+    for text in HARD[:-1]:
+        ids = ours(text)[0]
+        assert ours.decode(ids) == ref.decode(ids.tolist(), skip_special_tokens=True), text
+    assert ours.decode(ours.encode("A Photo of AN astronaut")) == "a photo of an astronaut"
+
+
+def test_default_tokenizer_equals_the_generated_sd_folder(ours):
+    default = Tokenizer.default()
+    assert default.encoder == ours.encoder and default.ranks == ours.ranks
+    assert len(default.encoder) == 49408 and len(default.ranks) == 48894
+
+
+def test_load_tokenizer_reads_pipeline_folder_tokenizer_folder_and_single_file(tok_dir, tmp_path):
+    pipe = tmp_path / "pipe" / "tokenizer"
+    pipe.mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        (pipe / name).write_bytes((tok_dir / name).read_bytes())
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")  # a single file carries no tokenizer: the standard one is used
+    for path in (tmp_path / "pipe", pipe, single):
+        assert load_tokenizer(path)("a photo").tolist()[0][:4] == [49406, 320, 1125, 49407]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_tokenizer(tmp_path / "nowhere")
+
+
+def test_bad_tokenizer_inputs_raise_clear_errors(tok_dir, tmp_path, ours):
+    (tmp_path / "vocab.json").write_bytes((tok_dir / "vocab.json").read_bytes())
+    with pytest.raises(FileNotFoundError, match="no merges.txt"):
+        Tokenizer.from_folder(tmp_path)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nt h x\n")
+    with pytest.raises(ValueError, match="line 3"):
+        Tokenizer.from_folder(tmp_path)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nq zz\n")
+    with pytest.raises(ValueError, match="lacks 1 tokens.*qzz"):
+        Tokenizer.from_folder(tmp_path)
+    with pytest.raises(TypeError, match="str"):
+        ours(["fine", 3])
+    with pytest.raises(TypeError, match="str"):
+        ours.encode(None)
+    with pytest.raises(ValueError, match="49408"):
+        ours.decode([320, 49408])
+    assert ours([]).shape == (0, 77)
+
+
+# --- text encoder --------------------------------------------------------------------------------------------------
+
+TINY = dict(vocab_size=1000, max_position=77, width=64, layers=2, heads=4, mlp=96, eos_token_id=999)
+
+
+def perturbed_reference(cfg, seed=0):
+    """transformers' CLIPTextModel from our exported config, eager attention, every weight moved off its init."""
+    torch.manual_seed(seed)
+    config = transformers.CLIPTextConfig(**text_encoder_hf_config(cfg))
+    config._attn_implementation = "eager"  # the plain softmax(QK^T)V reference, not another SDPA call
+    model = transformers.CLIPTextModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_tiny_text_encoder_equals_transformers_last_hidden_state(activation, tmp_path):
+    cfg = CLIPTextConfig(**TINY, activation=activation)
+    ref_model = perturbed_reference(cfg)
+    ref_model.save_pretrained(tmp_path / "text_encoder")  # transformers 5 names: no `text_model.` level
+    model = load_text_encoder(tmp_path)
+    assert model.config == cfg
+    g = torch.Generator().manual_seed(1)
+    for shape in ((3, 77), (2, 9)):
+        ids = torch.randint(0, cfg.vocab_size, shape, generator=g)
+        with torch.no_grad():
+            want = ref_model(input_ids=ids).last_hidden_state
+            got = model(ids)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-5
+    assert text_encoder_config_from_hf(text_encoder_hf_config(cfg)) == cfg
+
+
+def test_text_encoder_bad_inputs_raise_value_errors():
+    model = CLIPTextModel(CLIPTextConfig(**TINY))
+    for ids, match in ((torch.tensor([[0, 1000]]), r"\[0, 1000\).*1000"), (torch.tensor([[-1, 3]]), "-1"),
+                       (torch.zeros(1, 78, dtype=torch.long), "78 tokens.*77 positions"),
+                       (torch.zeros(1, 77), "integer tensor"), (torch.zeros(77, dtype=torch.long), "integer tensor")):
+        with pytest.raises(ValueError, match=match):
+            model(ids)
+    with pytest.raises(ValueError, match="activation"):
+        CLIPTextModel(CLIPTextConfig(**TINY, activation="relu"))
+
+
+def test_wrong_checkpoint_names_missing_and_unexpected_tensors(tmp_path):
+    sd = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(49408, 768),
+          "cond_stage_model.transformer.text_model.encoder.layer.0.q.weight": torch.zeros(768, 768)}
+    save_file(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(weights.CheckpointError, match=r"tensors missing .*1 unexpected \(text_model\.encoder\.layer"):
+        load_text_encoder(tmp_path / "bad.safetensors")
+    save_file({"first_stage_model.x": torch.zeros(1)}, tmp_path / "vae_only.safetensors")
+    with pytest.raises(weights.CheckpointError, match="cond_stage_model.transformer."):
+        load_text_encoder(tmp_path / "vae_only.safetensors")
+
+
+SD15_TEXT_ENCODER_CONFIG = {  # the shape of SD v1.5's text_encoder/config.json, legacy token ids included
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+    "model_type": "clip_text_model", "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1,
+    "projection_dim": 768, "torch_dtype": "float32", "vocab_size": 49408,
+}
+
+
+def test_full_size_single_file_and_folder_layouts_load_identical_weights_equal_to_transformers(tmp_path):
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CLIPTextModel().state_dict().items()}
+    assert len(shapes) == 196 and sum(s.numel() for s in shapes.values()) == 123_060_480
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (torch.randn(s, generator=g) * 0.05 + (1.0 if k.endswith("norm1.weight") else 0.0)).half()
+          for k, s in shapes.items()}  # fp16 on disk (as SD's fp16 files), read back as fp32
+    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # stored by some files; ignored
+    folder = tmp_path / "pipe" / "text_encoder"
+    folder.mkdir(parents=True)
+    save_file(sd, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(SD15_TEXT_ENCODER_CONFIG))
+    single = {f"cond_stage_model.transformer.{k}": v for k, v in sd.items()}
+    single["model.diffusion_model.out.2.bias"] = torch.zeros(4)  # other models' tensors: not read
+    single["first_stage_model.quant_conv.bias"] = torch.zeros(8)
+    save_file(single, tmp_path / "sd.safetensors")
+    del sd, single
+
+    a = load_text_encoder(tmp_path / "pipe")
+    b = load_text_encoder(tmp_path / "sd.safetensors")
+    assert a.config == b.config == CLIPTextConfig() and not a.training
+    assert sum(p.numel() for p in a.parameters()) == 123_060_480
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(v.dtype == torch.float32 and torch.equal(v, sb[k]) for k, v in sa.items())
+    del b, sb
+
+    ref_model = transformers.CLIPTextModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = torch.tensor([SD15_ASTRONAUT])
+    with torch.no_grad():
+        got, want = a(ids), ref_model(input_ids=ids).last_hidden_state
+    assert got.shape == (1, 77, 768)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
