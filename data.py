@@ -1,0 +1,234 @@
+"""Data: the shipped MNIST digits, biased digit sets, and the image folder that `train.py` reads.
+
+The Debiasing Diffusion Model (Huang et al., arXiv 2503.12536) fine-tunes on a training set whose groups are
+imbalanced and asks the generator to come out balanced anyway. Every training image therefore carries a *group*
+label besides its caption; the indicator learns to read that group off the predicted noise (see `ddm.py`).
+
+Data-set format (the Hugging Face "imagefolder" convention): a folder holding the images and a `metadata.jsonl`,
+one JSON object a line:
+
+    {"file_name": "00000.png", "text": "a photo of a digit", "group": 7}
+
+- `file_name`: path of the image relative to the folder (required);
+- `text`: the caption (required, a string; "" is allowed and means the empty prompt);
+- `group`: an int or a str (required; all lines the same type). Groups are sorted (numerically for ints) and
+  numbered 0..K-1 in that order (`ImageFolder.group_names`); at least two groups are needed;
+- any other fields are ignored.
+
+The shipped digits (`assets/digits/`, see its README for source and licences) are 5,000 real MNIST digits, 500
+per class; the paper's "balanced digit representation" example uses the digit as the group.
+"""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+DIGITS_PATH = Path(__file__).resolve().parent / "assets" / "digits" / "mnist_5k.csv.gz"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped digits
+
+def load_digits(path=DIGITS_PATH):
+    """Read the shipped digits -> (images uint8 (N,28,28), labels int64 (N,)) as numpy arrays, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"digit file {path} not found (it ships with the repository in assets/digits/)")
+    with gzip.open(path, "rb") as f:
+        text = f.read()
+    rows = text.count(b"\n") + (not text.endswith(b"\n"))
+    # one flat parse of the CSV (10x faster than np.loadtxt); the row count guards against ragged lines
+    values = np.fromstring(text.replace(b"\n", b","), dtype=np.int64, sep=",")
+    if rows == 0 or values.size != rows * (28 * 28 + 1):
+        raise ValueError(f"{path}: expected {rows} rows of 785 integers (28x28 pixels + label), "
+                         f"got {values.size} values")
+    table = values.reshape(rows, 28 * 28 + 1)
+    if table[:, :-1].min() < 0 or table[:, :-1].max() > 255 or table[:, -1].min() < 0 or table[:, -1].max() > 9:
+        raise ValueError(f"{path}: pixels must lie in 0..255 and labels in 0..9")
+    images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
+    return images, table[:, -1].copy()
+
+
+def split_digits(seed=0, heldout_per_class=100, labels=None):
+    """Deterministic train / held-out split -> (train_idx, heldout_idx), sorted int64 index arrays, disjoint.
+
+    `heldout_per_class` digits of every class are drawn at random (numpy Generator seeded by `seed`) and kept out
+    of everything that trains (the classifier, the diffusion models); they serve only for evaluation. `labels`
+    defaults to those of `load_digits()`.
+    """
+    if labels is None:
+        labels = load_digits()[1]
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    heldout = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if not 0 <= heldout_per_class < len(members):
+            raise ValueError(f"heldout_per_class={heldout_per_class} but class {c} has only {len(members)} images")
+        heldout.append(rng.permutation(members)[:heldout_per_class])
+    heldout = np.sort(np.concatenate(heldout)).astype(np.int64)
+    train = np.setdiff1d(np.arange(len(labels)), heldout).astype(np.int64)
+    return train, heldout
+
+
+def digit_image(image, resolution=32):
+    """One 28x28 uint8 digit -> an RGB PIL image of `resolution` px (bicubic), the form generated images take."""
+    img = Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L")
+    if resolution != img.width:
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    return img.convert("RGB")
+
+
+def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resolution=32,
+                      prompt="a photo of a digit", seed=0, overwrite=False):
+    """Write an image-folder data set of digits with exactly `counts[digit]` images of each digit -> its path.
+
+    images, labels: the arrays of `load_digits()`. indices: the pool to draw from (e.g. the train indices of
+    `split_digits`, so held-out digits never reach training); default all. counts: {digit: how many}, e.g.
+    {7: 450, 8: 50} for the paper-style 9 : 1 bias; drawn without replacement, so a count above the pool's
+    supply of that digit is an error. prompt: the caption, a str or a function digit -> str (per-group prompts).
+    Each line of `metadata.jsonl` also records `source_index` (the row in `load_digits()` order) for auditing.
+    The metadata file is written last and atomically: a folder without it is an unfinished build.
+    """
+    out_dir = Path(out_dir)
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise ValueError(f"images must be (N,H,W) with one label each, got {images.shape} and {labels.shape}")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+    if not counts:
+        raise ValueError("counts is empty: give {digit: number of images}")
+    meta_path = out_dir / "metadata.jsonl"
+    if meta_path.exists() and not overwrite:
+        raise FileExistsError(f"{meta_path} exists; pass overwrite=True to rebuild the folder")
+    pool = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for digit in sorted(counts):
+        n = counts[digit]
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"counts[{digit!r}] must be a non-negative int, got {n!r}")
+        members = pool[labels[pool] == digit]
+        if n > len(members):
+            raise ValueError(f"asked for {n} images of digit {digit!r} but the pool holds only {len(members)}")
+        chosen.append(rng.permutation(members)[:n])
+    chosen = rng.permutation(np.concatenate(chosen))  # groups interleaved, not in blocks
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, i in enumerate(chosen):
+        digit = int(labels[i])
+        name = f"{k:05d}.png"
+        digit_image(images[i], resolution).save(out_dir / name)
+        text = prompt(digit) if callable(prompt) else prompt
+        lines.append(json.dumps({"file_name": name, "text": text, "group": digit, "source_index": int(i)}))
+    tmp = out_dir / "metadata.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, meta_path)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The image folder train.py reads
+
+def load_rgb(path):
+    """Open an image file as RGB; grayscale/palette are expanded, transparency is composited over white."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """A folder with `metadata.jsonl` (format in the module docstring) as a torch Dataset.
+
+    item -> {"pixels": float (3,R,R) in [-1,1], "text": str, "group": int index into `group_names`}.
+    Every line and every image is checked when the folder is opened, so bad data stops a run before training
+    starts; errors name the metadata file, the line number and the field. center_crop=True resizes the shorter
+    side to R (bicubic) and crops the centre square; False squashes the whole image to R x R. Both are
+    deterministic (no random crop), which keeps resumed training runs exactly reproducible.
+    """
+
+    def __init__(self, root, resolution, center_crop=True):
+        self.root = Path(root)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
+                             f"got {resolution!r}")
+        meta = self.root / "metadata.jsonl"
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder {self.root} does not exist")
+        if not meta.is_file():
+            raise FileNotFoundError(f"{meta} not found: a data folder needs a metadata.jsonl "
+                                    f'(one line per image: {{"file_name": ..., "text": ..., "group": ...}})')
+        records = []  # (line number, path, text, raw group)
+        for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{meta}, line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for field in ("file_name", "text", "group"):
+                if field not in row:
+                    raise ValueError(f"{where}: missing field '{field}'")
+            if not isinstance(row["file_name"], str) or not row["file_name"]:
+                raise ValueError(f"{where}: field 'file_name' must be a non-empty string, got {row['file_name']!r}")
+            if not isinstance(row["text"], str):
+                raise ValueError(f"{where}: field 'text' must be a string, got {row['text']!r}")
+            group = row["group"]
+            if isinstance(group, bool) or not isinstance(group, (int, str)):
+                raise ValueError(f"{where}: field 'group' must be an int or a string, got {group!r}")
+            if records and type(group) is not type(records[0][3]):
+                raise ValueError(f"{where}: field 'group' is {group!r} but line {records[0][0]} has "
+                                 f"{records[0][3]!r}; groups must be all ints or all strings")
+            path = self.root / row["file_name"]
+            if not path.is_file():
+                raise ValueError(f"{where}: field 'file_name': image {path} does not exist")
+            try:
+                load_rgb(path)
+            except Exception as e:  # PIL raises several types for bad files; all mean the same here
+                raise ValueError(f"{where}: field 'file_name': cannot read image {path} ({e})") from None
+            records.append((lineno, path, row["text"], group))
+        if not records:
+            raise ValueError(f"{meta}: no images listed")
+        self.group_names = sorted({r[3] for r in records})
+        if len(self.group_names) < 2:
+            raise ValueError(f"{meta}: field 'group' takes only the value {self.group_names[0]!r} on every line; "
+                             f"DDM needs at least two groups")
+        index = {g: k for k, g in enumerate(self.group_names)}
+        self.files = [r[1] for r in records]
+        self.texts = [r[2] for r in records]
+        self.groups = [index[r[3]] for r in records]  # group index of every item, for counting and sampling
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        img = load_rgb(self.files[i])
+        R = self.resolution
+        if self.center_crop:
+            scale = R / min(img.size)
+            w, h = max(R, round(img.width * scale)), max(R, round(img.height * scale))
+            img = img.resize((w, h), Image.BICUBIC)
+            left, top = (w - R) // 2, (h - R) // 2
+            img = img.crop((left, top, left + R, top + R))
+        else:
+            img = img.resize((R, R), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # (3,R,R) in [0,255]
+        return {"pixels": pixels / 127.5 - 1.0, "text": self.texts[i], "group": self.groups[i]}

@@ -1,0 +1,142 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_digits()
+
+
+def test_shipped_digits_are_5000_real_mnist_digits_500_per_class(digits):
+    images, labels = digits
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [500] * 10
+    # real MNIST: black background, white strokes, centred by mass within the 20x20 box of the 28x28 frame
+    assert images[:, 0, :].max() == 0 and images.max() == 255
+    assert 0.08 < (images > 127).mean() < 0.2
+
+
+def test_split_is_deterministic_disjoint_and_balanced(digits):
+    _, labels = digits
+    train, held = data.split_digits(seed=0, heldout_per_class=100, labels=labels)
+    train2, held2 = data.split_digits(seed=0, heldout_per_class=100, labels=labels)
+    assert np.array_equal(train, train2) and np.array_equal(held, held2)
+    assert len(np.intersect1d(train, held)) == 0 and len(train) + len(held) == 5000
+    assert np.bincount(labels[held]).tolist() == [100] * 10
+    assert not np.array_equal(held, data.split_digits(seed=1, labels=labels)[1])
+    with pytest.raises(ValueError, match="heldout_per_class=500"):
+        data.split_digits(heldout_per_class=500, labels=labels)
+
+
+def test_biased_folder_has_the_asked_ratio_and_no_heldout_image(tmp_path, digits):
+    images, labels = digits
+    train, held = data.split_digits(seed=0, labels=labels)
+    root = data.make_digit_folder(tmp_path / "biased", images, labels, {7: 360, 8: 40}, indices=train,
+                                  resolution=32, prompt=lambda d: f"a photo of the digit {d}", seed=3)
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    assert [r["group"] for r in rows].count(7) == 360 and [r["group"] for r in rows].count(8) == 40
+    source = np.array([r["source_index"] for r in rows])
+    assert len(set(source.tolist())) == 400 and not np.isin(source, held).any()
+    assert all(labels[r["source_index"]] == r["group"] and r["text"] == f"a photo of the digit {r['group']}"
+               for r in rows)
+    # the PNG is the source digit, RGB at the asked resolution
+    img = Image.open(root / rows[0]["file_name"])
+    assert img.mode == "RGB" and img.size == (32, 32)
+    back = np.asarray(img.convert("L").resize((28, 28), Image.BICUBIC), dtype=np.float64)
+    assert np.abs(back - images[rows[0]["source_index"]]).mean() < 12
+    # held-out digits are never drawn even when the pool is the only limit
+    with pytest.raises(ValueError, match="digit 7 but the pool holds only 400"):
+        data.make_digit_folder(tmp_path / "x", images, labels, {7: 401}, indices=train)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        data.make_digit_folder(root, images, labels, {7: 1, 8: 1}, indices=train)
+
+
+def test_image_folder_reads_pixels_text_and_group_indices(tmp_path, digits):
+    images, labels = digits
+    root = data.make_digit_folder(tmp_path / "d", images, labels, {3: 4, 1: 2}, resolution=32, seed=0)
+    ds = data.ImageFolder(root, 16)
+    assert len(ds) == 6 and ds.group_names == [1, 3]
+    item = ds[0]
+    assert item["pixels"].shape == (3, 16, 16) and item["pixels"].dtype == torch.float32
+    assert item["pixels"].min() >= -1 and item["pixels"].max() <= 1 and item["pixels"].min() < -0.99
+    assert item["text"] == "a photo of a digit"
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    assert [ds.group_names[ds[i]["group"]] for i in range(6)] == [r["group"] for r in rows]
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=6)))
+    assert batch["pixels"].shape == (6, 3, 16, 16) and batch["group"].tolist() == ds.groups
+
+
+def _folder(tmp_path, rows, images=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for name, img in (images or {}).items():
+        img.save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
+    return tmp_path
+
+
+def test_image_folder_converts_gray_rgba_and_palette_and_maps_string_groups(tmp_path):
+    rgba = Image.new("RGBA", (20, 12), (255, 0, 0, 0))  # fully transparent red -> white background
+    gray = Image.new("L", (12, 20), 0)
+    pal = Image.new("P", (8, 8), 0)
+    root = _folder(tmp_path, [{"file_name": "a.png", "text": "", "group": "woman"},
+                              {"file_name": "b.png", "text": "x", "group": "man"},
+                              {"file_name": "c.png", "text": "y", "group": "man", "extra": 1}],
+                   {"a.png": rgba, "b.png": gray, "c.png": pal})
+    ds = data.ImageFolder(root, 8)
+    assert ds.group_names == ["man", "woman"] and ds.groups == [1, 0, 0]
+    assert torch.allclose(ds[0]["pixels"], torch.ones(3, 8, 8)) and ds[0]["text"] == ""
+    assert torch.allclose(ds[1]["pixels"], -torch.ones(3, 8, 8))
+    assert ds[2]["pixels"].shape == (3, 8, 8)
+    # center crop keeps the middle: a wide image with a white centre column band
+    wide = np.zeros((8, 24), np.uint8)
+    wide[:, 8:16] = 255
+    root2 = _folder(tmp_path / "w", [{"file_name": "w.png", "text": "", "group": 0},
+                                     {"file_name": "w.png", "text": "", "group": 1}], {"w.png": Image.fromarray(wide)})
+    assert data.ImageFolder(root2, 8)[0]["pixels"].min() > 0.9  # only the white middle square survives
+    assert data.ImageFolder(root2, 8, center_crop=False)[0]["pixels"].min() < -0.9  # squashed: black sides stay
+
+
+@pytest.mark.parametrize("rows, pattern", [
+    (['{"file_name": "a.png", "text": "t", "group": 0}', '{"file_name": "b.png", "text": '],
+     r"metadata.jsonl, line 2: not valid JSON"),
+    ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "b.png", "text": "t"}],
+     r"metadata.jsonl, line 2: missing field 'group'"),
+    ([{"text": "t", "group": 0}], r"metadata.jsonl, line 1: missing field 'file_name'"),
+    ([{"file_name": "a.png", "group": 0}], r"metadata.jsonl, line 1: missing field 'text'"),
+    ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "gone.png", "text": "t", "group": 1}],
+     r"metadata.jsonl, line 2: field 'file_name': image .*gone.png does not exist"),
+    ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "bad.png", "text": "t", "group": 1}],
+     r"metadata.jsonl, line 2: field 'file_name': cannot read image .*bad.png"),
+    ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "a.png", "text": "t", "group": 0}],
+     r"metadata.jsonl: field 'group' takes only the value 0 on every line; DDM needs at least two groups"),
+    ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "a.png", "text": "t", "group": "1"}],
+     r"metadata.jsonl, line 2: field 'group' is '1' but line 1 has 0"),
+    ([{"file_name": "a.png", "text": "t", "group": 0.5}], r"line 1: field 'group' must be an int or a string"),
+    ([{"file_name": "a.png", "text": None, "group": 0}], r"line 1: field 'text' must be a string"),
+    (["[1, 2]"], r"line 1: expected a JSON object"),
+    ([], r"metadata.jsonl: no images listed"),
+])
+def test_image_folder_bad_input_names_file_line_and_field(tmp_path, rows, pattern):
+    root = _folder(tmp_path, rows, {"a.png": Image.new("RGB", (8, 8))})
+    (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ValueError, match=pattern):
+        data.ImageFolder(root, 8)
+
+
+def test_image_folder_rejects_bad_resolution_and_missing_metadata(tmp_path):
+    root = _folder(tmp_path, [{"file_name": "a.png", "text": "t", "group": 0},
+                              {"file_name": "a.png", "text": "t", "group": 1}], {"a.png": Image.new("RGB", (8, 8))})
+    for bad in (30, 0, 8.0):
+        with pytest.raises(ValueError, match="resolution must be a positive multiple of 8"):
+            data.ImageFolder(root, bad)
+    (root / "metadata.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl not found"):
+        data.ImageFolder(root, 8)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.ImageFolder(tmp_path / "nowhere", 8)
