@@ -247,7 +247,11 @@ def read_schedule(path):
 
 
 def load_models(path, device="cpu", dtype=torch.float32):
-    """UNet, VAE, text encoder and tokenizer from a diffusers SD folder or a single-file checkpoint, in eval mode."""
+    """UNet, VAE, text encoder and tokenizer from a diffusers SD folder or a single-file checkpoint, in eval mode;
+    or from a train.py run directory: its base model plus the trained weights (LoRA merged), see train.load_run."""
+    if (Path(path) / "run.json").is_file():
+        import train  # here, not at the top: train.py imports this file
+        return train.load_run(path, device, dtype).models
     vae = load_vae(path, dtype).to(device)
     schedule, prediction_type = read_schedule(path)
     return Models(unet=load_unet(path, dtype).to(device), vae=vae, text_encoder=load_text_encoder(path, dtype).to(device),
