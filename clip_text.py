@@ -23,6 +23,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -212,17 +213,20 @@ def lower(text):
 
 
 @functools.cache
-def pre_split_pattern():
+def pre_split_pattern(astral=True):
     """CLIP's pre-split regex without the `regex` package (which has \\p{L}, \\p{N}; `re` has neither):
 
         's|'t|'re|'ve|'m|'ll|'d | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+
 
     i.e. English contractions, runs of letters, single digits, runs of other non-space characters. \\p{L} and
     \\p{N} are built as explicit code point ranges from unicodedata's categories (L*, N*), once per process.
+    With astral=False the classes stop at U+FFFF: it splits any text without astral characters (emoji, CJK
+    extensions, math letters) identically, and `re` runs it ~4x faster (a set reaching past U+FFFF loses its
+    bitmap and is scanned range by range).
     """
+    categories = map(unicodedata.category, map(chr, range((sys.maxunicode if astral else 0xFFFF) + 1)))
     letters, numbers, start = [], [], 0
-    for major, run in itertools.groupby(map(unicodedata.category, map(chr, range(sys.maxunicode + 1))),
-                                        key=operator.itemgetter(0)):
+    for major, run in itertools.groupby(categories, key=operator.itemgetter(0)):
         end = start + sum(1 for _ in run)
         if major in "LN":
             (letters if major == "L" else numbers).append(f"\\U{start:08x}-\\U{end - 1:08x}")
@@ -266,7 +270,7 @@ class Tokenizer:
                              f"(byte symbols, merge results, {START}, {END}), e.g. {missing[:5]}")
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
         self.max_length = max_length
-        self.pattern = pre_split_pattern()
+        self.pattern, self.bmp_pattern = pre_split_pattern(), pre_split_pattern(astral=False)
         self.cache = {}  # pre-split piece -> ids; prompts reuse few words, so BPE runs once per word
 
     @classmethod
@@ -324,7 +328,8 @@ class Tokenizer:
                 ids.append(self.encoder[part])
                 continue
             part = lower(WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", part)))
-            for piece in self.pattern.findall(part):
+            pattern = self.pattern if part and max(part) > "\uffff" else self.bmp_pattern
+            for piece in pattern.findall(part):
                 ids += self.cache.get(piece) or self.bpe(piece)
         return ids
 
@@ -338,7 +343,7 @@ class Tokenizer:
         for text in texts:
             ids = [self.start_id, *self.encode(text)[:n - 2], self.end_id]  # truncate first: end is always kept
             rows.append(ids + [self.end_id] * (n - len(ids)))
-        return torch.tensor(rows, dtype=torch.long).view(len(rows), n)
+        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), n))  # 10x torch.tensor(rows)
 
     def decode(self, ids):
         """Text of `ids` (list or 1-D tensor), start/end/padding dropped; words end at `</w>` markers."""

@@ -121,6 +121,8 @@ def test_pre_split_letters_and_numbers_equal_the_regex_packages_unicode_classes(
     # each char between a letter and a digit: it joins the letter run, stands alone, or forms its own run
     text = " ".join(f"a{c}1" for c in chars)
     assert pre_split_pattern().findall(text) == ref_pattern.findall(text)
+    bmp = " ".join(f"a{c}1" for c in chars if c <= "\uffff")  # the fast pattern for text without astral chars
+    assert pre_split_pattern(astral=False).findall(bmp) == ref_pattern.findall(bmp)
 
 
 def test_decode_inverts_encode_like_transformers(ours, ref):
