@@ -208,7 +208,7 @@ SPECIAL = re.compile(f"({re.escape(START)}|{re.escape(END)})")
 
 def lower(text):
     """Lower-case character by character, as the reference's normalizer does: str.lower() alone gives a
-    word-final capital sigma its final form (ΟΔΟΣ -> οδος, not οδοσ), a context rule applied nowhere else."""
+    word-final capital sigma its final form (ΟΔΟΣ -> οδος, not οδοσ), its only context-dependent rule."""
     return "".join(map(str.lower, text)) if "Σ" in text else text.lower()
 
 
