@@ -270,7 +270,8 @@ def encode_text(models, texts):
 def decode_latents(models, z):
     """Latents (B,4,h,w) -> images (B,3,H,W) roughly in [-1, 1], float32; undoes the UNet-side scaling first."""
     vae_dtype = next(models.vae.parameters()).dtype
-    return models.vae.decode((z / models.vae_config.scaling_factor).to(vae_dtype)).float()
+    with _autocast(models.vae):
+        return models.vae.decode((z / models.vae_config.scaling_factor).to(vae_dtype)).float()
 
 
 def to_uint8(images):
@@ -278,9 +279,12 @@ def to_uint8(images):
     return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def _check_settings(n_images, n_seeds, steps, guidance, height, width, sampler, eta, batch_size):
-    if n_images < 1 or n_images != n_seeds:
-        raise ValueError(f"need one seed per prompt and at least one prompt, got {n_images} prompts, {n_seeds} seeds")
+def _check_settings(prompts, seeds, steps, guidance, height, width, sampler, eta, batch_size):
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if len(prompts) < 1 or len(prompts) != len(seeds):
+        raise ValueError(f"need one seed per prompt and at least one prompt, got {len(prompts)} prompts, "
+                         f"{len(seeds)} seeds")
     if height <= 0 or width <= 0 or height % 8 or width % 8:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
     if not 1 <= steps <= 1000:
@@ -295,36 +299,62 @@ def _check_settings(n_images, n_seeds, steps, guidance, height, width, sampler, 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def generate_batches(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
-                     sampler="ddim", eta=0.0, batch_size=8, progress=True):
-    """Yield (first index, uint8 images (B,H,W,3)) batch by batch: `generate` without holding every image at once."""
-    _check_settings(len(prompts), len(seeds), steps, guidance, height, width, sampler, eta, batch_size)
+def _autocast(module):
+    """fp16/bf16 autocast on CUDA when the weights are half precision; a no-op otherwise (the CPU runs float32)."""
+    p = next(module.parameters())
+    if p.device.type == "cuda" and p.dtype != torch.float32:
+        return torch.autocast("cuda", dtype=p.dtype)
+    return contextlib.nullcontext()
+
+
+def _latent_shape(models, height, width):
     f = models.vae_config.downsample_factor  # 8 for SD
     side = f * 2 ** (len(models.unet.config.channel_mult) - 1)  # the UNet halves the latents once per level but one
     if height % side or width % side:
         raise ValueError(f"height and width must be multiples of {side} for this model, got {height}x{width}")
-    latent_shape = (models.vae_config.z_channels, height // f, width // f)
+    return models.vae_config.z_channels, height // f, width // f
+
+
+def sample_latents(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
+                   sampler="ddim", eta=0.0, progress=False, embeddings=None):
+    """One batch, text to final latents (B, 4, H/8, W/8) float32: encode the texts, draw image k's initial noise
+    from a generator seeded with seeds[k] (which then gives its later noise too), run `denoise`.
+
+    `embeddings` ({text: (77, D)}) is a cache shared across batches, so each distinct text is encoded once.
+    """
+    _check_settings(prompts, seeds, steps, guidance, height, width, sampler, eta, len(prompts))
+    latent_shape = _latent_shape(models, height, width)
     device = next(models.unet.parameters()).device
-    dtype = next(models.unet.parameters()).dtype
-    autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
-                else contextlib.nullcontext())
-    embeddings = {}  # text -> (77, D): each distinct text is encoded once per run
-    with autocast, tqdm(total=len(prompts), desc="images", unit="img", disable=not progress) as bar:
+    embeddings = {} if embeddings is None else embeddings
+    with _autocast(models.unet):
+        new = [t for t in dict.fromkeys(prompts + [negative_prompt] * (guidance != 1.0)) if t not in embeddings]
+        if new:
+            embeddings.update(zip(new, encode_text(models, new)))
+        cond = torch.stack([embeddings[p] for p in prompts])  # (B, 77, D)
+        uncond = embeddings[negative_prompt][None] if guidance != 1.0 else None  # (1, 77, D)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        x = _per_image_noise(generators, latent_shape, device)
+        return denoise(models.unet, x, cond, uncond, models.alphas_cumprod, generators, steps=steps,
+                       guidance=guidance, sampler=sampler, eta=eta, prediction_type=models.prediction_type,
+                       progress=progress)
+
+
+def generate_batches(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
+                     sampler="ddim", eta=0.0, batch_size=8, progress=True):
+    """Yield (index of the first image, uint8 images (B,H,W,3)) batch by batch: `generate` without holding every
+    image at once (an evaluation run writes thousands)."""
+    _check_settings(prompts, seeds, steps, guidance, height, width, sampler, eta, batch_size)
+    _latent_shape(models, height, width)
+    embeddings = {}
+    with tqdm(total=len(prompts), desc="images", unit="img", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
-            texts = batch + ([negative_prompt] if guidance != 1.0 else [])
-            new = list(dict.fromkeys(t for t in texts if t not in embeddings))
-            if new:
-                embeddings.update(zip(new, encode_text(models, new)))
-            cond = torch.stack([embeddings[p] for p in batch])  # (B, 77, D)
-            uncond = embeddings[negative_prompt][None] if guidance != 1.0 else None
-            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-            x = _per_image_noise(generators, latent_shape, device)  # each generator goes on to give its image's noise
-            z = denoise(models.unet, x, cond, uncond, models.alphas_cumprod, generators, steps=steps,
-                        guidance=guidance, sampler=sampler, eta=eta, prediction_type=models.prediction_type,
-                        progress=progress)
-            yield start, to_uint8(decode_latents(models, z))
-            bar.update(len(batch))
+            batch = slice(start, start + batch_size)
+            z = sample_latents(models, prompts[batch], seeds[batch], negative_prompt=negative_prompt, steps=steps,
+                               guidance=guidance, height=height, width=width, sampler=sampler, eta=eta,
+                               progress=progress, embeddings=embeddings)
+            images = to_uint8(decode_latents(models, z))
+            bar.update(len(images))
+            yield start, images
 
 
 def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,

@@ -1,5 +1,7 @@
 """sample.py against diffusers: schedule, timesteps, single sampler steps, and whole runs of StableDiffusionPipeline
 on a tiny random-weight SD saved as a diffusers folder; seeding, the CLI and its argument checks."""
+import shutil
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
@@ -146,3 +148,244 @@ def test_one_ddim_step_with_v_prediction_equals_diffusers():
     theirs = s.step(v, 501, x).prev_sample
     ours = sample.ddim_step(x, sample.eps_from_v(x, v, 501, ac), 501, 451, ac)
     assert (ours - theirs).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole runs on a tiny random-weight SD, saved as a diffusers folder with the real CLIP vocabulary
+
+H, W = 32, 48  # non-square, so a height/width swap fails; latents 16x24 with the tiny VAE's factor 2
+PROMPTS = ["a photo of a doctor", "a nurse, smiling", "a photo of a doctor", "an astronaut riding a horse"]
+SEEDS = [0, 1, 2, 12345]
+
+
+def _perturb(model, seed):
+    """Move every weight away from its initialisation (zero-init layers would hide wiring mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _tiny_pipeline(scheduler, tokenizer_dir):
+    import transformers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)  # as SD ships it
+    return StableDiffusionPipeline(
+        vae=_perturb(vae, 1), text_encoder=_perturb(text_encoder, 2), tokenizer=tokenizer, unet=_perturb(unet, 3),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(diffusers pipeline, our Models loaded from the folder it saved, that folder)."""
+    from tools.make_sd_tokenizer import write_sd_tokenizer
+
+    tokenizer_dir = write_sd_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    pipe = _tiny_pipeline(DDIMScheduler(**SD_SCHEDULER), tokenizer_dir)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    pipe.save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt"):  # SD's tokenizer/ files (transformers 5 saves only tokenizer.json)
+        shutil.copy(tokenizer_dir / name, folder / "tokenizer" / name)
+    return pipe, sample.load_models(folder), folder
+
+
+def _pipeline_run(pipe, scheduler, prompts, seeds, negative_prompt, steps, guidance, eta):
+    """diffusers' final latents and decoded images in [0, 1], with one generator per image as we use them."""
+    from diffusers import StableDiffusionPipeline
+    p = StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler})
+    p.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        latents = p(prompts, height=H, width=W, num_inference_steps=steps, guidance_scale=guidance,
+                    negative_prompt=[negative_prompt] * len(prompts), eta=eta, output_type="latent",
+                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        images = p.vae.decode(latents / p.vae.config.scaling_factor).sample
+    return latents, (images / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.mark.parametrize("sampler,eta,guidance,negative_prompt", [
+    ("ddim", 0.0, 7.5, ""),
+    ("ddim", 0.0, 5.0, "blurry, low quality"),
+    ("ddim", 1.0, 7.5, ""),  # per-step noise from each image's own generator, as diffusers draws it
+    ("ddim", 0.0, 1.0, ""),  # no guidance: one UNet half only
+    ("ddpm", 0.0, 7.5, ""),
+    ("euler", 0.0, 7.5, ""),
+])
+def test_whole_run_equals_stable_diffusion_pipeline(tiny, sampler, eta, guidance, negative_prompt):
+    pipe, models, _ = tiny
+    steps = 10
+    scheduler = {"ddim": lambda: DDIMScheduler(**SD_SCHEDULER), "ddpm": lambda: DDPMScheduler(**DDPM_SCHEDULER),
+                 "euler": lambda: EulerDiscreteScheduler(**EULER_SCHEDULER)}[sampler]()
+    their_latents, their_images = _pipeline_run(pipe, scheduler, PROMPTS, SEEDS, negative_prompt, steps, guidance, eta)
+    ours = sample.sample_latents(models, PROMPTS, SEEDS, negative_prompt=negative_prompt, steps=steps,
+                                 guidance=guidance, height=H, width=W, sampler=sampler, eta=eta)
+    assert ours.shape == their_latents.shape == (4, 4, H // 2, W // 2)
+    assert their_latents.abs().max() > 0.5  # a real signal, not everything collapsed to zero
+    assert (ours - their_latents).abs().max() <= 1e-4
+    images = sample.decode_latents(models, ours)
+    assert ((images / 2 + 0.5).clamp(0, 1) - their_images).abs().max() <= 1e-4
+    if sampler == "ddim" and eta == 0 and not negative_prompt:
+        uint8 = sample.generate(models, PROMPTS, SEEDS, steps=steps, guidance=guidance, height=H, width=W,
+                                batch_size=3, progress=False)
+        theirs = (their_images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)  # diffusers' numpy_to_pil
+        assert uint8.shape == (4, H, W, 3) and uint8.dtype == torch.uint8
+        assert (uint8.int() - theirs.int()).abs().max() <= 1  # a 1e-6 difference can cross a rounding edge
+        assert (uint8 == theirs).float().mean() > 0.999
+
+
+def test_negative_prompt_and_guidance_change_the_result(tiny):
+    _, models, _ = tiny
+    kw = dict(steps=3, height=H, width=W)
+    base = sample.sample_latents(models, PROMPTS[:1], SEEDS[:1], **kw)
+    assert (base - sample.sample_latents(models, PROMPTS[:1], SEEDS[:1], negative_prompt="blurry", **kw)
+            ).abs().max() > 1e-3
+    assert (base - sample.sample_latents(models, PROMPTS[:1], SEEDS[:1], guidance=3.0, **kw)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_same_seed_gives_the_same_images_across_runs_and_batch_sizes(tiny, sampler, eta):
+    """Bit-identical across runs and whatever the other images of the batch are. Across batch sizes the noise is
+    bit-identical too, but CPU kernels are not batch-invariant in the last bit (oneDNN convolutions take another
+    path for one row, MKL GEMMs for 2 and 8 rows round differently: ~2e-7), which this random-weight model at
+    guidance 7.5 amplifies to ~5e-5 in the latents; the uint8 images then differ by at most one level, rarely."""
+    _, models, _ = tiny
+    kw = dict(steps=4, height=H, width=W, sampler=sampler, eta=eta, progress=False)
+    first = sample.generate(models, PROMPTS, SEEDS, batch_size=4, **kw)
+    assert torch.equal(first, sample.generate(models, PROMPTS, SEEDS, batch_size=4, **kw))
+    for batch_size in (1, 3):
+        other = sample.generate(models, PROMPTS, SEEDS, batch_size=batch_size, **kw)
+        assert (other.int() - first.int()).abs().max() <= 1
+        assert (other == first).float().mean() > 0.995
+    latents = sample.sample_latents(models, PROMPTS, SEEDS, **{k: v for k, v in kw.items() if k != "progress"})
+    one_by_one = torch.cat([sample.sample_latents(models, [p], [s], **{k: v for k, v in kw.items() if k != "progress"})
+                            for p, s in zip(PROMPTS, SEEDS)])
+    assert (latents - one_by_one).abs().max() <= 1e-5 * latents.abs().max()
+    # another seed for image 0 changes image 0 only, bit for bit
+    other = sample.generate(models, PROMPTS, [99] + SEEDS[1:], batch_size=4, **kw)
+    assert not torch.equal(other[0], first[0]) and torch.equal(other[1:], first[1:])
+
+
+def test_generate_rejects_bad_settings_with_clear_messages(tiny, monkeypatch):
+    import dataclasses
+    _, models, _ = tiny
+    # as if the UNet had SD's four levels: latents must then be multiples of 8, images of 16 with this VAE
+    monkeypatch.setattr(models.unet, "config", dataclasses.replace(models.unet.config, channel_mult=(1, 2, 4, 4)))
+    ok = dict(steps=2, height=H, width=W, progress=False)
+    for kwargs, message in [
+        (dict(prompts="a doctor", seeds=[0]), "list of strings"),
+        (dict(prompts=["a", "b"], seeds=[0]), "one seed per prompt"),
+        (dict(prompts=[], seeds=[]), "at least one prompt"),
+        (dict(prompts=["a"], seeds=[0], height=36), "multiples of 8"),
+        (dict(prompts=["a"], seeds=[0], height=40), "multiples of 16 for this model"),
+        (dict(prompts=["a"], seeds=[0], steps=0), "steps"),
+        (dict(prompts=["a"], seeds=[0], guidance=float("nan")), "guidance"),
+        (dict(prompts=["a"], seeds=[0], sampler="plms"), "unknown sampler"),
+        (dict(prompts=["a"], seeds=[0], eta=-1.0), "eta"),
+        (dict(prompts=["a"], seeds=[0], batch_size=0), "batch_size"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sample.generate(models, **{**ok, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI
+
+
+def test_cli_writes_images_grid_and_a_readable_record(tiny, tmp_path):
+    import json
+
+    from PIL import Image
+
+    _, _, folder = tiny
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a doctor\n\n  a photo of a nurse  \n")
+    out = tmp_path / "out"
+    sample.main(["--model", str(folder), "--prompts", str(prompts), "--n", "3", "--batch-size", "2", "--steps", "2",
+                 "--height", str(H), "--width", str(W), "--seed", "7", "--negative-prompt", "blurry", "--out", str(out)])
+    record = json.loads((out / "samples.json").read_text())
+    assert record["prompts"] == ["a photo of a doctor"] * 3 + ["a photo of a nurse"] * 3
+    assert record["seeds"] == list(range(7, 13))
+    assert record["model"] == str(folder.resolve())
+    for key, value in dict(sampler="ddim", steps=2, guidance=7.5, eta=0.0, negative_prompt="blurry", height=H,
+                           width=W, batch_size=2).items():
+        assert record[key] == value, key
+    assert record["versions"]["torch"] == torch.__version__ and record["versions"]["python"]
+    assert record["started"] and record["seconds"] > 0
+    pngs = sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")
+    assert pngs == record["files"] == [f"{k:05d}.png" for k in range(6)]
+    images = [Image.open(out / name) for name in pngs]
+    assert all(im.size == (W, H) and im.mode == "RGB" for im in images)
+    assert Image.open(out / "grid.png").size == (3 * W, 2 * H)
+    # the PNGs are generate()'s images: image 4 alone, from its prompt and seed
+    again = sample.generate(sample.load_models(folder), ["a photo of a nurse"], [11], negative_prompt="blurry",
+                            steps=2, height=H, width=W, progress=False)
+    assert torch.equal(torch.from_numpy(__import__("numpy").asarray(images[4])), again[0])
+
+    # an existing output folder is refused, then replaced with --overwrite
+    argv = ["--model", str(folder), "--prompt", "a cat", "--steps", "1", "--height", str(H), "--width", str(W),
+            "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code != 0
+    sample.main(argv + ["--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "grid.png", "prompts.txt", "samples.json"] \
+        if (out / "prompts.txt").exists() else ["00000.png", "grid.png", "samples.json"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--height": "36"}, "--height must be a positive multiple of 8"),
+    ({"--width": "0"}, "--width must be a positive multiple of 8"),
+    ({"--n": "0"}, "--n must be >= 1"),
+    ({"--steps": "-3"}, "--steps must be between 1 and 1000"),
+    ({"--guidance": "lots"}, "invalid float value: 'lots'"),
+    ({"--guidance": "inf"}, "--guidance must be a finite number"),
+    ({"--batch-size": "0"}, "--batch-size must be >= 1"),
+    ({"--sampler": "plms"}, "invalid choice: 'plms'"),
+    ({"--eta": "-0.5"}, "--eta must be a number >= 0"),
+    ({"--model": "/nonexistent/sd"}, "does not exist"),
+    ({"--prompts": "/nonexistent/prompts.txt"}, "is not a file"),
+    ({"--dtype": "float16"}, "the CPU runs float32"),
+])
+def test_cli_rejects_bad_arguments_before_loading_weights(tiny, tmp_path, monkeypatch, capsys, change, message):
+    _, _, folder = tiny
+    args = {"--model": str(folder), "--prompt": "a cat", "--out": str(tmp_path / "out"), "--device": "cpu"}
+    if "--prompts" in change:
+        del args["--prompt"]
+    args.update(change)
+    monkeypatch.setattr(sample, "load_models", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        sample.main([x for kv in args.items() for x in kv])
+    assert e.value.code != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exits_nonzero_with_a_message_for_a_folder_that_is_no_checkpoint(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "notsd").mkdir()
+    (tmp_path / "notsd" / "readme.txt").write_text("hello")
+    root = Path(sample.__file__).parent
+    r = subprocess.run([sys.executable, str(root / "sample.py"), "--model", str(tmp_path / "notsd"), "--prompt", "x",
+                        "--out", str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True,
+                       timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert "neither a single-file checkpoint nor a diffusers folder" in r.stderr
+    assert "vae/" in r.stderr or "unet/" in r.stderr  # says what it looked for
+    assert not (tmp_path / "out").exists()
