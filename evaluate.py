@@ -1,0 +1,459 @@
+"""Fairness evaluation of generated images: FD, SPD, indicator entropy, and image quality beside them.
+
+Metrics (formulas in `ddm.py`, which this file calls):
+- FD, fairness discrepancy (Choi et al. 2020, "Fair Generative Modeling via Weak Supervision"): || u - p ||_2,
+  u uniform over the K groups, p the generated images' group proportions from an attribute classifier (hard
+  labels: argmax; `fd_soft`: mean softmax probabilities). 0 balanced, sqrt((K-1)/K) all in one group.
+- SPD, statistical parity difference, for the conditional scenario: prompt every group explicitly; the success
+  rate of group k is the share of its images the classifier assigns to k; SPD = max_k - min_k of those rates.
+  (Our definition; the DDM paper's own text could not be obtained.)
+- the DDM authors' signal (Huang et al., arXiv 2503.12536): mean entropy (nats) of the trained indicator's
+  softmax on generated images; log K means the indicator cannot tell the groups apart.
+- quality, so that "fair" cannot mean "broken": mean classifier confidence (max softmax probability over all
+  classes), the share of images whose best class is outside the evaluated groups, and the Frechet distance
+  between generated and real held-out images in the classifier's feature space (FID's formula, our features).
+Classifier error distorts FD, so the classifier's held-out accuracy is reported next to every number.
+
+Attribute-classifier interface (anything with these works with `evaluate_images`):
+    classifier.class_names          list of the K class names (ints or strs)
+    classifier(images)              -> (N, K) logits
+    classifier.features(images)     -> (N, D) features for the Frechet distance
+    classifier.heldout_accuracy     float or None
+`images` are uint8 in [0, 255] laid out (N,H,W), (N,H,W,C) or (N,C,H,W) with C in {1, 3} (what `sample.py`
+writes is (N,H,W,3)), or float (N,C,H,W) / (N,H,W) in [-1, 1] (the convention of `data.ImageFolder` and the VAE).
+
+Built in: `DigitClassifier`, a small CNN trained on the shipped MNIST train split (`data.split_digits`) and
+tested on the held-out split, as the generated images look: rendered at 32 px RGB, then read back to 28 px gray.
+
+CLI: python evaluate.py IMAGE_DIR [IMAGE_DIR ...] [--groups 7 8] [--prompt-groups 7 8] [--classifier PATH]
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import data
+from ddm import fairness_discrepancy, group_proportions, mean_entropy, statistical_parity_difference
+
+DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent / "runs" / "digit_classifier.safetensors"
+CLASSIFIER_FORMAT = "ddm-digit-classifier-v1"  # bump when the architecture or its training changes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The built-in digit classifier
+
+def to_gray28(images):
+    """Any accepted image batch (see the module docstring) -> float (N,1,28,28) in [-1,1]."""
+    x = torch.as_tensor(images)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise ValueError(f"images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.permute(0, 3, 1, 2)  # channels-last (sample.py) -> channels-first
+        x = x.float() / 127.5 - 1.0
+    elif x.is_floating_point():
+        x = x.float()
+    else:
+        raise ValueError(f"images must be uint8 in [0,255] or float in [-1,1], got dtype {x.dtype}")
+    if x.shape[1] == 3:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)  # ITU-R 601 luma
+    elif x.shape[1] != 1:
+        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(x.shape)}")
+    if x.shape[-2:] != (28, 28):
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+class DigitClassifier(nn.Module):
+    """Small CNN: digit images -> 10 logits; `features` is its 128-d penultimate layer."""
+
+    def __init__(self, width=16, feature_dim=128):
+        super().__init__()
+        self.class_names = list(range(10))
+        self.heldout_accuracy = None
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),  # (N,w,14,14)
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),  # (N,2w,7,7)
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(), nn.MaxPool2d(2),  # (N,4w,3,3)
+            nn.Flatten(), nn.Linear(4 * w * 9, feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, 10)
+
+    def forward(self, images):
+        return self.head(self.body(to_gray28(images)))
+
+    @torch.no_grad()
+    def features(self, images):
+        return self.body(to_gray28(images))
+
+
+def _augment(x, generator):
+    """Random small rotation / scale / shift of a (N,1,28,28) batch: handwriting varies, generators drift."""
+    n = len(x)
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(12)
+    scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * 0.1
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.1  # 0.1 of the half-width = 1.4 px
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1  # pad with background -1
+
+
+@torch.no_grad()
+def classify(classifier, images, batch_size=256):
+    """Logits of a batch of images, computed in chunks in eval mode -> (N, K)."""
+    was_training = getattr(classifier, "training", False)
+    if was_training:
+        classifier.eval()
+    images = torch.as_tensor(images)
+    out = torch.cat([classifier(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    if was_training:
+        classifier.train()
+    return out
+
+
+def heldout_digits(split_seed=0, heldout_per_class=100, resolution=32, groups=None):
+    """Held-out real digits as generated images look: uint8 RGB (M, R, R, 3), and their labels (M,)."""
+    images, labels = data.load_digits()
+    _, heldout = data.split_digits(split_seed, heldout_per_class, labels)
+    if groups is not None:
+        heldout = heldout[np.isin(labels[heldout], [int(g) for g in groups])]
+    rendered = np.stack([np.asarray(data.digit_image(images[i], resolution)) for i in heldout])
+    return rendered, labels[heldout]
+
+
+def train_digit_classifier(seed=0, epochs=8, batch_size=64, lr=3e-3, split_seed=0, heldout_per_class=100,
+                           progress=False):
+    """Train `DigitClassifier` on the balanced train split -> (model in eval mode, held-out accuracy).
+
+    Seeded and self-contained (the caller's torch RNG is left untouched). The accuracy is measured on the held-out
+    digits rendered at 32 px RGB, the path generated images take, and stored on the model.
+    """
+    images, labels = data.load_digits()
+    train, _ = data.split_digits(split_seed, heldout_per_class, labels)
+    x = torch.from_numpy(images[train]).float().unsqueeze(1) / 127.5 - 1.0  # (N,1,28,28) in [-1,1]
+    y = torch.from_numpy(labels[train])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitClassifier()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    model.train()
+    t0 = time.time()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 28x28 CNN at batch 64 gains nothing from intra-op threads; on a busy machine
+    try:                      # two spinning threads ran 10x slower (CPU time 167 s vs 16 s)
+        for epoch in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), batch_size):
+                idx = order[i:i + batch_size]
+                loss = F.cross_entropy(model(_augment(x[idx], gen)), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            if progress:
+                print(f"digit classifier epoch {epoch + 1}/{epochs} loss {loss.item():.3f} "
+                      f"{time.time() - t0:.1f}s", file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    held_images, held_labels = heldout_digits(split_seed, heldout_per_class)
+    accuracy = (classify(model, held_images).argmax(1).numpy() == held_labels).mean().item()
+    model.heldout_accuracy = accuracy
+    model.split = (split_seed, heldout_per_class)
+    model.seed = seed
+    return model, accuracy
+
+
+def save_classifier(model, path):
+    """Write a DigitClassifier to safetensors; held-out accuracy and split ride along as metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    split = getattr(model, "split", (0, 100))
+    metadata = {"format": CLASSIFIER_FORMAT, "heldout_accuracy": repr(model.heldout_accuracy),
+                "split_seed": str(split[0]), "heldout_per_class": str(split[1]),
+                "seed": str(getattr(model, "seed", None))}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)  # atomic: a killed run never leaves half a classifier behind
+
+
+def load_classifier(path):
+    """Read a DigitClassifier written by `save_classifier` -> model in eval mode, with `.heldout_accuracy`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    if metadata.get("format") != CLASSIFIER_FORMAT:
+        raise ValueError(f"{path}: not a digit classifier of this version (format {metadata.get('format')!r}, "
+                         f"expected {CLASSIFIER_FORMAT!r}); retrain it with train_digit_classifier")
+    model = DigitClassifier()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit DigitClassifier: {e}") from None
+    model.heldout_accuracy = float(metadata["heldout_accuracy"])
+    model.split = (int(metadata["split_seed"]), int(metadata["heldout_per_class"]))
+    seed = metadata.get("seed", "None")
+    model.seed = None if seed == "None" else int(seed)
+    return model.eval()
+
+
+def get_digit_classifier(path=DEFAULT_CLASSIFIER_PATH, seed=0, progress=True):
+    """Load the cached digit classifier at `path`, or train one (seeded) and cache it there."""
+    path = Path(path)
+    if path.is_file():
+        return load_classifier(path)
+    t0 = time.time()
+    model, accuracy = train_digit_classifier(seed=seed, progress=progress)
+    if progress:
+        print(f"trained digit classifier: held-out accuracy {accuracy:.4f} in {time.time() - t0:.1f}s -> {path}",
+              file=sys.stderr)
+    save_classifier(model, path)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+def frechet_distance(features_a, features_b):
+    """|| mu_a - mu_b ||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between two feature sets (N, D), (M, D)."""
+    a, b = torch.as_tensor(features_a).double(), torch.as_tensor(features_b).double()
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"features must be (N, D) and (M, D) with the same D, got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"the Frechet distance needs at least 2 samples on each side, got {len(a)} and {len(b)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+
+    def sqrt_psd(m):  # symmetric PSD square root by eigendecomposition; round-off negatives clipped to 0
+        vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+        return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+    root_a = sqrt_psd(cov_a)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).clamp(min=0).item()
+
+
+def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
+                    reference_features=None, batch_size=256):
+    """Group balance and quality of generated images -> dict of JSON-ready numbers (None where not computed).
+
+    groups: the K groups to judge balance over, a subset of `classifier.class_names` (default all of them);
+    images are assigned to the most likely of these K classes. requested: per image, the group its prompt asked
+    for (conditional scenario) -> success rates and SPD; every group must be requested at least once.
+    indicator_logits: (M, K) logits of the trained indicator on generated images -> mean entropy.
+    reference_features: (M, D) classifier features of real images -> Frechet distance.
+    """
+    class_names = list(classifier.class_names)
+    groups = class_names if groups is None else list(groups)
+    for g in groups:
+        if g not in class_names:
+            raise ValueError(f"group {g!r} is not a class of the classifier, whose K={len(class_names)} classes "
+                             f"are {class_names}")
+    if len(set(groups)) != len(groups) or len(groups) < 2:
+        raise ValueError(f"groups must be at least two distinct classes, got {groups}")
+    K = len(groups)
+    images = torch.as_tensor(images)
+    if len(images) == 0:
+        raise ValueError("no images to evaluate")
+    logits = classify(classifier, images, batch_size)
+    if logits.dim() != 2 or logits.shape != (len(images), len(class_names)):
+        raise ValueError(f"classifier returned logits of shape {tuple(logits.shape)} for {len(images)} images, "
+                         f"but it names K={len(class_names)} classes")
+    probs = logits.softmax(1)
+    columns = [class_names.index(g) for g in groups]
+    group_logits = logits[:, columns]  # (N, K): the decision restricted to the evaluated groups
+    labels = group_logits.argmax(1)
+    p = group_proportions(labels, K)
+    p_soft = group_proportions(group_logits.softmax(1), K)
+    result = {
+        "n_images": len(images),
+        "groups": groups,
+        "classifier_heldout_accuracy": getattr(classifier, "heldout_accuracy", None),
+        "proportions": p.tolist(),
+        "proportions_soft": p_soft.tolist(),
+        "fd": fairness_discrepancy(p),
+        "fd_soft": fairness_discrepancy(p_soft),
+        "fd_max": math.sqrt((K - 1) / K),
+        "success_rates": None,
+        "spd": None,
+        "indicator_entropy": None,
+        "indicator_entropy_max": math.log(K),
+        "mean_confidence": probs.max(1).values.mean().item(),
+        "share_outside_groups": (~torch.isin(probs.argmax(1), torch.tensor(columns))).double().mean().item(),
+        "frechet_distance": None,
+    }
+    if requested is not None:
+        requested = list(requested)
+        if len(requested) != len(images):
+            raise ValueError(f"requested names one group per image: got {len(requested)} for {len(images)} images")
+        unknown = sorted({str(r) for r in requested if r not in groups})
+        if unknown:
+            raise ValueError(f"requested groups {unknown} are not among the evaluated groups {groups}")
+        missing = [g for g in groups if g not in requested]
+        if missing:
+            raise ValueError(f"SPD needs every group prompted at least once; never requested: {missing}")
+        asked = torch.tensor([groups.index(r) for r in requested])
+        rates = {g: (labels[asked == k] == k).double().mean().item() for k, g in enumerate(groups)}
+        result["success_rates"] = {str(g): r for g, r in rates.items()}
+        result["spd"] = statistical_parity_difference(list(rates.values()))
+    if indicator_logits is not None:
+        indicator_logits = torch.as_tensor(indicator_logits)
+        if indicator_logits.dim() != 2 or indicator_logits.shape[1] != K:
+            raise ValueError(f"indicator logits have shape {tuple(indicator_logits.shape)}, expected (N, {K}): "
+                             f"one column per evaluated group {groups}")
+        result["indicator_entropy"] = mean_entropy(indicator_logits)
+    if reference_features is not None:
+        feats = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        result["frechet_distance"] = frechet_distance(feats, reference_features)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folders of generated images
+
+def read_images(directory):
+    """All images of one folder (sorted by name; `grid*` files that sample.py writes are skipped) ->
+    (uint8 (N,H,W,3), list of paths). Other files (samples.json, metadata.jsonl, ...) are ignored."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image folder {directory} does not exist")
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    paths = [p for p in files if p.suffix.lower() in data.IMAGE_EXTENSIONS and not p.name.startswith("grid")]
+    if not paths:
+        others = ", ".join(p.name for p in files[:5]) + (" ..." if len(files) > 5 else "")
+        raise ValueError(f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; "
+                         f"found {len(files)} other files{': ' + others if files else ''})")
+    arrays = []
+    for p in paths:
+        try:
+            arrays.append(np.asarray(data.load_rgb(p)))
+        except Exception as e:  # PIL raises several types for bad files
+            raise ValueError(f"cannot read image {p} ({e})") from None
+        if arrays[-1].shape != arrays[0].shape:
+            raise ValueError(f"image {p} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {paths[0]} is "
+                             f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; one folder must hold one image size")
+    return np.stack(arrays), paths
+
+
+def _parse_group(value):
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Group balance (FD, SPD, indicator entropy) and quality of "
+                                                 "folders of generated digit images.")
+    parser.add_argument("image_dirs", nargs="+", metavar="IMAGE_DIR",
+                        help="folders of generated images (e.g. sample.py --out); pooled for FD")
+    parser.add_argument("--groups", nargs="+", type=_parse_group,
+                        help="the classifier classes to judge balance over (default: all)")
+    parser.add_argument("--prompt-groups", nargs="+", type=_parse_group,
+                        help="conditional scenario: the group each IMAGE_DIR's prompt asked for, one per folder "
+                             "-> success rates and SPD")
+    parser.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER_PATH,
+                        help="digit classifier (.safetensors); trained (seed 0, ~20 s) and cached if missing")
+    parser.add_argument("--indicator-logits", type=Path,
+                        help="(N, K) indicator logits on the generated images, .npy or .safetensors -> entropy")
+    parser.add_argument("--out", type=Path, help="JSON result (default: IMAGE_DIR/evaluation.json, first folder)")
+    args = parser.parse_args(argv)
+    try:
+        if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
+            raise ValueError(f"--prompt-groups names {len(args.prompt_groups)} groups for "
+                             f"{len(args.image_dirs)} image folders; give one per folder")
+        batches, requested = [], []
+        for k, d in enumerate(args.image_dirs):
+            images, _ = read_images(d)
+            if batches and images.shape[1:] != batches[0].shape[1:]:
+                raise ValueError(f"{d} holds {images.shape[2]}x{images.shape[1]} images but {args.image_dirs[0]} "
+                                 f"holds {batches[0].shape[2]}x{batches[0].shape[1]}")
+            batches.append(images)
+            if args.prompt_groups is not None:
+                requested += [args.prompt_groups[k]] * len(images)
+        images = np.concatenate(batches)
+        if args.classifier == DEFAULT_CLASSIFIER_PATH:
+            classifier = get_digit_classifier(args.classifier)
+        else:
+            classifier = load_classifier(args.classifier)
+        groups = args.groups or list(classifier.class_names)
+        for g in groups:  # checked here too so the message comes before the reference set is built
+            if g not in classifier.class_names:
+                raise ValueError(f"group {g!r} is not a class of the classifier {args.classifier}, whose "
+                                 f"K={len(classifier.class_names)} classes are {classifier.class_names}")
+        indicator_logits = None
+        if args.indicator_logits is not None:
+            indicator_logits = _read_logits(args.indicator_logits)
+        split_seed, per_class = getattr(classifier, "split", (0, 100))
+        reference, _ = heldout_digits(split_seed, per_class, images.shape[1], groups)
+        result = evaluate_images(images, classifier, groups, requested=requested or None,
+                                 indicator_logits=indicator_logits,
+                                 reference_features=classifier.features(reference))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"evaluate.py: error: {e}")
+    result["image_dirs"] = [str(d) for d in args.image_dirs]
+    out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_result(result))
+    print(f"wrote {out}")
+    return result
+
+
+def _read_logits(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"indicator logits file {path} not found")
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path))
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        if len(keys) != 1:
+            raise ValueError(f"{path} must hold exactly one tensor (the (N, K) logits), found {keys}")
+        return f.get_tensor(keys[0])
+
+
+def format_result(r):
+    """The numbers of `evaluate_images` as a short human-readable block."""
+    def num(v, fmt=".4f"):
+        return "-" if v is None else format(v, fmt)
+    lines = [f"images            {r['n_images']}   groups {r['groups']}",
+             f"classifier acc.   {num(r['classifier_heldout_accuracy'])} (held-out real digits)",
+             f"proportions       {' '.join(f'{p:.3f}' for p in r['proportions'])}"
+             f"   (soft {' '.join(f'{p:.3f}' for p in r['proportions_soft'])})",
+             f"FD                {num(r['fd'])}   soft {num(r['fd_soft'])}   (max {r['fd_max']:.4f})"]
+    if r["spd"] is not None:
+        rates = ", ".join(f"{g}: {v:.3f}" for g, v in r["success_rates"].items())
+        lines.append(f"SPD               {num(r['spd'])}   success rates {rates}")
+    if r["indicator_entropy"] is not None:
+        lines.append(f"indicator entropy {num(r['indicator_entropy'])} nats (max {r['indicator_entropy_max']:.4f})")
+    lines += [f"mean confidence   {num(r['mean_confidence'])}   outside groups {num(r['share_outside_groups'])}",
+              f"Frechet distance  {num(r['frechet_distance'], '.3f')} (classifier features, vs held-out real)"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

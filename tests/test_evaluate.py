@@ -1,0 +1,190 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate
+from ddm import mean_entropy
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The built-in classifier, trained once (seed 0) for the whole module, and its saved file."""
+    model, accuracy = evaluate.train_digit_classifier(seed=0)
+    return model, accuracy
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return evaluate.heldout_digits(resolution=32)  # uint8 (1000, 32, 32, 3) RGB, labels (1000,)
+
+
+class FixedClassifier:
+    """An attribute classifier whose logits are given: makes every metric exactly predictable."""
+
+    def __init__(self, logits, class_names):
+        self.logits, self.class_names, self.heldout_accuracy = torch.as_tensor(logits), class_names, 1.0
+
+    def __call__(self, images):  # images are row indices into the fixed logits
+        return self.logits[torch.as_tensor(images).view(len(images), -1)[:, 0].long()]
+
+    def features(self, images):
+        return self.logits[torch.as_tensor(images).view(len(images), -1)[:, 0].long()].float()
+
+
+def _indices(n):
+    return torch.arange(n).view(n, 1, 1).to(torch.uint8)
+
+
+def test_digit_classifier_reaches_97_percent_on_heldout_digits_and_round_trips(trained, heldout, tmp_path):
+    model, accuracy = trained
+    assert accuracy >= 0.97 and model.heldout_accuracy == accuracy
+    images, labels = heldout
+    # the reported number is the accuracy on held-out digits rendered at 32 px RGB, the generated-image path
+    assert (evaluate.classify(model, images).argmax(1).numpy() == labels).mean() == accuracy
+    evaluate.save_classifier(model, tmp_path / "c.safetensors")
+    loaded = evaluate.load_classifier(tmp_path / "c.safetensors")
+    assert loaded.heldout_accuracy == accuracy and loaded.split == (0, 100) and not loaded.training
+    assert torch.equal(evaluate.classify(loaded, images[:50]), evaluate.classify(model, images[:50]))
+    # the same image in any accepted layout gives the same logits
+    x = torch.from_numpy(images[:8])  # (N,H,W,3) uint8
+    ref = evaluate.classify(model, x)
+    assert torch.allclose(evaluate.classify(model, x.permute(0, 3, 1, 2)), ref, atol=1e-5)
+    assert torch.allclose(evaluate.classify(model, x.permute(0, 3, 1, 2).float() / 127.5 - 1), ref, atol=1e-4)
+
+
+def test_fd_on_real_digits_the_classifier_gets_right(trained, heldout):
+    model, _ = trained
+    images, labels = heldout
+    right = evaluate.classify(model, images).argmax(1).numpy() == labels
+    sevens = images[right & (labels == 7)][:60]
+    eights = images[right & (labels == 8)][:60]
+    r = evaluate.evaluate_images(sevens, model, groups=[7, 8])
+    assert r["proportions"] == [1.0, 0.0] and r["fd"] == pytest.approx(math.sqrt(1 / 2), abs=1e-12)
+    assert r["fd"] == pytest.approx(r["fd_max"]) and r["fd_soft"] > 0.65
+    r = evaluate.evaluate_images(np.concatenate([sevens[:30], eights[:30]]), model, groups=[7, 8])
+    assert r["proportions"] == [0.5, 0.5] and r["fd"] == pytest.approx(0, abs=1e-12) and r["fd_soft"] < 0.05
+    assert r["mean_confidence"] > 0.9 and r["share_outside_groups"] == 0
+    # ten groups: one right image of each digit -> 0; all one digit -> sqrt(9/10)
+    one_each = np.stack([images[right & (labels == d)][0] for d in range(10)])
+    assert evaluate.evaluate_images(one_each, model)["fd"] == pytest.approx(0, abs=1e-12)
+    assert evaluate.evaluate_images(sevens, model)["fd"] == pytest.approx(math.sqrt(9 / 10), abs=1e-12)
+
+
+def test_spd_entropy_and_soft_fd_on_hand_made_logits():
+    big = 20.0  # softmax(20, 0) is one-hot to 2e-9
+    logits = torch.tensor([[big, 0, 0]] * 4 + [[0, big, 0]] * 2 + [[0, 0, big]] * 2 + [[0, 0, 0]] * 2)
+    clf = FixedClassifier(logits, ["a", "b", "c"])
+    # requested: images 0-4 asked for "a" (4 of 5 succeed; image 4 is "b"), 5-9 asked for "b" (1 of 5 succeeds)
+    requested = ["a"] * 5 + ["b"] * 5
+    r = evaluate.evaluate_images(_indices(10), clf, groups=["a", "b"], requested=requested)
+    assert r["proportions"] == [0.8, 0.2]  # "c" rows and ties (rows of zeros) go to the first group
+    assert r["success_rates"] == {"a": 0.8, "b": pytest.approx(0.2)} and r["spd"] == pytest.approx(0.6)
+    assert r["fd"] == pytest.approx(math.hypot(0.3, 0.3))
+    soft_a = (4 + 0.5 * 4) / 10  # four sure "a", and the two "c" rows plus two zero rows split evenly
+    assert r["proportions_soft"][0] == pytest.approx(soft_a, abs=1e-6)
+    assert r["share_outside_groups"] == pytest.approx(0.2)
+    assert r["classifier_heldout_accuracy"] == 1.0
+    # the indicator's entropy: log K when uniform, ~0 when sure, mean over images
+    ind = torch.tensor([[0.0, 0.0]] * 3 + [[big, 0.0]])
+    r = evaluate.evaluate_images(_indices(10), clf, groups=["a", "b"], indicator_logits=ind)
+    assert r["indicator_entropy"] == pytest.approx(0.75 * math.log(2), abs=1e-6)
+    assert r["indicator_entropy"] == pytest.approx(mean_entropy(ind))
+
+
+def test_frechet_distance_closed_form_and_on_real_digits(trained, heldout):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    # b = 2a + 1: cov_b = 4 cov_a, so FD = |mu_a - mu_b|^2 + tr(cov_a) + 4 tr(cov_a) - 2 * 2 tr(cov_a)
+    b = 2 * a + 1
+    expected = (a.mean(0) + 1).square().sum() + torch.cov(a.T).trace()
+    assert evaluate.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-9)
+    # real digits: train digits sit far closer to held-out digits than noise does
+    model, _ = trained
+    images, labels = heldout
+    reference = model.features(images)
+    all_images, all_labels = data.load_digits()
+    train, _ = data.split_digits(0)
+    real = np.stack([np.asarray(data.digit_image(all_images[i], 32)) for i in train[::16]])
+    noise = torch.randint(0, 256, (len(real), 32, 32, 3), generator=g, dtype=torch.uint8)
+    fd_real = evaluate.evaluate_images(real, model, reference_features=reference)["frechet_distance"]
+    fd_noise = evaluate.evaluate_images(noise, model, reference_features=reference)["frechet_distance"]
+    assert fd_real * 10 < fd_noise
+
+
+def _write_pngs(folder, images):
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def test_cli_on_sample_style_folders_writes_json(trained, heldout, tmp_path, capsys):
+    model, accuracy = trained
+    evaluate.save_classifier(model, tmp_path / "c.safetensors")
+    images, labels = heldout
+    d7 = _write_pngs(tmp_path / "seven", images[labels == 7][:40])
+    d8 = _write_pngs(tmp_path / "eight", images[labels == 8][:40])
+    for d in (d7, d8):  # what sample.py writes beside the images: never evaluated
+        Image.new("RGB", (320, 320), "white").save(d / "grid.png")
+        (d / "samples.json").write_text("{}")
+    np.save(tmp_path / "ind.npy", np.zeros((80, 2), np.float32))
+    r = evaluate.main([str(d7), str(d8), "--groups", "7", "8", "--prompt-groups", "7", "8", "--classifier",
+                       str(tmp_path / "c.safetensors"), "--indicator-logits", str(tmp_path / "ind.npy"),
+                       "--out", str(tmp_path / "e.json")])
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved == json.loads(json.dumps(r)) and saved["n_images"] == 80 and saved["groups"] == [7, 8]
+    assert saved["fd"] < 0.05 and saved["spd"] < 0.05 and min(saved["success_rates"].values()) > 0.95
+    assert saved["indicator_entropy"] == pytest.approx(math.log(2))
+    assert saved["classifier_heldout_accuracy"] == accuracy and saved["frechet_distance"] < 10
+    out = capsys.readouterr().out
+    assert "FD" in out and "SPD" in out and "e.json" in out
+
+
+def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
+    model, _ = trained
+    evaluate.save_classifier(model, tmp_path / "c.safetensors")
+    clf = ["--classifier", str(tmp_path / "c.safetensors")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"no images in .*empty"):
+        evaluate.main([str(tmp_path / "empty"), *clf])
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "notes.txt").write_text("hello")
+    (texts / "samples.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"no images in .*texts .*found 2 other files: notes.txt, samples.json"):
+        evaluate.main([str(texts), *clf])
+    (texts / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(SystemExit, match=r"cannot read image .*broken.png"):
+        evaluate.main([str(texts), *clf])
+    images, labels = heldout
+    good = _write_pngs(tmp_path / "good", images[:4])
+    with pytest.raises(SystemExit, match=r"group 11 is not a class of the classifier .*K=10 classes"):
+        evaluate.main([str(good), "--groups", "7", "11", *clf])
+    with pytest.raises(SystemExit, match=r"--prompt-groups names 2 groups for 1 image folders"):
+        evaluate.main([str(good), "--groups", "7", "8", "--prompt-groups", "7", "8", *clf])
+    with pytest.raises(SystemExit, match=r"classifier file .*missing.safetensors not found"):
+        evaluate.main([str(good), "--classifier", str(tmp_path / "missing.safetensors")])
+    odd = _write_pngs(tmp_path / "odd", [images[0], np.zeros((16, 16, 3), np.uint8)])
+    with pytest.raises(SystemExit, match=r"00001.png is 16x16 but .*00000.png is 32x32"):
+        evaluate.main([str(odd), *clf])
+    # the Python API: K mismatches between classifier, groups and indicator
+    with pytest.raises(ValueError, match=r"indicator logits have shape \(4, 3\), expected \(N, 2\)"):
+        evaluate.evaluate_images(images[:4], model, groups=[7, 8], indicator_logits=torch.zeros(4, 3))
+    liar = FixedClassifier(torch.zeros(4, 3), list(range(10)))  # names 10 classes, returns 3 logits
+    with pytest.raises(ValueError, match=r"logits of shape \(4, 3\) for 4 images, but it names K=10 classes"):
+        evaluate.evaluate_images(_indices(4), liar, groups=[7, 8])
+    with pytest.raises(ValueError, match="at least two distinct classes"):
+        evaluate.evaluate_images(images[:4], model, groups=[7])
+    with pytest.raises(ValueError, match="never requested: \\[8\\]"):
+        evaluate.evaluate_images(images[:4], model, groups=[7, 8], requested=[7] * 4)
+    with pytest.raises(ValueError, match="no images"):
+        evaluate.evaluate_images(images[:0], model, groups=[7, 8])
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        evaluate.load_classifier(tmp_path / "junk.safetensors")
