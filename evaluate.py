@@ -238,17 +238,15 @@ def get_digit_classifier(path=DEFAULT_CLASSIFIER_PATH, seed=0, progress=True):
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics
 
-def frechet_distance(features_a, features_b):
-    """|| mu_a - mu_b ||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between two feature sets (N, D), (M, D)."""
-    a, b = torch.as_tensor(features_a).double(), torch.as_tensor(features_b).double()
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"features must be (N, D) and (M, D) with the same D, got {tuple(a.shape)}, "
-                         f"{tuple(b.shape)}")
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"the Frechet distance needs at least 2 samples on each side, got {len(a)} and {len(b)}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+def _moments(features, name):
+    f = torch.as_tensor(features).double()
+    if f.dim() != 2 or len(f) < 2:
+        raise ValueError(f"{name} must be (N, D) with N >= 2 for a covariance, got shape {tuple(f.shape)}")
+    return f.mean(0), torch.cov(f.T)
 
+
+def _frechet(mu_a, cov_a, mu_b, cov_b):
+    """|| mu_a - mu_b ||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), the Gaussians' Frechet distance."""
     def sqrt_psd(m):  # symmetric PSD square root by eigendecomposition; round-off negatives clipped to 0
         vals, vecs = torch.linalg.eigh((m + m.T) / 2)
         return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
@@ -256,6 +254,29 @@ def frechet_distance(features_a, features_b):
     root_a = sqrt_psd(cov_a)
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).clamp(min=0).item()
+
+
+def frechet_distance(features_a, features_b):
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D) (FID's formula)."""
+    mu_a, cov_a = _moments(features_a, "features_a")
+    mu_b, cov_b = _moments(features_b, "features_b")
+    if len(mu_a) != len(mu_b):
+        raise ValueError(f"features have different widths: {len(mu_a)} and {len(mu_b)}")
+    return _frechet(mu_a, cov_a, mu_b, cov_b)
+
+
+def mixture_moments(features_by_group, weights):
+    """Mean and covariance of the mixture sum_g w_g N(mu_g, S_g) of per-group feature sets -> (mu, cov).
+
+    Used to re-weight a balanced real reference set to the generated images' own group proportions, so that the
+    Frechet distance measures how real each group looks, not how balanced the groups are (FD's job).
+    """
+    mu, second = 0, 0
+    for f, w in zip(features_by_group, weights):
+        mu_g, cov_g = _moments(f, "reference features of every group")
+        mu = mu + w * mu_g
+        second = second + w * (cov_g + torch.outer(mu_g, mu_g))
+    return mu, second - torch.outer(mu, mu)
 
 
 def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
@@ -266,7 +287,8 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     images are assigned to the most likely of these K classes. requested: per image, the group its prompt asked
     for (conditional scenario) -> success rates and SPD; every group must be requested at least once.
     indicator_logits: (M, K) logits of the trained indicator on generated images -> mean entropy.
-    reference_features: (M, D) classifier features of real images -> Frechet distance.
+    reference_features: classifier features of real images -> Frechet distance; either (M, D), or a dict
+    {group: (M_g, D)} for every group, whose mixture is weighted by the generated (hard) proportions.
     """
     class_names = list(classifier.class_names)
     groups = class_names if groups is None else list(groups)
@@ -329,7 +351,15 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         result["indicator_entropy"] = mean_entropy(indicator_logits)
     if reference_features is not None:
         feats = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-        result["frechet_distance"] = frechet_distance(feats, reference_features)
+        if isinstance(reference_features, dict):
+            missing = [g for g in groups if g not in reference_features]
+            if missing:
+                raise ValueError(f"reference_features has no features for groups {missing}")
+            mu_ref, cov_ref = mixture_moments([reference_features[g] for g in groups], p.tolist())
+            mu, cov = _moments(feats, "features of the generated images")
+            result["frechet_distance"] = _frechet(mu, cov, mu_ref, cov_ref)
+        else:
+            result["frechet_distance"] = frechet_distance(feats, reference_features)
     return result
 
 
@@ -410,10 +440,12 @@ def main(argv=None):
         if args.indicator_logits is not None:
             indicator_logits = _read_logits(args.indicator_logits)
         split_seed, per_class = getattr(classifier, "split", (0, 100))
-        reference, _ = heldout_digits(split_seed, per_class, images.shape[1], groups)
+        reference, reference_labels = heldout_digits(split_seed, per_class, images.shape[1], groups)
+        reference_features = classifier.features(reference)
+        reference_features = {g: reference_features[torch.from_numpy(reference_labels == g)] for g in groups}
         result = evaluate_images(images, classifier, groups, requested=requested or None,
                                  indicator_logits=indicator_logits,
-                                 reference_features=classifier.features(reference))
+                                 reference_features=reference_features)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"evaluate.py: error: {e}")
     result["image_dirs"] = [str(d) for d in args.image_dirs]

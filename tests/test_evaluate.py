@@ -115,6 +115,17 @@ def test_frechet_distance_closed_form_and_on_real_digits(trained, heldout):
     fd_real = evaluate.evaluate_images(real, model, reference_features=reference)["frechet_distance"]
     fd_noise = evaluate.evaluate_images(noise, model, reference_features=reference)["frechet_distance"]
     assert fd_real * 10 < fd_noise
+    # a dict reference is weighted by the generated proportions: a real 9:1 set is not penalised for its bias
+    biased = np.concatenate([images[labels == 7][:90], images[labels == 8][:10]])
+    by_group = {d: model.features(images[labels == d]) for d in (7, 8)}
+    fd_mix = evaluate.evaluate_images(biased, model, [7, 8], reference_features=by_group)["frechet_distance"]
+    fd_plain = evaluate.evaluate_images(biased, model, [7, 8],
+                                        reference_features=torch.cat([by_group[7], by_group[8]]))["frechet_distance"]
+    assert fd_mix * 3 < fd_plain
+    # mixture moments with the true shares reproduce the pooled mean exactly and the covariance to O(1/N)
+    mu, cov = evaluate.mixture_moments([a[:400], a[400:]], [0.8, 0.2])
+    assert torch.allclose(mu, a.mean(0), atol=1e-12)
+    assert torch.allclose(cov, torch.cov(a.T), rtol=0, atol=0.02 * torch.cov(a.T).abs().max().item())
 
 
 def _write_pngs(folder, images):
