@@ -96,7 +96,8 @@ def test_gradients_match_diffusers(tiny):
     ref.decode(ref.encode(x).latent_dist.mean).sample.square().mean().backward()
     assert_close(g_ours, x.grad)
     assert_close(ours.decoder.up[1].upsample.conv.weight.grad, ref.decoder.up_blocks[1].upsamplers[0].conv.weight.grad)
-    assert_close(ours.encoder.down[0].block[0].conv1.weight.grad, ref.encoder.down_blocks[0].resnets[0].conv1.weight.grad)
+    assert_close(ours.encoder.down[0].block[0].conv1.weight.grad,
+                 ref.encoder.down_blocks[0].resnets[0].conv1.weight.grad)
     assert all(p.grad is not None for p in ours.parameters())
     ref.zero_grad()
 
