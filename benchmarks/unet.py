@@ -1,0 +1,48 @@
+"""Our UNet against diffusers' UNet2DConditionModel: full-size SD v1.5, identical weights, CPU fp32, batch 1,
+32x32 latent (256 px). Prints the median time ratio ours/diffusers and the peak memory of one forward of each."""
+import math
+
+import torch
+from diffusers import UNet2DConditionModel
+
+import weights
+from benchmarks.common import interleaved_medians, peak_memory_mb, report
+from unet import UNet, UNetConfig, unet_diffusers_config, unet_diffusers_names
+
+
+def models():
+    """Both UNets sharing one set of random weights (fan-in-scaled uniform, norms around 1)."""
+    cfg = UNetConfig()
+    with torch.device("meta"):
+        ref = UNet2DConditionModel.from_config(unet_diffusers_config(cfg))
+        ours = UNet(cfg)
+    ref = ref.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.uniform_(-1 / math.sqrt(p[0].numel()) if p.ndim > 1 else -0.1,
+                       1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1, generator=g)
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+    state = weights.rename(ref.state_dict(), {v: k for k, v in unet_diffusers_names(cfg).items()})
+    weights.load_strict(ours, state, "UNet")  # assigns the same tensors: no second copy
+    return ours.eval(), ref
+
+
+def main(warmup=1, reps=5):
+    ours, ref = models()
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 768, generator=g)
+    t = torch.tensor([500])
+    fns = {"ours": lambda: ours(x, t, context), "ref": lambda: ref(x, t, context).sample}
+    with torch.inference_mode():
+        torch.testing.assert_close(fns["ours"](), fns["ref"](), atol=1e-4, rtol=1e-4)
+        mem = {}
+        for name in ("ours", "ref", "ours", "ref"):  # twice each, keep the second: both after a warm allocator
+            mem[name] = peak_memory_mb(fns[name])[1]
+    medians = interleaved_medians(fns, warmup=warmup, reps=reps)
+    report("UNet SD v1.5 fp32 CPU b1 32x32", medians["ours"], medians["ref"], mem["ours"], mem["ref"])
+
+
+if __name__ == "__main__":
+    main()
