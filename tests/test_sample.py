@@ -342,8 +342,8 @@ def test_cli_writes_images_grid_and_a_readable_record(tiny, tmp_path):
         sample.main(argv)
     assert e.value.code != 0
     sample.main(argv + ["--overwrite"])
-    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "grid.png", "prompts.txt", "samples.json"] \
-        if (out / "prompts.txt").exists() else ["00000.png", "grid.png", "samples.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "grid.png", "samples.json"]  # no stale images
+    assert json.loads((out / "samples.json").read_text())["prompts"] == ["a cat"]
 
 
 @pytest.mark.parametrize("change,message", [
