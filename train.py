@@ -195,6 +195,9 @@ def read_init_config(path):
 def build_from_scratch(init_config, vae_path, seed):
     """Randomly initialised UNet / text encoder (and VAE unless `vae_path`), seeded, CLIP's tokenizer."""
     raw, cfgs = read_init_config(init_config)
+    if vae_path and cfgs["vae"] is not None:
+        raise ValueError(f"--init-config {init_config} has a 'vae' config and --vae {vae_path} was given: "
+                         "choose one")
     for key in ("unet", "text_encoder") + (() if vae_path else ("vae",)):
         if cfgs[key] is None:
             raise ValueError(f"--init-config {init_config}: missing the '{key}' config"
@@ -517,6 +520,13 @@ def export_diffusers(models, out_dir):
 # Training
 
 
+def make_optimizer(params, args):
+    """AdamW with the authors' settings (from args). fused=True: one kernel for all parameters instead of a Python
+    loop over them (PyTorch's CPU default), ~20% of a tiny model's LoRA step; the same update rule."""
+    return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
+                             weight_decay=args.weight_decay, fused=True)
+
+
 def setup_distributed(device_arg):
     """(rank, world_size, device, created): torchrun's environment, or a single process."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
@@ -619,8 +629,7 @@ def _train(args, rank, world, device):
     models.unet.gradient_checkpointing = args.gradient_checkpointing
     models.text_encoder.train(args.train_text_encoder)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
-                                  weight_decay=args.weight_decay)
+    optimizer = make_optimizer(params, args)
     precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None

@@ -238,15 +238,18 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, tmp_path
         train.train(["--model", str(lora_run), "--export", str(tmp_path / lora_run.name)])
 
 
-def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(data_dir, tmp_path):
+def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_dir, data_dir, tmp_path):
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY))
-    scratch = train.train(["--init-config", str(config), "--data", str(data_dir), "--out", str(tmp_path / "scratch"),
-                           "--max-steps", "2", *FAST, "--caption-dropout", "0.5", "--validation-prompt",
-                           "a red square", "--validation-n", "2", "--validation-steps", "2"])
+    config.write_text(json.dumps({k: v for k, v in TINY.items() if k != "vae"}))  # the VAE comes from --vae
+    scratch = train.train(["--init-config", str(config), "--vae", str(sd_dir), "--data", str(data_dir), "--out",
+                           str(tmp_path / "scratch"), "--max-steps", "2", *FAST, "--cache-latents",
+                           "--caption-dropout", "0.5", "--validation-prompt", "a red square", "--validation-n", "2",
+                           "--validation-steps", "2"])
     info = json.loads((scratch / "run.json").read_text())
     assert info["base"] == "base" and info["config"]["lora_rank"] == 0 and info["config"]["train_text_encoder"]
     assert set(checkpoint_files(scratch)) == {"unet.safetensors", "text_encoder.safetensors", "indicator.safetensors"}
+    from_scratch = sample.load_models(scratch / "base")  # the initial models; the VAE is the one --vae named
+    assert_same_tensors({"vae": from_scratch.vae.state_dict()}, {"vae": sample.load_models(sd_dir).vae.state_dict()})
     for k in range(2):
         assert Image.open(scratch / "validation" / "step_000002" / f"{k:02d}.png").size == (RES, RES)
 
@@ -264,7 +267,7 @@ def test_torchrun_two_processes_end_with_equal_weights(sd_dir, data_dir, tmp_pat
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), "--model", str(sd_dir), "--data", str(data_dir), "--out", str(out),
-           "--lora-rank", "4", "--max-steps", "2", *FAST]
+           "--lora-rank", "4", "--max-steps", "2", "--cache-latents", *FAST]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
