@@ -228,7 +228,10 @@ class Models:
 
 
 def read_schedule(path):
-    """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json; SD v1.x's otherwise."""
+    """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json; SD v1.x's otherwise.
+
+    The sampler's own settings stay SD v1.x's whatever the file says: "leading" spacing, steps_offset 1, and
+    ᾱ[0] past the last DDIM step (set_alpha_to_one false)."""
     config = Path(path) / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         return sd_schedule(), "epsilon"
@@ -254,9 +257,9 @@ def load_models(path, device="cpu", dtype=torch.float32):
         return train.load_run(path, device, dtype).models
     vae = load_vae(path, dtype).to(device)
     schedule, prediction_type = read_schedule(path)
-    return Models(unet=load_unet(path, dtype).to(device), vae=vae, text_encoder=load_text_encoder(path, dtype).to(device),
-                  tokenizer=load_tokenizer(path), vae_config=vae.config, alphas_cumprod=schedule,
-                  prediction_type=prediction_type)
+    return Models(unet=load_unet(path, dtype).to(device), vae=vae,
+                  text_encoder=load_text_encoder(path, dtype).to(device), tokenizer=load_tokenizer(path),
+                  vae_config=vae.config, alphas_cumprod=schedule, prediction_type=prediction_type)
 
 
 @torch.inference_mode()

@@ -115,7 +115,7 @@ def loop_only(tmp, n=16, steps=20, size=32):
     return report(f"loop only, free UNet, {n} img {steps} steps cfg", medians["ours"], medians["ref"])
 
 
-def per_step(tmp, steps=5):
+def per_step(tmp, steps=3):
     ours_unet, ref_unet = unet_bench.models()  # full-size SD v1.5 UNets sharing one set of random weights
     _, vae, text_encoder = tiny_parts(vae_levels=4)  # unused by the timed loop, but the pipeline wants them
     pipe = pipeline(ref_unet, vae, text_encoder, write_sd_tokenizer(tmp / "tokenizer-full"))

@@ -315,7 +315,8 @@ def test_cli_writes_images_grid_and_a_readable_record(tiny, tmp_path):
     prompts.write_text("a photo of a doctor\n\n  a photo of a nurse  \n")
     out = tmp_path / "out"
     sample.main(["--model", str(folder), "--prompts", str(prompts), "--n", "3", "--batch-size", "2", "--steps", "2",
-                 "--height", str(H), "--width", str(W), "--seed", "7", "--negative-prompt", "blurry", "--out", str(out)])
+                 "--height", str(H), "--width", str(W), "--seed", "7", "--negative-prompt", "blurry",
+                 "--out", str(out)])
     record = json.loads((out / "samples.json").read_text())
     assert record["prompts"] == ["a photo of a doctor"] * 3 + ["a photo of a nurse"] * 3
     assert record["seeds"] == list(range(7, 13))
