@@ -355,8 +355,8 @@ def _save_tensors(tensors, path):
 
 def latest_checkpoint(run_dir):
     """The newest complete checkpoint directory (a *.tmp one was interrupted and does not count), or None."""
-    done = sorted(p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
+    done = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
 
 def checkpoint_parts(unet, text_encoder, indicator, config):
