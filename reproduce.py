@@ -82,20 +82,20 @@ TINY = {  # train.py --init-config: the SD classes, tiny (UNet 1.0M weights; tex
 class Sizes:
     """Everything that differs between the full run and --quick."""
     classifier_epochs: int = 8  # evaluate.py's default: >= 97% held-out accuracy
-    vae_steps: int = 1200
-    vae_batch: int = 64
+    vae_steps: int = 400
+    vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl: float = 1e-4  # KL weight (per latent element vs MSE per pixel): small, the latents only need to stay tame
-    base_steps: int = 1500
+    base_steps: int = 800
     base_batch: int = 64
     base_lr: float = 1e-3
-    ft_steps: int = 150
+    ft_steps: int = 100
     ft_batch: int = 32
     ft_lr: float = 2e-4
     w_inds: tuple = (0.05, 0.2, 0.5)  # the authors' example, then a small sweep
     n_generic: int = 200  # images per model from the generic prompt (FD)
     n_per_group: int = 100  # ... and from each group prompt (SPD)
-    sample_steps: int = 20  # DDIM
+    sample_steps: int = 15  # DDIM
     guidance: float = 3.0  # classifier-free guidance scale
     n_entropy_t: int = 1  # re-noisings per image for the indicator's entropy
     grid_n: int = 32  # images per model in the grids
@@ -380,7 +380,9 @@ def parse_args(argv=None):
                                                         "not the science")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per method (>= 1)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT's results (cached stages are kept)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: these tiny models gain "
+                                                          "little from more, and lose many times over when another "
+                                                          "process competes for the cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     args = p.parse_args(argv)
     if args.seeds < 1:
