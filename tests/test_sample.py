@@ -235,7 +235,10 @@ def test_whole_run_equals_stable_diffusion_pipeline(tiny, sampler, eta, guidance
                                  guidance=guidance, height=H, width=W, sampler=sampler, eta=eta)
     assert ours.shape == their_latents.shape == (4, 4, H // 2, W // 2)
     assert their_latents.abs().max() > 0.5  # a real signal, not everything collapsed to zero
-    assert (ours - their_latents).abs().max() <= 1e-4
+    # Random weights make DDIM's x0 estimate blow up (latents reach 40-60, not SD's ~4), and fp32 rounding grows
+    # with them (measured ~2e-6 relative, up to 1.04e-4 absolute on CI): bound the error relative to that scale.
+    scale = max(1.0, their_latents.abs().max().item())
+    assert (ours - their_latents).abs().max() <= 1e-5 * scale
     images = sample.decode_latents(models, ours)
     assert ((images / 2 + 0.5).clamp(0, 1) - their_images).abs().max() <= 1e-4
     if sampler == "ddim" and eta == 0 and not negative_prompt:
