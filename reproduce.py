@@ -287,7 +287,7 @@ def evaluate_model(models, indicator, classifier, reference_features, sizes, pro
 
 
 COLUMNS = ["method", "w_ind", "w_rec", "seed", "FD", "FD soft", "share of 7s", "SPD", "indicator entropy",
-           "confidence", "Frechet", "classifier acc"]
+           "indicator train acc", "confidence", "outside 7/8", "Frechet", "classifier acc"]
 
 
 def _mean_std(values):
@@ -300,13 +300,15 @@ def _mean_std(values):
 def summarize(rows):
     """Per (method, w_ind): mean ± std (sample std, ddof 1) of every number over its seeds."""
     out = []
-    keys = ["fd", "fd_soft", "spd", "indicator_entropy", "mean_confidence", "frechet_distance"]
+    keys = ["fd", "fd_soft", "spd", "indicator_entropy", "mean_confidence", "share_outside_groups",
+            "frechet_distance"]
     for w in dict.fromkeys(r["w_ind"] for r in rows if r["method"] != "base"):
         group = [r for r in rows if r["w_ind"] == w and r["method"] != "base"]
         s = {"method": group[0]["method"], "w_ind": w, "w_rec": group[0]["w_rec"], "seeds": [r["seed"] for r in group],
              "classifier_heldout_accuracy": group[0]["classifier_heldout_accuracy"]}
-        for k in keys + ["share7"]:
-            vals = [r["proportions"][0] if k == "share7" else r[k] for r in group]
+        for k in keys + ["share7", "indicator_train_acc"]:
+            vals = [r["proportions"][0] if k == "share7" else r["train"][k] if k == "indicator_train_acc" else r[k]
+                    for r in group]
             s[k], s[k + "_std"] = _mean_std(vals)
         out.append(s)
     return out
@@ -326,13 +328,15 @@ def format_table(rows, summary):
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], _f(r["w_ind"], "g"), _f(r["w_rec"], "g"), str(r["seed"]), _f(r["fd"]), _f(r["fd_soft"]),
-            _f(r["proportions"][0]), _f(r["spd"]), _f(r["indicator_entropy"]), _f(r["mean_confidence"]),
-            _f(r["frechet_distance"], ".2f"), _f(r["classifier_heldout_accuracy"], ".4f")]) + " |")
+            _f(r["proportions"][0]), _f(r["spd"]), _f(r["indicator_entropy"]),
+            _f(r.get("train", {}).get("indicator_train_acc")), _f(r["mean_confidence"]),
+            _f(r["share_outside_groups"]), _f(r["frechet_distance"], ".2f"), _f(r["classifier_heldout_accuracy"], ".4f")]) + " |")
     for s in summary:
         lines.append("| " + " | ".join([
             f"**{s['method']}**", _f(s["w_ind"], "g"), _f(s["w_rec"], "g"), f"mean ± std ({len(s['seeds'])})",
             f"**{_pm(s, 'fd')}**", _pm(s, "fd_soft"), _pm(s, "share7"), _pm(s, "spd"), _pm(s, "indicator_entropy"),
-            _pm(s, "mean_confidence"), _pm(s, "frechet_distance", ".2f"),
+            _pm(s, "indicator_train_acc"), _pm(s, "mean_confidence"), _pm(s, "share_outside_groups"),
+            _pm(s, "frechet_distance", ".2f"),
             _f(s["classifier_heldout_accuracy"], ".4f")]) + " |")
     return "\n".join(lines)
 
@@ -515,7 +519,10 @@ per model. FD over the groups {report['groups']} from {sizes['n_generic']} image
 "{report['group_prompts'][0]}" / "{report['group_prompts'][1]}" ({sizes['n_per_group']} each), that the classifier
 assigns to the requested digit. Indicator entropy: mean softmax entropy (nats, max ln 2 = 0.693) of the trained
 indicator on the generated generic images re-noised at random t (DDM runs only; the plain runs train no indicator).
-Quality: mean classifier confidence and the Frechet distance to held-out real 7s/8s in the classifier's features
+Indicator train acc: the indicator's accuracy on
+its training batches over the last 50 fine-tuning steps (0.9 = always answering "7", the majority of the 9 : 1 set).
+Quality: mean classifier confidence (10 classes), the share of generic images whose best of the 10 classes is
+neither 7 nor 8, and the Frechet distance to held-out real 7s/8s in the classifier's features
 (the real 7s and 8s mixed in the model's own generated proportions, so that bias alone does not count as bad quality).
 Classifier held-out accuracy (all 10 digits): {report['classifier_heldout_accuracy']:.4f}. DDIM {sizes['sample_steps']}
 steps, guidance {sizes['guidance']}. Every seed is listed; std is the sample std over seeds.
