@@ -34,7 +34,7 @@ and keeps the cache.
 
 Fine-tuning is full (--lora-rank 0, UNet only), not LoRA: the tiny UNet has a single attention level, so rank-8
 adapters on its to_q/to_v would hold too few weights to pick up the 9 : 1 bias within a CPU budget, while a full
-fine-tune of a 1.5M-weight UNet costs the same per step. The DDM objective is the same either way.
+fine-tune of a 1.0M-weight UNet costs the same per step. The DDM objective is the same either way.
 """
 import argparse
 import dataclasses
