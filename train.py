@@ -365,7 +365,9 @@ def checkpoint_parts(unet, text_encoder, indicator, config):
     parts = [(f"unet{suffix}.safetensors", unet, rank)]
     if config["train_text_encoder"]:
         parts.append((f"text_encoder{suffix}.safetensors", text_encoder, rank))
-    return parts + [("indicator.safetensors", indicator, 0)]
+    if config["w_ind"] > 0:  # a plain run (w_ind = 0) never trains its indicator: nothing to save
+        parts.append(("indicator.safetensors", indicator, 0))
+    return parts
 
 
 def checkpoint_tensors(unet, text_encoder, indicator, config):
@@ -415,7 +417,7 @@ def load_checkpoint_weights(ckpt, unet, text_encoder, indicator, config):
 class Run:
     """A trained run: `models` for sample.generate (LoRA merged unless asked not to), its indicator and groups."""
     models: sample.Models
-    indicator: Indicator
+    indicator: Indicator  # None for a plain run (w_ind = 0): it never trained one
     group_names: list
     step: int
     info: dict  # run.json
@@ -450,7 +452,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
         m.requires_grad_(False).to(device, dtype).eval()
     models.vae.to(device, dtype)
     step = json.loads((ckpt / "state.json").read_text())["step"]
-    return Run(models, indicator, config["group_names"], step, info)
+    return Run(models, indicator if config["w_ind"] > 0 else None, config["group_names"], step, info)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -204,6 +204,8 @@ def test_w_ind_zero_is_plain_fine_tuning_blind_to_the_groups(sd_dir, data_dir, t
             for name, d, w in (("plain", data_dir, "0"), ("scrambled", scrambled, "0"), ("ddm", data_dir, "0.05"))}
     plain, scrambled, ddm = (checkpoint_files(runs[n]) for n in ("plain", "scrambled", "ddm"))
     assert_same_tensors(plain, scrambled)  # the group labels cannot matter when w_ind = 0
+    assert "indicator.safetensors" not in plain and "indicator.safetensors" in ddm  # no untrained indicator kept
+    assert train.load_run(runs["plain"]).indicator is None and train.load_run(runs["ddm"]).indicator is not None
     assert not torch.equal(plain["unet.safetensors"]["out.2.weight"], ddm["unet.safetensors"]["out.2.weight"])
     for r in log_lines(runs["plain"]):
         assert r["ind"] is None and r["acc"] is None
