@@ -172,7 +172,8 @@ def check_args(args):
 
 
 def read_init_config(path):
-    """{"unet": UNetConfig, "vae": VAEConfig or None, "text_encoder": CLIPTextConfig} from a JSON file."""
+    """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}) from a JSON
+    file; a config the file leaves out is None."""
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
