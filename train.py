@@ -195,7 +195,7 @@ def read_init_config(path):
 
 def build_from_scratch(init_config, vae_path, seed):
     """Randomly initialised UNet / text encoder (and VAE unless `vae_path`), seeded, CLIP's tokenizer."""
-    raw, cfgs = read_init_config(init_config)
+    _, cfgs = read_init_config(init_config)
     if vae_path and cfgs["vae"] is not None:
         raise ValueError(f"--init-config {init_config} has a 'vae' config and --vae {vae_path} was given: "
                          "choose one")
