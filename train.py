@@ -39,8 +39,8 @@ Run directory (rank 0 writes; `load_run` and `sample.load_models(RUN_DIR)` read 
     base/                from-scratch runs only: the initial random models as a diffusers folder
     checkpoint-000500/   the latest checkpoint (written as checkpoint-000500.tmp/, then renamed; the older one is
                          deleted only afterwards): unet.safetensors or unet_lora.safetensors,
-                         text_encoder[_lora].safetensors when trained, indicator.safetensors (CompVis /
-                         transformers names), optimizer.pt (AdamW and fp16 loss-scaler state, read back with
+                         text_encoder[_lora].safetensors when trained, indicator.safetensors when w_ind > 0
+                         (CompVis / transformers names), optimizer.pt (AdamW and fp16 loss-scaler state, read back with
                          torch.load(weights_only=True)), state.json (step, elapsed time, per-rank weight hashes)
     log.jsonl            one line per step: step, loss, rec, ind, acc, lr, grad_norm, time (s since the run began)
     validation/step_000500/00.png …     with --validation-prompt
