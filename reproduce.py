@@ -220,7 +220,8 @@ def train_base(folder, sizes, vae_path, data_path):
 
 
 def _final_loss(run_dir, last=50):
-    """Mean denoising MSE over the last `last` logged steps (one step is noisy)."""
+    """{"rec": mean denoising MSE, "indicator_train_acc": mean indicator accuracy (None for a plain run)} over the
+    last `last` logged steps (one step is noisy)."""
     lines = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()][-last:]
     out = {"rec": float(np.mean([r["rec"] for r in lines]))}
     accs = [r["acc"] for r in lines if r["acc"] is not None]
