@@ -243,6 +243,7 @@ def generate_all(models, sizes, progress=True):
     prompts = [GENERIC_PROMPT] * sizes.n_generic
     requested = [g for g in GROUPS for _ in range(sizes.n_per_group)]
     prompts += [group_prompt(g) for g in requested]
+    # group prompts take seeds from 10,000 on: disjoint from the generic images' 0..n_generic-1 (n_generic <= 10,000)
     seeds = list(range(sizes.n_generic)) + list(range(10_000, 10_000 + len(requested)))
     images = sample.generate(models, prompts, seeds, steps=sizes.sample_steps, guidance=sizes.guidance,
                              height=RESOLUTION, width=RESOLUTION, batch_size=100, progress=progress)
