@@ -155,7 +155,7 @@ def train_vae(folder, sizes, seed=0, progress=True):
     Written as a diffusers vae/ folder (load_vae reads it) with scaling_factor = 1 / std of the posterior means,
     measured on the train digits, so the UNet sees latents of unit variance as SD's 0.18215 intends.
     """
-    images, labels = data.load_digits()
+    images, _ = data.load_digits()
     train_idx, held_idx = data.split_digits(0)
     to_pixels = lambda idx: torch.from_numpy(np.stack(  # noqa: E731  (N,3,32,32) in [-1,1]: the folders' images
         [np.asarray(data.digit_image(images[i], RESOLUTION)) for i in idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -196,7 +196,7 @@ def train_vae(folder, sizes, seed=0, progress=True):
 
 
 def build_folder(folder, counts, seed):
-    images, labels = data.load_digits()
+    images, _ = data.load_digits()
     train_idx, _ = data.split_digits(0)  # held-out digits never reach a diffusion model
     data.make_digit_folder(folder / "images", images, labels, counts, indices=train_idx, resolution=RESOLUTION,
                            prompt=caption_for(seed), seed=seed)
