@@ -196,7 +196,7 @@ def train_vae(folder, sizes, seed=0, progress=True):
 
 
 def build_folder(folder, counts, seed):
-    images, _ = data.load_digits()
+    images, labels = data.load_digits()
     train_idx, _ = data.split_digits(0)  # held-out digits never reach a diffusion model
     data.make_digit_folder(folder / "images", images, labels, counts, indices=train_idx, resolution=RESOLUTION,
                            prompt=caption_for(seed), seed=seed)
