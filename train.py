@@ -574,6 +574,8 @@ def _barrier(world):
 def _train(args, rank, world, device):
     # ---- everything that can be wrong is checked before anything is written
     data = ImageFolder(args.data, args.resolution)  # validates every metadata line and image
+    if args.export and Path(args.export).exists():  # not only after hours of training
+        raise FileExistsError(f"--export {args.export} exists; choose a new folder")
     run_dir = Path(args.resume or args.out)
     if args.resume:
         info = read_run_json(run_dir)
@@ -663,6 +665,8 @@ def _train(args, rank, world, device):
     log_path = run_dir / "log.jsonl"
     if rank == 0:  # drop lines a crash left behind the checkpoint, so the log matches the weights
         old = log_path.read_text().splitlines() if log_path.exists() else []
+        if old and not old[-1].endswith("}"):  # a line the crash cut off half-way
+            old.pop()
         log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
     log = open(log_path, "a") if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", disable=rank != 0 or not args.progress)

@@ -165,6 +165,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(lora_ru
     (out / "checkpoint-000003.tmp" / "unet_lora.safetensors").write_bytes(b"half a file")
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
+        f.write('{"step": 4, "lo')  # and a line cut off half-way
     train.train([*common, "--resume", str(out), "--max-steps", "4"])
 
     assert_same_tensors(checkpoint_files(out), checkpoint_files(lora_run))
@@ -213,7 +214,7 @@ def test_w_ind_zero_is_plain_fine_tuning_blind_to_the_groups(sd_dir, data_dir, t
     assert all(r["ind"] is not None for r in log_lines(runs["ddm"]))
 
 
-def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, tmp_path):
+def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
     for run, merge in ((full_run, True), (lora_run, False)):
         export = train.train(["--model", str(run), "--export", str(tmp_path / run.name)])
@@ -238,6 +239,10 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, tmp_path
     assert image.shape == (1, RES, RES, 3)
     with pytest.raises(FileExistsError, match="exists"):
         train.train(["--model", str(lora_run), "--export", str(tmp_path / lora_run.name)])
+    with pytest.raises(FileExistsError, match="exists"):  # refused before training, not after it
+        train.train(["--model", str(lora_run), "--data", str(data_dir), "--out",
+                     str(tmp_path / "never-written"), "--export", str(tmp_path / lora_run.name)])
+    assert not (tmp_path / "never-written").exists()
 
 
 def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_dir, data_dir, tmp_path):
