@@ -233,12 +233,12 @@ class VAE(nn.Module):
                              f"got {t.shape[2]}x{t.shape[3]}")
 
     def encode(self, x):
-        """x (B, 3, H, W) in [-1, 1], H and W multiples of 8 -> DiagonalGaussian over (B, 4, H/8, W/8)."""
+        """x (B, 3, H, W) in [-1, 1], H and W multiples of f (8 in SD) -> DiagonalGaussian over (B, 4, H/f, W/f)."""
         self._check(x, self.config.in_channels, "image", self.config.downsample_factor)
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z):
-        """z (B, 4, h, w), unscaled (already divided by scaling_factor) -> x (B, 3, 8h, 8w), roughly in [-1, 1]."""
+        """z (B, 4, h, w), unscaled (already divided by scaling_factor) -> x (B, 3, f·h, f·w), roughly in [-1, 1]."""
         self._check(z, self.config.z_channels, "latent", 1)
         return self.decoder(self.post_quant_conv(z))
 
