@@ -114,14 +114,6 @@ def test_loss_rejects_mismatched_shapes():
         ddm_loss(z, noise, groups[:2], ind)
 
 
-@pytest.fixture
-def one_thread():
-    # tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP waits make them 20x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_indicator_learns_a_separable_toy_problem(one_thread):
     # group k shifts the predicted noise along a fixed random direction; the indicator must find it

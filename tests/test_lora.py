@@ -235,14 +235,6 @@ def test_parity_with_peft():
     assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
 
 
-@pytest.fixture
-def one_thread():
-    # tiny convolutions gain nothing from threads, and on a busy 2-core machine OpenMP waits slow them badly
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_injection_on_a_tiny_unet(one_thread):
     torch.manual_seed(0)
