@@ -5,19 +5,17 @@ does) and the same indicator, loss and optimizer. Both UNets share one set of ra
 config and full-size SD v1.5, at an 8x8 latent (64 px). Prints median ratios ours/ref and peak memory per step."""
 import copy
 import ctypes
-import math
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
 import lora
 import train
-import weights
+from benchmarks import unet as unet_bench
 from benchmarks.common import interleaved_medians, peak_memory_mb, report
 from ddm import Indicator, ddm_loss
-from unet import UNet, UNetConfig, unet_diffusers_config, unet_diffusers_names
+from unet import UNetConfig
 
 CONFIGS = {  # tiny: the shape tests/test_train.py and a CPU reproduction train; small: one more level, 4 heads
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
@@ -32,19 +30,7 @@ ARGS = train.parse_args(["--data", "-", "--out", "-"])  # train.py's defaults: l
 
 def models(cfg):
     """(ours, ref): the same random base weights (fan-in-scaled uniform), a LoRA adapter on each, UNet frozen."""
-    with torch.device("meta"):
-        ref = UNet2DConditionModel.from_config(unet_diffusers_config(cfg))
-        ours = UNet(cfg)
-    ref = ref.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            bound = 1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1
-            p.uniform_(-bound, bound, generator=g)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-    state = weights.rename(ref.state_dict(), {v: k for k, v in unet_diffusers_names(cfg).items()})
-    weights.load_strict(ours, state, "UNet")  # assigns the same tensors: no second copy of the base
+    ours, ref = unet_bench.models(cfg)
     ours.train()
     lora.inject_lora(ours, train.UNET_LORA_TARGETS, rank=8, alpha=32)
     lora.mark_only_lora_trainable(ours)
