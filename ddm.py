@@ -100,6 +100,7 @@ def group_proportions(labels, num_groups):
         if t.shape[1] != num_groups:
             raise ValueError(f"probabilities have {t.shape[1]} columns but num_groups={num_groups}")
         t = t.double()
+        # 1e-4: float32 softmax rows sum to 1 within ~1e-6; logits passed by mistake miss by far more
         if (t < 0).any() or not torch.allclose(t.sum(1), torch.ones(len(t), dtype=t.dtype), atol=1e-4):
             raise ValueError("each row of probabilities must be non-negative and sum to 1 (softmax them first)")
         return t.mean(0)
@@ -116,7 +117,7 @@ def _check_distribution(p):
     p = _as_tensor(p, "proportions").double()
     if p.dim() != 1:
         raise ValueError(f"proportions must be a (K,) vector, got shape {tuple(p.shape)}")
-    if (p < 0).any() or abs(p.sum().item() - 1) > 1e-4:
+    if (p < 0).any() or abs(p.sum().item() - 1) > 1e-4:  # slack for float32 rounding, as above
         raise ValueError(f"proportions must be non-negative and sum to 1, got {p.tolist()}")
     return p
 

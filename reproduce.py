@@ -332,7 +332,8 @@ def format_table(rows, summary):
             r["method"], _f(r["w_ind"], "g"), _f(r["w_rec"], "g"), str(r["seed"]), _f(r["fd"]), _f(r["fd_soft"]),
             _f(r["proportions"][0]), _f(r["spd"]), _f(r["indicator_entropy"]),
             _f(r.get("train", {}).get("indicator_train_acc")), _f(r["mean_confidence"]),
-            _f(r["share_outside_groups"]), _f(r["frechet_distance"], ".2f"), _f(r["classifier_heldout_accuracy"], ".4f")]) + " |")
+            _f(r["share_outside_groups"]), _f(r["frechet_distance"], ".2f"),
+            _f(r["classifier_heldout_accuracy"], ".4f")]) + " |")
     for s in summary:
         lines.append("| " + " | ".join([
             f"**{s['method']}**", _f(s["w_ind"], "g"), _f(s["w_rec"], "g"), f"mean ± std ({len(s['seeds'])})",
@@ -343,8 +344,11 @@ def format_table(rows, summary):
     return "\n".join(lines)
 
 
-def _label(text, width, height=12):
-    img = Image.new("RGB", (width, height), (255, 255, 255))
+LABEL_HEIGHT = 12  # px: one line of PIL's default bitmap font above each grid block
+
+
+def _label(text, width):
+    img = Image.new("RGB", (width, LABEL_HEIGHT), (255, 255, 255))
     ImageDraw.Draw(img).text((2, 0), text, fill=(0, 0, 0))
     return img
 
@@ -362,12 +366,12 @@ def save_grid(panels, path, cols=8):
         blocks.append((label, Image.fromarray(block)))
     gap = 6
     width = sum(b.width for _, b in blocks) + gap * (len(blocks) - 1)
-    height = max(b.height for _, b in blocks) + 12
+    height = max(b.height for _, b in blocks) + LABEL_HEIGHT
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     x = 0
     for label, b in blocks:
         canvas.paste(_label(label, b.width), (x, 0))
-        canvas.paste(b, (x, 12))
+        canvas.paste(b, (x, LABEL_HEIGHT))
         x += b.width + gap
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
@@ -471,7 +475,7 @@ def run(args):
             timings["finetune"] += time.time() - t0
             t0 = time.time()
             trained = train.load_run(run_dir)
-            row, images = evaluate_model(trained.models, trained.indicator if w_ind > 0 else None, classifier,
+            row, images = evaluate_model(trained.models, trained.indicator, classifier,
                                          reference_features, sizes, args.progress)
             rows.append({"method": method_name(w_ind), "w_ind": w_ind, "w_rec": 1 - w_ind, "seed": seed,
                          "run": str(run_dir), "train": _final_loss(run_dir), **row})
@@ -496,7 +500,8 @@ def run(args):
         "paper": "Huang, Tsao, Su, Chiang 2025, Debiasing Diffusion Model, arXiv 2503.12536",
         "mode": "quick" if args.quick else "full", "sizes": dataclasses.asdict(sizes), "tiny_configs": TINY,
         "groups": list(GROUPS), "generic_prompt": GENERIC_PROMPT, "group_prompts": [group_prompt(g) for g in GROUPS],
-        "biased_counts": {str(k): v for k, v in BIAS.items()}, "balanced_counts": {str(k): v for k, v in BALANCED.items()},
+        "biased_counts": {str(k): v for k, v in BIAS.items()},
+        "balanced_counts": {str(k): v for k, v in BALANCED.items()},
         "vae": vae_info, "base": base, "classifier_heldout_accuracy": classifier.heldout_accuracy,
         "fd_max": math.sqrt(1 / 2), "columns": COLUMNS, "rows": rows, "summary": summary,
         "grids": [str(g.relative_to(out)) for g in grids], "timings_s": timings, "threads": args.threads,

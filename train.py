@@ -466,7 +466,7 @@ SCHEDULER_CONFIG = {  # SD v1.5's scheduler/scheduler_config.json (PNDM with the
     "timestep_spacing": "leading",
 }
 MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.21.0",
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.21.0",  # informational: loaders read the classes
     "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
     "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],

@@ -378,7 +378,8 @@ def unet_config_from_diffusers(d):
         in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=widths[0],
         channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=d.get("layers_per_block", 2),
         attention_levels=tuple(i for i, b in enumerate(down) if b == "CrossAttnDownBlock2D"),
-        num_heads=heads[0] if head_dim is None else UNetConfig.num_heads, head_dim=head_dim, context_dim=d.get("cross_attention_dim", 1280),
+        num_heads=heads[0] if head_dim is None else UNetConfig.num_heads, head_dim=head_dim,
+        context_dim=d.get("cross_attention_dim", 1280),
         transformer_depth=d.get("transformer_layers_per_block", 1),
         use_linear_proj=d.get("use_linear_projection", False), num_groups=d.get("norm_num_groups", 32),
         sample_size=d.get("sample_size") or 64)
