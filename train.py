@@ -535,6 +535,8 @@ def setup_distributed(device_arg):
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device = torch.device(device_arg or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if device.index is None:  # a plain --device cuda: this process's GPU under torchrun, else the first
+            device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     created = world > 1 and not dist.is_initialized()
     if created:
