@@ -53,10 +53,12 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype, as CompVis does (a no-op cast in float32)."""
+    """GroupNorm computed in float32 whatever the input and weight dtypes, as CompVis does (no-op casts in float32;
+    the weights are cast too, so half-precision weights also run outside autocast)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 def normalization(channels, groups):
