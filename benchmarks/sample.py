@@ -1,7 +1,8 @@
 """sample.py against diffusers' StableDiffusionPipeline (DDIMScheduler) on identical weights, CPU fp32.
 
-1. End to end on a tiny random-weight SD (16 images of 32x32, 20 DDIM steps, guidance 7.5, one batch): text
-   encoding, the loop, decoding, conversion. The networks are small, so this measures the loop's overhead.
+1. End to end on a tiny random-weight SD (16 images of 32x32, 20 DDIM steps, guidance 7.5, one batch; then one
+   image alone): text encoding, the loop, decoding, conversion. At 16 images the UNet's kernels (attention,
+   convolutions: the same ones diffusers calls) take most of the time; at one image the per-call overhead shows.
 2. The loop alone: the same run with both UNets replaced by a free stand-in (returns its input), prompt
    embeddings given, no decoding: what each sampler loop costs around the network.
 3. Per step at full SD v1.5 UNet size, 32x32 latents (256 px), batch 1 with guidance (the UNet sees 2 rows),
@@ -51,29 +52,30 @@ def pipeline(unet, vae, text_encoder, tokenizer_dir):
     return pipe
 
 
-def end_to_end(tmp, n=16, steps=20, size=32):
+def end_to_end(tmp, image_counts=(16, 1), steps=20, size=32):
     tokenizer_dir = write_sd_tokenizer(tmp / "tokenizer")
     pipe = pipeline(*tiny_parts(), tokenizer_dir)
     pipe.save_pretrained(tmp / "sd")
     for name in ("vocab.json", "merges.txt"):  # SD's tokenizer files (transformers 5 saves only tokenizer.json)
         shutil.copy(tokenizer_dir / name, tmp / "sd" / "tokenizer" / name)
     models = sample.load_models(tmp / "sd")
-    prompts = [f"a photo of a {w}" for w in ("doctor", "nurse", "teacher", "pilot")] * (n // 4)
-    seeds = list(range(n))
+    for n in image_counts:
+        prompts = ([f"a photo of a {w}" for w in ("doctor", "nurse", "teacher", "pilot")] * n)[:n]
+        seeds = list(range(n))
 
-    def ours():
-        return sample.generate(models, prompts, seeds, steps=steps, guidance=7.5, height=size, width=size,
-                               batch_size=n, progress=False)
+        def ours():
+            return sample.generate(models, prompts, seeds, steps=steps, guidance=7.5, height=size, width=size,
+                                   batch_size=n, progress=False)
 
-    def ref():
-        return pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
-                    generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images
+        def ref():
+            return pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images
 
-    with torch.inference_mode():
-        diff = (ours().float() - torch.from_numpy(ref() * 255).round()).abs().max()
-    assert diff <= 1, f"not the same images (max difference {diff} levels)"
-    medians = interleaved_medians({"ours": ours, "ref": ref}, warmup=1, reps=5)
-    return report(f"tiny SD {n} img {size}px {steps} DDIM steps cfg", medians["ours"], medians["ref"])
+        with torch.inference_mode():
+            diff = (ours().float() - torch.from_numpy(ref() * 255).round()).abs().max()
+        assert diff <= 1, f"not the same images (max difference {diff} levels)"
+        medians = interleaved_medians({"ours": ours, "ref": ref}, warmup=1, reps=5 if n > 1 else 15)
+        report(f"tiny SD {n} img {size}px {steps} DDIM steps cfg", medians["ours"], medians["ref"])
 
 
 class FreeUNet(torch.nn.Module):
