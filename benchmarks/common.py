@@ -1,9 +1,23 @@
 """Timing and memory helpers shared by the benchmarks (they may import the oracles; product code never does)."""
+import math
 import statistics
 import threading
 import time
 
 import torch
+
+
+def fill_random_(module, seed=0):
+    """Fan-in-scaled uniform weights and norm scales around 1, drawn on the module's device (cheaper than the
+    libraries' own inits, and activations keep a sane size through a deep network). Returns the module."""
+    g = torch.Generator(next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            bound = 1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1
+            p.uniform_(-bound, bound, generator=g)
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+    return module
 
 
 def rss_mb():

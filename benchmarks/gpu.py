@@ -10,7 +10,6 @@
 Times are medians of CUDA-synchronised wall clocks over interleaved rounds. On a machine without CUDA it says so.
 """
 import copy
-import math
 import statistics
 import tempfile
 import time
@@ -23,36 +22,12 @@ import lora
 import sample
 import train
 import weights
+from benchmarks import unet as unet_bench
+from benchmarks.common import fill_random_
 from ddm import Indicator, ddm_loss
-from unet import UNet, UNetConfig, unet_diffusers_config, unet_diffusers_names
 
 ARGS = train.parse_args(["--data", "-", "--out", "-"])  # train.py's optimizer defaults
 CUDA = torch.device("cuda")
-
-
-def fill_(module, seed=0):
-    """Fan-in-scaled uniform weights, norm scales around 1: activations keep a sane size through the network."""
-    g = torch.Generator(CUDA).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            bound = 1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1
-            p.uniform_(-bound, bound, generator=g)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-    return module
-
-
-def unets():
-    """(ours, ref) on the GPU in float32, separate copies of one set of weights."""
-    from diffusers import UNet2DConditionModel
-    cfg = UNetConfig()
-    with torch.device("meta"):
-        ref, ours = UNet2DConditionModel.from_config(unet_diffusers_config(cfg)), UNet(cfg)
-    ref = fill_(ref.to_empty(device=CUDA)).eval()
-    ours = ours.to_empty(device=CUDA).eval()
-    state = weights.rename(ref.state_dict(), {v: k for k, v in unet_diffusers_names(cfg).items()})
-    ours.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
-    return ours, ref
 
 
 def medians(fns, warmup=2, reps=10):
@@ -130,11 +105,11 @@ def end_to_end(ours_unet, ref_unet, n=4, steps=20):
     from vae import VAE, VAEConfig, vae_diffusers_config, vae_from_diffusers
 
     vcfg, tcfg = VAEConfig(), CLIPTextConfig()
-    ref_vae = fill_(AutoencoderKL(**{k: v for k, v in vae_diffusers_config(vcfg).items()
+    ref_vae = fill_random_(AutoencoderKL(**{k: v for k, v in vae_diffusers_config(vcfg).items()
                                      if not k.startswith("_")}).to(CUDA), seed=3)
     ours_vae = VAE(vcfg).to(CUDA)
     ours_vae.load_state_dict(vae_from_diffusers(ref_vae.state_dict(), vcfg), strict=True)
-    ref_text = fill_(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+    ref_text = fill_random_(transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=tcfg.vocab_size, max_position_embeddings=tcfg.max_position, hidden_size=tcfg.width,
         num_hidden_layers=tcfg.layers, num_attention_heads=tcfg.heads, intermediate_size=tcfg.mlp,
         hidden_act="quick_gelu")).to(CUDA), seed=4)
@@ -221,7 +196,7 @@ def main():
         print("no CUDA device: the GPU benchmark needs one (skipped)")
         return
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    ours, ref = unets()
+    ours, ref = unet_bench.models(device=CUDA)  # full-size SD v1.5 UNets sharing one set of random weights
     parity(ours, ref)
     ours, ref = inference(ours, ref)
     ours, ref = end_to_end(ours, ref)

@@ -1,28 +1,19 @@
 """Our UNet against diffusers' UNet2DConditionModel: full-size SD v1.5, identical weights, CPU fp32, batch 1,
 32x32 latent (256 px). Prints the median time ratio ours/diffusers and the peak memory of one forward of each."""
-import math
-
 import torch
 from diffusers import UNet2DConditionModel
 
 import weights
-from benchmarks.common import interleaved_medians, peak_memory_mb, report
+from benchmarks.common import fill_random_, interleaved_medians, peak_memory_mb, report
 from unet import UNet, UNetConfig, unet_diffusers_config, unet_diffusers_names
 
 
-def models(cfg=UNetConfig()):
-    """Both UNets sharing one set of random weights (fan-in-scaled uniform, norms around 1), in eval mode."""
+def models(cfg=UNetConfig(), device="cpu"):
+    """Both UNets sharing one set of random weights (common.fill_random_), in eval mode."""
     with torch.device("meta"):
         ref = UNet2DConditionModel.from_config(unet_diffusers_config(cfg))
         ours = UNet(cfg)
-    ref = ref.to_empty(device="cpu").eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            bound = 1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1  # cheaper than diffusers' own init
-            p.uniform_(-bound, bound, generator=g)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
+    ref = fill_random_(ref.to_empty(device=device)).eval()
     state = weights.rename(ref.state_dict(), {v: k for k, v in unet_diffusers_names(cfg).items()})
     weights.load_strict(ours, state, "UNet")  # assigns the same tensors: no second copy
     return ours.eval(), ref
