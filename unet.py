@@ -57,8 +57,7 @@ class GroupNorm32(nn.GroupNorm):
     the weights are cast too, so half-precision weights also run outside autocast)."""
 
     def forward(self, x):
-        w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
 def normalization(channels, groups):

@@ -87,6 +87,17 @@ def test_parity_check_detects_a_wrong_group_norm_eps():
             assert (ours(x, t, context) - want).abs().max() > 1e-4
 
 
+def test_group_norm32_computes_in_float32_for_half_precision_weights_and_input():
+    norm = GroupNorm32(4, 8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 8, 4, 4) * 3 + 1
+    want = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, 1e-5)
+    got = norm.to(torch.bfloat16)(x.to(torch.bfloat16))  # no autocast: on CPU a plain GroupNorm refuses this
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)  # bf16 inputs, weights and output
+
+
 @pytest.mark.parametrize("shape", [(3, 12, 16, 16), (3, 12, 8, 8), (3, 12, 2, 1), (1, 12, 4, 4)],
                          ids=["per_image", "batch_folded", "tiny_map", "one_image"])
 def test_conv1x1_equals_the_conv_kernel_forward_and_backward(shape):
