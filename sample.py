@@ -362,7 +362,9 @@ def generate_batches(models, prompts, seeds, *, negative_prompt="", steps=50, gu
 
 def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
              sampler="ddim", eta=0.0, batch_size=8, progress=True):
-    """uint8 images (N, H, W, 3), image k from (prompts[k], seeds[k]) alone, whatever the batch size."""
+    """uint8 images (N, H, W, 3), image k from (prompts[k], seeds[k]) alone: the same noise whatever the batch size,
+    the same pixels bit for bit at the same batch size, and within one uint8 level at another (CPU and GPU kernels
+    round differently for other batch shapes)."""
     return torch.cat([images for _, images in generate_batches(
         models, prompts, seeds, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
         width=width, sampler=sampler, eta=eta, batch_size=batch_size, progress=progress)])
