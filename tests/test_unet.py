@@ -1,7 +1,6 @@
 """unet.py against diffusers.UNet2DConditionModel (the oracle) on identical weights, and its loading and errors."""
 import gc
 import json
-import math
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 import weights
+from benchmarks.common import fill_random_
 from unet import (Conv1x1, GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers, unet_diffusers_config,
                   unet_diffusers_names)
 
@@ -170,18 +170,11 @@ def test_sdxl_like_and_unsupported_diffusers_configs_are_refused():
 # --- full size ------------------------------------------------------------------------------------------------
 
 def random_full_size_reference():
-    """SD v1.5-sized diffusers UNet with uniform random weights of fan-in scale (cheaper than its own init)."""
+    """SD v1.5-sized diffusers UNet with the benchmarks' random weights (fan-in-scaled uniform, cheaper than its
+    own init)."""
     with torch.device("meta"):
         ref = UNet2DConditionModel.from_config(unet_diffusers_config(UNetConfig()))
-    ref = ref.to_empty(device="cpu").eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            bound = 1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1
-            p.uniform_(-bound, bound, generator=g)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-    return ref
+    return fill_random_(ref.to_empty(device="cpu")).eval()
 
 
 def test_full_size_sd15_folder_and_single_file_load_identical_weights_and_match_diffusers(tmp_path):
