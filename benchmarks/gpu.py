@@ -63,6 +63,7 @@ def line(title, t, mem=None):
 
 
 def parity(ours, ref):
+    defaults = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     g = torch.Generator(CUDA).manual_seed(1)
     x, c = torch.randn(2, 4, 64, 64, generator=g, device=CUDA), torch.randn(2, 77, 768, generator=g, device=CUDA)
@@ -76,7 +77,7 @@ def parity(ours, ref):
                 errs = [((m(x, t, c) if m is ours else m(x, t, c).sample).float() - want).norm() / want.norm()
                         for m in (ours, ref)]
             print(f"  autocast {str(dtype)[6:]}: relative error to fp32, ours {errs[0]:.2e}  diffusers {errs[1]:.2e}")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what users run
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = defaults  # as a user runs
 
 
 def inference(ours, ref):
@@ -105,8 +106,8 @@ def end_to_end(ours_unet, ref_unet, n=4, steps=20):
     from vae import VAE, VAEConfig, vae_diffusers_config, vae_from_diffusers
 
     vcfg, tcfg = VAEConfig(), CLIPTextConfig()
-    ref_vae = fill_random_(AutoencoderKL(**{k: v for k, v in vae_diffusers_config(vcfg).items()
-                                     if not k.startswith("_")}).to(CUDA), seed=3)
+    vae_kwargs = {k: v for k, v in vae_diffusers_config(vcfg).items() if not k.startswith("_")}
+    ref_vae = fill_random_(AutoencoderKL(**vae_kwargs).to(CUDA), seed=3)
     ours_vae = VAE(vcfg).to(CUDA)
     ours_vae.load_state_dict(vae_from_diffusers(ref_vae.state_dict(), vcfg), strict=True)
     ref_text = fill_random_(transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -118,8 +119,9 @@ def end_to_end(ours_unet, ref_unet, n=4, steps=20):
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = write_sd_tokenizer(Path(tmp) / "tokenizer")
         pipe = pipeline(ref_unet.half(), ref_vae.half().eval(), ref_text.half().eval(), tok_dir)
-        models = sample.Models(unet=ours_unet.half(), vae=ours_vae.half().eval(), text_encoder=ours_text.half().eval(),
-                               tokenizer=load_tokenizer(Path(tmp)), vae_config=vcfg)
+        models = sample.Models(unet=ours_unet.half(), vae=ours_vae.half().eval(),
+                               text_encoder=ours_text.half().eval(), tokenizer=load_tokenizer(tok_dir),
+                               vae_config=vcfg)
     prompts, seeds = ["a photo of a doctor"] * n, list(range(n))
 
     def run_ours():
