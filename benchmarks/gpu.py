@@ -1,7 +1,7 @@
 """On a CUDA GPU, full-size SD v1.5 networks with identical random weights, ours against diffusers (+ peft):
 
 1. UNet parity on the GPU in float32 (TF32 off), 64x64 latents (512 px), batch 2.
-2. Sampling: one guided UNet call (the UNet sees 2 rows per image) at 64x64 under float16 weights and autocast,
+2. Sampling: one guided UNet call (the UNet sees 2 rows per image) at 64x64 with float16 weights, no autocast,
    as sample.py runs on CUDA, for 1 and 4 images; and end to end, sample.generate against StableDiffusionPipeline
    (full-size random VAE and text encoder too), 4 images of 512 px, 20 DDIM steps, float16.
 3. Training, as issue 5 asks: one step (forward, backward, clip, AdamW) of LoRA rank 8 at 512 px under bf16
@@ -88,8 +88,8 @@ def inference(ours, ref):
         c = torch.randn(2 * images, 77, 768, generator=g, device=CUDA, dtype=torch.float16)
         t = torch.tensor(500, device=CUDA)
 
-        def run(m):
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        def run(m):  # float16 weights without autocast, as sample.py and diffusers' fp16 pipelines run
+            with torch.inference_mode():
                 return m(x, t, c) if m is ours else m(x, t, c).sample
         line(f"UNet call fp16 64x64, {images} img with cfg (b{2 * images})",
              medians({"ours": lambda: run(ours), "ref": lambda: run(ref)}, reps=20))
