@@ -259,26 +259,33 @@ def test_negative_prompt_and_guidance_change_the_result(tiny):
     assert (base - sample.sample_latents(models, PROMPTS[:1], SEEDS[:1], guidance=3.0, **kw)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
-def test_same_seed_gives_the_same_images_across_runs_and_batch_sizes(tiny, sampler, eta):
-    """Bit-identical across runs and whatever the other images of the batch are. Across batch sizes the noise is
-    bit-identical too, but CPU kernels are not batch-invariant in the last bit (oneDNN convolutions take another
-    path for one row, MKL GEMMs for 2 and 8 rows round differently: ~2e-7), which this random-weight model at
-    guidance 7.5 amplifies to ~5e-5 in the latents; the uint8 images then differ by at most one level, rarely."""
+@pytest.fixture
+def two_threads():
+    """A fixed thread count: CPU kernels split their work by tensor size and thread count, and with more threads
+    an elementwise kernel's split can move the last bit for some batch shapes (seen at 8 threads, batch 3)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("euler", 0.0)])
+def test_same_seed_gives_bit_identical_images_across_runs_and_batch_sizes(tiny, two_threads, sampler, eta):
+    """Image k is the same, bit for bit, across runs and whatever the batch size or the other images of its batch:
+    its noise comes from its own generator, texts are encoded one by one, the UNet embeds the one timestep once
+    (GEMMs of 2 and 8 rows round differently), and the VAE decodes one image at a time (oneDNN convolutions take
+    another path for one image than for four)."""
     _, models, _ = tiny
-    kw = dict(steps=4, height=H, width=W, sampler=sampler, eta=eta, progress=False)
-    first = sample.generate(models, PROMPTS, SEEDS, batch_size=4, **kw)
-    assert torch.equal(first, sample.generate(models, PROMPTS, SEEDS, batch_size=4, **kw))
+    kw = dict(steps=4, height=H, width=W, sampler=sampler, eta=eta)
+    first = sample.generate(models, PROMPTS, SEEDS, batch_size=4, progress=False, **kw)
+    assert torch.equal(first, sample.generate(models, PROMPTS, SEEDS, batch_size=4, progress=False, **kw))
     for batch_size in (1, 3):
-        other = sample.generate(models, PROMPTS, SEEDS, batch_size=batch_size, **kw)
-        assert (other.int() - first.int()).abs().max() <= 1
-        assert (other == first).float().mean() > 0.995
-    latents = sample.sample_latents(models, PROMPTS, SEEDS, **{k: v for k, v in kw.items() if k != "progress"})
-    one_by_one = torch.cat([sample.sample_latents(models, [p], [s], **{k: v for k, v in kw.items() if k != "progress"})
-                            for p, s in zip(PROMPTS, SEEDS)])
-    assert (latents - one_by_one).abs().max() <= 1e-5 * latents.abs().max()
+        assert torch.equal(first, sample.generate(models, PROMPTS, SEEDS, batch_size=batch_size, progress=False, **kw))
+    latents = sample.sample_latents(models, PROMPTS, SEEDS, **kw)
+    one_by_one = torch.cat([sample.sample_latents(models, [p], [s], **kw) for p, s in zip(PROMPTS, SEEDS)])
+    assert torch.equal(latents, one_by_one)
     # another seed for image 0 changes image 0 only, bit for bit
-    other = sample.generate(models, PROMPTS, [99] + SEEDS[1:], batch_size=4, **kw)
+    other = sample.generate(models, PROMPTS, [99] + SEEDS[1:], batch_size=4, progress=False, **kw)
     assert not torch.equal(other[0], first[0]) and torch.equal(other[1:], first[1:])
 
 
