@@ -22,7 +22,7 @@ UNet, CLIP text encoder with CLIP's real tokenizer), only tiny:
   6. report             RUN/report.md (every seed, then mean ± std per method), RUN/report.json, RUN/grids/*.png
                         (the same noise seeds through base, plain and DDM models side by side); the table is printed
 
-    python reproduce.py                      # full run into runs/repro (about 13 min on one CPU core)
+    python reproduce.py                      # full run into runs/repro (about 10 min on one CPU core)
     python reproduce.py --quick              # smoke test sizes into runs/repro-quick (a few minutes)
     python reproduce.py --out DIR --seeds 5 --overwrite
 
