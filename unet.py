@@ -82,14 +82,31 @@ class Conv1x1(nn.Conv2d):
         return y.view(-1, B, H, W).transpose(0, 1).contiguous()
 
 
+class Conv3x3(nn.Conv2d):
+    """A 3x3 convolution, stride 1, padding 1. On CPU, for small maps of wide inputs (H*W <= 64 and C_in >= 1280:
+    SD's two lowest levels at 256-512 px) it is one matrix product over the whole batch on the unfolded patches
+    (im2col), (C_out, 9*C_in) @ (9*C_in, B*H*W): there the weights outweigh the maps and oneDNN's direct kernel
+    ran 1.7-3.5x slower, forward and backward (README, Speed and memory). Elsewhere, and on CUDA, the conv kernel."""
+
+    def __init__(self, channels, out_channels):
+        super().__init__(channels, out_channels, 3, padding=1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if H * W > 64 or C < 1280 or x.device.type != "cpu":
+            return super().forward(x)
+        cols = F.unfold(x, 3, padding=1)  # (B, 9*C, H*W), rows in the weight's (c, kh, kw) order
+        y = torch.addmm(self.bias[:, None], self.weight.flatten(1), cols.transpose(0, 1).reshape(9 * C, B * H * W))
+        return y.view(-1, B, H, W).transpose(0, 1).contiguous()
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels, groups):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(channels, groups), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels, groups), nn.SiLU(), Conv3x3(channels, out_channels))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(normalization(out_channels, groups), nn.SiLU(), nn.Dropout(0.0),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+                                        Conv3x3(out_channels, out_channels))
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else Conv1x1(channels, out_channels))
 
@@ -204,7 +221,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import weights
 from benchmarks.common import fill_random_
-from unet import (Conv1x1, GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers, unet_diffusers_config,
+from unet import (Conv1x1, Conv3x3, GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers, unet_diffusers_config,
                   unet_diffusers_names)
 
 TINY = {
@@ -111,6 +111,28 @@ def test_conv1x1_equals_the_conv_kernel_forward_and_backward(shape):
     g = torch.randn_like(want)
     grads = [torch.autograd.grad(y, (x, conv.weight, conv.bias), g) for y in (got, want)]
     for a, b in zip(*grads):  # the weight's gradient sums B*H*W products in another order: float32 rounding
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape,unfolded", [
+    ((3, 1280, 4, 4), True), ((1, 1280, 8, 8), True), ((2, 1280, 1, 1), True), ((2, 2560, 2, 2), True),
+    ((2, 1280, 16, 16), False), ((2, 640, 4, 4), False)],
+    ids=["batch", "one_image_8x8", "1x1_map", "2560_in", "large_map", "narrow_input"])
+def test_conv3x3_equals_the_conv_kernel_forward_and_backward(shape, unfolded, monkeypatch):
+    torch.manual_seed(0)
+    conv = Conv3x3(shape[1], 16)
+    calls = []
+    unfold = torch.nn.functional.unfold
+    monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    x = torch.randn(shape, requires_grad=True)
+    got = conv(x)
+    assert bool(calls) == unfolded  # the im2col product only on small maps of wide inputs
+    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.is_contiguous()
+    g = torch.randn_like(want)
+    grads = [torch.autograd.grad(y, (x, conv.weight, conv.bias), g) for y in (got, want)]
+    for a, b in zip(*grads):  # sums of 9*C_in or B*H*W products in another order: float32 rounding
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
