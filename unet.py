@@ -83,19 +83,21 @@ class Conv1x1(nn.Conv2d):
 
 
 class Conv3x3(nn.Conv2d):
-    """A 3x3 convolution, stride 1, padding 1. On CPU, for small maps of wide inputs (H*W <= 64 and C_in >= 1280:
-    SD's two lowest levels at 256-512 px) it is one matrix product over the whole batch on the unfolded patches
-    (im2col), (C_out, 9*C_in) @ (9*C_in, B*H*W): there the weights outweigh the maps and oneDNN's direct kernel
-    ran 1.7-3.5x slower, forward and backward (README, Speed and memory). Elsewhere, and on CUDA, the conv kernel."""
+    """A 3x3 convolution, padding 1. On CPU, for small output maps of wide inputs (H*W <= 64 and C_in >= 1280: SD's
+    two lowest levels at 256-512 px) it is one matrix product over the whole batch on the unfolded patches (im2col),
+    (C_out, 9*C_in) @ (9*C_in, B*H*W): there the weights outweigh the maps and oneDNN's direct kernel ran 1.7-3.5x
+    slower, forward and backward (README, Speed and memory). Elsewhere, and on CUDA, the conv kernel."""
 
-    def __init__(self, channels, out_channels):
-        super().__init__(channels, out_channels, 3, padding=1)
+    def __init__(self, channels, out_channels, stride=1):
+        super().__init__(channels, out_channels, 3, stride=stride, padding=1)
 
     def forward(self, x):
         B, C, H, W = x.shape
+        s = self.stride[0]
+        H, W = (H - 1) // s + 1, (W - 1) // s + 1  # the output map
         if H * W > 64 or C < 1280 or x.device.type != "cpu":
             return super().forward(x)
-        cols = F.unfold(x, 3, padding=1)  # (B, 9*C, H*W), rows in the weight's (c, kh, kw) order
+        cols = F.unfold(x, 3, padding=1, stride=s)  # (B, 9*C, H*W), rows in the weight's (c, kh, kw) order
         y = torch.addmm(self.bias[:, None], self.weight.flatten(1), cols.transpose(0, 1).reshape(9 * C, B * H * W))
         return y.view(-1, B, H, W).transpose(0, 1).contiguous()
 
@@ -212,7 +214,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv3x3(channels, channels, stride=2)
 
     def forward(self, x):
         return self.op(x)

@@ -114,20 +114,22 @@ def test_conv1x1_equals_the_conv_kernel_forward_and_backward(shape):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape,unfolded", [
-    ((3, 1280, 4, 4), True), ((1, 1280, 8, 8), True), ((2, 1280, 1, 1), True), ((2, 2560, 2, 2), True),
-    ((2, 1280, 16, 16), False), ((2, 640, 4, 4), False)],
-    ids=["batch", "one_image_8x8", "1x1_map", "2560_in", "large_map", "narrow_input"])
-def test_conv3x3_equals_the_conv_kernel_forward_and_backward(shape, unfolded, monkeypatch):
+@pytest.mark.parametrize("shape,stride,unfolded", [
+    ((3, 1280, 4, 4), 1, True), ((1, 1280, 8, 8), 1, True), ((2, 1280, 1, 1), 1, True), ((2, 2560, 2, 2), 1, True),
+    ((2, 1280, 16, 16), 1, False), ((2, 640, 4, 4), 1, False),
+    ((2, 1280, 16, 16), 2, True), ((2, 1280, 5, 3), 2, True), ((2, 1280, 18, 18), 2, False)],
+    ids=["batch", "one_image_8x8", "1x1_map", "2560_in", "large_map", "narrow_input",
+         "down_16_to_8", "down_odd_map", "down_large_map"])
+def test_conv3x3_equals_the_conv_kernel_forward_and_backward(shape, stride, unfolded, monkeypatch):
     torch.manual_seed(0)
-    conv = Conv3x3(shape[1], 16)
+    conv = Conv3x3(shape[1], 16, stride)
     calls = []
     unfold = torch.nn.functional.unfold
     monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
     x = torch.randn(shape, requires_grad=True)
     got = conv(x)
     assert bool(calls) == unfolded  # the im2col product only on small maps of wide inputs
-    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert got.is_contiguous()
     g = torch.randn_like(want)
