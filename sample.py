@@ -194,12 +194,12 @@ def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guid
     x = x.float()
     for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not progress)):
         x_in = x / (sigmas[i] ** 2 + 1) ** 0.5 if sampler == "euler" else x
-        t_batch = torch.tensor(t, device=x.device)  # one timestep for the batch: the UNet embeds it once
+        # t is one int for the whole batch: the UNet embeds it once and broadcasts it
         if guidance != 1.0:
-            out_uncond, out_cond = unet(torch.cat([x_in, x_in]).to(dtype), t_batch, context).float().chunk(2)
+            out_uncond, out_cond = unet(torch.cat([x_in, x_in]).to(dtype), t, context).float().chunk(2)
             out = out_uncond + guidance * (out_cond - out_uncond)
         else:
-            out = unet(x_in.to(dtype), t_batch, context).float()
+            out = unet(x_in.to(dtype), t, context).float()
         eps = eps_from_v(x_in, out, t, alphas_cumprod) if prediction_type == "v_prediction" else out
         if sampler == "ddim":
             noise = _per_image_noise(generators, x.shape[1:], x.device) if eta > 0 else None

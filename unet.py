@@ -64,6 +64,14 @@ def normalization(channels, groups):
     return GroupNorm32(groups, channels, eps=1e-5)  # torch's default, as CompVis `normalization()`
 
 
+def matmul_over_batch(weight, bias, cols, H, W):
+    """weight (C_out, K, ...) times each image's columns cols (B, K, H*W), plus bias, as one product over the whole
+    batch: (C_out, K) @ (K, B*H*W) -> (B, C_out, H, W)."""
+    B, K, _ = cols.shape
+    y = torch.addmm(bias[:, None], weight.flatten(1), cols.transpose(0, 1).reshape(K, -1))  # (C_out, B*H*W)
+    return y.view(-1, B, H, W).transpose(0, 1).contiguous()
+
+
 class Conv1x1(nn.Conv2d):
     """A 1x1 convolution computed as matrix products, the same numbers up to rounding and on CPU faster than the
     conv kernel: per image, (C_out, C_in) @ (C_in, H*W); for small maps (H*W <= 64: the low-resolution levels) one
@@ -74,12 +82,10 @@ class Conv1x1(nn.Conv2d):
         super().__init__(channels, out_channels, 1)
 
     def forward(self, x):
-        B, C, H, W = x.shape
-        w = self.weight.flatten(1)
+        H, W = x.shape[2:]
         if H * W > 64:
-            return (torch.matmul(w, x.flatten(2)) + self.bias[:, None]).unflatten(2, (H, W))
-        y = torch.addmm(self.bias[:, None], w, x.transpose(0, 1).reshape(C, B * H * W))  # (C_out, B*H*W)
-        return y.view(-1, B, H, W).transpose(0, 1).contiguous()
+            return (torch.matmul(self.weight.flatten(1), x.flatten(2)) + self.bias[:, None]).unflatten(2, (H, W))
+        return matmul_over_batch(self.weight, self.bias, x.flatten(2), H, W)
 
 
 class Conv3x3(nn.Conv2d):
@@ -93,14 +99,13 @@ class Conv3x3(nn.Conv2d):
         super().__init__(channels, out_channels, 3, stride=stride, padding=1)
 
     def forward(self, x):
-        B, C, H, W = x.shape
+        _, C, H, W = x.shape
         s = self.stride[0]
-        H, W = (H - 1) // s + 1, (W - 1) // s + 1  # the output map
-        if H * W > 64 or C < 1280 or x.device.type != "cpu":
+        H_out, W_out = (H - 1) // s + 1, (W - 1) // s + 1
+        if H_out * W_out > 64 or C < 1280 or x.device.type != "cpu":
             return super().forward(x)
-        cols = F.unfold(x, 3, padding=1, stride=s)  # (B, 9*C, H*W), rows in the weight's (c, kh, kw) order
-        y = torch.addmm(self.bias[:, None], self.weight.flatten(1), cols.transpose(0, 1).reshape(9 * C, B * H * W))
-        return y.view(-1, B, H, W).transpose(0, 1).contiguous()
+        cols = F.unfold(x, 3, padding=1, stride=s)  # (B, 9*C, H_out*W_out), rows in the weight's (c, kh, kw) order
+        return matmul_over_batch(self.weight, self.bias, cols, H_out, W_out)
 
 
 class ResBlock(nn.Module):
