@@ -259,16 +259,6 @@ def test_negative_prompt_and_guidance_change_the_result(tiny):
     assert (base - sample.sample_latents(models, PROMPTS[:1], SEEDS[:1], guidance=3.0, **kw)).abs().max() > 1e-3
 
 
-@pytest.fixture
-def two_threads():
-    """A fixed thread count: CPU kernels split their work by tensor size and thread count, and with more threads
-    an elementwise kernel's split can move the last bit for some batch shapes (seen at 8 threads, batch 3)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("euler", 0.0)])
 def test_same_seed_gives_bit_identical_images_across_runs_and_batch_sizes(tiny, two_threads, sampler, eta):
     """Image k is the same, bit for bit, across runs and whatever the batch size or the other images of its batch:
