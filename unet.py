@@ -64,6 +64,13 @@ def normalization(channels, groups):
     return GroupNorm32(groups, channels, eps=1e-5)  # torch's default, as CompVis `normalization()`
 
 
+# The low-resolution levels, on CPU: a map of at most SMALL_MAP pixels per image makes per-image products thin, and
+# with at least WIDE_INPUT input channels oneDNN's direct 3x3 convolution is bound by reading its weights. One
+# product over the whole batch is faster there (Conv1x1, Conv3x3).
+SMALL_MAP = 64  # 8x8: SD's lowest level at 512 px
+WIDE_INPUT = 1280  # SD's two lowest levels
+
+
 def matmul_over_batch(weight, bias, cols, H, W):
     """weight (C_out, K, ...) times each image's columns cols (B, K, H*W), plus bias, as one product over the whole
     batch: (C_out, K) @ (K, B*H*W) -> (B, C_out, H, W)."""
@@ -74,24 +81,25 @@ def matmul_over_batch(weight, bias, cols, H, W):
 
 class Conv1x1(nn.Conv2d):
     """A 1x1 convolution computed as matrix products, the same numbers up to rounding and on CPU faster than the
-    conv kernel: per image, (C_out, C_in) @ (C_in, H*W); for small maps (H*W <= 64: the low-resolution levels) one
-    product over the whole batch, (C_out, C_in) @ (C_in, B*H*W), since per-image products that thin run at
-    matrix-vector speed and read the weight once per image (up to 6x faster forward + backward at SD size)."""
+    conv kernel: per image, (C_out, C_in) @ (C_in, H*W); for small maps (H*W <= SMALL_MAP) one product over the
+    whole batch, (C_out, C_in) @ (C_in, B*H*W), since per-image products that thin run at matrix-vector speed and
+    read the weight once per image (up to 6x faster forward + backward at SD size)."""
 
     def __init__(self, channels, out_channels):
         super().__init__(channels, out_channels, 1)
 
     def forward(self, x):
         H, W = x.shape[2:]
-        if H * W > 64:
+        if H * W > SMALL_MAP:
             return (torch.matmul(self.weight.flatten(1), x.flatten(2)) + self.bias[:, None]).unflatten(2, (H, W))
         return matmul_over_batch(self.weight, self.bias, x.flatten(2), H, W)
 
 
 class Conv3x3(nn.Conv2d):
-    """A 3x3 convolution, padding 1. On CPU, for small output maps of wide inputs (H*W <= 64 and C_in >= 1280: SD's
-    two lowest levels at 256-512 px) it is one matrix product over the whole batch on the unfolded patches (im2col),
-    (C_out, 9*C_in) @ (9*C_in, B*H*W). There the weights outweigh the maps, and oneDNN's direct kernel measured
+    """A 3x3 convolution, padding 1. On CPU, for small output maps of wide inputs (H*W <= SMALL_MAP and
+    C_in >= WIDE_INPUT: SD's two lowest levels at 256 px, the lowest at 512 px) it is one matrix product over the
+    whole batch on the unfolded patches (im2col), (C_out, 9*C_in) @ (9*C_in, B*H*W). There the weights outweigh the
+    maps, and oneDNN's direct kernel measured
     1.7x (8x8, batch 2) to 5x (1x1, batch 8) slower forward, 1.2-3x with backward; only at 8x8 with batch 8 was it
     3-7% faster, forward (`python bench.py unet`). Elsewhere, and on CUDA, the conv kernel."""
 
@@ -102,7 +110,7 @@ class Conv3x3(nn.Conv2d):
         _, C, H, W = x.shape
         s = self.stride[0]
         H_out, W_out = (H - 1) // s + 1, (W - 1) // s + 1
-        if H_out * W_out > 64 or C < 1280 or x.device.type != "cpu":
+        if H_out * W_out > SMALL_MAP or C < WIDE_INPUT or x.device.type != "cpu":
             return super().forward(x)
         cols = F.unfold(x, 3, padding=1, stride=s)  # (B, 9*C, H_out*W_out), rows in the weight's (c, kh, kw) order
         return matmul_over_batch(self.weight, self.bias, cols, H_out, W_out)

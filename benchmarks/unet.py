@@ -52,7 +52,8 @@ def conv3x3(shapes=((2, 1280, 8), (2, 2560, 4), (8, 1280, 4), (8, 2560, 8), (8, 
             with torch.inference_mode(False), torch.enable_grad():  # interleaved_medians times in inference mode
                 return torch.autograd.grad(fn(), (x, conv.weight, conv.bias), g)
 
-        medians = interleaved_medians({name: (lambda fn=fn: backward(fn)) for name, fn in fns.items()}, warmup=1, reps=5)
+        grads = {name: (lambda fn=fn: backward(fn)) for name, fn in fns.items()}
+        medians = interleaved_medians(grads, warmup=1, reps=5)
         report(f"Conv3x3 {B}x{C}x{side}x{side} fwd+bwd", medians["ours"], medians["ref"])
 
 

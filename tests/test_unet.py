@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 import weights
 from benchmarks.common import fill_random_
-from unet import (Conv1x1, Conv3x3, GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers, unet_diffusers_config,
-                  unet_diffusers_names)
+from unet import (Conv1x1, Conv3x3, GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers,
+                  unet_diffusers_config, unet_diffusers_names)
 
 TINY = {
     "two_levels_attention_low_only": UNetConfig(
@@ -147,7 +147,7 @@ def test_scalar_timestep_is_embedded_once_and_broadcast_to_the_batch():
     with torch.no_grad():
         one, per_row = ours(x, 500, context), ours(x, torch.tensor([500, 500]), context)
     assert rows == [1, 2]  # one embedding for the batch (sampling), one per row (training's random t)
-    torch.testing.assert_close(one, per_row, atol=1e-6, rtol=1e-6)  # a 1-row GEMM rounds like a 2-row one, or not
+    torch.testing.assert_close(one, per_row, atol=1e-6, rtol=1e-6)  # a 1-row GEMM may round unlike a 2-row one
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
