@@ -99,9 +99,9 @@ class Conv3x3(nn.Conv2d):
     """A 3x3 convolution, padding 1. On CPU, for small output maps of wide inputs (H*W <= SMALL_MAP and
     C_in >= WIDE_INPUT: SD's two lowest levels at 256 px, the lowest at 512 px) it is one matrix product over the
     whole batch on the unfolded patches (im2col), (C_out, 9*C_in) @ (9*C_in, B*H*W). There the weights outweigh the
-    maps, and oneDNN's direct kernel measured
-    1.7x (8x8, batch 2) to 5x (1x1, batch 8) slower forward, 1.2-3x with backward; only at 8x8 with batch 8 was it
-    3-7% faster, forward (`python bench.py unet`). Elsewhere, and on CUDA, the conv kernel."""
+    maps, and oneDNN's direct kernel measured 1.7x (8x8, batch 2) to 5x (1x1, batch 8) slower forward, 1.2-3x with
+    backward; only at 8x8 with batch 8 was it 3-7% faster, forward (`python bench.py unet`). Elsewhere, and on
+    CUDA, the conv kernel."""
 
     def __init__(self, channels, out_channels, stride=1):
         super().__init__(channels, out_channels, 3, stride=stride, padding=1)
