@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 import sample
+import unet
 
 # SD v1.5's scheduler/scheduler_config.json, the fields that matter.
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -260,12 +261,17 @@ def test_negative_prompt_and_guidance_change_the_result(tiny):
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("euler", 0.0)])
-def test_same_seed_gives_bit_identical_images_across_runs_and_batch_sizes(tiny, two_threads, sampler, eta):
+def test_same_seed_gives_bit_identical_images_across_runs_and_batch_sizes(tiny, two_threads, request, sampler, eta):
     """Image k is the same, bit for bit, across runs and whatever the batch size or the other images of its batch:
     its noise comes from its own generator, texts are encoded one by one, the UNet embeds the one timestep once
     (GEMMs of 2 and 8 rows round differently), and the VAE decodes one image at a time (oneDNN convolutions take
-    another path for one image than for four)."""
+    another path for one image than for four). The feed-forwards split the larger batches into chunks of whole
+    images (5 rows here), so the chunks' boundaries move with the batch size too."""
     _, models, _ = tiny
+    chunks = []
+    ff = next(m for m in models.unet.modules() if isinstance(m, unet.FeedForward))
+    hook = ff.net.register_forward_hook(lambda m, args, out: chunks.append(len(args[0])))
+    request.addfinalizer(hook.remove)  # the model is shared by the module's tests
     kw = dict(steps=4, height=H, width=W, sampler=sampler, eta=eta)
     first = sample.generate(models, PROMPTS, SEEDS, batch_size=4, progress=False, **kw)
     assert torch.equal(first, sample.generate(models, PROMPTS, SEEDS, batch_size=4, progress=False, **kw))
@@ -277,6 +283,7 @@ def test_same_seed_gives_bit_identical_images_across_runs_and_batch_sizes(tiny, 
     # another seed for image 0 changes image 0 only, bit for bit
     other = sample.generate(models, PROMPTS, [99] + SEEDS[1:], batch_size=4, progress=False, **kw)
     assert not torch.equal(other[0], first[0]) and torch.equal(other[1:], first[1:])
+    assert {5, 3, 1} <= set(chunks)  # 8 rows (4 images with guidance) ran as 5 + 3, 6 rows as 5 + 1
 
 
 def test_generate_rejects_bad_settings_with_clear_messages(tiny, monkeypatch):

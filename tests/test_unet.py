@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 import weights
 from benchmarks.common import fill_random_
-from unet import (Conv1x1, Conv3x3, GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers,
+import unet
+from unet import (Conv1x1, Conv3x3, FeedForward, GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers,
                   unet_diffusers_config, unet_diffusers_names)
 
 TINY = {
@@ -136,6 +137,26 @@ def test_conv3x3_equals_the_conv_kernel_forward_and_backward(shape, stride, unfo
     grads = [torch.autograd.grad(y, (x, conv.weight, conv.bias), g) for y in (got, want)]
     for a, b in zip(*grads):  # sums of 9*C_in or B*H*W products in another order: float32 rounding
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_feed_forward_runs_whole_images_in_chunks_equal_to_one_pass(monkeypatch):
+    torch.manual_seed(0)
+    ff = FeedForward(8)  # GEGLU projection: 64 features per token
+    x = torch.randn(5, 6, 8, requires_grad=True)  # 6 tokens: 384 floats per image
+    monkeypatch.setattr(unet, "FF_CHUNK", 2 * 384)
+    rows = []
+    ff.net.register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
+    got = ff(x)
+    assert rows == [2, 2, 1]  # two images per chunk, the last one alone
+    want = ff.net(x)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(want)
+    for a, b in zip(*(torch.autograd.grad(y, (x, *ff.parameters()), g) for y in (got, want))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # weight gradients sum the chunks in another order
+    monkeypatch.setattr(unet, "FF_CHUNK", 5 * 384)
+    rows.clear()
+    ff(x)
+    assert rows == [5]  # the batch fits: one pass
 
 
 def test_scalar_timestep_is_embedded_once_and_broadcast_to_the_batch():
