@@ -9,9 +9,8 @@ from safetensors.torch import save_file
 
 import weights
 from benchmarks.common import fill_random_
-import unet
-from unet import (Conv1x1, Conv3x3, FeedForward, GroupNorm32, UNet, UNetConfig, load_unet, unet_config_from_diffusers,
-                  unet_diffusers_config, unet_diffusers_names)
+from unet import (Conv1x1, Conv3x3, FeedForward, GroupNorm32, UNet, UNetConfig, load_unet,
+                  unet_config_from_diffusers, unet_diffusers_config, unet_diffusers_names)
 
 TINY = {
     "two_levels_attention_low_only": UNetConfig(
@@ -143,7 +142,7 @@ def test_feed_forward_runs_whole_images_in_chunks_equal_to_one_pass(monkeypatch)
     torch.manual_seed(0)
     ff = FeedForward(8)  # GEGLU projection: 64 features per token
     x = torch.randn(5, 6, 8, requires_grad=True)  # 6 tokens: 384 floats per image
-    monkeypatch.setattr(unet, "FF_CHUNK", 2 * 384)
+    monkeypatch.setattr("unet.FF_CHUNK", 2 * 384)
     rows = []
     ff.net.register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
     got = ff(x)
@@ -153,7 +152,7 @@ def test_feed_forward_runs_whole_images_in_chunks_equal_to_one_pass(monkeypatch)
     g = torch.randn_like(want)
     for a, b in zip(*(torch.autograd.grad(y, (x, *ff.parameters()), g) for y in (got, want))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # weight gradients sum the chunks in another order
-    monkeypatch.setattr(unet, "FF_CHUNK", 5 * 384)
+    monkeypatch.setattr("unet.FF_CHUNK", 5 * 384)
     rows.clear()
     ff(x)
     assert rows == [5]  # the batch fits: one pass
