@@ -174,7 +174,7 @@ class GEGLU(nn.Module):
 # 2*inner), stays under FF_CHUNK floats; chunks hold whole images, so no image straddles two products. Larger
 # intermediates are fresh memory on every call (glibc hands big blocks back to the system when they are freed) and
 # each call faults its pages in again: at 16 images of bench.py's tiny SD this was ~15% of a UNet call.
-FF_CHUNK = 2 ** 19  # 2 MiB of float32: 8 images of 16x16 latents at 32 channels; SD v1.5 at 256 px and up: 1
+FF_CHUNK = 2 ** 19  # 2 MiB of float32: 8 images of 16x16 tokens at 32 channels; SD v1.5 at 256 px: 1 (middle: 3)
 
 
 class FeedForward(nn.Module):
