@@ -183,8 +183,10 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
 
     def forward(self, x):
-        images = max(1, FF_CHUNK // (x.shape[1] * self.net[0].proj.out_features))  # per chunk, x (B, T, C)
-        if len(x) <= images or x.device.type != "cpu":
+        if x.device.type != "cpu":
+            return self.net(x)
+        images = max(1, FF_CHUNK // (x.shape[1] * self.net[0].proj.out_features))  # x: (B, tokens, dim)
+        if len(x) <= images:
             return self.net(x)
         return torch.cat([self.net(chunk) for chunk in x.split(images)])
 
