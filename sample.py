@@ -362,9 +362,9 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
     each image's numbers the same way for every batch shape: tested on CPU for a tiny model at 2 threads and batch
     sizes 1, 3 and 4. Texts are encoded one by one, the timestep is embedded once per step and the VAE decodes one
     image at a time to get there (the UNet's feed-forwards, which split large batches on CPU, split them between
-    whole images). Not guaranteed beyond that: at SD v1.5 size, multithreaded CPU GEMMs of a few
-    hundred rows round differently for 2 and 8 rows (~1e-7 in ε̂ per step, measured), and GPU libraries choose
-    kernels by shape; a pixel can then move by one level. On CPU, runs at one batch size are bit-identical."""
+    whole images). Not guaranteed beyond that: at SD v1.5 size, multithreaded CPU GEMMs of a few hundred rows round
+    differently for 2 and 8 rows (~1e-7 in ε̂ per step, measured), and GPU libraries choose kernels by shape; a
+    pixel can then move by one level. On CPU, runs at one batch size are bit-identical."""
     return torch.cat([images for _, images in generate_batches(
         models, prompts, seeds, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
         width=width, sampler=sampler, eta=eta, batch_size=batch_size, progress=progress)])
