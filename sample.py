@@ -271,14 +271,9 @@ def encode_text(models, texts):
 
 @torch.inference_mode()
 def decode_latents(models, z):
-    """Latents (B,4,h,w) -> images (B,3,H,W) roughly in [-1, 1], float32; undoes the UNet-side scaling first.
-
-    One image at a time: the decoder's full-resolution activations then do not grow with the batch, and a batch of
-    one is a shape every batch size shares (oneDNN convolutions take another path for one image than for four,
-    which moves the last bit)."""
+    """Latents (B,4,h,w) -> images (B,3,H,W) roughly in [-1, 1], float32; undoes the UNet-side scaling first."""
     vae_dtype = next(models.vae.parameters()).dtype
-    z = (z / models.vae_config.scaling_factor).to(vae_dtype)
-    return torch.cat([models.vae.decode(z[k:k + 1]).float() for k in range(len(z))])
+    return models.vae.decode((z / models.vae_config.scaling_factor).to(vae_dtype)).float()
 
 
 def to_uint8(images):
@@ -326,8 +321,8 @@ def sample_latents(models, prompts, seeds, *, negative_prompt="", steps=50, guid
     device = next(models.unet.parameters()).device
     embeddings = {} if embeddings is None else embeddings
     new = [t for t in dict.fromkeys(prompts + [negative_prompt] * (guidance != 1.0)) if t not in embeddings]
-    for text in new:  # one at a time, so that a text's embedding does not depend on which texts came with it
-        embeddings[text] = encode_text(models, [text])[0]
+    if new:
+        embeddings.update(zip(new, encode_text(models, new)))
     cond = torch.stack([embeddings[p] for p in prompts])  # (B, 77, D)
     uncond = embeddings[negative_prompt][None] if guidance != 1.0 else None  # (1, 77, D)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -358,13 +353,9 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
              sampler="ddim", eta=0.0, batch_size=8, progress=True):
     """uint8 images (N, H, W, 3), image k from (prompts[k], seeds[k]) alone.
 
-    Its noise is the same whatever the batch size, and so are its pixels, bit for bit, wherever the kernels round
-    each image's numbers the same way for every batch shape: tested on CPU for a tiny model at 2 threads and batch
-    sizes 1, 3 and 4. Texts are encoded one by one, the timestep is embedded once per step and the VAE decodes one
-    image at a time to get there (the UNet's feed-forwards, which split large batches on CPU, split them between
-    whole images). Not guaranteed beyond that: at SD v1.5 size, multithreaded CPU GEMMs of a few hundred rows round
-    differently for 2 and 8 rows (~1e-7 in ε̂ per step, measured), and GPU libraries choose kernels by shape; a
-    pixel can then move by one level. On CPU, runs at one batch size are bit-identical."""
+    Image k's noise comes from its own generator, so it is the same at any batch size; its pixels then agree within
+    one level (kernels round a batch of 2 and of 8 differently in the last bit, and a pixel can cross a rounding
+    edge). Runs at one batch size on one machine are bit-identical on CPU."""
     return torch.cat([images for _, images in generate_batches(
         models, prompts, seeds, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
         width=width, sampler=sampler, eta=eta, batch_size=batch_size, progress=progress)])

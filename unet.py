@@ -64,67 +64,15 @@ def normalization(channels, groups):
     return GroupNorm32(groups, channels, eps=1e-5)  # torch's default, as CompVis `normalization()`
 
 
-# The low-resolution levels, on CPU: a map of at most SMALL_MAP pixels per image makes per-image products thin, and
-# with at least WIDE_INPUT input channels oneDNN's direct 3x3 convolution is bound by reading its weights. One
-# product over the whole batch is faster there (Conv1x1, Conv3x3).
-SMALL_MAP = 64  # 8x8: SD's lowest level at 512 px
-WIDE_INPUT = 1280  # SD's two lowest levels
-
-
-def matmul_over_batch(weight, bias, cols, H, W):
-    """weight (C_out, K, ...) times each image's columns cols (B, K, H*W), plus bias, as one product over the whole
-    batch: (C_out, K) @ (K, B*H*W) -> (B, C_out, H, W)."""
-    B, K, _ = cols.shape
-    y = torch.addmm(bias[:, None], weight.flatten(1), cols.transpose(0, 1).reshape(K, -1))  # (C_out, B*H*W)
-    return y.view(-1, B, H, W).transpose(0, 1).contiguous()
-
-
-class Conv1x1(nn.Conv2d):
-    """A 1x1 convolution computed as matrix products, the same numbers up to rounding and on CPU faster than the
-    conv kernel: per image, (C_out, C_in) @ (C_in, H*W); for small maps (H*W <= SMALL_MAP) one product over the
-    whole batch, (C_out, C_in) @ (C_in, B*H*W), since per-image products that thin run at matrix-vector speed and
-    read the weight once per image (up to 6x faster forward + backward at SD size)."""
-
-    def __init__(self, channels, out_channels):
-        super().__init__(channels, out_channels, 1)
-
-    def forward(self, x):
-        H, W = x.shape[2:]
-        if H * W > SMALL_MAP:
-            return (torch.matmul(self.weight.flatten(1), x.flatten(2)) + self.bias[:, None]).unflatten(2, (H, W))
-        return matmul_over_batch(self.weight, self.bias, x.flatten(2), H, W)
-
-
-class Conv3x3(nn.Conv2d):
-    """A 3x3 convolution, padding 1. On CPU, for small output maps of wide inputs (H*W <= SMALL_MAP and
-    C_in >= WIDE_INPUT: SD's two lowest levels at 256 px, the lowest at 512 px) it is one matrix product over the
-    whole batch on the unfolded patches (im2col), (C_out, 9*C_in) @ (9*C_in, B*H*W). There the weights outweigh the
-    maps, and oneDNN's direct kernel measured 1.7x (8x8, batch 2) to 5x (1x1, batch 8) slower forward, 1.2-3x with
-    backward; only at 8x8 with batch 8 was it 3-7% faster, forward (`python bench.py unet`). Elsewhere, and on
-    CUDA, the conv kernel."""
-
-    def __init__(self, channels, out_channels, stride=1):
-        super().__init__(channels, out_channels, 3, stride=stride, padding=1)
-
-    def forward(self, x):
-        _, C, H, W = x.shape
-        s = self.stride[0]
-        H_out, W_out = (H - 1) // s + 1, (W - 1) // s + 1
-        if H_out * W_out > SMALL_MAP or C < WIDE_INPUT or x.device.type != "cpu":
-            return super().forward(x)
-        cols = F.unfold(x, 3, padding=1, stride=s)  # (B, 9*C, H_out*W_out), rows in the weight's (c, kh, kw) order
-        return matmul_over_batch(self.weight, self.bias, cols, H_out, W_out)
-
-
 class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels, groups):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(channels, groups), nn.SiLU(), Conv3x3(channels, out_channels))
+        self.in_layers = nn.Sequential(normalization(channels, groups), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(normalization(out_channels, groups), nn.SiLU(), nn.Dropout(0.0),
-                                        Conv3x3(out_channels, out_channels))
-        self.skip_connection = (nn.Identity() if channels == out_channels
-                                else Conv1x1(channels, out_channels))
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
         h = self.in_layers(x)
@@ -170,25 +118,13 @@ class GEGLU(nn.Module):
         return x * F.gelu(gate)
 
 
-# On CPU the feed-forward runs a few images at a time so that its widest tensor, the GEGLU projection (tokens,
-# 2*inner), stays under FF_CHUNK floats; chunks hold whole images, so no image straddles two products. Larger
-# intermediates are fresh memory on every call (glibc hands big blocks back to the system when they are freed) and
-# each call faults its pages in again: at 16 images of bench.py's tiny SD this was ~15% of a UNet call.
-FF_CHUNK = 2 ** 19  # 2 MiB of float32: 8 images of 16x16 tokens at 32 channels; SD v1.5 at 256 px: 1 (middle: 3)
-
-
 class FeedForward(nn.Module):
     def __init__(self, dim, mult=4):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
 
     def forward(self, x):
-        if x.device.type != "cpu":
-            return self.net(x)
-        images = max(1, FF_CHUNK // (x.shape[1] * self.net[0].proj.out_features))  # x: (B, tokens, dim)
-        if len(x) <= images:
-            return self.net(x)
-        return torch.cat([self.net(chunk) for chunk in x.split(images)])
+        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -240,7 +176,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.op = Conv3x3(channels, channels, stride=2)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -249,7 +185,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = Conv3x3(channels, channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))

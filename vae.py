@@ -101,35 +101,15 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-def _fold_taps(w, dim):
-    """3 kernel taps along `dim` -> (2 output phases, ..., 2 taps): (w0, w1+w2) for phase 0, (w0+w1, w2) for 1."""
-    w0, w1, w2 = w.unbind(dim)
-    return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)])
-
-
 class Upsample(nn.Module):
-    """Nearest x2 then a 3x3 conv (`conv`, stored as in the checkpoint), computed without the x2 image.
-
-    After nearest x2, output row 2i+a sees input rows (i-1, i, i) for a=0 and (i, i, i+1) for a=1 through kernel
-    rows (W0, W1, W2); so it is a 2-tap conv over input rows (i-1+a, i+a) with rows (W0, W1+W2) or (W0+W1, W2).
-    Same for columns: four 2x2 kernels (one per output phase a, b) on the small image, 16 instead of 36
-    multiply-adds per input pixel, equal to interpolate-then-conv up to float rounding (~1e-6). Measured: the
-    decoder's three upsamplings are ~28% of its multiply-adds; this cut the 256^2 decode time by ~8%.
-    """
+    """Nearest x2, then a 3x3 conv."""
 
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        B, C, H, W = x.shape
-        w, O = self.conv.weight, self.conv.out_channels
-        k = _fold_taps(_fold_taps(w, 2), -1).transpose(0, 1).reshape(4 * O, C, 2, 2)  # phase n = 2a+b is block n
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, self.conv.bias.repeat(4))  # (B, 4*O, H+1, W+1)
-        # out[:, o, 2i+a, 2j+b] = y[:, (2a+b)*O + o, i+a, j+b]: one strided view, one copy.
-        sB, sC, sH, sW = y.stride()
-        phases = y.as_strided((B, O, H, 2, W, 2), (sB, sC, sH, 2 * O * sC + sH, sW, O * sC + sW), y.storage_offset())
-        return phases.reshape(B, O, 2 * H, 2 * W)  # (B, O, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):

@@ -2,9 +2,8 @@
 
 1. End to end on a tiny random-weight SD (16 images of 32x32, 20 DDIM steps, guidance 7.5, one batch; then one
    image alone): text encoding, the loop, decoding, conversion. At 16 images the UNet's kernels (attention,
-   convolutions: the same ones diffusers calls) take most of the time, and fresh 8 MiB feed-forward buffers cost
-   diffusers page faults on every call (ours runs a few images at a time, unet.FF_CHUNK); at one image the
-   per-call overhead shows. The machine's state moves this ratio between processes: run it several times.
+   convolutions: the same ones diffusers calls) take most of the time; at one image the per-call overhead shows.
+   The machine's state moves this ratio between processes: run it several times.
 2. The loop alone: the same run with both UNets replaced by a free stand-in (returns its input), prompt
    embeddings given, no decoding: what each sampler loop costs around the network.
 3. Per step at full SD v1.5 UNet size, 32x32 latents (256 px), batch 1 with guidance (the UNet sees 2 rows),

@@ -1,14 +1,11 @@
 """Our UNet against diffusers' UNet2DConditionModel: full-size SD v1.5, identical weights, CPU fp32, batch 1,
-32x32 latent (256 px). Prints the median time ratio ours/diffusers and the peak memory of one forward of each.
-Then unet.Conv3x3 against the conv kernel (F.conv2d, what diffusers runs) at the SD shapes where it takes the
-im2col matmul, forward and forward + backward."""
+32x32 latent (256 px). Prints the median time ratio ours/diffusers and the peak memory of one forward of each."""
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 import weights
 from benchmarks.common import fill_random_, interleaved_medians, peak_memory_mb, report
-from unet import Conv3x3, UNet, UNetConfig, unet_diffusers_config, unet_diffusers_names
+from unet import UNet, UNetConfig, unet_diffusers_config, unet_diffusers_names
 
 
 def models(cfg=UNetConfig(), device="cpu"):
@@ -35,26 +32,6 @@ def main(warmup=1, reps=5):
             mem[name] = peak_memory_mb(fns[name])[1]
     medians = interleaved_medians(fns, warmup=warmup, reps=reps)
     report("UNet SD v1.5 fp32 CPU b1 32x32", medians["ours"], medians["ref"], mem["ours"], mem["ref"])
-    conv3x3()
-
-
-def conv3x3(shapes=((2, 1280, 8), (2, 2560, 4), (8, 1280, 4), (8, 2560, 8), (8, 2560, 1))):
-    """(batch, input channels, map side) -> 1280 channels; batch 2 and 8 are 1 and 4 images with guidance."""
-    for B, C, side in shapes:
-        conv = Conv3x3(C, 1280)
-        x = torch.randn(B, C, side, side, requires_grad=True)
-        g = torch.randn(B, 1280, side, side)
-        fns = {"ours": lambda: conv(x), "ref": lambda: F.conv2d(x, conv.weight, conv.bias, padding=1)}
-        medians = interleaved_medians(fns, warmup=1, reps=7)
-        report(f"Conv3x3 {B}x{C}x{side}x{side} forward", medians["ours"], medians["ref"])
-
-        def backward(fn):
-            with torch.inference_mode(False), torch.enable_grad():  # interleaved_medians times in inference mode
-                return torch.autograd.grad(fn(), (x, conv.weight, conv.bias), g)
-
-        grads = {name: (lambda fn=fn: backward(fn)) for name, fn in fns.items()}
-        medians = interleaved_medians(grads, warmup=1, reps=5)
-        report(f"Conv3x3 {B}x{C}x{side}x{side} fwd+bwd", medians["ours"], medians["ref"])
 
 
 if __name__ == "__main__":

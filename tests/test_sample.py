@@ -7,7 +7,6 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 import sample
-import unet
 
 # SD v1.5's scheduler/scheduler_config.json, the fields that matter.
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -261,31 +260,23 @@ def test_negative_prompt_and_guidance_change_the_result(tiny):
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("euler", 0.0)])
-def test_same_seed_gives_bit_identical_images_across_runs_and_batch_sizes(tiny, two_threads, request, sampler, eta):
-    """Image k is the same, bit for bit, across runs and whatever the batch size or the other images of its batch:
-    its noise comes from its own generator, texts are encoded one by one, the UNet embeds the one timestep once
-    (GEMMs of 2 and 8 rows round differently), and the VAE decodes one image at a time (oneDNN convolutions take
-    another path for one image than for four). The feed-forwards split the larger batches into chunks of whole
-    images, so the chunks' boundaries move with the batch size too."""
+def test_same_seed_gives_the_same_image_at_any_batch_size(tiny, sampler, eta):
+    """Image k comes from (prompt k, seed k) alone: its noise from its own generator, so other batch sizes or
+    batch-mates move its pixels by at most one level (kernels round batches of different sizes differently in the
+    last bit), and a rerun at the same batch size is bit-identical."""
     _, models, _ = tiny
-    chunks = []
-    ff = next(m for m in models.unet.modules() if isinstance(m, unet.FeedForward))  # at the full latent size
-    per_chunk = unet.FF_CHUNK // (H // 2 * W // 2 * ff.net[0].proj.out_features)  # VAE factor 2: 16x24 tokens
-    assert 4 <= per_chunk < 6  # 8 rows (4 images with guidance) and 6 rows split in two chunks, 2 rows do not
-    hook = ff.net.register_forward_hook(lambda m, args, out: chunks.append(len(args[0])))
-    request.addfinalizer(hook.remove)  # the model is shared by the module's tests
-    kw = dict(steps=4, height=H, width=W, sampler=sampler, eta=eta)
-    first = sample.generate(models, PROMPTS, SEEDS, batch_size=4, progress=False, **kw)
-    assert torch.equal(first, sample.generate(models, PROMPTS, SEEDS, batch_size=4, progress=False, **kw))
+    kw = dict(steps=4, height=H, width=W, sampler=sampler, eta=eta, progress=False)
+    first = sample.generate(models, PROMPTS, SEEDS, batch_size=4, **kw)
+    assert torch.equal(first, sample.generate(models, PROMPTS, SEEDS, batch_size=4, **kw))
+    assert first.float().std() > 1 and len({img.numpy().tobytes() for img in first}) == len(first)  # real images
     for batch_size in (1, 3):
-        assert torch.equal(first, sample.generate(models, PROMPTS, SEEDS, batch_size=batch_size, progress=False, **kw))
-    latents = sample.sample_latents(models, PROMPTS, SEEDS, **kw)
-    one_by_one = torch.cat([sample.sample_latents(models, [p], [s], **kw) for p, s in zip(PROMPTS, SEEDS)])
-    assert torch.equal(latents, one_by_one)
-    # another seed for image 0 changes image 0 only, bit for bit
-    other = sample.generate(models, PROMPTS, [99] + SEEDS[1:], batch_size=4, progress=False, **kw)
-    assert not torch.equal(other[0], first[0]) and torch.equal(other[1:], first[1:])
-    assert {per_chunk, 8 - per_chunk, 6 - per_chunk} <= set(chunks)  # 8 rows and 6 rows each ran as two chunks
+        other = sample.generate(models, PROMPTS, SEEDS, batch_size=batch_size, **kw)
+        assert (other.int() - first.int()).abs().max() <= 1, batch_size
+        assert (other == first).float().mean() >= 0.99, batch_size
+    # another seed for image 0 changes image 0, and the others stay within a level
+    moved = sample.generate(models, PROMPTS, [99] + SEEDS[1:], batch_size=4, **kw)
+    assert (moved[0].int() - first[0].int()).abs().float().mean() > 5
+    assert (moved[1:].int() - first[1:].int()).abs().max() <= 1
 
 
 def test_generate_rejects_bad_settings_with_clear_messages(tiny, monkeypatch):

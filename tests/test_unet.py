@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import weights
 from benchmarks.common import fill_random_
-from unet import (Conv1x1, Conv3x3, FeedForward, GroupNorm32, UNet, UNetConfig, load_unet,
+from unet import (GroupNorm32, UNet, UNetConfig, load_unet,
                   unet_config_from_diffusers, unet_diffusers_config, unet_diffusers_names)
 
 TINY = {
@@ -96,66 +96,6 @@ def test_group_norm32_computes_in_float32_for_half_precision_weights_and_input()
     got = norm.to(torch.bfloat16)(x.to(torch.bfloat16))  # no autocast: on CPU a plain GroupNorm refuses this
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)  # bf16 inputs, weights and output
-
-
-@pytest.mark.parametrize("shape", [(3, 12, 16, 16), (3, 12, 8, 8), (3, 12, 2, 1), (1, 12, 4, 4)],
-                         ids=["per_image", "batch_folded", "tiny_map", "one_image"])
-def test_conv1x1_equals_the_conv_kernel_forward_and_backward(shape):
-    torch.manual_seed(0)
-    conv = Conv1x1(12, 5)
-    x = torch.randn(shape, requires_grad=True)
-    got = conv(x)
-    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    assert got.is_contiguous()
-    g = torch.randn_like(want)
-    grads = [torch.autograd.grad(y, (x, conv.weight, conv.bias), g) for y in (got, want)]
-    for a, b in zip(*grads):  # the weight's gradient sums B*H*W products in another order: float32 rounding
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("shape,stride,unfolded", [
-    ((3, 1280, 4, 4), 1, True), ((1, 1280, 8, 8), 1, True), ((2, 1280, 1, 1), 1, True), ((2, 2560, 2, 2), 1, True),
-    ((2, 1280, 16, 16), 1, False), ((2, 640, 4, 4), 1, False),
-    ((2, 1280, 16, 16), 2, True), ((2, 1280, 5, 3), 2, True), ((2, 1280, 18, 18), 2, False)],
-    ids=["batch", "one_image_8x8", "1x1_map", "2560_in", "large_map", "narrow_input",
-         "down_16_to_8", "down_odd_map", "down_large_map"])
-def test_conv3x3_equals_the_conv_kernel_forward_and_backward(shape, stride, unfolded, monkeypatch):
-    torch.manual_seed(0)
-    conv = Conv3x3(shape[1], 16, stride)
-    calls = []
-    unfold = torch.nn.functional.unfold
-    monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
-    x = torch.randn(shape, requires_grad=True)
-    got = conv(x)
-    assert bool(calls) == unfolded  # the im2col product only on small maps of wide inputs
-    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert got.is_contiguous()
-    g = torch.randn_like(want)
-    grads = [torch.autograd.grad(y, (x, conv.weight, conv.bias), g) for y in (got, want)]
-    for a, b in zip(*grads):  # sums of 9*C_in or B*H*W products in another order: float32 rounding
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-def test_feed_forward_runs_whole_images_in_chunks_equal_to_one_pass(monkeypatch):
-    torch.manual_seed(0)
-    ff = FeedForward(8)  # GEGLU projection: 64 features per token
-    x = torch.randn(5, 6, 8, requires_grad=True)  # 6 tokens: 384 floats per image
-    monkeypatch.setattr("unet.FF_CHUNK", 2 * 384)
-    rows = []
-    ff.net.register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
-    got = ff(x)
-    assert rows == [2, 2, 1]  # two images per chunk, the last one alone
-    want = ff.net(x)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    g = torch.randn_like(want)
-    for a, b in zip(*(torch.autograd.grad(y, (x, *ff.parameters()), g) for y in (got, want))):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # weight gradients sum the chunks in another order
-    monkeypatch.setattr("unet.FF_CHUNK", 5 * 384)
-    rows.clear()
-    ff(x)
-    assert rows == [5]  # the batch fits: one pass
 
 
 def test_scalar_timestep_is_embedded_once_and_broadcast_to_the_batch():
