@@ -20,6 +20,7 @@ per class; the paper's "balanced digit representation" example uses the digit as
 """
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -232,3 +233,62 @@ class ImageFolder(torch.utils.data.Dataset):
             img = img.resize((R, R), Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # (3,R,R) in [0,255]
         return {"pixels": pixels / 127.5 - 1.0, "text": self.texts[i], "group": self.groups[i]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The order train.py reads the images in, and their VAE posteriors, both functions of the seed and position only
+
+
+def derive_seed(*key):
+    """A 63-bit seed from a tuple such as (seed, "noise", step, micro, rank), by hashing: distinct keys give
+    unrelated streams (unlike seed + step, where run A's step 1 would replay run B's step 0)."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+
+
+class MicroBatchIndices:
+    """Dataset indices of every micro-batch of this rank, from global micro-batch `start` on, forever.
+
+    Epoch e is a permutation seeded by (seed, e), cut into world_size·batch_size chunks (the incomplete rest is
+    dropped); rank r takes the r-th batch_size share of each chunk, as DistributedSampler does.
+    """
+
+    def __init__(self, n, batch_size, seed, start=0, rank=0, world_size=1):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = n // (batch_size * world_size)
+
+    def __iter__(self):
+        m, epoch, perm = self.start, None, None
+        while True:
+            e, k = divmod(m, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "epoch", e)))
+            first = (k * self.world_size + self.rank) * self.batch_size
+            yield perm[first:first + self.batch_size].tolist()
+            m += 1
+
+
+def encode_dataset(vae, data, batch_size, device):
+    """(mean, std) of the VAE posterior of every image, in fixed chunks (so identical on every run)."""
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            pixels = torch.stack([data[j]["pixels"] for j in range(i, min(i + batch_size, len(data)))])
+            posterior = vae.encode(pixels.to(device))
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def micro_batches(data, indices, cache=None, num_workers=0, pin_memory=False):
+    """Each micro-batch of `indices` (a MicroBatchIndices): {"pixels", "text", "group"} read by a DataLoader, or
+    {"mean", "std", "text", "group"} from `cache`, the posteriors encode_dataset computed once."""
+    if cache is None:
+        yield from torch.utils.data.DataLoader(data, batch_sampler=indices, num_workers=num_workers,
+                                               pin_memory=pin_memory)
+        return
+    for idx in indices:
+        rows = torch.tensor(idx, device=cache[0].device)
+        yield {"mean": cache[0][rows], "std": cache[1][rows], "text": [data.texts[i] for i in idx],
+               "group": torch.tensor([data.groups[i] for i in idx])}

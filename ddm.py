@@ -12,6 +12,11 @@ with eps the noise added to the latent z_0 at timestep t, c the prompt, g the im
 The indicator follows the authors' code: flatten -> Linear -> 1024 -> ReLU -> Linear -> 512 -> ReLU ->
 Linear -> K (they fix K = 2; here K comes from the data).
 
+This file owns the whole training objective. train.py computes one micro-batch's `MicroBatch` (the latents, the
+noise, the UNet's prediction, ...) and calls `loss(batch, indicator, hp)`, which returns (loss, parts); the loop
+logs every part by its name. To try another objective, write a function beside `ddm` and name it in OBJECTIVES
+(README, "Change the loss"); `uses_indicator` is the one place that decides whether a run has an indicator.
+
 Metrics (hard group labels from an attribute classifier, or its probabilities):
 - fairness discrepancy, FD = || u - p ||_2 with u the uniform distribution over the K groups and p the generated
   images' group proportions (Choi et al. 2020, "Fair Generative Modeling via Weak Supervision", ICML).
@@ -23,6 +28,7 @@ Metrics (hard group labels from an attribute classifier, or its probabilities):
 """
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 
 
 class Indicator(nn.Module):
-    """MLP from a predicted noise eps_hat (B, *latent_shape) to group logits (B, K)."""
+    """MLP from a latent-shaped input (B, *latent_shape), eps_hat for DDM, to group logits (B, K)."""
 
     def __init__(self, latent_shape, num_groups, hidden=(1024, 512)):
         super().__init__()
@@ -45,11 +51,25 @@ class Indicator(nn.Module):
         layers.append(nn.Linear(widths[-1], num_groups))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, eps_hat):
-        if tuple(eps_hat.shape[1:]) != self.latent_shape:
-            raise ValueError(f"indicator built for latents {self.latent_shape}, got eps_hat of shape "
-                             f"{tuple(eps_hat.shape)} (different training resolution?)")
-        return self.net(eps_hat)
+    def forward(self, x):
+        if tuple(x.shape[1:]) != self.latent_shape:
+            raise ValueError(f"indicator built for latents {self.latent_shape}, got an input of shape "
+                             f"{tuple(x.shape)} (different training resolution?)")
+        return self.net(x)
+
+
+@dataclass
+class MicroBatch:
+    """What the training step has at hand for one micro-batch (train.py fills it in; B images)."""
+    z0: torch.Tensor  # (B, 4, h, w) clean latents: a VAE posterior sample times the scaling factor
+    z_t: torch.Tensor  # (B, 4, h, w) noised latents, sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+    t: torch.Tensor  # (B,) timesteps in {0, ..., 999}
+    noise: torch.Tensor  # (B, 4, h, w) eps
+    pred: torch.Tensor  # (B, 4, h, w) the UNet's output: eps_hat (v_hat for a v-prediction model)
+    target: torch.Tensor  # (B, 4, h, w) what pred regresses to: eps (v for a v-prediction model)
+    alphas_cumprod: torch.Tensor  # (1000,) abar of the model's noise schedule
+    groups: torch.Tensor  # (B,) group index of each image
+    group_shares: torch.Tensor  # (K,) the share of each group in the whole training set
 
 
 def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
@@ -57,7 +77,7 @@ def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
 
     Both terms are computed in float32 whatever the autocast dtype. The CE gradient reaches the UNet through
     eps_hat, which is the point of DDM. parts = {"rec": MSE, "ind": CE (detached tensors), "acc": the
-    indicator's accuracy on this batch (float)}. With w_ind == 0 the indicator is not run at all, L is exactly
+    indicator's accuracy on this batch}. With w_ind == 0 the indicator is not run at all, L is exactly
     w_rec * MSE, and parts["ind"], parts["acc"] are NaN (not measured).
     """
     if eps_hat.shape != noise.shape:
@@ -67,12 +87,32 @@ def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
     rec = F.mse_loss(eps_hat.float(), noise.float())
     if w_ind == 0:
         nan = torch.tensor(float("nan"), device=rec.device)
-        return w_rec * rec, {"rec": rec.detach(), "ind": nan, "acc": float("nan")}
+        return w_rec * rec, {"rec": rec.detach(), "ind": nan, "acc": nan}
     logits = indicator(eps_hat).float()
     ind = F.cross_entropy(logits, groups)
-    total = w_rec * rec + w_ind * ind
-    acc = (logits.argmax(1) == groups).float().mean().item()
-    return total, {"rec": rec.detach(), "ind": ind.detach(), "acc": acc}
+    acc = (logits.argmax(1) == groups).float().mean().detach()
+    return w_rec * rec + w_ind * ind, {"rec": rec.detach(), "ind": ind.detach(), "acc": acc}
+
+
+def ddm(b, indicator, hp):
+    """The authors' objective, `ddm_loss` on the UNet's prediction: the indicator reads eps_hat (v_hat for a
+    v-prediction model). Without an indicator (w_ind = 0) it is plain fine-tuning, w_rec * MSE."""
+    return ddm_loss(b.pred, b.target, b.groups, indicator, hp.w_rec, hp.w_ind if indicator is not None else 0)
+
+
+OBJECTIVES = {"ddm": ddm}  # --objective NAME -> fn(MicroBatch, indicator or None, hyperparameters) -> (loss, parts)
+INDICATOR_OBJECTIVES = {"ddm"}  # objectives with an indicator term, weighted by w_ind
+
+
+def uses_indicator(objective, w_ind):
+    """Whether a run builds, trains, checkpoints and reloads an indicator: decided here and nowhere else."""
+    return objective in INDICATOR_OBJECTIVES and w_ind > 0
+
+
+def loss(b, indicator, hp):
+    """One micro-batch's training loss: (loss, parts), parts a dict of named scalars to log. `hp` holds the
+    hyperparameters by name (train.py's arguments: hp.objective, hp.w_rec, hp.w_ind, ...)."""
+    return OBJECTIVES[hp.objective](b, indicator, hp)
 
 
 # ------------------------------------------------------------------------------------------------- metrics

@@ -474,7 +474,7 @@ def run(args):
                                    *([] if args.progress else ["--no-progress"])])
             timings["finetune"] += time.time() - t0
             t0 = time.time()
-            trained = train.load_run(run_dir)
+            trained = sample.load_run(run_dir)
             row, images = evaluate_model(trained.models, trained.indicator, classifier,
                                          reference_features, sizes, args.progress)
             rows.append({"method": method_name(w_ind), "w_ind": w_ind, "w_rec": 1 - w_ind, "seed": seed,

@@ -15,6 +15,7 @@ initial noise and every later noise draw come from its own `torch.Generator`, ne
 how far its pixels are bit-identical across batch sizes is in `generate`'s docstring).
 """
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -31,8 +32,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from clip_text import CLIPTextModel, Tokenizer, load_text_encoder, load_tokenizer
-from unet import UNet, load_unet
+import checkpoints
+import lora
+from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, load_text_encoder, load_tokenizer
+from ddm import Indicator, uses_indicator
+from unet import UNet, UNetConfig, load_unet
 from vae import VAE, VAEConfig, load_vae
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,15 +255,83 @@ def read_schedule(path):
 
 def load_models(path, device="cpu", dtype=torch.float32):
     """UNet, VAE, text encoder and tokenizer from a diffusers SD folder or a single-file checkpoint, in eval mode;
-    or from a train.py run directory: its base model plus the trained weights (LoRA merged), see train.load_run."""
+    or from a train.py run directory: its base model plus the trained weights, LoRA merged (`load_run`)."""
     if (Path(path) / "run.json").is_file():
-        import train  # here, not at the top: train.py imports this file
-        return train.load_run(path, device, dtype).models
+        return load_run(path, device, dtype).models
     vae = load_vae(path, dtype).to(device)
     schedule, prediction_type = read_schedule(path)
     return Models(unet=load_unet(path, dtype).to(device), vae=vae,
                   text_encoder=load_text_encoder(path, dtype).to(device), tokenizer=load_tokenizer(path),
                   vae_config=vae.config, alphas_cumprod=schedule, prediction_type=prediction_type)
+
+
+@dataclass
+class Run:
+    """A trained run: `models` (LoRA merged unless asked not to), its indicator and groups (checkpoints.py)."""
+    models: Models
+    indicator: Indicator  # None when the run's objective has none (ddm.uses_indicator)
+    group_names: list
+    step: int
+    info: dict  # run.json
+
+
+def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
+    """The models of a run directory's latest checkpoint: its base model plus the trained weights."""
+    run_dir = Path(run_dir)
+    info = checkpoints.read_run_json(run_dir)
+    config = info["config"]
+    ckpt = checkpoints.latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} holds no finished checkpoint yet")
+    models = load_models(checkpoints.base_path(run_dir, info))
+    checkpoints.setup_trainable(models, config["lora_rank"], config["lora_alpha"], config["train_text_encoder"])
+    indicator = None
+    if uses_indicator(config.get("objective", "ddm"), config["w_ind"]):
+        indicator = Indicator(info["latent_shape"], len(config["group_names"]), config["indicator_hidden"])
+    checkpoints.load_checkpoint_weights(ckpt, models.unet, models.text_encoder, indicator, config)
+    for m in (models.unet, models.text_encoder, indicator):
+        if m is not None:
+            if merge:
+                lora.merge_lora(m)
+            m.requires_grad_(False).to(device, dtype).eval()
+    models.vae.to(device, dtype)
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    return Run(models, indicator, config["group_names"], step, info)
+
+
+def read_init_config(path):
+    """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None})."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--init-config {path}: cannot read it as JSON ({e})") from None
+    out = {}
+    for key, cls in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", CLIPTextConfig)):
+        fields = raw.get(key)
+        unknown = sorted(set(fields or ()) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"--init-config {path}: {key} has unknown fields {unknown}")
+        out[key] = None if fields is None else cls(**{k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in fields.items()})
+    return raw, out
+
+
+def models_from_config(init_config, vae_path=None, seed=0):
+    """Randomly initialised UNet / text encoder (and VAE unless `vae_path`), seeded, CLIP's tokenizer."""
+    _, cfgs = read_init_config(init_config)
+    if vae_path and cfgs["vae"] is not None:
+        raise ValueError(f"--init-config {init_config} has a 'vae' config and --vae {vae_path} was given: "
+                         "choose one")
+    for key in ("unet", "text_encoder") + (() if vae_path else ("vae",)):
+        if cfgs[key] is None:
+            raise ValueError(f"--init-config {init_config}: missing the '{key}' config"
+                             + (" (or pass --vae PATH)" if key == "vae" else ""))
+    with torch.random.fork_rng(devices=[]):  # seeds the init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        unet, text_encoder = UNet(cfgs["unet"]), CLIPTextModel(cfgs["text_encoder"])
+        vae = load_vae(vae_path) if vae_path else VAE(cfgs["vae"])
+    return Models(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=Tokenizer.default(),
+                         vae_config=vae.config)
 
 
 @torch.inference_mode()
@@ -301,12 +373,19 @@ def _check_settings(prompts, seeds, steps, guidance, height, width, sampler, eta
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def _latent_shape(models, height, width):
-    f = models.vae_config.downsample_factor  # 8 for SD
-    side = f * 2 ** (len(models.unet.config.channel_mult) - 1)  # the UNet halves the latents once per level but one
+def latent_shape(models, height, width):
+    """(C, h, w) of the latents for images of height x width; ValueError when the models do not fit each other or
+    the size."""
+    u, v, c = models.unet.config, models.vae_config, models.text_encoder.config
+    if u.context_dim != c.width:
+        raise ValueError(f"UNet context_dim {u.context_dim} != text encoder width {c.width}")
+    if u.in_channels != v.z_channels or u.out_channels != v.z_channels:
+        raise ValueError(f"UNet in/out channels {u.in_channels}/{u.out_channels} != VAE z_channels {v.z_channels}")
+    f = v.downsample_factor  # 8 for SD
+    side = f * 2 ** (len(u.channel_mult) - 1)  # the UNet halves the latents once per level but one
     if height % side or width % side:
         raise ValueError(f"height and width must be multiples of {side} for this model, got {height}x{width}")
-    return models.vae_config.z_channels, height // f, width // f
+    return v.z_channels, height // f, width // f
 
 
 def sample_latents(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
@@ -317,7 +396,7 @@ def sample_latents(models, prompts, seeds, *, negative_prompt="", steps=50, guid
     `embeddings` ({text: (77, D)}) is a cache shared across batches, so each distinct text is encoded once.
     """
     _check_settings(prompts, seeds, steps, guidance, height, width, sampler, eta, len(prompts))
-    latent_shape = _latent_shape(models, height, width)
+    shape = latent_shape(models, height, width)
     device = next(models.unet.parameters()).device
     embeddings = {} if embeddings is None else embeddings
     new = [t for t in dict.fromkeys(prompts + [negative_prompt] * (guidance != 1.0)) if t not in embeddings]
@@ -326,7 +405,7 @@ def sample_latents(models, prompts, seeds, *, negative_prompt="", steps=50, guid
     cond = torch.stack([embeddings[p] for p in prompts])  # (B, 77, D)
     uncond = embeddings[negative_prompt][None] if guidance != 1.0 else None  # (1, 77, D)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = _per_image_noise(generators, latent_shape, device)
+    x = _per_image_noise(generators, shape, device)
     return denoise(models.unet, x, cond, uncond, models.alphas_cumprod, generators, steps=steps, guidance=guidance,
                    sampler=sampler, eta=eta, prediction_type=models.prediction_type, progress=progress)
 
@@ -336,7 +415,7 @@ def generate_batches(models, prompts, seeds, *, negative_prompt="", steps=50, gu
     """Yield (index of the first image, uint8 images (B,H,W,3)) batch by batch: `generate` without holding every
     image at once (an evaluation run writes thousands)."""
     _check_settings(prompts, seeds, steps, guidance, height, width, sampler, eta, batch_size)
-    _latent_shape(models, height, width)
+    latent_shape(models, height, width)
     embeddings = {}
     with tqdm(total=len(prompts), desc="images", unit="img", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
@@ -436,6 +515,13 @@ def parse_args(argv=None):
     if args.device.type == "cpu" and args.dtype != "float32":
         p.error(f"--dtype {args.dtype} is for CUDA; the CPU runs float32")
     return args
+
+
+def save_pngs(images, folder, names=None):
+    """uint8 images (N,H,W,3) as PNG files in `folder` (created), named 00.png, 01.png, ... unless `names`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        Image.fromarray(image.numpy()).save(folder / (names[k] if names else f"{k:02d}.png"))
 
 
 def make_grid(images):

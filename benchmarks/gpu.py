@@ -146,11 +146,11 @@ def end_to_end(ours_unet, ref_unet, n=4, steps=20):
 
 def training(ours, ref):
     from peft import LoraConfig
-    lora.inject_lora(ours, train.UNET_LORA_TARGETS, rank=8, alpha=32)
+    lora.inject_lora(ours, checkpoints.UNET_LORA_TARGETS, rank=8, alpha=32)
     lora.mark_only_lora_trainable(ours)
     ref.requires_grad_(False)
     ref.add_adapter(LoraConfig(r=8, lora_alpha=32, init_lora_weights="gaussian",
-                               target_modules=list(train.UNET_LORA_TARGETS)))
+                               target_modules=list(checkpoints.UNET_LORA_TARGETS)))
     ours.train(), ref.train()
     for batch in (1, 4):
         g = torch.Generator(CUDA).manual_seed(5)

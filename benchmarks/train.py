@@ -33,11 +33,11 @@ def models(cfg):
     """(ours, ref): the same random base weights (fan-in-scaled uniform), a LoRA adapter on each, UNet frozen."""
     ours, ref = unet_bench.models(cfg)
     ours.train()
-    lora.inject_lora(ours, train.UNET_LORA_TARGETS, rank=8, alpha=32)
+    lora.inject_lora(ours, checkpoints.UNET_LORA_TARGETS, rank=8, alpha=32)
     lora.mark_only_lora_trainable(ours)
     ref.train().requires_grad_(False)
     ref.add_adapter(LoraConfig(r=8, lora_alpha=32, init_lora_weights="gaussian",
-                               target_modules=list(train.UNET_LORA_TARGETS)))
+                               target_modules=list(checkpoints.UNET_LORA_TARGETS)))
     return ours, ref
 
 

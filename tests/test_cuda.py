@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import sample
 import train
 from test_train import FAST, RES, data_dir, log_lines, sd_dir  # noqa: F401 (fixtures)
@@ -76,10 +77,10 @@ def test_train_py_on_cuda_with_autocast_and_checkpointing_resumes_and_samples(pr
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] is not None and r["loss"] < 10 for r in log), log
     assert [r["step"] for r in log_lines(parts)] == [1, 2, 3, 4, 5, 6]
-    state = torch.load(train.latest_checkpoint(parts) / "optimizer.pt", weights_only=True)
+    state = torch.load(checkpoints.latest_checkpoint(parts) / "optimizer.pt", weights_only=True)
     assert bool(state["scaler"]) == (precision == "fp16")  # fp16 keeps its loss scale across the resume
     # GPU kernels need not be bit-reproducible, so the resumed run must be close, not equal, to the whole one
-    a, b = (train.load_run(r, merge=False).models.unet.state_dict() for r in (whole, parts))
+    a, b = (sample.load_run(r, merge=False).models.unet.state_dict() for r in (whole, parts))
     for k in a:
         if ".lora_" in k:
             torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3, msg=k)

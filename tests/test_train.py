@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoints
+import ddm
 import sample
 import train
 from data import ImageFolder
@@ -119,7 +121,7 @@ def denoising_loss(models, data_dir):
 
 
 def checkpoint_files(run_dir):
-    ckpt = train.latest_checkpoint(run_dir)
+    ckpt = checkpoints.latest_checkpoint(run_dir)
     return {f.name: load_file(f) for f in sorted(ckpt.glob("*.safetensors"))}
 
 
@@ -169,7 +171,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(lora_ru
     train.train([*common, "--resume", str(out), "--max-steps", "4"])
 
     assert_same_tensors(checkpoint_files(out), checkpoint_files(lora_run))
-    opt = [torch.load(train.latest_checkpoint(r) / "optimizer.pt", weights_only=True)["optimizer"]
+    opt = [torch.load(checkpoints.latest_checkpoint(r) / "optimizer.pt", weights_only=True)["optimizer"]
            for r in (out, lora_run)]
     assert opt[0]["state"].keys() == opt[1]["state"].keys() and len(opt[0]["state"]) > 0
     for k in opt[0]["state"]:
@@ -182,17 +184,17 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(lora_ru
 
 def test_lora_trains_only_the_adapters_and_the_indicator(lora_run, sd_dir):
     base = sample.load_models(sd_dir)
-    run = train.load_run(lora_run, merge=False)
+    run = sample.load_run(lora_run, merge=False)
     for name, model in (("unet", run.models.unet), ("text_encoder", run.models.text_encoder)):
         adapters = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
         assert adapters and any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B")), name
         plain = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
         assert_same_tensors({name: plain}, {name: getattr(base, name).state_dict()})
-        targets = train.UNET_LORA_TARGETS if name == "unet" else train.TEXT_LORA_TARGETS
+        targets = checkpoints.UNET_LORA_TARGETS if name == "unet" else checkpoints.TEXT_LORA_TARGETS
         assert {k.split(".")[-2] for k in adapters} == set(targets)
     files = checkpoint_files(lora_run)
     assert set(files) == {"unet_lora.safetensors", "text_encoder_lora.safetensors", "indicator.safetensors"}
-    state = torch.load(train.latest_checkpoint(lora_run) / "optimizer.pt", weights_only=True)["optimizer"]
+    state = torch.load(checkpoints.latest_checkpoint(lora_run) / "optimizer.pt", weights_only=True)["optimizer"]
     n_trained = sum(len(f) for f in files.values())  # the optimizer holds exactly the saved tensors
     assert len(state["state"]) == n_trained == len(state["param_groups"][0]["params"])
     assert all(s["exp_avg"].abs().max() > 0 for s in state["state"].values())  # ... and each got gradients
@@ -206,7 +208,7 @@ def test_w_ind_zero_is_plain_fine_tuning_blind_to_the_groups(sd_dir, data_dir, t
     plain, scrambled, ddm = (checkpoint_files(runs[n]) for n in ("plain", "scrambled", "ddm"))
     assert_same_tensors(plain, scrambled)  # the group labels cannot matter when w_ind = 0
     assert "indicator.safetensors" not in plain and "indicator.safetensors" in ddm  # no untrained indicator kept
-    assert train.load_run(runs["plain"]).indicator is None and train.load_run(runs["ddm"]).indicator is not None
+    assert sample.load_run(runs["plain"]).indicator is None and sample.load_run(runs["ddm"]).indicator is not None
     assert not torch.equal(plain["unet.safetensors"]["out.2.weight"], ddm["unet.safetensors"]["out.2.weight"])
     for r in log_lines(runs["plain"]):
         assert r["ind"] is None and r["acc"] is None
@@ -219,7 +221,7 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir
     for run, merge in ((full_run, True), (lora_run, False)):
         export = train.train(["--model", str(run), "--export", str(tmp_path / run.name)])
         pipe = StableDiffusionPipeline.from_pretrained(export)
-        ours = train.load_run(run, merge=merge).models  # the LoRA run unmerged: the export must hold the merge
+        ours = sample.load_run(run, merge=merge).models  # the LoRA run unmerged: the export must hold the merge
         g = torch.Generator().manual_seed(0)
         x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
         t = torch.tensor([10, 700])
@@ -262,7 +264,7 @@ def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_di
 
     tuned = train.train(["--model", str(scratch), "--data", str(data_dir), "--out", str(tmp_path / "tuned"),
                          "--lora-rank", "4", "--max-steps", "1", *FAST])
-    base, run = sample.load_models(scratch), train.load_run(tuned, merge=False)
+    base, run = sample.load_models(scratch), sample.load_run(tuned, merge=False)
     plain = {k: v for k, v in run.models.unet.state_dict().items() if ".lora_" not in k}
     assert_same_tensors({"unet": plain}, {"unet": base.unet.state_dict()})
     images = sample.generate(sample.load_models(tuned), ["a blue square"], [3], steps=2, height=RES, width=RES,
@@ -279,10 +281,10 @@ def test_torchrun_two_processes_end_with_equal_weights(sd_dir, data_dir, tmp_pat
                        timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads((out / "run.json").read_text())["config"]["world_size"] == 2
-    state = json.loads((train.latest_checkpoint(out) / "state.json").read_text())
+    state = json.loads((checkpoints.latest_checkpoint(out) / "state.json").read_text())
     ranks = state["rank_fingerprints"]
     assert len(ranks) == 2 and ranks[0] == ranks[1]  # each rank hashed its own weights
-    assert ranks[0] == train.fingerprint(checkpoint_files(out))  # ... and they are the saved ones
+    assert ranks[0] == checkpoints.fingerprint(checkpoint_files(out))  # ... and they are the saved ones
     assert [line["step"] for line in log_lines(out)] == [1, 2]
 
 
@@ -293,7 +295,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(sd_dir,
                      "--max-steps", "20", *FAST, "--lr", "1e30", "--checkpoint-every", "1"])
     bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
     assert bad >= 2 and f"checkpoint-{bad - 1:06d}" in str(e.value)
-    assert train.latest_checkpoint(out).name == f"checkpoint-{bad - 1:06d}"
+    assert checkpoints.latest_checkpoint(out).name == f"checkpoint-{bad - 1:06d}"
     assert [r["step"] for r in log_lines(out)] == list(range(1, bad))
     assert not list(out.glob("*.tmp"))
 
@@ -348,3 +350,27 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(data_dir), "--out", str(tmp_path / "x")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "give exactly one of --model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_loss_term_added_in_ddm_py_alone_trains_and_is_logged(sd_dir, data_dir, tmp_path, monkeypatch):
+    """The extension point: a new objective is a function in ddm.OBJECTIVES; train.py needs no edit."""
+    def toy(b, indicator, hp):  # the authors' loss + 0.1 * mean(eps_hat^2)
+        loss, parts = ddm.ddm(b, indicator, hp)
+        extra = b.pred.float().pow(2).mean()
+        return loss + 0.1 * extra, {**parts, "pred_sq": extra.detach()}
+
+    monkeypatch.setitem(ddm.OBJECTIVES, "toy", toy)
+    monkeypatch.setattr(ddm, "INDICATOR_OBJECTIVES", ddm.INDICATOR_OBJECTIVES | {"toy"})
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "0", "--max-steps", "2", *FAST]
+    runs = {name: train.train([*common, "--out", str(tmp_path / name), "--objective", name]) for name in ("toy", "ddm")}
+    log = log_lines(runs["toy"])
+    assert [r["step"] for r in log] == [1, 2] and all(r["pred_sq"] > 0 for r in log)
+    for r in log:  # the logged parts add up to the logged loss: the term really is in the trained loss
+        assert r["loss"] == pytest.approx(0.95 * r["rec"] + 0.05 * r["ind"] + 0.1 * r["pred_sq"], rel=1e-5)
+    assert "pred_sq" not in log_lines(runs["ddm"])[0]
+    assert json.loads((runs["toy"] / "run.json").read_text())["config"]["objective"] == "toy"
+    toy_w, ddm_w = (checkpoint_files(runs[n])["unet.safetensors"]["out.2.weight"] for n in ("toy", "ddm"))
+    assert not torch.equal(toy_w, ddm_w)
+    assert set(checkpoint_files(runs["toy"])) == {"unet.safetensors", "indicator.safetensors"}
+    with pytest.raises(ValueError, match=r"started with objective='toy', now objective='ddm'"):
+        train.train([*common, "--resume", str(runs["toy"]), "--objective", "ddm", "--max-steps", "3"])
