@@ -209,13 +209,14 @@ def common_train_args(batch, steps, lr, seed):
             "--cache-latents", "--checkpoint-every", "0"]
 
 
-def train_base(folder, sizes, vae_path, data_path):
+def train_base(folder, sizes, vae_path, data_path, progress=True):
     """UNet + text encoder from random init through train.py's from-scratch path, plain denoising (w_ind = 0)."""
     config = folder / "init_config.json"
     config.write_text(json.dumps({k: v for k, v in TINY.items() if k != "vae"}, indent=1))
     run = train.train(["--init-config", str(config), "--vae", vae_path, "--data", data_path, "--out",
                        str(folder / "run"), "--w-ind", "0", "--w-rec", "1",
-                       *common_train_args(sizes.base_batch, sizes.base_steps, sizes.base_lr, 0)])
+                       *common_train_args(sizes.base_batch, sizes.base_steps, sizes.base_lr, 0),
+                       *([] if progress else ["--no-progress"])])
     return {"path": str(run), "final_loss": _final_loss(run)}
 
 
@@ -446,7 +447,7 @@ def run(args):
     s = {"vae": s, "tiny": TINY, "data": BALANCED, "caption_dropout": CAPTION_DROPOUT,
          **{k: v for k, v in dataclasses.asdict(sizes).items() if k.startswith("base")}}
     base = timed("base", lambda: cached(stage_dir(cache, "base", s), s,
-                                        lambda f: train_base(f, sizes, vae_info["path"], balanced["path"]),
+                                        lambda f: train_base(f, sizes, vae_info["path"], balanced["path"], args.progress),
                                         "base model"))
 
     # reference: held-out real 7s and 8s in the classifier's feature space

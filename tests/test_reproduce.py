@@ -1,5 +1,7 @@
 """reproduce.py --quick end to end on CPU: a well-formed report with every column, every seed and grids; an existing
 run directory is refused without --overwrite, and --overwrite keeps the cache. (The pipeline, not the science.)"""
+import contextlib
+import io
 import json
 import math
 
@@ -14,10 +16,14 @@ import reproduce
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro") / "run"
     n = torch.get_num_threads()
+    stderr = io.StringIO()  # tqdm writes its bars here
     try:  # one thread: tiny models gain little from two, and two threads on a busy machine spin-wait a lot
-        report = reproduce.main(["--quick", "--out", str(out), "--seeds", "2", "--threads", "1", "--no-progress"])
+        with contextlib.redirect_stderr(stderr):
+            report = reproduce.main(["--quick", "--out", str(out), "--seeds", "2", "--threads", "1", "--no-progress"])
     finally:
         torch.set_num_threads(n)  # reproduce sets the process's thread count
+    assert "it/s" not in stderr.getvalue() and "step/s" not in stderr.getvalue() and "train:" not in stderr.getvalue(), (
+        "--no-progress still drew a progress bar:\n" + stderr.getvalue()[-2000:])
     return out, report
 
 
