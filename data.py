@@ -11,8 +11,9 @@ one JSON object a line:
 
 - `file_name`: path of the image relative to the folder (required);
 - `text`: the caption (required, a string; "" is allowed and means the empty prompt);
-- `group`: an int or a str (required; all lines the same type). Groups are sorted (numerically for ints) and
-  numbered 0..K-1 in that order (`ImageFolder.group_names`); at least two groups are needed;
+- `group`: an int or a str (required; all lines the same type), or null for an image without a label (used by
+  objectives that learn from some labels, `indicator-weighted`). Groups are sorted (numerically for ints) and
+  numbered 0..K-1 in that order (`ImageFolder.group_names`), null is -1; at least two groups are needed;
 - any other fields are ignored.
 
 The shipped digits (`assets/digits/`, see its README for source and licences) are 5,000 real MNIST digits, 500
@@ -193,11 +194,12 @@ class ImageFolder(torch.utils.data.Dataset):
             if not isinstance(row["text"], str):
                 raise ValueError(f"{where}: field 'text' must be a string, got {row['text']!r}")
             group = row["group"]
-            if isinstance(group, bool) or not isinstance(group, (int, str)):
-                raise ValueError(f"{where}: field 'group' must be an int or a string, got {group!r}")
-            if records and type(group) is not type(records[0][3]):
-                raise ValueError(f"{where}: field 'group' is {group!r} but line {records[0][0]} has "
-                                 f"{records[0][3]!r}; groups must be all ints or all strings")
+            if group is not None and (isinstance(group, bool) or not isinstance(group, (int, str))):
+                raise ValueError(f"{where}: field 'group' must be an int, a string or null, got {group!r}")
+            first = next((r for r in records if r[3] is not None), None)
+            if group is not None and first and type(group) is not type(first[3]):
+                raise ValueError(f"{where}: field 'group' is {group!r} but line {first[0]} has "
+                                 f"{first[3]!r}; groups must be all ints or all strings")
             path = self.root / row["file_name"]
             if not path.is_file():
                 raise ValueError(f"{where}: field 'file_name': image {path} does not exist")
@@ -208,14 +210,16 @@ class ImageFolder(torch.utils.data.Dataset):
             records.append((lineno, path, row["text"], group))
         if not records:
             raise ValueError(f"{meta}: no images listed")
-        self.group_names = sorted({r[3] for r in records})
+        self.group_names = sorted({r[3] for r in records if r[3] is not None})
+        if not self.group_names:
+            raise ValueError(f"{meta}: field 'group' is null on every line; DDM needs at least two labelled groups")
         if len(self.group_names) < 2:
             raise ValueError(f"{meta}: field 'group' takes only the value {self.group_names[0]!r} on every line; "
                              f"DDM needs at least two groups")
         index = {g: k for k, g in enumerate(self.group_names)}
         self.files = [r[1] for r in records]
         self.texts = [r[2] for r in records]
-        self.groups = [index[r[3]] for r in records]  # group index of every item, for counting and sampling
+        self.groups = [index.get(r[3], -1) for r in records]  # group index of every item; -1: no label (null)
 
     def __len__(self):
         return len(self.files)

@@ -34,27 +34,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unet import timestep_embedding
+
 
 class Indicator(nn.Module):
-    """MLP from a latent-shaped input (B, *latent_shape), eps_hat for DDM, to group logits (B, K)."""
+    """MLP from a latent-shaped input (B, *latent_shape) to group logits (B, K): the authors' indicator, reading
+    eps_hat. With timestep_dim > 0 it also reads the timestep (sinusoidal features concatenated to the flattened
+    input): a noise-aware p(g | z_t, t), as classifier guidance needs (ours)."""
 
-    def __init__(self, latent_shape, num_groups, hidden=(1024, 512)):
+    def __init__(self, latent_shape, num_groups, hidden=(1024, 512), timestep_dim=0):
         super().__init__()
         if num_groups < 2:
             raise ValueError(f"the indicator needs at least 2 groups, got num_groups={num_groups}")
         self.latent_shape = tuple(latent_shape)
-        self.num_groups = num_groups
-        widths = [math.prod(self.latent_shape), *hidden]
+        self.num_groups, self.timestep_dim = num_groups, timestep_dim
+        widths = [math.prod(self.latent_shape) + timestep_dim, *hidden]
         layers = [nn.Flatten()]
         for a, b in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(widths[-1], num_groups))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward(self, x, t=None):
         if tuple(x.shape[1:]) != self.latent_shape:
             raise ValueError(f"indicator built for latents {self.latent_shape}, got an input of shape "
                              f"{tuple(x.shape)} (different training resolution?)")
+        if self.timestep_dim:
+            t = torch.as_tensor(t, device=x.device).expand(len(x))
+            x = torch.cat([x.flatten(1), timestep_embedding(t, self.timestep_dim).to(x.dtype)], 1)
         return self.net(x)
 
 
@@ -68,16 +75,18 @@ class MicroBatch:
     pred: torch.Tensor  # (B, 4, h, w) the UNet's output: eps_hat (v_hat for a v-prediction model)
     target: torch.Tensor  # (B, 4, h, w) what pred regresses to: eps (v for a v-prediction model)
     alphas_cumprod: torch.Tensor  # (1000,) abar of the model's noise schedule
-    groups: torch.Tensor  # (B,) group index of each image
-    group_shares: torch.Tensor  # (K,) the share of each group in the whole training set
+    groups: torch.Tensor  # (B,) group index of each image, -1 where the image has no label
+    group_shares: torch.Tensor  # (K,) pi_hat: the share of each group among the labelled training images
+    target_shares: torch.Tensor  # (K,) pi*: the group shares generation should have (--target; uniform)
+    prediction_type: str = "epsilon"  # or "v_prediction"
 
 
 def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
     """L = w_rec * MSE(eps_hat, eps) + w_ind * CE(indicator(eps_hat), groups). Returns (L, parts).
 
     Both terms are computed in float32 whatever the autocast dtype. The CE gradient reaches the UNet through
-    eps_hat, which is the point of DDM. parts = {"rec": MSE, "ind": CE (detached tensors), "acc": the
-    indicator's accuracy on this batch}. With w_ind == 0 the indicator is not run at all, L is exactly
+    eps_hat, which is the point of DDM. parts = {"rec": MSE, "ind": CE (detached tensors), "acc", "bacc": the
+    indicator's accuracy and balanced accuracy on this batch}. With w_ind == 0 the indicator is not run at all, L is exactly
     w_rec * MSE, and parts["ind"], parts["acc"] are NaN (not measured).
     """
     if eps_hat.shape != noise.shape:
@@ -89,9 +98,8 @@ def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
         nan = torch.tensor(float("nan"), device=rec.device)
         return w_rec * rec, {"rec": rec.detach(), "ind": nan, "acc": nan}
     logits = indicator(eps_hat).float()
-    ind = F.cross_entropy(logits, groups)
-    acc = (logits.argmax(1) == groups).float().mean().detach()
-    return w_rec * rec + w_ind * ind, {"rec": rec.detach(), "ind": ind.detach(), "acc": acc}
+    ind = cross_entropy(logits, groups)  # over the labelled images (group -1: none)
+    return w_rec * rec + w_ind * ind, {"rec": rec.detach(), "ind": ind.detach(), **accuracies(logits, groups)}
 
 
 def ddm(b, indicator, hp):
@@ -100,8 +108,138 @@ def ddm(b, indicator, hp):
     return ddm_loss(b.pred, b.target, b.groups, indicator, hp.w_rec, hp.w_ind if indicator is not None else 0)
 
 
-OBJECTIVES = {"ddm": ddm}  # --objective NAME -> fn(MicroBatch, indicator or None, hyperparameters) -> (loss, parts)
-INDICATOR_OBJECTIVES = {"ddm"}  # objectives with an indicator term, weighted by w_ind
+# ---- Our variants. Each is labelled "ours": the paper's objective is `ddm` above. Why they are built this way,
+# with sources: ../shared/DDM-NOTES.md and docs/reproduction.md.
+
+def predicted_x0(b, pred=None):
+    """x0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (DDPM eq. 15); for v: sqrt(abar) z_t - sqrt(1-abar) v."""
+    pred = b.pred if pred is None else pred
+    a = b.alphas_cumprod[b.t].to(pred.dtype).view(-1, *[1] * (pred.dim() - 1))
+    if b.prediction_type == "v_prediction":
+        return a.sqrt() * b.z_t - (1 - a).sqrt() * pred
+    return (b.z_t - (1 - a).sqrt() * pred) / a.sqrt()
+
+
+def ddm_x0(b, indicator, hp):
+    """The paper's figure (ours to build): the indicator reads the denoised latent x0_hat instead of eps_hat.
+
+        L = w_rec * MSE + w_ind * mean_i( abar_t_i * CE(I(x0_hat_i), g_i) )
+
+    x0_hat divides by sqrt(abar_t) (about 15 at t = 999), where it is mostly noise. Weighting each image's CE by
+    abar_t, the share of signal in z_t's variance, keeps the CE gradient through x0_hat bounded (it scales as
+    sqrt(abar (1 - abar)) <= 1/2) and gives most weight where x0_hat carries the group; no extra knob."""
+    rec = F.mse_loss(b.pred.float(), b.target.float())
+    if indicator is None:
+        return hp.w_rec * rec, {"rec": rec}
+    logits = indicator(predicted_x0(b)).float()
+    ce = cross_entropy(logits, b.groups, reduction="none")
+    ind = (b.alphas_cumprod[b.t].float() * ce).mean()
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": ind, **accuracies(logits, b.groups)}
+
+
+def importance_weights(q, group_shares, target_shares, clip=10.0):
+    """w = sum_g q_g * pi*_g / pi_hat_g per image (q: (B, K) posteriors or one-hot labels), clipped at `clip` and
+    normalised to mean 1 over the batch. Minimising E[w * ||eps_hat - eps||^2] fits the re-balanced data
+    sum_g pi*_g p(x | g) (Choi et al. 2020, importance weighting)."""
+    w = (q.float() @ (target_shares / group_shares).float()).clamp(max=clip)
+    return w / w.mean()
+
+
+def weighted_mse(b, w):
+    """Mean over images of w_i * ||pred_i - target_i||^2 / D."""
+    per_image = (b.pred.float() - b.target.float()).pow(2).flatten(1).mean(1)
+    return (w * per_image).mean()
+
+
+def balanced(b, indicator, hp):
+    """Ours, the labelled baseline: each image's MSE weighted by pi*_g / pi_hat_g of its group (1 / (K pi_hat_g)
+    for a uniform target: every group contributes equally, mean weight 1 over the data). No indicator; unlabelled
+    images keep weight 1."""
+    r = (b.target_shares / b.group_shares).float()
+    w = torch.where(b.groups >= 0, r[b.groups.clamp(min=0)], torch.ones_like(r[:1]))
+    rec = weighted_mse(b, w)
+    return hp.w_rec * rec, {"rec": rec}
+
+
+def noise_aware_ce(b, indicator):
+    """Class-balanced CE of a noise-aware indicator on (z_t, t), detached from the UNet: it learns p(g | z_t, t)
+    from the labelled images and teaches the UNet nothing. (logits, CE)."""
+    logits = indicator(b.z_t.detach(), b.t).float()
+    return logits, cross_entropy(logits, b.groups, weight=1 / b.group_shares.float())
+
+
+def indicator_weighted(b, indicator, hp):
+    """Ours: DDM's indicator made to balance. It learns p(g | z_t, t) on the labelled images (noise_aware_ce), and
+    its posterior on the clean latent, q = p(. | z0, t = 0), weights every image's MSE by importance_weights.
+    Images without a label are weighted all the same, which is what makes 10% labels enough."""
+    logits, ind = noise_aware_ce(b, indicator)
+    with torch.no_grad():
+        q = indicator(b.z0, torch.zeros_like(b.t)).float().softmax(1)
+        w = importance_weights(q, b.group_shares, b.target_shares, hp.weight_clip)
+    rec = weighted_mse(b, w)
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": ind, **accuracies(logits, b.groups),
+                                             "w_max": w.max()}
+
+
+def plain_indicator(b, indicator, hp):
+    """Ours: plain fine-tuning, plus a noise-aware indicator trained beside it (detached) for guidance at sampling
+    (`sample.py --indicator RUN --indicator-guidance S`)."""
+    rec = F.mse_loss(b.pred.float(), b.target.float())
+    logits, ind = noise_aware_ce(b, indicator)
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": ind, **accuracies(logits, b.groups)}
+
+
+def cross_entropy(logits, groups, weight=None, reduction="mean"):
+    """CE over the labelled rows (group -1: no label); 0 with a gradient path when a batch has none."""
+    if reduction == "mean" and not (groups >= 0).any():
+        return logits.sum() * 0
+    return F.cross_entropy(logits, groups, weight=weight, ignore_index=-1, reduction=reduction)
+
+
+def accuracies(logits, groups):
+    """{"acc", "bacc"} of the arg-max on the labelled rows: accuracy, and balanced accuracy (the mean per-group
+    recall over the groups present), which unlike accuracy does not reward answering the majority group."""
+    keep = groups >= 0
+    hit = (logits.argmax(1) == groups)[keep].float()
+    if not keep.any():
+        nan = torch.tensor(float("nan"), device=logits.device)
+        return {"acc": nan, "bacc": nan}
+    recalls = [hit[groups[keep] == g].mean() for g in groups[keep].unique()]
+    return {"acc": hit.mean().detach(), "bacc": torch.stack(recalls).mean().detach()}
+
+
+OBJECTIVES = {"ddm": ddm, "ddm-x0": ddm_x0, "balanced": balanced, "indicator-weighted": indicator_weighted,
+              "plain-indicator": plain_indicator}  # --objective NAME -> fn(MicroBatch, indicator, hp) -> (loss, parts)
+INDICATOR_OBJECTIVES = {"ddm", "ddm-x0", "indicator-weighted", "plain-indicator"}  # with an indicator term (w_ind)
+NOISE_AWARE = {"indicator-weighted", "plain-indicator"}  # their indicator reads (z_t, t): usable for guidance
+TIMESTEP_DIM = 64  # sinusoidal timestep features of a noise-aware indicator
+
+
+def parse_target(spec, group_names):
+    """pi* (K,) float32 from "uniform" or "NAME=SHARE,NAME=SHARE,..." naming every group once, shares summing to 1."""
+    k = len(group_names)
+    if spec == "uniform":
+        return torch.full((k,), 1 / k)
+    names = [str(g) for g in group_names]
+    shares = {}
+    for item in spec.split(","):
+        name, _, share = item.partition("=")
+        if name.strip() not in names:
+            raise ValueError(f"target {spec!r}: {name.strip()!r} is not a group (groups: {', '.join(names)})")
+        try:
+            shares[name.strip()] = float(share)
+        except ValueError:
+            raise ValueError(f"target {spec!r}: {item!r} is not NAME=SHARE") from None
+    p = torch.tensor([shares.get(n, 0.0) for n in names], dtype=torch.float64)
+    if len(shares) != k or (p < 0).any() or not p.isfinite().all() or abs(p.sum().item() - 1) > 1e-6:
+        raise ValueError(f"target {spec!r} must give each of the groups {', '.join(names)} a share >= 0, the shares "
+                         f"summing to 1")
+    return p.float()
+
+
+def make_indicator(objective, latent_shape, num_groups, hidden):
+    """The indicator a run with this objective trains: the authors' MLP, or its noise-aware form."""
+    return Indicator(latent_shape, num_groups, hidden, TIMESTEP_DIM if objective in NOISE_AWARE else 0)
 
 
 def uses_indicator(objective, w_ind):

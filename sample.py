@@ -34,8 +34,10 @@ from tqdm import tqdm
 
 import checkpoints
 import lora
+import weights
 from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, load_text_encoder, load_tokenizer
-from ddm import Indicator, uses_indicator
+from data import derive_seed
+from ddm import Indicator, make_indicator, parse_target, uses_indicator
 from unet import UNet, UNetConfig, load_unet
 from vae import VAE, VAEConfig, load_vae
 
@@ -171,9 +173,17 @@ def _per_image_noise(generators, shape, device):
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
 
 
+def indicator_gradient(indicator, x, t, groups):
+    """∇_x log p(g | x, t) (B, C, h, w) for each image's target group g, through a noise-aware indicator only."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().clone().float().requires_grad_(True)
+        log_p = indicator(x, t).float().log_softmax(1)
+        return torch.autograd.grad(log_p[torch.arange(len(x)), groups].sum(), x)[0]
+
+
 @torch.inference_mode()
 def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guidance=7.5, sampler="ddim",
-            eta=0.0, prediction_type="epsilon", progress=False):
+            eta=0.0, prediction_type="epsilon", progress=False, guide=None):
     """The reverse process for one batch: initial noise x (B,C,h,w) -> latents x_0 (B,C,h,w), float32.
 
     Classifier-free guidance (Ho & Salimans eq. 6) with one UNet call on the unconditional and conditional halves
@@ -181,6 +191,9 @@ def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guid
     conditional sampling and skips the unconditional half. (diffusers switches guidance off for every s <= 1;
     here s < 1 means what the formula says.) `cond` (B,T,D), `uncond` (1,T,D) or (B,T,D) or None when s = 1.
     `generators[k]` supplies image k's per-step noise (DDPM, DDIM with η > 0).
+
+    Indicator guidance (ours; classifier guidance, Dhariwal & Nichol 2021 eq. 14, toward a target group per image):
+    with guide = (indicator, target groups (B,), scale S),  ε̃ = ε̃ − S·√(1−ᾱ_t)·∇_{x_t} log p(g | x_t, t).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
@@ -205,6 +218,9 @@ def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guid
         else:
             out = unet(x_in.to(dtype), t, context).float()
         eps = eps_from_v(x_in, out, t, alphas_cumprod) if prediction_type == "v_prediction" else out
+        if guide is not None and guide[2] > 0:
+            indicator, groups, scale = guide
+            eps = eps - scale * float(1 - alphas_cumprod[t]) ** 0.5 * indicator_gradient(indicator, x_in, t, groups)
         if sampler == "ddim":
             noise = _per_image_noise(generators, x.shape[1:], x.device) if eta > 0 else None
             x = ddim_step(x, eps, t, t_prevs[i], alphas_cumprod, eta, noise)
@@ -287,7 +303,8 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
     checkpoints.setup_trainable(models, config["lora_rank"], config["lora_alpha"], config["train_text_encoder"])
     indicator = None
     if uses_indicator(config.get("objective", "ddm"), config["w_ind"]):
-        indicator = Indicator(info["latent_shape"], len(config["group_names"]), config["indicator_hidden"])
+        indicator = make_indicator(config.get("objective", "ddm"), info["latent_shape"], len(config["group_names"]),
+                                   config["indicator_hidden"])
     checkpoints.load_checkpoint_weights(ckpt, models.unet, models.text_encoder, indicator, config)
     for m in (models.unet, models.text_encoder, indicator):
         if m is not None:
@@ -389,11 +406,12 @@ def latent_shape(models, height, width):
 
 
 def sample_latents(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
-                   sampler="ddim", eta=0.0, progress=False, embeddings=None):
+                   sampler="ddim", eta=0.0, progress=False, embeddings=None, guide=None):
     """One batch, text to final latents (B, 4, H/8, W/8) float32: encode the texts, draw image k's initial noise
     from a generator seeded with seeds[k] (which then gives its later noise too), run `denoise`.
 
     `embeddings` ({text: (77, D)}) is a cache shared across batches, so each distinct text is encoded once.
+    `guide` = (indicator, target group of each image, scale): indicator guidance, see `denoise`.
     """
     _check_settings(prompts, seeds, steps, guidance, height, width, sampler, eta, len(prompts))
     shape = latent_shape(models, height, width)
@@ -407,11 +425,12 @@ def sample_latents(models, prompts, seeds, *, negative_prompt="", steps=50, guid
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = _per_image_noise(generators, shape, device)
     return denoise(models.unet, x, cond, uncond, models.alphas_cumprod, generators, steps=steps, guidance=guidance,
-                   sampler=sampler, eta=eta, prediction_type=models.prediction_type, progress=progress)
+                   sampler=sampler, eta=eta, prediction_type=models.prediction_type, progress=progress,
+                   guide=None if guide is None else (guide[0], torch.as_tensor(guide[1], device=device), guide[2]))
 
 
 def generate_batches(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
-                     sampler="ddim", eta=0.0, batch_size=8, progress=True):
+                     sampler="ddim", eta=0.0, batch_size=8, progress=True, guide=None):
     """Yield (index of the first image, uint8 images (B,H,W,3)) batch by batch: `generate` without holding every
     image at once (an evaluation run writes thousands)."""
     _check_settings(prompts, seeds, steps, guidance, height, width, sampler, eta, batch_size)
@@ -422,14 +441,15 @@ def generate_batches(models, prompts, seeds, *, negative_prompt="", steps=50, gu
             batch = slice(start, start + batch_size)
             z = sample_latents(models, prompts[batch], seeds[batch], negative_prompt=negative_prompt, steps=steps,
                                guidance=guidance, height=height, width=width, sampler=sampler, eta=eta,
-                               progress=progress, embeddings=embeddings)
+                               progress=progress, embeddings=embeddings,
+                               guide=None if guide is None else (guide[0], guide[1][batch], guide[2]))
             images = to_uint8(decode_latents(models, z))
             bar.update(len(images))
             yield start, images
 
 
 def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
-             sampler="ddim", eta=0.0, batch_size=8, progress=True):
+             sampler="ddim", eta=0.0, batch_size=8, progress=True, guide=None):
     """uint8 images (N, H, W, 3), image k from (prompts[k], seeds[k]) alone.
 
     Image k's noise comes from its own generator, so it is the same at any batch size; its pixels then agree within
@@ -437,7 +457,40 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
     edge). Runs at one batch size on one machine are bit-identical on CPU."""
     return torch.cat([images for _, images in generate_batches(
         models, prompts, seeds, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
-        width=width, sampler=sampler, eta=eta, batch_size=batch_size, progress=progress)])
+        width=width, sampler=sampler, eta=eta, batch_size=batch_size, progress=progress, guide=guide)])
+
+
+def draw_targets(seeds, shares):
+    """Image k's target group for indicator guidance: a draw from `shares` (K,) with its own seed, so it does not
+    depend on the other images (and leaves image k's noise stream alone)."""
+    return [torch.multinomial(shares.double(), 1, generator=torch.Generator().manual_seed(derive_seed(s, "target")))
+            .item() for s in seeds]
+
+
+def load_indicator(path, latent_shape):
+    """(noise-aware indicator, group names) from a train.py run directory, or from an indicator.safetensors file
+    (then the groups are named 0..K-1 and the widths are read off the tensors)."""
+    path = Path(path)
+    if path.is_dir():
+        run = load_run(path)
+        indicator, names = run.indicator, [str(g) for g in run.group_names]
+        if indicator is None:
+            raise ValueError(f"--indicator {path}: this run trained no indicator (objective "
+                             f"{run.info['config'].get('objective', 'ddm')}, w_ind {run.info['config']['w_ind']})")
+    else:
+        sd = weights.read_state_dict(path)
+        linears = sorted((int(k.split(".")[1]), v) for k, v in sd.items() if k.endswith(".weight"))
+        if not linears or any(not k.startswith("net.") for k in sd):
+            raise ValueError(f"--indicator {path}: not an indicator.safetensors (tensors {sorted(sd)[:4]})")
+        widths = [w.shape[0] for _, w in linears]
+        time_dim = linears[0][1].shape[1] - math.prod(latent_shape)
+        indicator = Indicator(latent_shape, widths[-1], widths[:-1], max(time_dim, 0))
+        weights.load_strict(indicator, sd, f"indicator from {path}")
+        names = [str(k) for k in range(widths[-1])]
+    if indicator.timestep_dim == 0:
+        raise ValueError(f"--indicator {path}: this indicator reads eps_hat, not (z_t, t); guidance needs a "
+                         "noise-aware one (train.py --objective plain-indicator or indicator-weighted)")
+    return indicator.float().eval(), names
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -466,6 +519,13 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ancestral")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run's images in --out")
+    g = p.add_argument_group("indicator guidance (ours): steer each image toward a target group")
+    g.add_argument("--indicator", metavar="RUN_OR_FILE",
+                   help="a train.py run with a noise-aware indicator (--objective plain-indicator or "
+                        "indicator-weighted), or its indicator.safetensors")
+    g.add_argument("--indicator-guidance", type=float, default=0.0, metavar="S", help="guidance scale (0: off)")
+    g.add_argument("--target", default="uniform", help="group shares the targets are drawn from: uniform or "
+                                                       "NAME=SHARE,...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # Half-precision weights run as they are, without autocast (as diffusers' fp16 pipelines do; group norms stay
     # float32): autocast cost ~10% per UNet call on an H200 (README, Speed and memory).
@@ -484,6 +544,12 @@ def parse_args(argv=None):
         p.error(f"--guidance must be a finite number, got {args.guidance}")
     if not (math.isfinite(args.eta) and args.eta >= 0):
         p.error(f"--eta must be a number >= 0, got {args.eta}")
+    if not (math.isfinite(args.indicator_guidance) and args.indicator_guidance >= 0):
+        p.error(f"--indicator-guidance must be a number >= 0, got {args.indicator_guidance}")
+    if args.indicator_guidance > 0 and not args.indicator:
+        p.error("--indicator-guidance needs --indicator RUN_OR_FILE")
+    if args.indicator and not Path(args.indicator).exists():
+        p.error(f"--indicator {args.indicator} does not exist")
     for name in ("height", "width"):
         v = getattr(args, name)
         if v <= 0 or v % 8:
@@ -553,6 +619,15 @@ def main(argv=None):
         models = load_models(args.model, args.device, getattr(torch, args.dtype))
     except (FileNotFoundError, ValueError) as e:  # ValueError covers weights.CheckpointError
         sys.exit(f"error: cannot load --model {args.model}: {e}")
+    guide, targets = None, None
+    if args.indicator:
+        try:
+            indicator, names = load_indicator(args.indicator, latent_shape(models, args.height, args.width))
+            targets = draw_targets(seeds, parse_target(args.target, names))
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        guide = (indicator.to(args.device), targets, args.indicator_guidance)
+        targets = [names[g] for g in targets]
 
     out.mkdir(parents=True, exist_ok=True)
     for old in out.iterdir():  # only reached with --overwrite or an empty folder: drop the previous run's outputs
@@ -569,13 +644,14 @@ def main(argv=None):
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "pillow": PIL.__version__, "git_commit": _git_commit()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "grid": files[:GRID_MAX],
+        "grid": files[:GRID_MAX], "indicator": args.indicator and str(Path(args.indicator).resolve()),
+        "indicator_guidance": args.indicator_guidance, "target": args.target, "target_groups": targets,
     }
     grid_images = []
     for start, images in generate_batches(models, prompts, seeds, negative_prompt=args.negative_prompt,
                                           steps=args.steps, guidance=args.guidance, height=args.height,
                                           width=args.width, sampler=args.sampler, eta=args.eta,
-                                          batch_size=args.batch_size):
+                                          batch_size=args.batch_size, guide=guide):
         for k, image in enumerate(images, start):
             Image.fromarray(image.numpy()).save(out / files[k])
             if k < GRID_MAX:

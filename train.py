@@ -68,18 +68,20 @@ def micro_batch_inputs(posterior_mean, posterior_std, texts, models, args, gener
 
 
 class DDMModel(nn.Module):
-    """The networks that are trained (what DistributedDataParallel wraps); forward = one micro-batch's loss."""
+    """The networks that are trained (what DistributedDataParallel wraps); forward = one micro-batch's loss.
+    `constants` are the MicroBatch fields that never change: ᾱ, the group shares π̂ and π*, the prediction type."""
 
-    def __init__(self, unet, text_encoder, indicator, args):
+    def __init__(self, unet, text_encoder, indicator, args, constants):
         super().__init__()
         self.unet, self.text_encoder, self.indicator, self.args = unet, text_encoder, indicator, args
+        self.constants = constants
 
-    def forward(self, inputs, groups, group_shares, alphas_cumprod):
+    def forward(self, inputs, groups):
         with torch.set_grad_enabled(self.args.train_text_encoder and torch.is_grad_enabled()):
             context = self.text_encoder(inputs["input_ids"])  # (B, 77, width)
         pred = self.unet(inputs["z_t"], inputs["t"], context)
         batch = ddm.MicroBatch(**{k: v for k, v in inputs.items() if k != "input_ids"}, pred=pred, groups=groups,
-                               group_shares=group_shares, alphas_cumprod=alphas_cumprod)
+                               **self.constants)
         return ddm.loss(batch, self.indicator, self.args)
 
 
@@ -101,6 +103,7 @@ class Trainer:
         self.args, self.rank, self.world, self.device = args, rank, world, device
         # ---- everything that can be wrong is checked before anything is written
         self.data = data = ImageFolder(args.data, args.resolution)  # validates every metadata line and image
+        self.target_shares = ddm.parse_target(args.target, data.group_names)
         if args.export and Path(args.export).exists():  # not only after hours of training
             raise FileExistsError(f"--export {args.export} exists; choose a new folder")
         self.run_dir = run_dir = Path(args.resume or args.out)
@@ -137,11 +140,17 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # LoRA A and indicator init from the seed, caller's RNG untouched
             torch.manual_seed(derive_seed(args.seed, "init"))
             checkpoints.setup_trainable(models, args.lora_rank, args.lora_alpha, args.train_text_encoder)
-            self.indicator = (ddm.Indicator(latent_shape, len(self.data.group_names), args.indicator_hidden)
+            self.indicator = (ddm.make_indicator(args.objective, latent_shape, len(self.data.group_names),
+                                                 args.indicator_hidden)
                               if ddm.uses_indicator(args.objective, args.w_ind) else None)
-        self.model = DDMModel(models.unet, models.text_encoder, self.indicator, args).to(device)
-        models.vae.to(device).eval()
         models.alphas_cumprod = models.alphas_cumprod.to(device)
+        labelled = torch.tensor([g for g in self.data.groups if g >= 0])  # group -1: an image without a label
+        counts = torch.bincount(labelled, minlength=len(self.data.group_names))
+        constants = {"alphas_cumprod": models.alphas_cumprod, "prediction_type": models.prediction_type,
+                     "group_shares": (counts / counts.sum()).float().to(device),
+                     "target_shares": self.target_shares.to(device)}
+        self.model = DDMModel(models.unet, models.text_encoder, self.indicator, args, constants).to(device)
+        models.vae.to(device).eval()
         models.unet.train()
         models.unet.gradient_checkpointing = args.gradient_checkpointing
         models.text_encoder.train(args.train_text_encoder)
@@ -150,8 +159,6 @@ class Trainer:
         precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
         self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
-        counts = torch.bincount(torch.tensor(self.data.groups), minlength=len(self.data.group_names))
-        self.group_shares = (counts.double() / counts.sum()).float().to(device)
 
     def step(self):
         """One optimizer update over grad_accum micro-batches; the mean loss and parts over them (and the ranks)."""
@@ -171,16 +178,16 @@ class Trainer:
             sync = self.world == 1 or micro == args.grad_accum - 1  # DDP all-reduces on the last micro-batch only
             with nullcontext() if sync else ddp.no_sync():
                 with torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
-                    loss, parts = ddp(inputs, batch["group"].to(device), self.group_shares, models.alphas_cumprod)
+                    loss, parts = ddp(inputs, batch["group"].to(device))
                 (self.scaler.scale(loss / args.grad_accum) if self.scaler else loss / args.grad_accum).backward()
-            for name, value in {"loss": loss, **parts}.items():
-                sums[name] = sums.get(name, 0) + torch.as_tensor(value, device=device).detach().float()
+            for name, value in {"loss": loss, **parts}.items():  # a NaN part was not measured: not counted
+                value = torch.as_tensor(value, device=device).detach().float()
+                sums[name] = sums.get(name, 0) + torch.stack([value.nan_to_num(0, posinf=math.inf, neginf=-math.inf), ~value.isnan()])
         names = list(sums)  # the same names in the same order on every rank: the objective's parts
-        means = torch.stack([sums[n] for n in names]) / args.grad_accum
+        totals = torch.stack([sums[n] for n in names])  # (parts, 2): sum and count
         if self.world > 1:
-            dist.all_reduce(means)
-            means /= self.world
-        means = dict(zip(names, means.tolist()))
+            dist.all_reduce(totals)
+        means = dict(zip(names, (totals[:, 0] / totals[:, 1]).tolist()))  # 0/0: NaN, logged as null
         if not math.isfinite(means["loss"]):
             raise FloatingPointError(
                 f"loss is {means['loss']} at step {self.step_count + 1}; training stopped before applying it. The "
@@ -276,6 +283,10 @@ def parse_args(argv=None):
         g.add_argument("--w-rec", type=float, default=0.95, help="weight of the denoising MSE"),
         g.add_argument("--w-ind", type=float, default=0.05, help="weight of the indicator CE (0: no indicator)"),
         g.add_argument("--indicator-hidden", type=int, nargs="+", default=[1024, 512], help="indicator MLP widths"),
+        g.add_argument("--target", default="uniform", help="pi*, the group shares to aim for: uniform or "
+                                                           "NAME=SHARE,... (balanced, indicator-weighted)"),
+        g.add_argument("--weight-clip", type=float, default=10.0, help="largest importance weight "
+                                                                       "(indicator-weighted)"),
     ]
     p.set_defaults(objective_fields=[a.dest for a in objective])
     g = p.add_argument_group("what is trained")

@@ -374,3 +374,34 @@ def test_a_loss_term_added_in_ddm_py_alone_trains_and_is_logged(sd_dir, data_dir
     assert set(checkpoint_files(runs["toy"])) == {"unet.safetensors", "indicator.safetensors"}
     with pytest.raises(ValueError, match=r"started with objective='toy', now objective='ddm'"):
         train.train([*common, "--resume", str(runs["toy"]), "--objective", "ddm", "--max-steps", "3"])
+
+
+def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator_guides_sampling(sd_dir, tmp_path):
+    partial = make_data(tmp_path / "partial", groups=["red", None, "blue", None, "red", None, "blue", None])
+    common = ["--model", str(sd_dir), "--data", str(partial), "--lora-rank", "4", "--max-steps", "2", *FAST]
+    run = train.train([*common, "--out", str(tmp_path / "iw"), "--objective", "indicator-weighted"])
+    log = log_lines(run)
+    assert all(r["w_max"] >= 1 and 0 <= r["bacc"] <= 1 and r["ind"] > 0 for r in log)
+    assert checkpoints.latest_checkpoint(run).joinpath("indicator.safetensors").is_file()
+    out = tmp_path / "guided"
+    sample_args = ["--model", str(run), "--prompt", "a red square", "--n", "4", "--steps", "2", "--height", str(RES),
+                   "--width", str(RES), "--indicator", str(run), "--target", "red=0.25,blue=0.75"]
+    sample.main([*sample_args, "--indicator-guidance", "2", "--out", str(out)])
+    record = json.loads((out / "samples.json").read_text())
+    assert len(record["target_groups"]) == 4 and set(record["target_groups"]) <= {"red", "blue"}
+    assert record["indicator_guidance"] == 2.0
+    guided = np.stack([np.asarray(Image.open(out / f)) for f in record["files"]])
+    sample.main([*sample_args, "--indicator-guidance", "0", "--out", str(tmp_path / "unguided")])
+    unguided = np.stack([np.asarray(Image.open(tmp_path / "unguided" / f)) for f in record["files"]])
+    assert np.isfinite(guided).all() and guided.std() > 1 and not np.array_equal(guided, unguided)
+    for bad, message in ((["--indicator-guidance", "-1"], "must be a number >= 0"),
+                         (["--target", "green=1", "--indicator-guidance", "1"], "'green' is not a group")):
+        with pytest.raises(SystemExit) as e:
+            sample.main([*sample_args, *bad, "--out", str(tmp_path / "never")])
+        assert message in str(e.value) or e.value.code == 2
+    ddm_run = train.train([*common, "--out", str(tmp_path / "ddm"), "--objective", "ddm"])
+    with pytest.raises(SystemExit, match="reads eps_hat, not"):
+        sample.main([*sample_args[:-4], "--indicator", str(ddm_run), "--indicator-guidance", "1",
+                     "--out", str(tmp_path / "never2")])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--objective", "no-such-objective"])

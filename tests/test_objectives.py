@@ -1,0 +1,171 @@
+"""ddm.py's objectives (ours beside the authors'), their arithmetic against closed forms, partial labels, and
+indicator guidance at sampling on a tiny model."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ddm
+import sample
+
+LATENT = (4, 2, 2)
+
+
+def micro_batch(groups, t=None, pred=None, seed=0, shares=(0.75, 0.25), target=(0.5, 0.5)):
+    g = torch.Generator().manual_seed(seed)
+    B = len(groups)
+    z0, noise = torch.randn(B, *LATENT, generator=g), torch.randn(B, *LATENT, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g) if t is None else torch.as_tensor(t)
+    ac = sample.sd_schedule().float()
+    z_t = sample.add_noise(z0, noise, t, ac)
+    pred = noise + 0.1 * torch.randn(B, *LATENT, generator=g) if pred is None else pred
+    return ddm.MicroBatch(z0=z0, z_t=z_t, t=t, noise=noise, pred=pred, target=noise, alphas_cumprod=ac,
+                          groups=torch.tensor(groups), group_shares=torch.tensor(shares),
+                          target_shares=torch.tensor(target))
+
+
+HP = SimpleNamespace(w_rec=1.0, w_ind=0.5, weight_clip=10.0)
+
+
+def test_balanced_weights_have_mean_one_over_the_data_and_equalise_the_groups():
+    groups = [0, 0, 0, 1]  # the batch is the data: 3 : 1, as the shares say
+    b = micro_batch(groups)
+    loss, parts = ddm.balanced(b, None, HP)
+    per_image = (b.pred - b.target).pow(2).flatten(1).mean(1)
+    w = torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0])  # 1 / (K pi_g): 0.5 / 0.75 and 0.5 / 0.25
+    assert w.mean() == pytest.approx(1.0)
+    assert (w[:3].sum() - w[3]).abs() < 1e-6  # each group's total weight is the same
+    torch.testing.assert_close(loss, (w * per_image).mean())
+    unlabelled = micro_batch([-1, 0, 0, 1])
+    w_u = torch.tensor([1.0, 2 / 3, 2 / 3, 2.0])  # an image without a label keeps weight 1
+    torch.testing.assert_close(ddm.balanced(unlabelled, None, HP)[0],
+                               (w_u * (unlabelled.pred - unlabelled.target).pow(2).flatten(1).mean(1)).mean())
+
+
+def test_predicted_x0_matches_the_ddim_step_x0():
+    b = micro_batch([0, 1, 0], t=[1, 500, 999])
+    x0 = ddm.predicted_x0(b)
+    ac = b.alphas_cumprod.double()
+    for i, t in enumerate(b.t.tolist()):
+        # ddim_step to past the last step gives sqrt(abar_0) x0_hat + sqrt(1 - abar_0) eps: solve it for x0_hat
+        x_prev = sample.ddim_step(b.z_t[i].double(), b.pred[i].double(), t, -1, ac)
+        want = (x_prev - (1 - ac[0]).sqrt() * b.pred[i].double()) / ac[0].sqrt()
+        torch.testing.assert_close(x0[i].double(), want, atol=1e-4 * max(1, want.abs().max().item()), rtol=1e-4)
+    v = micro_batch([0, 1, 0], t=[1, 500, 999])
+    v.prediction_type = "v_prediction"
+    v.pred = sample.v_target(v.z0, v.noise, v.t, v.alphas_cumprod)  # the exact v gives back z0
+    torch.testing.assert_close(ddm.predicted_x0(v), v.z0, atol=1e-5, rtol=1e-5)
+
+
+def test_ddm_x0_weights_the_ce_by_alpha_bar_so_its_gradient_stays_bounded_at_large_t():
+    torch.manual_seed(0)
+    ind = ddm.Indicator(LATENT, 2, (8,))
+    b = micro_batch([0, 1], t=[999, 999])
+    b.pred = b.pred.clone().requires_grad_(True)
+    loss, parts = ddm.ddm_x0(b, ind, SimpleNamespace(w_rec=0.0, w_ind=1.0))
+    logits = ind(ddm.predicted_x0(b))
+    abar = b.alphas_cumprod[b.t]
+    torch.testing.assert_close(parts["ind"], (abar * F.cross_entropy(logits, b.groups, reduction="none")).mean())
+    grad = torch.autograd.grad(loss, b.pred)[0]
+    unweighted = torch.autograd.grad(F.cross_entropy(ind(ddm.predicted_x0(b)), b.groups), b.pred)[0]
+    assert grad.abs().max() < 0.01 * unweighted.abs().max()  # abar_999 = 0.0047
+
+
+def test_importance_weights_on_a_toy_posterior_equal_the_formula():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.9, 0.1]])
+    pi_hat, pi_star = torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.5])
+    raw = torch.tensor([0.5 / 0.9, 5.0, 0.5 * 0.5 / 0.9 + 0.5 * 5.0, 0.9 * 0.5 / 0.9 + 0.1 * 5.0])
+    torch.testing.assert_close(ddm.importance_weights(q, pi_hat, pi_star), raw / raw.mean())
+    clipped = raw.clamp(max=2.0)
+    torch.testing.assert_close(ddm.importance_weights(q, pi_hat, pi_star, clip=2.0), clipped / clipped.mean())
+
+
+def test_indicator_weighted_trains_its_indicator_on_labelled_images_only_and_weights_every_image():
+    torch.manual_seed(0)
+    ind = ddm.make_indicator("indicator-weighted", LATENT, 2, (8,))
+    assert ind.timestep_dim == ddm.TIMESTEP_DIM
+    b = micro_batch([0, -1, 1, -1])
+    loss, parts = ddm.indicator_weighted(b, ind, HP)
+    grads = torch.autograd.grad(parts["ind"], ind.net[1].weight)[0]  # first layer: one row of inputs per image
+    # the CE is the class-balanced CE over rows 0 and 2 alone
+    logits = ind(b.z_t, b.t)
+    weight = 1 / b.group_shares
+    want = (weight[0] * F.cross_entropy(logits[0:1], b.groups[0:1]) + weight[1] * F.cross_entropy(
+        logits[2:3], b.groups[2:3])) / (weight[0] + weight[1])
+    torch.testing.assert_close(parts["ind"], want)
+    b2 = micro_batch([0, -1, 1, -1])
+    b2.z_t = b2.z_t.clone()
+    b2.z_t[[1, 3]] += 100  # moving the unlabelled images changes nothing in the indicator's gradient
+    torch.testing.assert_close(torch.autograd.grad(ddm.indicator_weighted(b2, ind, HP)[1]["ind"],
+                                                   ind.net[1].weight)[0], grads)
+    q = ind(b.z0, torch.zeros(4, dtype=torch.long)).softmax(1).detach()
+    w = ddm.importance_weights(q, b.group_shares, b.target_shares)
+    torch.testing.assert_close(parts["rec"], ((b.pred - b.target).pow(2).flatten(1).mean(1) * w).mean())
+    none = micro_batch([-1, -1])  # a batch without labels: CE 0, still a finite loss
+    loss, parts = ddm.indicator_weighted(none, ind, HP)
+    assert parts["ind"] == 0 and math.isfinite(loss.item()) and math.isnan(parts["bacc"])
+
+
+def test_balanced_accuracy_does_not_reward_the_majority():
+    logits = torch.tensor([[1.0, 0.0]] * 4)  # always group 0
+    parts = ddm.accuracies(logits, torch.tensor([0, 0, 0, 1]))
+    assert parts["acc"].item() == 0.75 and parts["bacc"].item() == 0.5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("a=0.5,c=0.5", "'c' is not a group"), ("a=0.7,b=0.7", "summing to 1"), ("a=1", "summing to 1"),
+    ("a=x,b=1", "not NAME=SHARE"), ("a=-0.5,b=1.5", "share >= 0")])
+def test_a_bad_target_is_refused_naming_it(spec, message):
+    with pytest.raises(ValueError, match=message):
+        ddm.parse_target(spec, ["a", "b"])
+    assert ddm.parse_target("a=0.25,b=0.75", ["a", "b"]).tolist() == [0.25, 0.75]
+    assert ddm.parse_target("uniform", [7, 8, 9]).tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_indicator_guidance_raises_the_indicator_probability_of_the_target_group(one_thread):
+    """A toy: a 'UNet' that predicts zero noise, and an indicator that reads the mean of the latent; guiding toward
+    group 1 (mean > 0) and toward group 0 (mean < 0) moves the final latents apart, in the asked direction."""
+    torch.manual_seed(0)
+    ind = ddm.Indicator(LATENT, 2, (4,), timestep_dim=8)
+    with torch.no_grad():
+        for p in ind.parameters():
+            p.zero_()
+        ind.net[-1].bias.zero_()
+        # logits = +/- mean(x) through a ReLU pair: (relu(m) - relu(-m)) = m
+        ind.net[1].weight[0, :4 * 4] = 1.0 / 16
+        ind.net[1].weight[1, :4 * 4] = -1.0 / 16
+        ind.net[-1].weight[:, :2] = torch.tensor([[-4.0, 4.0], [4.0, -4.0]])
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, context):
+            return torch.zeros_like(x)
+
+    unet = Zero()
+    unet.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
+    ac = sample.sd_schedule()
+    x = torch.randn(6, *LATENT, generator=torch.Generator().manual_seed(1))
+    gens = [torch.Generator().manual_seed(k) for k in range(6)]
+    cond = torch.zeros(6, 77, 8)
+    out = {}
+    for name, groups in (("plain", None), ("to_1", [1] * 6), ("to_0", [0] * 6)):
+        guide = None if groups is None else (ind, torch.tensor(groups), 3.0)
+        out[name] = sample.denoise(unet, x, cond, None, ac, gens, steps=10, guidance=1.0, guide=guide)
+    p1 = {k: ind(v, torch.zeros(6, dtype=torch.long)).softmax(1)[:, 1].mean().item() for k, v in out.items()}
+    assert p1["to_1"] > p1["plain"] + 0.2 and p1["to_0"] < p1["plain"] - 0.2, p1
+
+
+def test_null_groups_load_as_unlabelled(tmp_path):
+    from PIL import Image
+    from data import ImageFolder
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "text": "", "group": g} for i, g in enumerate(["a", None, "b", None])]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ImageFolder(tmp_path, 8)
+    assert data.group_names == ["a", "b"] and data.groups == [0, -1, 1, -1]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({**r, "group": None}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="null on every line"):
+        ImageFolder(tmp_path, 8)
