@@ -279,6 +279,9 @@ def mixture_moments(features_by_group, weights):
     return mu, second - torch.outer(mu, mu)
 
 
+MIN_PER_GROUP_FRECHET = 10  # images of a group below which its own Frechet distance is not reported (None)
+
+
 def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
                     reference_features=None, batch_size=256):
     """Group balance and quality of generated images -> dict of JSON-ready numbers (None where not computed).
@@ -328,6 +331,7 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         "mean_confidence": probs.max(1).values.mean().item(),
         "share_outside_groups": (~torch.isin(probs.argmax(1), torch.tensor(columns))).double().mean().item(),
         "frechet_distance": None,
+        "frechet_per_group": None,
     }
     if requested is not None:
         requested = list(requested)
@@ -358,6 +362,10 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
             mu_ref, cov_ref = mixture_moments([reference_features[g] for g in groups], p.tolist())
             mu, cov = _moments(feats, "features of the generated images")
             result["frechet_distance"] = _frechet(mu, cov, mu_ref, cov_ref)
+            # per group: the images judged to be g against real g, so a group's broken images cannot hide in the mix
+            result["frechet_per_group"] = {
+                str(g): frechet_distance(feats[labels == k], reference_features[g])
+                if (labels == k).sum() >= MIN_PER_GROUP_FRECHET else None for k, g in enumerate(groups)}
         else:
             result["frechet_distance"] = frechet_distance(feats, reference_features)
     return result

@@ -194,8 +194,11 @@ class Trainer:
                 f"last good checkpoint is {self.last_saved or 'none (no checkpoint written yet)'}")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = (nn.utils.clip_grad_norm_(self.params, args.max_grad_norm).item() if args.max_grad_norm > 0
-                     else None)
+        grad_norm = None
+        if args.max_grad_norm > 0:  # per network (the authors clip by value): the indicator never throttles the UNet
+            ind = set(self.indicator.parameters()) if self.indicator is not None else set()
+            grad_norm = nn.utils.clip_grad_norm_([p for p in self.params if p not in ind], args.max_grad_norm).item()
+            nn.utils.clip_grad_norm_(list(ind), args.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -405,3 +405,14 @@ def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator
                      "--out", str(tmp_path / "never2")])
     with pytest.raises(SystemExit):
         train.parse_args(["--objective", "no-such-objective"])
+
+
+def test_plain_indicator_trains_the_unet_exactly_as_plain_fine_tuning(sd_dir, data_dir, tmp_path):
+    """Its indicator reads detached inputs and is clipped on its own, so the UNet cannot tell it is there: the
+    guidance rows of the reproduction sample the plain fine-tunes themselves."""
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "0", "--max-steps", "2", *FAST]
+    plain = train.train([*common, "--out", str(tmp_path / "plain"), "--w-ind", "0"])
+    guided = train.train([*common, "--out", str(tmp_path / "pi"), "--objective", "plain-indicator", "--w-ind", "1"])
+    a, b = checkpoint_files(plain), checkpoint_files(guided)
+    assert_same_tensors({"unet": a["unet.safetensors"]}, {"unet": b["unet.safetensors"]})
+    assert "indicator.safetensors" in b and all(r["ind"] > 0 for r in log_lines(guided))
