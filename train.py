@@ -46,8 +46,9 @@ N_TRAIN_TIMESTEPS = 1000  # SD's DDPM schedule length; t ~ U{0, ..., 999}
 # The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
 # would train a different model.
 RESUME_FIELDS = ("model", "init_config", "vae", "data", "num_images", "group_names", "resolution", "batch_size",
-                 "grad_accum", "world_size", "lr", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm",
-                 "lora_rank", "lora_alpha", "train_text_encoder", "caption_dropout", "cache_latents", "seed")
+                 "grad_accum", "world_size", "lr", "indicator_lr", "weight_decay", "adam_betas", "adam_eps",
+                 "max_grad_norm", "lora_rank", "lora_alpha", "train_text_encoder", "caption_dropout", "cache_latents",
+                 "seed")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,7 +156,11 @@ class Trainer:
         models.unet.gradient_checkpointing = args.gradient_checkpointing
         models.text_encoder.train(args.train_text_encoder)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, args)
+        ind = list(self.indicator.parameters()) if self.indicator is not None else []
+        groups = [{"params": [p for p in self.params if all(p is not q for q in ind)]}]
+        if ind:  # with its own learning rate, --indicator-lr
+            groups.append({"params": ind, "lr": args.indicator_lr or args.lr})
+        self.optimizer = make_optimizer(groups, args)
         precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
         self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
@@ -304,6 +309,7 @@ def parse_args(argv=None):
     g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps in total")
     g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--indicator-lr", type=float, help="the indicator's learning rate (default: --lr)")
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -349,10 +355,11 @@ def check_args(args):
     for flag in ("batch_size", "grad_accum", "max_steps", "validation_n", "validation_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("lr", "weight_decay", "max_grad_norm", "w_rec", "w_ind", "checkpoint_every", "validation_every",
-                 "num_workers"):
-        if not getattr(args, flag) >= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("lr", "indicator_lr", "weight_decay", "max_grad_norm", "w_rec", "w_ind", "checkpoint_every",
+                 "validation_every", "num_workers"):
+        value = getattr(args, flag)
+        if value is not None and not value >= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
     if args.lora_rank is not None and args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if not 0 <= args.caption_dropout <= 1:
