@@ -9,9 +9,9 @@ Radford et al., "Learning Transferable Visual Models From Natural Language Super
 - Sec. 2.3: each tower's feature is projected linearly (no bias) into a shared 768-d space: the image by
   `visual_projection`, the text by `text_projection` of the [EOS] token's last hidden state (the text tower is
   `clip_text.CLIPTextModel`, the very network SD v1.x conditions on).
-- Sec. 3.1.2 (zero-shot transfer): logits_ik = exp(t) * cos(image_i, text_k), with the temperature's log t a
-  learned scalar (`logit_scale`, 4.6052 = log 100 in the release); softmax over K class texts ("a photo of a
-  man", "a photo of a woman") classifies an image among them.
+- Sec. 2.3, 2.5 and 3.1.2 (zero-shot transfer): logits_ik = exp(t) * cos(image_i, text_k), t a learned scalar
+  (`logit_scale`, the log of the inverse temperature, capped at log 100 = 4.6052, its value in the release); a
+  softmax over K class texts ("a photo of a man", "a photo of a woman") classifies an image among them.
 
 Module names follow transformers' CLIPModel, the layout of the public `openai/clip-vit-large-patch14` folder
 (config.json + model.safetensors or pytorch_model.bin). Our CLIPModel holds each tower as a whole module, so
@@ -63,7 +63,7 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, pixels):
         patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, (S/P)^2, C), row by row
-        cls = self.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)
+        cls = self.class_embedding.expand(len(patches), 1, -1)
         return torch.cat([cls, patches], 1) + self.position_embedding.weight
 
 
