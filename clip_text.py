@@ -51,11 +51,13 @@ def quick_gelu(x):
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention; q/k/v kept apart as the checkpoint stores them."""
+    """Multi-head self-attention, causal for text (the image tower's patches all see each other); q/k/v kept apart
+    as the checkpoint stores them."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
         self.heads = cfg.heads
+        self.causal = causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
@@ -65,7 +67,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, T, head_dim)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # token t sees tokens <= t; scale 1/sqrt(64)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # causal: token t sees tokens <= t
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -81,12 +83,13 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). Both CLIP towers are stacks of these;
+    `cfg` needs width, heads, mlp and activation."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=1e-5)  # CLIP's LayerNorm default
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=1e-5)
         self.mlp = MLP(cfg)
 
@@ -275,12 +278,15 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path):
-        """A tokenizer from an SD `tokenizer/` folder (vocab.json, merges.txt with a `#version` header)."""
+        """A tokenizer from a tokenizer folder: vocab.json + merges.txt (with a `#version` header), the files hub SD
+        and CLIP folders carry, or else tokenizer.json alone, which transformers 5 saves."""
         path = Path(path)
+        if not (path / "vocab.json").is_file() and (path / "tokenizer.json").is_file():
+            return cls.from_tokenizer_json(path / "tokenizer.json")
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} has no {name}: a CLIP tokenizer folder needs vocab.json and "
-                                        "merges.txt")
+                                        "merges.txt, or tokenizer.json")
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
         first = 1 if lines[0].startswith("#version") else 0
@@ -292,6 +298,29 @@ class Tokenizer:
                     raise ValueError(f"{path / 'merges.txt'} line {n}: expected two symbols, got {line!r}")
                 merges.append(tuple(pair))
         return cls(vocab, merges)
+
+    @classmethod
+    def from_tokenizer_json(cls, path):
+        """A tokenizer from a `tokenizers` library tokenizer.json: its BPE model's vocab and merges (pairs, or
+        "a b" strings in older files). The normalizer and pre-tokenizer it also describes are CLIP's, built in here."""
+        path = Path(path)
+        try:
+            model = json.loads(path.read_text(encoding="utf-8"))["model"]
+            vocab, merges = model["vocab"], model["merges"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a tokenizer.json with model.vocab and model.merges ({e!r})") from None
+        if not isinstance(vocab, dict) or not isinstance(merges, list):
+            raise ValueError(f"{path}: model.vocab must be an object and model.merges a list")
+        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+            raise ValueError(f"{path}: model is {model.get('type')!r} with end_of_word_suffix "
+                             f"{model.get('end_of_word_suffix')!r}; a CLIP tokenizer is 'BPE' with '</w>'")
+        pairs = []
+        for n, m in enumerate(merges):
+            pair = m.split(" ") if isinstance(m, str) else m
+            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                raise ValueError(f"{path}: model.merges[{n}]: expected two symbols, got {m!r}")
+            pairs.append(tuple(pair))
+        return cls(vocab, pairs)
 
     @classmethod
     def default(cls):
@@ -357,8 +386,9 @@ class Tokenizer:
 
 
 def load_tokenizer(path):
-    """The tokenizer of a diffusers folder (its `tokenizer/`, or the folder itself if it holds vocab.json), or,
-    for a single-file checkpoint (which carries none), the standard CLIP tokenizer."""
+    """The tokenizer of a diffusers folder (its `tokenizer/`, or the folder itself if it holds the tokenizer files:
+    vocab.json + merges.txt, or tokenizer.json), or, for a single-file checkpoint (which carries none), the
+    standard CLIP tokenizer."""
     path = Path(path)
     if path.is_file():
         return Tokenizer.default()

@@ -18,12 +18,20 @@ one JSON object a line:
 
 The shipped digits (`assets/digits/`, see its README for source and licences) are 5,000 real MNIST digits, 500
 per class; the paper's "balanced digit representation" example uses the digit as the group.
+
+Real images: `make_attribute_folder` draws a biased set from any images labelled in CelebA's attribute-file format
+(the DDM authors' demo fine-tunes on CelebA-HQ faces at male : female 1 : 4, 1 : 1 and 4 : 1):
+
+    python data.py celeba --images DIR --attributes list_attr_celeba.txt --attribute Male
+                          --counts 800,200 --prompt "a photo of a face" --out my_data/
 """
 
+import argparse
 import gzip
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +140,112 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
         lines.append(json.dumps({"file_name": name, "text": text, "group": digit, "source_index": int(i)}))
     tmp = out_dir / "metadata.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, meta_path)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Biased sets of real images, labelled in CelebA's attribute-file format
+
+def read_attribute(path, attribute):
+    """One column of an attribute file in CelebA's format -> list of (line number, file name, +1 or -1).
+
+    The format of CelebA's list_attr_celeba.txt (and CelebAMask-HQ's CelebAMask-HQ-attribute-anno.txt): line 1
+    the number of images, line 2 the attribute names, then one line per image, `file_name` followed by one 1 or -1
+    per attribute, separated by any run of spaces. Errors name the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"attribute file {path} not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if len(lines) < 2 or not lines[0].strip().isdigit():
+        raise ValueError(f"{path}, line 1: expected the number of images, then a line of attribute names "
+                         f"(CelebA's list_attr_celeba.txt format), got {lines[0][:60] if lines else ''!r}")
+    names = lines[1].split()
+    if attribute not in names:
+        raise ValueError(f"{path} has no attribute {attribute!r}; its {len(names)} attributes are "
+                         f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+    column, rows, seen = names.index(attribute) + 1, [], {}
+    for lineno, line in enumerate(lines[2:], start=3):
+        fields = line.split()
+        if not fields:
+            continue
+        name = fields[0]
+        if len(fields) != len(names) + 1 or fields[column] not in ("1", "-1"):
+            raise ValueError(f"{path}, line {lineno}: expected a file name and {len(names)} values of 1 or -1 "
+                             f"({attribute} the {column}th), got {line[:80]!r}")
+        if Path(name).name != name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"{path}, line {lineno}: {name!r} is not a plain file name")
+        if name in seen:
+            raise ValueError(f"{path}, line {lineno}: {name} is listed twice (first on line {seen[name]})")
+        seen[name] = lineno
+        rows.append((lineno, name, int(fields[column])))
+    if len(rows) != int(lines[0]):
+        raise ValueError(f"{path}: line 1 says {int(lines[0])} images but {len(rows)} image lines follow")
+    return rows
+
+
+def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts, prompt, *, group_names=None,
+                          seed=0, link=False, overwrite=False):
+    """Write a data folder (the format above) of `counts = (with, without)` images that have (1) and lack (-1)
+    `attribute`, drawn at random (numpy, seeded) from those `attribute_file` lists -> its path.
+
+    Groups are named `group_names = (with, without)`, by default (attribute, "not " + attribute), e.g. "Male" and
+    "not Male"; every caption is `prompt`. Images keep their names and are copied, or symlinked with link=True,
+    never moved. Every source is checked before anything is written; the metadata file is written last and
+    atomically, and records each image's source path and attribute-file line. An existing metadata.jsonl needs
+    overwrite=True, and even then only files that it lists are replaced.
+    """
+    out_dir, images_dir = Path(out_dir), Path(images_dir)
+    with_name, without_name = group_names or (attribute, f"not {attribute}")
+    if with_name == without_name:
+        raise ValueError(f"the two groups need different names, got {with_name!r} twice")
+    if len(counts) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise ValueError(f"counts must be two positive ints (with, without the attribute), got {counts!r}")
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder {images_dir} does not exist")
+    rows = read_attribute(attribute_file, attribute)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for n, value, group in ((counts[0], 1, with_name), (counts[1], -1, without_name)):
+        pool = [r for r in rows if r[2] == value]
+        if n > len(pool):
+            raise ValueError(f"asked for {n} images with {attribute} = {value} but {attribute_file} lists only "
+                             f"{len(pool)}")
+        chosen += [(pool[i], group) for i in rng.permutation(len(pool))[:n]]
+    chosen = [chosen[i] for i in rng.permutation(len(chosen))]  # groups interleaved, not in blocks
+    for (lineno, name, _), _ in chosen:
+        if not (images_dir / name).is_file():
+            raise FileNotFoundError(f"image {images_dir / name} not found (listed in {attribute_file}, line {lineno})")
+
+    meta_path = out_dir / "metadata.jsonl"
+    ours = set()  # files the previous build listed: the only ones this one may replace
+    if meta_path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{meta_path} exists; pass --overwrite to rebuild the folder")
+        for line in meta_path.read_text(encoding="utf-8").splitlines():
+            try:
+                ours.add(json.loads(line)["file_name"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+    taken = [name for (_, name, _), _ in chosen if os.path.lexists(out_dir / name) and name not in ours]
+    if taken:
+        raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "
+                              "choose an empty --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for (lineno, name, _), group in chosen:
+        source, target = (images_dir / name).resolve(), out_dir / name
+        if os.path.lexists(target):
+            target.unlink()  # a link of the old build: copying onto it would write into its source
+        if link:
+            target.symlink_to(source)
+        else:
+            shutil.copyfile(source, target)
+        lines.append(json.dumps({"file_name": name, "text": prompt, "group": group, "source": str(source),
+                                 "attribute_line": lineno}))
+    tmp = out_dir / "metadata.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(tmp, meta_path)
     return out_dir
 
@@ -296,3 +410,45 @@ def micro_batches(data, indices, cache=None, num_workers=0, pin_memory=False):
         rows = torch.tensor(idx, device=cache[0].device)
         yield {"mean": cache[0][rows], "std": cache[1][rows], "text": [data.texts[i] for i in idx],
                "group": torch.tensor([data.groups[i] for i in idx])}
+
+
+# Command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build the data folders train.py reads (metadata.jsonl + images).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("celeba", help="a biased set of real images labelled in CelebA's attribute-file format",
+                            description="Draw WITH images that have ATTRIBUTE and WITHOUT images that lack it "
+                                        "from an attribute file in CelebA's format, and copy (or link) them into "
+                                        "OUT beside the metadata.jsonl that train.py reads.")
+    c.add_argument("--images", required=True, type=Path,
+                   help="folder of the images the attribute file names (CelebA: img_align_celeba/)")
+    c.add_argument("--attributes", required=True, type=Path, metavar="FILE",
+                   help="list_attr_celeba.txt, or any file in its format")
+    c.add_argument("--attribute", required=True, help="the attribute that splits the two groups, e.g. Male")
+    c.add_argument("--counts", required=True, metavar="WITH,WITHOUT",
+                   help="images with the attribute (1) and without it (-1), e.g. 800,200")
+    c.add_argument("--prompt", required=True, help='the caption of every image, e.g. "a photo of a face"')
+    c.add_argument("--group-names", nargs=2, metavar=("WITH", "WITHOUT"),
+                   help='names of the two groups (default: ATTRIBUTE and "not ATTRIBUTE")')
+    c.add_argument("--out", required=True, type=Path, help="the data folder to write")
+    c.add_argument("--seed", type=int, default=0, help="seeds which images are drawn")
+    c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
+    c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
+    args = parser.parse_args(argv)
+    counts = tuple(int(n) for n in args.counts.split(",") if n.strip().lstrip("-").isdigit())
+    if len(counts) != 2 or len(args.counts.split(",")) != 2:
+        parser.error(f"--counts must be two integers WITH,WITHOUT, e.g. 800,200, got {args.counts!r}")
+    try:
+        out = make_attribute_folder(args.out, args.images, args.attributes, args.attribute, counts, args.prompt,
+                                    group_names=args.group_names, seed=args.seed, link=args.link,
+                                    overwrite=args.overwrite)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"data.py: error: {e}")
+    names = args.group_names or (args.attribute, f"not {args.attribute}")
+    print(f"wrote {sum(counts)} images ({names[0]}: {counts[0]}, {names[1]}: {counts[1]}) and metadata.jsonl to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

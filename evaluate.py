@@ -22,10 +22,20 @@ Attribute-classifier interface (anything with these works with `evaluate_images`
 `images` are uint8 in [0, 255] laid out (N,H,W), (N,H,W,C) or (N,C,H,W) with C in {1, 3} (what `sample.py`
 writes is (N,H,W,3)), or float (N,C,H,W) / (N,H,W) in [-1, 1] (the convention of `data.ImageFolder` and the VAE).
 
-Built in: `DigitClassifier`, a small CNN trained on the shipped MNIST train split (`data.split_digits`) and
-tested on the held-out split, as the generated images look: rendered at 32 px RGB, then read back to 28 px gray.
+Two classifiers:
+- `DigitClassifier` (built in), a small CNN trained on the shipped MNIST train split (`data.split_digits`) and
+  tested on the held-out split, as the generated images look: rendered at 32 px RGB, then read back to 28 px gray.
+- `CLIPZeroShot`, for real Stable Diffusion images and any attribute named in words: CLIP ViT-L/14 (`clip_image`)
+  picks, for each image, the most similar of K texts ("a photo of a man", "a photo of a woman"), one of the two
+  ways the fairness literature labels SD's outputs (the other: a trained face-attribute classifier; ITI-GEN,
+  Shen et al. 2024, Fair Diffusion use one or the other). It has no held-out accuracy; its quality numbers are
+  a Frechet distance in CLIP image-feature space to a folder of real images (`--reference`), and the CLIP score,
+  100 x max(cos(image, its prompt), 0) averaged (Hessel et al. 2021 without their 2.5 weight; torchmetrics'
+  convention).
 
 CLI: python evaluate.py IMAGE_DIR [IMAGE_DIR ...] [--groups 7 8] [--prompt-groups 7 8] [--classifier PATH]
+     python evaluate.py IMAGE_DIR [...] --clip CLIP_DIR --attributes "a photo of a man" "a photo of a woman"
+                        [--prompt-groups 0 1] [--reference REAL_DIR] [--prompt TEXT]
 """
 
 import argparse
@@ -42,6 +52,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import clip_image
 import data
 from ddm import fairness_discrepancy, group_proportions, mean_entropy, statistical_parity_difference
 
@@ -236,6 +247,77 @@ def get_digit_classifier(path=DEFAULT_CLASSIFIER_PATH, seed=0, progress=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# CLIP zero-shot attribute classification, for real Stable Diffusion images
+
+class CLIPZeroShot:
+    """CLIP as an attribute classifier (the interface above) that reads image *embeddings*, not pixels.
+
+    The K class texts are embedded once; an image's logits are exp(t) * cos(image, text_k)
+    (`clip_image.CLIPModel.logits`), its features its projected CLIP embedding (768-d for ViT-L/14). Handing
+    `evaluate_images` the embeddings of `clip_image_embeddings` runs the image tower once per image for the
+    classifier, the Frechet distance and the CLIP score together.
+    """
+
+    def __init__(self, model, tokenizer, attributes):
+        self.model = model
+        self.class_names = list(attributes)
+        self.heldout_accuracy = None  # zero-shot: nothing held out; check it on labelled real images of yours
+        device = model.logit_scale.device
+        with torch.no_grad():
+            self.text_embeds = model.encode_text(tokenizer(self.class_names).to(device))
+
+    def __call__(self, image_embeds):
+        with torch.no_grad():
+            return self.model.logits(image_embeds.to(self.text_embeds.device), self.text_embeds).float().cpu()
+
+    def features(self, image_embeds):
+        return torch.as_tensor(image_embeds)
+
+
+@torch.no_grad()
+def clip_image_embeddings(model, paths, batch_size=32):
+    """Projected CLIP embeddings of image files, float32 (N, D) on the CPU; each image is preprocessed on its own
+    (`clip_image.preprocess`), so one folder may hold several sizes."""
+    device, size = model.logit_scale.device, model.config.vision.image_size
+    out = []
+    for i in range(0, len(paths), batch_size):
+        pixels = clip_image.preprocess([open_image(p) for p in paths[i:i + batch_size]], size)
+        out.append(model.encode_image(pixels.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def clip_scores(model, tokenizer, image_embeds, prompts):
+    """CLIP score of each image against its prompt: 100 * max(cos(image, prompt), 0), float (N,)."""
+    unique = sorted(set(prompts))
+    text = model.encode_text(tokenizer(unique).to(model.logit_scale.device)).float().cpu()
+    text = F.normalize(text, dim=-1)[[unique.index(p) for p in prompts]]
+    return (100 * (F.normalize(image_embeds, dim=-1) * text).sum(1)).clamp(min=0)
+
+
+def sample_prompts(directory, paths, fallback=None):
+    """The prompt of every image in `paths`: from the folder's samples.json (sample.py's record: its `files` and
+    `prompts` lists, in step) when it has one, else `fallback` for all."""
+    record_path = Path(directory) / "samples.json"
+    if not record_path.is_file():
+        if fallback is None:
+            raise ValueError(f"{directory} has no samples.json to read the prompts from; pass --prompt TEXT "
+                             "(the prompt its images were generated from) for the CLIP score")
+        return [fallback] * len(paths)
+    try:
+        record = json.loads(record_path.read_text())
+        by_file = dict(zip(record["files"], record["prompts"], strict=True))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{record_path}: expected sample.py's record, with 'files' and 'prompts' lists of one "
+                         f"length ({type(e).__name__}: {e})") from None
+    unlisted = [p.name for p in paths if not isinstance(by_file.get(p.name), str)]
+    if unlisted:
+        raise ValueError(f"{record_path} lists no prompt for {len(unlisted)} images of the folder, e.g. "
+                         f"{', '.join(unlisted[:3])}")
+    return [by_file[p.name] for p in paths]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Metrics
 
 def _moments(features, name):
@@ -374,9 +456,9 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
 # ----------------------------------------------------------------------------------------------------------------
 # Folders of generated images
 
-def read_images(directory):
-    """All images of one folder (sorted by name; `grid*` files that sample.py writes are skipped) ->
-    (uint8 (N,H,W,3), list of paths). Other files (samples.json, metadata.jsonl, ...) are ignored."""
+def image_files(directory):
+    """The image files of one folder, sorted by name; `grid*` files that sample.py writes are skipped, and so are
+    other files (samples.json, metadata.jsonl, ...)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} does not exist")
@@ -386,12 +468,23 @@ def read_images(directory):
         others = ", ".join(p.name for p in files[:5]) + (" ..." if len(files) > 5 else "")
         raise ValueError(f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; "
                          f"found {len(files)} other files{': ' + others if files else ''})")
+    return paths
+
+
+def open_image(path):
+    """One image file as an RGB PIL image; an unreadable file is a ValueError naming it."""
+    try:
+        return data.load_rgb(path)
+    except Exception as e:  # PIL raises several types for bad files
+        raise ValueError(f"cannot read image {path} ({e})") from None
+
+
+def read_images(directory):
+    """All images of one folder (`image_files`) -> (uint8 (N,H,W,3), list of paths); one image size per folder."""
+    paths = image_files(directory)
     arrays = []
     for p in paths:
-        try:
-            arrays.append(np.asarray(data.load_rgb(p)))
-        except Exception as e:  # PIL raises several types for bad files
-            raise ValueError(f"cannot read image {p} ({e})") from None
+        arrays.append(np.asarray(open_image(p)))
         if arrays[-1].shape != arrays[0].shape:
             raise ValueError(f"image {p} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {paths[0]} is "
                              f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; one folder must hold one image size")
@@ -406,21 +499,44 @@ def _parse_group(value):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Group balance (FD, SPD, indicator entropy) and quality of "
-                                                 "folders of generated digit images.")
+    parser = argparse.ArgumentParser(
+        description="Group balance (FD, SPD, indicator entropy) and quality of folders of generated images, judged "
+                    "by the built-in digit classifier or, with --clip, by CLIP zero-shot classification among "
+                    "attributes named in words.")
     parser.add_argument("image_dirs", nargs="+", metavar="IMAGE_DIR",
                         help="folders of generated images (e.g. sample.py --out); pooled for FD")
-    parser.add_argument("--groups", nargs="+", type=_parse_group,
-                        help="the classifier classes to judge balance over (default: all)")
     parser.add_argument("--prompt-groups", nargs="+", type=_parse_group,
                         help="conditional scenario: the group each IMAGE_DIR's prompt asked for, one per folder "
-                             "-> success rates and SPD")
-    parser.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER_PATH,
-                        help="digit classifier (.safetensors); trained (seed 0, ~20 s) and cached if missing")
+                             "(a digit; with --clip an attribute's index from 0, or its text) -> success rates "
+                             "and SPD")
     parser.add_argument("--indicator-logits", type=Path,
                         help="(N, K) indicator logits on the generated images, .npy or .safetensors -> entropy")
     parser.add_argument("--out", type=Path, help="JSON result (default: IMAGE_DIR/evaluation.json, first folder)")
+    g = parser.add_argument_group("digit classifier (the default)")
+    g.add_argument("--groups", nargs="+", type=_parse_group,
+                   help="the classifier classes to judge balance over (default: all)")
+    g.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER_PATH,
+                   help="digit classifier (.safetensors); trained (seed 0, ~20 s) and cached if missing")
+    g = parser.add_argument_group("CLIP zero-shot classifier, for real Stable Diffusion images")
+    g.add_argument("--clip", type=Path, metavar="CLIP_DIR",
+                   help="a transformers CLIP folder, e.g. openai/clip-vit-large-patch14 (config.json, "
+                        "model.safetensors or pytorch_model.bin, tokenizer files)")
+    g.add_argument("--attributes", nargs="+", metavar="TEXT",
+                   help='the K groups as texts, e.g. "a photo of a man" "a photo of a woman"; each image goes to '
+                        "the one CLIP finds most similar")
+    g.add_argument("--reference", type=Path, metavar="REAL_DIR",
+                   help="real images -> Frechet distance in CLIP image-feature space (thousands for a stable one)")
+    g.add_argument("--prompt", help="for folders without sample.py's samples.json: their prompt, for the CLIP "
+                                    "score (folders with one use the prompts it records)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where CLIP runs (default: cuda if available, else cpu)")
+    g.add_argument("--batch-size", type=int, default=32, help="images per CLIP forward pass")
     args = parser.parse_args(argv)
+    if args.clip is not None:
+        return main_clip(args, parser)
+    for name in ("attributes", "reference", "prompt"):
+        if getattr(args, name) is not None:
+            parser.error(f"--{name} is for the CLIP classifier: give --clip CLIP_DIR too")
     try:
         if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
             raise ValueError(f"--prompt-groups names {len(args.prompt_groups)} groups for "
@@ -464,6 +580,66 @@ def main(argv=None):
     return result
 
 
+def main_clip(args, parser):
+    """The CLI with --clip: CLIP zero-shot groups, CLIP-feature Frechet distance, CLIP score (see main)."""
+    if not args.attributes or len(args.attributes) < 2:
+        parser.error('--clip needs --attributes with at least two texts, e.g. --attributes "a photo of a man" '
+                     '"a photo of a woman"')
+    if args.groups is not None:
+        parser.error("--groups picks digit classes; with --clip the groups are the --attributes")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but no CUDA device is available")
+    attributes = list(args.attributes)
+    try:
+        if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
+            raise ValueError(f"--prompt-groups names {len(args.prompt_groups)} groups for "
+                             f"{len(args.image_dirs)} image folders; give one per folder")
+        asked = [_attribute(g, attributes) for g in args.prompt_groups or []]
+        paths, prompts, requested = [], [], []
+        for k, d in enumerate(args.image_dirs):
+            files = image_files(d)
+            paths += files
+            prompts += sample_prompts(d, files, args.prompt)
+            requested += [asked[k]] * len(files) if asked else []
+        reference = None if args.reference is None else image_files(args.reference)
+        indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
+        model = clip_image.load_clip(args.clip).to(args.device)
+        tokenizer = clip_image.load_clip_tokenizer(args.clip)
+        classifier = CLIPZeroShot(model, tokenizer, attributes)
+        embeds = clip_image_embeddings(model, paths, args.batch_size)
+        reference_features = None if reference is None else clip_image_embeddings(model, reference, args.batch_size)
+        result = evaluate_images(embeds, classifier, attributes, requested=requested or None,
+                                 indicator_logits=indicator_logits, reference_features=reference_features)
+        scores = clip_scores(model, tokenizer, embeds, prompts)
+    except (ValueError, FileNotFoundError) as e:  # ValueError covers weights.CheckpointError
+        raise SystemExit(f"evaluate.py: error: {e}")
+    probs = classify(classifier, embeds).softmax(1)
+    result.update(classifier="clip", clip=str(args.clip), clip_score=scores.mean().item(),
+                  reference=None if reference is None else str(args.reference), n_reference=len(reference or ()),
+                  image_dirs=[str(d) for d in args.image_dirs])
+    result["images"] = [{"file": str(p), "prompt": t, "label": attributes[int(q.argmax())], "probs": q.tolist(),
+                         "clip_score": c} for p, t, q, c in zip(paths, prompts, probs, scores.tolist())]
+    out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_result(result))
+    print(f"wrote {out}")
+    return result
+
+
+def _attribute(group, attributes):
+    """An --prompt-groups entry with --clip (an index from 0, or the text itself) -> the attribute text."""
+    if isinstance(group, int) and 0 <= group < len(attributes) or group in attributes:
+        return attributes[group] if isinstance(group, int) else group
+    raise ValueError(f"--prompt-groups {group!r} names no attribute: give an index 0..{len(attributes) - 1} or one "
+                     f"of the texts {attributes}")
+
+
 def _read_logits(path):
     if not path.is_file():
         raise FileNotFoundError(f"indicator logits file {path} not found")
@@ -480,7 +656,9 @@ def format_result(r):
     """The numbers of `evaluate_images` as a short human-readable block."""
     def num(v, fmt=".4f"):
         return "-" if v is None else format(v, fmt)
+    clip = r.get("classifier") == "clip"
     lines = [f"images            {r['n_images']}   groups {r['groups']}",
+             "classifier        CLIP zero-shot (no held-out accuracy)" if clip else
              f"classifier acc.   {num(r['classifier_heldout_accuracy'])} (held-out real digits)",
              f"proportions       {' '.join(f'{p:.3f}' for p in r['proportions'])}"
              f"   (soft {' '.join(f'{p:.3f}' for p in r['proportions_soft'])})",
@@ -491,7 +669,11 @@ def format_result(r):
     if r["indicator_entropy"] is not None:
         lines.append(f"indicator entropy {num(r['indicator_entropy'])} nats (max {r['indicator_entropy_max']:.4f})")
     lines += [f"mean confidence   {num(r['mean_confidence'])}   outside groups {num(r['share_outside_groups'])}",
-              f"Frechet distance  {num(r['frechet_distance'], '.3f')} (classifier features, vs held-out real)"]
+              f"Frechet distance  {num(r['frechet_distance'], '.3f')} " + (
+                  f"(CLIP image features, vs {r['n_reference']} images in --reference)" if clip else
+                  "(classifier features, vs held-out real)")]
+    if clip:
+        lines.append(f"CLIP score        {r['clip_score']:.2f} (100 cos(image, its prompt), mean)")
     return "\n".join(lines)
 
 

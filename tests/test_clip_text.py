@@ -151,6 +151,36 @@ def test_load_tokenizer_reads_pipeline_folder_tokenizer_folder_and_single_file(t
         load_tokenizer(tmp_path / "nowhere")
 
 
+def test_tokenizer_json_alone_as_transformers_5_saves_it_gives_identical_ids(ref, ours, tmp_path):
+    ref.save_pretrained(tmp_path / "v5")
+    assert sorted(p.name for p in (tmp_path / "v5").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    tok = load_tokenizer(tmp_path / "v5")
+    assert tok.encoder == ours.encoder and tok.ranks == ours.ranks
+    assert tok(HARD).tolist() == ref_ids(ref, HARD).tolist()
+    pipe = tmp_path / "pipe" / "tokenizer"  # a diffusers pipeline saved by transformers 5
+    pipe.mkdir(parents=True)
+    (pipe / "tokenizer.json").write_bytes((tmp_path / "v5" / "tokenizer.json").read_bytes())
+    assert load_tokenizer(tmp_path / "pipe").ranks == ours.ranks
+    old = json.loads((tmp_path / "v5" / "tokenizer.json").read_text(encoding="utf-8"))
+    old["model"]["merges"] = [" ".join(m) for m in old["model"]["merges"]]  # older files: one "a b" string each
+    (pipe / "tokenizer.json").write_text(json.dumps(old), encoding="utf-8")
+    assert Tokenizer.from_folder(pipe).ranks == ours.ranks
+
+
+def test_bad_tokenizer_json_names_the_file_and_the_entry(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer.json"):
+        Tokenizer.from_folder(tmp_path)
+    path.write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}, "merges": []}}))
+    with pytest.raises(ValueError, match="'WordPiece'.*'BPE' with '</w>'"):
+        Tokenizer.from_folder(tmp_path)
+    path.write_text(json.dumps({"model": {"type": "BPE", "end_of_word_suffix": "</w>", "vocab": {},
+                                          "merges": [["i", "n"], ["t", "h", "x"]]}}))
+    with pytest.raises(ValueError, match=r"model.merges\[1\]: expected two symbols"):
+        Tokenizer.from_folder(tmp_path)
+
+
 def test_bad_tokenizer_inputs_raise_clear_errors(tok_dir, tmp_path, ours):
     (tmp_path / "vocab.json").write_bytes((tok_dir / "vocab.json").read_bytes())
     with pytest.raises(FileNotFoundError, match="no merges.txt"):

@@ -140,3 +140,111 @@ def test_image_folder_rejects_bad_resolution_and_missing_metadata(tmp_path):
         data.ImageFolder(root, 8)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.ImageFolder(tmp_path / "nowhere", 8)
+
+
+# --- biased sets of real images in CelebA's attribute-file format --------------------------------------------------
+
+CELEBA_HEADER = "5_o_Clock_Shadow Arched_Eyebrows Attractive Male Young "  # CelebA's names; its header ends in a space
+
+
+@pytest.fixture
+def celeba(tmp_path, digits):
+    """A small folder in CelebA's layout: 30 JPEGs 000001.jpg ... and list_attr_celeba.txt (count line, header,
+    `file ±1 ...` rows padded with spaces as CelebA pads them); images 1-12 are Male."""
+    images, _ = digits
+    folder = tmp_path / "img_align_celeba"
+    folder.mkdir()
+    rows = []
+    for k in range(1, 31):
+        Image.fromarray(images[k]).convert("RGB").resize((44, 54)).save(folder / f"{k:06d}.jpg")
+        values = [(-1) ** k, 1, (-1) ** (k // 2), 1 if k <= 12 else -1, 1]
+        rows.append(f"{k:06d}.jpg " + " ".join(f"{v:2d}" for v in values))
+    attributes = tmp_path / "list_attr_celeba.txt"
+    attributes.write_text("30\n" + CELEBA_HEADER + "\n" + "\n".join(rows) + "\n")
+    return folder, attributes
+
+
+def _build(folder, attributes, out, *extra):
+    return data.main(["celeba", "--images", str(folder), "--attributes", str(attributes), "--attribute", "Male",
+                      "--prompt", "a photo of a face", "--out", str(out), *extra])
+
+
+def test_celeba_builder_writes_the_asked_counts_by_copy_and_train_reads_it(celeba, tmp_path):
+    folder, attributes = celeba
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    out = _build(folder, attributes, tmp_path / "my_data", "--counts", "8,4", "--seed", "1")
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and sum(r["group"] == "Male" for r in rows) == 8
+    assert {r["group"] for r in rows} == {"Male", "not Male"} and {r["text"] for r in rows} == {"a photo of a face"}
+    for r in rows:  # the group is the file's Male column; the image is a byte-for-byte copy
+        assert (int(r["file_name"][:6]) <= 12) == (r["group"] == "Male")
+        assert r["attribute_line"] == int(r["file_name"][:6]) + 2
+        assert not (out / r["file_name"]).is_symlink()
+        assert (out / r["file_name"]).read_bytes() == before[r["file_name"]]
+        assert r["source"] == str((folder / r["file_name"]).resolve())
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # sources untouched, nothing moved
+    assert [r["group"] for r in rows] != sorted(r["group"] for r in rows)  # groups interleaved
+    dataset = data.ImageFolder(out, resolution=32)
+    assert dataset.group_names == ["Male", "not Male"] and sorted(dataset.groups) == [0] * 8 + [1] * 4
+    again = _build(folder, attributes, tmp_path / "again", "--counts", "8,4", "--seed", "1")
+    assert (again / "metadata.jsonl").read_text() == (out / "metadata.jsonl").read_text()  # seeded
+
+
+def test_celeba_builder_links_names_groups_and_rebuilds_only_its_own_files(celeba, tmp_path):
+    folder, attributes = celeba
+    out = _build(folder, attributes, tmp_path / "d", "--counts", "3,12", "--group-names", "man", "woman", "--link")
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(r["group"] for r in rows) == ["man"] * 3 + ["woman"] * 12
+    assert all((out / r["file_name"]).is_symlink() and (out / r["file_name"]).resolve() == folder.resolve() /
+               r["file_name"] for r in rows)
+    with pytest.raises(SystemExit, match=r"metadata.jsonl exists; pass --overwrite"):
+        _build(folder, attributes, out, "--counts", "3,12")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    _build(folder, attributes, out, "--counts", "3,12", "--overwrite")  # copies over its own links, not into them
+    assert not any(p.is_symlink() for p in out.glob("*.jpg"))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "000001.jpg").write_bytes(b"someone else's file")
+    with pytest.raises(SystemExit, match=r"theirs/000001.jpg exists and no metadata.jsonl .* lists it"):
+        _build(folder, attributes, tmp_path / "theirs", "--counts", "12,18")
+    assert (tmp_path / "theirs" / "000001.jpg").read_bytes() == b"someone else's file"
+
+
+def test_celeba_builder_names_the_missing_image_attribute_or_supply(celeba, tmp_path, capsys):
+    folder, attributes = celeba
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"has no attribute 'Smiling'; its 5 attributes are 5_o_Clock_Shadow, "):
+        data.main(["celeba", "--images", str(folder), "--attributes", str(attributes), "--attribute", "Smiling",
+                   "--counts", "1,1", "--prompt", "p", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"asked for 13 images with Male = 1 but .*list_attr_celeba.txt lists only 12"):
+        _build(folder, attributes, out, "--counts", "13,1")
+    with pytest.raises(SystemExit, match=r"asked for 19 images with Male = -1 .* lists only 18"):
+        _build(folder, attributes, out, "--counts", "1,19")
+    (folder / "000007.jpg").unlink()
+    with pytest.raises(SystemExit, match=r"image .*000007.jpg not found \(listed in .*list_attr_celeba.txt, line 9\)"):
+        _build(folder, attributes, out, "--counts", "12,18")
+    assert not out.exists()  # every source is checked before anything is written
+    with pytest.raises(SystemExit, match=r"attribute file .*nothing.txt not found"):
+        _build(folder, tmp_path / "nothing.txt", out, "--counts", "1,1")
+    with pytest.raises(SystemExit) as e:
+        _build(folder, attributes, out, "--counts", "800")
+    assert e.value.code == 2 and "--counts must be two integers WITH,WITHOUT" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"counts must be two positive ints"):
+        _build(folder, attributes, out, "--counts", "800,0")
+    with pytest.raises(SystemExit):
+        _build(folder, attributes, out, "--counts", "a,b")
+    assert "--counts must be two integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("2\nMale Young\n1.jpg 1 -1\n", r"line 1 says 2 images but 1 image lines follow"),
+    ("1\nMale Young\n1.jpg 1\n", r"line 3: expected a file name and 2 values of 1 or -1"),
+    ("1\nMale Young\n1.jpg 0 1\n", r"line 3: expected a file name and 2 values"),
+    ("2\nMale Young\n1.jpg 1 1\n1.jpg -1 1\n", r"line 4: 1.jpg is listed twice \(first on line 3\)"),
+    ("1\nMale Young\n../1.jpg 1 1\n", r"line 3: '../1.jpg' is not a plain file name"),
+    ("Male Young\n1.jpg 1 1\n", r"line 1: expected the number of images"),
+])
+def test_attribute_file_errors_name_the_line(tmp_path, text, pattern):
+    (tmp_path / "attr.txt").write_text(text)
+    with pytest.raises(ValueError, match=pattern):
+        data.read_attribute(tmp_path / "attr.txt", "Male")

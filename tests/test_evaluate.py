@@ -8,7 +8,7 @@ from PIL import Image
 
 import data
 import evaluate
-from ddm import mean_entropy
+from ddm import fairness_discrepancy, group_proportions, mean_entropy, statistical_parity_difference
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +199,130 @@ def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         evaluate.load_classifier(tmp_path / "junk.safetensors")
+
+
+# --- CLIP zero-shot classification (--clip) -------------------------------------------------------------------------
+
+ATTRIBUTES = ["a photo of a man", "a photo of a woman"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP with CLIP's real vocabulary, written as a hub folder (weights, config, tokenizer files),
+    and transformers' own model, tokenizer and image processor for it: the oracle of the CLI's numbers."""
+    import transformers
+    from tools.make_sd_tokenizer import write_sd_tokenizer
+    folder = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_hidden_layers=1, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                           image_size=32, patch_size=8), projection_dim=16)
+    config._attn_implementation = "eager"
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.logit_scale.fill_(math.log(100))
+    model.save_pretrained(folder)
+    write_sd_tokenizer(folder)  # vocab.json + merges.txt beside the weights, as in the hub folder
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return folder, model, tokenizer, processor
+
+
+def _write_sample_folder(folder, images, prompts):
+    """Images and the samples.json that sample.py writes beside them (its `files` and `prompts` lists)."""
+    _write_pngs(folder, images)
+    files = [f"{i:05d}.png" for i in range(len(images))]
+    (folder / "samples.json").write_text(json.dumps({"model": "sd", "prompts": prompts, "files": files}))
+    Image.new("RGB", (64, 64), "white").save(folder / "grid.png")
+    return folder
+
+
+def _oracle(tiny_clip, paths, texts):
+    """transformers' zero-shot probabilities (N, K) and projected image embeddings of image files."""
+    _, model, tokenizer, processor = tiny_clip
+    pixels = processor(images=[data.load_rgb(p) for p in paths], return_tensors="pt").pixel_values
+    ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels)
+        embeds = model.get_image_features(pixel_values=pixels).pooler_output
+    return out.logits_per_image.softmax(1), embeds
+
+
+def test_clip_cli_equals_transformers_zero_shot_on_sample_folders(tiny_clip, heldout, tmp_path, capsys):
+    folder = tiny_clip[0]
+    images, labels = heldout
+    big = np.stack([np.asarray(Image.fromarray(im).resize((48, 40), Image.BICUBIC)) for im in images[:12]])
+    d_man = _write_sample_folder(tmp_path / "man", big[:6], ["a photo of a male doctor"] * 6)
+    d_woman = _write_sample_folder(tmp_path / "woman", big[6:], ["a photo of a doctor"] * 3 + ["a photo"] * 3)
+    real = _write_pngs(tmp_path / "real", images[20:28])
+    Image.fromarray(images[30]).resize((50, 70)).save(real / "other_size.png")  # a reference may mix sizes
+    np.save(tmp_path / "ind.npy", np.zeros((12, 2), np.float32))
+    r = evaluate.main([str(d_man), str(d_woman), "--clip", str(folder), "--attributes", *ATTRIBUTES,
+                       "--prompt-groups", "0", ATTRIBUTES[1], "--reference", str(real), "--indicator-logits",
+                       str(tmp_path / "ind.npy"), "--device", "cpu", "--batch-size", "5"])
+    saved = json.loads((d_man / "evaluation.json").read_text())
+    assert saved == json.loads(json.dumps(r)) and saved["classifier"] == "clip" and saved["groups"] == ATTRIBUTES
+
+    paths = sorted(d_man.glob("0*.png")) + sorted(d_woman.glob("0*.png"))
+    probs, embeds = _oracle(tiny_clip, paths, ATTRIBUTES)
+    got = torch.tensor([im["probs"] for im in saved["images"]], dtype=torch.float64)
+    assert [im["file"] for im in saved["images"]] == [str(p) for p in paths]
+    assert (got - probs).abs().max() < 1e-5
+    hard = probs.argmax(1)
+    assert [im["label"] for im in saved["images"]] == [ATTRIBUTES[k] for k in hard]
+    p = group_proportions(hard, 2)
+    assert saved["proportions"] == pytest.approx(p.tolist()) and saved["fd"] == pytest.approx(fairness_discrepancy(p))
+    assert saved["fd_soft"] == pytest.approx(fairness_discrepancy(probs.double().mean(0)), abs=1e-6)
+    rates = [(hard[:6] == 0).double().mean().item(), (hard[6:] == 1).double().mean().item()]
+    assert saved["success_rates"] == pytest.approx(dict(zip(ATTRIBUTES, rates)))
+    assert saved["spd"] == pytest.approx(statistical_parity_difference(rates))
+    assert saved["mean_confidence"] == pytest.approx(probs.max(1).values.mean().item(), abs=1e-6)
+    assert saved["indicator_entropy"] == pytest.approx(math.log(2))
+
+    prompts = ["a photo of a male doctor"] * 6 + ["a photo of a doctor"] * 3 + ["a photo"] * 3
+    assert [im["prompt"] for im in saved["images"]] == prompts
+    _, model, tokenizer, _ = tiny_clip
+    with torch.no_grad():
+        text = model.get_text_features(**tokenizer(prompts, padding="max_length", max_length=77,
+                                                   return_tensors="pt")).pooler_output
+    want = (100 * torch.nn.functional.cosine_similarity(embeds, text)).clamp(min=0)
+    assert [im["clip_score"] for im in saved["images"]] == pytest.approx(want.tolist(), abs=1e-4)
+    assert saved["clip_score"] == pytest.approx(want.mean().item(), abs=1e-4)
+
+    _, real_embeds = _oracle(tiny_clip, sorted(real.iterdir()), ATTRIBUTES)
+    assert saved["n_reference"] == 9
+    assert saved["frechet_distance"] == pytest.approx(evaluate.frechet_distance(embeds, real_embeds), rel=1e-4)
+    out = capsys.readouterr().out
+    assert "CLIP zero-shot" in out and "CLIP score" in out and "SPD" in out and "evaluation.json" in out
+
+
+def test_clip_cli_bad_inputs_give_clear_messages(tiny_clip, heldout, tmp_path, capsys):
+    folder = str(tiny_clip[0])
+    images, _ = heldout
+    plain = _write_pngs(tmp_path / "plain", images[:3])  # no samples.json
+    clip = ["--clip", folder, "--attributes", *ATTRIBUTES, "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"plain has no samples.json .*--prompt TEXT"):
+        evaluate.main([str(plain), *clip])
+    r = evaluate.main([str(plain), *clip, "--prompt", "a photo", "--out", str(tmp_path / "e.json")])
+    assert [im["prompt"] for im in r["images"]] == ["a photo"] * 3 and r["frechet_distance"] is None
+    listed = _write_sample_folder(tmp_path / "listed", images[:2], ["a", "b"])
+    Image.fromarray(images[5]).save(listed / "extra.png")
+    with pytest.raises(SystemExit, match=r"samples.json lists no prompt for 1 images of the folder, e.g. extra.png"):
+        evaluate.main([str(listed), *clip])
+    (listed / "samples.json").write_text(json.dumps({"files": ["00000.png"], "prompts": ["a", "b"]}))
+    with pytest.raises(SystemExit, match=r"samples.json: expected sample.py's record"):
+        evaluate.main([str(listed), *clip])
+    with pytest.raises(SystemExit, match=r"--prompt-groups 2 names no attribute: give an index 0..1"):
+        evaluate.main([str(plain), *clip, "--prompt", "x", "--prompt-groups", "2"])
+    with pytest.raises(SystemExit, match=r"neither model.safetensors nor pytorch_model.bin"):
+        evaluate.main([str(plain), "--clip", str(tmp_path), "--attributes", *ATTRIBUTES, "--prompt", "x"])
+    for argv, message in (([str(plain), "--attributes", *ATTRIBUTES], "--attributes is for the CLIP classifier"),
+                          ([str(plain), "--clip", folder, "--attributes", "a man"], "at least two texts"),
+                          ([str(plain), *clip, "--groups", "7", "8"], "--groups picks digit classes")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,225 @@
+"""CLIP ViT-L/14's image tower, and both towers joined as a zero-shot classifier of images by text.
+
+Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (ICML 2021):
+- Sec. 2.4: the image encoder is a Vision Transformer (Dosovitskiy et al. 2021): the 224 px image is cut into
+  14 x 14 patches, each linearly embedded (a stride-14 convolution), a learned class embedding is put in front and
+  learned positions are added; CLIP adds one LayerNorm before the transformer. The transformer is the text
+  tower's pre-LayerNorm block (`clip_text.EncoderLayer`) without the causal mask. The class token's output, after
+  a final LayerNorm, is the image's feature.
+- Sec. 2.3: each tower's feature is projected linearly (no bias) into a shared 768-d space: the image by
+  `visual_projection`, the text by `text_projection` of the [EOS] token's last hidden state (the text tower is
+  `clip_text.CLIPTextModel`, the very network SD v1.x conditions on).
+- Sec. 2.3, 2.5 and 3.1.2 (zero-shot transfer): logits_ik = exp(t) * cos(image_i, text_k), t a learned scalar
+  (`logit_scale`, the log of the inverse temperature, capped at log 100 = 4.6052, its value in the release); a
+  softmax over K class texts ("a photo of a man", "a photo of a woman") classifies an image among them.
+
+Module names follow transformers' CLIPModel, the layout of the public `openai/clip-vit-large-patch14` folder
+(config.json + model.safetensors or pytorch_model.bin). Our CLIPModel holds each tower as a whole module, so
+`text_model.` and `vision_model.` gain one level on loading (`TOWER_NAMES`); every other name is the file's.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import weights
+from clip_text import CLIPTextConfig, CLIPTextModel, EncoderLayer, Tokenizer, text_encoder_config_from_hf
+
+# CLIP's per-channel RGB mean and std of its training images, on [0, 1] pixels (OpenAI's release)
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class CLIPVisionConfig:
+    image_size: int = 224
+    patch_size: int = 14  # 16 x 16 = 256 patches, + the class token = 257 positions
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16  # head dim 64, as in the text tower
+    mlp: int = 4096  # 4 x width
+    activation: str = "quick_gelu"
+
+
+@dataclass
+class CLIPConfig:
+    text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    vision: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
+    projection_dim: int = 768  # the shared image-text space
+
+
+class VisionEmbeddings(nn.Module):
+    """Pixels (B, 3, S, S) -> class token + S/P * S/P patch embeddings, with learned positions (B, 1 + (S/P)^2, C)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.width))
+        self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.width)
+
+    def forward(self, pixels):
+        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, (S/P)^2, C), row by row
+        cls = self.class_embedding.expand(len(patches), 1, -1)
+        return torch.cat([cls, patches], 1) + self.position_embedding.weight
+
+
+class CLIPVisionModel(nn.Module):
+    """CLIP-normalized pixels (B, 3, 224, 224) -> the class token's feature after the final LayerNorm (B, width)."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.config = cfg = cfg or CLIPVisionConfig()
+        if cfg.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"activation must be 'quick_gelu' or 'gelu', not {cfg.activation!r}")
+        if cfg.width % cfg.heads or cfg.image_size % cfg.patch_size:
+            raise ValueError(f"width {cfg.width} must be divisible by heads {cfg.heads} and image_size "
+                             f"{cfg.image_size} by patch_size {cfg.patch_size}")
+        self.vision_model = nn.ModuleDict(dict(
+            embeddings=VisionEmbeddings(cfg),
+            pre_layrnorm=nn.LayerNorm(cfg.width, eps=1e-5),  # sic: the checkpoint's spelling
+            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(cfg, causal=False)
+                                                            for _ in range(cfg.layers)))),
+            post_layernorm=nn.LayerNorm(cfg.width, eps=1e-5),
+        ))
+
+    def forward(self, pixels):
+        S = self.config.image_size
+        if not torch.is_tensor(pixels) or pixels.dim() != 4 or pixels.shape[1:] != (3, S, S):
+            raise ValueError(f"pixels must be a (batch, 3, {S}, {S}) tensor (see clip_image.preprocess), got "
+                             + (str(tuple(pixels.shape)) if torch.is_tensor(pixels) else type(pixels).__name__))
+        m = self.vision_model
+        x = m.pre_layrnorm(m.embeddings(pixels))
+        for layer in m.encoder.layers:
+            x = layer(x)
+        return m.post_layernorm(x[:, 0])  # (B, width): the class token
+
+
+class CLIPModel(nn.Module):
+    """Both towers and their projections: encode_image, encode_text -> (B, 768); forward -> zero-shot logits."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.config = cfg = cfg or CLIPConfig()
+        self.text = CLIPTextModel(cfg.text)
+        self.vision = CLIPVisionModel(cfg.vision)
+        self.text_projection = nn.Linear(cfg.text.width, cfg.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(cfg.vision.width, cfg.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.empty(()))  # log of the inverse temperature
+
+    def encode_image(self, pixels):
+        return self.visual_projection(self.vision(pixels))
+
+    def encode_text(self, input_ids):
+        """Projected last hidden state at each row's first end token (the tokenizer puts one after the text)."""
+        is_end = input_ids == self.config.text.eos_token_id
+        if not is_end.any(1).all():
+            raise ValueError(f"every row of input_ids needs an end token ({self.config.text.eos_token_id}); "
+                             "use the tokenizer, which appends one")
+        hidden = self.text(input_ids)  # (B, T, width)
+        return self.text_projection(hidden[torch.arange(len(hidden)), is_end.int().argmax(1)])
+
+    def logits(self, image_embeds, text_embeds):
+        """(N, D), (K, D) -> exp(logit_scale) * cosine similarity (N, K)."""
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        return self.logit_scale.exp() * image_embeds @ text_embeds.T
+
+    def forward(self, pixels, input_ids):
+        return self.logits(self.encode_image(pixels), self.encode_text(input_ids))  # (images, texts)
+
+
+# --- preprocessing -------------------------------------------------------------------------------------------------
+
+def preprocess(images, size=224):
+    """Images -> CLIP's input, float (N, 3, size, size): as CLIP's own pipeline, resize the short side to `size`
+    (bicubic; the long side to int(size * long / short)), crop the centre square, scale to [0, 1], subtract MEAN
+    and divide by STD per channel.
+
+    images: a PIL image, or a sequence of PIL images or uint8 arrays (H, W) / (H, W, 3), e.g. an (N, H, W, 3)
+    array; any sizes. The resize is PIL's own bicubic on uint8 pixels, what transformers' CLIPImageProcessor and
+    OpenAI's torchvision transform both call, so it does not differ from PIL's. (torch's
+    interpolate(mode="bicubic") would: a = -0.75 instead of PIL's -0.5, and no widening of the kernel when
+    shrinking unless antialias=True.) The crop offset is (excess) // 2 as in transformers; torchvision's CenterCrop
+    rounds excess / 2 to the nearest integer instead, one pixel further for some odd excesses.
+    """
+    if isinstance(images, Image.Image):
+        images = [images]
+    out = torch.empty(len(images), 3, size, size)
+    for n, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            a = np.asarray(image)
+            if a.dtype != np.uint8 or not (a.ndim == 2 or a.ndim == 3 and a.shape[2] == 3):
+                raise ValueError(f"image {n}: expected a PIL image or a uint8 array (H, W) or (H, W, 3), got "
+                                 f"{a.dtype} {a.shape}")
+            image = Image.fromarray(a)
+        img = image.convert("RGB")
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(size * long / short)
+        img = img.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255  # (3, size, size)
+        out[n] = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return out
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+TOWER_NAMES = {"text_model": "text.text_model", "vision_model": "vision.vision_model"}  # {file: ours}
+
+
+def clip_config_from_hf(d, where="config.json"):
+    """CLIPConfig from a transformers CLIPConfig config.json dict (its text_config and vision_config; older files
+    name them text_config_dict / vision_config_dict)."""
+    sections = {}
+    for name in ("text_config", "vision_config"):
+        section = d.get(name, d.get(f"{name}_dict"))
+        if not isinstance(section, dict):
+            raise ValueError(f"{where} has no '{name}': not a transformers CLIPModel config")
+        sections[name] = section
+    v = sections["vision_config"]
+    if v.get("layer_norm_eps", 1e-5) != 1e-5 or v.get("num_channels", 3) != 3:
+        raise ValueError(f"{where}: vision_config must have layer_norm_eps 1e-5 and 3 channels, got "
+                         f"{v.get('layer_norm_eps')} and {v.get('num_channels')}")
+    try:
+        vision = CLIPVisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+                                  layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
+                                  mlp=v["intermediate_size"], activation=v.get("hidden_act", "quick_gelu"))
+        return CLIPConfig(text=text_encoder_config_from_hf(sections["text_config"]), vision=vision,
+                          projection_dim=d["projection_dim"])
+    except KeyError as e:
+        raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
+
+
+def load_clip(path, dtype=torch.float32):
+    """CLIPModel from a transformers folder (config.json + model.safetensors or pytorch_model.bin, the layout of
+    `openai/clip-vit-large-patch14`); strict (names, count and shapes checked), in eval mode."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no CLIP folder at {path}: expected a transformers CLIPModel folder such as "
+                                "openai/clip-vit-large-patch14 (config.json + model.safetensors)")
+    file = next((path / name for name in WEIGHT_NAMES if (path / name).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"{path} has neither {' nor '.join(WEIGHT_NAMES)}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has {file.name} but no config.json")
+    cfg = clip_config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json")
+    sd = weights.rename(weights.read_state_dict(file, "", dtype), TOWER_NAMES)
+    with torch.device("meta"):
+        model = CLIPModel(cfg)
+    return weights.load_strict(model, sd, f"CLIP from {file}").eval()
+
+
+def load_clip_tokenizer(path):
+    """The CLIP folder's own tokenizer (vocab.json + merges.txt, or tokenizer.json), else the shipped one, which is
+    CLIP's (OpenAI's bpe_simple_vocab_16e6)."""
+    path = Path(path)
+    if any((path / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+        return Tokenizer.from_folder(path)
+    return Tokenizer.default()
