@@ -96,14 +96,16 @@ def digit_image(image, resolution=32):
 
 
 def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resolution=32,
-                      prompt="a photo of a digit", seed=0, overwrite=False):
+                      prompt="a photo of a digit", seed=0, overwrite=False, labelled=1.0):
     """Write an image-folder data set of digits with exactly `counts[digit]` images of each digit -> its path.
 
     images, labels: the arrays of `load_digits()`. indices: the pool to draw from (e.g. the train indices of
     `split_digits`, so held-out digits never reach training); default all. counts: {digit: how many}, e.g.
     {7: 450, 8: 50} for the paper-style 9 : 1 bias; drawn without replacement, so a count above the pool's
     supply of that digit is an error. prompt: the caption, a str or a function digit -> str (per-group prompts).
-    Each line of `metadata.jsonl` also records `source_index` (the row in `load_digits()` order) for auditing.
+    labelled: the share of each digit's images that keep their group; the others get "group": null (at least one
+    image per digit stays labelled). Each line of `metadata.jsonl` also records `source_index` (the row in
+    `load_digits()` order) and the `digit` itself, for auditing.
     The metadata file is written last and atomically: a folder without it is an unfinished build.
     """
     out_dir = Path(out_dir)
@@ -128,6 +130,7 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
         if n > len(members):
             raise ValueError(f"asked for {n} images of digit {digit!r} but the pool holds only {len(members)}")
         chosen.append(rng.permutation(members)[:n])
+    keep = {int(i) for c in chosen for i in c[:max(1, round(labelled * len(c)))]}  # stratified: per digit
     chosen = rng.permutation(np.concatenate(chosen))  # groups interleaved, not in blocks
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,8 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
         name = f"{k:05d}.png"
         digit_image(images[i], resolution).save(out_dir / name)
         text = prompt(digit) if callable(prompt) else prompt
-        lines.append(json.dumps({"file_name": name, "text": text, "group": digit, "source_index": int(i)}))
+        lines.append(json.dumps({"file_name": name, "text": text, "group": digit if int(i) in keep else None,
+                                 "digit": digit, "source_index": int(i)}))
     tmp = out_dir / "metadata.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, meta_path)

@@ -1,40 +1,32 @@
-"""One command, one CPU: does DDM's indicator make a fine-tuned latent diffusion model generate groups in balance?
+"""One command, one CPU: which forms of DDM's indicator make a fine-tuned latent diffusion model generate groups in
+balance, at equal quality?
 
 Huang, Tsao, Su, Chiang 2025, "Debiasing Diffusion Model" (arXiv 2503.12536), tested on real handwritten digits
-(the shipped MNIST 5k, `data.py`) with the digit as the group, 7 against 8 (the authors' example run is digits at
-32 px). Everything is trained here, from scratch, with the same classes as full-size Stable Diffusion v1.x (VAE,
-UNet, CLIP text encoder with CLIP's real tokenizer), only tiny:
+(the shipped MNIST 5k, `data.py`) with the digit as the group: by default 7 against 8 at 9 : 1 (`--groups 7,8
+--counts 360,40`; any digits, K >= 2). Everything is trained here, from scratch, with the same classes as full-size
+Stable Diffusion v1.x (VAE, UNet, CLIP text encoder with CLIP's real tokenizer), only tiny:
 
-  1. digit classifier   evaluate.py's CNN on the balanced train split; its held-out accuracy rides with every number
-  2. VAE                reconstruction MSE + a small KL on every train digit (the one training loop in this file);
-                        the latent scaling factor is then measured, 1 / std(z), as SD's 0.18215 was
-  3. base model         UNet + text encoder from scratch through train.py (--init-config, w_ind = 0) on BALANCED
-                        7s and 8s, captions half generic ("a handwritten digit") and half naming the digit
-                        ("a handwritten digit seven"), 10% dropped for classifier-free guidance
-  4. fine-tunes         the base on a 9 : 1 BIASED set of 7s and 8s (train indices only, same caption mix), through
-                        train.py: plain (w_ind = 0) and DDM (w_ind = 0.05, the authors' example, and 0.2, 0.5;
-                        w_rec = 1 - w_ind, so 0.95 / 0.05 as the authors), each with --seeds seeds
-  5. evaluation         per model: N images from the generic prompt (FD scenario, proportions of 7s and 8s) and
-                        N/2 from each group prompt (SPD scenario, success rate per requested digit), scored with
-                        evaluate.py: FD (hard and soft), SPD, the indicator's mean entropy on the generated images
-                        (DDM runs: the images re-noised at random t, as in training), mean classifier confidence
-                        and the Frechet distance to held-out real 7s/8s in the classifier's feature space
-  6. report             RUN/report.md (every seed, then mean ± std per method), RUN/report.json, RUN/grids/*.png
-                        (the same noise seeds through base, plain and DDM models side by side); the table is printed
+  1. judge        evaluate.py's 10-class digit CNN on the balanced train split; never the indicator
+  2. VAE          reconstruction MSE + a small KL on every train digit; latent scale measured as 1 / std(z)
+  3. base         UNet + text encoder from scratch through train.py on BALANCED groups (400 train digits each),
+                  captions half generic ("a handwritten digit"), half naming the digit, 10% dropped for guidance
+  4. fine-tunes   the base on the BIASED set, one run per method and seed (METHODS below): the authors' `ddm`, the
+                  paper figure's `ddm-x0`, and ours (`balanced`, `indicator-weighted` with 100% and 10% labels,
+                  plain + indicator guidance at two scales), beside a plain fine-tune
+  5. evaluation   per model: N images of the generic prompt (FD) and N/2 per group prompt (SPD), judged by the
+                  classifier; quality: confidence, the share outside the groups, Frechet to held-out real digits
+                  overall and per group; the indicator's accuracy and balanced accuracy while training
+  6. CFG check    FD of plain and of the best method at guidance 1 and 7.5 besides the default 3
+  7. report       RUN/report.md (verdict table, then every seed), report.json, grids/*.png; the verdict is printed
 
-    python reproduce.py                      # full run into runs/repro (about 10 min on one CPU core)
-    python reproduce.py --quick              # smoke test sizes into runs/repro-quick (a few minutes)
-    python reproduce.py --out DIR --seeds 5 --overwrite
+    python reproduce.py                                   # runs/repro, ~20 min on one CPU core
+    python reproduce.py --quick                           # CI's smoke test sizes
+    python reproduce.py --groups 1,7,8 --counts 300,60,20 --methods plain,balanced --seeds 5 --out runs/k3
 
-Caching. Stages 1-3 and the data folders go to RUN/cache/<stage>-<hash of its settings>/ (or --cache DIR, which
-can be shared between run directories) and are reused whenever their settings match; a stage is complete once
-its done.json exists, so a killed run retrains only what was unfinished. Stages 4-6 are the results: an existing
-run directory with results (finetune/, report.json) is refused unless --overwrite, which deletes those results
-and keeps the cache.
-
-Fine-tuning is full (--lora-rank 0, UNet only), not LoRA: the tiny UNet has a single attention level, so rank-8
-adapters on its to_q/to_v would hold too few weights to pick up the 9 : 1 bias within a CPU budget, while a full
-fine-tune of a 1.0M-weight UNet costs the same per step. The DDM objective is the same either way.
+Stages 1-3 and the data folders are cached in RUN/cache/<stage>-<hash of its settings>/ (or --cache DIR) and reused
+when their settings match. Results are never overwritten without --overwrite, which keeps the cache.
+Fine-tuning is full (--lora-rank 0, UNet only): the tiny UNet's one attention level leaves rank-8 adapters too few
+weights to pick up the bias in a CPU budget; the objectives are the same either way.
 """
 import argparse
 import dataclasses
@@ -55,13 +47,13 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+import ddm
 import evaluate
 import sample
 import train
 from vae import VAE, VAEConfig, load_vae, vae_diffusers_config, vae_to_diffusers
 
-GROUPS = (7, 8)  # the two digits: the groups whose balance is judged
-WORDS = {7: "seven", 8: "eight"}
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 GENERIC_PROMPT = "a handwritten digit"  # the FD scenario: the prompt names no group
 
 
@@ -76,6 +68,8 @@ TINY = {  # train.py --init-config: the SD classes, tiny (UNet 1.0M weights; tex
              "num_heads": 4, "context_dim": 64, "num_groups": 8, "sample_size": 8},  # latents 8x8 -> 4x4
     "text_encoder": {"width": 64, "layers": 2, "heads": 4, "mlp": 256},
 }
+TRAIN_PER_DIGIT = 400  # train digits per class (500 shipped, 100 held out for the judge and the Frechet reference)
+CAPTION_DROPOUT = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
 
 
 @dataclasses.dataclass
@@ -92,21 +86,46 @@ class Sizes:
     ft_steps: int = 100
     ft_batch: int = 32
     ft_lr: float = 2e-4
-    w_inds: tuple = (0.05, 0.2, 0.5)  # the authors' example, then a small sweep
-    n_generic: int = 200  # images per model from the generic prompt (FD)
+    indicator_lr: float = 1e-3  # our noise-aware indicators start from scratch beside a trained UNet
+    n_generic: int = 500  # images per model from the generic prompt (FD): SE(FD) ~ 0.025 at p = 0.8
     n_per_group: int = 100  # ... and from each group prompt (SPD)
     sample_steps: int = 15  # DDIM
     guidance: float = 3.0  # classifier-free guidance scale
-    n_entropy_t: int = 1  # re-noisings per image for the indicator's entropy
+    cfg_check: tuple = (1.0, 7.5)  # other CFG scales at which plain and the best method are measured too
     grid_n: int = 32  # images per model in the grids
 
 
 FULL = Sizes()
-QUICK = Sizes(classifier_epochs=1, vae_steps=30, vae_batch=16, base_steps=30, base_batch=16, ft_steps=4, ft_batch=8,
-              w_inds=(0.05, 0.5), n_generic=16, n_per_group=8, sample_steps=4, grid_n=16)
-CAPTION_DROPOUT = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
-BIAS = {7: 360, 8: 40}  # the 9 : 1 fine-tuning set (of the 400 train digits per class)
-BALANCED = {7: 400, 8: 400}  # the base model's set: every train 7 and 8
+QUICK = Sizes(classifier_epochs=1, vae_steps=30, vae_batch=16, base_steps=30, base_batch=16, ft_steps=3, ft_batch=8,
+              n_generic=12, n_per_group=4, sample_steps=3, grid_n=8)
+
+
+@dataclasses.dataclass
+class Method:
+    """One row of the verdict: what train.py runs (None: sample the `source` method's runs), and how to sample."""
+    name: str
+    label: str
+    train: tuple = None
+    labelled: float = 1.0  # share of the fine-tuning images that keep their group label
+    source: str = None
+    indicator_guidance: float = 0.0
+
+
+NOISE_AWARE = ("--w-ind", "1", "--w-rec", "1")
+METHODS = [
+    # plain-indicator trains the UNet exactly as plain fine-tuning (tests/test_train.py) and an indicator beside it
+    Method("plain", "plain fine-tune", ("--objective", "plain-indicator", *NOISE_AWARE)),
+    Method("ddm", "DDM, the authors' (w_ind 0.05)", ("--objective", "ddm", "--w-ind", "0.05", "--w-rec", "0.95")),
+    Method("ddm-x0", "DDM on x0_hat, the paper's figure", ("--objective", "ddm-x0", "--w-ind", "0.05",
+                                                           "--w-rec", "0.95")),
+    Method("balanced", "balanced MSE (ours)", ("--objective", "balanced", "--w-ind", "0", "--w-rec", "1")),
+    Method("iw", "indicator-weighted, all labels (ours)", ("--objective", "indicator-weighted", *NOISE_AWARE)),
+    Method("iw-10", "indicator-weighted, 10% labels (ours)", ("--objective", "indicator-weighted", *NOISE_AWARE),
+           labelled=0.1),
+    Method("guided-3", "plain + indicator guidance 3 (ours)", source="plain", indicator_guidance=3.0),
+    Method("guided-10", "plain + indicator guidance 10 (ours)", source="plain", indicator_guidance=10.0),
+]
+BY_NAME = {m.name: m for m in METHODS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,18 +214,18 @@ def train_vae(folder, sizes, seed=0, progress=True):
     return {"heldout_mse": held_mse, "scaling_factor": vae.config.scaling_factor, "path": str(out)}
 
 
-def build_folder(folder, counts, seed):
+def build_folder(folder, counts, seed, labelled=1.0):
     images, labels = data.load_digits()
     train_idx, _ = data.split_digits(0)  # held-out digits never reach a diffusion model
     data.make_digit_folder(folder / "images", images, labels, counts, indices=train_idx, resolution=RESOLUTION,
-                           prompt=caption_for(seed), seed=seed)
-    return {"path": str(folder / "images"), "counts": {str(k): v for k, v in counts.items()}}
+                           prompt=caption_for(seed), seed=seed, labelled=labelled)
+    return {"path": str(folder / "images"), "counts": {str(k): v for k, v in counts.items()}, "labelled": labelled}
 
 
-def common_train_args(batch, steps, lr, seed):
+def common_train_args(batch, steps, lr, seed, progress):
     return ["--resolution", str(RESOLUTION), "--batch-size", str(batch), "--grad-accum", "1", "--max-steps",
             str(steps), "--lr", str(lr), "--seed", str(seed), "--caption-dropout", str(CAPTION_DROPOUT),
-            "--cache-latents", "--checkpoint-every", "0"]
+            "--cache-latents", "--checkpoint-every", "0", *([] if progress else ["--no-progress"])]
 
 
 def train_base(folder, sizes, vae_path, data_path, progress=True):
@@ -215,18 +234,18 @@ def train_base(folder, sizes, vae_path, data_path, progress=True):
     config.write_text(json.dumps({k: v for k, v in TINY.items() if k != "vae"}, indent=1))
     run = train.train(["--init-config", str(config), "--vae", vae_path, "--data", data_path, "--out",
                        str(folder / "run"), "--w-ind", "0", "--w-rec", "1",
-                       *common_train_args(sizes.base_batch, sizes.base_steps, sizes.base_lr, 0),
-                       *([] if progress else ["--no-progress"])])
-    return {"path": str(run), "final_loss": _final_loss(run)}
+                       *common_train_args(sizes.base_batch, sizes.base_steps, sizes.base_lr, 0, progress)])
+    return {"path": str(run), "final_loss": train_stats(run)}
 
 
-def _final_loss(run_dir, last=50):
-    """{"rec": mean denoising MSE, "indicator_train_acc": mean indicator accuracy (None for a plain run)} over the
-    last `last` logged steps (one step is noisy)."""
+def train_stats(run_dir, last=50):
+    """Mean denoising MSE, and the indicator's accuracy and balanced accuracy on its training batches (None
+    without an indicator), over the last `last` logged steps (one step is noisy)."""
     lines = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()][-last:]
     out = {"rec": float(np.mean([r["rec"] for r in lines]))}
-    accs = [r["acc"] for r in lines if r["acc"] is not None]
-    out["indicator_train_acc"] = float(np.mean(accs)) if accs else None
+    for key, name in (("acc", "indicator_acc"), ("bacc", "indicator_bacc")):
+        values = [r[key] for r in lines if r.get(key) is not None]
+        out[name] = float(np.mean(values)) if values else None
     return out
 
 
@@ -234,54 +253,59 @@ def _final_loss(run_dir, last=50):
 # Sampling and evaluation of one model
 
 
-def method_name(w_ind):
-    return "plain fine-tune" if w_ind == 0 else "DDM"
-
-
-def generate_all(models, sizes, progress=True):
+def sample_scenarios(models, groups, sizes, *, guide=None, guidance=None, generic_only=False, progress=True):
     """(generic images, group images, group requested per image), uint8 (N,32,32,3). Image k of a scenario uses
-    noise seed k in every model, so models are compared on identical starting noise."""
-    prompts = [GENERIC_PROMPT] * sizes.n_generic
-    requested = [g for g in GROUPS for _ in range(sizes.n_per_group)]
-    prompts += [group_prompt(g) for g in requested]
+    noise seed k in every model, so models are compared on identical starting noise. guide = (indicator, scale):
+    a generic image's target group is drawn uniformly with its own seed; a group prompt's target is its group."""
+    requested = [] if generic_only else [g for g in groups for _ in range(sizes.n_per_group)]
+    prompts = [GENERIC_PROMPT] * sizes.n_generic + [group_prompt(g) for g in requested]
     # group prompts take seeds from 10,000 on: disjoint from the generic images' 0..n_generic-1 (n_generic <= 10,000)
     seeds = list(range(sizes.n_generic)) + list(range(10_000, 10_000 + len(requested)))
-    images = sample.generate(models, prompts, seeds, steps=sizes.sample_steps, guidance=sizes.guidance,
-                             height=RESOLUTION, width=RESOLUTION, batch_size=100, progress=progress)
+    if guide is not None:
+        targets = (sample.draw_targets(seeds[:sizes.n_generic], ddm.parse_target("uniform", groups))
+                   + [groups.index(g) for g in requested])
+        guide = (guide[0], targets, guide[1])
+    images = sample.generate(models, prompts, seeds, steps=sizes.sample_steps, guidance=guidance or sizes.guidance,
+                             height=RESOLUTION, width=RESOLUTION, batch_size=100, progress=progress, guide=guide)
     return images[:sizes.n_generic], images[sizes.n_generic:], requested
 
 
 @torch.no_grad()
-def indicator_logits(models, indicator, images, n_t, seed=0):
-    """The indicator on generated images: each one encoded (posterior mean), noised at n_t random t ~ U{0..999}
-    with the generic prompt, as in training; the UNet's ε̂ goes to the indicator -> (N·n_t, K) logits."""
+def indicator_logits(models, indicator, images, seed=0):
+    """The authors' indicator on generated images, as in training: each one encoded (posterior mean), noised at a
+    random t ~ U{0..999} with the generic prompt, the UNet's ε̂ to the indicator -> (N, K) logits."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     context = sample.encode_text(models, [GENERIC_PROMPT])
     out = []
     for i in range(0, len(x), 100):
         z0 = models.vae.encode(x[i:i + 100]).mean * models.vae_config.scaling_factor
-        for _ in range(n_t):
-            t = torch.randint(0, train.N_TRAIN_TIMESTEPS, (len(z0),), generator=gen)
-            noise = torch.randn(z0.shape, generator=gen)
-            eps_hat = models.unet(sample.add_noise(z0, noise, t, models.alphas_cumprod), t,
-                                  context.expand(len(z0), -1, -1))
-            out.append(indicator(eps_hat))
+        t = torch.randint(0, train.N_TRAIN_TIMESTEPS, (len(z0),), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        eps_hat = models.unet(sample.add_noise(z0, noise, t, models.alphas_cumprod), t,
+                              context.expand(len(z0), -1, -1))
+        out.append(indicator(eps_hat))
     return torch.cat(out)
 
 
-def evaluate_model(models, indicator, classifier, reference_features, sizes, progress=True):
-    """One model's row: FD scenario numbers, SPD scenario numbers, indicator entropy, quality."""
-    generic, grouped, requested = generate_all(models, sizes, progress)
-    fd = evaluate.evaluate_images(generic.numpy(), classifier, list(GROUPS), reference_features=reference_features,
-                                  indicator_logits=(None if indicator is None else
-                                                    indicator_logits(models, indicator, generic, sizes.n_entropy_t)))
-    spd = evaluate.evaluate_images(grouped.numpy(), classifier, list(GROUPS), requested=requested)
-    row = {"fd": fd["fd"], "fd_soft": fd["fd_soft"], "proportions": fd["proportions"], "spd": spd["spd"],
-           "success_rates": spd["success_rates"], "indicator_entropy": fd["indicator_entropy"],
-           "mean_confidence": fd["mean_confidence"], "share_outside_groups": fd["share_outside_groups"],
-           "frechet_distance": fd["frechet_distance"], "classifier_heldout_accuracy": fd["classifier_heldout_accuracy"],
-           "n_generic": len(generic), "n_per_group": sizes.n_per_group}
+def evaluate_model(models, indicator, method, judge, groups, sizes, *, guidance=None, generic_only=False,
+                   progress=True):
+    """One model's numbers: balance (FD, SPD), quality (confidence, share outside the groups, Frechet overall and
+    per group), and for the authors' DDM its indicator's entropy on the generated images."""
+    classifier, reference = judge
+    guide = (indicator, method.indicator_guidance) if method and method.indicator_guidance else None
+    generic, grouped, requested = sample_scenarios(models, groups, sizes, guide=guide, guidance=guidance,
+                                                   generic_only=generic_only, progress=progress)
+    entropy_of = indicator is not None and method.train and method.train[1] == "ddm"
+    fd = evaluate.evaluate_images(generic.numpy(), classifier, groups, reference_features=reference,
+                                  indicator_logits=indicator_logits(models, indicator, generic) if entropy_of else None)
+    row = {k: fd[k] for k in ("fd", "fd_soft", "proportions", "indicator_entropy", "mean_confidence",
+                              "share_outside_groups", "frechet_distance", "frechet_per_group",
+                              "classifier_heldout_accuracy")}
+    row.update(n_generic=len(generic), n_per_group=sizes.n_per_group, spd=None, success_rates=None)
+    if not generic_only:
+        spd = evaluate.evaluate_images(grouped.numpy(), classifier, groups, requested=requested)
+        row.update(spd=spd["spd"], success_rates=spd["success_rates"])
     return row, generic
 
 
@@ -289,31 +313,38 @@ def evaluate_model(models, indicator, classifier, reference_features, sizes, pro
 # Report
 
 
-COLUMNS = ["method", "w_ind", "w_rec", "seed", "FD", "FD soft", "share of 7s", "SPD", "indicator entropy",
-           "indicator train acc", "confidence", "outside 7/8", "Frechet", "classifier acc"]
+def flatten(row, groups):
+    """The numbers of one row under flat keys (per-group values as share_7, frechet_7, ...)."""
+    flat = {k: row.get(k) for k in ("fd", "fd_soft", "spd", "frechet_distance", "share_outside_groups",
+                                    "mean_confidence", "indicator_entropy")}
+    flat.update({k: row.get("train", {}).get(k) for k in ("indicator_acc", "indicator_bacc")})
+    for k, g in enumerate(groups):
+        flat[f"share_{g}"] = row["proportions"][k]
+        flat[f"frechet_{g}"] = (row.get("frechet_per_group") or {}).get(str(g))
+    return flat
 
 
-def _mean_std(values):
+def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
         return None, None
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarize(rows):
-    """Per (method, w_ind): mean ± std (sample std, ddof 1) of every number over its seeds."""
+def summarize(rows, groups):
+    """Per method (in the order rows first name it): mean ± std (sample std, ddof 1) of every number over seeds."""
     out = []
-    keys = ["fd", "fd_soft", "spd", "indicator_entropy", "mean_confidence", "share_outside_groups",
-            "frechet_distance"]
-    for w in dict.fromkeys(r["w_ind"] for r in rows if r["method"] != "base"):
-        group = [r for r in rows if r["w_ind"] == w and r["method"] != "base"]
-        s = {"method": group[0]["method"], "w_ind": w, "w_rec": group[0]["w_rec"], "seeds": [r["seed"] for r in group],
-             "classifier_heldout_accuracy": group[0]["classifier_heldout_accuracy"]}
-        for k in keys + ["share7", "indicator_train_acc"]:
-            vals = [r["proportions"][0] if k == "share7" else r["train"][k] if k == "indicator_train_acc" else r[k]
-                    for r in group]
-            s[k], s[k + "_std"] = _mean_std(vals)
+    for name in dict.fromkeys(r["method"] for r in rows):
+        group = [flatten(r, groups) for r in rows if r["method"] == name]
+        first = next(r for r in rows if r["method"] == name)
+        s = {"method": name, "label": first["label"], "seeds": [r["seed"] for r in rows if r["method"] == name]}
+        for k in group[0]:
+            s[k], s[k + "_std"] = mean_std([g[k] for g in group])
         out.append(s)
+    plain = next((s for s in out if s["method"] == "plain"), None)
+    for s in out:  # the issue's bar: FD at most half the plain fine-tune's, Frechet at most 10% worse
+        s["meets_goal"] = (None if plain is None or s["method"] in ("plain", "base") else
+                           bool(s["fd"] <= 0.5 * plain["fd"] and s["frechet_distance"] <= 1.1 * plain["frechet_distance"]))
     return out
 
 
@@ -325,23 +356,46 @@ def _pm(s, k, fmt=".3f"):
     return "–" if s[k] is None else f"{s[k]:{fmt}} ± {s[k + '_std']:{fmt}}"
 
 
-def format_table(rows, summary):
-    """Markdown: every model (each seed), then mean ± std per method."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["method"], _f(r["w_ind"], "g"), _f(r["w_rec"], "g"), str(r["seed"]), _f(r["fd"]), _f(r["fd_soft"]),
-            _f(r["proportions"][0]), _f(r["spd"]), _f(r["indicator_entropy"]),
-            _f(r.get("train", {}).get("indicator_train_acc")), _f(r["mean_confidence"]),
-            _f(r["share_outside_groups"]), _f(r["frechet_distance"], ".2f"),
-            _f(r["classifier_heldout_accuracy"], ".4f")]) + " |")
+def verdict_table(summary, groups):
+    """Markdown, one row per method: balance and quality side by side, mean ± std over seeds."""
+    head = (["method", "FD", "SPD", "Frechet"] + [f"Frechet {g}" for g in groups]
+            + ["outside groups", "indicator bacc", "FD ≤ ½ plain at Frechet ≤ +10%"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for s in summary:
-        lines.append("| " + " | ".join([
-            f"**{s['method']}**", _f(s["w_ind"], "g"), _f(s["w_rec"], "g"), f"mean ± std ({len(s['seeds'])})",
-            f"**{_pm(s, 'fd')}**", _pm(s, "fd_soft"), _pm(s, "share7"), _pm(s, "spd"), _pm(s, "indicator_entropy"),
-            _pm(s, "indicator_train_acc"), _pm(s, "mean_confidence"), _pm(s, "share_outside_groups"),
-            _pm(s, "frechet_distance", ".2f"),
-            _f(s["classifier_heldout_accuracy"], ".4f")]) + " |")
+        goal = {None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]
+        lines.append("| " + " | ".join([s["label"], f"**{_pm(s, 'fd')}**", _pm(s, "spd"),
+                                        _pm(s, "frechet_distance", ".1f")]
+                                       + [_pm(s, f"frechet_{g}", ".1f") for g in groups]
+                                       + [_pm(s, "share_outside_groups"), _pm(s, "indicator_bacc"), goal]) + " |")
+    return "\n".join(lines)
+
+
+def seed_table(rows, groups):
+    """Markdown, every model: the numbers the verdict averages, and the ones behind them."""
+    head = (["method", "seed", "FD", "FD soft"] + [f"share {g}" for g in groups]
+            + ["SPD", "Frechet"] + [f"Frechet {g}" for g in groups]
+            + ["outside groups", "confidence", "indicator acc", "indicator bacc", "indicator entropy"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        f = flatten(r, groups)
+        lines.append("| " + " | ".join([r["label"], str(r["seed"]), _f(f["fd"]), _f(f["fd_soft"])]
+                                       + [_f(f[f"share_{g}"]) for g in groups]
+                                       + [_f(f["spd"]), _f(f["frechet_distance"], ".1f")]
+                                       + [_f(f[f"frechet_{g}"], ".1f") for g in groups]
+                                       + [_f(f["share_outside_groups"]), _f(f["mean_confidence"]),
+                                          _f(f["indicator_acc"]), _f(f["indicator_bacc"]),
+                                          _f(f["indicator_entropy"])]) + " |")
+    return "\n".join(lines)
+
+
+def cfg_table(cfg_rows, groups):
+    lines = ["| method | CFG scale | FD | Frechet |", "| --- | --- | --- | --- |"]
+    for label in dict.fromkeys(r["label"] for r in cfg_rows):
+        for scale in sorted({r["cfg"] for r in cfg_rows if r["label"] == label}):
+            picked = [flatten(r, groups) for r in cfg_rows if r["label"] == label and r["cfg"] == scale]
+            fd, fd_std = mean_std([p["fd"] for p in picked])
+            fr, fr_std = mean_std([p["frechet_distance"] for p in picked])
+            lines.append(f"| {label} | {scale:g} | {fd:.3f} ± {fd_std:.3f} | {fr:.1f} ± {fr_std:.1f} |")
     return "\n".join(lines)
 
 
@@ -384,11 +438,16 @@ def save_grid(panels, path, cols=8):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DDM (arXiv 2503.12536) reproduced on real handwritten 7s and 8s, on CPU.")
+    p = argparse.ArgumentParser(description="DDM (arXiv 2503.12536) and its variants on real handwritten digits, "
+                                            "on CPU.")
     p.add_argument("--out", type=Path, help="run directory (default runs/repro, or runs/repro-quick with --quick)")
     p.add_argument("--cache", type=Path, help="cached stages (classifier, VAE, data, base model); default OUT/cache")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in a few minutes, "
-                                                        "not the science")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the science")
+    p.add_argument("--groups", default="7,8", help="the digits whose balance is judged, K >= 2 (default 7,8)")
+    p.add_argument("--counts", default="360,40", help="fine-tuning images per group, in --groups order, at most "
+                                                      f"{TRAIN_PER_DIGIT} each (default 360,40: 9 : 1)")
+    p.add_argument("--methods", default=",".join(m.name for m in METHODS),
+                   help=f"comma-separated, from {', '.join(BY_NAME)} (default: all)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per method (>= 1)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT's results (cached stages are kept)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: these tiny models gain "
@@ -396,6 +455,22 @@ def parse_args(argv=None):
                                                           "process competes for the cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     args = p.parse_args(argv)
+    try:
+        groups = [int(g) for g in args.groups.split(",")]
+        counts = [int(c) for c in args.counts.split(",")]
+    except ValueError:
+        p.error(f"--groups and --counts take comma-separated integers, got {args.groups!r} and {args.counts!r}")
+    if len(groups) < 2 or len(set(groups)) != len(groups) or not all(0 <= g <= 9 for g in groups):
+        p.error(f"--groups must name at least two distinct digits 0-9, got {args.groups!r}")
+    if len(counts) != len(groups) or not all(1 <= c <= TRAIN_PER_DIGIT for c in counts):
+        p.error(f"--counts must give 1..{TRAIN_PER_DIGIT} images for each of the {len(groups)} groups, "
+                f"got {args.counts!r}")
+    args.counts = dict(sorted(zip(groups, counts)))  # groups sorted, as train.py numbers them
+    args.groups = sorted(groups)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in BY_NAME]
+    if unknown or not args.methods:
+        p.error(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}")
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.threads < 1:
@@ -419,127 +494,149 @@ def claim_run_dir(out, overwrite):
     out.mkdir(parents=True, exist_ok=True)
 
 
+def prepare(args, sizes, timings):
+    """Stages 1-3, cached: the judge (classifier and its held-out reference features), the VAE, the base model."""
+    cache, groups = args.cache, args.groups
+    t0 = time.time()
+    s = {"epochs": sizes.classifier_epochs, "format": evaluate.CLASSIFIER_FORMAT}
+    folder = stage_dir(cache, "classifier", s)
+    cached(folder, s, lambda f: build_classifier(f, sizes), "digit classifier")
+    classifier = evaluate.load_classifier(folder / "classifier.safetensors")
+    s = {"config": TINY["vae"], **{k: v for k, v in dataclasses.asdict(sizes).items() if k.startswith("vae")}}
+    vae_info = cached(stage_dir(cache, "vae", s), s, lambda f: train_vae(f, sizes, progress=args.progress), "VAE")
+    balanced = {g: TRAIN_PER_DIGIT for g in groups}
+    folder = cached(stage_dir(cache, "data-balanced", balanced), balanced,
+                    lambda f: build_folder(f, balanced, 0), "balanced groups")
+    s = {"vae": s, "tiny": TINY, "data": balanced, "caption_dropout": CAPTION_DROPOUT,
+         **{k: v for k, v in dataclasses.asdict(sizes).items() if k.startswith("base")}}
+    base = cached(stage_dir(cache, "base", s), s,
+                  lambda f: train_base(f, sizes, vae_info["path"], folder["path"], args.progress), "base model")
+    # held-out real digits per group, so evaluate.py weighs them by each model's own shares: bias is not bad quality
+    reference, labels = evaluate.heldout_digits(*classifier.split, RESOLUTION, groups)
+    reference_features = {g: classifier.features(reference[labels == g]) for g in groups}
+    timings["stages"] = time.time() - t0
+    return (classifier, reference_features), vae_info, base
+
+
+def fine_tune(args, sizes, method, seed, base):
+    """One train.py run of a method on the biased set (cached data folder): its run directory."""
+    s = {"counts": args.counts, "labelled": method.labelled}
+    biased = cached(stage_dir(args.cache, "data-biased", s), s,
+                    lambda f: build_folder(f, args.counts, 1, method.labelled), f"biased set, {method.labelled:.0%} labelled")
+    extra = ["--indicator-lr", str(sizes.indicator_lr)] if method.train[1] in ddm.NOISE_AWARE else []
+    return train.train(["--model", base["path"], "--data", biased["path"], "--out",
+                        str(args.out / "finetune" / f"{method.name}-seed{seed}"), "--lora-rank", "0",
+                        "--no-train-text-encoder", *method.train, *extra,
+                        *common_train_args(sizes.ft_batch, sizes.ft_steps, sizes.ft_lr, seed, args.progress)])
+
+
 def run(args):
     t_start = time.time()
     sizes = QUICK if args.quick else FULL
-    out, cache = args.out, args.cache
+    out, groups = args.out, args.groups
     claim_run_dir(out, args.overwrite)
     torch.set_num_threads(args.threads)
-    timings = {}
+    timings = {"finetune": 0.0, "evaluate": 0.0}
+    judge, vae_info, base = prepare(args, sizes, timings)
 
-    def timed(name, fn):
+    def evaluated(models, indicator, method, **kw):
         t0 = time.time()
-        result = fn()
-        timings[name] = round(time.time() - t0, 1)
+        result = evaluate_model(models, indicator, method, judge, groups, sizes, progress=args.progress, **kw)
+        timings["evaluate"] += time.time() - t0
         return result
 
-    # 1-3: cached stages
-    s = {"epochs": sizes.classifier_epochs, "format": evaluate.CLASSIFIER_FORMAT}
-    folder = stage_dir(cache, "classifier", s)
-    timed("classifier", lambda: cached(folder, s, lambda f: build_classifier(f, sizes), "digit classifier"))
-    classifier = evaluate.load_classifier(folder / "classifier.safetensors")
-    s = {"config": TINY["vae"], **{k: v for k, v in dataclasses.asdict(sizes).items() if k.startswith("vae")}}
-    vae_info = timed("vae", lambda: cached(stage_dir(cache, "vae", s), s,
-                                           lambda f: train_vae(f, sizes, progress=args.progress), "VAE"))
-    balanced = cached(stage_dir(cache, "data-balanced", BALANCED), BALANCED,
-                      lambda f: build_folder(f, BALANCED, 0), "balanced 7s and 8s")
-    biased = cached(stage_dir(cache, "data-biased", BIAS), BIAS, lambda f: build_folder(f, BIAS, 1), "biased 9 : 1")
-    s = {"vae": s, "tiny": TINY, "data": BALANCED, "caption_dropout": CAPTION_DROPOUT,
-         **{k: v for k, v in dataclasses.asdict(sizes).items() if k.startswith("base")}}
-    base = timed("base", lambda: cached(stage_dir(cache, "base", s), s,
-                                        lambda f: train_base(f, sizes, vae_info["path"], balanced["path"], args.progress),
-                                        "base model"))
-
-    # reference: held-out real 7s and 8s in the classifier's feature space
-    # (per digit, so evaluate.py weighs them by each model's own proportions: bias alone does not read as bad quality)
-    reference, labels = evaluate.heldout_digits(*classifier.split, RESOLUTION, list(GROUPS))
-    reference_features = {g: classifier.features(reference[labels == g]) for g in GROUPS}
-
-    # 4-5: fine-tunes, each sampled and evaluated right away
-    rows, grid_images = [], {}
-    t0 = time.time()
-    models = sample.load_models(base["path"])
-    row, grid_images["base"] = evaluate_model(models, None, classifier, reference_features, sizes, args.progress)
-    rows.append({"method": "base", "w_ind": None, "w_rec": None, "seed": "-", "run": base["path"], **row})
-    timings["evaluate"] = time.time() - t0
-    timings["finetune"] = 0.0
-    for w_ind in (0.0,) + tuple(sizes.w_inds):
-        for seed in range(args.seeds):
-            name = f"{'plain' if w_ind == 0 else f'ddm{w_ind:g}'}-seed{seed}"
-            tqdm.write(f"[fine-tune] {name}: w_ind {w_ind:g}, w_rec {1 - w_ind:g}")
+    # 4-5: every method's fine-tunes (guided methods sample their source's runs), each evaluated right away
+    methods = [BY_NAME[n] for n in args.methods]
+    rows, grid_images, runs = [], {}, {}
+    row, grid_images["base"] = evaluated(sample.load_models(base["path"]), None, None)
+    rows.append({"method": "base", "label": "base (balanced training)", "seed": "-", "run": base["path"], **row})
+    for seed in range(args.seeds):
+        for name in dict.fromkeys(m.source or m.name for m in methods):
+            tqdm.write(f"[fine-tune] {name}, seed {seed}")
             t0 = time.time()
-            run_dir = train.train(["--model", base["path"], "--data", biased["path"], "--out",
-                                   str(out / "finetune" / name), "--lora-rank", "0", "--no-train-text-encoder",
-                                   "--w-ind", str(w_ind), "--w-rec", str(1 - w_ind),
-                                   *common_train_args(sizes.ft_batch, sizes.ft_steps, sizes.ft_lr, seed),
-                                   *([] if args.progress else ["--no-progress"])])
+            runs[name, seed] = fine_tune(args, sizes, BY_NAME[name], seed, base)
             timings["finetune"] += time.time() - t0
-            t0 = time.time()
-            trained = sample.load_run(run_dir)
-            row, images = evaluate_model(trained.models, trained.indicator, classifier,
-                                         reference_features, sizes, args.progress)
-            rows.append({"method": method_name(w_ind), "w_ind": w_ind, "w_rec": 1 - w_ind, "seed": seed,
-                         "run": str(run_dir), "train": _final_loss(run_dir), **row})
-            if seed == 0:
-                grid_images[name] = images
-            timings["evaluate"] += time.time() - t0
+        for m in methods:
+            trained = sample.load_run(runs[m.source or m.name, seed])
+            row, images = evaluated(trained.models, trained.indicator, m)
+            rows.append({"method": m.name, "label": m.label, "seed": seed, "run": str(runs[m.source or m.name, seed]),
+                         "train": train_stats(runs[m.source or m.name, seed]), **row})
+            grid_images.setdefault(m.name, images)
+    order = ["base"] + args.methods
+    rows.sort(key=lambda r: (order.index(r["method"]), str(r["seed"])))
+    summary = summarize(rows, groups)
 
-    # 6: report
-    summary = summarize(rows)
-    table = format_table(rows, summary)
-    grids = []
+    # 6: classifier-free guidance amplifies the majority: FD of plain and of the best method at other CFG scales
+    tried = [s for s in summary if s["method"] not in ("base", "plain")]
+    best = min(tried, key=lambda s: s["fd"])["method"] if tried else None
+    cfg_rows = [{**r, "cfg": sizes.guidance} for r in rows if r["method"] in ("plain", best)]
+    for name in [n for n in ("plain", best) if n in BY_NAME and n in args.methods]:
+        m = BY_NAME[name]
+        for seed in range(args.seeds):
+            trained = sample.load_run(runs[m.source or m.name, seed])
+            for scale in sizes.cfg_check:
+                row, _ = evaluated(trained.models, trained.indicator, m, guidance=scale, generic_only=True)
+                cfg_rows.append({"method": name, "label": m.label, "seed": seed, "cfg": scale, **row})
+
+    # 7: report
     n = sizes.grid_n
-    base_panel = ("base (balanced)", grid_images["base"][:n])
-    plain_panel = ("plain w_ind=0", grid_images["plain-seed0"][:n])
-    ddm_panels = [(f"DDM w_ind={w:g}", grid_images[f"ddm{w:g}-seed0"][:n]) for w in sizes.w_inds]
-    grids.append(save_grid([base_panel, plain_panel, *ddm_panels], out / "grids" / "all_seed0.png"))
-    for panel, w in zip(ddm_panels, sizes.w_inds):
-        grids.append(save_grid([plain_panel, panel], out / "grids" / f"plain_vs_ddm{w:g}_seed0.png"))
-    timings["total"] = round(time.time() - t_start, 1)
-    timings = {k: round(v, 1) for k, v in timings.items()}
+    panels = [("base (balanced)", grid_images["base"][:n])] + [(BY_NAME[k].name, grid_images[k][:n])
+                                                               for k in args.methods]
+    grids = [save_grid(panels, out / "grids" / "all_seed0.png")]
+    if "plain" in args.methods:
+        grids += [save_grid([panels[1 + args.methods.index("plain")], p], out / "grids" / f"plain_vs_{p[0]}_seed0.png")
+                  for p in panels[1:] if p[0] != "plain"]
+    timings["total"] = time.time() - t_start
     report = {
         "paper": "Huang, Tsao, Su, Chiang 2025, Debiasing Diffusion Model, arXiv 2503.12536",
         "mode": "quick" if args.quick else "full", "sizes": dataclasses.asdict(sizes), "tiny_configs": TINY,
-        "groups": list(GROUPS), "generic_prompt": GENERIC_PROMPT, "group_prompts": [group_prompt(g) for g in GROUPS],
-        "biased_counts": {str(k): v for k, v in BIAS.items()},
-        "balanced_counts": {str(k): v for k, v in BALANCED.items()},
-        "vae": vae_info, "base": base, "classifier_heldout_accuracy": classifier.heldout_accuracy,
-        "fd_max": math.sqrt(1 / 2), "columns": COLUMNS, "rows": rows, "summary": summary,
-        "grids": [str(g.relative_to(out)) for g in grids], "timings_s": timings, "threads": args.threads,
+        "groups": groups, "counts": {str(k): v for k, v in args.counts.items()}, "generic_prompt": GENERIC_PROMPT,
+        "group_prompts": [group_prompt(g) for g in groups], "methods": [dataclasses.asdict(m) for m in methods],
+        "vae": vae_info, "base": base, "classifier_heldout_accuracy": judge[0].heldout_accuracy,
+        "fd_max": math.sqrt((len(groups) - 1) / len(groups)), "rows": rows, "summary": summary,
+        "best_method": best, "cfg_rows": cfg_rows, "grids": [str(g.relative_to(out)) for g in grids],
+        "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": args.threads,
         "versions": {"torch": torch.__version__},
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(report_markdown(report, table))
-    print(table)
+    (out / "report.md").write_text(report_markdown(report))
+    print(verdict_table(summary, groups))
     print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
           f"report: {out / 'report.md'}")
     return report
 
 
-def report_markdown(report, table):
-    sizes = report["sizes"]
-    return f"""# DDM reproduction on handwritten 7s and 8s ({report['mode']} run)
+def report_markdown(report):
+    sizes, groups = report["sizes"], report["groups"]
+    return f"""# Which indicators debias? Handwritten digits {groups} at {report['counts']} ({report['mode']} run)
 
-{report['paper']}. Base model trained on balanced 7s and 8s ({report['balanced_counts']}), fine-tuned on a
-9 : 1 biased set ({report['biased_counts']}); {sizes['ft_steps']} full fine-tuning steps of batch {sizes['ft_batch']}
-per model. FD over the groups {report['groups']} from {sizes['n_generic']} images of "{report['generic_prompt']}"
-(0 = balanced, max {report['fd_max']:.3f}); SPD = max − min over groups of the share of images, prompted with
-"{report['group_prompts'][0]}" / "{report['group_prompts'][1]}" ({sizes['n_per_group']} each), that the classifier
-assigns to the requested digit. Indicator entropy: mean softmax entropy (nats, max ln 2 = 0.693) of the trained
-indicator on the generated generic images re-noised at random t (DDM runs only; the plain runs train no indicator).
-Indicator train acc: the indicator's accuracy on
-its training batches over the last 50 fine-tuning steps (0.9 = always answering "7", the majority of the 9 : 1 set).
-Quality: mean classifier confidence (10 classes), the share of generic images whose best of the 10 classes is
-neither 7 nor 8, and the Frechet distance to held-out real 7s/8s in the classifier's features
-(the real 7s and 8s mixed in the model's own generated proportions, so that bias alone does not count as bad quality).
-Classifier held-out accuracy (all 10 digits): {report['classifier_heldout_accuracy']:.4f}. DDIM {sizes['sample_steps']}
-steps, guidance {sizes['guidance']}. Every seed is listed; std is the sample std over seeds.
+{report['paper']}. A base model trained on balanced groups, fine-tuned on the biased set above with each method
+({sizes['ft_steps']} full fine-tuning steps of batch {sizes['ft_batch']}, seeds {sorted({r['seed'] for r in report['rows']
+if r['seed'] != '-'})}). FD = ||uniform − shares||₂ over the groups from {sizes['n_generic']} images of
+"{report['generic_prompt']}" (0 balanced, max {report['fd_max']:.3f}); SPD = max − min over groups of the share of
+{sizes['n_per_group']} images per group prompt that the judge assigns to the requested digit. The judge is the
+10-class digit classifier (held-out accuracy {report['classifier_heldout_accuracy']:.4f}), never the indicator.
+Quality: Frechet distance to held-out real digits in the judge's features (mixed in the model's own shares, so
+bias alone is not bad quality), the same per group (a group's images against its real ones), the share of generic
+images whose best class is none of the groups, confidence. Indicator acc / bacc: its accuracy and balanced
+accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG {sizes['guidance']}.
+Std is the sample std over seeds.
 
-{table}
+## Verdict (mean ± std over seeds)
+
+{verdict_table(report['summary'], groups)}
+
+## Classifier-free guidance scale (plain, and the best method: {report['best_method']})
+
+{cfg_table(report['cfg_rows'], groups)}
+
+## Every model
+
+{seed_table(report['rows'], groups)}
 
 Grids (the same noise seeds in every panel, generic prompt): {', '.join(report['grids'])}
 
-Wall time: {report['timings_s']} s on {report['threads']} threads.
+Wall time: {report['timings_s']} s on {report['threads']} thread(s).
 """
 
 

@@ -1,5 +1,6 @@
-"""reproduce.py --quick end to end on CPU: a well-formed report with every column, every seed and grids; an existing
-run directory is refused without --overwrite, and --overwrite keeps the cache. (The pipeline, not the science.)"""
+"""reproduce.py --quick end to end on CPU: a well-formed report with every method, every seed, the verdict, the CFG
+check and grids; three groups work end to end; bad arguments are refused; an existing run directory is refused
+without --overwrite, and --overwrite keeps the cache. (The pipeline, not the science.)"""
 import contextlib
 import io
 import json
@@ -11,57 +12,95 @@ from PIL import Image
 
 import reproduce
 
+INDICATOR_METHODS = {"plain", "ddm", "ddm-x0", "iw", "iw-10", "guided-3", "guided-10"}  # runs that train one
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("repro") / "run"
+
+def quick(argv):
     n = torch.get_num_threads()
     stderr = io.StringIO()  # tqdm writes its bars here
     try:  # one thread: tiny models gain little from two, and two threads on a busy machine spin-wait a lot
         with contextlib.redirect_stderr(stderr):
-            report = reproduce.main(["--quick", "--out", str(out), "--seeds", "2", "--threads", "1", "--no-progress"])
+            report = reproduce.main(["--quick", "--threads", "1", "--no-progress", *argv])
     finally:
         torch.set_num_threads(n)  # reproduce sets the process's thread count
     assert "it/s" not in stderr.getvalue() and "step/s" not in stderr.getvalue() and "train:" not in stderr.getvalue(), (
         "--no-progress still drew a progress bar:\n" + stderr.getvalue()[-2000:])
-    return out, report
+    return report
 
 
-def test_quick_run_writes_a_report_with_every_column_and_every_seed(quick_run):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("repro-cache")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("repro") / "run"
+    return out, quick(["--out", str(out), "--cache", str(cache), "--seeds", "2"])
+
+
+def test_quick_run_writes_a_report_with_every_method_and_every_seed(quick_run):
     out, report = quick_run
     stored = json.loads((out / "report.json").read_text())
     assert stored["rows"] == json.loads(json.dumps(report["rows"]))
-    w_inds = [0.0, *reproduce.QUICK.w_inds]
+    names = [m.name for m in reproduce.METHODS]
     rows = stored["rows"]
-    assert [r["method"] for r in rows] == ["base"] + [reproduce.method_name(w) for w in w_inds for _ in range(2)]
-    assert [(r["w_ind"], r["seed"]) for r in rows[1:]] == [(w, s) for w in w_inds for s in range(2)]
+    assert [r["method"] for r in rows] == ["base"] + [n for n in names for _ in range(2)]
+    assert [r["seed"] for r in rows[1:]] == [0, 1] * len(names)
     for r in rows:
         for key in ("fd", "fd_soft", "spd", "mean_confidence", "frechet_distance", "classifier_heldout_accuracy"):
-            assert isinstance(r[key], float) and math.isfinite(r[key]), (r["method"], r["w_ind"], key, r[key])
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (r["method"], key, r[key])
         assert 0 <= r["fd"] <= math.sqrt(0.5) + 1e-9 and 0 <= r["spd"] <= 1
-        assert abs(sum(r["proportions"]) - 1) < 1e-9
+        assert abs(sum(r["proportions"]) - 1) < 1e-9 and set(r["frechet_per_group"]) == {"7", "8"}
         assert r["n_generic"] == reproduce.QUICK.n_generic and set(r["success_rates"]) == {"7", "8"}
-        if r["w_ind"]:  # DDM runs: the trained indicator's entropy, at most ln 2
-            assert 0 <= r["indicator_entropy"] <= math.log(2) + 1e-9
-        else:
-            assert r["indicator_entropy"] is None
-    summary = stored["summary"]
-    assert [s["w_ind"] for s in summary] == w_inds
-    for s in summary:
-        assert s["seeds"] == [0, 1] and math.isfinite(s["fd"]) and s["fd_std"] >= 0
-        mean = sum(r["fd"] for r in rows if r["w_ind"] == s["w_ind"]) / 2
-        assert s["fd"] == pytest.approx(mean)
-
-    lines = (out / "report.md").read_text().splitlines()
-    header = next(line for line in lines if line.startswith("| method"))
-    assert [c.strip() for c in header.strip("|").split("|")] == reproduce.COLUMNS
-    body = [line for line in lines if line.startswith("| ") and line != header and not line.startswith("| ---")]
-    assert len(body) == len(rows) + len(summary)  # every model, then every method's mean ± std
-    assert all(line.count("|") == len(reproduce.COLUMNS) + 1 for line in body)
+        assert (r["indicator_entropy"] is not None) == (r["method"] == "ddm")  # the authors' own signal
+        if r["method"] != "base":
+            has_indicator = r["train"]["indicator_bacc"] is not None or r["train"]["indicator_acc"] is not None
+            assert has_indicator == (r["method"] in INDICATOR_METHODS), r["method"]
+    summary = {s["method"]: s for s in stored["summary"]}
+    assert list(summary) == ["base"] + names
+    for name, s in summary.items():
+        assert s["seeds"] == (["-"] if name == "base" else [0, 1])
+        mine = [r["fd"] for r in rows if r["method"] == name]
+        assert s["fd"] == pytest.approx(sum(mine) / len(mine)) and s["fd_std"] >= 0
+        assert (s["meets_goal"] is None) == (name in ("base", "plain"))
+    assert stored["best_method"] in names
+    for name in ("plain", stored["best_method"]):  # the CFG check: every scale, every seed
+        assert sorted(r["cfg"] for r in stored["cfg_rows"] if r["method"] == name) == sorted(
+            [reproduce.QUICK.guidance, *reproduce.QUICK.cfg_check] * 2)
+    text = (out / "report.md").read_text()
+    assert all(m.label in text for m in reproduce.METHODS) and "## Verdict" in text and "CFG scale" in text
     for grid in stored["grids"]:
         with Image.open(out / grid) as img:
             assert img.width > img.height > 0
     assert (out / "grids" / "all_seed0.png").is_file()
+
+
+def test_three_groups_run_end_to_end(tmp_path, cache):
+    report = quick(["--out", str(tmp_path / "k3"), "--cache", str(cache), "--groups", "8,1,7", "--counts",
+                    "5,30,10", "--methods", "plain,balanced,guided-3", "--seeds", "1"])
+    assert report["groups"] == [1, 7, 8] and report["counts"] == {"1": 30, "7": 10, "8": 5}
+    assert report["fd_max"] == pytest.approx(math.sqrt(2 / 3))
+    for r in report["rows"]:
+        assert len(r["proportions"]) == 3 and set(r["success_rates"]) == {"1", "7", "8"}
+        assert 0 <= r["fd"] <= math.sqrt(2 / 3) + 1e-9
+    text = (tmp_path / "k3" / "report.md").read_text()
+    assert "| Frechet 1 | Frechet 7 | Frechet 8 |" in text
+    folder = next(p for p in cache.glob("data-biased-*") if json.loads((p / "done.json").read_text())["settings"][
+        "counts"] == {"1": 30, "7": 10, "8": 5})
+    digits = [json.loads(line)["group"] for line in (folder / "images" / "metadata.jsonl").read_text().splitlines()]
+    assert [digits.count(d) for d in (1, 7, 8)] == [30, 10, 5]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--groups", "7"], "at least two distinct digits"), (["--groups", "7,7"], "at least two distinct digits"),
+    (["--groups", "7,8", "--counts", "360"], "for each of the 2 groups"),
+    (["--counts", "500,40"], "1..400 images"), (["--methods", "plain,magic"], "unknown ['magic']"),
+    (["--groups", "seven,8"], "comma-separated integers")])
+def test_bad_arguments_are_refused_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_existing_results_are_refused_and_overwrite_keeps_the_cache(quick_run, tmp_path):
