@@ -148,15 +148,20 @@ TRANSFORMERS5_NAMES = {name: f"text_model.{name}" for name in ("embeddings", "en
 
 
 def text_encoder_config_from_hf(d):
-    """CLIPTextConfig from a transformers CLIPTextConfig config.json dict (a diffusers `text_encoder/`)."""
+    """CLIPTextConfig from a transformers CLIPTextConfig config.json dict (a diffusers `text_encoder/`); ValueError
+    for a variant this file cannot build or a field of the wrong type."""
     if d.get("layer_norm_eps", 1e-5) != 1e-5:
         raise ValueError(f"text encoder config has layer_norm_eps {d['layer_norm_eps']}; only 1e-5 is supported")
+    activation = weights.config_value(d, "hidden_act", "str", "quick_gelu")
+    if activation not in ("quick_gelu", "gelu"):
+        raise ValueError(f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {activation!r}")
     # eos_token_id 2 is transformers' legacy placeholder (SD v1.5's config.json says 2) meaning "the highest id"
-    eos = d.get("eos_token_id", 2)
+    eos = weights.config_value(d, "eos_token_id", "int", 2)
+    value = functools.partial(weights.config_value, d, kind="int")  # the sizes below are required
     return CLIPTextConfig(eos_token_id=CLIPTextConfig.eos_token_id if eos == 2 else eos,
-                          vocab_size=d["vocab_size"], max_position=d["max_position_embeddings"],
-                          width=d["hidden_size"], layers=d["num_hidden_layers"], heads=d["num_attention_heads"],
-                          mlp=d["intermediate_size"], activation=d.get("hidden_act", "quick_gelu"))
+                          vocab_size=value("vocab_size"), max_position=value("max_position_embeddings"),
+                          width=value("hidden_size"), layers=value("num_hidden_layers"),
+                          heads=value("num_attention_heads"), mlp=value("intermediate_size"), activation=activation)
 
 
 def text_encoder_hf_config(cfg):
@@ -175,11 +180,10 @@ def text_encoder_hf_config(cfg):
 def load_text_encoder(path, dtype=torch.float32):
     """The text encoder from a single file (`cond_stage_model.transformer.`), a diffusers folder or its
     `text_encoder/` subfolder; strict (names, count and shapes checked), in eval mode."""
-    sd, config = weights.read_component(path, subfolder="text_encoder",
-                                        single_file_prefix="cond_stage_model.transformer.",
-                                        weight_names=WEIGHT_NAMES, dtype=dtype)
+    sd, cfg = weights.read_component(path, subfolder="text_encoder", single_file_prefix="cond_stage_model.transformer.",
+                                     weight_names=WEIGHT_NAMES, dtype=dtype, convert=text_encoder_config_from_hf)
     sd = weights.rename(sd, TRANSFORMERS5_NAMES)  # a no-op on names that already start with text_model.
-    cfg = CLIPTextConfig() if config is None else text_encoder_config_from_hf(config)  # single files: SD v1.x
+    cfg = cfg or CLIPTextConfig()  # single files: SD v1.x
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
     return weights.load_strict(model, sd, f"text encoder from {path}").eval()
@@ -313,8 +317,11 @@ class Tokenizer:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} has no {name}: a CLIP tokenizer folder needs vocab.json and "
                                         "merges.txt")
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
+        vocab = weights.read_json(path / "vocab.json")
+        try:
+            lines = (path / "merges.txt").read_bytes().decode("utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path / 'merges.txt'}: not UTF-8 text (byte {e.start})") from None
         first = 1 if lines[0].startswith("#version") else 0
         merges = []
         for n, line in enumerate(lines[first:], first + 1):
