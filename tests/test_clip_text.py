@@ -209,6 +209,13 @@ def test_bad_tokenizer_inputs_raise_clear_errors(tok_dir, tmp_path, ours):
     (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nq zz\n")
     with pytest.raises(ValueError, match="lacks 1 tokens.*qzz"):
         Tokenizer.from_folder(tmp_path)
+    (tmp_path / "merges.txt").write_bytes(b"#version: 0.2\ni n\n\xe9 t\n")
+    with pytest.raises(ValueError, match=r"merges.txt: not UTF-8 text"):
+        Tokenizer.from_folder(tmp_path)
+    (tmp_path / "vocab.json").write_text('{"a": 0,')
+    with pytest.raises(ValueError, match=r"vocab.json, line 1: not valid JSON"):
+        Tokenizer.from_folder(tmp_path)
+    (tmp_path / "vocab.json").write_bytes((tok_dir / "vocab.json").read_bytes())
     (tmp_path / "merges.txt").write_text("#version: 0.2\nin g\ni n\n")  # "in" is used before it is made
     with pytest.raises(ValueError, match=r"merge 1 \('in', 'g'\) comes before the merge that makes its parts"):
         Tokenizer.from_folder(tmp_path)
