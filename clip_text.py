@@ -14,6 +14,7 @@ the standard library only: no `regex`, no `ftfy`, no `tokenizers`.
 """
 import functools
 import gzip
+import heapq
 import itertools
 import json
 import operator
@@ -150,15 +151,20 @@ TRANSFORMERS5_NAMES = {name: f"text_model.{name}" for name in ("embeddings", "en
 
 
 def text_encoder_config_from_hf(d):
-    """CLIPTextConfig from a transformers CLIPTextConfig config.json dict (a diffusers `text_encoder/`)."""
+    """CLIPTextConfig from a transformers CLIPTextConfig config.json dict (a diffusers `text_encoder/`); ValueError
+    for a variant this file cannot build or a field of the wrong type."""
     if d.get("layer_norm_eps", 1e-5) != 1e-5:
         raise ValueError(f"text encoder config has layer_norm_eps {d['layer_norm_eps']}; only 1e-5 is supported")
+    activation = weights.config_value(d, "hidden_act", "str", "quick_gelu")
+    if activation not in ("quick_gelu", "gelu"):
+        raise ValueError(f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {activation!r}")
     # eos_token_id 2 is transformers' legacy placeholder (SD v1.5's config.json says 2) meaning "the highest id"
-    eos = d.get("eos_token_id", 2)
+    eos = weights.config_value(d, "eos_token_id", "int", 2)
+    value = functools.partial(weights.config_value, d, kind="int")  # the sizes below are required
     return CLIPTextConfig(eos_token_id=CLIPTextConfig.eos_token_id if eos == 2 else eos,
-                          vocab_size=d["vocab_size"], max_position=d["max_position_embeddings"],
-                          width=d["hidden_size"], layers=d["num_hidden_layers"], heads=d["num_attention_heads"],
-                          mlp=d["intermediate_size"], activation=d.get("hidden_act", "quick_gelu"))
+                          vocab_size=value("vocab_size"), max_position=value("max_position_embeddings"),
+                          width=value("hidden_size"), layers=value("num_hidden_layers"),
+                          heads=value("num_attention_heads"), mlp=value("intermediate_size"), activation=activation)
 
 
 def text_encoder_hf_config(cfg):
@@ -177,11 +183,10 @@ def text_encoder_hf_config(cfg):
 def load_text_encoder(path, dtype=torch.float32):
     """The text encoder from a single file (`cond_stage_model.transformer.`), a diffusers folder or its
     `text_encoder/` subfolder; strict (names, count and shapes checked), in eval mode."""
-    sd, config = weights.read_component(path, subfolder="text_encoder",
-                                        single_file_prefix="cond_stage_model.transformer.",
-                                        weight_names=WEIGHT_NAMES, dtype=dtype)
+    sd, cfg = weights.read_component(path, subfolder="text_encoder", single_file_prefix="cond_stage_model.transformer.",
+                                     weight_names=WEIGHT_NAMES, dtype=dtype, convert=text_encoder_config_from_hf)
     sd = weights.rename(sd, TRANSFORMERS5_NAMES)  # a no-op on names that already start with text_model.
-    cfg = CLIPTextConfig() if config is None else text_encoder_config_from_hf(config)  # single files: SD v1.x
+    cfg = cfg or CLIPTextConfig()  # single files: SD v1.x
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
     return weights.load_strict(model, sd, f"text encoder from {path}").eval()
@@ -211,8 +216,30 @@ SPECIAL = re.compile(f"({re.escape(START)}|{re.escape(END)})")
 
 def lower(text):
     """Lower-case character by character, as the reference's normalizer does: str.lower() alone gives a
-    word-final capital sigma its final form (ΟΔΟΣ -> οδος, not οδοσ), its only context-dependent rule."""
-    return "".join(map(str.lower, text)) if "Σ" in text else text.lower()
+    word-final capital sigma its final form (ΟΔΟΣ -> οδος, not οδοσ), its only context-dependent rule, so Σ is
+    mapped to σ first."""
+    return text.replace("Σ", "σ").lower()
+
+
+LAST_WHITESPACE = re.compile(f"(?s:.*)[{WHITESPACE}]")
+
+
+def chunks(text, size):
+    """`text` in consecutive pieces of at most `size` characters, each cut just before the last whitespace
+    character it reaches, or, in a longer run without whitespace, after `size` characters.
+
+    A cut before whitespace changes no id: no pre-split piece or special string holds whitespace, and NFC never
+    composes a whitespace character with what precedes it."""
+    start = 0
+    while start < len(text):
+        end = start + size
+        if end >= len(text):
+            yield text[start:]
+            return
+        space = LAST_WHITESPACE.match(text, start + 1, end + 1)  # the last whitespace in text[start+1 : end+1]
+        end = space.end() - 1 if space else end
+        yield text[start:end]
+        start = end
 
 
 @functools.cache
@@ -255,7 +282,8 @@ class Tokenizer:
     encode(text): split out the literal special strings; NFC; collapse whitespace runs to one space; lower-case;
     pre-split (pre_split_pattern); each piece -> UTF-8 bytes -> bytes_to_unicode symbols, the last one marked
     `</w>` (end of word); merge adjacent pairs, lowest merge rank first, until no pair has a rank; look up ids.
-    __call__ wraps each text as [start] + ids[:75] + [end] and pads with end to 77.
+    __call__ wraps each text as [start] + ids[:75] + [end] and pads with end to 77; it stops reading the text
+    once it has the 75 ids, and merges a long word over the first bytes that can hold them only (`bpe`).
     Unlike OpenAI's original, no ftfy / html.unescape clean-up: the pipelines' reference does none either.
     """
 
@@ -271,8 +299,16 @@ class Tokenizer:
         if missing:
             raise ValueError(f"the vocabulary lacks {len(missing)} tokens the tokenizer needs "
                              f"(byte symbols, merge results, {START}, {END}), e.g. {missing[:5]}")
+        made = {}  # token -> rank of the first merge that makes it; `bpe` needs every part made before it is used
+        for (a, b), rank in self.ranks.items():
+            made[a + b] = min(rank, made.get(a + b, rank))
+        late = [(rank, p) for p, rank in self.ranks.items() if max(made.get(p[0], -1), made.get(p[1], -1)) > rank]
+        if late:
+            raise ValueError(f"merge {late[0][0] + 1} {late[0][1]} comes before the merge that makes its parts: "
+                             f"not a BPE merge list")
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
         self.max_length = max_length
+        self.longest = max((len("".join(m).removesuffix("</w>")) for m in self.ranks), default=1)  # in bytes
         self.pattern, self.bmp_pattern = pre_split_pattern(), pre_split_pattern(astral=False)
         self.cache = {}  # pre-split piece -> ids; prompts reuse few words, so BPE runs once per word
 
@@ -287,8 +323,11 @@ class Tokenizer:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} has no {name}: a CLIP tokenizer folder needs vocab.json and "
                                         "merges.txt, or tokenizer.json")
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
+        vocab = weights.read_json(path / "vocab.json")
+        try:
+            lines = (path / "merges.txt").read_bytes().decode("utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path / 'merges.txt'}: not UTF-8 text (byte {e.start})") from None
         first = 1 if lines[0].startswith("#version") else 0
         merges = []
         for n, line in enumerate(lines[first:], first + 1):
@@ -327,39 +366,66 @@ class Tokenizer:
         """The SD v1.x tokenizer (CLIP's vocabulary), built from the shipped assets/bpe_simple_vocab_16e6.txt.gz."""
         return cls(*clip_vocab_and_merges())
 
-    def bpe(self, piece):
-        """Ids of one pre-split piece."""
-        symbols = [self.byte_encoder[b] for b in piece.encode("utf-8")]
-        symbols[-1] += "</w>"
-        while len(symbols) > 1:
-            pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, float("inf")))
-            if pair not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        ids = self.cache[piece] = [self.encoder[s] for s in symbols]
+    def bpe(self, piece, max_bytes=None):
+        """Ids of one pre-split piece: repeatedly merge the adjacent pair of lowest rank, every occurrence left to
+        right, until no pair has a rank. A heap of (rank, position) yields the pairs in that same order (a merge
+        only makes pairs of higher rank, as each merge's parts are earlier merges), in O(n log n) where a scan of
+        the word per merge is quadratic (34 s for a 32k-character word). With `max_bytes`, only the piece's first
+        max_bytes bytes are merged, without the end-of-word mark if that cuts it."""
+        data = piece.encode("utf-8")
+        cut = max_bytes is not None and len(data) > max_bytes
+        symbols = [self.byte_encoder[b] for b in (data[:max_bytes] if cut else data)]
+        if not cut:
+            symbols[-1] += "</w>"
+        n = len(symbols)
+        after, before = list(range(1, n + 1)), list(range(-1, n - 1))  # a linked list over the positions
+        heap = [(self.ranks[p], i) for i, p in enumerate(zip(symbols, symbols[1:])) if p in self.ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = after[i]
+            if symbols[i] is None or j == n or self.ranks.get((symbols[i], symbols[j])) != rank:
+                continue  # stale: a symbol of this pair has merged with another since
+            symbols[i], symbols[j] = symbols[i] + symbols[j], None
+            after[i] = after[j]
+            if after[i] < n:
+                before[after[i]] = i
+            for k in (before[i], i):  # the two new pairs around the merged symbol
+                if k >= 0 and after[k] < n and (symbols[k], symbols[after[k]]) in self.ranks:
+                    heapq.heappush(heap, (self.ranks[symbols[k], symbols[after[k]]], k))
+        ids = [self.encoder[s] for s in symbols if s is not None]
+        if not cut:
+            self.cache[piece] = ids
         return ids
 
-    def encode(self, text):
-        """Token ids of `text`, without start/end tokens or truncation."""
+    def encode(self, text, max_tokens=None):
+        """Token ids of `text`, without start/end tokens; with `max_tokens`, its first max_tokens ids only.
+
+        The first max_tokens ids span at most max_tokens x the longest token (32 bytes for CLIP), and a long input
+        is cut far past that, so the work stays bounded (the reference's, quadratic in a word's length, does not):
+        the text into chunks of 4x that, read one by one until the ids are there (`chunks`), and a word into 2x
+        that before its merges (`bpe`). Merges past a cut changed none of the kept ids in any text tested
+        against the reference (tests/test_clip_text.py).
+        """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
+        if max_tokens is None:
+            max_bytes, parts = None, [text]
+        else:
+            max_bytes = 2 * max_tokens * self.longest
+            parts = chunks(text, 2 * max_bytes)
         ids = []
-        for i, part in enumerate(SPECIAL.split(text)):  # odd parts are the special strings themselves
-            if i % 2:
-                ids.append(self.encoder[part])
-                continue
-            part = lower(WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", part)))
-            pattern = self.pattern if part and max(part) > "\uffff" else self.bmp_pattern
-            for piece in pattern.findall(part):
-                ids += self.cache.get(piece) or self.bpe(piece)
+        for chunk in parts:
+            for i, part in enumerate(SPECIAL.split(chunk)):  # odd parts are the special strings themselves
+                if i % 2:
+                    ids.append(self.encoder[part])
+                    continue
+                part = lower(WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", part)))
+                pattern = self.pattern if part and max(part) > "\uffff" else self.bmp_pattern
+                for piece in pattern.findall(part):
+                    ids += self.cache.get(piece) or self.bpe(piece, max_bytes)
+            if max_tokens is not None and len(ids) >= max_tokens:
+                return ids[:max_tokens]
         return ids
 
     def __call__(self, texts):
@@ -370,7 +436,7 @@ class Tokenizer:
             raise TypeError("texts must be a str or a list of str")
         n, rows = self.max_length, []
         for text in texts:
-            ids = [self.start_id, *self.encode(text)[:n - 2], self.end_id]  # truncate first: end is always kept
+            ids = [self.start_id, *self.encode(text, n - 2), self.end_id]  # truncate first: end is always kept
             rows.append(ids + [self.end_id] * (n - len(ids)))
         return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), n))  # 10x torch.tensor(rows)
 

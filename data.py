@@ -257,10 +257,26 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
 # ----------------------------------------------------------------------------------------------------------------
 # The image folder train.py reads
 
+# Modes holding more than 8 bits a pixel. Pillow's convert() clips them to 8 bits instead of scaling (a 16-bit grey
+# of 40000/65535 becomes white), so they are scaled here. Mode I (32-bit int) is what 32-bit integer TIFFs open as;
+# it is read as 16-bit, its usual content, and refused past that range. Mode F (float) has no agreed range.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_rgb(path):
-    """Open an image file as RGB; grayscale/palette are expanded, transparency is composited over white."""
+    """Open an image file as 8-bit RGB; grayscale/palette are expanded, 16-bit grey is scaled by 255/65535,
+    transparency is composited over white. ValueError naming the mode for float or out-of-range images."""
     with Image.open(path) as img:
         img.load()
+        if img.mode in SIXTEEN_BIT_MODES:
+            values = np.asarray(img).astype(np.int64)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise ValueError(f"mode {img.mode} image with values from {values.min()} to {values.max()}: "
+                                 f"only 0..65535 (16-bit) is understood")
+            return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+        if img.mode == "F":
+            raise ValueError("mode F (32-bit floating point) images have no agreed pixel range; "
+                             "save it as an 8- or 16-bit image")
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
         if img.mode in ("RGBA", "LA", "PA"):
@@ -268,6 +284,55 @@ def load_rgb(path):
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return img.convert("RGB")
+
+
+def read_metadata(meta):
+    """The lines of a `metadata.jsonl` -> [(line number, resolved image path, text, raw group)], every field
+    checked. A `file_name` must stay inside the folder after following `..` and symlinks: it is refused before
+    anything is opened, so a data set cannot read (or probe for) files elsewhere."""
+    root = meta.parent.resolve()
+    try:
+        raw_lines = meta.read_bytes().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read {meta}: {e.strerror}") from None
+    records = []
+    for lineno, raw in enumerate(raw_lines, start=1):
+        where = f"{meta}, line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for field in ("file_name", "text", "group"):
+            if field not in row:
+                raise ValueError(f"{where}: missing field '{field}'")
+        name = row["file_name"]
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise ValueError(f"{where}: field 'file_name' must be a non-empty string, got {name!r}")
+        if not isinstance(row["text"], str):
+            raise ValueError(f"{where}: field 'text' must be a string, got {row['text']!r}")
+        group = row["group"]
+        if group is not None and (isinstance(group, bool) or not isinstance(group, (int, str))):
+            raise ValueError(f"{where}: field 'group' must be an int, a string or null, got {group!r}")
+        first = next((r for r in records if r[3] is not None), None)
+        if group is not None and first and type(group) is not type(first[3]):
+            raise ValueError(f"{where}: field 'group' is {group!r} but line {first[0]} has "
+                             f"{first[3]!r}; groups must be all ints or all strings")
+        try:
+            path = (root / name).resolve()  # an absolute `name` replaces root here, and is caught below
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            raise ValueError(f"{where}: field 'file_name' {name!r} cannot be resolved ({e})") from None
+        if not path.is_relative_to(root):
+            raise ValueError(f"{where}: field 'file_name' {name!r} lies outside the data folder {root}")
+        records.append((lineno, path, row["text"], group))
+    return records
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -290,42 +355,20 @@ class ImageFolder(torch.utils.data.Dataset):
         meta = self.root / "metadata.jsonl"
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder {self.root} does not exist")
-        if not meta.is_file():
+        if not meta.exists():
             raise FileNotFoundError(f"{meta} not found: a data folder needs a metadata.jsonl "
                                     f'(one line per image: {{"file_name": ..., "text": ..., "group": ...}})')
-        records = []  # (line number, path, text, raw group)
-        for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{meta}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for field in ("file_name", "text", "group"):
-                if field not in row:
-                    raise ValueError(f"{where}: missing field '{field}'")
-            if not isinstance(row["file_name"], str) or not row["file_name"]:
-                raise ValueError(f"{where}: field 'file_name' must be a non-empty string, got {row['file_name']!r}")
-            if not isinstance(row["text"], str):
-                raise ValueError(f"{where}: field 'text' must be a string, got {row['text']!r}")
-            group = row["group"]
-            if group is not None and (isinstance(group, bool) or not isinstance(group, (int, str))):
-                raise ValueError(f"{where}: field 'group' must be an int, a string or null, got {group!r}")
-            first = next((r for r in records if r[3] is not None), None)
-            if group is not None and first and type(group) is not type(first[3]):
-                raise ValueError(f"{where}: field 'group' is {group!r} but line {first[0]} has "
-                                 f"{first[3]!r}; groups must be all ints or all strings")
-            path = self.root / row["file_name"]
-            if not path.is_file():
-                raise ValueError(f"{where}: field 'file_name': image {path} does not exist")
+        records = read_metadata(meta)  # (line number, path, text, raw group); every path inside the folder
+        for lineno, path, _, _ in records:
+            where = f"{meta}, line {lineno}: field 'file_name'"
+            if not path.exists():
+                raise ValueError(f"{where}: image {path} does not exist")
+            if path.is_dir():
+                raise ValueError(f"{where}: {path} is a folder, not an image")
             try:
                 load_rgb(path)
             except Exception as e:  # PIL raises several types for bad files; all mean the same here
-                raise ValueError(f"{where}: field 'file_name': cannot read image {path} ({e})") from None
-            records.append((lineno, path, row["text"], group))
+                raise ValueError(f"{where}: cannot read image {path} ({e})") from None
         if not records:
             raise ValueError(f"{meta}: no images listed")
         self.group_names = sorted({r[3] for r in records if r[3] is not None})

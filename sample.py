@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -35,11 +36,15 @@ from tqdm import tqdm
 import checkpoints
 import lora
 import weights
-from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, load_text_encoder, load_tokenizer
+from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
+from clip_text import (CLIPTextConfig, CLIPTextModel, Tokenizer, load_text_encoder, load_tokenizer,
+                       text_encoder_config_from_hf)
 from data import derive_seed
 from ddm import Indicator, make_indicator, parse_target, uses_indicator
-from unet import UNet, UNetConfig, load_unet
-from vae import VAE, VAEConfig, load_vae
+from unet import WEIGHT_NAMES as UNET_FILES
+from unet import UNet, UNetConfig, load_unet, unet_config_from_diffusers
+from vae import WEIGHT_NAMES as VAE_FILES
+from vae import VAE, VAEConfig, load_vae, vae_config_from_diffusers
 
 # ----------------------------------------------------------------------------------------------------------------
 # Noise schedule and training targets (DDPM eq. 4), float64 as in CompVis' make_beta_schedule
@@ -167,6 +172,27 @@ def euler_step(x, eps, sigma, sigma_next):
 SAMPLERS = ("ddim", "ddpm", "euler")
 
 
+# Classifier-free guidance is used at 1 to 20 (SD's default 7.5), and images burn out well before 100; past that a
+# value is a typo (75 for 7.5 stays allowed), and 1e30 makes every latent inf: a black image, not an experiment.
+GUIDANCE_MAX = 100
+
+
+class NonFiniteError(FloatingPointError):
+    """An image whose latents or pixels became NaN or infinite (NaN weights, an overflow): saved, it would be an
+    all-black PNG. `image` counts from the first image of the call; `where` says at which step or stage."""
+
+    def __init__(self, image, where):
+        super().__init__(f"image {image}: NaN or infinite values {where}")
+        self.image, self.where = image, where
+
+
+def _check_finite(x, where):
+    """NonFiniteError for the first image (row of x) holding a NaN or an infinity."""
+    bad = ~torch.isfinite(x.flatten(1)).all(1)
+    if bad.any():
+        raise NonFiniteError(int(bad.nonzero()[0, 0]), where)
+
+
 def _per_image_noise(generators, shape, device):
     """(B, *shape) standard normal noise, row k drawn from generators[k] on the CPU (so any device gives the
     same numbers), exactly as diffusers' randn_tensor does with a list of generators."""
@@ -209,6 +235,7 @@ def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guid
         sigmas = euler_sigmas(timesteps, alphas_cumprod)
         x = x * (sigmas[0] ** 2 + 1) ** 0.5
     x = x.float()
+    finite = []  # per step, (B,) on the device: read once at the end, as reading it every step would sync a GPU
     for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not progress)):
         x_in = x / (sigmas[i] ** 2 + 1) ** 0.5 if sampler == "euler" else x
         # t is one int for the whole batch: the UNet embeds it once and broadcasts it
@@ -228,6 +255,11 @@ def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guid
             x = ddpm_step(x, eps, t, t_prevs[i], alphas_cumprod, _per_image_noise(generators, x.shape[1:], x.device))
         else:
             x = euler_step(x, eps, sigmas[i], sigmas[i + 1])
+        finite.append(torch.isfinite(x.flatten(1)).all(1))
+    bad = (~torch.stack(finite)).nonzero()  # (step, image) pairs, the earliest step first
+    if len(bad):
+        step, image = bad[0].tolist()
+        raise NonFiniteError(image, f"in the latents after step {step + 1} of {steps} (t={timesteps[step]})")
     return x
 
 
@@ -255,18 +287,47 @@ def read_schedule(path):
     config = Path(path) / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         return sd_schedule(), "epsilon"
-    c = json.loads(config.read_text())
-    n, kind = c.get("num_train_timesteps", 1000), c.get("beta_schedule", "scaled_linear")
+    return weights.read_config(config, _schedule_from_config)
+
+
+def _schedule_from_config(c):
+    n = weights.config_value(c, "num_train_timesteps", "int", 1000)
+    kind = weights.config_value(c, "beta_schedule", "str", "scaled_linear")
     if kind == "scaled_linear":
-        betas = scaled_linear_betas(n, c.get("beta_start", 0.00085), c.get("beta_end", 0.012))
+        betas = scaled_linear_betas(n, weights.config_value(c, "beta_start", "number", 0.00085),
+                                    weights.config_value(c, "beta_end", "number", 0.012))
     elif kind == "linear":
-        betas = linear_betas(n, c.get("beta_start", 0.0001), c.get("beta_end", 0.02))
+        betas = linear_betas(n, weights.config_value(c, "beta_start", "number", 0.0001),
+                             weights.config_value(c, "beta_end", "number", 0.02))
     else:
-        raise ValueError(f"{config}: beta_schedule {kind!r} is not supported (scaled_linear, linear)")
-    prediction_type = c.get("prediction_type", "epsilon")
+        raise ValueError(f"beta_schedule {kind!r} is not supported (scaled_linear, linear)")
+    prediction_type = weights.config_value(c, "prediction_type", "str", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"{config}: prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
     return alphas_cumprod(betas), prediction_type
+
+
+def size_multiple(path):
+    """What image sides must be a multiple of for the model at `path` (a diffusers folder, a single file or a
+    train.py run directory): the VAE's downsampling times the UNet's, 64 for SD v1.x. Read from the config files
+    alone, all of them checked (UNet, VAE, text encoder, scheduler), so a broken one costs no weight loading."""
+    path = Path(path)
+    if (path / "run.json").is_file():
+        info = weights.read_json(path / "run.json")
+        if not isinstance(info.get("base"), str):
+            raise weights.CheckpointError(f"{path / 'run.json'}: field 'base' must be a string")
+        return size_multiple(checkpoints.base_path(path, info))
+    _, unet_config = weights.find_component(path, subfolder="unet", weight_names=UNET_FILES)
+    if unet_config is None:  # a single file: SD v1.x or v2.x
+        u, v = UNetConfig(), VAEConfig()
+    else:
+        u = weights.read_config(unet_config, unet_config_from_diffusers)
+        v = weights.read_config(weights.find_component(path, subfolder="vae", weight_names=VAE_FILES)[1],
+                                vae_config_from_diffusers)
+        weights.read_config(weights.find_component(path, subfolder="text_encoder", weight_names=TEXT_ENCODER_FILES)[1],
+                            text_encoder_config_from_hf)
+        read_schedule(path)
+    return v.downsample_factor * 2 ** (len(u.channel_mult) - 1)
 
 
 def load_models(path, device="cpu", dtype=torch.float32):
@@ -382,6 +443,11 @@ def _check_settings(prompts, seeds, steps, guidance, height, width, sampler, eta
         raise ValueError(f"steps must be between 1 and 1000, got {steps}")
     if not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number, got {guidance}")
+    if not -GUIDANCE_MAX <= guidance <= GUIDANCE_MAX:
+        raise ValueError(f"guidance must lie between -{GUIDANCE_MAX} and {GUIDANCE_MAX}, got {guidance}")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 64]
+    if bad:
+        raise ValueError(f"seeds must be integers in 0..2**64-1 (torch.Generator's range), got {bad[0]!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     if not (math.isfinite(eta) and eta >= 0):
@@ -439,11 +505,16 @@ def generate_batches(models, prompts, seeds, *, negative_prompt="", steps=50, gu
     with tqdm(total=len(prompts), desc="images", unit="img", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = slice(start, start + batch_size)
-            z = sample_latents(models, prompts[batch], seeds[batch], negative_prompt=negative_prompt, steps=steps,
-                               guidance=guidance, height=height, width=width, sampler=sampler, eta=eta,
-                               progress=progress, embeddings=embeddings,
-                               guide=None if guide is None else (guide[0], guide[1][batch], guide[2]))
-            images = to_uint8(decode_latents(models, z))
+            try:
+                z = sample_latents(models, prompts[batch], seeds[batch], negative_prompt=negative_prompt,
+                                   steps=steps, guidance=guidance, height=height, width=width, sampler=sampler,
+                                   eta=eta, progress=progress, embeddings=embeddings,
+                                   guide=None if guide is None else (guide[0], guide[1][batch], guide[2]))
+                images = decode_latents(models, z)
+                _check_finite(images, "in the decoded pixels")
+            except NonFiniteError as e:
+                raise NonFiniteError(start + e.image, e.where) from None
+            images = to_uint8(images)
             bar.update(len(images))
             yield start, images
 
@@ -497,11 +568,10 @@ def load_indicator(path, latent_shape):
 # CLI
 
 GRID_MAX = 64  # grid.png shows at most the first 64 images: an evaluation run of thousands would not fit in memory
-OUTPUT_NAME = re.compile(r"^\d+\.png$|^grid\.png$|^samples\.json$")  # what a previous run here wrote
+IMAGE_NAME = re.compile(r"[0-9]+\.png")  # the images a run writes, beside grid.png and samples.json
 
 
-def parse_args(argv=None):
-    """Parse and check every argument, before any weights load; argparse errors exit with status 2."""
+def build_parser():
     p = argparse.ArgumentParser(description="Generate images from a Stable Diffusion v1.x checkpoint.")
     p.add_argument("--model", required=True, help="diffusers SD folder or single-file .safetensors/.ckpt")
     prompt = p.add_mutually_exclusive_group(required=True)
@@ -532,6 +602,13 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="precision of the weights and the computation on CUDA (default float16); the CPU runs "
                         "float32")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse and check every argument, the model's config files included, before any weights load and before
+    anything is written or deleted; errors exit with status 2."""
+    p = build_parser()
     args = p.parse_args(argv)
 
     if args.n < 1:
@@ -542,6 +619,9 @@ def parse_args(argv=None):
         p.error(f"--steps must be between 1 and 1000, got {args.steps}")
     if not math.isfinite(args.guidance):
         p.error(f"--guidance must be a finite number, got {args.guidance}")
+    if not -GUIDANCE_MAX <= args.guidance <= GUIDANCE_MAX:
+        p.error(f"--guidance must lie between -{GUIDANCE_MAX} and {GUIDANCE_MAX} (1 to 20 is usual), "
+                f"got {args.guidance}")
     if not (math.isfinite(args.eta) and args.eta >= 0):
         p.error(f"--eta must be a number >= 0, got {args.eta}")
     if not (math.isfinite(args.indicator_guidance) and args.indicator_guidance >= 0):
@@ -556,20 +636,20 @@ def parse_args(argv=None):
             p.error(f"--{name} must be a positive multiple of 8 (the VAE's downsampling factor), got {v}")
     if not Path(args.model).exists():
         p.error(f"--model {args.model} does not exist (expected a diffusers SD folder or a single checkpoint file)")
-    if args.prompts is not None:
-        path = Path(args.prompts)
-        if not path.is_file():
-            p.error(f"--prompts {path} is not a file")
-        args.prompt_list = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not args.prompt_list:
-            p.error(f"--prompts {path} has no prompts")
-    else:
-        args.prompt_list = [args.prompt]
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        p.error(f"--out {out} exists and is not empty; pass --overwrite to replace its images")
+    try:
+        args.prompt_list = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
+    except ValueError as e:
+        p.error(f"--prompts {e}")
+    count = len(args.prompt_list) * args.n
+    if not 0 <= args.seed <= 2 ** 64 - count:  # torch.Generator takes 64-bit seeds; image k uses seed + k
+        p.error(f"--seed must lie in 0..2**64-{count}" + (f" for {count} images" if count > 1 else "")
+                + f", got {args.seed}")
+    digits = max(5, len(str(count - 1)))
+    args.files = [f"{k:0{digits}d}.png" for k in range(count)]
+    try:
+        args.previous_outputs = previous_outputs(Path(args.out), args.overwrite, args.files)
+    except (OSError, ValueError) as e:
+        p.error(f"--out {args.out}: {e}")
     try:
         args.device = torch.device(args.device)
     except RuntimeError as e:
@@ -580,6 +660,14 @@ def parse_args(argv=None):
         args.dtype = "float16" if args.device.type == "cuda" else "float32"
     if args.device.type == "cpu" and args.dtype != "float32":
         p.error(f"--dtype {args.dtype} is for CUDA; the CPU runs float32")
+    try:
+        multiple = size_multiple(args.model)
+    except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError
+        p.error(f"--model {args.model}: {e}")
+    for name in ("height", "width"):
+        if getattr(args, name) % multiple:
+            p.error(f"--{name} must be a multiple of {multiple} for this model (the VAE and the UNet downsample "
+                    f"by that much together), got {getattr(args, name)}")
     return args
 
 
@@ -588,6 +676,56 @@ def save_pngs(images, folder, names=None):
     folder.mkdir(parents=True, exist_ok=True)
     for k, image in enumerate(images):
         Image.fromarray(image.numpy()).save(folder / (names[k] if names else f"{k:02d}.png"))
+
+
+def read_prompts(path):
+    """The non-blank lines of a prompts file, stripped; ValueError naming the file and line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    prompts = []
+    for n, raw in enumerate(lines, start=1):
+        try:
+            prompts.append(raw.decode("utf-8").strip())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                             ) from None
+    prompts = [prompt for prompt in prompts if prompt]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts")
+    return prompts
+
+
+def previous_outputs(out, overwrite, files):
+    """The files in `out` that the previous run there wrote and listed in its samples.json: what --overwrite may
+    delete before `files`, grid.png and samples.json are written. ValueError, before anything is touched, when
+    `out` cannot be written, or when a file the new run writes is there and is not the previous run's."""
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing} is not writable")
+    if existing != out or not any(out.iterdir()):
+        return []
+    if not overwrite:
+        raise ValueError("it exists and is not empty; pass --overwrite to replace the images of a previous run there")
+    listed = []
+    if (out / "samples.json").exists():
+        record = weights.read_json(out / "samples.json")
+        names = record.get("files")
+        if not isinstance(names, list) or not all(isinstance(n, str) and IMAGE_NAME.fullmatch(n) for n in names):
+            raise ValueError(f"{out / 'samples.json'} does not list the images of a sample.py run (its 'files' must "
+                             f"be names like 00000.png); move it away")
+        listed = [n for n in names + ["grid.png"] * ("grid" in record) + ["samples.json"] if (out / n).is_file()]
+    for name in files + ["grid.png", "samples.json"]:
+        if (out / name).exists() and name not in listed:
+            raise ValueError(f"{out / name} would be overwritten, and no samples.json of a previous run here lists "
+                             f"it; move it away")
+    return listed
 
 
 def make_grid(images):
@@ -610,31 +748,24 @@ def _git_commit():
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # every argument checked; nothing touched yet
     prompts = [p for p in args.prompt_list for _ in range(args.n)]  # prompt-major: n images of each prompt
     seeds = [args.seed + k for k in range(len(prompts))]
-    out = Path(args.out)
+    out, files = Path(args.out), args.files
     started = time.time()
     try:
         models = load_models(args.model, args.device, getattr(torch, args.dtype))
-    except (FileNotFoundError, ValueError) as e:  # ValueError covers weights.CheckpointError
+    except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError
         sys.exit(f"error: cannot load --model {args.model}: {e}")
     guide, targets = None, None
     if args.indicator:
         try:
             indicator, names = load_indicator(args.indicator, latent_shape(models, args.height, args.width))
             targets = draw_targets(seeds, parse_target(args.target, names))
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
         guide = (indicator.to(args.device), targets, args.indicator_guidance)
         targets = [names[g] for g in targets]
-
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.iterdir():  # only reached with --overwrite or an empty folder: drop the previous run's outputs
-        if old.is_file() and OUTPUT_NAME.match(old.name):
-            old.unlink()
-    digits = max(5, len(str(len(prompts) - 1)))
-    files = [f"{k:0{digits}d}.png" for k in range(len(prompts))]
     record = {
         "model": str(Path(args.model).resolve()), "prompts": prompts, "seeds": seeds, "files": files,
         "negative_prompt": args.negative_prompt, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
@@ -644,21 +775,34 @@ def main(argv=None):
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "pillow": PIL.__version__, "git_commit": _git_commit()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "grid": files[:GRID_MAX], "indicator": args.indicator and str(Path(args.indicator).resolve()),
-        "indicator_guidance": args.indicator_guidance, "target": args.target, "target_groups": targets,
+        "grid": files[:GRID_MAX], "finished": False,
+        "indicator": args.indicator and str(Path(args.indicator).resolve()), "indicator_guidance": args.indicator_guidance, "target": args.target, "target_groups": targets,
     }
-    grid_images = []
-    for start, images in generate_batches(models, prompts, seeds, negative_prompt=args.negative_prompt,
-                                          steps=args.steps, guidance=args.guidance, height=args.height,
-                                          width=args.width, sampler=args.sampler, eta=args.eta,
-                                          batch_size=args.batch_size, guide=guide):
-        for k, image in enumerate(images, start):
-            Image.fromarray(image.numpy()).save(out / files[k])
-            if k < GRID_MAX:
-                grid_images.append(image)
-    make_grid(torch.stack(grid_images)).save(out / "grid.png")
-    record["seconds"] = round(time.time() - started, 3)
-    (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
+    written = 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in args.previous_outputs:  # only what the previous run's samples.json lists
+            (out / name).unlink(missing_ok=True)
+        # written first, so that a run stopped half-way still lists its images for the next --overwrite
+        (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
+        grid_images = []
+        for start, images in generate_batches(models, prompts, seeds, negative_prompt=args.negative_prompt,
+                                              steps=args.steps, guidance=args.guidance, height=args.height,
+                                              width=args.width, sampler=args.sampler, eta=args.eta,
+                                              batch_size=args.batch_size, guide=guide):
+            for k, image in enumerate(images, start):
+                Image.fromarray(image.numpy()).save(out / files[k])
+                written += 1
+                if k < GRID_MAX:
+                    grid_images.append(image)
+        make_grid(torch.stack(grid_images)).save(out / "grid.png")
+        record.update(seconds=round(time.time() - started, 3), finished=True)
+        (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
+    except NonFiniteError as e:
+        sys.exit(f"error: {e}: it would be an all-black PNG, so the run stops (NaN weights, or a model that "
+                 f"overflows at these settings); {written} images were written to {out}")
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out {out}: {e}")
     print(f"wrote {len(files)} images, grid.png and samples.json to {out}")
 
 

@@ -344,37 +344,46 @@ _DIFFUSERS_FIXED = {
 
 
 def unet_config_from_diffusers(d):
-    """UNetConfig from a diffusers UNet2DConditionModel config.json dict; ValueError for what we do not build."""
+    """UNetConfig from a diffusers UNet2DConditionModel config.json dict; ValueError for what we do not build or a
+    field of the wrong type."""
     for key, value in _DIFFUSERS_FIXED.items():
         if d.get(key, value) != value:
             raise ValueError(f"unsupported diffusers UNet config: {key}={d[key]!r} (this UNet needs {value!r})")
-    down, up = d["down_block_types"], d["up_block_types"]
+    down = weights.config_value(d, "down_block_types", "strs")
+    up = weights.config_value(d, "up_block_types", "strs")
     if set(down) - {"CrossAttnDownBlock2D", "DownBlock2D"} or [b.replace("Up", "Down") for b in reversed(up)] != down:
         raise ValueError(f"unsupported diffusers UNet block types: down {down}, up {up}")
-    widths = list(d["block_out_channels"])
-    if any(w != widths[0] * (w // widths[0]) for w in widths):
-        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+    widths = weights.config_value(d, "block_out_channels", "ints")
+    if len(widths) != len(down) or any(w != widths[0] * (w // widths[0]) for w in widths):
+        raise ValueError(f"block_out_channels {widths} must be multiples of the first, one per down block")
     for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
         if isinstance(d.get(key), (list, tuple)):
             raise ValueError(f"unsupported diffusers UNet config: per-level {key}={d[key]}")
-    # diffusers' `attention_head_dim` is historically the number of heads (per level or for all).
-    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
+    # diffusers' `attention_head_dim` is historically the number of heads (per level or for all); null means unset.
+    key = "attention_head_dim" if d.get("num_attention_heads") is None else "num_attention_heads"
+    heads = weights.config_value(d, key, "ints" if isinstance(d.get(key), list) else "int", 8)
+    heads = list(heads) if isinstance(heads, list) else [heads] * len(widths)
+    if len(heads) != len(widths):
+        raise ValueError(f"{key} {heads} must give one head count per level ({len(widths)})")
     head_dim = None
     if len(set(heads)) > 1:  # SD 2.x: a fixed head width, so the head count varies per level
         dims = {w // h for w, h in zip(widths, heads)}
         if len(dims) > 1 or any(w % h for w, h in zip(widths, heads)):
             raise ValueError(f"unsupported per-level attention heads {heads} for widths {widths}")
         head_dim = dims.pop()
+    sample_size = d.get("sample_size")
     return UNetConfig(
-        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=widths[0],
-        channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=d.get("layers_per_block", 2),
+        in_channels=weights.config_value(d, "in_channels", "int", 4),
+        out_channels=weights.config_value(d, "out_channels", "int", 4),
+        model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=weights.config_value(d, "layers_per_block", "int", 2),
         attention_levels=tuple(i for i, b in enumerate(down) if b == "CrossAttnDownBlock2D"),
         num_heads=heads[0] if head_dim is None else UNetConfig.num_heads, head_dim=head_dim,
-        context_dim=d.get("cross_attention_dim", 1280),
-        transformer_depth=d.get("transformer_layers_per_block", 1),
-        use_linear_proj=d.get("use_linear_projection", False), num_groups=d.get("norm_num_groups", 32),
-        sample_size=d.get("sample_size") or 64)
+        context_dim=weights.config_value(d, "cross_attention_dim", "int", 1280),
+        transformer_depth=weights.config_value(d, "transformer_layers_per_block", "int", 1),
+        use_linear_proj=weights.config_value(d, "use_linear_projection", "bool", False),
+        num_groups=weights.config_value(d, "norm_num_groups", "int", 32),
+        sample_size=64 if sample_size is None else weights.config_value(d, "sample_size", "int"))
 
 
 def unet_diffusers_config(cfg=UNetConfig()):
@@ -403,15 +412,17 @@ def _single_file_config(sd):
     return UNetConfig()
 
 
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
 def load_unet(path, dtype=torch.float32):
     """The UNet (eval mode) of a single-file checkpoint, a diffusers pipeline folder or its unet/ subfolder."""
-    sd, config = weights.read_component(
+    sd, cfg = weights.read_component(
         path, subfolder="unet", single_file_prefix="model.diffusion_model.", dtype=dtype,
-        weight_names=("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
-    if config is None:
+        weight_names=WEIGHT_NAMES, convert=unet_config_from_diffusers)
+    if cfg is None:
         cfg = _single_file_config(sd)
     else:
-        cfg = unet_config_from_diffusers(config)
         sd = weights.rename(sd, {v: k for k, v in unet_diffusers_names(cfg).items()})
     with torch.device("meta"):
         model = UNet(cfg)

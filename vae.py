@@ -308,42 +308,45 @@ def vae_diffusers_config(cfg):
 
 
 def vae_config_from_diffusers(d):
-    """VAEConfig from a diffusers AutoencoderKL config.json dict; ValueError for a variant this file cannot build."""
-    blocks = list(d.get("block_out_channels", (64,)))
+    """VAEConfig from a diffusers AutoencoderKL config.json dict; ValueError for a variant this file cannot build or
+    a field of the wrong type."""
+    blocks = weights.config_value(d, "block_out_channels", "ints", [64])
     L = len(blocks)
     problems = []
     if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         problems.append(f"_class_name={d['_class_name']!r} (need AutoencoderKL)")
-    if list(d.get("down_block_types", ["DownEncoderBlock2D"])) != ["DownEncoderBlock2D"] * L:
+    if weights.config_value(d, "down_block_types", "strs", ["DownEncoderBlock2D"] * L) != ["DownEncoderBlock2D"] * L:
         problems.append(f"down_block_types={d.get('down_block_types')!r}")
-    if list(d.get("up_block_types", ["UpDecoderBlock2D"])) != ["UpDecoderBlock2D"] * L:
+    if weights.config_value(d, "up_block_types", "strs", ["UpDecoderBlock2D"] * L) != ["UpDecoderBlock2D"] * L:
         problems.append(f"up_block_types={d.get('up_block_types')!r}")
     if d.get("act_fn", "silu") != "silu":
         problems.append(f"act_fn={d['act_fn']!r}")
     if any(c % blocks[0] for c in blocks):
         problems.append(f"block_out_channels={blocks} (each must be a multiple of the first)")
     for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-        if not d.get(flag, True):
+        if not weights.config_value(d, flag, "bool", True):
             problems.append(f"{flag}=False")
     if d.get("shift_factor") is not None:
         problems.append(f"shift_factor={d['shift_factor']!r}")
     if problems:
         raise ValueError("unsupported diffusers VAE config: " + "; ".join(problems))
     return VAEConfig(
-        in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3), ch=blocks[0],
-        ch_mult=tuple(c // blocks[0] for c in blocks), num_res_blocks=d.get("layers_per_block", 1),
-        z_channels=d.get("latent_channels", 4), num_groups=d.get("norm_num_groups", 32),
-        scaling_factor=d.get("scaling_factor", 0.18215))
+        in_channels=weights.config_value(d, "in_channels", "int", 3),
+        out_channels=weights.config_value(d, "out_channels", "int", 3), ch=blocks[0],
+        ch_mult=tuple(c // blocks[0] for c in blocks),
+        num_res_blocks=weights.config_value(d, "layers_per_block", "int", 1),
+        z_channels=weights.config_value(d, "latent_channels", "int", 4),
+        num_groups=weights.config_value(d, "norm_num_groups", "int", 32),
+        scaling_factor=weights.config_value(d, "scaling_factor", "number", 0.18215))
 
 
 def load_vae(path, dtype=torch.float32):
     """The VAE from a single-file checkpoint (`first_stage_model.`), a diffusers folder or its `vae/` subfolder."""
-    sd, config = weights.read_component(path, subfolder="vae", single_file_prefix="first_stage_model.",
-                                        weight_names=WEIGHT_NAMES, dtype=dtype)
-    if config is None:
+    sd, cfg = weights.read_component(path, subfolder="vae", single_file_prefix="first_stage_model.",
+                                     weight_names=WEIGHT_NAMES, dtype=dtype, convert=vae_config_from_diffusers)
+    if cfg is None:
         cfg = VAEConfig()  # every SD v1.x/v2.x single file carries this VAE
     else:
-        cfg = vae_config_from_diffusers(config)
         sd = vae_from_diffusers(sd, cfg)
     with torch.device("meta"):
         model = VAE(cfg)

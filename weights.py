@@ -11,6 +11,7 @@ Models are built on the meta device and take the checkpoint's tensors by assignm
 exists twice in memory.
 """
 import json
+import math
 import re
 from pathlib import Path
 
@@ -29,6 +30,68 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or whose tensors do not match the model."""
 
 
+def read_json(path):
+    """The JSON object (a dict) in a file such as a config.json; CheckpointError naming the file, and the line
+    where there is one, for a file that cannot be read or holds anything else."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got {type(obj).__name__}")
+    return obj
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+# The kinds of value a model's config.json field may hold: (what the error says, the check).
+KINDS = {
+    "int": ("a positive integer", _positive_int),
+    "number": ("a positive number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(v) and v > 0),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "ints": ("a non-empty list of positive integers", lambda v: isinstance(v, list) and v
+             and all(map(_positive_int, v))),
+    "strs": ("a non-empty list of strings", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
+}
+REQUIRED = object()
+
+
+def config_value(config, key, kind, default=REQUIRED):
+    """config[key] checked to be of `kind` (a key of KINDS), or `default` where the key is absent; ValueError naming
+    the key, the expected kind and the value found (null included) otherwise."""
+    if key not in config:
+        if default is REQUIRED:
+            raise ValueError(f"missing field '{key}'")
+        return default
+    what, ok = KINDS[kind]
+    if not ok(config[key]):
+        raise ValueError(f"field '{key}' must be {what}, got {json.dumps(config[key])}")
+    return config[key]
+
+
+def read_config(path, convert=None):
+    """A model's config.json as a dict, or as `convert(dict)` (e.g. a diffusers config -> our dataclass), with any
+    error in it reported as a CheckpointError naming the file."""
+    config = read_json(path)
+    if convert is None:
+        return config
+    try:
+        return convert(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def read_state_dict(path, prefix="", dtype=None):
     """Tensors of one file whose names start with `prefix`, with the prefix stripped.
 
@@ -37,8 +100,14 @@ def read_state_dict(path, prefix="", dtype=None):
     `dtype` when given.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a checkpoint")
+    try:
+        open(path, "rb").close()  # safetensors reports every failure to open as "No such file or directory"
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)
     try:
         if path.suffix == ".safetensors":
@@ -59,30 +128,40 @@ def read_state_dict(path, prefix="", dtype=None):
     return {k[len(prefix):]: cast(v) for k, v in obj.items() if k.startswith(prefix) and torch.is_tensor(v)}
 
 
-def read_component(path, *, subfolder, single_file_prefix, weight_names, dtype=None):
-    """One model's tensors from a single file, a diffusers pipeline folder, or that folder's `subfolder`.
-
-    Returns (state_dict, config): `config` is the diffusers/transformers config.json as a dict, or None for a
-    single-file checkpoint (whose names are CompVis names, stripped of `single_file_prefix`).
-    """
+def find_component(path, *, subfolder, weight_names):
+    """Where one model lives -> (weight file, its config.json or None): `path` itself if it is a file (a single-file
+    checkpoint), else the first of `weight_names` in the diffusers folder's `subfolder`, or in `path` itself."""
     path = Path(path)
     if path.is_file():
-        sd = read_state_dict(path, single_file_prefix, dtype)
-        if not sd:
-            raise CheckpointError(f"{path} has no tensors under '{single_file_prefix}'")
-        return sd, None
+        return path, None
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint file or folder at {path}")
     for folder in (path / subfolder, path):
         for name in weight_names:
-            if (folder / name).is_file():
-                config = folder / "config.json"
-                if not config.is_file():
+            if (folder / name).exists():
+                if not (folder / "config.json").exists():
                     raise FileNotFoundError(f"{folder} has {name} but no config.json")
-                return read_state_dict(folder / name, "", dtype), json.loads(config.read_text())
+                return folder / name, folder / "config.json"
     raise FileNotFoundError(
         f"{path} is neither a single-file checkpoint nor a diffusers folder: looked for "
         f"{subfolder}/{{{','.join(weight_names)}}} and {{{','.join(weight_names)}}} inside it")
+
+
+def read_component(path, *, subfolder, single_file_prefix, weight_names, dtype=None, convert=None):
+    """One model's tensors from a single file, a diffusers pipeline folder, or that folder's `subfolder`.
+
+    Returns (state_dict, config): `config` is the diffusers/transformers config.json (a dict, or `convert(dict)`),
+    read before the tensors, or None for a single-file checkpoint (whose names are CompVis names, stripped of
+    `single_file_prefix`).
+    """
+    weight_file, config_file = find_component(path, subfolder=subfolder, weight_names=weight_names)
+    if config_file is None:
+        sd = read_state_dict(weight_file, single_file_prefix, dtype)
+        if not sd:
+            raise CheckpointError(f"{weight_file} has no tensors under '{single_file_prefix}'")
+        return sd, None
+    config = read_config(config_file, convert)
+    return read_state_dict(weight_file, "", dtype), config
 
 
 def rename(state_dict, table):

@@ -5,6 +5,7 @@ folder from the shipped assets/bpe_simple_vocab_16e6.txt.gz by tools/make_sd_tok
 """
 import json
 import random
+import re
 
 import pytest
 import regex
@@ -13,8 +14,8 @@ import transformers
 from safetensors.torch import save_file
 
 import weights
-from clip_text import (CLIPTextConfig, CLIPTextModel, Tokenizer, load_text_encoder, load_tokenizer,
-                       pre_split_pattern, text_encoder_config_from_hf, text_encoder_hf_config)
+from clip_text import (WHITESPACE, CLIPTextConfig, CLIPTextModel, Tokenizer, chunks, load_text_encoder,
+                       load_tokenizer, pre_split_pattern, text_encoder_config_from_hf, text_encoder_hf_config)
 from tools.make_sd_tokenizer import write_sd_tokenizer
 
 SD15_ASTRONAUT = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407] + [49407] * 65
@@ -112,6 +113,53 @@ def test_random_unicode_gives_identical_ids_to_transformers(ours, ref):
         assert ours.encode(text) == w, ascii(text)
 
 
+def test_cutting_text_just_before_whitespace_changes_no_id(ours, ref):
+    """Long texts are read in chunks cut before whitespace (clip_text.chunks): the ids of the two sides of any such
+    cut, put together, must be those of the whole text."""
+    space = re.compile(f"[{WHITESPACE}]")
+    for text in HARD + random_texts(200, seed=1):
+        want = ref(text, add_special_tokens=False).input_ids
+        for q in (m.start() for m in space.finditer(text, 1)):
+            assert ours.encode(text[:q]) + ours.encode(text[q:]) == want, (ascii(text), q)
+
+
+def test_chunks_end_before_the_last_whitespace_they_reach():
+    assert list(chunks("ab cd ef", 4)) == ["ab", " cd", " ef"]
+    assert list(chunks("abcdefgh ij", 3)) == ["abc", "def", "gh", " ij"]  # no whitespace in reach: cut at 3
+    assert list(chunks("a\u3000\u3000b", 1)) == ["a", "\u3000", "\u3000", "b"]
+    for size in (1, 2, 5, 100):
+        assert "".join(chunks(HARD[11], size)) == HARD[11]
+
+
+def _random_word(n, seed=0):
+    rng = random.Random(seed)
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+
+
+def test_words_cut_for_the_token_limit_give_transformers_ids(tok_dir, ref):
+    """With a limit of 8 text tokens a word is merged over its first 2 * 8 * 32 = 512 bytes only (32: CLIP's
+    longest token): the first 8 ids must still be the reference's, which merges the whole word."""
+    short = Tokenizer.from_folder(tok_dir)
+    short.max_length = 10
+    for word in [_random_word(700), "😂" * 300, "ab" * 400, "photograph" * 80, _random_word(400) + "😍" * 200,
+                 "a," * 600, "<|endoftext|>" * 120, "e\u0301" * 600]:  # runs cut into 4 * 8 * 32 = 1024-char chunks
+        want = ref(word, padding="max_length", max_length=10, truncation=True).input_ids
+        assert short(word)[0].tolist() == want, word[:20]
+
+
+def test_a_1mb_word_and_a_50mb_prompt_take_well_under_two_seconds(ours):
+    import time
+    for text, words in [(_random_word(1_000_000), None), ("😀" * 250_000, None),
+                        (("a photo of a cat, " * 3_000_000)[:50_000_000], "a photo of a cat, " * 20),
+                        (" " * 50_000_000 + "cat", "cat"), ("a," * 25_000_000, "a," * 40)]:
+        start = time.perf_counter()
+        ids = ours(text)
+        assert time.perf_counter() - start < 2.0, (len(text), text[:20])
+        assert ids.shape == (1, 77) and ids[0, -1] == 49407
+        if words is not None:  # the ids are those of a short text that starts the same way
+            assert ids.tolist() == ours(words).tolist()
+
+
 def test_pre_split_letters_and_numbers_equal_the_regex_packages_unicode_classes():
     """Our \\p{L} / \\p{N} built from unicodedata against the `regex` package's, on every assigned code point."""
     import unicodedata
@@ -190,6 +238,16 @@ def test_bad_tokenizer_inputs_raise_clear_errors(tok_dir, tmp_path, ours):
         Tokenizer.from_folder(tmp_path)
     (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nq zz\n")
     with pytest.raises(ValueError, match="lacks 1 tokens.*qzz"):
+        Tokenizer.from_folder(tmp_path)
+    (tmp_path / "merges.txt").write_bytes(b"#version: 0.2\ni n\n\xe9 t\n")
+    with pytest.raises(ValueError, match=r"merges.txt: not UTF-8 text"):
+        Tokenizer.from_folder(tmp_path)
+    (tmp_path / "vocab.json").write_text('{"a": 0,')
+    with pytest.raises(ValueError, match=r"vocab.json, line 1: not valid JSON"):
+        Tokenizer.from_folder(tmp_path)
+    (tmp_path / "vocab.json").write_bytes((tok_dir / "vocab.json").read_bytes())
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nin g\ni n\n")  # "in" is used before it is made
+    with pytest.raises(ValueError, match=r"merge 1 \('in', 'g'\) comes before the merge that makes its parts"):
         Tokenizer.from_folder(tmp_path)
     with pytest.raises(TypeError, match="str"):
         ours(["fine", 3])

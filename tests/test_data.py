@@ -248,3 +248,111 @@ def test_attribute_file_errors_name_the_line(tmp_path, text, pattern):
     (tmp_path / "attr.txt").write_text(text)
     with pytest.raises(ValueError, match=pattern):
         data.read_attribute(tmp_path / "attr.txt", "Male")
+
+
+def _two_line_folder(tmp_path, file_name):
+    return _folder(tmp_path / "d", [{"file_name": "a.png", "text": "t", "group": 0},
+                                    {"file_name": file_name, "text": "t", "group": 1}],
+                   {"a.png": Image.new("RGB", (8, 8))})
+
+
+@pytest.mark.parametrize("file_name", ["../outside.png", "sub/../../outside.png", "{outside}", "/etc/passwd",
+                                       "/no/such/file.png", "link.png", "linkdir/a.png"])
+def test_file_names_that_leave_the_data_folder_are_refused_before_any_image_is_opened(tmp_path, monkeypatch,
+                                                                                      file_name):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "outside.png")  # a real image, beside the folder
+    root = _two_line_folder(tmp_path, file_name.format(outside=tmp_path / "outside.png"))
+    (root / "sub").mkdir()
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    (root / "linkdir").symlink_to(tmp_path)
+    opened = []
+    monkeypatch.setattr(data.Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("an image was opened"))
+    with pytest.raises(ValueError, match=r"metadata.jsonl, line 2: field 'file_name' .* lies outside the data folder"):
+        data.ImageFolder(root, 8)
+    assert opened == []
+
+
+def test_file_names_inside_the_folder_through_subfolders_and_symlinks_are_read(tmp_path):
+    root = _two_line_folder(tmp_path, "sub/../inner/link.png")
+    (root / "inner").mkdir()
+    (root / "sub").mkdir()
+    Image.new("RGB", (8, 8), "white").save(root / "inner" / "b.png")
+    (root / "inner" / "link.png").symlink_to(root / "inner" / "b.png")
+    ds = data.ImageFolder(root, 8)
+    assert torch.allclose(ds[1]["pixels"], torch.ones(3, 8, 8))
+
+
+def test_metadata_that_is_not_utf8_or_not_a_file_is_named_with_its_line(tmp_path):
+    root = _folder(tmp_path / "d", [{"file_name": "a.png", "text": "t", "group": 0}],
+                   {"a.png": Image.new("RGB", (8, 8))})
+    with open(root / "metadata.jsonl", "ab") as f:
+        f.write(b'\n{"file_name": "a.png", "text": "caf\xe9", "group": 1}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"metadata.jsonl, line 2: not UTF-8 text \(byte 0xe9"):
+        data.ImageFolder(root, 8)
+    (root / "metadata.jsonl").unlink()
+    (root / "metadata.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"cannot read .*metadata.jsonl: Is a directory"):
+        data.ImageFolder(root, 8)
+
+
+def test_an_image_path_that_is_a_folder_is_named_as_such(tmp_path):
+    root = _two_line_folder(tmp_path, "b.png")
+    (root / "b.png").mkdir()
+    with pytest.raises(ValueError, match=r"line 2: field 'file_name': .*b.png is a folder, not an image"):
+        data.ImageFolder(root, 8)
+
+
+def test_unreadable_metadata_reports_the_systems_reason(tmp_path, monkeypatch):
+    root = _two_line_folder(tmp_path, "a.png")
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(data.Path, "read_bytes", denied)  # tests run as root, where chmod 000 does not bite
+    with pytest.raises(ValueError, match=r"cannot read .*metadata.jsonl: Permission denied"):
+        data.ImageFolder(root, 8)
+
+
+# 16-bit and other modes: mid-grey 40000/65535 must load as 156/255 (40000/257, rounded), not clip to white
+def _saved(tmp_path, img, name):
+    img.save(tmp_path / name)
+    return tmp_path / name
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    grey16 = Image.fromarray(np.full((4, 4), 40000, np.uint16))
+    assert grey16.mode == "I;16"
+    for name in ("g.png", "g.tif"):
+        got = np.asarray(data.load_rgb(_saved(tmp_path, grey16, name)))
+        assert got.shape == (4, 4, 3) and (got == 156).all(), name
+    big = Image.fromarray(np.full((4, 4), 40000, np.int32))  # mode I: what 32-bit integer TIFFs open as
+    assert big.mode == "I"
+    assert (np.asarray(data.load_rgb(_saved(tmp_path, big, "i.tif"))) == 156).all()
+    assert (np.asarray(data.load_rgb(_saved(tmp_path, Image.fromarray(np.full((4, 4), 65535, np.uint16)),
+                                            "w.png"))) == 255).all()
+
+
+def test_modes_without_a_known_range_are_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match=r"mode I .*values from -5 to 70000.*0\.\.65535"):
+        data.load_rgb(_saved(tmp_path, Image.fromarray(np.array([[-5, 70000]], np.int32)), "i.tif"))
+    with pytest.raises(ValueError, match=r"mode F \(32-bit floating point\)"):
+        data.load_rgb(_saved(tmp_path, Image.fromarray(np.full((4, 4), 0.5, np.float32)), "f.tif"))
+    # and in a data folder, with its line
+    root = _two_line_folder(tmp_path, "f.tif")
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(root / "f.tif")
+    with pytest.raises(ValueError, match=r"line 2: field 'file_name': cannot read image .*f.tif \(.*mode F"):
+        data.ImageFolder(root, 8)
+
+
+def test_alpha_palette_and_cmyk_images_convert_to_the_expected_rgb(tmp_path):
+    la = Image.new("LA", (2, 1))
+    la.putpixel((0, 0), (100, 255))  # opaque grey
+    la.putpixel((1, 0), (100, 0))  # transparent: the white background
+    assert np.asarray(data.load_rgb(_saved(tmp_path, la, "la.png"))).tolist() == [[[100] * 3, [255] * 3]]
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 255, 255, 0, 0])
+    pal.putpixel((1, 0), 1)
+    pal.info["transparency"] = 0  # index 0 (blue) is transparent
+    assert np.asarray(data.load_rgb(_saved(tmp_path, pal, "p.png"))).tolist() == [[[255] * 3, [255, 0, 0]]]
+    cmyk = Image.new("CMYK", (2, 1), (0, 0, 0, 0))  # no ink: white
+    cmyk.putpixel((1, 0), (255, 0, 0, 0))  # full cyan
+    assert np.asarray(data.load_rgb(_saved(tmp_path, cmyk, "c.tif"))).tolist() == [[[255] * 3, [0, 255, 255]]]

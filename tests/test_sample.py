@@ -1,6 +1,7 @@
 """sample.py against diffusers: schedule, timesteps, single sampler steps, and whole runs of StableDiffusionPipeline
 on a tiny random-weight SD saved as a diffusers folder; seeding, the CLI and its argument checks."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -390,3 +391,179 @@ def test_cli_exits_nonzero_with_a_message_for_a_folder_that_is_no_checkpoint(tmp
     assert "neither a single-file checkpoint nor a diffusers folder" in r.stderr
     assert "vae/" in r.stderr or "unet/" in r.stderr  # says what it looked for
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults and bad input: non-finite images, guidance, seeds, --out, --overwrite, prompts files, model configs
+
+
+def _hook_call(module, request, call, row, value):
+    """Make output row `row` of `module`'s call number `call` (counting from 1) equal `value` everywhere."""
+    calls = []
+
+    def hook(m, args, out):
+        calls.append(1)
+        if len(calls) == call:
+            out = out.clone()
+            out[row] = value
+            return out
+    handle = module.register_forward_hook(hook)
+    request.addfinalizer(handle.remove)  # the models are shared by the module's tests
+
+
+def test_nan_latents_stop_generation_naming_the_image_and_step(tiny, request):
+    _, models, _ = tiny
+    # batch 2 (images 2, 3) runs UNet calls 4..6 on rows [uncond 2, uncond 3, cond 2, cond 3]: a NaN in image 3's
+    # unconditional noise prediction at its second step
+    _hook_call(models.unet, request, call=5, row=1, value=float("nan"))
+    with pytest.raises(sample.NonFiniteError, match=r"image 3: NaN or infinite values in the latents after step 2 "
+                                                    r"of 3 \(t=\d+\)"):
+        sample.generate(models, PROMPTS, SEEDS, steps=3, height=H, width=W, batch_size=2, progress=False)
+
+
+def test_infinite_pixels_stop_generation_naming_the_image(tiny, request):
+    _, models, _ = tiny
+    _hook_call(models.vae.decoder, request, call=2, row=0, value=float("inf"))  # the VAE decodes image by image
+    with pytest.raises(sample.NonFiniteError, match=r"image 1: NaN or infinite values in the decoded pixels"):
+        sample.generate(models, PROMPTS[:2], SEEDS[:2], steps=1, height=H, width=W, progress=False)
+
+
+def test_absurd_guidance_and_seeds_are_refused_by_generate(tiny):
+    _, models, _ = tiny
+    for kwargs, message in [(dict(guidance=1e30), "guidance must lie between -100 and 100"),
+                            (dict(guidance=-101.0), "guidance must lie between -100 and 100"),
+                            (dict(seeds=[2 ** 64]), "seeds must be integers in 0..2\\*\\*64-1"),
+                            (dict(seeds=[-1]), "seeds must be integers")]:
+        with pytest.raises(ValueError, match=message):
+            sample.generate(models, **{**dict(prompts=["a"], seeds=[0], steps=1, height=H, width=W,
+                                              progress=False), **kwargs})
+
+
+def _nan_unet_copy(folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+    copy = tmp_path / "nan-sd"
+    shutil.copytree(folder, copy)
+    path = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(path)
+    name = sorted(k for k in sd if k.endswith("weight") and sd[k].dim() == 4)[0]
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[0] = float("nan")  # one NaN weight
+    save_file(sd, path)
+    return copy
+
+
+def test_cli_stops_on_nan_weights_and_writes_no_black_png(tiny, tmp_path):
+    _, _, folder = tiny
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model", str(_nan_unet_copy(folder, tmp_path)), "--prompt", "a cat", "--n", "2", "--steps",
+                     "2", "--height", str(H), "--width", str(W), "--out", str(out), "--device", "cpu"])
+    assert "image 0: NaN or infinite values in the latents after step 1 of 2" in str(e.value.code)
+    assert not list(out.glob("*.png"))
+
+
+def _cli_args(folder, out, **change):
+    args = {"--model": str(folder), "--prompt": "a cat", "--steps": "1", "--height": str(H), "--width": str(W),
+            "--out": str(out), "--device": "cpu", **{f"--{k.replace('_', '-')}": v for k, v in change.items()}}
+    return [f"{k}={v}" for k, v in args.items() if v is not None]  # "=": a value may start with "-"
+
+
+def _refused(argv, monkeypatch, capsys):
+    """The message of a CLI run refused before any weights load."""
+    monkeypatch.setattr(sample, "load_models", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code != 0
+    return capsys.readouterr().err
+
+
+def test_cli_refuses_bad_out_seed_guidance_and_prompts_before_loading_weights(tiny, tmp_path, monkeypatch, capsys):
+    _, _, folder = tiny
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes(b"a photo of a dog\na caf\xe9\n")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = sample.os.access
+    monkeypatch.setattr(sample.os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    out = tmp_path / "out"
+    for argv, message in [
+        (_cli_args(folder, a_file), f"--out {a_file}: {a_file} is a file, not a folder"),
+        (_cli_args(folder, a_file / "sub"), f"--out {a_file / 'sub'}: {a_file} is a file, not a folder"),
+        (_cli_args(folder, read_only / "sub"), f"--out {read_only / 'sub'}: {read_only} is not writable"),
+        (_cli_args(folder, out, seed=str(2 ** 64)), "--seed must lie in 0..2**64-1"),
+        (_cli_args(folder, out, seed=str(2 ** 64 - 2), n="3"), "--seed must lie in 0..2**64-3 for 3 images"),
+        (_cli_args(folder, out, seed="-1"), "--seed must lie in 0..2**64-1"),
+        (_cli_args(folder, out, guidance="1e30"), "--guidance must lie between -100 and 100"),
+        (_cli_args(folder, out, guidance="-1e30"), "--guidance must lie between -100 and 100"),
+        (_cli_args(folder, out, prompt=None, prompts=str(latin1)),
+         f"--prompts {latin1}, line 2: not UTF-8 text (byte 0xe9 at column 6)"),
+        (_cli_args(folder, out, prompt=None, prompts=str(tmp_path)), f"--prompts {tmp_path} is not a file"),
+    ]:
+        assert message in _refused(argv, monkeypatch, capsys), argv
+    assert a_file.read_text() == "mine" and not out.exists() and not (read_only / "sub").exists()
+
+
+def _model_copy(folder, tmp_path, name, path, text):
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    (copy / path).write_text(text)
+    return copy
+
+
+def test_cli_checks_the_model_configs_and_the_size_multiple_before_loading_weights(tiny, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import json
+    _, _, folder = tiny
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    four_levels = {**unet_config, "block_out_channels": [32, 64, 64, 64],
+                   "down_block_types": ["CrossAttnDownBlock2D"] + ["DownBlock2D"] * 3,
+                   "up_block_types": ["UpBlock2D"] * 3 + ["CrossAttnUpBlock2D"]}
+    deep = _model_copy(folder, tmp_path, "deep", "unet/config.json", json.dumps(four_levels))  # VAE 2 x UNet 8
+    err = _refused(_cli_args(deep, tmp_path / "out", height="40"), monkeypatch, capsys)
+    assert "--height must be a multiple of 16 for this model" in err
+    for path, text, message in [
+        ("unet/config.json", "[]", "unet/config.json: expected a JSON object"),
+        ("vae/config.json", '{"latent_channels": null}', "vae/config.json: field 'latent_channels' must be"),
+        ("text_encoder/config.json", "{", "text_encoder/config.json, line 1: not valid JSON"),
+        ("scheduler/scheduler_config.json", '{"beta_start": "0.1"}',
+         "scheduler_config.json: field 'beta_start' must be a positive number"),
+    ]:
+        broken = _model_copy(folder, tmp_path, path.replace("/", "-"), path, text)
+        assert message in _refused(_cli_args(broken, tmp_path / "out"), monkeypatch, capsys), path
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_deletes_only_what_the_previous_run_listed_and_only_after_every_check(tiny, tmp_path, monkeypatch,
+                                                                                       capsys):
+    import json
+    _, _, folder = tiny
+    out = tmp_path / "out"
+    sample.main(_cli_args(folder, out, n="3"))
+    (out / "mine.png").write_bytes(b"the user's own image")
+    (out / "00007.png").write_bytes(b"another of the user's")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # a refused run deletes nothing
+    for bad in (dict(seed=str(2 ** 64)), dict(guidance="1e30"), dict(height="36")):
+        _refused(_cli_args(folder, out, **bad) + ["--overwrite"], monkeypatch, capsys)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    sample.main(_cli_args(folder, out) + ["--overwrite"])  # one image: 00001.png and 00002.png go, the user's stay
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00007.png", "grid.png", "mine.png", "samples.json"]
+    assert (out / "mine.png").read_bytes() == before["mine.png"]
+    assert json.loads((out / "samples.json").read_text())["files"] == ["00000.png"]
+
+    # a file the new run would write, but that no samples.json lists, is the user's: refused, kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "00000.png").write_bytes(b"the user's own image")
+    err = _refused(_cli_args(folder, mine) + ["--overwrite"], monkeypatch, capsys)
+    assert f"--out {mine}: {mine / '00000.png'} would be overwritten" in err
+    assert (mine / "00000.png").read_bytes() == b"the user's own image"
+    # a samples.json that lists anything but this run's own image names is refused, and nothing is deleted
+    (tmp_path / "victim.png").write_bytes(b"elsewhere")
+    (mine / "samples.json").write_text(json.dumps({"files": ["../victim.png"]}))
+    err = _refused(_cli_args(folder, mine) + ["--overwrite"], monkeypatch, capsys)
+    assert "samples.json does not list the images of a sample.py run" in err
+    assert (tmp_path / "victim.png").exists() and (mine / "00000.png").exists()

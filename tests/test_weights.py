@@ -63,3 +63,68 @@ def test_rename_uses_the_longest_prefix_and_inverts():
     out = rename(sd, table)
     assert out == {"y.z.weight": 1, "x.c.weight": 2, "q.weight": 3}
     assert rename(out, {v: k for k, v in table.items()}) == sd
+
+
+UNET_OK = {"down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+           "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [32, 64]}
+
+
+@pytest.mark.parametrize("load,folder,config,message", [
+    ("unet", "unet", "not json", r"unet/config.json, line 1: not valid JSON"),
+    ("unet", "unet", "{}", r"unet/config.json: missing field 'down_block_types'"),
+    ("unet", "unet", "[1, 2]", r"unet/config.json: expected a JSON object \{\.\.\.\}, got list"),
+    ("unet", "unet", {**UNET_OK, "block_out_channels": None},
+     r"unet/config.json: field 'block_out_channels' must be a non-empty list of positive integers, got null"),
+    ("unet", "unet", {**UNET_OK, "block_out_channels": ["32", 64]}, r"field 'block_out_channels' .*\[\"32\", 64\]"),
+    ("unet", "unet", {**UNET_OK, "layers_per_block": "2"}, r"field 'layers_per_block' must be a positive integer"),
+    ("unet", "unet", {**UNET_OK, "attention_head_dim": 0}, r"field 'attention_head_dim' must be a positive integer"),
+    ("unet", "unet", {**UNET_OK, "down_block_types": None}, r"field 'down_block_types' must be a non-empty list of"),
+    ("vae", "vae", {"scaling_factor": None}, r"vae/config.json: field 'scaling_factor' must be a positive number"),
+    ("vae", "vae", {"latent_channels": 4.5}, r"vae/config.json: field 'latent_channels' must be a positive integer"),
+    ("vae", "vae", {"down_block_types": None}, r"vae/config.json: field 'down_block_types' must be a non-empty list"),
+    ("text_encoder", "text_encoder", {}, r"text_encoder/config.json: missing field 'vocab_size'"),
+    ("text_encoder", "text_encoder", {"vocab_size": None}, r"field 'vocab_size' must be a positive integer, got null"),
+    ("text_encoder", "text_encoder", b'{"hidden_act": "gel\xfc"}', r"text_encoder/config.json: not UTF-8 text"),
+])
+def test_bad_config_json_is_named_with_the_file_and_field_before_any_tensor_is_read(tmp_path, load, folder, config,
+                                                                                   message):
+    import json
+
+    from clip_text import load_text_encoder
+    from unet import load_unet
+    from vae import load_vae
+    (tmp_path / folder).mkdir()
+    weight_name = "model.safetensors" if folder == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    (tmp_path / folder / weight_name).write_bytes(b"")  # never read: the config is checked first
+    raw = config if isinstance(config, (str, bytes)) else json.dumps(config)
+    (tmp_path / folder / "config.json").write_bytes(raw.encode() if isinstance(raw, str) else raw)
+    loader = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder}[load]
+    with pytest.raises(CheckpointError, match=message):
+        loader(tmp_path)
+
+
+def test_unreadable_weight_files_report_the_systems_reason(tmp_path, monkeypatch):
+    import socket
+
+    import weights
+    (tmp_path / "f.safetensors").mkdir()  # a folder where the file should be
+    with pytest.raises(CheckpointError, match=r"f.safetensors is a folder, not a checkpoint"):
+        read_state_dict(tmp_path / "f.safetensors")
+    sock = socket.socket(socket.AF_UNIX)  # a socket: it exists, but no one can open it as a file
+    sock.bind(str(tmp_path / "s.safetensors"))
+    with pytest.raises(CheckpointError, match=r"s.safetensors is not a regular file"):
+        read_state_dict(tmp_path / "s.safetensors")
+    sock.close()
+    # A file the user may not read. Tests run as root, where chmod 000 does not bite: the refusal is simulated,
+    # and safetensors is made to say what it says then ("No such file or directory", its message for any failure).
+    save_file(Tiny().state_dict(), tmp_path / "t.safetensors")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    def safetensors_open(path, *args, **kwargs):
+        raise FileNotFoundError(f"No such file or directory: {path}")
+    monkeypatch.setattr(weights, "open", denied, raising=False)
+    monkeypatch.setattr(weights, "safe_open", safetensors_open)
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*t.safetensors: Permission denied"):
+        read_state_dict(tmp_path / "t.safetensors")
