@@ -423,7 +423,7 @@ def test_nan_latents_stop_generation_naming_the_image_and_step(tiny, request):
 
 def test_infinite_pixels_stop_generation_naming_the_image(tiny, request):
     _, models, _ = tiny
-    _hook_call(models.vae.decoder, request, call=2, row=0, value=float("inf"))  # the VAE decodes image by image
+    _hook_call(models.vae.decoder, request, call=1, row=1, value=float("inf"))  # one decoder call per batch
     with pytest.raises(sample.NonFiniteError, match=r"image 1: NaN or infinite values in the decoded pixels"):
         sample.generate(models, PROMPTS[:2], SEEDS[:2], steps=1, height=H, width=W, progress=False)
 
