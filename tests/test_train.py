@@ -1,5 +1,6 @@
 """train.py end to end on tiny models: the loss falls, resume is exact, torchrun's ranks agree, the export loads in
 diffusers with our outputs, LoRA trains only adapters, w_ind = 0 is plain fine-tuning, bad input stops early."""
+import collections
 import json
 import os
 import re
@@ -13,10 +14,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import sample
 import train
+from clip_text import CLIPTextModel
 from data import ImageFolder
+from ddm import Indicator
+from unet import ResBlock, UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -63,12 +69,11 @@ def data_dir(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data") / "d")
 
 
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    """A tiny random SD pipeline folder written by diffusers/transformers themselves."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def write_tiny_sd(root, prediction_type=None):
+    """A tiny random SD pipeline folder written by diffusers/transformers themselves; with `prediction_type`, also
+    the scheduler/ folder of SD's DDPM schedule predicting that."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    root = tmp_path_factory.mktemp("sd")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         UNet2DConditionModel(
@@ -82,7 +87,16 @@ def sd_dir(tmp_path_factory):
                                      intermediate_size=64, max_position_embeddings=77)).save_pretrained(
             root / "text_encoder")
     write_sd_tokenizer(root / "tokenizer")
+    if prediction_type:
+        DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type=prediction_type).save_pretrained(root / "scheduler")
     return root
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    """A tiny random SD pipeline folder written by diffusers/transformers themselves."""
+    return write_tiny_sd(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +149,56 @@ def log_lines(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+def assert_images_have_content(images, scale=255):
+    """Generated images (B, H, W, 3), values in [0, scale]: finite, none of them flat, and not all alike."""
+    x = torch.as_tensor(np.asarray(images)).double().flatten(1)
+    assert torch.isfinite(x).all()
+    spread = x.max(1).values - x.min(1).values
+    assert (spread > 0.05 * scale).all(), f"flat images: value ranges {spread.tolist()} of {scale}"
+    if len(x) > 1:
+        assert (x - x[0]).abs().amax(1)[1:].min() > 0.05 * scale, "images that should differ are (nearly) equal"
+
+
+class StepRecorder:
+    """What a `train.train` run inside this `with` block did, seen through torch's global hooks only: the networks
+    it called (the last UNet, text encoder and indicator), calls counted by module class (a pre-hook: a call
+    counts even when a checkpoint's recomputation stops early inside the module), and at every
+    optimizer step the trained parameters' values before the update and their gradients (after clipping), by
+    name ("unet.<name>", "text_encoder.<name>", "indicator.<name>")."""
+
+    def __init__(self):
+        self.modules, self.calls, self.steps = {}, collections.Counter(), []
+
+    def __enter__(self):
+        self._handles = [register_module_forward_pre_hook(self._on_call),
+                         register_module_forward_hook(self._on_forward),
+                         register_optimizer_step_pre_hook(self._on_step)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    def _on_call(self, module, args):
+        self.calls[type(module)] += 1
+
+    def _on_forward(self, module, args, output):
+        for name, cls in (("unet", UNet), ("text_encoder", CLIPTextModel), ("indicator", Indicator)):
+            if isinstance(module, cls):
+                self.modules[name] = module
+
+    def _on_step(self, optimizer, args, kwargs):
+        names = {id(p): f"{prefix}.{n}" for prefix, m in self.modules.items() for n, p in m.named_parameters()}
+        self.steps.append({names[id(p)]: (p.detach().clone(), p.grad.detach().clone())
+                           for group in optimizer.param_groups for p in group["params"]})
+
+    def grads(self, step=-1):
+        return {k: g for k, (_, g) in self.steps[step].items()}
+
+    def values(self, step=-1):
+        return {k: v for k, (v, _) in self.steps[step].items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -152,6 +216,9 @@ def test_fine_tune_reduces_the_loss_and_the_run_directory_loads_for_sampling(ful
     images = sample.generate(trained, ["a red square", "a blue square"], [0, 1], steps=2, height=RES, width=RES,
                              progress=False)
     assert images.shape == (2, RES, RES, 3) and images.dtype == torch.uint8
+    assert_images_have_content(images)
+    again = sample.generate(trained, ["a blue square"], [1], steps=2, height=RES, width=RES, progress=False)
+    assert torch.equal(again[0], images[1])  # image k depends on (prompt k, seed k) only
 
 
 def test_killed_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(lora_run, sd_dir, data_dir, tmp_path):
@@ -235,8 +302,11 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir
         assert pipe.tokenizer(["a red square", "a blue square!"], padding="max_length", max_length=77).input_ids \
             == ids.tolist()
         assert pipe.tokenizer.model_max_length == 77
-    image = pipe("a red square", num_inference_steps=2, height=RES, width=RES, output_type="np").images
-    assert image.shape == (1, RES, RES, 3)
+    images = [pipe(["a red square", "a blue square"], num_inference_steps=2, height=RES, width=RES, output_type="np",
+                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images for _ in range(2)]
+    assert images[0].shape == (2, RES, RES, 3)
+    assert_images_have_content(images[0], scale=1.0)
+    assert np.array_equal(images[0], images[1])  # equal seeds, equal images
     with pytest.raises(FileExistsError, match="exists"):
         train.train(["--model", str(lora_run), "--export", str(tmp_path / lora_run.name)])
     with pytest.raises(FileExistsError, match="exists"):  # refused before training, not after it
@@ -257,17 +327,26 @@ def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_di
     assert set(checkpoint_files(scratch)) == {"unet.safetensors", "text_encoder.safetensors", "indicator.safetensors"}
     from_scratch = sample.load_models(scratch / "base")  # the initial models; the VAE is the one --vae named
     assert_same_tensors({"vae": from_scratch.vae.state_dict()}, {"vae": sample.load_models(sd_dir).vae.state_dict()})
-    for k in range(2):
-        assert Image.open(scratch / "validation" / "step_000002" / f"{k:02d}.png").size == (RES, RES)
+    validation = np.stack([np.asarray(Image.open(scratch / "validation" / "step_000002" / f"{k:02d}.png"))
+                           for k in range(2)])
+    assert validation.shape == (2, RES, RES, 3)
+    assert_images_have_content(validation)
+    # ... and they are what the saved final weights generate for seeds 0 and 1
+    final = sample.generate(sample.load_models(scratch), ["a red square"] * 2, [0, 1], steps=2, height=RES, width=RES,
+                            progress=False)
+    assert np.array_equal(final.numpy(), validation)
 
     tuned = train.train(["--model", str(scratch), "--data", str(data_dir), "--out", str(tmp_path / "tuned"),
                          "--lora-rank", "4", "--max-steps", "1", *FAST])
     base, run = sample.load_models(scratch), train.load_run(tuned, merge=False)
     plain = {k: v for k, v in run.models.unet.state_dict().items() if ".lora_" not in k}
     assert_same_tensors({"unet": plain}, {"unet": base.unet.state_dict()})
-    images = sample.generate(sample.load_models(tuned), ["a blue square"], [3], steps=2, height=RES, width=RES,
-                             progress=False)
-    assert images.shape == (1, RES, RES, 3)
+    tuned_models = sample.load_models(tuned)
+    images = [sample.generate(tuned_models, ["a blue square"] * 2, [3, 4], steps=2, height=RES, width=RES,
+                              progress=False) for _ in range(2)]
+    assert images[0].shape == (2, RES, RES, 3)
+    assert_images_have_content(images[0])
+    assert torch.equal(images[0], images[1])
 
 
 def test_torchrun_two_processes_end_with_equal_weights(sd_dir, data_dir, tmp_path):
@@ -348,3 +427,101 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(data_dir), "--out", str(tmp_path / "x")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "give exactly one of --model" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- one step of the loop, observed from outside -----------------------------------------------------------------
+
+
+def data_order(n, batch_size, seed, rank, world, count):
+    """The one call into train.py's data order (re-point it when that moves): the dataset indices of this rank's
+    first `count` micro-batches."""
+    it = iter(train.MicroBatchIndices(n, batch_size, seed, 0, rank, world))
+    return [next(it) for _ in range(count)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_read_disjoint_shares_that_cover_each_epoch(world):
+    n, batch, seed = 13, 2, 5
+    per_epoch = n // (batch * world)  # global micro-batches per epoch; the remainder of the permutation is dropped
+    ranks = [data_order(n, batch, seed, r, world, 2 * per_epoch) for r in range(world)]
+    one_process = data_order(n, batch * world, seed, 0, 1, 2 * per_epoch)
+    for m in range(2 * per_epoch):  # global micro-batch m is the one-process batch of world x batch, split by rank
+        assert sum((ranks[r][m] for r in range(world)), []) == one_process[m]
+    for epoch in range(2):
+        seen = [i for r in range(world) for b in ranks[r][epoch * per_epoch:(epoch + 1) * per_epoch] for i in b]
+        assert len(seen) == len(set(seen)) == per_epoch * batch * world  # disjoint, nothing read twice
+        assert set(seen) <= set(range(n))
+    assert one_process[:per_epoch] != one_process[per_epoch:]  # a new permutation every epoch
+
+
+def test_load_run_applies_the_runs_lora_alpha(sd_dir, data_dir, tmp_path):
+    run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                       "--lora-rank", "4", "--lora-alpha", "6", "--max-steps", "1", *FAST])
+    adapters = load_file(train.latest_checkpoint(run) / "unet_lora.safetensors")
+    base = sample.load_models(sd_dir).unet.state_dict()
+    merged = sample.load_models(run).unet.state_dict()  # through load_run, LoRA merged
+    names = sorted({k.rsplit(".", 1)[0] for k in adapters})
+    assert names and json.loads((run / "run.json").read_text())["config"]["lora_alpha"] == 6
+    for name in names:  # W = W0 + (alpha / r) B A (Hu et al. 2021, §4.1), alpha = 6, r = 4
+        delta = 6 / 4 * adapters[f"{name}.lora_B"] @ adapters[f"{name}.lora_A"]
+        assert delta.abs().max() > 1e-5  # a wrong alpha would move W by more than the tolerance below
+        torch.testing.assert_close(merged[f"{name}.weight"], base[f"{name}.weight"] + delta, atol=2e-7, rtol=0)
+
+
+def test_cached_latents_train_the_same_step_as_encoding_each_batch(sd_dir, data_dir, tmp_path):
+    grads, logs = {}, {}
+    for cache in (False, True):
+        with StepRecorder() as rec:
+            run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / str(cache)),
+                               "--lora-rank", "4", "--max-steps", "1", *FAST] + ["--cache-latents"] * cache)
+        grads[cache], logs[cache] = rec.grads(0), log_lines(run)[0]
+    # the cache encodes the images in other batches than the loop does: float32 rounding apart, the same step
+    assert logs[True]["loss"] == pytest.approx(logs[False]["loss"], rel=1e-5)
+    assert grads[True].keys() == grads[False].keys()
+    for k, g in grads[False].items():
+        torch.testing.assert_close(grads[True][k], g, atol=1e-4 * g.abs().max().item(), rtol=0)
+
+
+def test_gradient_checkpointing_recomputes_the_unet_blocks_in_backward(sd_dir, data_dir, tmp_path):
+    calls, grads = {}, {}
+    for ckpt in (False, True):
+        with StepRecorder() as rec:
+            train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / str(ckpt)),
+                         "--lora-rank", "0", "--max-steps", "1", *FAST, "--grad-accum", "1"]
+                        + ["--gradient-checkpointing"] * ckpt)
+        calls[ckpt], grads[ckpt] = rec.calls[ResBlock], rec.grads(0)
+    # The whole UNet is trained, so backward needs every block: each res block runs again (with LoRA, blocks before
+    # the first adapter need no backward and are not recomputed)
+    assert calls[False] > 0 and calls[True] == 2 * calls[False]
+    for k, g in grads[False].items():
+        torch.testing.assert_close(grads[True][k], g, atol=1e-6 * g.abs().max().item(), rtol=0)
+
+
+def test_clipping_and_weight_decay_each_change_one_step_as_adamw_says(sd_dir, data_dir, tmp_path):
+    lr, wd, eps = 1e-2, 0.5, 1e-8
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", "--max-steps", "1", *FAST,
+              "--lr", str(lr), "--adam-eps", str(eps)]
+    with StepRecorder() as free:
+        train.train([*common, "--out", str(tmp_path / "free"), "--max-grad-norm", "0", "--weight-decay", "0"])
+    raw = torch.cat([g.flatten() for g in free.grads(0).values()]).norm().item()
+    with StepRecorder() as rec:
+        run = train.train([*common, "--out", str(tmp_path / "run"), "--max-grad-norm", str(raw / 4),
+                           "--weight-decay", str(wd)])
+    # clipping: the optimizer gets the same gradient at a quarter of its global norm (torch scales by
+    # max_norm / (norm + 1e-6)); the log keeps the raw norm
+    assert log_lines(run)[0]["grad_norm"] == pytest.approx(raw, rel=1e-5)
+    g = rec.grads(0)
+    coef = raw / 4 / (raw + 1e-6)
+    assert torch.cat([v.flatten() for v in g.values()]).norm().item() == pytest.approx(raw * coef, rel=1e-5)
+    for k, v in free.grads(0).items():
+        torch.testing.assert_close(g[k], v * coef, atol=1e-6 * v.abs().max().item(), rtol=1e-5)
+    # AdamW's first step (Loshchilov & Hutter 2019, Alg. 2; m̂ = g, v̂ = g²): p ← p (1 − lr·wd) − lr g / (|g| + eps)
+    saved = {f"unet.{k}": v for k, v in load_file(train.latest_checkpoint(run) / "unet_lora.safetensors").items()}
+    saved.update({f"indicator.{k}": v for k, v in
+                  load_file(train.latest_checkpoint(run) / "indicator.safetensors").items()})
+    assert saved.keys() == g.keys()
+    for k, p0 in rec.values(0).items():
+        expected = p0 * (1 - lr * wd) - lr * g[k] / (g[k].abs() + eps)
+        torch.testing.assert_close(saved[k], expected, atol=1e-7, rtol=1e-5)
+    decayed = [k for k, p0 in rec.values(0).items() if k.endswith("lora_A")]  # A != 0 and, at step 1, g_A = 0:
+    assert decayed and all(torch.equal(g[k], torch.zeros_like(g[k])) for k in decayed)  # only the decay moves A
