@@ -228,7 +228,8 @@ class Models:
 
 
 def read_schedule(path):
-    """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json; SD v1.x's otherwise.
+    """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json (its trained_betas, or its
+    named schedule); SD v1.x's otherwise.
 
     The sampler's own settings stay SD v1.x's whatever the file says: "leading" spacing, steps_offset 1, and
     ᾱ[0] past the last DDIM step (set_alpha_to_one false)."""
@@ -237,7 +238,9 @@ def read_schedule(path):
         return sd_schedule(), "epsilon"
     c = json.loads(config.read_text())
     n, kind = c.get("num_train_timesteps", 1000), c.get("beta_schedule", "scaled_linear")
-    if kind == "scaled_linear":
+    if c.get("trained_betas") is not None:  # listed betas win over the named schedule, as in diffusers
+        betas = torch.tensor(c["trained_betas"], dtype=torch.float64)
+    elif kind == "scaled_linear":
         betas = scaled_linear_betas(n, c.get("beta_start", 0.00085), c.get("beta_end", 0.012))
     elif kind == "linear":
         betas = linear_betas(n, c.get("beta_start", 0.0001), c.get("beta_end", 0.02))

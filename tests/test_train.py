@@ -482,6 +482,28 @@ def test_cached_latents_train_the_same_step_as_encoding_each_batch(sd_dir, data_
         torch.testing.assert_close(grads[True][k], g, atol=1e-4 * g.abs().max().item(), rtol=0)
 
 
+def test_export_writes_the_schedule_and_prediction_type_the_model_trained_with(sd_dir, tmp_path):
+    from diffusers import DDPMScheduler
+    schedules = {"sd_epsilon": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+                 "sd_v": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction"),
+                 "ddpm_linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)}
+    for name, config in schedules.items():
+        base = tmp_path / name
+        base.mkdir()
+        for part in ("unet", "vae", "text_encoder", "tokenizer"):
+            (base / part).symlink_to(sd_dir / part, target_is_directory=True)
+        DDPMScheduler(num_train_timesteps=1000, **config).save_pretrained(base / "scheduler")
+        export = train.train(["--model", str(base), "--export", str(tmp_path / f"{name}_export")])
+        trained = sample.load_models(base)  # the schedule train.py trains this base with
+        exported = DDPMScheduler.from_pretrained(export, subfolder="scheduler")
+        assert exported.config.prediction_type == trained.prediction_type == config.get("prediction_type", "epsilon")
+        assert (exported.alphas_cumprod.double() - trained.alphas_cumprod).abs().max() < 1e-6, name
+        again = sample.load_models(export)  # ... and our own loader reads the export back the same
+        assert again.prediction_type == trained.prediction_type
+        assert (again.alphas_cumprod - trained.alphas_cumprod).abs().max() < 1e-12, name
+
+
 def test_gradient_checkpointing_recomputes_the_unet_blocks_in_backward(sd_dir, data_dir, tmp_path):
     calls, grads = {}, {}
     for ckpt in (False, True):
