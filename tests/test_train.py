@@ -1,5 +1,7 @@
 """train.py end to end on tiny models: the loss falls, resume is exact, torchrun's ranks agree, the export loads in
-diffusers with our outputs, LoRA trains only adapters, w_ind = 0 is plain fine-tuning, bad input stops early."""
+diffusers with our outputs, LoRA trains only adapters, w_ind = 0 is plain fine-tuning, bad input stops early; and
+single steps watched through torch's global hooks (StepRecorder): clipping and AdamW's weight decay, cached
+posteriors, gradient checkpointing. test_train_parity.py checks the step's loss and gradients against diffusers."""
 import collections
 import json
 import os
@@ -78,8 +80,9 @@ def write_tiny_sd(root, prediction_type=None):
         torch.manual_seed(0)
         UNet2DConditionModel(
             sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=2).save_pretrained(root / "unet")
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=2).save_pretrained(root / "unet")
         AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                       up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
                       sample_size=RES).save_pretrained(root / "vae")
@@ -161,10 +164,10 @@ def assert_images_have_content(images, scale=255):
 
 class StepRecorder:
     """What a `train.train` run inside this `with` block did, seen through torch's global hooks only: the networks
-    it called (the last UNet, text encoder and indicator), calls counted by module class (a pre-hook: a call
-    counts even when a checkpoint's recomputation stops early inside the module), and at every
-    optimizer step the trained parameters' values before the update and their gradients (after clipping), by
-    name ("unet.<name>", "text_encoder.<name>", "indicator.<name>")."""
+    it called (the last UNet, text encoder and indicator), calls counted by module class (a pre-hook, so a call
+    counts even when a checkpoint's recomputation stops early inside the module), and at every optimizer step the
+    trained parameters' values before the update and their gradients after clipping, by name ("unet.<name>",
+    "text_encoder.<name>", "indicator.<name>")."""
 
     def __init__(self):
         self.modules, self.calls, self.steps = {}, collections.Counter(), []

@@ -23,7 +23,7 @@ from PIL import Image
 
 import train
 import weights
-from test_train import FAST, RES, StepRecorder, make_data, write_tiny_sd
+from test_train import FAST, StepRecorder, make_data, write_tiny_sd
 from unet import unet_diffusers_names
 
 SEED, BATCH, ACCUM, RANK, ALPHA = 3, 2, 2, 4, 8.0  # alpha != rank and != the default 32: the scale alpha/r counts
