@@ -227,6 +227,20 @@ MODEL_INDEX = {
 }
 
 
+def scheduler_config(models):
+    """SD v1.5's scheduler config with the model's prediction type; a model trained on another schedule gets that
+    schedule's betas listed (trained_betas, β_t = 1 − ᾱ_t/ᾱ_{t−1}), which diffusers and read_schedule take first."""
+    config = {**SCHEDULER_CONFIG, "prediction_type": models.prediction_type}
+    c = SCHEDULER_CONFIG  # the scaled-linear schedule this config names: β_t = linspace(√β_start, √β_end, n)²
+    sd = torch.cumprod(1 - torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, c["num_train_timesteps"],
+                                          dtype=torch.float64) ** 2, 0)
+    ac = models.alphas_cumprod.detach().double().cpu()
+    if ac.shape != sd.shape or not torch.equal(ac, sd):
+        betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+        config.update(num_train_timesteps=len(ac), trained_betas=betas.tolist())
+    return config
+
+
 def write_tokenizer(tokenizer, folder):
     """An SD tokenizer/ folder (vocab.json, merges.txt, tokenizer_config.json) that CLIPTokenizer reads."""
     folder.mkdir(parents=True)
@@ -265,8 +279,7 @@ def export_diffusers(models, out_dir):
         write_json(tmp / name / "config.json", config)
     write_tokenizer(models.tokenizer, tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
-    write_json(tmp / "scheduler" / "scheduler_config.json",
-               {**SCHEDULER_CONFIG, "prediction_type": models.prediction_type})
+    write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(models))
     write_json(tmp / "model_index.json", MODEL_INDEX)
     os.replace(tmp, out_dir)
     return out_dir

@@ -280,7 +280,8 @@ class Models:
 
 
 def read_schedule(path):
-    """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json; SD v1.x's otherwise.
+    """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json (its trained_betas, or its
+    named schedule); SD v1.x's otherwise.
 
     The sampler's own settings stay SD v1.x's whatever the file says: "leading" spacing, steps_offset 1, and
     ᾱ[0] past the last DDIM step (set_alpha_to_one false)."""
@@ -293,7 +294,9 @@ def read_schedule(path):
 def _schedule_from_config(c):
     n = weights.config_value(c, "num_train_timesteps", "int", 1000)
     kind = weights.config_value(c, "beta_schedule", "str", "scaled_linear")
-    if kind == "scaled_linear":
+    if c.get("trained_betas") is not None:  # listed betas win over the named schedule, as in diffusers
+        betas = torch.tensor(c["trained_betas"], dtype=torch.float64)
+    elif kind == "scaled_linear":
         betas = scaled_linear_betas(n, weights.config_value(c, "beta_start", "number", 0.00085),
                                     weights.config_value(c, "beta_end", "number", 0.012))
     elif kind == "linear":

@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,3 +34,11 @@ def two_threads():
     size and thread count, and with more threads an elementwise kernel's split moved the last bit for some batch
     shapes (seen at 8 threads, batch 3)."""
     yield from _threads(2)
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """tmp_path, deleted when the test ends: pytest keeps the folders of its last three runs, and the full-size
+    tests write gigabytes of weights there."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)

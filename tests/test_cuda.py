@@ -10,7 +10,7 @@ import torch
 import checkpoints
 import sample
 import train
-from test_train import FAST, RES, data_dir, log_lines, sd_dir  # noqa: F401 (fixtures)
+from test_train import FAST, RES, assert_images_have_content, data_dir, log_lines, sd_dir  # noqa: F401 (fixtures)
 from test_unet import TINY, inputs, pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -90,6 +90,7 @@ def test_train_py_on_cuda_with_autocast_and_checkpointing_resumes_and_samples(pr
     images = {dtype: sample.generate(m, ["a red square", "a blue square"], [0, 1], steps=5, height=RES, width=RES,
                                      progress=False).float() for dtype, m in models.items()}
     assert images[torch.float16].shape == (2, RES, RES, 3)
+    assert_images_have_content(images[torch.float16])
     assert (images[torch.float16] - images[torch.float32]).abs().mean() < 2  # uint8 levels
 
 

@@ -66,6 +66,15 @@ def test_loss_is_the_papers_weighted_sum():
     torch.testing.assert_close(parts["ind"], F.cross_entropy(logits, groups).detach())
     assert parts["acc"].item() == (logits.argmax(1) == groups).float().mean().item()
     assert not parts["acc"].requires_grad and not parts["ind"].requires_grad  # tensors: no GPU sync per micro-batch
+    # by hand: an indicator whose last layer ignores its input and says (0, 1, 0) is right on the two of six
+    # images in group 1, and its CE is log(e + 2) − 1 for those and log(e + 2) for the other four
+    with torch.no_grad():
+        ind.net[-1].weight.zero_()
+        ind.net[-1].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    assert groups.tolist() == [0, 1, 2, 0, 1, 2]
+    _, parts = ddm_loss(eps_hat, noise, groups, ind, w_rec=0.7, w_ind=0.3)
+    assert parts["acc"].item() == pytest.approx(2 / 6, abs=1e-7)  # a float32 mean
+    assert parts["ind"].item() == pytest.approx(math.log(math.e + 2) - 2 / 6, rel=1e-6)
 
 
 def grads(module):

@@ -93,7 +93,18 @@ def test_spd_entropy_and_soft_fd_on_hand_made_logits():
     ind = torch.tensor([[0.0, 0.0]] * 3 + [[big, 0.0]])
     r = evaluate.evaluate_images(_indices(10), clf, groups=["a", "b"], indicator_logits=ind)
     assert r["indicator_entropy"] == pytest.approx(0.75 * math.log(2), abs=1e-6)
-    assert r["indicator_entropy"] == pytest.approx(mean_entropy(ind))
+    p = 1 / (1 + math.exp(-big))  # softmax(20, 0); its entropy by hand
+    assert r["indicator_entropy"] == pytest.approx((3 * math.log(2) - p * math.log(p) - (1 - p) * math.log(1 - p)) / 4,
+                                                   rel=1e-12)
+
+
+def test_spd_is_max_minus_min_over_all_k_groups():
+    a, b, c = [20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0]
+    # requested a for images 0-3 (2 right), b for 4-7 (3 right), c for 8-11 (none right)
+    clf = FixedClassifier(torch.tensor([a, a, b, b] + [b, b, b, a] + [a, b, a, b]), ["a", "b", "c"])
+    r = evaluate.evaluate_images(_indices(12), clf, requested=["a"] * 4 + ["b"] * 4 + ["c"] * 4)
+    assert r["success_rates"] == {"a": 0.5, "b": 0.75, "c": 0.0}
+    assert r["spd"] == 0.75  # b's 0.75 minus c's 0: the third group sets the minimum
 
 
 def test_frechet_distance_closed_form_and_on_real_digits(trained, heldout):

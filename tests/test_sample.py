@@ -22,7 +22,13 @@ def test_schedules_are_float64_and_equal_diffusers_alphas_cumprod():
     assert ours.dtype == torch.float64 and ours.shape == (1000,)
     theirs = DDIMScheduler(**SD_SCHEDULER).alphas_cumprod
     assert (ours - theirs.double()).abs().max() < F32
-    assert (sample.alphas_cumprod(sample.scaled_linear_betas()) == ours).all()
+    # the closed form in float64, one Python float at a time: β_i = (√β_0 + i/999 (√β_999 − √β_0))², ᾱ_t = ∏(1 − β_i)
+    b0, b1, product, by_hand = 0.00085 ** 0.5, 0.012 ** 0.5, 1.0, []
+    for i in range(1000):
+        product *= 1 - (b0 + i / 999 * (b1 - b0)) ** 2
+        by_hand.append(product)
+    assert (ours - torch.tensor(by_hand, dtype=torch.float64)).abs().max() < 1e-15
+    assert ours[0] == pytest.approx(0.99915, abs=1e-15) and ours[-1] == pytest.approx(0.0046601, abs=1e-7)
     linear = sample.alphas_cumprod(sample.linear_betas())
     assert linear.dtype == torch.float64
     assert (linear - DDPMScheduler(beta_schedule="linear").alphas_cumprod.double()).abs().max() < F32

@@ -1,5 +1,8 @@
 """train.py end to end on tiny models: the loss falls, resume is exact, torchrun's ranks agree, the export loads in
-diffusers with our outputs, LoRA trains only adapters, w_ind = 0 is plain fine-tuning, bad input stops early."""
+diffusers with our outputs, LoRA trains only adapters, w_ind = 0 is plain fine-tuning, bad input stops early; and
+single steps watched through torch's global hooks (StepRecorder): clipping and AdamW's weight decay, cached
+posteriors, gradient checkpointing. test_train_parity.py checks the step's loss and gradients against diffusers."""
+import collections
 import json
 import os
 import re
@@ -13,12 +16,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import checkpoints
+import data
 import ddm
 import sample
 import train
+from clip_text import CLIPTextModel
 from data import ImageFolder
+from ddm import Indicator
+from unet import ResBlock, UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -65,18 +74,18 @@ def data_dir(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data") / "d")
 
 
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    """A tiny random SD pipeline folder written by diffusers/transformers themselves."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def write_tiny_sd(root, prediction_type=None):
+    """A tiny random SD pipeline folder written by diffusers/transformers themselves; with `prediction_type`, also
+    the scheduler/ folder of SD's DDPM schedule predicting that."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    root = tmp_path_factory.mktemp("sd")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         UNet2DConditionModel(
             sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=2).save_pretrained(root / "unet")
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=2).save_pretrained(root / "unet")
         AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                       up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
                       sample_size=RES).save_pretrained(root / "vae")
@@ -84,7 +93,16 @@ def sd_dir(tmp_path_factory):
                                      intermediate_size=64, max_position_embeddings=77)).save_pretrained(
             root / "text_encoder")
     write_sd_tokenizer(root / "tokenizer")
+    if prediction_type:
+        DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type=prediction_type).save_pretrained(root / "scheduler")
     return root
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    """A tiny random SD pipeline folder written by diffusers/transformers themselves."""
+    return write_tiny_sd(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +155,56 @@ def log_lines(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+def assert_images_have_content(images, scale=255):
+    """Generated images (B, H, W, 3), values in [0, scale]: finite, none of them flat, and not all alike."""
+    x = torch.as_tensor(np.asarray(images)).double().flatten(1)
+    assert torch.isfinite(x).all()
+    spread = x.max(1).values - x.min(1).values
+    assert (spread > 0.05 * scale).all(), f"flat images: value ranges {spread.tolist()} of {scale}"
+    if len(x) > 1:
+        assert (x - x[0]).abs().amax(1)[1:].min() > 0.05 * scale, "images that should differ are (nearly) equal"
+
+
+class StepRecorder:
+    """What a `train.train` run inside this `with` block did, seen through torch's global hooks only: the networks
+    it called (the last UNet, text encoder and indicator), calls counted by module class (a pre-hook, so a call
+    counts even when a checkpoint's recomputation stops early inside the module), and at every optimizer step the
+    trained parameters' values before the update and their gradients after clipping, by name ("unet.<name>",
+    "text_encoder.<name>", "indicator.<name>")."""
+
+    def __init__(self):
+        self.modules, self.calls, self.steps = {}, collections.Counter(), []
+
+    def __enter__(self):
+        self._handles = [register_module_forward_pre_hook(self._on_call),
+                         register_module_forward_hook(self._on_forward),
+                         register_optimizer_step_pre_hook(self._on_step)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    def _on_call(self, module, args):
+        self.calls[type(module)] += 1
+
+    def _on_forward(self, module, args, output):
+        for name, cls in (("unet", UNet), ("text_encoder", CLIPTextModel), ("indicator", Indicator)):
+            if isinstance(module, cls):
+                self.modules[name] = module
+
+    def _on_step(self, optimizer, args, kwargs):
+        names = {id(p): f"{prefix}.{n}" for prefix, m in self.modules.items() for n, p in m.named_parameters()}
+        self.steps.append({names[id(p)]: (p.detach().clone(), p.grad.detach().clone())
+                           for group in optimizer.param_groups for p in group["params"]})
+
+    def grads(self, step=-1):
+        return {k: g for k, (_, g) in self.steps[step].items()}
+
+    def values(self, step=-1):
+        return {k: v for k, (v, _) in self.steps[step].items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -154,6 +222,9 @@ def test_fine_tune_reduces_the_loss_and_the_run_directory_loads_for_sampling(ful
     images = sample.generate(trained, ["a red square", "a blue square"], [0, 1], steps=2, height=RES, width=RES,
                              progress=False)
     assert images.shape == (2, RES, RES, 3) and images.dtype == torch.uint8
+    assert_images_have_content(images)
+    again = sample.generate(trained, ["a blue square"], [1], steps=2, height=RES, width=RES, progress=False)
+    assert torch.equal(again[0], images[1])  # image k depends on (prompt k, seed k) only
 
 
 def test_killed_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(lora_run, sd_dir, data_dir, tmp_path):
@@ -237,8 +308,11 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir
         assert pipe.tokenizer(["a red square", "a blue square!"], padding="max_length", max_length=77).input_ids \
             == ids.tolist()
         assert pipe.tokenizer.model_max_length == 77
-    image = pipe("a red square", num_inference_steps=2, height=RES, width=RES, output_type="np").images
-    assert image.shape == (1, RES, RES, 3)
+    images = [pipe(["a red square", "a blue square"], num_inference_steps=2, height=RES, width=RES, output_type="np",
+                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images for _ in range(2)]
+    assert images[0].shape == (2, RES, RES, 3)
+    assert_images_have_content(images[0], scale=1.0)
+    assert np.array_equal(images[0], images[1])  # equal seeds, equal images
     with pytest.raises(FileExistsError, match="exists"):
         train.train(["--model", str(lora_run), "--export", str(tmp_path / lora_run.name)])
     with pytest.raises(FileExistsError, match="exists"):  # refused before training, not after it
@@ -259,17 +333,26 @@ def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_di
     assert set(checkpoint_files(scratch)) == {"unet.safetensors", "text_encoder.safetensors", "indicator.safetensors"}
     from_scratch = sample.load_models(scratch / "base")  # the initial models; the VAE is the one --vae named
     assert_same_tensors({"vae": from_scratch.vae.state_dict()}, {"vae": sample.load_models(sd_dir).vae.state_dict()})
-    for k in range(2):
-        assert Image.open(scratch / "validation" / "step_000002" / f"{k:02d}.png").size == (RES, RES)
+    validation = np.stack([np.asarray(Image.open(scratch / "validation" / "step_000002" / f"{k:02d}.png"))
+                           for k in range(2)])
+    assert validation.shape == (2, RES, RES, 3)
+    assert_images_have_content(validation)
+    # ... and they are what the saved final weights generate for seeds 0 and 1
+    final = sample.generate(sample.load_models(scratch), ["a red square"] * 2, [0, 1], steps=2, height=RES, width=RES,
+                            progress=False)
+    assert np.array_equal(final.numpy(), validation)
 
     tuned = train.train(["--model", str(scratch), "--data", str(data_dir), "--out", str(tmp_path / "tuned"),
                          "--lora-rank", "4", "--max-steps", "1", *FAST])
     base, run = sample.load_models(scratch), sample.load_run(tuned, merge=False)
     plain = {k: v for k, v in run.models.unet.state_dict().items() if ".lora_" not in k}
     assert_same_tensors({"unet": plain}, {"unet": base.unet.state_dict()})
-    images = sample.generate(sample.load_models(tuned), ["a blue square"], [3], steps=2, height=RES, width=RES,
-                             progress=False)
-    assert images.shape == (1, RES, RES, 3)
+    tuned_models = sample.load_models(tuned)
+    images = [sample.generate(tuned_models, ["a blue square"] * 2, [3, 4], steps=2, height=RES, width=RES,
+                              progress=False) for _ in range(2)]
+    assert images[0].shape == (2, RES, RES, 3)
+    assert_images_have_content(images[0])
+    assert torch.equal(images[0], images[1])
 
 
 def test_torchrun_two_processes_end_with_equal_weights(sd_dir, data_dir, tmp_path):
@@ -416,3 +499,131 @@ def test_plain_indicator_trains_the_unet_exactly_as_plain_fine_tuning(sd_dir, da
     a, b = checkpoint_files(plain), checkpoint_files(guided)
     assert_same_tensors({"unet": a["unet.safetensors"]}, {"unet": b["unet.safetensors"]})
     assert "indicator.safetensors" in b and all(r["ind"] > 0 for r in log_lines(guided))
+
+
+# ---- one step of the loop, observed from outside -----------------------------------------------------------------
+
+
+def data_order(n, batch_size, seed, rank, world, count):
+    """The one call into train.py's data order (re-point it when that moves): the dataset indices of this rank's
+    first `count` micro-batches."""
+    it = iter(data.MicroBatchIndices(n, batch_size, seed, 0, rank, world))
+    return [next(it) for _ in range(count)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_read_disjoint_shares_that_cover_each_epoch(world):
+    n, batch, seed = 13, 2, 5
+    per_epoch = n // (batch * world)  # global micro-batches per epoch; the remainder of the permutation is dropped
+    ranks = [data_order(n, batch, seed, r, world, 2 * per_epoch) for r in range(world)]
+    one_process = data_order(n, batch * world, seed, 0, 1, 2 * per_epoch)
+    for m in range(2 * per_epoch):  # global micro-batch m is the one-process batch of world x batch, split by rank
+        assert sum((ranks[r][m] for r in range(world)), []) == one_process[m]
+    for epoch in range(2):
+        seen = [i for r in range(world) for b in ranks[r][epoch * per_epoch:(epoch + 1) * per_epoch] for i in b]
+        assert len(seen) == len(set(seen)) == per_epoch * batch * world  # disjoint, nothing read twice
+        assert set(seen) <= set(range(n))
+    assert one_process[:per_epoch] != one_process[per_epoch:]  # a new permutation every epoch
+
+
+def test_load_run_applies_the_runs_lora_alpha(sd_dir, data_dir, tmp_path):
+    run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                       "--lora-rank", "4", "--lora-alpha", "6", "--max-steps", "1", *FAST])
+    adapters = load_file(checkpoints.latest_checkpoint(run) / "unet_lora.safetensors")
+    base = sample.load_models(sd_dir).unet.state_dict()
+    merged = sample.load_models(run).unet.state_dict()  # through load_run, LoRA merged
+    names = sorted({k.rsplit(".", 1)[0] for k in adapters})
+    assert names and json.loads((run / "run.json").read_text())["config"]["lora_alpha"] == 6
+    for name in names:  # W = W0 + (alpha / r) B A (Hu et al. 2021, §4.1), alpha = 6, r = 4
+        delta = 6 / 4 * adapters[f"{name}.lora_B"] @ adapters[f"{name}.lora_A"]
+        assert delta.abs().max() > 1e-5  # a wrong alpha would move W by more than the tolerance below
+        torch.testing.assert_close(merged[f"{name}.weight"], base[f"{name}.weight"] + delta, atol=2e-7, rtol=0)
+
+
+def test_cached_latents_train_the_same_step_as_encoding_each_batch(sd_dir, data_dir, tmp_path):
+    grads, logs = {}, {}
+    for cache in (False, True):
+        with StepRecorder() as rec:
+            run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / str(cache)),
+                               "--lora-rank", "4", "--max-steps", "1", *FAST] + ["--cache-latents"] * cache)
+        grads[cache], logs[cache] = rec.grads(0), log_lines(run)[0]
+    # the cache encodes the images in other batches than the loop does: float32 rounding apart, the same step
+    assert logs[True]["loss"] == pytest.approx(logs[False]["loss"], rel=1e-5)
+    assert grads[True].keys() == grads[False].keys()
+    for k, g in grads[False].items():
+        torch.testing.assert_close(grads[True][k], g, atol=1e-4 * g.abs().max().item(), rtol=0)
+
+
+def test_export_writes_the_schedule_and_prediction_type_the_model_trained_with(sd_dir, tmp_path):
+    from diffusers import DDPMScheduler
+    schedules = {"sd_epsilon": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+                 "sd_v": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction"),
+                 "ddpm_linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)}
+    for name, config in schedules.items():
+        base = tmp_path / name
+        base.mkdir()
+        for part in ("unet", "vae", "text_encoder", "tokenizer"):
+            (base / part).symlink_to(sd_dir / part, target_is_directory=True)
+        DDPMScheduler(num_train_timesteps=1000, **config).save_pretrained(base / "scheduler")
+        export = train.train(["--model", str(base), "--export", str(tmp_path / f"{name}_export")])
+        trained = sample.load_models(base)  # the schedule train.py trains this base with
+        exported = DDPMScheduler.from_pretrained(export, subfolder="scheduler")
+        assert exported.config.prediction_type == trained.prediction_type == config.get("prediction_type", "epsilon")
+        assert (exported.alphas_cumprod.double() - trained.alphas_cumprod).abs().max() < 1e-6, name
+        again = sample.load_models(export)  # ... and our own loader reads the export back the same
+        assert again.prediction_type == trained.prediction_type
+        assert (again.alphas_cumprod - trained.alphas_cumprod).abs().max() < 1e-12, name
+
+
+def test_gradient_checkpointing_recomputes_the_unet_blocks_in_backward(sd_dir, data_dir, tmp_path):
+    calls, grads = {}, {}
+    for ckpt in (False, True):
+        with StepRecorder() as rec:
+            train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / str(ckpt)),
+                         "--lora-rank", "0", "--max-steps", "1", *FAST, "--grad-accum", "1"]
+                        + ["--gradient-checkpointing"] * ckpt)
+        calls[ckpt], grads[ckpt] = rec.calls[ResBlock], rec.grads(0)
+    # The whole UNet is trained, so backward needs every block: each res block runs again (with LoRA, blocks before
+    # the first adapter need no backward and are not recomputed)
+    assert calls[False] > 0 and calls[True] == 2 * calls[False]
+    for k, g in grads[False].items():
+        torch.testing.assert_close(grads[True][k], g, atol=1e-6 * g.abs().max().item(), rtol=0)
+
+
+def test_clipping_and_weight_decay_each_change_one_step_as_adamw_says(sd_dir, data_dir, tmp_path):
+    lr, wd, eps = 1e-2, 0.5, 1e-8
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", "--max-steps", "1", *FAST,
+              "--lr", str(lr), "--adam-eps", str(eps)]
+    with StepRecorder() as free:
+        train.train([*common, "--out", str(tmp_path / "free"), "--max-grad-norm", "0", "--weight-decay", "0"])
+    def norms(grads):  # clipping is per network: the UNet (and text encoder) apart from the indicator
+        return {net: torch.cat([v.flatten() for k, v in grads.items() if k.startswith(net)]).norm().item()
+                for net in ("unet.", "indicator.")}
+
+    raw = norms(free.grads(0))
+    max_norm = raw["unet."] / 4
+    with StepRecorder() as rec:
+        run = train.train([*common, "--out", str(tmp_path / "run"), "--max-grad-norm", str(max_norm),
+                           "--weight-decay", str(wd)])
+    # clipping: each network's gradient keeps its direction at no more than max_norm (torch scales by
+    # max_norm / (norm + 1e-6) when the norm exceeds it); the log keeps the UNet's raw norm
+    assert log_lines(run)[0]["grad_norm"] == pytest.approx(raw["unet."], rel=1e-5)
+    g = rec.grads(0)
+    coef = {net: min(1.0, max_norm / (n + 1e-6)) for net, n in raw.items()}
+    assert coef["unet."] == pytest.approx(0.25, rel=1e-4)
+    for net, n in norms(g).items():
+        assert n == pytest.approx(raw[net] * coef[net], rel=1e-5), net
+    for k, v in free.grads(0).items():
+        c = coef["unet."] if k.startswith("unet.") else coef["indicator."]
+        torch.testing.assert_close(g[k], v * c, atol=1e-6 * v.abs().max().item(), rtol=1e-5)
+    # AdamW's first step (Loshchilov & Hutter 2019, Alg. 2; m̂ = g, v̂ = g²): p ← p (1 − lr·wd) − lr g / (|g| + eps)
+    saved = {f"unet.{k}": v for k, v in load_file(checkpoints.latest_checkpoint(run) / "unet_lora.safetensors").items()}
+    saved.update({f"indicator.{k}": v for k, v in
+                  load_file(checkpoints.latest_checkpoint(run) / "indicator.safetensors").items()})
+    assert saved.keys() == g.keys()
+    for k, p0 in rec.values(0).items():
+        expected = p0 * (1 - lr * wd) - lr * g[k] / (g[k].abs() + eps)
+        torch.testing.assert_close(saved[k], expected, atol=1e-7, rtol=1e-5)
+    decayed = [k for k, p0 in rec.values(0).items() if k.endswith("lora_A")]  # A != 0 and, at step 1, g_A = 0:
+    assert decayed and all(torch.equal(g[k], torch.zeros_like(g[k])) for k in decayed)  # only the decay moves A
