@@ -573,6 +573,11 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"evaluate.py: error: {e}")
     result["image_dirs"] = [str(d) for d in args.image_dirs]
+    return write_result(result, args)
+
+
+def write_result(result, args):
+    """evaluation.json (in the first folder unless --out) and the summary printed."""
     out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_result(result))
@@ -625,11 +630,7 @@ def main_clip(args, parser):
                   image_dirs=[str(d) for d in args.image_dirs])
     result["images"] = [{"file": str(p), "prompt": t, "label": attributes[int(q.argmax())], "probs": q.tolist(),
                          "clip_score": c} for p, t, q, c in zip(paths, prompts, probs, scores.tolist())]
-    out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_result(result))
-    print(f"wrote {out}")
-    return result
+    return write_result(result, args)
 
 
 def _attribute(group, attributes):
