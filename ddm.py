@@ -177,8 +177,8 @@ def indicator_weighted(b, indicator, hp):
         q = indicator(b.z0, torch.zeros_like(b.t)).float().softmax(1)
         w = importance_weights(q, b.group_shares, b.target_shares, hp.weight_clip)
     rec = weighted_mse(b, w)
-    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": ind, **accuracies(logits, b.groups),
-                                             "w_max": w.max()}
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups),
+                                             **accuracies(logits, b.groups), "w_max": w.max()}
 
 
 def plain_indicator(b, indicator, hp):
@@ -186,7 +186,12 @@ def plain_indicator(b, indicator, hp):
     (`sample.py --indicator RUN --indicator-guidance S`)."""
     rec = F.mse_loss(b.pred.float(), b.target.float())
     logits, ind = noise_aware_ce(b, indicator)
-    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": ind, **accuracies(logits, b.groups)}
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups), **accuracies(logits, b.groups)}
+
+
+def logged(value, groups):
+    """A part for the log: NaN (not measured, left out of the step's mean) when the batch has no labelled image."""
+    return value.detach() if (groups >= 0).any() else torch.full_like(value, float("nan"))
 
 
 def cross_entropy(logits, groups, weight=None, reduction="mean"):

@@ -587,6 +587,7 @@ def run(args):
         grids += [save_grid([panels[1 + args.methods.index("plain")], p], out / "grids" / f"plain_vs_{p[0]}_seed0.png")
                   for p in panels[1:] if p[0] != "plain"]
     timings["total"] = time.time() - t_start
+    timings["cpu"] = time.process_time()  # the process's CPU seconds: the budget, whatever else shares the machine
     report = {
         "paper": "Huang, Tsao, Su, Chiang 2025, Debiasing Diffusion Model, arXiv 2503.12536",
         "mode": "quick" if args.quick else "full", "sizes": dataclasses.asdict(sizes), "tiny_configs": TINY,
