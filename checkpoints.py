@@ -1,30 +1,39 @@
 """A train.py run directory and the diffusers export: everything training writes to disk and reads back.
 
-    run.json             the arguments, the configuration a resume must repeat (train.RESUME_FIELDS), the model
-                         configs, the group names, the base model (an absolute path, or "base" for a from-scratch run)
+    train.lock           an exclusive fcntl lock held by the one train.py writing the run (the file holds its pid)
+    run.json             the arguments, the configuration a resume must repeat (RESUME_FIELDS), the model configs,
+                         the group names, the base model (an absolute path, or "base" for a from-scratch run), and
+                         the data's fingerprint (a resume over changed data is refused)
     base/                from-scratch runs only: the initial random models as a diffusers folder
-    checkpoint-000500/   the latest checkpoint (written as checkpoint-000500.tmp/, then renamed; the older one is
-                         deleted only afterwards): unet[_lora].safetensors, text_encoder[_lora].safetensors when the
-                         text encoder is trained, indicator.safetensors when the objective has one (ddm.uses_indicator),
-                         optimizer.pt (AdamW and fp16 loss-scaler state, read back with weights_only=True),
-                         state.json (step, elapsed time, per-rank weight hashes)
+    checkpoint-000500/   the latest checkpoint (written as checkpoint-000500.tmp/, read back, renamed; the older one
+                         is deleted only afterwards): unet[_lora].safetensors, text_encoder[_lora].safetensors when
+                         the text encoder is trained, indicator.safetensors when the objective has one
+                         (ddm.uses_indicator), optimizer.pt (AdamW and fp16 loss-scaler state, read back with
+                         weights_only=True), state.json (step, elapsed time, per-rank weight hashes)
     log.jsonl            one line per step: step, loss, every part the objective reports, lr, grad_norm, time
     validation/step_000500/00.png …     with --validation-prompt
 
-`sample.load_run` reads a run back (its base model, the trained tensors, the indicator); `export_diffusers` writes
-any models as a diffusers StableDiffusionPipeline folder.
+Only these names are touched: a user's checkpoint-000500-bak/ or notes beside them stay as they are. A resume takes
+the newest checkpoint that reads whole, naming any broken one it passes over. No tensor that is NaN or infinite is
+ever written. `sample.load_run` reads a run back (its base model, the trained tensors, the indicator);
+`export_diffusers` writes any models as a diffusers StableDiffusionPipeline folder.
 """
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 import lora
 import weights
@@ -35,24 +44,179 @@ from vae import vae_diffusers_config, vae_to_diffusers
 
 UNET_LORA_TARGETS = ("to_q", "to_v")  # the authors' LoRA targets in the UNet attention
 TEXT_LORA_TARGETS = ("q_proj", "v_proj")  # ... and in the CLIP text encoder
+# The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
+# would train a different model.
+RESUME_FIELDS = ("model", "init_config", "vae", "data", "num_images", "group_names", "resolution", "batch_size",
+                 "grad_accum", "world_size", "lr", "indicator_lr", "weight_decay", "adam_betas", "adam_eps",
+                 "max_grad_norm", "lora_rank", "lora_alpha", "train_text_encoder", "caption_dropout", "cache_latents",
+                 "seed")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})(\.tmp)?")  # exactly what save_checkpoint writes
+LOCK_FILE = "train.lock"
+DATA_CHANGES = {"metadata.jsonl": "metadata.jsonl differs",
+                "images": "the images' names, sizes or modification times differ"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: every failure named by its path
+
+
+class WriteError(OSError):
+    """A write that failed: "no space left on PATH", or "cannot write PATH: reason"."""
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Any failed write in this block as one WriteError naming `path`. torch's writer reports a full disk as
+    "RuntimeError: [enforce fail at inline_container.cc]" with the OSError as its context, safetensors as
+    "SafetensorError: ... (os error 28)"; both are read back to their errno here."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError) and not isinstance(e, SafetensorError):
+            raise  # a RuntimeError that is not about the disk
+        found = re.search(r"os error (\d+)", str(e))
+        code = cause.errno if isinstance(cause, OSError) else int(found[1]) if found else None
+        if code == errno.ENOSPC:
+            raise WriteError(f"no space left on {path}") from e
+        raise WriteError(f"cannot write {path}: {os.strerror(code) if code else e}") from e
+
+
+def write_text(path, text):
+    with writing(path):
+        path.write_text(text)
+
+
+def write_atomic(path, text):
+    """Write a text file atomically (PATH.tmp, then a rename): a reader sees the old file or the new one, never half
+    of one. A failed write leaves no PATH.tmp behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write_text(tmp, text)
+        with writing(path):
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, obj):
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def save_tensors(tensors, path):
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    with writing(path):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def save_torch(obj, path):
+    """torch.save through a Python file, so that a failed write carries its OSError (torch's own writer drops it)."""
+    with writing(path), open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory: one writer, its configuration, its data, its log
+
+
+def run_dir_of(out, resume):
+    """The run directory that --out (a new run) or --resume names; ValueError for neither, or two different ones."""
+    if not out and not resume:
+        raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR)")
+    if out and resume and Path(out).resolve() != Path(resume).resolve():
+        raise ValueError(f"--out {out} and --resume {resume} name different run directories")
+    return Path(resume or out)
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir, new):
+    """Hold an exclusive lock on RUN_DIR/train.lock for the whole run: a second train.py (a new run or a resume) on
+    the same directory is refused, naming the holder's pid. A new run's directory is created here, and removed again
+    (with the folders created for it) if the run ends before it wrote run.json."""
+    run_dir, path = Path(run_dir), Path(run_dir) / LOCK_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir} is a file, not a run directory")
+    if not path.exists():  # a folder that is not a run directory (yet) is touched only when it is empty
+        if new:
+            _check_new(run_dir)
+        else:
+            read_run_json(run_dir)  # a run directory, readable
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()] if new else []  # deepest first
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    import fcntl  # POSIX only, and only here: sample.py imports this file on any system
+    while True:
+        with writing(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(f"{run_dir} is in use by another train.py (pid {holder}); wait for it to end, "
+                                  f"or choose another directory") from None
+        if path.exists() and os.path.samestat(os.fstat(fd), path.stat()):
+            break
+        os.close(fd)  # the holder removed the file as it ended, after we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield run_dir
+    finally:
+        if new and not (run_dir / "run.json").exists():  # nothing of a run: leave nothing (a retry starts clean)
+            path.unlink(missing_ok=True)
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+        os.close(fd)
+
+
+def _check_new(run_dir):
+    """FileExistsError unless a new run's directory is absent or empty (but for the lock of a run that never wrote
+    run.json)."""
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume it")
 
 
 def read_run_json(run_dir):
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a train.py run directory (no run.json)")
-    return json.loads(path.read_text())
+    info = weights.read_json(path)
+    for key, kind, what in (("config", dict, "an object"), ("base", str, "a string")):
+        if not isinstance(info.get(key), kind):
+            raise weights.CheckpointError(f"{path}: field '{key}' must be {what}")
+    return info
+
+
+def run_config(args, data, world_size, init_config):
+    """The values a resume must match, with paths made absolute and the init config (its JSON) inlined."""
+    c = {k: getattr(args, k, None) for k in RESUME_FIELDS + tuple(args.objective_fields)}
+    c.update(model=str(Path(args.model).resolve()) if args.model else None, init_config=init_config,
+             vae=str(Path(args.vae).resolve()) if args.vae else None, data=str(Path(args.data).resolve()),
+             num_images=len(data), group_names=list(data.group_names), world_size=world_size)
+    return c
+
+
+def data_fingerprint(data):
+    """What an exact resume needs unchanged in an ImageFolder: sha256 of metadata.jsonl, and of every image's path,
+    size and modification time (hashing the pixels of a large folder would cost minutes at every resume)."""
+    images = hashlib.sha256()
+    for f in data.files:
+        st = f.stat()
+        images.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"metadata.jsonl": hashlib.sha256((data.root / "metadata.jsonl").read_bytes()).hexdigest(),
+            "images": images.hexdigest()}
 
 
 def base_path(run_dir, info):
@@ -60,25 +224,33 @@ def base_path(run_dir, info):
     return Path(run_dir) / "base" if info["base"] == "base" else Path(info["base"])
 
 
-def write_run(run_dir, config, models, latent_shape, args):
-    """A new run directory: base/ for a from-scratch run, and run.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def write_run(run_dir, config, models, latent_shape, args, data):
+    """A new run directory: base/ for a from-scratch run, and run.json. A failed write leaves neither behind."""
     from_scratch = config["init_config"] is not None
-    if from_scratch:
-        export_diffusers(models, run_dir / "base")
-    write_json(run_dir / "run.json", {
-        "format": "ddm-run/1", "config": config, "base": "base" if from_scratch else config["model"],
-        "latent_shape": list(latent_shape), "prediction_type": models.prediction_type, "args": args,
-        "model_configs": {k: dataclasses.asdict(getattr(models, k).config) for k in ("unet", "vae", "text_encoder")},
-        "versions": {"torch": torch.__version__}, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    configs = {k: dataclasses.asdict(getattr(models, k).config) for k in ("unet", "vae", "text_encoder")}
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if from_scratch:
+            export_diffusers(models, run_dir / "base")
+        write_json(run_dir / "run.json", {
+            "format": "ddm-run/1", "config": config, "base": "base" if from_scratch else config["model"],
+            "latent_shape": list(latent_shape), "prediction_type": models.prediction_type, "args": args,
+            "model_configs": configs,
+            "data": data_fingerprint(data), "versions": {"torch": torch.__version__},
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    except BaseException:
+        if from_scratch:  # the directory was empty: base/ is ours
+            shutil.rmtree(run_dir / "base", ignore_errors=True)
+        raise
 
 
-def check_run_dir(run_dir, config, resume):
-    """(latest checkpoint, base model) of a run to resume, after checking that it was started with this
-    configuration; (None, None) for a new run, whose directory must be empty or absent."""
+def check_run_dir(run_dir, config, data, *, resume, allow_data_change=False, device="cpu", say=True):
+    """(checkpoint to resume, as read_checkpoint returns it, or None; base model) of a run started with this
+    configuration and this data (an ImageFolder, compared by data_fingerprint); (None, None) for a new run, whose
+    directory must be empty or absent (a train.lock aside)."""
     if not resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume it")
+        _check_new(run_dir)
         return None, None
     info = read_run_json(run_dir)
     for field, value in config.items():
@@ -87,7 +259,18 @@ def check_run_dir(run_dir, config, resume):
             raise ValueError(f"--resume {run_dir}: the run was started with {field}={stored!r}, now {field}="
                              f"{value!r}; resume with the same arguments (only --max-steps, checkpoint/validation/"
                              f"hardware flags may change)")
-    return latest_checkpoint(run_dir), base_path(run_dir, info)
+    now = data_fingerprint(data)
+    stored = info.get("data", now)  # runs before the fingerprint have none
+    changed = " and ".join(DATA_CHANGES[k] for k in DATA_CHANGES if stored.get(k) != now[k])
+    if changed and not allow_data_change:
+        raise ValueError(f"--resume {run_dir}: the data in {config['data']} changed since the run started "
+                         f"({changed}); an exact resume needs the same data: restore it, or pass "
+                         f"--allow-data-change to go on with the data as it is now")
+    if changed and say:
+        print(f"warning: the data changed since the run started ({changed}); going on with it",
+              file=sys.stderr)
+    ckpt = newest_checkpoint(run_dir, checkpoint_files(config), optimizer_device=device, say=say)
+    return ckpt, base_path(run_dir, info)
 
 
 def open_log(run_dir, step):
@@ -96,14 +279,24 @@ def open_log(run_dir, step):
     old = path.read_text().splitlines() if path.exists() else []
     if old and not old[-1].endswith("}"):
         old.pop()
-    path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
-    return open(path, "a")
+    kept = []
+    for n, line in enumerate(old, start=1):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}, line {n}: not a log record (a JSON object with a 'step')") from None
+    write_atomic(path, "".join(kept))
+    with writing(path):
+        return open(path, "a")
 
 
 def log_step(log, record):
     """One line of log.jsonl; NaN (a part not measured) is written as null."""
-    log.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}) + "\n")
-    log.flush()
+    with writing(log.name):
+        log.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()})
+                  + "\n")
+        log.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,6 +326,11 @@ def checkpoint_parts(unet, text_encoder, indicator, config):
     return parts
 
 
+def checkpoint_files(config):
+    """The .safetensors files a checkpoint of a run with this configuration holds."""
+    return [file for file, _, _ in checkpoint_parts(None, None, None, config)]
+
+
 def checkpoint_tensors(unet, text_encoder, indicator, config):
     """{file name: state dict} of a checkpoint: the adapters with LoRA, all the weights without."""
     return {file: lora.lora_state_dict(model) if rank > 0 else model.state_dict()
@@ -149,28 +347,126 @@ def fingerprint(tensors):
     return h.hexdigest()
 
 
+def _checkpoint_dirs(run_dir):
+    """[(step, folder, finished)] of the folders save_checkpoint writes, oldest first: checkpoint-NNNNNN, and
+    checkpoint-NNNNNN.tmp (finished False) that an interrupted save left. No other name: checkpoint-000002-bak/
+    or checkpoint-mine/ is the user's."""
+    found = []
+    for p in Path(run_dir).iterdir():
+        m = CHECKPOINT_NAME.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            found.append((int(m[1]), p, m[2] is None))
+    return sorted(found)
+
+
 def latest_checkpoint(run_dir):
     """The newest complete checkpoint directory (a *.tmp one was interrupted and does not count), or None."""
-    done = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+    done = [p for _, p, finished in _checkpoint_dirs(run_dir) if finished]
+    return done[-1] if done else None
+
+
+def _non_finite(tensors, optimizer_state=None):
+    """'FILE: NAME' of the first tensor holding NaN or ±inf in {file: state dict} (and the optimizer's state), or
+    None."""
+    named = [(f"{file}: {name}", t) for file, sd in tensors.items() for name, t in sd.items()]
+    if optimizer_state is not None:
+        named += [(f"optimizer.pt: state {i} {name}", t) for i, s in optimizer_state["state"].items()
+                  for name, t in s.items()]
+    return next((name for name, t in named if torch.is_tensor(t) and t.is_floating_point()
+                 and not torch.isfinite(t).all()), None)
+
+
+def _read_optimizer(path, device, mmap=False):
+    """optimizer.pt's {"optimizer", "scaler"}; CheckpointError naming the file when it does not read."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as e:  # cut short (no zip directory), another format, ...: all name the file
+        raise weights.CheckpointError(f"cannot read {path}: {str(e).split('. ')[0]}") from e
+    if not isinstance(state, dict) or not {"optimizer", "scaler"} <= state.keys():
+        raise weights.CheckpointError(f"{path}: not a train.py optimizer.pt")
+    return state
+
+
+def read_checkpoint(ckpt, files, optimizer_device=None):
+    """A checkpoint folder read whole: {"path", "step", "elapsed", "tensors": {file: state dict}, "optimizer":
+    optimizer.pt's dict, only when read onto `optimizer_device`}. CheckpointError (or FileNotFoundError) naming
+    the file that is missing, cut short, or holds a tensor that is not finite."""
+    ckpt = Path(ckpt)
+    state = weights.read_json(ckpt / "state.json")
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("elapsed"), (int, float)):
+        raise weights.CheckpointError(f"{ckpt / 'state.json'}: needs an integer 'step' and a number 'elapsed'")
+    tensors = {file: weights.read_state_dict(ckpt / file) for file in files}
+    bad = _non_finite(tensors)
+    if bad:
+        raise weights.CheckpointError(f"{ckpt}/{bad} is not finite")
+    optimizer = None if optimizer_device is None else _read_optimizer(ckpt / "optimizer.pt", optimizer_device)
+    return {"path": ckpt, "step": state["step"], "elapsed": state["elapsed"], "tensors": tensors,
+            "optimizer": optimizer}
+
+
+def newest_checkpoint(run_dir, files, optimizer_device=None, say=True):
+    """read_checkpoint of the newest checkpoint that reads, passing over broken ones and naming them on stderr;
+    None for a run without checkpoints; CheckpointError naming every broken file when none reads."""
+    broken = []
+    for _, path, finished in reversed(_checkpoint_dirs(run_dir)):
+        if finished:
+            try:
+                ckpt = read_checkpoint(path, files, optimizer_device)
+            except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+                broken.append(str(e))
+                continue
+            if broken and say:
+                print(f"warning: {'; '.join(broken)}; falling back to {path.name}", file=sys.stderr)
+            return ckpt
+    if broken:
+        raise weights.CheckpointError(f"{'; '.join(broken)}; no checkpoint of {run_dir} reads (move the broken one "
+                                      f"away to start again from step 0)")
+    return None
+
+
+def _check_read_back(tmp, tensors):
+    """Read a checkpoint just written back whole; CheckpointError unless every tensor is as written."""
+    try:
+        back = read_checkpoint(tmp, list(tensors))
+        _read_optimizer(tmp / "optimizer.pt", "cpu", mmap=True)  # its structure; the tensors stay on disk
+        for file, sd in tensors.items():
+            differs = [k for k in sd if k not in back["tensors"][file]
+                       or not torch.equal(back["tensors"][file][k], sd[k].detach().cpu())]
+            if differs or back["tensors"][file].keys() != sd.keys():
+                raise weights.CheckpointError(f"{tmp / file}: tensor {(differs or ['names'])[0]} differs")
+    except (ValueError, OSError) as e:
+        raise weights.CheckpointError(f"{tmp.name[:-4]} does not read back as written, so it was not kept (the older "
+                                      f"checkpoints are): {e}") from e
 
 
 def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra):
-    """checkpoint-STEP.tmp/ filled and fsynced, renamed to checkpoint-STEP/, then older checkpoints deleted."""
+    """checkpoint-STEP.tmp/ filled, fsynced and read back whole, renamed to checkpoint-STEP/, and only then the
+    older checkpoints deleted. A NaN or infinite tensor is never written: FloatingPointError naming it."""
+    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}
+    bad = _non_finite(tensors, state["optimizer"])
+    if bad:
+        raise FloatingPointError(f"{bad} is not finite at step {step}: no checkpoint written")
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f"checkpoint-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for file, state_dict in tensors.items():
-        save_tensors(state_dict, tmp / file)
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-               tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=1) + "\n")
-    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save of this step (the name is ours alone)
+    with writing(tmp):
+        tmp.mkdir()
+    try:
+        for file, state_dict in tensors.items():
+            save_tensors(state_dict, tmp / file)
+        save_torch(state, tmp / "optimizer.pt")
+        write_text(tmp / "state.json", json.dumps({"step": step, **extra}, indent=1) + "\n")
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            _fsync(f)
+        _check_read_back(tmp, tensors)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a broken checkpoint of this step that the resume passed over
+        shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in run_dir.glob("checkpoint-*"):
+    _fsync(run_dir)
+    for _, old, _ in _checkpoint_dirs(run_dir):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -188,25 +484,25 @@ def _load_whole(model, state_dict, name):
 
 
 def load_checkpoint_weights(ckpt, unet, text_encoder, indicator, config):
-    """Copy a checkpoint's trained tensors into models built (and LoRA-injected) as the run built them."""
+    """Copy a checkpoint's trained tensors (read_checkpoint) into models built (and LoRA-injected) as the run built
+    them."""
     for file, model, rank in checkpoint_parts(unet, text_encoder, indicator, config):
-        state_dict = load_file(ckpt / file)
         if rank > 0:
-            lora.load_lora_state_dict(model, state_dict)
+            lora.load_lora_state_dict(model, ckpt["tensors"][file])
         else:
-            _load_whole(model, state_dict, str(ckpt / file))
+            _load_whole(model, ckpt["tensors"][file], str(ckpt["path"] / file))
 
 
 def load_checkpoint(ckpt, unet, text_encoder, indicator, config, optimizer, scaler):
-    """Resume from a checkpoint: the trained tensors, the optimizer and loss-scaler state; returns (step, elapsed)."""
+    """Resume from a checkpoint (read_checkpoint with the optimizer): the trained tensors, the optimizer and
+    loss-scaler state; returns (step, elapsed, its folder), or (0, 0.0, None) for ckpt None (a run from step 0)."""
+    if ckpt is None:
+        return 0, 0.0, None
     load_checkpoint_weights(ckpt, unet, text_encoder, indicator, config)
-    device = next(p.device for group in optimizer.param_groups for p in group["params"])
-    state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    progress = json.loads((ckpt / "state.json").read_text())
-    return progress["step"], progress["elapsed"]
+    optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+    if scaler is not None and ckpt["optimizer"]["scaler"]:
+        scaler.load_state_dict(ckpt["optimizer"]["scaler"])
+    return ckpt["step"], ckpt["elapsed"], ckpt["path"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,19 +550,42 @@ def write_tokenizer(tokenizer, folder):
         "bos_token": tokenizer.decoder[tokenizer.start_id], "eos_token": end, "unk_token": end, "pad_token": end})
 
 
+def check_export(out_dir):
+    """Refuse an export folder that exists, or whose DIR.tmp does: neither was written by this export (None: no
+    export)."""
+    if out_dir is None:
+        return
+    out_dir = Path(out_dir)
+    for p in (out_dir, out_dir.with_name(out_dir.name + ".tmp")):
+        if p.exists() or p.is_symlink():
+            raise FileExistsError(f"--export {out_dir}: {p} exists; choose a new folder, or move it away")
+
+
 def export_diffusers(models, out_dir):
     """Write `models` (LoRA merged) as a diffusers StableDiffusionPipeline folder, atomically (DIR.tmp, rename)."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"--export {out_dir} exists; choose a new folder")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_export(out_dir)
     parts = {"unet": (models.unet, "diffusion_pytorch_model.safetensors"),
              "vae": (models.vae, "diffusion_pytorch_model.safetensors"),
              "text_encoder": (models.text_encoder, "model.safetensors")}
-    for name, (model, filename) in parts.items():
+    for name, (model, _) in parts.items():
         if any(isinstance(m, lora.LoRALinear) for m in model.modules()):
             raise ValueError(f"export needs merged models: the {name} still has LoRA adapters (lora.merge_lora)")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    with writing(tmp):
+        tmp.mkdir(parents=True)  # fails if it appeared since check_export: then it is not ours to delete
+    try:
+        with writing(tmp):  # what is written below without a name of its own (folders) is named by the export's
+            _write_diffusers(models, parts, tmp)
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_diffusers(models, parts, tmp):
+    for name, (model, filename) in parts.items():
         sd, cfg = {k: v.float() for k, v in model.state_dict().items()}, model.config
         if name == "unet":
             sd, config = weights.rename(sd, unet_diffusers_names(cfg)), unet_diffusers_config(cfg)
@@ -274,12 +593,10 @@ def export_diffusers(models, out_dir):
             sd, config = vae_to_diffusers(sd, cfg), vae_diffusers_config(cfg)
         else:
             config = text_encoder_hf_config(cfg)
-        (tmp / name).mkdir(parents=True)
+        (tmp / name).mkdir()
         save_tensors(sd, tmp / name / filename)
         write_json(tmp / name / "config.json", config)
     write_tokenizer(models.tokenizer, tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
     write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(models))
     write_json(tmp / "model_index.json", MODEL_INDEX)
-    os.replace(tmp, out_dir)
-    return out_dir

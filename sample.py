@@ -360,7 +360,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
     run_dir = Path(run_dir)
     info = checkpoints.read_run_json(run_dir)
     config = info["config"]
-    ckpt = checkpoints.latest_checkpoint(run_dir)
+    ckpt = checkpoints.newest_checkpoint(run_dir, checkpoints.checkpoint_files(config))  # passes over broken ones
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} holds no finished checkpoint yet")
     models = load_models(checkpoints.base_path(run_dir, info))
@@ -376,8 +376,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
                 lora.merge_lora(m)
             m.requires_grad_(False).to(device, dtype).eval()
     models.vae.to(device, dtype)
-    step = json.loads((ckpt / "state.json").read_text())["step"]
-    return Run(models, indicator, config["group_names"], step, info)
+    return Run(models, indicator, config["group_names"], ckpt["step"], info)
 
 
 def read_init_config(path):

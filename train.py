@@ -21,10 +21,9 @@ seeded random models (sample.models_from_config) trained by this same loop.
 Determinism: a step is one optimizer update over --grad-accum micro-batches per process. The data order is
 data.MicroBatchIndices; a micro-batch's posterior sample, noise, timesteps and caption dropout come from a generator
 seeded by (seed, step, micro, rank). So on CPU a killed and resumed run ends bit for bit where an uninterrupted one
-does. The run directory is described in checkpoints.py. A NaN/inf loss stops the run naming the step.
+does. checkpoints.py describes the run directory. A NaN/inf loss, gradient or updated weight stops the run at its step.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -43,12 +42,6 @@ import sample
 from data import ImageFolder, MicroBatchIndices, derive_seed, encode_dataset, micro_batches
 
 N_TRAIN_TIMESTEPS = 1000  # SD's DDPM schedule length; t ~ U{0, ..., 999}
-# The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
-# would train a different model.
-RESUME_FIELDS = ("model", "init_config", "vae", "data", "num_images", "group_names", "resolution", "batch_size",
-                 "grad_accum", "world_size", "lr", "indicator_lr", "weight_decay", "adam_betas", "adam_eps",
-                 "max_grad_norm", "lora_rank", "lora_alpha", "train_text_encoder", "caption_dropout", "cache_latents",
-                 "seed")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,14 +98,15 @@ class Trainer:
         # ---- everything that can be wrong is checked before anything is written
         self.data = data = ImageFolder(args.data, args.resolution)  # validates every metadata line and image
         self.target_shares = ddm.parse_target(args.target, data.group_names)
-        if args.export and Path(args.export).exists():  # not only after hours of training
-            raise FileExistsError(f"--export {args.export} exists; choose a new folder")
+        checkpoints.check_export(args.export)  # not only after hours of training
         self.run_dir = run_dir = Path(args.resume or args.out)
         from_scratch = args.init_config is not None
         args.lora_rank = (0 if from_scratch else 8) if args.lora_rank is None else args.lora_rank
         args.train_text_encoder = from_scratch if args.train_text_encoder is None else args.train_text_encoder
-        self.config = config = run_config(args, data, world)
-        ckpt, base = checkpoints.check_run_dir(run_dir, config, args.resume is not None)
+        self.config = config = checkpoints.run_config(
+            args, data, world, sample.read_init_config(args.init_config)[0] if from_scratch else None)
+        ckpt, base = checkpoints.check_run_dir(run_dir, config, data, resume=args.resume is not None,
+                                               allow_data_change=args.allow_data_change, device=device, say=rank == 0)
         if len(data) < args.batch_size * world:
             raise ValueError(f"{args.data} has {len(data)} images, fewer than --batch-size {args.batch_size} x "
                              f"{world} processes")
@@ -122,14 +116,12 @@ class Trainer:
         latent_shape = sample.latent_shape(models, args.resolution, args.resolution)
         _barrier(world)  # every rank has checked the run directory before rank 0 creates it
         if rank == 0 and not args.resume:
-            checkpoints.write_run(run_dir, config, self.models, latent_shape, vars(args))
+            checkpoints.write_run(run_dir, config, self.models, latent_shape, vars(args), data)
         _barrier(world)
         self.build(latent_shape)
-        self.step_count, elapsed = 0, 0.0
-        if ckpt is not None:
-            self.step_count, elapsed = checkpoints.load_checkpoint(ckpt, models.unet, models.text_encoder,
-                                                                   self.indicator, config, self.optimizer, self.scaler)
-        self.t_start, self.last_saved = time.time() - elapsed, ckpt
+        self.step_count, elapsed, self.last_saved = checkpoints.load_checkpoint(
+            ckpt, models.unet, models.text_encoder, self.indicator, config, self.optimizer, self.scaler)
+        self.t_start = time.time() - elapsed
         indices = MicroBatchIndices(len(data), args.batch_size, args.seed, self.step_count * args.grad_accum, rank,
                                     world)
         cache = encode_dataset(models.vae, data, args.batch_size, device) if args.cache_latents else None
@@ -151,10 +143,8 @@ class Trainer:
                      "group_shares": (counts / counts.sum()).float().to(device),
                      "target_shares": self.target_shares.to(device)}
         self.model = DDMModel(models.unet, models.text_encoder, self.indicator, args, constants).to(device)
-        models.vae.to(device).eval()
-        models.unet.train()
+        models.vae.to(device).eval(), models.unet.train(), models.text_encoder.train(args.train_text_encoder)
         models.unet.gradient_checkpointing = args.gradient_checkpointing
-        models.text_encoder.train(args.train_text_encoder)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         ind = list(self.indicator.parameters()) if self.indicator is not None else []
         groups = [{"params": [p for p in self.params if all(p is not q for q in ind)]}]
@@ -167,8 +157,7 @@ class Trainer:
 
     def step(self):
         """One optimizer update over grad_accum micro-batches; the mean loss and parts over them (and the ranks)."""
-        args, device, models = self.args, self.device, self.models
-        ddp = self.ddp
+        args, device, models, ddp = self.args, self.device, self.models, self.ddp
         sums = {}
         for micro in range(args.grad_accum):
             batch = next(self.batches)
@@ -194,32 +183,36 @@ class Trainer:
             dist.all_reduce(totals)
         means = dict(zip(names, (totals[:, 0] / totals[:, 1]).tolist()))  # 0/0: NaN, logged as null
         if not math.isfinite(means["loss"]):
-            raise FloatingPointError(
-                f"loss is {means['loss']} at step {self.step_count + 1}; training stopped before applying it. The "
-                f"last good checkpoint is {self.last_saved or 'none (no checkpoint written yet)'}")
+            self.stop(f"loss is {means['loss']}", "before applying it")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if args.max_grad_norm > 0:  # per network (the authors clip by value): the indicator never throttles the UNet
-            ind = set(self.indicator.parameters()) if self.indicator is not None else set()
-            grad_norm = nn.utils.clip_grad_norm_([p for p in self.params if p not in ind], args.max_grad_norm).item()
-            nn.utils.clip_grad_norm_(list(ind), args.max_grad_norm)
+        # per network (the indicator never throttles the UNet); --max-grad-norm 0: max_norm inf, scaling by 1.0 exactly
+        ind = set(self.indicator.parameters()) if self.indicator is not None else set()
+        norms = [nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf).item()
+                 for params in ([p for p in self.params if p not in ind], list(ind))]
+        if not self.scaler and not all(map(math.isfinite, norms)):  # fp16: the scaler skips such steps itself
+            self.stop(f"gradient norm is {next(n for n in norms if not math.isfinite(n))}", "before applying it")
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.stack([p.detach().isfinite().all() for p in self.params]).all():
+            self.stop("the weights are not finite after the update", "without saving them")
         self.step_count += 1
-        return means, grad_norm
+        return means, norms[0]
+
+    def stop(self, problem, what):
+        raise FloatingPointError(f"{problem} at step {self.step_count + 1}; training stopped {what}. The last good "
+                                 f"checkpoint is {self.last_saved or 'none (no checkpoint written yet)'}")
 
     def save(self, final):
         """A checkpoint from rank 0; at the end of a DDP run every rank's weight hash goes into state.json."""
         tensors = checkpoints.checkpoint_tensors(self.models.unet, self.models.text_encoder, self.indicator,
                                                  self.config)
-        fingerprints = None
-        if final and self.world > 1:  # every rank computes its own: they must all be equal
-            fingerprints = [None] * self.world
+        fingerprints = [None] * self.world if final and self.world > 1 else None  # each rank's own: all equal
+        if fingerprints:
             dist.all_gather_object(fingerprints, checkpoints.fingerprint(tensors))
         if self.rank == 0:
             self.last_saved = checkpoints.save_checkpoint(
@@ -285,6 +278,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", help="continue this run directory (give the same arguments again)")
     g.add_argument("--export", help="write the merged model as a diffusers folder here (after training; with "
                                     "--model and no --data: export that model only)")
+    g.add_argument("--allow-data-change", action="store_true", help="--resume over changed --data (then not exact)")
     g = p.add_argument_group("objective (ddm.py): every flag here is part of the run's configuration")
     objective = [
         g.add_argument("--objective", choices=sorted(ddm.OBJECTIVES), default="ddm", help="ddm.OBJECTIVES"),
@@ -293,13 +287,11 @@ def parse_args(argv=None):
         g.add_argument("--indicator-hidden", type=int, nargs="+", default=[1024, 512], help="indicator MLP widths"),
         g.add_argument("--target", default="uniform", help="pi*, the group shares to aim for: uniform or "
                                                            "NAME=SHARE,... (balanced, indicator-weighted)"),
-        g.add_argument("--weight-clip", type=float, default=10.0, help="largest importance weight "
-                                                                       "(indicator-weighted)"),
+        g.add_argument("--weight-clip", type=float, default=10.0, help="importance-weight cap (indicator-weighted)"),
     ]
     p.set_defaults(objective_fields=[a.dest for a in objective])
     g = p.add_argument_group("what is trained")
-    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank, 0 = train all weights "
-                                                               "(default 8; 0 with --init-config)")
+    g.add_argument("--lora-rank", type=int, help="LoRA rank, 0 = train all weights (default 8; 0 with --init-config)")
     g.add_argument("--lora-alpha", type=float, default=32.0)
     g.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the text encoder (default: off; on with --init-config)")
@@ -345,10 +337,7 @@ def check_args(args):
         raise ValueError("give exactly one of --model (fine-tune) and --init-config (from scratch)")
     if args.vae and not args.init_config:
         raise ValueError("--vae only applies with --init-config")
-    if not args.out and not args.resume:
-        raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR)")
-    if args.out and args.resume and Path(args.out).resolve() != Path(args.resume).resolve():
-        raise ValueError(f"--out {args.out} and --resume {args.resume} name different run directories")
+    checkpoints.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
                          f"got {args.resolution}")
@@ -356,24 +345,14 @@ def check_args(args):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("lr", "indicator_lr", "weight_decay", "max_grad_norm", "w_rec", "w_ind", "checkpoint_every",
-                 "validation_every", "num_workers"):
+                 "validation_every", "num_workers", "lora_rank"):
         value = getattr(args, flag)
         if value is not None and not value >= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
-    if args.lora_rank is not None and args.lora_rank < 0:
-        raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if not 0 <= args.caption_dropout <= 1:
         raise ValueError(f"--caption-dropout must lie in [0, 1], got {args.caption_dropout}")
-
-
-def run_config(args, data, world_size):
-    """The values a resume must match, with paths made absolute and the init config inlined."""
-    c = {k: getattr(args, k, None) for k in RESUME_FIELDS + tuple(args.objective_fields)}
-    c.update(model=str(Path(args.model).resolve()) if args.model else None,
-             init_config=sample.read_init_config(args.init_config)[0] if args.init_config else None,
-             vae=str(Path(args.vae).resolve()) if args.vae else None, data=str(Path(args.data).resolve()),
-             num_images=len(data), group_names=list(data.group_names), world_size=world_size)
-    return c
+    if not 0 <= args.seed < 2 ** 64:  # torch.Generator's range (--init-config seeds one with it)
+        raise ValueError(f"--seed must lie in 0..2**64-1, got {args.seed}")
 
 
 def setup_distributed(device_arg):
@@ -403,7 +382,8 @@ def train(argv=None):
         return checkpoints.export_diffusers(sample.load_models(args.model), args.export)
     rank, world, device, created_group = setup_distributed(args.device)
     try:
-        return Trainer(args, rank, world, device).run()
+        with checkpoints.locked_run_dir(args.resume or args.out, new=not args.resume) if rank == 0 else nullcontext():
+            return Trainer(args, rank, world, device).run()
     finally:
         if created_group:
             dist.destroy_process_group()
@@ -412,7 +392,7 @@ def train(argv=None):
 def main(argv=None):
     try:
         train(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: FileNotFoundError, checkpoints.WriteError
         sys.exit(f"train.py: error: {e}")
 
 

@@ -1,0 +1,284 @@
+"""train.py under faults and bad input, on the tiny models of test_train.py: no checkpoint of NaNs, one writer per
+run directory, the user's files left alone, a broken checkpoint named and passed over, changed data refused, a
+failed write named, one-line errors for a truncated run.json or an out-of-range seed."""
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoints
+import ddm
+import sample
+import train
+from test_train import (FAST, ROOT, assert_same_tensors, checkpoint_files, data_dir, log_lines,  # noqa: F401
+                        lora_run, make_data, one_thread, sd_dir)
+
+# The arguments of test_train's `lora_run` fixture but --max-steps: a resumed run must end where that one does.
+LORA = ["--lora-rank", "4", "--train-text-encoder", *FAST, "--checkpoint-every", "2"]
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+# ---- 3. no checkpoint of NaNs
+
+
+def test_weights_made_infinite_by_the_update_stop_the_run_before_any_checkpoint(sd_dir, data_dir, tmp_path):
+    out = tmp_path / "inf"
+    with pytest.raises(FloatingPointError, match=r"weights .*not finite after the update at step 1\b.*"
+                                                 r"none \(no checkpoint written yet\)"):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--lora-rank", "0",
+                     "--max-steps", "3", *FAST, "--lr", "1e39", "--checkpoint-every", "1"])
+    assert checkpoints.latest_checkpoint(out) is None and not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("max_grad_norm", ["1", "0"])
+def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run_before_the_update(max_grad_norm, sd_dir, data_dir,
+                                                                                   tmp_path, monkeypatch):
+    def sqrt_at_zero(b, indicator, hp):  # adds 0 to the loss, but d sqrt|u| / du at u = 0 is not finite
+        loss, parts = ddm.ddm(b, indicator, hp)
+        return loss + (b.pred - b.pred.detach()).abs().sqrt().mean(), parts
+
+    monkeypatch.setitem(ddm.OBJECTIVES, "sqrt-at-zero", sqrt_at_zero)
+    out = tmp_path / "nan-grad"
+    with pytest.raises(FloatingPointError, match=r"gradient norm is nan at step 1\b"):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--lora-rank", "4",
+                     "--max-steps", "2", *FAST, "--checkpoint-every", "1", "--objective", "sqrt-at-zero", "--w-ind",
+                     "0", "--max-grad-norm", max_grad_norm])
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_save_checkpoint_refuses_a_non_finite_tensor_and_keeps_the_previous_checkpoint(tmp_path):
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([w])
+    w.grad = torch.ones(3)
+    optimizer.step()
+    first = checkpoints.save_checkpoint(tmp_path, 1, {"unet.safetensors": {"w": w}}, optimizer, None, {"elapsed": 1})
+    before = {f.name: f.read_bytes() for f in first.iterdir()}
+    with pytest.raises(FloatingPointError, match=r"unet\.safetensors: w is not finite at step 2"):
+        checkpoints.save_checkpoint(tmp_path, 2, {"unet.safetensors": {"w": torch.tensor([1.0, float("nan"), 0])}},
+                                    optimizer, None, {"elapsed": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001"]
+    assert {f.name: f.read_bytes() for f in first.iterdir()} == before
+
+
+# ---- 6. one train.py per run directory
+
+
+def test_a_second_train_py_on_a_running_run_directory_is_refused_naming_the_holder(sd_dir, data_dir, tmp_path):
+    out = tmp_path / "busy"
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", *FAST]
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--out", str(out), "--max-steps",
+                              "100000"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text():  # it is training
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        for how in (["--out", str(out)], ["--resume", str(out)]):
+            with pytest.raises(FileExistsError, match=rf"{re.escape(str(out))} is in use by another train\.py "
+                                                      rf"\(pid {first.pid}\)"):
+                train.train([*common, *how, "--max-steps", "1"])
+    finally:
+        first.kill()
+        first.wait()
+    # the lock went with the process that held it
+    train.train([*common, "--resume", str(out), "--max-steps", "1"])
+    assert [r["step"] for r in log_lines(out)] == [1]
+
+
+# ---- 8. the user's files in a run directory
+
+
+def test_files_in_a_run_directory_that_train_py_did_not_write_are_kept_and_ignored(sd_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    shutil.copytree(out / "checkpoint-000001", out / "checkpoint-000001-bak")
+    (out / "checkpoint-backup-mine").mkdir()
+    (out / "checkpoint-backup-mine" / "notes.txt").write_text("mine")
+    (out / "checkpoint-notes.txt").write_text("mine too")
+    (out / "checkpoint-000009.tmp.mine").mkdir()
+    ours = {p.name for p in out.iterdir()} - {"checkpoint-000001"}
+    train.train([*common, "--resume", str(out), "--max-steps", "3"])
+    assert {p.name for p in out.iterdir()} == ours | {"checkpoint-000003"}
+    assert (out / "checkpoint-backup-mine" / "notes.txt").read_text() == "mine"
+    assert checkpoints.latest_checkpoint(out).name == "checkpoint-000003"
+    assert sample.load_run(out).step == 3
+
+    export = tmp_path / "export"
+    (tmp_path / "export.tmp").mkdir()
+    (tmp_path / "export.tmp" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=rf"{re.escape(str(export))}\.tmp exists"):
+        train.train(["--model", str(out), "--export", str(export)])
+    assert (tmp_path / "export.tmp" / "keep.txt").read_text() == "mine" and not export.exists()
+
+    mine = tmp_path / "mine"  # a folder that is not a run directory: not even a lock file is left in it
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for how, error in ((["--out", str(mine)], FileExistsError), (["--resume", str(mine)], FileNotFoundError)):
+        with pytest.raises(error, match="not empty|not a train.py run directory"):
+            train.train([*common, *how, "--max-steps", "1"])
+        assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+# ---- 9. a broken checkpoint
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(sd_dir, data_dir, tmp_path_factory):
+    """A lora_run twin holding checkpoint-000002 and -000004: what a kill between the rename of the newer one and the
+    deletion of the older one leaves."""
+    root = tmp_path_factory.mktemp("two")
+    out = root / "run"
+    common = ["--model", str(sd_dir), "--data", str(data_dir), *LORA]
+    train.train([*common, "--out", str(out), "--max-steps", "2"])
+    shutil.copytree(out / "checkpoint-000002", root / "kept")
+    train.train([*common, "--resume", str(out), "--max-steps", "4"])
+    shutil.copytree(root / "kept", out / "checkpoint-000002")
+    return out
+
+
+@pytest.mark.parametrize("broken", ["unet_lora.safetensors", "optimizer.pt", "state.json"])
+def test_a_truncated_latest_checkpoint_is_named_and_resume_falls_back_to_the_one_before(
+        broken, two_checkpoints, lora_run, sd_dir, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    truncate(run / "checkpoint-000004" / broken)
+    capsys.readouterr()
+    if broken != "optimizer.pt":  # sampling reads no optimizer state
+        assert sample.load_run(run).step == 2
+        assert f"{run / 'checkpoint-000004' / broken}" in capsys.readouterr().err
+    train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "4"])
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoint-000004' / broken}" in err and "falling back to checkpoint-000002" in err
+    assert_same_tensors(checkpoint_files(run), checkpoint_files(lora_run))  # steps 3 and 4 trained again, exactly
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-000004"]
+
+
+def test_a_run_whose_only_checkpoint_is_broken_is_refused_naming_the_file(two_checkpoints, sd_dir, data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    shutil.rmtree(run / "checkpoint-000002")
+    state = run / "checkpoint-000004" / "state.json"
+    truncate(state)
+    message = rf"{re.escape(str(state))}, line \d+: not valid JSON.*no checkpoint of {re.escape(str(run))} reads"
+    with pytest.raises(ValueError, match=message):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "6"])
+    with pytest.raises(ValueError, match=message):
+        sample.load_run(run)
+    assert state.stat().st_size > 0  # nothing deleted
+
+
+def test_a_checkpoint_that_does_not_read_back_as_written_stops_the_run_and_keeps_the_previous_one(
+        two_checkpoints, sd_dir, data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    shutil.rmtree(run / "checkpoint-000004")
+    kept = {f.name: f.read_bytes() for f in (run / "checkpoint-000002").iterdir()}
+    real_save_file = checkpoints.save_file
+
+    def lossy_save_file(tensors, path, metadata=None):  # a write that loses its tail without saying so
+        real_save_file(tensors, path, metadata=metadata)
+        truncate(Path(path))
+
+    monkeypatch.setattr(checkpoints, "save_file", lossy_save_file)
+    with pytest.raises(ValueError, match=r"checkpoint-000004 does not read back as written, so it was not kept.*"
+                                         r"checkpoint-000004\.tmp/unet_lora\.safetensors"):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "4"])
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-000002"]
+    assert {f.name: f.read_bytes() for f in (run / "checkpoint-000002").iterdir()} == kept
+
+
+# ---- 10. changed data
+
+
+def test_resume_over_changed_data_is_refused_unless_allowed(sd_dir, tmp_path):
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    image, meta = data / "3.png", data / "metadata.jsonl"
+    original, stat = image.read_bytes(), image.stat()
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)  # same name, count and groups; other pixels
+    refused = r"the data in .* changed since the run started \({}\).*--allow-data-change"
+    with pytest.raises(ValueError, match=refused.format("the images' names, sizes or modification times differ")):
+        train.train([*common, "--resume", str(out), "--max-steps", "2"])
+    image.write_bytes(original)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    meta.write_text(meta.read_text().replace("a blue square", "a navy square", 1))
+    with pytest.raises(ValueError, match=refused.format(r"metadata\.jsonl differs")):
+        train.train([*common, "--resume", str(out), "--max-steps", "2"])
+    train.train([*common, "--resume", str(out), "--max-steps", "2", "--allow-data-change"])
+    assert [r["step"] for r in log_lines(out)] == [1, 2]
+
+
+# ---- 11. a failed write
+
+
+def file_size_limit(limit):
+    """For subprocess: files this process writes stop growing at `limit` bytes (EFBIG, "File too large"), a fault
+    injected by the kernel into every write, as a full disk would be."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_failed_write_names_the_path_and_leaves_nothing_that_blocks_a_retry(sd_dir, data_dir, tmp_path):
+    out = tmp_path / "new" / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(sd_dir), "--data", str(data_dir), "--out", str(out),
+           "--lora-rank", "0", "--max-steps", "1", *FAST, "--checkpoint-every", "1"]
+    for limit, path in ((1000, out / "run.json.tmp"), (200_000, out / "checkpoint-000001.tmp" / "unet.safetensors")):
+        r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=300, preexec_fn=file_size_limit(limit))
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert r.stderr.strip().splitlines() == [f"train.py: error: cannot write {path}: File too large"]
+        assert not list(out.glob("*.tmp")) and not list(out.glob("checkpoint-*"))
+        if limit == 1000:  # no run.json: the folders made for it are gone too
+            assert not (tmp_path / "new").exists()
+    assert json.loads((out / "run.json").read_text())["config"]
+    train.train([*cmd[2:], "--resume", str(out)])
+    assert checkpoints.latest_checkpoint(out).name == "checkpoint-000001"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_reads_as_no_space_left_on_the_path():
+    with pytest.raises(OSError, match=r"^no space left on /dev/full$"):  # torch's writer: "enforce fail at ..."
+        checkpoints.save_torch({"x": torch.zeros(10 ** 5)}, Path("/dev/full"))
+
+
+# ---- clear messages
+
+
+def test_a_truncated_run_json_and_a_seed_out_of_range_are_one_line_errors(lora_run, sd_dir, data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    truncate(run / "run.json")
+    message = rf"{re.escape(str(run / 'run.json'))}, line \d+: not valid JSON"
+    with pytest.raises(ValueError, match=message):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run)])
+    with pytest.raises(ValueError, match=message):
+        sample.load_run(run)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(sd_dir), "--data", str(data_dir),
+                        *LORA, "--resume", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and re.search(message, r.stderr)
+    for seed in (2 ** 64, -1):  # checked before anything loads: this --model does not exist
+        with pytest.raises(ValueError, match=rf"--seed must lie in 0\.\.2\*\*64-1, got {seed}"):
+            train.train(["--model", str(tmp_path / "no-model"), "--data", str(data_dir), "--out",
+                         str(tmp_path / "never"), *FAST, "--seed", str(seed)])
+    assert not (tmp_path / "never").exists()
