@@ -437,20 +437,24 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         result["indicator_entropy"] = mean_entropy(indicator_logits)
     if reference_features is not None:
         feats = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-        if isinstance(reference_features, dict):
-            missing = [g for g in groups if g not in reference_features]
-            if missing:
-                raise ValueError(f"reference_features has no features for groups {missing}")
-            mu_ref, cov_ref = mixture_moments([reference_features[g] for g in groups], p.tolist())
-            mu, cov = _moments(feats, "features of the generated images")
-            result["frechet_distance"] = _frechet(mu, cov, mu_ref, cov_ref)
-            # per group: the images judged to be g against real g, so a group's broken images cannot hide in the mix
-            result["frechet_per_group"] = {
-                str(g): frechet_distance(feats[labels == k], reference_features[g])
-                if (labels == k).sum() >= MIN_PER_GROUP_FRECHET else None for k, g in enumerate(groups)}
-        else:
-            result["frechet_distance"] = frechet_distance(feats, reference_features)
+        result.update(frechet_distances(feats, labels, p, groups, reference_features))
     return result
+
+
+def frechet_distances(feats, labels, p, groups, reference_features):
+    """{"frechet_distance", "frechet_per_group"} of generated features with group labels and shares p against real
+    features: (M, D), or {group: (M_g, D)} mixed in the generated shares (bias alone is not bad quality), then per
+    group the images judged to be g against real g, so a group's broken images cannot hide in the mix."""
+    if not isinstance(reference_features, dict):
+        return {"frechet_distance": frechet_distance(feats, reference_features)}
+    missing = [g for g in groups if g not in reference_features]
+    if missing:
+        raise ValueError(f"reference_features has no features for groups {missing}")
+    mu_ref, cov_ref = mixture_moments([reference_features[g] for g in groups], p.tolist())
+    mu, cov = _moments(feats, "features of the generated images")
+    return {"frechet_distance": _frechet(mu, cov, mu_ref, cov_ref), "frechet_per_group": {
+        str(g): frechet_distance(feats[labels == k], reference_features[g])
+        if (labels == k).sum() >= MIN_PER_GROUP_FRECHET else None for k, g in enumerate(groups)}}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -337,3 +337,14 @@ def test_clip_cli_bad_inputs_give_clear_messages(tiny_clip, heldout, tmp_path, c
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_per_group_frechet_compares_each_group_with_its_own_real_images():
+    g = torch.Generator().manual_seed(0)
+    real = {7: torch.randn(200, 4, generator=g), 8: torch.randn(200, 4, generator=g) + 3}
+    feats = torch.cat([torch.randn(50, 4, generator=g), torch.randn(5, 4, generator=g) + 3])
+    labels = torch.tensor([0] * 50 + [1] * 5)
+    out = evaluate.frechet_distances(feats, labels, torch.tensor([50 / 55, 5 / 55]), [7, 8], real)
+    assert out["frechet_per_group"]["7"] == pytest.approx(evaluate.frechet_distance(feats[:50], real[7]))
+    assert out["frechet_per_group"]["8"] is None  # 5 images: too few for a covariance worth reporting
+    assert out["frechet_per_group"]["7"] < 1 < evaluate.frechet_distance(feats[:50], real[8])  # its own group is near
