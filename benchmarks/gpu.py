@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import lora
 import sample
 import train

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
+import checkpoints
 import lora
 import train
 from benchmarks import unet as unet_bench
