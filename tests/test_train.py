@@ -574,6 +574,11 @@ def test_export_writes_the_schedule_and_prediction_type_the_model_trained_with(s
         again = sample.load_models(export)  # ... and our own loader reads the export back the same
         assert again.prediction_type == trained.prediction_type
         assert (again.alphas_cumprod - trained.alphas_cumprod).abs().max() < 1e-12, name
+        written = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
+        if name.startswith("sd"):  # SD v1.5's own schedule is written as its published config says, no listed betas
+            assert written.get("trained_betas") is None, name
+            assert (written["beta_schedule"], written["beta_start"], written["beta_end"],
+                    written["num_train_timesteps"]) == ("scaled_linear", 0.00085, 0.012, 1000), name
 
 
 def test_gradient_checkpointing_recomputes_the_unet_blocks_in_backward(sd_dir, data_dir, tmp_path):
