@@ -286,22 +286,31 @@ def load_rgb(path):
         return img.convert("RGB")
 
 
+def text_lines(path):
+    """[(line number, text)] of a UTF-8 text file; ValueError naming the file (and the line of a byte that is not
+    UTF-8) when it cannot be read."""
+    try:
+        raw_lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    lines = []
+    for n, raw in enumerate(raw_lines, start=1):
+        try:
+            lines.append((n, raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                             ) from None
+    return lines
+
+
 def read_metadata(meta):
     """The lines of a `metadata.jsonl` -> [(line number, resolved image path, text, raw group)], every field
     checked. A `file_name` must stay inside the folder after following `..` and symlinks: it is refused before
     anything is opened, so a data set cannot read (or probe for) files elsewhere."""
     root = meta.parent.resolve()
-    try:
-        raw_lines = meta.read_bytes().splitlines()
-    except OSError as e:
-        raise ValueError(f"cannot read {meta}: {e.strerror}") from None
     records = []
-    for lineno, raw in enumerate(raw_lines, start=1):
+    for lineno, line in text_lines(meta):
         where = f"{meta}, line {lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
         if not line.strip():
             continue
         try:

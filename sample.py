@@ -39,7 +39,7 @@ import weights
 from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
 from clip_text import (CLIPTextConfig, CLIPTextModel, Tokenizer, load_text_encoder, load_tokenizer,
                        text_encoder_config_from_hf)
-from data import derive_seed
+from data import derive_seed, text_lines
 from ddm import Indicator, make_indicator, parse_target, uses_indicator
 from unet import WEIGHT_NAMES as UNET_FILES
 from unet import UNet, UNetConfig, load_unet, unet_config_from_diffusers
@@ -685,18 +685,7 @@ def read_prompts(path):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} is not a file")
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
-    prompts = []
-    for n, raw in enumerate(lines, start=1):
-        try:
-            prompts.append(raw.decode("utf-8").strip())
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                             ) from None
-    prompts = [prompt for prompt in prompts if prompt]
+    prompts = [line.strip() for _, line in text_lines(path) if line.strip()]
     if not prompts:
         raise ValueError(f"{path} has no prompts")
     return prompts
