@@ -147,9 +147,10 @@ class Trainer:
         models.unet.gradient_checkpointing = args.gradient_checkpointing
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         ind = list(self.indicator.parameters()) if self.indicator is not None else []
-        groups = [{"params": [p for p in self.params if all(p is not q for q in ind)]}]
-        if ind:  # with its own learning rate, --indicator-lr
-            groups.append({"params": ind, "lr": args.indicator_lr or args.lr})
+        # the networks' and the indicator's parameters: clipped apart, the indicator at its own --indicator-lr
+        net = [p for p in self.params if id(p) not in {id(q) for q in ind}]
+        self.networks = (net, ind)
+        groups = [{"params": net}] + [{"params": ind, "lr": args.indicator_lr or args.lr}] * bool(ind)
         self.optimizer = make_optimizer(groups, args)
         precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
         self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -176,7 +177,8 @@ class Trainer:
                 (self.scaler.scale(loss / args.grad_accum) if self.scaler else loss / args.grad_accum).backward()
             for name, value in {"loss": loss, **parts}.items():  # a NaN part was not measured: not counted
                 value = torch.as_tensor(value, device=device).detach().float()
-                sums[name] = sums.get(name, 0) + torch.stack([value.nan_to_num(0, posinf=math.inf, neginf=-math.inf), ~value.isnan()])
+                measured = torch.stack([torch.where(value.isnan(), 0.0, value), ~value.isnan()])  # (sum, count)
+                sums[name] = sums.get(name, 0) + measured
         names = list(sums)  # the same names in the same order on every rank: the objective's parts
         totals = torch.stack([sums[n] for n in names])  # (parts, 2): sum and count
         if self.world > 1:
@@ -187,9 +189,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         # per network (the indicator never throttles the UNet); --max-grad-norm 0: max_norm inf, scaling by 1.0 exactly
-        ind = set(self.indicator.parameters()) if self.indicator is not None else set()
-        norms = [nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf).item()
-                 for params in ([p for p in self.params if p not in ind], list(ind))]
+        norms = [nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf).item() for params in self.networks]
         if not self.scaler and not all(map(math.isfinite, norms)):  # fp16: the scaler skips such steps itself
             self.stop(f"gradient norm is {next(n for n in norms if not math.isfinite(n))}", "before applying it")
         if self.scaler:
