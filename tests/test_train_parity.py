@@ -24,18 +24,10 @@ from PIL import Image
 import data
 import train
 import weights
-from test_train import FAST, StepRecorder, make_data, write_tiny_sd
+from test_train import FAST, StepRecorder, make_data, one_thread, write_tiny_sd  # noqa: F401 (one_thread: autouse)
 from unet import unet_diffusers_names
 
 SEED, BATCH, ACCUM, RANK, ALPHA = 3, 2, 2, 4, 8.0  # alpha != rank and != the default 32: the scale alpha/r counts
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
