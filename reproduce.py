@@ -110,6 +110,11 @@ class Method:
     source: str = None
     indicator_guidance: float = 0.0
 
+    @property
+    def objective(self):
+        """train.py's --objective of this method's runs (None: it samples another method's runs)."""
+        return self.train[self.train.index("--objective") + 1] if self.train else None
+
 
 NOISE_AWARE = ("--w-ind", "1", "--w-rec", "1")
 METHODS = [
@@ -296,7 +301,7 @@ def evaluate_model(models, indicator, method, judge, groups, sizes, *, guidance=
     guide = (indicator, method.indicator_guidance) if method and method.indicator_guidance else None
     generic, grouped, requested = sample_scenarios(models, groups, sizes, guide=guide, guidance=guidance,
                                                    generic_only=generic_only, progress=progress)
-    entropy_of = indicator is not None and method.train and method.train[1] == "ddm"
+    entropy_of = indicator is not None and method.objective == "ddm"
     fd = evaluate.evaluate_images(generic.numpy(), classifier, groups, reference_features=reference,
                                   indicator_logits=indicator_logits(models, indicator, generic) if entropy_of else None)
     row = {k: fd[k] for k in ("fd", "fd_soft", "proportions", "indicator_entropy", "mean_confidence",
@@ -343,8 +348,11 @@ def summarize(rows, groups):
         out.append(s)
     plain = next((s for s in out if s["method"] == "plain"), None)
     for s in out:  # the issue's bar: FD at most half the plain fine-tune's, Frechet at most 10% worse
-        s["meets_goal"] = (None if plain is None or s["method"] in ("plain", "base") else
-                           bool(s["fd"] <= 0.5 * plain["fd"] and s["frechet_distance"] <= 1.1 * plain["frechet_distance"]))
+        if plain is None or s["method"] in ("plain", "base"):
+            s["meets_goal"] = None
+        else:
+            s["meets_goal"] = bool(s["fd"] <= 0.5 * plain["fd"]
+                                   and s["frechet_distance"] <= 1.1 * plain["frechet_distance"])
     return out
 
 
@@ -520,8 +528,9 @@ def fine_tune(args, sizes, method, seed, base):
     """One train.py run of a method on the biased set (cached data folder): its run directory."""
     s = {"counts": args.counts, "labelled": method.labelled}
     biased = cached(stage_dir(args.cache, "data-biased", s), s,
-                    lambda f: build_folder(f, args.counts, 1, method.labelled), f"biased set, {method.labelled:.0%} labelled")
-    extra = ["--indicator-lr", str(sizes.indicator_lr)] if method.train[1] in ddm.NOISE_AWARE else []
+                    lambda f: build_folder(f, args.counts, 1, method.labelled),
+                    f"biased set, {method.labelled:.0%} labelled")
+    extra = ["--indicator-lr", str(sizes.indicator_lr)] if method.objective in ddm.NOISE_AWARE else []
     return train.train(["--model", base["path"], "--data", biased["path"], "--out",
                         str(args.out / "finetune" / f"{method.name}-seed{seed}"), "--lora-rank", "0",
                         "--no-train-text-encoder", *method.train, *extra,
@@ -593,7 +602,7 @@ def run(args):
         "group_prompts": [group_prompt(g) for g in groups], "methods": [dataclasses.asdict(m) for m in methods],
         "vae": vae_info, "base": base, "classifier_heldout_accuracy": judge[0].heldout_accuracy,
         "fd_max": math.sqrt((len(groups) - 1) / len(groups)), "rows": rows, "summary": summary,
-        "best_method": best, "cfg_rows": cfg_rows, "grids": [str(g.relative_to(out)) for g in grids],
+        "seeds": args.seeds, "best_method": best, "cfg_rows": cfg_rows, "grids": [str(g.relative_to(out)) for g in grids],
         "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": args.threads,
         "versions": {"torch": torch.__version__},
     }
@@ -610,8 +619,8 @@ def report_markdown(report):
     return f"""# Which indicators debias? Handwritten digits {groups} at {report['counts']} ({report['mode']} run)
 
 {report['paper']}. A base model trained on balanced groups, fine-tuned on the biased set above with each method
-({sizes['ft_steps']} full fine-tuning steps of batch {sizes['ft_batch']}, seeds {sorted({r['seed'] for r in report['rows']
-if r['seed'] != '-'})}). FD = ||uniform − shares||₂ over the groups from {sizes['n_generic']} images of
+({sizes['ft_steps']} full fine-tuning steps of batch {sizes['ft_batch']}, {report['seeds']} seeds). FD = ||uniform − shares||₂
+over the groups from {sizes['n_generic']} images of
 "{report['generic_prompt']}" (0 balanced, max {report['fd_max']:.3f}); SPD = max − min over groups of the share of
 {sizes['n_per_group']} images per group prompt that the judge assigns to the requested digit. The judge is the
 10-class digit classifier (held-out accuracy {report['classifier_heldout_accuracy']:.4f}), never the indicator.
