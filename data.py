@@ -437,7 +437,8 @@ class MicroBatchIndices:
             e, k = divmod(m, self.per_epoch)
             if e != epoch:
                 epoch = e
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "epoch", e)))
+                order = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", e))
+                perm = torch.randperm(self.n, generator=order)
             first = (k * self.world_size + self.rank) * self.batch_size
             yield perm[first:first + self.batch_size].tolist()
             m += 1

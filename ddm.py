@@ -86,8 +86,8 @@ def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
 
     Both terms are computed in float32 whatever the autocast dtype. The CE gradient reaches the UNet through
     eps_hat, which is the point of DDM. parts = {"rec": MSE, "ind": CE (detached tensors), "acc", "bacc": the
-    indicator's accuracy and balanced accuracy on this batch}. With w_ind == 0 the indicator is not run at all, L is exactly
-    w_rec * MSE, and parts["ind"], parts["acc"] are NaN (not measured).
+    indicator's accuracy and balanced accuracy on this batch}. With w_ind == 0 the indicator is not run at all, L is
+    exactly w_rec * MSE, and parts["ind"], parts["acc"] are NaN (not measured).
     """
     if eps_hat.shape != noise.shape:
         raise ValueError(f"eps_hat {tuple(eps_hat.shape)} and noise {tuple(noise.shape)} differ in shape")
@@ -112,7 +112,7 @@ def ddm(b, indicator, hp):
 # with sources: ../shared/DDM-NOTES.md and docs/reproduction.md.
 
 def predicted_x0(b, pred=None):
-    """x0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (DDPM eq. 15); for v: sqrt(abar) z_t - sqrt(1-abar) v."""
+    """x0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (DDPM eq. 15); for v: sqrt(abar) z_t - sqrt(1-abar) v"""
     pred = b.pred if pred is None else pred
     a = b.alphas_cumprod[b.t].to(pred.dtype).view(-1, *[1] * (pred.dim() - 1))
     if b.prediction_type == "v_prediction":

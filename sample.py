@@ -767,7 +767,8 @@ def main(argv=None):
                      "pillow": PIL.__version__, "git_commit": _git_commit()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "grid": files[:GRID_MAX], "finished": False,
-        "indicator": args.indicator and str(Path(args.indicator).resolve()), "indicator_guidance": args.indicator_guidance, "target": args.target, "target_groups": targets,
+        "indicator": args.indicator and str(Path(args.indicator).resolve()),
+        "indicator_guidance": args.indicator_guidance, "target": args.target, "target_groups": targets,
     }
     written = 0
     try:
