@@ -330,7 +330,12 @@ def size_multiple(path):
         weights.read_config(weights.find_component(path, subfolder="text_encoder", weight_names=TEXT_ENCODER_FILES)[1],
                             text_encoder_config_from_hf)
         read_schedule(path)
-    return v.downsample_factor * 2 ** (len(u.channel_mult) - 1)
+    return side_multiple(u, v)
+
+
+def side_multiple(unet_config, vae_config):
+    """What image sides must be a multiple of: the VAE's downsampling, then one halving per UNet level but one."""
+    return vae_config.downsample_factor * 2 ** (len(unet_config.channel_mult) - 1)
 
 
 def load_models(path, device="cpu", dtype=torch.float32):
@@ -466,8 +471,7 @@ def latent_shape(models, height, width):
         raise ValueError(f"UNet context_dim {u.context_dim} != text encoder width {c.width}")
     if u.in_channels != v.z_channels or u.out_channels != v.z_channels:
         raise ValueError(f"UNet in/out channels {u.in_channels}/{u.out_channels} != VAE z_channels {v.z_channels}")
-    f = v.downsample_factor  # 8 for SD
-    side = f * 2 ** (len(u.channel_mult) - 1)  # the UNet halves the latents once per level but one
+    f, side = v.downsample_factor, side_multiple(u, v)  # 8 and 64 for SD
     if height % side or width % side:
         raise ValueError(f"height and width must be multiples of {side} for this model, got {height}x{width}")
     return v.z_channels, height // f, width // f
