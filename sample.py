@@ -278,6 +278,10 @@ class Models:
     alphas_cumprod: torch.Tensor = field(default_factory=sd_schedule)
     prediction_type: str = "epsilon"  # "v_prediction" for SD 2.x-v checkpoints
 
+    def __post_init__(self):
+        # texts are padded to the positions the text encoder has: 77 in every SD, fewer in a tiny model (reproduce.py)
+        self.tokenizer.max_length = self.text_encoder.config.max_position
+
 
 def read_schedule(path):
     """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json (its trained_betas, or its

@@ -321,6 +321,23 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir
     assert not (tmp_path / "never-written").exists()
 
 
+def test_a_text_encoder_with_fewer_positions_trains_samples_and_exports_at_its_length(sd_dir, data_dir, tmp_path):
+    """reproduce.py's tiny text encoder has 16 positions, not SD's 77: texts are padded to the positions the text
+    encoder has, in training, sampling and the export (whose tokenizer_config diffusers reads)."""
+    from transformers import CLIPTokenizer
+    config = tmp_path / "short.json"
+    config.write_text(json.dumps({"unet": TINY["unet"], "text_encoder": {**TINY["text_encoder"], "max_position": 16}}))
+    run = train.train(["--init-config", str(config), "--vae", str(sd_dir), "--data", str(data_dir), "--out",
+                       str(tmp_path / "short"), "--max-steps", "1", *FAST])
+    models = sample.load_models(run)
+    assert models.tokenizer(["a red square"]).shape == (1, 16)
+    images = sample.generate(models, ["a red square"], [0], steps=2, height=RES, width=RES, progress=False)
+    assert images.shape == (1, RES, RES, 3)
+    export = train.train(["--model", str(run), "--export", str(tmp_path / "export")])
+    assert CLIPTokenizer.from_pretrained(export / "tokenizer").model_max_length == 16
+    assert sample.load_models(export).tokenizer(["a red square"]).tolist() == models.tokenizer(["a red square"]).tolist()
+
+
 def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_dir, data_dir, tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({k: v for k, v in TINY.items() if k != "vae"}))  # the VAE comes from --vae
