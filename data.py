@@ -24,6 +24,12 @@ Real images: `make_attribute_folder` draws a biased set from any images labelled
 
     python data.py celeba --images DIR --attributes list_attr_celeba.txt --attribute Male
                           --counts 800,200 --prompt "a photo of a face" --out my_data/
+
+No labels (ours, the abstract's "without requiring predefined sensitive attributes"): `make_cluster_folder` gives
+a folder's images clusters of their VAE latents as groups (`ddm.fit_clusters`); train a noise-aware indicator on
+them and guide toward uniform clusters (README, "Change the loss"):
+
+    python data.py clusters --data my_data/ --vae sd-v1-5/ --k 3 --out my_data_clusters/
 """
 
 import argparse
@@ -37,6 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+import ddm
+from vae import load_vae
 
 DIGITS_PATH = Path(__file__).resolve().parent / "assets" / "digits" / "mnist_5k.csv.gz"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -222,6 +231,24 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
         if not (images_dir / name).is_file():
             raise FileNotFoundError(f"image {images_dir / name} not found (listed in {attribute_file}, line {lineno})")
 
+    entries = [(images_dir / name, name, {"text": prompt, "group": group,
+                                          "source": str((images_dir / name).resolve()), "attribute_line": lineno})
+               for (lineno, name, _), group in chosen]
+    return write_folder(out_dir, entries, link=link, overwrite=overwrite)
+
+
+def write_folder(out_dir, entries, *, link=False, overwrite=False):
+    """Copy (or symlink) images into a data folder and write its metadata.jsonl -> out_dir. entries: (source path,
+    file_name inside out_dir, the line's other fields). The metadata file is written last and atomically. An existing
+    metadata.jsonl needs overwrite=True, and even then only files that it lists are replaced: nothing this code did
+    not write is lost."""
+    out_dir = Path(out_dir)
+    for source, name, _ in entries:
+        target = (out_dir / name).parent.resolve() / Path(name).name  # the file itself, not what a link points to
+        if not target.is_relative_to(out_dir.resolve()):
+            raise ValueError(f"file_name {name!r} would lie outside {out_dir}")
+        if target == Path(source).resolve():
+            raise ValueError(f"{out_dir / name} is its own source: write the folder somewhere else")
     meta_path = out_dir / "metadata.jsonl"
     ours = set()  # files the previous build listed: the only ones this one may replace
     if meta_path.exists():
@@ -232,26 +259,43 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
                 ours.add(json.loads(line)["file_name"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass
-    taken = [name for (_, name, _), _ in chosen if os.path.lexists(out_dir / name) and name not in ours]
+    taken = [name for _, name, _ in entries if os.path.lexists(out_dir / name) and name not in ours]
     if taken:
         raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "
                               "choose an empty --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
-    for (lineno, name, _), group in chosen:
-        source, target = (images_dir / name).resolve(), out_dir / name
+    for source, name, fields in entries:
+        target = out_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(target):
             target.unlink()  # a link of the old build: copying onto it would write into its source
         if link:
-            target.symlink_to(source)
+            target.symlink_to(Path(source).resolve())
         else:
             shutil.copyfile(source, target)
-        lines.append(json.dumps({"file_name": name, "text": prompt, "group": group, "source": str(source),
-                                 "attribute_line": lineno}))
+        lines.append(json.dumps({"file_name": name, **fields}))
     tmp = out_dir / "metadata.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(tmp, meta_path)
     return out_dir
+
+
+def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=10, seed=0, link=False,
+                        overwrite=False):
+    """Ours, groups without labels: the images of the data folder `data_dir`, with "group": "cluster<j>", their
+    cluster under `ddm.fit_clusters` (free sizes) of the clean latents, the VAE's posterior means at `resolution`
+    -> (out_dir, cluster sizes (K,)). Each line keeps its caption, and its group, if it had one, as "label" (never
+    read by training: it lets you see what the clusters found). Images are copied, or symlinked with link=True."""
+    data = ImageFolder(data_dir, resolution, need_groups=False)
+    vae = load_vae(vae_path)
+    z0 = encode_dataset(vae, data, 32, "cpu")[0] * vae.config.scaling_factor
+    clusters, _ = ddm.fit_clusters(z0, k, dims=dims, seed=seed)
+    root = data.root.resolve()
+    labels = [None if g < 0 else data.group_names[g] for g in data.groups]
+    entries = [(path, str(path.resolve().relative_to(root)), {"text": text, "group": f"cluster{c}", "label": label,
+                                                               "source": str(path.resolve())})
+               for path, text, label, c in zip(data.files, data.texts, labels, clusters.tolist())]
+    return write_folder(out_dir, entries, link=link, overwrite=overwrite), torch.bincount(clusters, minlength=k)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,7 +398,7 @@ class ImageFolder(torch.utils.data.Dataset):
     deterministic (no random crop), which keeps resumed training runs exactly reproducible.
     """
 
-    def __init__(self, root, resolution, center_crop=True):
+    def __init__(self, root, resolution, center_crop=True, need_groups=True):
         self.root = Path(root)
         self.resolution = resolution
         self.center_crop = center_crop
@@ -381,9 +425,10 @@ class ImageFolder(torch.utils.data.Dataset):
         if not records:
             raise ValueError(f"{meta}: no images listed")
         self.group_names = sorted({r[3] for r in records if r[3] is not None})
-        if not self.group_names:
+        # need_groups=False: `make_cluster_folder` reads unlabelled folders, the groups are what it makes
+        if need_groups and not self.group_names:
             raise ValueError(f"{meta}: field 'group' is null on every line; DDM needs at least two labelled groups")
-        if len(self.group_names) < 2:
+        if need_groups and len(self.group_names) < 2:
             raise ValueError(f"{meta}: field 'group' takes only the value {self.group_names[0]!r} on every line; "
                              f"DDM needs at least two groups")
         index = {g: k for k, g in enumerate(self.group_names)}
@@ -492,16 +537,42 @@ def main(argv=None):
     c.add_argument("--seed", type=int, default=0, help="seeds which images are drawn")
     c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
     c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
+    c = commands.add_parser("clusters", help="ours: a copy of a data folder whose groups are clusters of its images "
+                                             "(no labels needed)",
+                            description="Group the images of DATA without labels: a K-component Gaussian mixture "
+                                        "with free sizes on their VAE latents (ddm.fit_clusters). Writes OUT: the "
+                                        "images, and a metadata.jsonl whose groups are cluster0..cluster<K-1> (a "
+                                        "previous group stays as 'label', for you to compare).")
+    c.add_argument("--data", required=True, type=Path, help="a data folder (metadata.jsonl + images), groups optional")
+    c.add_argument("--vae", required=True, help="the model whose latents are clustered: an SD folder, its vae/, "
+                                                "or a single-file checkpoint")
+    c.add_argument("--k", required=True, type=int, help="number of clusters (>= 2)")
+    c.add_argument("--resolution", type=int, default=512, help="the resolution train.py will use (default 512)")
+    c.add_argument("--dims", type=int, default=10, help="principal components of the latents clustered (default 10)")
+    c.add_argument("--out", required=True, type=Path, help="the data folder to write")
+    c.add_argument("--seed", type=int, default=0, help="seeds the mixture's initial centres")
+    c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
+    c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
     args = parser.parse_args(argv)
+    try:
+        return celeba(parser, args) if args.command == "celeba" else clusters(args)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"data.py: error: {e}")
+
+
+def clusters(args):
+    out, sizes = make_cluster_folder(args.out, args.data, args.vae, args.k, resolution=args.resolution,
+                                     dims=args.dims, seed=args.seed, link=args.link, overwrite=args.overwrite)
+    print(f"wrote {int(sizes.sum())} images in {args.k} clusters (sizes {sizes.tolist()}) and metadata.jsonl to {out}")
+    return out
+
+
+def celeba(parser, args):
     counts = tuple(int(n) for n in args.counts.split(",") if n.strip().lstrip("-").isdigit())
     if len(counts) != 2 or len(args.counts.split(",")) != 2:
         parser.error(f"--counts must be two integers WITH,WITHOUT, e.g. 800,200, got {args.counts!r}")
-    try:
-        out = make_attribute_folder(args.out, args.images, args.attributes, args.attribute, counts, args.prompt,
-                                    group_names=args.group_names, seed=args.seed, link=args.link,
-                                    overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"data.py: error: {e}")
+    out = make_attribute_folder(args.out, args.images, args.attributes, args.attribute, counts, args.prompt,
+                                group_names=args.group_names, seed=args.seed, link=args.link, overwrite=args.overwrite)
     names = args.group_names or (args.attribute, f"not {args.attribute}")
     print(f"wrote {sum(counts)} images ({names[0]}: {counts[0]}, {names[1]}: {counts[1]}) and metadata.jsonl to {out}")
     return out

@@ -189,6 +189,34 @@ def plain_indicator(b, indicator, hp):
     return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups), **accuracies(logits, b.groups)}
 
 
+def fit_clusters(z0, k, dims=10, iters=100, seed=0):
+    """Ours, the label-free indicator (the abstract's "without requiring predefined sensitive attributes"): a
+    K-component Gaussian mixture with full covariances and FREE weights on the clean latents z0 (N, ...), fit by EM
+    (Bishop 2006, sec. 9.2.2) on their top `dims` principal components, from k-means++ centres. Free weights let a
+    small group keep a small cluster of its own; equal-size self-labelling would split the majority instead.
+    -> (cluster of each latent (N,), mixture weights (K,)). Its clusters stand in for groups: `data.py clusters`."""
+    x = z0.flatten(1).double()
+    x = x - x.mean(0)
+    x = x @ torch.linalg.svd(x, full_matrices=False).Vh[:min(dims, *x.shape)].T  # (N, d)
+    n, d = x.shape
+    if not 2 <= k <= n:
+        raise ValueError(f"k must lie in [2, {n}] (the number of latents), got {k}")
+    gen = torch.Generator().manual_seed(seed)
+    centres = x[torch.randint(n, (1,), generator=gen)]
+    while len(centres) < k:  # k-means++: the next centre drawn in proportion to the squared distance to the nearest
+        d2 = torch.cdist(x, centres).min(1).values ** 2
+        centres = torch.cat([centres, x[torch.multinomial(d2 + 1e-12, 1, generator=gen)]])
+    r = F.one_hot(torch.cdist(x, centres).argmin(1), k).double()  # (N, K) responsibilities
+    ridge = 1e-3 * x.var(0).mean() * torch.eye(d, dtype=x.dtype)  # keeps a small cluster's covariance invertible
+    for _ in range(iters):
+        nk = r.sum(0).clamp(min=1e-9)  # M step: weights, means, covariances from the responsibilities
+        mu = (r.T @ x) / nk[:, None]
+        cov = torch.stack([(r[:, j, None] * (x - mu[j])).T @ (x - mu[j]) / nk[j] for j in range(k)]) + ridge
+        log_p = torch.distributions.MultivariateNormal(mu, cov).log_prob(x[:, None])  # E step: (N, K)
+        r = (log_p + (nk / n).log()).softmax(1)
+    return r.argmax(1), r.mean(0)
+
+
 def logged(value, groups):
     """A part for the log: NaN (not measured, left out of the step's mean) when the batch has no labelled image."""
     return value.detach() if (groups >= 0).any() else torch.full_like(value, float("nan"))

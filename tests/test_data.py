@@ -356,3 +356,57 @@ def test_alpha_palette_and_cmyk_images_convert_to_the_expected_rgb(tmp_path):
     cmyk = Image.new("CMYK", (2, 1), (0, 0, 0, 0))  # no ink: white
     cmyk.putpixel((1, 0), (255, 0, 0, 0))  # full cyan
     assert np.asarray(data.load_rgb(_saved(tmp_path, cmyk, "c.tif"))).tolist() == [[[255] * 3, [0, 255, 255]]]
+
+
+def _tiny_vae(folder):
+    """A random tiny VAE written as a diffusers vae/ folder (random weights still map dark and bright apart)."""
+    from safetensors.torch import save_file
+    from vae import VAE, VAEConfig, vae_diffusers_config, vae_to_diffusers
+    cfg = VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, num_groups=4)
+    torch.manual_seed(0)
+    vae = VAE(cfg)
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in vae_to_diffusers(vae.state_dict(), cfg).items()},
+              str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(vae_diffusers_config(cfg)))
+    return folder
+
+
+def test_cluster_folder_gives_unlabelled_images_groups_of_free_size(tmp_path):
+    """`data.py clusters` (ours): 24 dark and 6 bright images, half of them labelled, become two clusters of 24
+    and 6; captions and labels are kept, the images copied, and train.py's ImageFolder reads the groups."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(30):
+        bright = k % 5 == 0
+        pixels = rng.integers(200, 256, (16, 16, 3)) if bright else rng.integers(0, 40, (16, 16, 3))
+        name = f"sub/{k:02d}.png" if k < 3 else f"{k:02d}.png"
+        Image.fromarray(pixels.astype(np.uint8)).save(src / name)
+        rows.append({"file_name": name, "text": f"caption {k}", "group": ("bright" if bright else "dark")
+                     if k % 2 else None})
+    (src / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    vae = _tiny_vae(tmp_path / "vae")
+    out = data.main(["clusters", "--data", str(src), "--vae", str(vae), "--k", "2", "--resolution", "16",
+                     "--out", str(tmp_path / "out")])
+    written = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [w["file_name"] for w in written] == [r["file_name"] for r in rows]
+    assert [w["text"] for w in written] == [r["text"] for r in rows]
+    assert [w["label"] for w in written] == [r["group"] for r in rows]
+    bright = {w["group"] for k, w in enumerate(written) if k % 5 == 0}
+    dark = {w["group"] for k, w in enumerate(written) if k % 5}
+    assert len(bright) == 1 and len(dark) == 1 and bright != dark  # 6 and 24: the small group keeps its cluster
+    assert all((out / r["file_name"]).read_bytes() == (src / r["file_name"]).read_bytes() for r in rows)
+    dataset = data.ImageFolder(out, 16)
+    assert dataset.group_names == ["cluster0", "cluster1"] and sorted(np.bincount(dataset.groups)) == [6, 24]
+    with pytest.raises(SystemExit, match=r"metadata.jsonl exists; pass --overwrite"):
+        data.main(["clusters", "--data", str(src), "--vae", str(vae), "--k", "2", "--resolution", "16",
+                   "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"is its own source"):
+        data.main(["clusters", "--data", str(src), "--vae", str(vae), "--k", "2", "--resolution", "16",
+                   "--out", str(src), "--overwrite"])
+    assert (src / "metadata.jsonl").read_text().splitlines()[0] == json.dumps(rows[0])  # untouched
+    with pytest.raises(SystemExit, match=r"data.py: error: k must lie in \[2, 30\]"):
+        data.main(["clusters", "--data", str(src), "--vae", str(vae), "--k", "1", "--resolution", "16",
+                   "--out", str(tmp_path / "k1")])

@@ -168,3 +168,20 @@ def test_null_groups_load_as_unlabelled(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({**r, "group": None}) + "\n" for r in rows))
     with pytest.raises(ValueError, match="null on every line"):
         ImageFolder(tmp_path, 8)
+
+
+def test_fit_clusters_lets_a_small_group_keep_its_own_cluster():
+    """Free mixture weights (ours, the label-free indicator): a 9 : 1 mix whose majority is spread wide along one
+    axis. Equal-size clustering would cut the majority in two; the mixture finds the minority and its share."""
+    g = torch.Generator().manual_seed(0)
+    major = torch.randn(360, 16, generator=g) * torch.tensor([4.0] + [1.0] * 15)  # wide along axis 0
+    minor = torch.randn(40, 16, generator=g) + torch.tensor([0.0, 7.0] + [0.0] * 14)  # 7 away along axis 1
+    truth = torch.tensor([0] * 360 + [1] * 40)
+    clusters, weights = ddm.fit_clusters(torch.cat([major, minor]).view(400, 4, 2, 2), 2, dims=4)
+    small = int(weights.argmin())
+    assert ((clusters == small) == (truth == 1)).float().mean() >= 0.99
+    assert weights[small].item() == pytest.approx(0.1, abs=0.01) and weights.sum().item() == pytest.approx(1.0)
+    again, _ = ddm.fit_clusters(torch.cat([major, minor]).view(400, 4, 2, 2), 2, dims=4)
+    assert torch.equal(clusters, again)  # seeded
+    with pytest.raises(ValueError, match=r"k must lie in \[2, 360\]"):
+        ddm.fit_clusters(major.view(360, 4, 2, 2)[:400], 1)
