@@ -16,7 +16,7 @@ Stable Diffusion v1.x (VAE, UNet, CLIP text encoder with CLIP's real tokenizer),
   5. evaluation   per model: N images of the generic prompt (FD) and N/2 per group prompt (SPD), judged by the
                   classifier; quality: confidence, the share outside the groups, Frechet to held-out real digits
                   overall and per group; the indicator's accuracy and balanced accuracy while training
-  6. CFG check    FD of plain and of the best method at guidance 1 and 7.5 besides the default 3
+  6. CFG check    FD of plain and of the best method at guidance 3 and 7.5 besides the default 1 (no CFG)
   7. report       RUN/report.md (verdict table, then every seed), report.json, grids/*.png; the verdict is printed
 
     python reproduce.py                                   # runs/repro, ~20 min on one CPU core
@@ -66,7 +66,7 @@ TINY = {  # train.py --init-config: the SD classes, tiny (UNet 1.0M weights; tex
     "vae": {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "num_groups": 8},  # 32 px -> 4 x 8 x 8 latents
     "unet": {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
              "num_heads": 4, "context_dim": 64, "num_groups": 8, "sample_size": 8},  # latents 8x8 -> 4x4
-    "text_encoder": {"width": 64, "layers": 2, "heads": 4, "mlp": 256},
+    "text_encoder": {"width": 64, "layers": 2, "heads": 4, "mlp": 256, "max_position": 16},  # captions: 6 tokens
 }
 TRAIN_PER_DIGIT = 400  # train digits per class (500 shipped, 100 held out for the judge and the Frechet reference)
 CAPTION_DROPOUT = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
@@ -83,15 +83,17 @@ class Sizes:
     base_steps: int = 800
     base_batch: int = 64
     base_lr: float = 1e-3
-    ft_steps: int = 100
+    ft_steps: int = 60  # with 3e-4: about the bias of 100 steps at 2e-4 (docs/reproduction.md), in the budget
     ft_batch: int = 32
-    ft_lr: float = 2e-4
+    ft_lr: float = 3e-4
     indicator_lr: float = 1e-3  # our noise-aware indicators start from scratch beside a trained UNet
     n_generic: int = 500  # images per model from the generic prompt (FD): SE(FD) ~ 0.025 at p = 0.8
     n_per_group: int = 100  # ... and from each group prompt (SPD)
     sample_steps: int = 10  # DDIM; an earlier run at 15 steps gave the same verdict, at 1.4x the sampling cost
-    guidance: float = 3.0  # classifier-free guidance scale
-    cfg_check: tuple = (1.0, 7.5)  # other CFG scales at which plain and the best method are measured too
+    # classifier-free guidance of the main table: 1, the model's own distribution (the bias it learned, before CFG
+    # amplifies it), at half the cost of s > 1; the group prompts then still miss, so SPD has something to tell
+    guidance: float = 1.0
+    cfg_check: tuple = (3.0, 7.5)  # other CFG scales at which plain and the best method are measured too
     grid_n: int = 32  # images per model in the grids
 
 
@@ -109,6 +111,8 @@ class Method:
     labelled: float = 1.0  # share of the fine-tuning images that keep their group label
     source: str = None
     indicator_guidance: float = 0.0
+    clusters: int = 0  # > 0: no labels; the groups are this many clusters per group of the data (data.py clusters)
+    default: bool = True  # in the default --methods
 
     @property
     def objective(self):
@@ -129,6 +133,12 @@ METHODS = [
            labelled=0.1),
     Method("guided-3", "plain + indicator guidance 3 (ours)", source="plain", indicator_guidance=3.0),
     Method("guided-10", "plain + indicator guidance 10 (ours)", source="plain", indicator_guidance=10.0),
+    # the stretch, no labels at all: a noise-aware indicator learns clusters of the clean latents, guidance 10
+    # toward uniform clusters. Not in the default set (the 20-minute budget); `--methods plain,clusters,clusters-2x`
+    Method("clusters", "plain + cluster guidance 10, K = groups, no labels (ours)", ("--objective",
+           "plain-indicator", *NOISE_AWARE), indicator_guidance=10.0, clusters=1, default=False),
+    Method("clusters-2x", "plain + cluster guidance 10, K = 2 x groups, no labels (ours)", ("--objective",
+           "plain-indicator", *NOISE_AWARE), indicator_guidance=10.0, clusters=2, default=False),
 ]
 BY_NAME = {m.name: m for m in METHODS}
 
@@ -251,6 +261,12 @@ def train_stats(run_dir, last=50):
     for key, name in (("acc", "indicator_acc"), ("bacc", "indicator_bacc")):
         values = [r[key] for r in lines if r.get(key) is not None]
         out[name] = float(np.mean(values)) if values else None
+    meta = Path(json.loads((Path(run_dir) / "run.json").read_text())["config"]["data"]) / "metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    if "label" in rows[0]:  # a label-free run: what each of its clusters holds, by the labels training never read
+        labels, clusters = sorted({r["label"] for r in rows}, key=str), sorted({r["group"] for r in rows})
+        out["clusters"] = {c: {str(g): sum(r["group"] == c and r["label"] == g for r in rows) for g in labels}
+                           for c in clusters}
     return out
 
 
@@ -260,16 +276,19 @@ def train_stats(run_dir, last=50):
 
 def sample_scenarios(models, groups, sizes, *, guide=None, guidance=None, generic_only=False, progress=True):
     """(generic images, group images, group requested per image), uint8 (N,32,32,3). Image k of a scenario uses
-    noise seed k in every model, so models are compared on identical starting noise. guide = (indicator, scale):
-    a generic image's target group is drawn uniformly with its own seed; a group prompt's target is its group."""
+    noise seed k in every model, so models are compared on identical starting noise. guide = (indicator, scale,
+    label-free): a generic image's target group is drawn uniformly with its own seed; a group prompt's target is its
+    group, or for a label-free indicator (clusters, which name no group) a uniform draw like every other image's."""
     requested = [] if generic_only else [g for g in groups for _ in range(sizes.n_per_group)]
     prompts = [GENERIC_PROMPT] * sizes.n_generic + [group_prompt(g) for g in requested]
     # group prompts take seeds from 10,000 on: disjoint from the generic images' 0..n_generic-1 (n_generic <= 10,000)
     seeds = list(range(sizes.n_generic)) + list(range(10_000, 10_000 + len(requested)))
     if guide is not None:
-        targets = (sample.draw_targets(seeds[:sizes.n_generic], ddm.parse_target("uniform", groups))
-                   + [groups.index(g) for g in requested])
-        guide = (guide[0], targets, guide[1])
+        indicator, scale, label_free = guide
+        uniform = torch.full((indicator.num_groups,), 1 / indicator.num_groups)
+        targets = (sample.draw_targets(seeds, uniform) if label_free else
+                   sample.draw_targets(seeds[:sizes.n_generic], uniform) + [groups.index(g) for g in requested])
+        guide = (indicator, targets, scale)
     images = sample.generate(models, prompts, seeds, steps=sizes.sample_steps, guidance=guidance or sizes.guidance,
                              height=RESOLUTION, width=RESOLUTION, batch_size=100, progress=progress, guide=guide)
     return images[:sizes.n_generic], images[sizes.n_generic:], requested
@@ -298,7 +317,8 @@ def evaluate_model(models, indicator, method, judge, groups, sizes, *, guidance=
     """One model's numbers: balance (FD, SPD), quality (confidence, share outside the groups, Frechet overall and
     per group), and for the authors' DDM its indicator's entropy on the generated images."""
     classifier, reference = judge
-    guide = (indicator, method.indicator_guidance) if method and method.indicator_guidance else None
+    guide = (indicator, method.indicator_guidance, method.clusters > 0) if method and method.indicator_guidance \
+        else None
     generic, grouped, requested = sample_scenarios(models, groups, sizes, guide=guide, guidance=guidance,
                                                    generic_only=generic_only, progress=progress)
     entropy_of = indicator is not None and method.objective == "ddm"
@@ -452,8 +472,9 @@ def parse_args(argv=None):
     p.add_argument("--groups", default="7,8", help="the digits whose balance is judged, K >= 2 (default 7,8)")
     p.add_argument("--counts", default="360,40", help="fine-tuning images per group, in --groups order, at most "
                                                       f"{TRAIN_PER_DIGIT} each (default 360,40: 9 : 1)")
-    p.add_argument("--methods", default=",".join(m.name for m in METHODS),
-                   help=f"comma-separated, from {', '.join(BY_NAME)} (default: all)")
+    p.add_argument("--methods", default=",".join(m.name for m in METHODS if m.default),
+                   help=f"comma-separated, from {', '.join(BY_NAME)} (default: all but the label-free clusters "
+                        "methods)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per method (>= 1)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT's results (cached stages are kept)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: these tiny models gain "
@@ -524,12 +545,19 @@ def prepare(args, sizes, timings):
     return (classifier, reference_features), vae_info, base
 
 
-def fine_tune(args, sizes, method, seed, base):
-    """One train.py run of a method on the biased set (cached data folder): its run directory."""
+def fine_tune(args, sizes, method, seed, base, vae):
+    """One train.py run of a method on the biased set (cached data folder): its run directory. A label-free method
+    reads a copy whose groups are clusters of the images' latents under the VAE (one clustering per seed)."""
     s = {"counts": args.counts, "labelled": method.labelled}
     biased = cached(stage_dir(args.cache, "data-biased", s), s,
                     lambda f: build_folder(f, args.counts, 1, method.labelled),
                     f"biased set, {method.labelled:.0%} labelled")
+    if method.clusters:
+        k = method.clusters * len(args.groups)
+        s = {"data": s, "vae": vae, "k": k, "seed": seed}
+        biased = cached(stage_dir(args.cache, "data-clusters", s), s, lambda f: {"path": str(data.make_cluster_folder(
+            f / "images", biased["path"], vae["path"], k, resolution=RESOLUTION, seed=seed)[0])},
+                        f"biased set in {k} clusters, seed {seed}")
     extra = ["--indicator-lr", str(sizes.indicator_lr)] if method.objective in ddm.NOISE_AWARE else []
     return train.train(["--model", base["path"], "--data", biased["path"], "--out",
                         str(args.out / "finetune" / f"{method.name}-seed{seed}"), "--lora-rank", "0",
@@ -561,7 +589,7 @@ def run(args):
         for name in dict.fromkeys(m.source or m.name for m in methods):
             tqdm.write(f"[fine-tune] {name}, seed {seed}")
             t0 = time.time()
-            runs[name, seed] = fine_tune(args, sizes, BY_NAME[name], seed, base)
+            runs[name, seed] = fine_tune(args, sizes, BY_NAME[name], seed, base, vae_info)
             timings["finetune"] += time.time() - t0
         for m in methods:
             trained = sample.load_run(runs[m.source or m.name, seed])
@@ -614,6 +642,15 @@ def run(args):
     return report
 
 
+def cluster_lines(rows):
+    """What each cluster of the label-free runs holds, by the labels their training never read (markdown)."""
+    lines = [f"- {r['label']}, seed {r['seed']}: " + "; ".join(
+        f"{c} " + ", ".join(f"{n} × {g}" for g, n in held.items()) for c, held in r["train"]["clusters"].items())
+        for r in rows if "clusters" in r.get("train", {})]
+    return "\n## Clusters of the label-free runs (digits: labels training never read)\n\n" + "\n".join(lines) + "\n" \
+        if lines else ""
+
+
 def report_markdown(report):
     sizes, groups = report["sizes"], report["groups"]
     return f"""# Which indicators debias? Handwritten digits {groups} at {report['counts']} ({report['mode']} run)
@@ -641,7 +678,7 @@ Std is the sample std over seeds.
 ## Every model
 
 {seed_table(report['rows'], groups)}
-
+{cluster_lines(report['rows'])}
 Grids (the same noise seeds in every panel, generic prompt): {', '.join(report['grids'])}
 
 Wall time: {report['timings_s']} s on {report['threads']} thread(s).

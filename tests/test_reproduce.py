@@ -43,7 +43,7 @@ def test_quick_run_writes_a_report_with_every_method_and_every_seed(quick_run):
     out, report = quick_run
     stored = json.loads((out / "report.json").read_text())
     assert stored["rows"] == json.loads(json.dumps(report["rows"]))
-    names = [m.name for m in reproduce.METHODS]
+    names = [m.name for m in reproduce.METHODS if m.default]
     rows = stored["rows"]
     assert [r["method"] for r in rows] == ["base"] + [n for n in names for _ in range(2)]
     assert [r["seed"] for r in rows[1:]] == [0, 1] * len(names)
@@ -69,7 +69,7 @@ def test_quick_run_writes_a_report_with_every_method_and_every_seed(quick_run):
         assert sorted(r["cfg"] for r in stored["cfg_rows"] if r["method"] == name) == sorted(
             [reproduce.QUICK.guidance, *reproduce.QUICK.cfg_check] * 2)
     text = (out / "report.md").read_text()
-    assert all(m.label in text for m in reproduce.METHODS) and "## Verdict" in text and "CFG scale" in text
+    assert all(m.label in text for m in reproduce.METHODS if m.default) and "## Verdict" in text and "CFG scale" in text
     for grid in stored["grids"]:
         with Image.open(out / grid) as img:
             assert img.width > img.height > 0
@@ -78,7 +78,7 @@ def test_quick_run_writes_a_report_with_every_method_and_every_seed(quick_run):
 
 def test_three_groups_run_end_to_end(tmp_path, cache):
     report = quick(["--out", str(tmp_path / "k3"), "--cache", str(cache), "--groups", "8,1,7", "--counts",
-                    "5,30,10", "--methods", "plain,balanced,guided-3", "--seeds", "1"])
+                    "5,30,10", "--methods", "plain,balanced,guided-3,clusters", "--seeds", "1"])
     assert report["groups"] == [1, 7, 8] and report["counts"] == {"1": 30, "7": 10, "8": 5}
     assert report["fd_max"] == pytest.approx(math.sqrt(2 / 3))
     for r in report["rows"]:
@@ -90,6 +90,11 @@ def test_three_groups_run_end_to_end(tmp_path, cache):
         "counts"] == {"1": 30, "7": 10, "8": 5})
     digits = [json.loads(line)["group"] for line in (folder / "images" / "metadata.jsonl").read_text().splitlines()]
     assert [digits.count(d) for d in (1, 7, 8)] == [30, 10, 5]
+    # the label-free method: its run's groups are 3 clusters of that set, the labels kept aside for the report
+    clusters = next(r for r in report["rows"] if r["method"] == "clusters")["train"]["clusters"]
+    assert list(clusters) == ["cluster0", "cluster1", "cluster2"]
+    assert [sum(c[d] for c in clusters.values()) for d in ("1", "7", "8")] == [30, 10, 5]
+    assert "## Clusters of the label-free runs" in text and "cluster0 " in text
 
 
 @pytest.mark.parametrize("argv, message", [
