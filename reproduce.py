@@ -12,14 +12,15 @@ Stable Diffusion v1.x (VAE, UNet, CLIP text encoder with CLIP's real tokenizer),
                   captions half generic ("a handwritten digit"), half naming the digit, 10% dropped for guidance
   4. fine-tunes   the base on the BIASED set, one run per method and seed (METHODS below): the authors' `ddm`, the
                   paper figure's `ddm-x0`, and ours (`balanced`, `indicator-weighted` with 100% and 10% labels,
-                  plain + indicator guidance at two scales), beside a plain fine-tune
+                  plain + indicator guidance at two scales), beside a plain fine-tune; opt-in, without labels:
+                  guidance toward uniform clusters of the latents (`clusters`, `clusters-2x`)
   5. evaluation   per model: N images of the generic prompt (FD) and N/2 per group prompt (SPD), judged by the
                   classifier; quality: confidence, the share outside the groups, Frechet to held-out real digits
                   overall and per group; the indicator's accuracy and balanced accuracy while training
   6. CFG check    FD of plain and of the best method at guidance 3 and 7.5 besides the default 1 (no CFG)
   7. report       RUN/report.md (verdict table, then every seed), report.json, grids/*.png; the verdict is printed
 
-    python reproduce.py                                   # runs/repro, ~20 min on one CPU core
+    python reproduce.py                                   # runs/repro, ~16 min on one CPU core
     python reproduce.py --quick                           # CI's smoke test sizes
     python reproduce.py --groups 1,7,8 --counts 300,60,20 --methods plain,balanced --seeds 5 --out runs/k3
 
