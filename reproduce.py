@@ -14,7 +14,7 @@ Stable Diffusion v1.x (VAE, UNet, CLIP text encoder with CLIP's real tokenizer),
                   paper figure's `ddm-x0`, and ours (`balanced`, `indicator-weighted` with 100% and 10% labels,
                   plain + indicator guidance at two scales), beside a plain fine-tune; opt-in, without labels:
                   guidance toward uniform clusters of the latents (`clusters`, `clusters-2x`)
-  5. evaluation   per model: N images of the generic prompt (FD) and N/2 per group prompt (SPD), judged by the
+  5. evaluation   per model: 500 images of the generic prompt (FD) and 100 per group prompt (SPD), judged by the
                   classifier; quality: confidence, the share outside the groups, Frechet to held-out real digits
                   overall and per group; the indicator's accuracy and balanced accuracy while training
   6. CFG check    FD of plain and of the best method at guidance 3 and 7.5 besides the default 1 (no CFG)
