@@ -27,7 +27,7 @@ Real images: `make_attribute_folder` draws a biased set from any images labelled
 
 No labels (ours, the abstract's "without requiring predefined sensitive attributes"): `make_cluster_folder` gives
 a folder's images clusters of their VAE latents as groups (`ddm.fit_clusters`); train a noise-aware indicator on
-them and guide toward uniform clusters (README, "Change the loss"):
+them and guide toward uniform clusters (README, "Real Stable Diffusion"):
 
     python data.py clusters --data my_data/ --vae sd-v1-5/ --k 3 --out my_data_clusters/
 """

@@ -286,7 +286,7 @@ def sample_scenarios(models, groups, sizes, *, guide=None, guidance=None, generi
     seeds = list(range(sizes.n_generic)) + list(range(10_000, 10_000 + len(requested)))
     if guide is not None:
         indicator, scale, label_free = guide
-        uniform = torch.full((indicator.num_groups,), 1 / indicator.num_groups)
+        uniform = ddm.parse_target("uniform", range(indicator.num_groups))
         targets = (sample.draw_targets(seeds, uniform) if label_free else
                    sample.draw_targets(seeds[:sizes.n_generic], uniform) + [groups.index(g) for g in requested])
         guide = (indicator, targets, scale)
