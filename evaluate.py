@@ -54,6 +54,7 @@ from safetensors.torch import save_file
 
 import clip_image
 import data
+import sample
 from ddm import fairness_discrepancy, group_proportions, mean_entropy, statistical_parity_difference
 
 DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent / "runs" / "digit_classifier.safetensors"
@@ -532,7 +533,7 @@ def main(argv=None):
                    help="real images -> Frechet distance in CLIP image-feature space (thousands for a stable one)")
     g.add_argument("--prompt", help="for folders without sample.py's samples.json: their prompt, for the CLIP "
                                     "score (folders with one use the prompts it records)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    g.add_argument("--device", type=sample.device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where CLIP runs (default: cuda if available, else cpu)")
     g.add_argument("--batch-size", type=int, default=32, help="images per CLIP forward pass")
     args = parser.parse_args(argv)
@@ -598,12 +599,6 @@ def main_clip(args, parser):
         parser.error("--groups picks digit classes; with --clip the groups are the --attributes")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as e:
-        parser.error(f"--device: {e}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but no CUDA device is available")
     attributes = list(args.attributes)
     try:
         if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):

@@ -581,6 +581,17 @@ GRID_MAX = 64  # grid.png shows at most the first 64 images: an evaluation run o
 IMAGE_NAME = re.compile(r"[0-9]+\.png")  # the images a run writes, beside grid.png and samples.json
 
 
+def device_arg(spec):
+    """argparse type of --device (here and in evaluate.py): a torch.device that this machine has."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda asked for, but no CUDA device is available")
+    return device
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Generate images from a Stable Diffusion v1.x checkpoint.")
     p.add_argument("--model", required=True, help="diffusers SD folder or single-file .safetensors/.ckpt")
@@ -606,7 +617,7 @@ def build_parser():
     g.add_argument("--indicator-guidance", type=float, default=0.0, metavar="S", help="guidance scale (0: off)")
     g.add_argument("--target", default="uniform", help="group shares the targets are drawn from: uniform or "
                                                        "NAME=SHARE,...")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     # Half-precision weights run as they are, without autocast (as diffusers' fp16 pipelines do; group norms stay
     # float32): autocast cost ~10% per UNet call on an H200 (README, Speed and memory).
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -660,12 +671,6 @@ def parse_args(argv=None):
         args.previous_outputs = previous_outputs(Path(args.out), args.overwrite, args.files)
     except (OSError, ValueError) as e:
         p.error(f"--out {args.out}: {e}")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device: {e}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda asked for, but no CUDA device is available")
     if args.dtype is None:
         args.dtype = "float16" if args.device.type == "cuda" else "float32"
     if args.device.type == "cpu" and args.dtype != "float32":

@@ -333,7 +333,8 @@ def test_clip_cli_bad_inputs_give_clear_messages(tiny_clip, heldout, tmp_path, c
         evaluate.main([str(plain), "--clip", str(tmp_path), "--attributes", *ATTRIBUTES, "--prompt", "x"])
     for argv, message in (([str(plain), "--attributes", *ATTRIBUTES], "--attributes is for the CLIP classifier"),
                           ([str(plain), "--clip", folder, "--attributes", "a man"], "at least two texts"),
-                          ([str(plain), *clip, "--groups", "7", "8"], "--groups picks digit classes")):
+                          ([str(plain), *clip, "--groups", "7", "8"], "--groups picks digit classes"),
+                          ([str(plain), *clip, "--device", "gpu0"], "--device")):
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -367,6 +367,7 @@ def test_cli_writes_images_grid_and_a_readable_record(tiny, tmp_path):
     ({"--model": "/nonexistent/sd"}, "does not exist"),
     ({"--prompts": "/nonexistent/prompts.txt"}, "is not a file"),
     ({"--dtype": "float16"}, "the CPU runs float32"),
+    ({"--device": "gpu0"}, "--device"),
 ])
 def test_cli_rejects_bad_arguments_before_loading_weights(tiny, tmp_path, monkeypatch, capsys, change, message):
     _, _, folder = tiny
