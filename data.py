@@ -288,7 +288,7 @@ def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=
     read by training: it lets you see what the clusters found). Images are copied, or symlinked with link=True."""
     data = ImageFolder(data_dir, resolution, need_groups=False)
     vae = load_vae(vae_path)
-    z0 = encode_dataset(vae, data, 32, "cpu")[0] * vae.config.scaling_factor
+    z0 = encode_dataset(vae, data, 32, "cpu")[0] * vae.config.scaling_factor  # posterior means; 32 images a batch
     clusters, _ = ddm.fit_clusters(z0, k, dims=dims, seed=seed)
     root = data.root.resolve()
     labels = [None if g < 0 else data.group_names[g] for g in data.groups]

@@ -193,7 +193,10 @@ def fit_clusters(z0, k, dims=10, iters=100, seed=0):
     """Ours, the label-free indicator (the abstract's "without requiring predefined sensitive attributes"): a
     K-component Gaussian mixture with full covariances and FREE weights on the clean latents z0 (N, ...), fit by EM
     (Bishop 2006, sec. 9.2.2) on their top `dims` principal components, from k-means++ centres. Free weights let a
-    small group keep a small cluster of its own; equal-size self-labelling would split the majority instead.
+    small group keep a small cluster of its own; equal-size self-labelling would split the majority instead. Few
+    dimensions keep a full covariance (d(d+1)/2 numbers: 55 at d = 10) estimable from a 40-image cluster; on the
+    digits' 256-d latents the mixture split the 7s instead of finding the 8s. 100 EM steps: on the 9 : 1 digits the
+    assignments stopped changing after 30-100 steps (K = 2 and 4, seeds 0-2) and 300 steps changed none.
     -> (cluster of each latent (N,), mixture weights (K,)). Its clusters stand in for groups: `data.py clusters`."""
     x = z0.flatten(1).double()
     x = x - x.mean(0)

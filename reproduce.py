@@ -238,6 +238,12 @@ def build_folder(folder, counts, seed, labelled=1.0):
     return {"path": str(folder / "images"), "counts": {str(k): v for k, v in counts.items()}, "labelled": labelled}
 
 
+def build_cluster_folder(folder, source, vae_path, k, seed):
+    """A copy of the data folder `source` whose groups are k clusters of its latents (no labels: `data.py clusters`)."""
+    _, sizes = data.make_cluster_folder(folder / "images", source, vae_path, k, resolution=RESOLUTION, seed=seed)
+    return {"path": str(folder / "images"), "cluster_sizes": sizes.tolist()}
+
+
 def common_train_args(batch, steps, lr, seed, progress):
     return ["--resolution", str(RESOLUTION), "--batch-size", str(batch), "--grad-accum", "1", "--max-steps",
             str(steps), "--lr", str(lr), "--seed", str(seed), "--caption-dropout", str(CAPTION_DROPOUT),
@@ -556,8 +562,8 @@ def fine_tune(args, sizes, method, seed, base, vae):
     if method.clusters:
         k = method.clusters * len(args.groups)
         s = {"data": s, "vae": vae, "k": k, "seed": seed}
-        biased = cached(stage_dir(args.cache, "data-clusters", s), s, lambda f: {"path": str(data.make_cluster_folder(
-            f / "images", biased["path"], vae["path"], k, resolution=RESOLUTION, seed=seed)[0])},
+        biased = cached(stage_dir(args.cache, "data-clusters", s), s,
+                        lambda f: build_cluster_folder(f, biased["path"], vae["path"], k, seed),
                         f"biased set in {k} clusters, seed {seed}")
     extra = ["--indicator-lr", str(sizes.indicator_lr)] if method.objective in ddm.NOISE_AWARE else []
     return train.train(["--model", base["path"], "--data", biased["path"], "--out",
