@@ -1,26 +1,21 @@
 """A train.py run directory and the diffusers export: everything training writes to disk and reads back.
 
-    train.lock           an exclusive fcntl lock held by the one train.py writing the run (the file holds its pid)
-    run.json             the arguments, the configuration a resume must repeat (RESUME_FIELDS), the model configs,
-                         the group names, the base model (an absolute path, or "base" for a from-scratch run), and
-                         the data's fingerprint (a resume over changed data is refused)
+    train.lock           the fcntl lock of the one train.py writing the run (the file holds its pid)
+    run.json             the arguments, the configuration a resume must repeat (RESUME_FIELDS and the objective's
+                         flags), the model configs, group names, base model, and the data's fingerprint
     base/                from-scratch runs only: the initial random models as a diffusers folder
-    checkpoint-000500/   the latest checkpoint (written as checkpoint-000500.tmp/, read back, renamed; the older one
-                         is deleted only afterwards): unet[_lora].safetensors, text_encoder[_lora].safetensors when
-                         the text encoder is trained, indicator.safetensors when the objective has one
-                         (ddm.uses_indicator), optimizer.pt (AdamW and fp16 loss-scaler state, read back with
-                         weights_only=True), state.json (step, elapsed time, per-rank weight hashes)
+    checkpoint-000500/   the latest checkpoint, written as checkpoint-000500.tmp/, read back, renamed, and only then
+                         the older one deleted: unet[_lora], text_encoder[_lora] (when trained) and indicator (when
+                         the objective has one) .safetensors, optimizer.pt, state.json (step, time, rank hashes)
     log.jsonl            one line per step: step, loss, every part the objective reports, lr, grad_norm, time
     validation/step_000500/00.png …     with --validation-prompt
 
 Only these names are touched: a user's checkpoint-000500-bak/ or notes beside them stay as they are. A resume takes
-the newest checkpoint that reads whole, naming any broken one it passes over. No tensor that is NaN or infinite is
-ever written. `sample.load_run` reads a run back (its base model, the trained tensors, the indicator);
-`export_diffusers` writes any models as a diffusers StableDiffusionPipeline folder.
+the newest checkpoint that reads whole, naming any broken one it passes over; no NaN or infinite tensor is ever
+written. loading.load_run reads a run back; `export_diffusers` writes models as a diffusers pipeline folder.
 """
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import math
@@ -32,9 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
+import diffusion
 import lora
 import weights
 from clip_text import text_encoder_hf_config
@@ -54,67 +48,6 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})(\.tmp)?")  # exactly what sav
 LOCK_FILE = "train.lock"
 DATA_CHANGES = {"metadata.jsonl": "metadata.jsonl differs",
                 "images": "the images' names, sizes or modification times differ"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing: every failure named by its path
-
-
-class WriteError(OSError):
-    """A write that failed: "no space left on PATH", or "cannot write PATH: reason"."""
-
-
-@contextlib.contextmanager
-def writing(path):
-    """Any failed write in this block as one WriteError naming `path`. torch's writer reports a full disk as
-    "RuntimeError: [enforce fail at inline_container.cc]" with the OSError as its context, safetensors as
-    "SafetensorError: ... (os error 28)"; both are read back to their errno here."""
-    try:
-        yield
-    except WriteError:
-        raise
-    except (OSError, RuntimeError, SafetensorError) as e:
-        cause = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(cause, OSError) and not isinstance(e, SafetensorError):
-            raise  # a RuntimeError that is not about the disk
-        found = re.search(r"os error (\d+)", str(e))
-        code = cause.errno if isinstance(cause, OSError) else int(found[1]) if found else None
-        if code == errno.ENOSPC:
-            raise WriteError(f"no space left on {path}") from e
-        raise WriteError(f"cannot write {path}: {os.strerror(code) if code else e}") from e
-
-
-def write_text(path, text):
-    with writing(path):
-        path.write_text(text)
-
-
-def write_atomic(path, text):
-    """Write a text file atomically (PATH.tmp, then a rename): a reader sees the old file or the new one, never half
-    of one. A failed write leaves no PATH.tmp behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write_text(tmp, text)
-        with writing(path):
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path, obj):
-    write_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
-def save_tensors(tensors, path):
-    with writing(path):
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-
-
-def save_torch(obj, path):
-    """torch.save through a Python file, so that a failed write carries its OSError (torch's own writer drops it)."""
-    with writing(path), open(path, "wb") as f:
-        torch.save(obj, f)
 
 
 def _fsync(path):
@@ -152,11 +85,11 @@ def locked_run_dir(run_dir, new):
         else:
             read_run_json(run_dir)  # a run directory, readable
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()] if new else []  # deepest first
-    with writing(run_dir):
+    with weights.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     import fcntl  # POSIX only, and only here: sample.py imports this file on any system
     while True:
-        with writing(path):
+        with weights.writing(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -228,12 +161,12 @@ def write_run(run_dir, config, models, latent_shape, args, data):
     """A new run directory: base/ for a from-scratch run, and run.json. A failed write leaves neither behind."""
     from_scratch = config["init_config"] is not None
     configs = {k: dataclasses.asdict(getattr(models, k).config) for k in ("unet", "vae", "text_encoder")}
-    with writing(run_dir):
+    with weights.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
         if from_scratch:
             export_diffusers(models, run_dir / "base")
-        write_json(run_dir / "run.json", {
+        weights.write_json(run_dir / "run.json", {
             "format": "ddm-run/1", "config": config, "base": "base" if from_scratch else config["model"],
             "latent_shape": list(latent_shape), "prediction_type": models.prediction_type, "args": args,
             "model_configs": configs,
@@ -245,20 +178,27 @@ def write_run(run_dir, config, models, latent_shape, args, data):
         raise
 
 
-def check_run_dir(run_dir, config, data, *, resume, allow_data_change=False, device="cpu", say=True):
+def check_run_dir(run_dir, config, data, *, resume, defaults=None, allow_data_change=False, device="cpu", say=True):
     """(checkpoint to resume, as read_checkpoint returns it, or None; base model) of a run started with this
     configuration and this data (an ImageFolder, compared by data_fingerprint); (None, None) for a new run, whose
-    directory must be empty or absent (a train.lock aside)."""
+    directory must be empty or absent (a train.lock aside). A field an older run did not record takes its value in
+    `defaults` (the parser's: what that run trained with before the flag existed)."""
     if not resume:
         _check_new(run_dir)
         return None, None
     info = read_run_json(run_dir)
+    defaults = {"objective": "ddm", **(defaults or {})}  # runs before --objective trained the authors' loss
+    older = sorted(f for f in config if f not in info["config"])
     for field, value in config.items():
-        stored = info["config"].get(field, "ddm" if field == "objective" else None)  # runs before --objective
+        stored = info["config"].get(field, defaults.get(field))
         if stored != value:
-            raise ValueError(f"--resume {run_dir}: the run was started with {field}={stored!r}, now {field}="
-                             f"{value!r}; resume with the same arguments (only --max-steps, checkpoint/validation/"
-                             f"hardware flags may change)")
+            raise ValueError(f"--resume {run_dir}: the run was started with {field}={stored!r}"
+                             + (" (the default: run.json records none)" if field in older else "")
+                             + f", now {field}={value!r}; resume with the same arguments (only --max-steps, "
+                               "checkpoint/validation/hardware flags may change)")
+    if older and say:
+        print(f"note: {run_dir / 'run.json'} records no {', '.join(older)} (an older run): taking their defaults",
+              file=sys.stderr)
     now = data_fingerprint(data)
     stored = info.get("data", now)  # runs before the fingerprint have none
     changed = " and ".join(DATA_CHANGES[k] for k in DATA_CHANGES if stored.get(k) != now[k])
@@ -286,14 +226,14 @@ def open_log(run_dir, step):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path}, line {n}: not a log record (a JSON object with a 'step')") from None
-    write_atomic(path, "".join(kept))
-    with writing(path):
+    weights.write_atomic(path, "".join(kept))
+    with weights.writing(path):
         return open(path, "a")
 
 
 def log_step(log, record):
     """One line of log.jsonl; NaN (a part not measured) is written as null."""
-    with writing(log.name):
+    with weights.writing(log.name):
         log.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()})
                   + "\n")
         log.flush()
@@ -449,13 +389,13 @@ def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra):
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f"checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save of this step (the name is ours alone)
-    with writing(tmp):
+    with weights.writing(tmp):
         tmp.mkdir()
     try:
         for file, state_dict in tensors.items():
-            save_tensors(state_dict, tmp / file)
-        save_torch(state, tmp / "optimizer.pt")
-        write_text(tmp / "state.json", json.dumps({"step": step, **extra}, indent=1) + "\n")
+            weights.save_tensors(state_dict, tmp / file)
+        weights.save_torch(state, tmp / "optimizer.pt")
+        weights.write_text(tmp / "state.json", json.dumps({"step": step, **extra}, indent=1) + "\n")
         for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
             _fsync(f)
         _check_read_back(tmp, tensors)
@@ -472,25 +412,14 @@ def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra):
     return final
 
 
-def _load_whole(model, state_dict, name):
-    """Copy all of a model's tensors from a checkpoint (in place, keeping the tensors' layout), strictly."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    bad = [k for k in expected.keys() & state_dict.keys() if expected[k].shape != state_dict[k].shape]
-    if missing or unexpected or bad:
-        raise weights.CheckpointError(f"{name}: {len(missing)} tensors missing {missing[:5]}, {len(unexpected)} "
-                                      f"unexpected {unexpected[:5]}, shapes differ for {sorted(bad)[:5]}")
-    model.load_state_dict(state_dict, strict=True)
-
-
 def load_checkpoint_weights(ckpt, unet, text_encoder, indicator, config):
     """Copy a checkpoint's trained tensors (read_checkpoint) into models built (and LoRA-injected) as the run built
     them."""
     for file, model, rank in checkpoint_parts(unet, text_encoder, indicator, config):
         if rank > 0:
-            lora.load_lora_state_dict(model, ckpt["tensors"][file])
+            lora.load_lora_state_dict(model, ckpt["tensors"][file], str(ckpt["path"] / file))
         else:
-            _load_whole(model, ckpt["tensors"][file], str(ckpt["path"] / file))
+            weights.load_strict(model, ckpt["tensors"][file], str(ckpt["path"] / file), assign=False)
 
 
 def load_checkpoint(ckpt, unet, text_encoder, indicator, config, optimizer, scaler):
@@ -509,10 +438,10 @@ def load_checkpoint(ckpt, unet, text_encoder, indicator, config, optimizer, scal
 # Export as a diffusers folder
 
 SCHEDULER_CONFIG = {  # SD v1.5's scheduler/scheduler_config.json (PNDM with these values; DDIM reads them too)
-    "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "beta_end": 0.012, "trained_betas": None, "prediction_type": "epsilon",
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
-    "timestep_spacing": "leading",
+    "_class_name": "PNDMScheduler", "num_train_timesteps": diffusion.N_TRAIN_TIMESTEPS,
+    "beta_schedule": "scaled_linear", "beta_start": diffusion.BETA_START, "beta_end": diffusion.BETA_END,
+    "trained_betas": None, "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading",
 }
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.21.0",  # informational: loaders read the classes
@@ -527,10 +456,7 @@ def scheduler_config(models):
     """SD v1.5's scheduler config with the model's prediction type; a model trained on another schedule gets that
     schedule's betas listed (trained_betas, β_t = 1 − ᾱ_t/ᾱ_{t−1}), which diffusers and read_schedule take first."""
     config = {**SCHEDULER_CONFIG, "prediction_type": models.prediction_type}
-    c = SCHEDULER_CONFIG  # the scaled-linear schedule this config names: β_t = linspace(√β_start, √β_end, n)²
-    sd = torch.cumprod(1 - torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, c["num_train_timesteps"],
-                                          dtype=torch.float64) ** 2, 0)
-    ac = models.alphas_cumprod.detach().double().cpu()
+    ac, sd = models.alphas_cumprod.detach().double().cpu(), diffusion.sd_schedule()
     if ac.shape != sd.shape or not torch.equal(ac, sd):
         betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
         config.update(num_train_timesteps=len(ac), trained_betas=betas.tolist())
@@ -545,7 +471,7 @@ def write_tokenizer(tokenizer, folder):
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                        encoding="utf-8")
     end = tokenizer.decoder[tokenizer.end_id]
-    write_json(folder / "tokenizer_config.json", {
+    weights.write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length, "do_lower_case": True,
         "bos_token": tokenizer.decoder[tokenizer.start_id], "eos_token": end, "unk_token": end, "pad_token": end})
 
@@ -572,10 +498,10 @@ def export_diffusers(models, out_dir):
         if any(isinstance(m, lora.LoRALinear) for m in model.modules()):
             raise ValueError(f"export needs merged models: the {name} still has LoRA adapters (lora.merge_lora)")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    with writing(tmp):
+    with weights.writing(tmp):
         tmp.mkdir(parents=True)  # fails if it appeared since check_export: then it is not ours to delete
     try:
-        with writing(tmp):  # what is written below without a name of its own (folders) is named by the export's
+        with weights.writing(tmp):  # what is written below without a name of its own (folders) is named by the export's
             _write_diffusers(models, parts, tmp)
             os.replace(tmp, out_dir)
     except BaseException:
@@ -594,9 +520,9 @@ def _write_diffusers(models, parts, tmp):
         else:
             config = text_encoder_hf_config(cfg)
         (tmp / name).mkdir()
-        save_tensors(sd, tmp / name / filename)
-        write_json(tmp / name / "config.json", config)
+        weights.save_tensors(sd, tmp / name / filename)
+        weights.write_json(tmp / name / "config.json", config)
     write_tokenizer(models.tokenizer, tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
-    write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(models))
-    write_json(tmp / "model_index.json", MODEL_INDEX)
+    weights.write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(models))
+    weights.write_json(tmp / "model_index.json", MODEL_INDEX)

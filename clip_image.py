@@ -27,7 +27,8 @@ import torch.nn as nn
 from PIL import Image
 
 import weights
-from clip_text import CLIPTextConfig, CLIPTextModel, EncoderLayer, Tokenizer, text_encoder_config_from_hf
+from clip_text import CLIPTextConfig, CLIPTextModel, EncoderLayer, text_encoder_config_from_hf
+from tokenizer import Tokenizer
 
 # CLIP's per-channel RGB mean and std of its training images, on [0, 1] pixels (OpenAI's release)
 MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -9,30 +9,16 @@ all 77 positions (B, 77, 768), padding included.
 
 Module names follow transformers' CLIPTextModel, which is what both public layouts store (`text_encoder/` in a
 diffusers folder, `cond_stage_model.transformer.` in the single file), so either loads with strict=True and no
-renaming. The tokenizer reproduces transformers' CLIPTokenizer (the one every SD pipeline uses) id for id, with
-the standard library only: no `regex`, no `ftfy`, no `tokenizers`.
+renaming. The tokenizer that makes its input ids is tokenizer.py.
 """
 import functools
-import gzip
-import heapq
-import itertools
-import json
-import operator
-import re
-import sys
-import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
-
-BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"  # CLIP's merges, MIT
-START, END = "<|startoftext|>", "<|endoftext|>"
 
 
 @dataclass
@@ -109,10 +95,7 @@ class CLIPTextModel(nn.Module):
     def __init__(self, cfg=None):
         super().__init__()
         self.config = cfg = cfg or CLIPTextConfig()
-        if cfg.activation not in ("quick_gelu", "gelu"):
-            raise ValueError(f"activation must be 'quick_gelu' or 'gelu', not {cfg.activation!r}")
-        if cfg.width % cfg.heads:
-            raise ValueError(f"width {cfg.width} is not divisible by heads {cfg.heads}")
+        assert cfg.activation in ("quick_gelu", "gelu") and cfg.width % cfg.heads == 0, cfg
         self.text_model = nn.ModuleDict(dict(
             embeddings=nn.ModuleDict(dict(
                 token_embedding=nn.Embedding(cfg.vocab_size, cfg.width),
@@ -123,17 +106,8 @@ class CLIPTextModel(nn.Module):
         ))
 
     def forward(self, input_ids):
-        cfg = self.config
-        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-            raise ValueError("input_ids must be an integer tensor of shape (batch, tokens), got "
-                             + (f"{input_ids.dtype} {tuple(input_ids.shape)}" if torch.is_tensor(input_ids)
-                                else type(input_ids).__name__))
         T = input_ids.shape[1]
-        if T > cfg.max_position:
-            raise ValueError(f"{T} tokens, but the text encoder has only {cfg.max_position} positions")
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < cfg.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got ids from {int(input_ids.min())} "
-                             f"to {int(input_ids.max())}")
+        assert T <= self.config.max_position, f"{T} tokens, but the text encoder has {self.config.max_position} positions"
         emb = self.text_model.embeddings
         x = emb.token_embedding(input_ids) + emb.position_embedding(torch.arange(T, device=input_ids.device))
         for layer in self.text_model.encoder.layers:
@@ -190,274 +164,3 @@ def load_text_encoder(path, dtype=torch.float32):
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
     return weights.load_strict(model, sd, f"text encoder from {path}").eval()
-
-
-# --- tokenizer -----------------------------------------------------------------------------------------------------
-
-def bytes_to_unicode():
-    """CLIP's (= GPT-2's) reversible map byte -> printable character, so BPE runs on strings without spaces or
-    control characters: printable Latin-1 bytes map to themselves, the other 68 to chr(256), chr(257), ...
-
-    The dict order (printable bytes first) is the order of the first 256 vocabulary entries.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return dict(zip(printable + others, map(chr, printable + [256 + n for n in range(len(others))])))
-
-
-# transformers' CLIPTokenizer normalizes with Oniguruma's `\s`, the Unicode White_Space set. Python's `\s` also
-# matches U+001C..U+001F, which the reference keeps as symbols, so the set is spelled out.
-WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]+")
-# The special strings count only where written exactly, found before normalization. transformers' split pattern
-# lists them as well, but there they never match (lower-cased "<|ENDOFTEXT|>" splits as "<|" "endoftext" "|>").
-SPECIAL = re.compile(f"({re.escape(START)}|{re.escape(END)})")
-
-
-def lower(text):
-    """Lower-case character by character, as the reference's normalizer does: str.lower() alone gives a
-    word-final capital sigma its final form (ΟΔΟΣ -> οδος, not οδοσ), its only context-dependent rule, so Σ is
-    mapped to σ first."""
-    return text.replace("Σ", "σ").lower()
-
-
-LAST_WHITESPACE = re.compile(f"(?s:.*)[{WHITESPACE}]")
-
-
-def chunks(text, size):
-    """`text` in consecutive pieces of at most `size` characters, each cut just before the last whitespace
-    character it reaches, or, in a longer run without whitespace, after `size` characters.
-
-    A cut before whitespace changes no id: no pre-split piece or special string holds whitespace, and NFC never
-    composes a whitespace character with what precedes it."""
-    start = 0
-    while start < len(text):
-        end = start + size
-        if end >= len(text):
-            yield text[start:]
-            return
-        space = LAST_WHITESPACE.match(text, start + 1, end + 1)  # the last whitespace in text[start+1 : end+1]
-        end = space.end() - 1 if space else end
-        yield text[start:end]
-        start = end
-
-
-@functools.cache
-def pre_split_pattern(astral=True):
-    """CLIP's pre-split regex without the `regex` package (which has \\p{L}, \\p{N}; `re` has neither):
-
-        's|'t|'re|'ve|'m|'ll|'d | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+
-
-    i.e. English contractions, runs of letters, single digits, runs of other non-space characters. \\p{L} and
-    \\p{N} are built as explicit code point ranges from unicodedata's categories (L*, N*), once per process.
-    With astral=False the classes stop at U+FFFF: it splits any text without astral characters (emoji, CJK
-    extensions, math letters) identically, and `re` runs it ~4x faster (a set reaching past U+FFFF loses its
-    bitmap and is scanned range by range).
-    """
-    categories = map(unicodedata.category, map(chr, range((sys.maxunicode if astral else 0xFFFF) + 1)))
-    letters, numbers, start = [], [], 0
-    for major, run in itertools.groupby(categories, key=operator.itemgetter(0)):
-        end = start + sum(1 for _ in run)
-        if major in "LN":
-            (letters if major == "L" else numbers).append(f"\\U{start:08x}-\\U{end - 1:08x}")
-        start = end
-    L, N = "".join(letters), "".join(numbers)
-    return re.compile(f"'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{WHITESPACE}{L}{N}]+")
-
-
-def clip_vocab_and_merges(path=BPE_PATH):
-    """CLIP's vocabulary {token: id} and merge list from its `bpe_simple_vocab_16e6.txt.gz`, built as CLIP does."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    # CLIP keeps the first 49152 - 256 - 2 = 48,894 merges (line 0 is a version header)
-    merges = [tuple(line.split(" ")) for line in lines[1:1 + 49152 - 256 - 2]]
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [START, END]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-class Tokenizer:
-    """Byte-level BPE as in CLIP, id for id equal to transformers' CLIPTokenizer.
-
-    encode(text): split out the literal special strings; NFC; collapse whitespace runs to one space; lower-case;
-    pre-split (pre_split_pattern); each piece -> UTF-8 bytes -> bytes_to_unicode symbols, the last one marked
-    `</w>` (end of word); merge adjacent pairs, lowest merge rank first, until no pair has a rank; look up ids.
-    __call__ wraps each text as [start] + ids[:75] + [end] and pads with end to 77; it stops reading the text
-    once it has the 75 ids, and merges a long word over the first bytes that can hold them only (`bpe`).
-    Unlike OpenAI's original, no ftfy / html.unescape clean-up: the pipelines' reference does none either.
-    """
-
-    def __init__(self, vocab, merges, max_length=77):
-        self.encoder = dict(vocab)
-        self.decoder = {i: t for t, i in self.encoder.items()}
-        self.ranks = {tuple(m): rank for rank, m in enumerate(merges)}
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        needed = [START, END, *self.byte_encoder.values(), *(s + "</w>" for s in self.byte_encoder.values())]
-        needed += ["".join(m) for m in self.ranks]
-        missing = [t for t in needed if t not in self.encoder]
-        if missing:
-            raise ValueError(f"the vocabulary lacks {len(missing)} tokens the tokenizer needs "
-                             f"(byte symbols, merge results, {START}, {END}), e.g. {missing[:5]}")
-        made = {}  # token -> rank of the first merge that makes it; `bpe` needs every part made before it is used
-        for (a, b), rank in self.ranks.items():
-            made[a + b] = min(rank, made.get(a + b, rank))
-        late = [(rank, p) for p, rank in self.ranks.items() if max(made.get(p[0], -1), made.get(p[1], -1)) > rank]
-        if late:
-            raise ValueError(f"merge {late[0][0] + 1} {late[0][1]} comes before the merge that makes its parts: "
-                             f"not a BPE merge list")
-        self.start_id, self.end_id = self.encoder[START], self.encoder[END]
-        self.max_length = max_length
-        self.longest = max((len("".join(m).removesuffix("</w>")) for m in self.ranks), default=1)  # in bytes
-        self.pattern, self.bmp_pattern = pre_split_pattern(), pre_split_pattern(astral=False)
-        self.cache = {}  # pre-split piece -> ids; prompts reuse few words, so BPE runs once per word
-
-    @classmethod
-    def from_folder(cls, path):
-        """A tokenizer from a tokenizer folder: vocab.json + merges.txt (with a `#version` header), the files hub SD
-        and CLIP folders carry, or else tokenizer.json alone, which transformers 5 saves."""
-        path = Path(path)
-        if not (path / "vocab.json").is_file() and (path / "tokenizer.json").is_file():
-            return cls.from_tokenizer_json(path / "tokenizer.json")
-        for name in ("vocab.json", "merges.txt"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path} has no {name}: a CLIP tokenizer folder needs vocab.json and "
-                                        "merges.txt, or tokenizer.json")
-        vocab = weights.read_json(path / "vocab.json")
-        try:
-            lines = (path / "merges.txt").read_bytes().decode("utf-8").split("\n")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path / 'merges.txt'}: not UTF-8 text (byte {e.start})") from None
-        first = 1 if lines[0].startswith("#version") else 0
-        merges = []
-        for n, line in enumerate(lines[first:], first + 1):
-            if line:
-                pair = line.split(" ")
-                if len(pair) != 2:
-                    raise ValueError(f"{path / 'merges.txt'} line {n}: expected two symbols, got {line!r}")
-                merges.append(tuple(pair))
-        return cls(vocab, merges)
-
-    @classmethod
-    def from_tokenizer_json(cls, path):
-        """A tokenizer from a `tokenizers` library tokenizer.json: its BPE model's vocab and merges (pairs, or
-        "a b" strings in older files). The normalizer and pre-tokenizer it also describes are CLIP's, built in here."""
-        path = Path(path)
-        try:
-            model = json.loads(path.read_text(encoding="utf-8"))["model"]
-            vocab, merges = model["vocab"], model["merges"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a tokenizer.json with model.vocab and model.merges ({e!r})") from None
-        if not isinstance(vocab, dict) or not isinstance(merges, list):
-            raise ValueError(f"{path}: model.vocab must be an object and model.merges a list")
-        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
-            raise ValueError(f"{path}: model is {model.get('type')!r} with end_of_word_suffix "
-                             f"{model.get('end_of_word_suffix')!r}; a CLIP tokenizer is 'BPE' with '</w>'")
-        pairs = []
-        for n, m in enumerate(merges):
-            pair = m.split(" ") if isinstance(m, str) else m
-            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
-                raise ValueError(f"{path}: model.merges[{n}]: expected two symbols, got {m!r}")
-            pairs.append(tuple(pair))
-        return cls(vocab, pairs)
-
-    @classmethod
-    def default(cls):
-        """The SD v1.x tokenizer (CLIP's vocabulary), built from the shipped assets/bpe_simple_vocab_16e6.txt.gz."""
-        return cls(*clip_vocab_and_merges())
-
-    def bpe(self, piece, max_bytes=None):
-        """Ids of one pre-split piece: repeatedly merge the adjacent pair of lowest rank, every occurrence left to
-        right, until no pair has a rank. A heap of (rank, position) yields the pairs in that same order (a merge
-        only makes pairs of higher rank, as each merge's parts are earlier merges), in O(n log n) where a scan of
-        the word per merge is quadratic (34 s for a 32k-character word). With `max_bytes`, only the piece's first
-        max_bytes bytes are merged, without the end-of-word mark if that cuts it."""
-        data = piece.encode("utf-8")
-        cut = max_bytes is not None and len(data) > max_bytes
-        symbols = [self.byte_encoder[b] for b in (data[:max_bytes] if cut else data)]
-        if not cut:
-            symbols[-1] += "</w>"
-        n = len(symbols)
-        after, before = list(range(1, n + 1)), list(range(-1, n - 1))  # a linked list over the positions
-        heap = [(self.ranks[p], i) for i, p in enumerate(zip(symbols, symbols[1:])) if p in self.ranks]
-        heapq.heapify(heap)
-        while heap:
-            rank, i = heapq.heappop(heap)
-            j = after[i]
-            if symbols[i] is None or j == n or self.ranks.get((symbols[i], symbols[j])) != rank:
-                continue  # stale: a symbol of this pair has merged with another since
-            symbols[i], symbols[j] = symbols[i] + symbols[j], None
-            after[i] = after[j]
-            if after[i] < n:
-                before[after[i]] = i
-            for k in (before[i], i):  # the two new pairs around the merged symbol
-                if k >= 0 and after[k] < n and (symbols[k], symbols[after[k]]) in self.ranks:
-                    heapq.heappush(heap, (self.ranks[symbols[k], symbols[after[k]]], k))
-        ids = [self.encoder[s] for s in symbols if s is not None]
-        if not cut:
-            self.cache[piece] = ids
-        return ids
-
-    def encode(self, text, max_tokens=None):
-        """Token ids of `text`, without start/end tokens; with `max_tokens`, its first max_tokens ids only.
-
-        The first max_tokens ids span at most max_tokens x the longest token (32 bytes for CLIP), and a long input
-        is cut far past that, so the work stays bounded (the reference's, quadratic in a word's length, does not):
-        the text into chunks of 4x that, read one by one until the ids are there (`chunks`), and a word into 2x
-        that before its merges (`bpe`). Merges past a cut changed none of the kept ids in any text tested
-        against the reference (tests/test_clip_text.py).
-        """
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, not {type(text).__name__}")
-        if max_tokens is None:
-            max_bytes, parts = None, [text]
-        else:
-            max_bytes = 2 * max_tokens * self.longest
-            parts = chunks(text, 2 * max_bytes)
-        ids = []
-        for chunk in parts:
-            for i, part in enumerate(SPECIAL.split(chunk)):  # odd parts are the special strings themselves
-                if i % 2:
-                    ids.append(self.encoder[part])
-                    continue
-                part = lower(WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", part)))
-                pattern = self.pattern if part and max(part) > "\uffff" else self.bmp_pattern
-                for piece in pattern.findall(part):
-                    ids += self.cache.get(piece) or self.bpe(piece, max_bytes)
-            if max_tokens is not None and len(ids) >= max_tokens:
-                return ids[:max_tokens]
-        return ids
-
-    def __call__(self, texts):
-        """LongTensor (B, max_length): [start] + at most max_length-2 text ids + [end], padded with end."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a str or a list of str")
-        n, rows = self.max_length, []
-        for text in texts:
-            ids = [self.start_id, *self.encode(text, n - 2), self.end_id]  # truncate first: end is always kept
-            rows.append(ids + [self.end_id] * (n - len(ids)))
-        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), n))  # 10x torch.tensor(rows)
-
-    def decode(self, ids):
-        """Text of `ids` (list or 1-D tensor), start/end/padding dropped; words end at `</w>` markers."""
-        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
-        bad = [i for i in ids if i not in self.decoder]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are not in the vocabulary (size {len(self.decoder)})")
-        symbols = "".join(self.decoder[i] for i in ids if i not in (self.start_id, self.end_id))
-        text = bytearray(self.byte_decoder[c] for c in symbols).decode("utf-8", errors="replace")
-        return text.replace("</w>", " ").strip()
-
-
-def load_tokenizer(path):
-    """The tokenizer of a diffusers folder (its `tokenizer/`, or the folder itself if it holds the tokenizer files:
-    vocab.json + merges.txt, or tokenizer.json), or, for a single-file checkpoint (which carries none), the
-    standard CLIP tokenizer."""
-    path = Path(path)
-    if path.is_file():
-        return Tokenizer.default()
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint file or folder at {path}")
-    return Tokenizer.from_folder(path / "tokenizer" if (path / "tokenizer").is_dir() else path)

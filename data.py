@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 import ddm
+import weights
 from vae import load_vae
 
 DIGITS_PATH = Path(__file__).resolve().parent / "assets" / "digits" / "mnist_5k.csv.gz"
@@ -151,9 +152,7 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
         text = prompt(digit) if callable(prompt) else prompt
         lines.append(json.dumps({"file_name": name, "text": text, "group": digit if int(i) in keep else None,
                                  "digit": digit, "source_index": int(i)}))
-    tmp = out_dir / "metadata.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, meta_path)
+    weights.write_atomic(meta_path, "\n".join(lines) + "\n")
     return out_dir
 
 
@@ -274,9 +273,7 @@ def write_folder(out_dir, entries, *, link=False, overwrite=False):
         else:
             shutil.copyfile(source, target)
         lines.append(json.dumps({"file_name": name, **fields}))
-    tmp = out_dir / "metadata.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, meta_path)
+    weights.write_atomic(meta_path, "\n".join(lines) + "\n")
     return out_dir
 
 

@@ -1,39 +1,27 @@
-"""The Debiasing Diffusion Model objective and the group-balance metrics used to judge it.
+"""The Debiasing Diffusion Model objective, our variants beside it, and the group-balance metrics.
 
-Huang, Tsao, Su, Chiang 2025, "Debiasing Diffusion Model: Enhancing Fairness through Latent Representation
-Learning in Stable Diffusion Model" (arXiv 2503.12536). DDM adds an *indicator* I, a small MLP that reads the
-UNet's predicted noise, and trains it together with the UNet (or its LoRA) so that group information in the
-prediction is learned explicitly rather than absorbed from the data set's imbalance:
+Huang, Tsao, Su, Chiang 2025 (arXiv 2503.12536). DDM trains an *indicator* I, a small MLP reading the UNet's
+predicted noise, together with the UNet (or its LoRA):
 
-    L = w_rec * || eps_hat - eps ||^2  +  w_ind * CE( I(eps_hat), g ),    eps_hat = eps_theta(z_t, t, c)
+    L = w_rec · ||ε̂ − ε||²  +  w_ind · CE(I(ε̂), g),      ε̂ = ε_θ(z_t, t, c),  (w_rec, w_ind) = (0.95, 0.05)
 
-with eps the noise added to the latent z_0 at timestep t, c the prompt, g the image's group label, and
-(w_rec, w_ind) = (0.95, 0.05) in the authors' example. w_ind = 0 is plain Stable Diffusion fine-tuning.
-The indicator follows the authors' code: flatten -> Linear -> 1024 -> ReLU -> Linear -> 512 -> ReLU ->
-Linear -> K (they fix K = 2; here K comes from the data).
+g is the image's group label, never a word of the prompt c; w_ind = 0 is plain fine-tuning. train.py fills one
+MicroBatch per micro-batch and calls `loss(b, indicator, hp)` -> (loss, parts); every part is logged by name. An
+objective is one function and one OBJECTIVES entry saying what its indicator reads (README, "Change the loss").
 
-This file owns the whole training objective. train.py computes one micro-batch's `MicroBatch` (the latents, the
-noise, the UNet's prediction, ...) and calls `loss(batch, indicator, hp)`, which returns (loss, parts); the loop
-logs every part by its name. To try another objective, write a function beside `ddm` and name it in OBJECTIVES
-(README, "Change the loss"); `uses_indicator` is the one place that decides whether a run has an indicator.
-
-Metrics (hard group labels from an attribute classifier, or its probabilities):
-- fairness discrepancy, FD = || u - p ||_2 with u the uniform distribution over the K groups and p the generated
-  images' group proportions (Choi et al. 2020, "Fair Generative Modeling via Weak Supervision", ICML).
-  0 when balanced, sqrt((K-1)/K) when every image falls in one group;
-- statistical parity difference, SPD = max_k s_k - min_k s_k, with s_k the success rate of prompting group k
-  explicitly (share of images the classifier assigns to the requested group);
-- the authors' own signal: the mean entropy (nats) of the indicator's softmax over generated images, log K when
-  it cannot tell the groups apart.
+Metrics: FD = ||u − p||₂, u uniform over the K groups and p the generated shares (Choi et al. 2020): 0 balanced,
+√((K−1)/K) all in one group. SPD = max_k s_k − min_k s_k over the success rates of prompting each group. The
+authors' own signal: the mean entropy of the indicator's softmax on generated images (log K: it cannot tell).
 """
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import diffusion
 from unet import timestep_embedding
 
 
@@ -44,8 +32,7 @@ class Indicator(nn.Module):
 
     def __init__(self, latent_shape, num_groups, hidden=(1024, 512), timestep_dim=0):
         super().__init__()
-        if num_groups < 2:
-            raise ValueError(f"the indicator needs at least 2 groups, got num_groups={num_groups}")
+        assert num_groups >= 2, f"the indicator needs at least 2 groups, got num_groups={num_groups}"
         self.latent_shape = tuple(latent_shape)
         self.num_groups, self.timestep_dim = num_groups, timestep_dim
         widths = [math.prod(self.latent_shape) + timestep_dim, *hidden]
@@ -56,9 +43,7 @@ class Indicator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x, t=None):
-        if tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"indicator built for latents {self.latent_shape}, got an input of shape "
-                             f"{tuple(x.shape)} (different training resolution?)")
+        assert tuple(x.shape[1:]) == self.latent_shape, f"indicator of latents {self.latent_shape}, got {x.shape}"
         if self.timestep_dim:
             t = torch.as_tensor(t, device=x.device).expand(len(x))
             x = torch.cat([x.flatten(1), timestep_embedding(t, self.timestep_dim).to(x.dtype)], 1)
@@ -89,10 +74,7 @@ def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
     indicator's accuracy and balanced accuracy on this batch}. With w_ind == 0 the indicator is not run at all, L is
     exactly w_rec * MSE, and parts["ind"], parts["acc"] are NaN (not measured).
     """
-    if eps_hat.shape != noise.shape:
-        raise ValueError(f"eps_hat {tuple(eps_hat.shape)} and noise {tuple(noise.shape)} differ in shape")
-    if groups.shape != eps_hat.shape[:1]:
-        raise ValueError(f"groups must be ({eps_hat.shape[0]},) labels, got shape {tuple(groups.shape)}")
+    assert eps_hat.shape == noise.shape and groups.shape == eps_hat.shape[:1], "eps_hat, noise, groups differ in shape"
     rec = F.mse_loss(eps_hat.float(), noise.float())
     if w_ind == 0:
         nan = torch.tensor(float("nan"), device=rec.device)
@@ -109,15 +91,11 @@ def ddm(b, indicator, hp):
 
 
 # ---- Our variants. Each is labelled "ours": the paper's objective is `ddm` above. Why they are built this way,
-# with sources: ../shared/DDM-NOTES.md and docs/reproduction.md.
+# with sources: docs/reproduction.md.
 
-def predicted_x0(b, pred=None):
-    """x0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (DDPM eq. 15); for v: sqrt(abar) z_t - sqrt(1-abar) v"""
-    pred = b.pred if pred is None else pred
-    a = b.alphas_cumprod[b.t].to(pred.dtype).view(-1, *[1] * (pred.dim() - 1))
-    if b.prediction_type == "v_prediction":
-        return a.sqrt() * b.z_t - (1 - a).sqrt() * pred
-    return (b.z_t - (1 - a).sqrt() * pred) / a.sqrt()
+def predicted_x0(b):
+    """x̂_0 of the micro-batch's prediction (DDPM eq. 15; from v̂ for a v-prediction model)."""
+    return diffusion.predicted_x0(b.z_t, b.pred, b.t, b.alphas_cumprod, b.prediction_type)
 
 
 def ddm_x0(b, indicator, hp):
@@ -190,14 +168,11 @@ def plain_indicator(b, indicator, hp):
 
 
 def fit_clusters(z0, k, dims=10, iters=100, seed=0):
-    """Ours, the label-free indicator (the abstract's "without requiring predefined sensitive attributes"): a
-    K-component Gaussian mixture with full covariances and FREE weights on the clean latents z0 (N, ...), fit by EM
-    (Bishop 2006, sec. 9.2.2) on their top `dims` principal components, from k-means++ centres. Free weights let a
-    small group keep a small cluster of its own; equal-size self-labelling would split the majority instead. Few
-    dimensions keep a full covariance (d(d+1)/2 numbers: 55 at d = 10) estimable from a 40-image cluster; on the
-    digits' 256-d latents the mixture split the 7s instead of finding the 8s. 100 EM steps: on the 9 : 1 digits the
-    assignments stopped changing after 30-100 steps (K = 2 and 4, seeds 0-2) and 300 steps changed none.
-    -> (cluster of each latent (N,), mixture weights (K,)). Its clusters stand in for groups: `data.py clusters`."""
+    """Ours, the label-free indicator: a K-component Gaussian mixture with full covariances and FREE weights on
+    the clean latents z0 (N, ...), fit by EM (Bishop 2006, §9.2.2) on their top `dims` principal components from
+    k-means++ centres -> (cluster of each latent (N,), mixture weights (K,)). Free weights let a small group keep a
+    small cluster; equal-size self-labelling would split the majority. 10 dimensions keep a full covariance (55
+    numbers) estimable from a 40-image cluster; 100 EM steps settle the assignments (docs/reproduction.md)."""
     x = z0.flatten(1).double()
     x = x - x.mean(0)
     x = x @ torch.linalg.svd(x, full_matrices=False).Vh[:min(dims, *x.shape)].T  # (N, d)
@@ -244,132 +219,107 @@ def accuracies(logits, groups):
     return {"acc": hit.mean().detach(), "bacc": torch.stack(recalls).mean().detach()}
 
 
-OBJECTIVES = {"ddm": ddm, "ddm-x0": ddm_x0, "balanced": balanced, "indicator-weighted": indicator_weighted,
-              "plain-indicator": plain_indicator}  # --objective NAME -> fn(MicroBatch, indicator, hp) -> (loss, parts)
-INDICATOR_OBJECTIVES = {"ddm", "ddm-x0", "indicator-weighted", "plain-indicator"}  # with an indicator term (w_ind)
-NOISE_AWARE = {"indicator-weighted", "plain-indicator"}  # their indicator reads (z_t, t): usable for guidance
+@dataclass(frozen=True)
+class Objective:
+    """A training objective: fn(MicroBatch, indicator, hp) -> (loss, parts), and what its indicator reads: None
+    (no indicator), "pred" (ε̂, the authors'), "x0" (x̂₀) or "z_t" ((z_t, t): noise-aware, usable for guidance).
+    A noise-aware indicator is the objective's point: such an objective needs w_ind > 0."""
+    fn: Callable
+    reads: str = None
+
+
+OBJECTIVES = {  # --objective NAME
+    "ddm": Objective(ddm, "pred"), "ddm-x0": Objective(ddm_x0, "x0"), "balanced": Objective(balanced),
+    "indicator-weighted": Objective(indicator_weighted, "z_t"), "plain-indicator": Objective(plain_indicator, "z_t"),
+}
 TIMESTEP_DIM = 64  # sinusoidal timestep features of a noise-aware indicator
-
-
-def parse_target(spec, group_names):
-    """pi* (K,) float32 from "uniform" or "NAME=SHARE,NAME=SHARE,..." naming every group once, shares summing to 1."""
-    k = len(group_names)
-    if spec == "uniform":
-        return torch.full((k,), 1 / k)
-    names = [str(g) for g in group_names]
-    shares = {}
-    for item in spec.split(","):
-        name, _, share = item.partition("=")
-        if name.strip() not in names:
-            raise ValueError(f"target {spec!r}: {name.strip()!r} is not a group (groups: {', '.join(names)})")
-        try:
-            shares[name.strip()] = float(share)
-        except ValueError:
-            raise ValueError(f"target {spec!r}: {item!r} is not NAME=SHARE") from None
-    p = torch.tensor([shares.get(n, 0.0) for n in names], dtype=torch.float64)
-    if len(shares) != k or (p < 0).any() or not p.isfinite().all() or abs(p.sum().item() - 1) > 1e-6:
-        raise ValueError(f"target {spec!r} must give each of the groups {', '.join(names)} a share >= 0, the shares "
-                         f"summing to 1")
-    return p.float()
-
-
-def make_indicator(objective, latent_shape, num_groups, hidden):
-    """The indicator a run with this objective trains: the authors' MLP, or its noise-aware form."""
-    return Indicator(latent_shape, num_groups, hidden, TIMESTEP_DIM if objective in NOISE_AWARE else 0)
 
 
 def uses_indicator(objective, w_ind):
     """Whether a run builds, trains, checkpoints and reloads an indicator: decided here and nowhere else."""
-    return objective in INDICATOR_OBJECTIVES and w_ind > 0
+    return OBJECTIVES[objective].reads is not None and w_ind > 0
+
+
+def noise_aware(objective):
+    return OBJECTIVES[objective].reads == "z_t"
+
+
+def make_indicator(objective, latent_shape, num_groups, hidden):
+    """The indicator a run with this objective trains: the authors' MLP, or its noise-aware form."""
+    return Indicator(latent_shape, num_groups, hidden, TIMESTEP_DIM if noise_aware(objective) else 0)
 
 
 def loss(b, indicator, hp):
     """One micro-batch's training loss: (loss, parts), parts a dict of named scalars to log. `hp` holds the
     hyperparameters by name (train.py's arguments: hp.objective, hp.w_rec, hp.w_ind, ...)."""
-    return OBJECTIVES[hp.objective](b, indicator, hp)
+    return OBJECTIVES[hp.objective].fn(b, indicator, hp)
+
+
+def indicator_logits(b, indicator, objective):
+    """The indicator's logits on a micro-batch, reading what it reads in training."""
+    reads = OBJECTIVES[objective].reads
+    return indicator(b.z_t, b.t) if reads == "z_t" else indicator(predicted_x0(b) if reads == "x0" else b.pred)
+
+
+def parse_target(spec, group_names):
+    """pi* (K,) float32 from "uniform" or "NAME=SHARE,NAME=SHARE,..." naming every group once, shares summing to 1."""
+    names = [str(g) for g in group_names]
+    if spec == "uniform":
+        return torch.full((len(names),), 1 / len(names))
+    shares = {}
+    for item in spec.split(","):
+        name, _, share = (s.strip() for s in item.partition("="))
+        if name not in names:
+            raise ValueError(f"target {spec!r}: {name!r} is not a group (groups: {', '.join(names)})")
+        try:
+            shares[name] = float(share)
+        except ValueError:
+            raise ValueError(f"target {spec!r}: {item!r} is not NAME=SHARE") from None
+    p = torch.tensor([shares.get(n, 0.0) for n in names], dtype=torch.float64)
+    if len(shares) != len(names) or (p < 0).any() or not p.isfinite().all() or abs(p.sum().item() - 1) > 1e-6:
+        raise ValueError(f"target {spec!r} must give each of the groups {', '.join(names)} a share >= 0, the shares "
+                         f"summing to 1")
+    return p.float()
 
 
 # ------------------------------------------------------------------------------------------------- metrics
 
-def _as_tensor(x, name):
-    if isinstance(x, Mapping):
-        x = list(x.values())
-    t = torch.as_tensor(x).detach().cpu()
-    if not torch.is_tensor(x) and t.is_floating_point():  # Python floats: keep their float64 precision
-        t = torch.as_tensor(x, dtype=torch.float64)
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty")
-    return t
-
-
 def group_proportions(labels, num_groups):
-    """Share of samples in each of the K groups, float64 (K,).
-
-    labels: (N,) integer group indices (hard labels), or (N, K) per-sample probabilities (the soft version).
-    """
-    t = _as_tensor(labels, "labels")
-    if num_groups < 1:
-        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    """Share of samples in each of the K groups, float64 (K,): labels (N,) integer group indices (hard), or (N, K)
+    per-sample probabilities (soft)."""
+    t = torch.as_tensor(labels).detach().cpu()
+    assert len(t), "labels are empty"
     if t.is_floating_point() and t.dim() == 2:
-        if t.shape[1] != num_groups:
-            raise ValueError(f"probabilities have {t.shape[1]} columns but num_groups={num_groups}")
-        t = t.double()
-        # 1e-4: float32 softmax rows sum to 1 within ~1e-6; logits passed by mistake miss by far more
-        if (t < 0).any() or not torch.allclose(t.sum(1), torch.ones(len(t), dtype=t.dtype), atol=1e-4):
-            raise ValueError("each row of probabilities must be non-negative and sum to 1 (softmax them first)")
-        return t.mean(0)
-    if t.dim() != 1 or t.is_floating_point() and not torch.equal(t, t.round()):
-        raise ValueError(f"labels must be (N,) integer group indices or (N, K) probabilities, got {tuple(t.shape)}"
-                         f" {t.dtype}")
-    t = t.long()
-    if t.min() < 0 or t.max() >= num_groups:
-        raise ValueError(f"labels must lie in [0, {num_groups}), found {t.min().item()}..{t.max().item()}")
-    return torch.bincount(t, minlength=num_groups).double() / len(t)
-
-
-def _check_distribution(p):
-    p = _as_tensor(p, "proportions").double()
-    if p.dim() != 1:
-        raise ValueError(f"proportions must be a (K,) vector, got shape {tuple(p.shape)}")
-    if (p < 0).any() or abs(p.sum().item() - 1) > 1e-4:  # slack for float32 rounding, as above
-        raise ValueError(f"proportions must be non-negative and sum to 1, got {p.tolist()}")
-    return p
+        assert t.shape[1] == num_groups and ((t.sum(1) - 1).abs() < 1e-4).all() and (t >= 0).all(), \
+            "probabilities need num_groups columns, each row non-negative and summing to 1"
+        return t.double().mean(0)
+    assert 0 <= t.min() and t.max() < num_groups, f"labels must lie in [0, {num_groups})"
+    return torch.bincount(t.long(), minlength=num_groups).double() / len(t)
 
 
 def fairness_discrepancy(p, normalized=False):
     """FD = || uniform - p ||_2 over the K groups (Choi et al. 2020): 0 when balanced, sqrt((K-1)/K) at most
     (all samples in one group). normalized=True divides by that maximum, giving a number in [0, 1]."""
-    p = _check_distribution(p)
-    k = len(p)
-    fd = torch.linalg.vector_norm(torch.full_like(p, 1 / k) - p).item()
-    if normalized:
-        if k < 2:
-            raise ValueError("normalized FD needs at least 2 groups")
-        fd /= math.sqrt((k - 1) / k)
-    return fd
+    p = torch.as_tensor(p, dtype=torch.float64)
+    assert p.dim() == 1 and len(p) and (p >= 0).all() and abs(p.sum() - 1) < 1e-4, f"not proportions: {p.tolist()}"
+    fd = torch.linalg.vector_norm(p - 1 / len(p)).item()
+    return fd / math.sqrt((len(p) - 1) / len(p)) if normalized else fd
 
 
 def statistical_parity_difference(success_rates):
     """SPD = max_k s_k - min_k s_k over the per-group success rates s_k in [0, 1] (a sequence, or a dict
     {group: rate}); 0 when prompting every group works equally often."""
-    s = _as_tensor(success_rates, "success_rates").double()
-    if s.dim() != 1:
-        raise ValueError(f"success_rates must be a (K,) vector, got shape {tuple(s.shape)}")
-    if (s < 0).any() or (s > 1).any() or s.isnan().any():
-        raise ValueError(f"success rates must lie in [0, 1], got {s.tolist()}")
+    s = torch.as_tensor(list(success_rates.values()) if isinstance(success_rates, Mapping) else success_rates,
+                        dtype=torch.float64)
+    assert s.dim() == 1 and len(s) and (s >= 0).all() and (s <= 1).all(), f"not rates: {s.tolist()}"
     return (s.max() - s.min()).item()
 
 
 def mean_entropy(logits, normalized=False):
     """Mean over samples of the softmax entropy H = -sum_k p_k log p_k, in nats (log K for a uniform softmax,
     0 for a one-hot one). logits: (N, K). normalized=True divides by log K, giving a number in [0, 1]."""
-    t = _as_tensor(logits, "logits").double()
-    if t.dim() != 2 or t.shape[1] < 1:
-        raise ValueError(f"logits must be (N, K), got shape {tuple(t.shape)}")
+    t = torch.as_tensor(logits, dtype=torch.float64)
+    assert t.dim() == 2 and len(t) and t.shape[1] >= 2, f"logits must be (N, K >= 2), got {tuple(t.shape)}"
     p = t.softmax(1)
     h = -torch.xlogy(p, p).sum(1).mean().item()  # xlogy: 0 log 0 = 0 for logits of -inf
-    if normalized:
-        if t.shape[1] < 2:
-            raise ValueError("normalized entropy needs at least 2 groups")
-        h /= math.log(t.shape[1])
-    return h
+    return h / math.log(t.shape[1]) if normalized else h

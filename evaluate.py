@@ -50,11 +50,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+import cli
 import clip_image
 import data
-import sample
+import weights
 from ddm import fairness_discrepancy, group_proportions, mean_entropy, statistical_parity_difference
 
 DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent / "runs" / "digit_classifier.safetensors"
@@ -202,9 +202,7 @@ def save_classifier(model, path):
     metadata = {"format": CLASSIFIER_FORMAT, "heldout_accuracy": repr(model.heldout_accuracy),
                 "split_seed": str(split[0]), "heldout_per_class": str(split[1]),
                 "seed": str(getattr(model, "seed", None))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)  # atomic: a killed run never leaves half a classifier behind
+    weights.write_atomic(path, lambda tmp: weights.save_tensors(model.state_dict(), tmp, metadata))
 
 
 def load_classifier(path):
@@ -533,7 +531,7 @@ def main(argv=None):
                    help="real images -> Frechet distance in CLIP image-feature space (thousands for a stable one)")
     g.add_argument("--prompt", help="for folders without sample.py's samples.json: their prompt, for the CLIP "
                                     "score (folders with one use the prompts it records)")
-    g.add_argument("--device", type=sample.device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+    g.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where CLIP runs (default: cuda if available, else cpu)")
     g.add_argument("--batch-size", type=int, default=32, help="images per CLIP forward pass")
     args = parser.parse_args(argv)
@@ -584,7 +582,7 @@ def main(argv=None):
 def write_result(result, args):
     """evaluation.json (in the first folder unless --out) and the summary printed."""
     out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    weights.write_atomic(out, json.dumps(result, indent=2) + "\n")
     print(format_result(result))
     print(f"wrote {out}")
     return result

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import weights
+
 
 class LoRALinear(nn.Linear):
     """An `nn.Linear` plus a low-rank update: y = x W^T + b + scale * x A^T B^T, scale = alpha / rank."""
@@ -146,33 +148,11 @@ def lora_state_dict(model):
     return {n: t for n, t in model.state_dict().items() if n.endswith((".lora_A", ".lora_B"))}
 
 
-@torch.no_grad()
-def load_lora_state_dict(model, state_dict):
-    """Load adapter tensors strictly: the names must be exactly the model's lora_A/lora_B, shapes equal.
-
-    Values are cast to each adapter's dtype. Adapters on the meta device take the given tensors by assignment.
-    """
-    params = dict(lora_state_dict(model))
-    missing = sorted(set(params) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(params))
-    shapes = [f"{n}: checkpoint {tuple(state_dict[n].shape)} vs model {tuple(params[n].shape)}"
-              for n in sorted(set(params) & set(state_dict)) if state_dict[n].shape != params[n].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            "LoRA state dict does not match the model (was it injected with the same targets and rank?)"
-            + (f"\n  missing ({len(missing)}): {missing[:5]}" if missing else "")
-            + (f"\n  unexpected ({len(unexpected)}): {unexpected[:5]}" if unexpected else "")
-            + (f"\n  shape mismatch: {shapes[:5]}" if shapes else ""))
-    for name, t in state_dict.items():
-        module_name, _, pname = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if module.merged:
-            raise ValueError(f"{module_name} is merged; unmerge before loading a new adapter")
-        p = getattr(module, pname)
-        if p.is_meta:
-            setattr(module, pname, nn.Parameter(t.to(p.dtype), requires_grad=p.requires_grad))
-        else:
-            p.copy_(t)
+def load_lora_state_dict(model, state_dict, name="LoRA adapters"):
+    """Load adapter tensors strictly (weights.load_strict): exactly the model's lora_A/lora_B, shapes equal. Adapters
+    on the meta device take the tensors over; real ones copy them (cast to their dtype)."""
+    meta = any(p.is_meta for p in lora_parameters(model))
+    return weights.load_strict(model, state_dict, name, assign=meta, only=lambda k: k.endswith((".lora_A", ".lora_B")))
 
 
 @torch.no_grad()

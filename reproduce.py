@@ -39,12 +39,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
@@ -52,6 +52,9 @@ import ddm
 import evaluate
 import sample
 import train
+import weights
+from diffusion import Guidance
+from loading import load_models, load_run
 from vae import VAE, VAEConfig, load_vae, vae_diffusers_config, vae_to_diffusers
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -164,10 +167,8 @@ def cached(folder, settings, build, label):
     folder.mkdir(parents=True)
     t0 = time.time()
     result = build(folder)
-    tmp = folder / "done.json.tmp"
-    tmp.write_text(json.dumps({"settings": settings, "result": result, "seconds": time.time() - t0}, indent=1,
-                              default=str))
-    os.replace(tmp, done)
+    weights.write_atomic(done, json.dumps({"settings": settings, "result": result, "seconds": time.time() - t0},
+                                          indent=1, default=str))
     tqdm.write(f"[stage] {label}: {time.time() - t0:.0f}s")
     return result
 
@@ -223,9 +224,9 @@ def train_vae(folder, sizes, seed=0, progress=True):
     vae.config.scaling_factor = round(1.0 / z.std().item(), 5)
     out = folder / "vae"
     out.mkdir()
-    save_file({k: v.contiguous() for k, v in vae_to_diffusers(vae.state_dict(), vae.config).items()},
+    weights.save_tensors(vae_to_diffusers(vae.state_dict(), vae.config),
               str(out / "diffusion_pytorch_model.safetensors"))
-    (out / "config.json").write_text(json.dumps(vae_diffusers_config(vae.config), indent=1))
+    weights.write_json(out / "config.json", vae_diffusers_config(vae.config))
     load_vae(out)  # fails here, not three stages later, if the folder does not load back
     return {"heldout_mse": held_mse, "scaling_factor": vae.config.scaling_factor, "path": str(out)}
 
@@ -281,41 +282,45 @@ def train_stats(run_dir, last=50):
 # Sampling and evaluation of one model
 
 
-def sample_scenarios(models, groups, sizes, *, guide=None, guidance=None, generic_only=False, progress=True):
+def sample_scenarios(models, groups, sizes, *, indicator=None, scale=0.0, label_free=False, guidance=None,
+                     generic_only=False, progress=True):
     """(generic images, group images, group requested per image), uint8 (N,32,32,3). Image k of a scenario uses
-    noise seed k in every model, so models are compared on identical starting noise. guide = (indicator, scale,
-    label-free): a generic image's target group is drawn uniformly with its own seed; a group prompt's target is its
+    noise seed k in every model, so models are compared on identical starting noise. With indicator guidance at
+    `scale`, a generic image's target group is drawn uniformly with its own seed; a group prompt's target is its
     group, or for a label-free indicator (clusters, which name no group) a uniform draw like every other image's."""
     requested = [] if generic_only else [g for g in groups for _ in range(sizes.n_per_group)]
     prompts = [GENERIC_PROMPT] * sizes.n_generic + [group_prompt(g) for g in requested]
     # group prompts take seeds from 10,000 on: disjoint from the generic images' 0..n_generic-1 (n_generic <= 10,000)
     seeds = list(range(sizes.n_generic)) + list(range(10_000, 10_000 + len(requested)))
-    if guide is not None:
-        indicator, scale, label_free = guide
+    guides = []
+    if scale:
         uniform = ddm.parse_target("uniform", range(indicator.num_groups))
-        targets = (sample.draw_targets(seeds, uniform) if label_free else
-                   sample.draw_targets(seeds[:sizes.n_generic], uniform) + [groups.index(g) for g in requested])
-        guide = (indicator, targets, scale)
+        targets = (sample.draw_targets(seeds, uniform) if label_free else torch.cat([
+            sample.draw_targets(seeds[:sizes.n_generic], uniform), torch.tensor([groups.index(g) for g in requested],
+                                                                                  dtype=torch.long)]))
+        guides = [Guidance(indicator, targets, scale)]
     images = sample.generate(models, prompts, seeds, steps=sizes.sample_steps, guidance=guidance or sizes.guidance,
-                             height=RESOLUTION, width=RESOLUTION, batch_size=100, progress=progress, guide=guide)
+                             height=RESOLUTION, width=RESOLUTION, batch_size=100, progress=progress, guides=guides)
     return images[:sizes.n_generic], images[sizes.n_generic:], requested
 
 
 @torch.no_grad()
-def indicator_logits(models, indicator, images, seed=0):
-    """The authors' indicator on generated images, as in training: each one encoded (posterior mean), noised at a
-    random t ~ U{0..999} with the generic prompt, the UNet's ε̂ to the indicator -> (N, K) logits."""
+def indicator_logits(models, indicator, objective, images, seed=0):
+    """The indicator on generated images through the training step's own forward (train.micro_batch_inputs and
+    DDMModel.micro_batch): each image encoded, noised at t ~ U{0..999} under the generic prompt -> (N, K) logits."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    context = sample.encode_text(models, [GENERIC_PROMPT])
+    hp = SimpleNamespace(objective=objective, caption_dropout=0.0, train_text_encoder=False)
+    model = train.DDMModel(models.unet, models.text_encoder, indicator, hp, dict(
+        alphas_cumprod=models.alphas_cumprod, prediction_type=models.prediction_type, group_shares=None,
+        target_shares=None))
     out = []
     for i in range(0, len(x), 100):
-        z0 = models.vae.encode(x[i:i + 100]).mean * models.vae_config.scaling_factor
-        t = torch.randint(0, train.N_TRAIN_TIMESTEPS, (len(z0),), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        eps_hat = models.unet(sample.add_noise(z0, noise, t, models.alphas_cumprod), t,
-                              context.expand(len(z0), -1, -1))
-        out.append(indicator(eps_hat))
+        posterior = models.vae.encode(x[i:i + 100])
+        inputs = train.micro_batch_inputs(posterior.mean, posterior.std, [GENERIC_PROMPT] * len(posterior.mean),
+                                          models, hp, gen, "cpu")
+        b = model.micro_batch(inputs, torch.full((len(posterior.mean),), -1))
+        out.append(ddm.indicator_logits(b, indicator, objective))
     return torch.cat(out)
 
 
@@ -324,13 +329,13 @@ def evaluate_model(models, indicator, method, judge, groups, sizes, *, guidance=
     """One model's numbers: balance (FD, SPD), quality (confidence, share outside the groups, Frechet overall and
     per group), and for the authors' DDM its indicator's entropy on the generated images."""
     classifier, reference = judge
-    guide = (indicator, method.indicator_guidance, method.clusters > 0) if method and method.indicator_guidance \
-        else None
-    generic, grouped, requested = sample_scenarios(models, groups, sizes, guide=guide, guidance=guidance,
-                                                   generic_only=generic_only, progress=progress)
+    generic, grouped, requested = sample_scenarios(
+        models, groups, sizes, indicator=indicator, scale=method.indicator_guidance if method else 0.0,
+        label_free=bool(method and method.clusters), guidance=guidance, generic_only=generic_only, progress=progress)
     entropy_of = indicator is not None and method.objective == "ddm"
     fd = evaluate.evaluate_images(generic.numpy(), classifier, groups, reference_features=reference,
-                                  indicator_logits=indicator_logits(models, indicator, generic) if entropy_of else None)
+                                  indicator_logits=indicator_logits(models, indicator, "ddm", generic)
+                                  if entropy_of else None)
     row = {k: fd[k] for k in ("fd", "fd_soft", "proportions", "indicator_entropy", "mean_confidence",
                               "share_outside_groups", "frechet_distance", "frechet_per_group",
                               "classifier_heldout_accuracy")}
@@ -374,7 +379,7 @@ def summarize(rows, groups):
             s[k], s[k + "_std"] = mean_std([g[k] for g in group])
         out.append(s)
     plain = next((s for s in out if s["method"] == "plain"), None)
-    for s in out:  # the issue's bar: FD at most half the plain fine-tune's, Frechet at most 10% worse
+    for s in out:  # the bar: FD at most half the plain fine-tune's, Frechet at most 10% worse
         if plain is None or s["method"] in ("plain", "base"):
             s["meets_goal"] = None
         else:
@@ -565,7 +570,7 @@ def fine_tune(args, sizes, method, seed, base, vae):
         biased = cached(stage_dir(args.cache, "data-clusters", s), s,
                         lambda f: build_cluster_folder(f, biased["path"], vae["path"], k, seed),
                         f"biased set in {k} clusters, seed {seed}")
-    extra = ["--indicator-lr", str(sizes.indicator_lr)] if method.objective in ddm.NOISE_AWARE else []
+    extra = ["--indicator-lr", str(sizes.indicator_lr)] if ddm.noise_aware(method.objective) else []
     return train.train(["--model", base["path"], "--data", biased["path"], "--out",
                         str(args.out / "finetune" / f"{method.name}-seed{seed}"), "--lora-rank", "0",
                         "--no-train-text-encoder", *method.train, *extra,
@@ -590,7 +595,7 @@ def run(args):
     # 4-5: every method's fine-tunes (guided methods sample their source's runs), each evaluated right away
     methods = [BY_NAME[n] for n in args.methods]
     rows, grid_images, runs = [], {}, {}
-    row, grid_images["base"] = evaluated(sample.load_models(base["path"]), None, None)
+    row, grid_images["base"] = evaluated(load_models(base["path"]), None, None)
     rows.append({"method": "base", "label": "base (balanced training)", "seed": "-", "run": base["path"], **row})
     for seed in range(args.seeds):
         for name in dict.fromkeys(m.source or m.name for m in methods):
@@ -599,7 +604,7 @@ def run(args):
             runs[name, seed] = fine_tune(args, sizes, BY_NAME[name], seed, base, vae_info)
             timings["finetune"] += time.time() - t0
         for m in methods:
-            trained = sample.load_run(runs[m.source or m.name, seed])
+            trained = load_run(runs[m.source or m.name, seed])
             row, images = evaluated(trained.models, trained.indicator, m)
             rows.append({"method": m.name, "label": m.label, "seed": seed, "run": str(runs[m.source or m.name, seed]),
                          "train": train_stats(runs[m.source or m.name, seed]), **row})
@@ -615,7 +620,7 @@ def run(args):
     for name in [n for n in ("plain", best) if n in BY_NAME and n in args.methods]:
         m = BY_NAME[name]
         for seed in range(args.seeds):
-            trained = sample.load_run(runs[m.source or m.name, seed])
+            trained = load_run(runs[m.source or m.name, seed])
             for scale in sizes.cfg_check:
                 row, _ = evaluated(trained.models, trained.indicator, m, guidance=scale, generic_only=True)
                 cfg_rows.append({"method": name, "label": m.label, "seed": seed, "cfg": scale, **row})
@@ -641,8 +646,8 @@ def run(args):
         "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": args.threads,
         "versions": {"torch": torch.__version__},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(report_markdown(report))
+    weights.write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    weights.write_atomic(out / "report.md", report_markdown(report))
     print(verdict_table(summary, groups))
     print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
           f"report: {out / 'report.md'}")

@@ -1,10 +1,8 @@
 """Fine-tune Stable Diffusion v1.x with the Debiasing Diffusion Model objective, or train a tiny one from scratch.
 
-Huang, Tsao, Su, Chiang 2025 (arXiv 2503.12536). One micro-batch (`micro_batch_inputs`, then `DDMModel.forward`):
-    z_0 = vae.encode(x).sample() · 0.18215        the frozen VAE's posterior, sampled
-    t ~ U{0, …, 999},  ε ~ N(0, I),  z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε       (sample.add_noise, SD's scaled-linear ᾱ)
-    ε̂ = unet(z_t, t, text_encoder(prompt)),  (L, parts) = ddm.loss(...)
-With the default --objective ddm, L = w_rec · ||ε̂ − ε||² + w_ind · CE(indicator(ε̂), g); ddm.py owns the loss.
+One micro-batch (`micro_batch_inputs`, then `DDMModel`; Huang et al., arXiv 2503.12536), ddm.py owning the loss:
+    z_0 = vae.encode(x).sample() · 0.18215,   t ~ U{0, …, 999},   ε ~ N(0, I),   z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
+    ε̂ = unet(z_t, t, text_encoder(prompt)),   (L, parts) = ddm.loss(MicroBatch(z_0, z_t, t, ε, ε̂, ...), indicator)
 
     python train.py --model sd-v1-5/ --data DIR --out runs/ddm [--objective ddm --w-ind .05 --lora-rank 8 ...]
     torchrun --nproc_per_node N train.py ...                  (DistributedDataParallel; same script, same flags)
@@ -12,16 +10,9 @@ With the default --objective ddm, L = w_rec · ||ε̂ − ε||² + w_ind · CE(i
     python train.py ... --resume runs/ddm                     (the same flags again; continues bit-exactly)
     python train.py --model runs/ddm --export sd-ddm/         (a merged diffusers folder; also after training)
 
-Defaults follow the authors' script: AdamW (lr 1e-5, betas 0.9/0.999, eps 1e-8, weight decay 1e-2) over the UNet's
-LoRA (rank 8, alpha 32 on to_q/to_v; q_proj/v_proj of the text encoder with --train-text-encoder) and the
-indicator, gradient accumulation 4, VAE frozen. Ours: gradients clipped by global *norm* (the authors clip by
-value), K groups from the data (they fix K = 2), --lora-rank 0 trains whole weights, and --init-config builds
-seeded random models (sample.models_from_config) trained by this same loop.
-
-Determinism: a step is one optimizer update over --grad-accum micro-batches per process. The data order is
-data.MicroBatchIndices; a micro-batch's posterior sample, noise, timesteps and caption dropout come from a generator
-seeded by (seed, step, micro, rank). So on CPU a killed and resumed run ends bit for bit where an uninterrupted one
-does. checkpoints.py describes the run directory. A NaN/inf loss, gradient or updated weight stops the run at its step.
+Defaults follow the authors' script: AdamW (lr 1e-5, wd 1e-2), LoRA rank 8 / alpha 32 on to_q, to_v, gradient
+accumulation 4. Ours: clipping by global norm, K groups from the data. A micro-batch's draws come from a generator
+seeded by (seed, step, micro, rank), so on CPU a killed and resumed run ends bit for bit where one run does.
 """
 import argparse
 import math
@@ -37,11 +28,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import checkpoints
+import cli
 import ddm
+import diffusion
+import loading
 import sample
 from data import ImageFolder, MicroBatchIndices, derive_seed, encode_dataset, micro_batches
-
-N_TRAIN_TIMESTEPS = 1000  # SD's DDPM schedule length; t ~ U{0, ..., 999}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,11 +45,11 @@ def micro_batch_inputs(posterior_mean, posterior_std, texts, models, args, gener
     eps_vae = torch.randn(posterior_mean.shape, generator=generator).to(device)
     z0 = (posterior_mean + posterior_std * eps_vae) * models.vae_config.scaling_factor  # posterior sample, scaled
     noise = torch.randn(z0.shape, generator=generator).to(device)
-    t = torch.randint(0, N_TRAIN_TIMESTEPS, (z0.shape[0],), generator=generator).to(device)
+    t = torch.randint(0, diffusion.N_TRAIN_TIMESTEPS, (z0.shape[0],), generator=generator).to(device)
     drop = (torch.rand(z0.shape[0], generator=generator) < args.caption_dropout).tolist()
     input_ids = models.tokenizer(["" if d else s for s, d in zip(texts, drop)]).to(device)
-    z_t = sample.add_noise(z0, noise, t, models.alphas_cumprod)
-    target = noise if models.prediction_type == "epsilon" else sample.v_target(z0, noise, t, models.alphas_cumprod)
+    z_t = diffusion.add_noise(z0, noise, t, models.alphas_cumprod)
+    target = noise if models.prediction_type == "epsilon" else diffusion.v_target(z0, noise, t, models.alphas_cumprod)
     return {"z0": z0, "z_t": z_t, "t": t, "noise": noise, "target": target, "input_ids": input_ids}
 
 
@@ -70,13 +62,16 @@ class DDMModel(nn.Module):
         self.unet, self.text_encoder, self.indicator, self.args = unet, text_encoder, indicator, args
         self.constants = constants
 
-    def forward(self, inputs, groups):
+    def micro_batch(self, inputs, groups):
+        """The ddm.MicroBatch of these inputs: the text encoder, then the UNet's prediction."""
         with torch.set_grad_enabled(self.args.train_text_encoder and torch.is_grad_enabled()):
             context = self.text_encoder(inputs["input_ids"])  # (B, 77, width)
         pred = self.unet(inputs["z_t"], inputs["t"], context)
-        batch = ddm.MicroBatch(**{k: v for k, v in inputs.items() if k != "input_ids"}, pred=pred, groups=groups,
-                               **self.constants)
-        return ddm.loss(batch, self.indicator, self.args)
+        return ddm.MicroBatch(**{k: v for k, v in inputs.items() if k != "input_ids"}, pred=pred, groups=groups,
+                              **self.constants)
+
+    def forward(self, inputs, groups):
+        return ddm.loss(self.micro_batch(inputs, groups), self.indicator, self.args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,16 +99,17 @@ class Trainer:
         args.lora_rank = (0 if from_scratch else 8) if args.lora_rank is None else args.lora_rank
         args.train_text_encoder = from_scratch if args.train_text_encoder is None else args.train_text_encoder
         self.config = config = checkpoints.run_config(
-            args, data, world, sample.read_init_config(args.init_config)[0] if from_scratch else None)
+            args, data, world, loading.read_init_config(args.init_config)[0] if from_scratch else None)
         ckpt, base = checkpoints.check_run_dir(run_dir, config, data, resume=args.resume is not None,
-                                               allow_data_change=args.allow_data_change, device=device, say=rank == 0)
+                                               defaults=args.objective_defaults, allow_data_change=args.allow_data_change,
+                                               device=device, say=rank == 0)
         if len(data) < args.batch_size * world:
             raise ValueError(f"{args.data} has {len(data)} images, fewer than --batch-size {args.batch_size} x "
                              f"{world} processes")
-        self.models = models = (sample.load_models(base) if base is not None
-                                else sample.models_from_config(args.init_config, args.vae, args.seed) if from_scratch
-                                else sample.load_models(args.model))
-        latent_shape = sample.latent_shape(models, args.resolution, args.resolution)
+        self.models = models = (loading.load_models(base) if base is not None
+                                else loading.models_from_config(args.init_config, args.vae, args.seed) if from_scratch
+                                else loading.load_models(args.model))
+        latent_shape = loading.latent_shape(models, args.resolution, args.resolution)
         _barrier(world)  # every rank has checked the run directory before rank 0 creates it
         if rank == 0 and not args.resume:
             checkpoints.write_run(run_dir, config, self.models, latent_shape, vars(args), data)
@@ -257,7 +253,7 @@ class Trainer:
             if log:
                 log.close()
         if args.export and rank == 0:
-            checkpoints.export_diffusers(sample.load_run(self.run_dir).models, args.export)
+            checkpoints.export_diffusers(loading.load_run(self.run_dir).models, args.export)
         _barrier(self.world)
         return self.run_dir
 
@@ -289,7 +285,7 @@ def parse_args(argv=None):
                                                            "NAME=SHARE,... (balanced, indicator-weighted)"),
         g.add_argument("--weight-clip", type=float, default=10.0, help="importance-weight cap (indicator-weighted)"),
     ]
-    p.set_defaults(objective_fields=[a.dest for a in objective])
+    p.set_defaults(objective_fields=[a.dest for a in objective], objective_defaults={a.dest: a.default for a in objective})
     g = p.add_argument_group("what is trained")
     g.add_argument("--lora-rank", type=int, help="LoRA rank, 0 = train all weights (default 8; 0 with --init-config)")
     g.add_argument("--lora-alpha", type=float, default=32.0)
@@ -327,6 +323,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_n", "validation_steps"), (1, None)),
+          **dict.fromkeys(("lr", "indicator_lr", "weight_decay", "max_grad_norm", "w_rec", "w_ind", "checkpoint_every",
+                           "validation_every", "num_workers", "lora_rank"), (0, None)),
+          "caption_dropout": (0.0, 1.0)}
+
+
 def check_args(args):
     """Argument errors that need no file: ValueError naming the flag."""
     if args.data is None:
@@ -341,18 +343,11 @@ def check_args(args):
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
                          f"got {args.resolution}")
-    for flag in ("batch_size", "grad_accum", "max_steps", "validation_n", "validation_steps"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("lr", "indicator_lr", "weight_decay", "max_grad_norm", "w_rec", "w_ind", "checkpoint_every",
-                 "validation_every", "num_workers", "lora_rank"):
-        value = getattr(args, flag)
-        if value is not None and not value >= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
-    if not 0 <= args.caption_dropout <= 1:
-        raise ValueError(f"--caption-dropout must lie in [0, 1], got {args.caption_dropout}")
     if not 0 <= args.seed < 2 ** 64:  # torch.Generator's range (--init-config seeds one with it)
         raise ValueError(f"--seed must lie in 0..2**64-1, got {args.seed}")
+    why = cli.range_error(args, RANGES)
+    if why:
+        raise ValueError(why)
 
 
 def setup_distributed(device_arg):
@@ -379,7 +374,7 @@ def train(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     check_args(args)
     if args.data is None:  # --model PATH --export DIR: conversion only
-        return checkpoints.export_diffusers(sample.load_models(args.model), args.export)
+        return checkpoints.export_diffusers(loading.load_models(args.model), args.export)
     rank, world, device, created_group = setup_distributed(args.device)
     try:
         with checkpoints.locked_run_dir(args.resume or args.out, new=not args.resume) if rank == 0 else nullcontext():
@@ -389,11 +384,8 @@ def train(argv=None):
             dist.destroy_process_group()
 
 
-def main(argv=None):
-    try:
-        train(argv)
-    except (ValueError, OSError, FloatingPointError) as e:  # OSError: FileNotFoundError, checkpoints.WriteError
-        sys.exit(f"train.py: error: {e}")
+def main(argv=None):  # OSError: FileNotFoundError, weights.WriteError
+    cli.one_line_errors(lambda: train(argv), "train.py", (ValueError, OSError, FloatingPointError))
 
 
 if __name__ == "__main__":

@@ -247,18 +247,12 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(normalization(ch, groups), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def _check(self, x, t, context):
+    def _check(self, x, t, context):  # programming errors: the loaders and sample.py check sizes at the boundary
         cfg, f = self.config, 2 ** (len(self.config.channel_mult) - 1)  # one halving per level but the last
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"UNet expects latents (B, {cfg.in_channels}, h, w), got {tuple(x.shape)}")
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"UNet latent height and width must be divisible by {f} (for {f * 8} px with the "
-                             f"SD VAE), got {x.shape[2]}x{x.shape[3]}")
-        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"UNet expects context (B={x.shape[0]}, T, {cfg.context_dim}), "
-                             f"got {tuple(context.shape)}")
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
-            raise ValueError(f"UNet expects timesteps (B={x.shape[0]},) or a scalar, got {tuple(t.shape)}")
+        assert x.ndim == 4 and x.shape[1] == cfg.in_channels, f"latents (B, {cfg.in_channels}, h, w), got {x.shape}"
+        assert x.shape[2] % f == 0 and x.shape[3] % f == 0, f"latent sides divisible by {f}, got {x.shape[2:]}"
+        assert context.shape[::2] == (x.shape[0], cfg.context_dim), f"context (B, T, {cfg.context_dim}), got {context.shape}"
+        assert t.ndim == 0 or t.shape == x.shape[:1], f"timesteps (B={x.shape[0]},) or one, got {t.shape}"
 
     def forward(self, x, t, context):
         """Predicted noise ε̂ (B, out_channels, h, w) for latents x (B, in_channels, h, w), timesteps t (B,) or

@@ -205,12 +205,9 @@ class VAE(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
-    def _check(self, t, channels, what, factor):
-        if t.ndim != 4 or t.shape[1] != channels:
-            raise ValueError(f"{what} must have shape (B, {channels}, H, W), got {tuple(t.shape)}")
-        if t.shape[2] % factor or t.shape[3] % factor:
-            raise ValueError(f"{what} sides must be multiples of {factor} (the VAE downsampling factor), "
-                             f"got {t.shape[2]}x{t.shape[3]}")
+    def _check(self, t, channels, what, factor):  # programming errors: sizes are checked at the boundary
+        assert t.ndim == 4 and t.shape[1] == channels and t.shape[2] % factor == 0 and t.shape[3] % factor == 0, \
+            f"{what} must be (B, {channels}, H, W) with sides multiples of {factor}, got {tuple(t.shape)}"
 
     def encode(self, x):
         """x (B, 3, H, W) in [-1, 1], H and W multiples of f (8 in SD) -> DiagonalGaussian over (B, 4, H/f, W/f)."""

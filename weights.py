@@ -1,4 +1,4 @@
-"""Reading Stable Diffusion v1.x weights from either public layout, strictly.
+"""Reading Stable Diffusion v1.x weights from either public layout, strictly; writing files atomically.
 
 The same weights are published two ways:
   single file   v1-5-pruned-emaonly.safetensors (or .ckpt): every model in one file, each under a prefix
@@ -8,15 +8,20 @@ Each model file (unet.py, vae.py, clip_text.py) says where its tensors live and,
 differently, gives a renaming table; this file only finds, reads, renames and checks tensors.
 
 Models are built on the meta device and take the checkpoint's tensors by assignment, so a 3.4 GB UNet never
-exists twice in memory.
+exists twice in memory. Every file the code writes goes through `write_atomic` (PATH.tmp, then a rename), and a
+failed write is one WriteError naming the path.
 """
+import contextlib
+import errno
 import json
 import math
+import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 # Tensors a single-file checkpoint carries that no model here loads: the DDPM schedule buffers (recomputed in
 # float64 by the sampler), the EMA copy, and CLIP's `position_ids` (an arange, stored by some files only).
@@ -186,14 +191,16 @@ def _examples(keys, n=5):
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def load_strict(model, state_dict, name="model"):
-    """Load `state_dict` into `model` (usually built on the meta device) by assignment, checking everything.
+def load_strict(model, state_dict, name="model", assign=True, only=None):
+    """Load `state_dict` into `model`, checking everything: the one strict loader of the codebase.
 
     Ignored tensors (IGNORED) are dropped; any other missing or unexpected tensor, or a shape mismatch, raises
-    CheckpointError naming the counts and the first few keys, or the tensor and both shapes.
+    CheckpointError naming the counts and the first few keys, or the tensor and both shapes. assign=True takes the
+    tensors over (a model built on the meta device); False copies them into the model's own, which keeps an
+    optimizer's references. `only(key)`: the part of the model this state dict holds (LoRA adapters).
     """
     state_dict = {k: v for k, v in state_dict.items() if not IGNORED.search(k)}
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if only is None or only(k)}
     missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
     if missing or unexpected:
         raise CheckpointError(
@@ -203,7 +210,71 @@ def load_strict(model, state_dict, name="model"):
             + f"; the model has {len(expected)} tensors, the checkpoint {len(state_dict)}")
     for k, v in state_dict.items():
         if v.shape != expected[k].shape:
-            raise CheckpointError(f"{name}: tensor {k} has shape {tuple(v.shape)} in the checkpoint but "
-                                  f"{tuple(expected[k].shape)} in the model")
-    model.load_state_dict(state_dict, strict=True, assign=True)
+            raise CheckpointError(f"{name}: shape mismatch: tensor {k} has shape {tuple(v.shape)} in the checkpoint "
+                                  f"but {tuple(expected[k].shape)} in the model")
+    model.load_state_dict(state_dict, strict=only is None, assign=assign)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: every failure named by its path
+
+
+class WriteError(OSError):
+    """A write that failed: "no space left on PATH", or "cannot write PATH: reason"."""
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Any failed write in this block as one WriteError naming `path`. torch's writer reports a full disk as
+    "RuntimeError: [enforce fail at inline_container.cc]" with the OSError as its context, safetensors as
+    "SafetensorError: ... (os error 28)"; both are read back to their errno here."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError) and not isinstance(e, SafetensorError):
+            raise  # a RuntimeError that is not about the disk
+        found = re.search(r"os error (\d+)", str(e))
+        code = cause.errno if isinstance(cause, OSError) else int(found[1]) if found else None
+        if code == errno.ENOSPC:
+            raise WriteError(f"no space left on {path}") from e
+        raise WriteError(f"cannot write {path}: {os.strerror(code) if code else e}") from e
+
+
+def write_text(path, text):
+    with writing(path):
+        Path(path).write_text(text, encoding="utf-8")
+
+
+def write_atomic(path, content):
+    """Write a file atomically: PATH.tmp, then a rename, so a reader sees the old file or the new one, never half
+    of one; a failed write leaves no PATH.tmp behind. `content`: the text, or a function that writes a path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        content(tmp) if callable(content) else write_text(tmp, content)
+        with writing(path):
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def save_tensors(tensors, path, metadata=None):
+    """A safetensors file of CPU copies of `tensors`, with string `metadata` beside {"format": "pt"}."""
+    with writing(path):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+                  metadata={"format": "pt", **(metadata or {})})
+
+
+def save_torch(obj, path):
+    """torch.save through a Python file, so that a failed write carries its OSError (torch's own writer drops it)."""
+    with writing(path), open(path, "wb") as f:
+        torch.save(obj, f)

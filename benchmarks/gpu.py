@@ -4,7 +4,7 @@
 2. Sampling: one guided UNet call (the UNet sees 2 rows per image) at 64x64 with float16 weights, no autocast,
    as sample.py runs on CUDA, for 1 and 4 images; and end to end, sample.generate against StableDiffusionPipeline
    (full-size random VAE and text encoder too), 4 images of 512 px, 20 DDIM steps, float16.
-3. Training, as issue 5 asks: one step (forward, backward, clip, AdamW) of LoRA rank 8 at 512 px under bf16
+3. Training: one step (forward, backward, clip, AdamW) of LoRA rank 8 at 512 px under bf16
    autocast (float32 master weights), batch 1 and 4, with and without gradient checkpointing: ms per step,
    steps/s and peak memory (torch.cuda.max_memory_allocated).
 Times are medians of CUDA-synchronised wall clocks over interleaved rounds. On a machine without CUDA it says so.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import loading
 import lora
 import sample
 import train
@@ -102,7 +103,8 @@ def end_to_end(ours_unet, ref_unet, n=4, steps=20):
     from diffusers import AutoencoderKL
 
     from benchmarks.sample import pipeline
-    from clip_text import TRANSFORMERS5_NAMES, CLIPTextConfig, CLIPTextModel, load_tokenizer
+    from clip_text import TRANSFORMERS5_NAMES, CLIPTextConfig, CLIPTextModel
+    from tokenizer import load_tokenizer
     from tools.make_sd_tokenizer import write_sd_tokenizer
     from vae import VAE, VAEConfig, vae_diffusers_config, vae_from_diffusers
 
@@ -120,7 +122,7 @@ def end_to_end(ours_unet, ref_unet, n=4, steps=20):
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = write_sd_tokenizer(Path(tmp) / "tokenizer")
         pipe = pipeline(ref_unet.half(), ref_vae.half().eval(), ref_text.half().eval(), tok_dir)
-        models = sample.Models(unet=ours_unet.half(), vae=ours_vae.half().eval(),
+        models = loading.Models(unet=ours_unet.half(), vae=ours_vae.half().eval(),
                                text_encoder=ours_text.half().eval(), tokenizer=load_tokenizer(tok_dir),
                                vae_config=vcfg)
     prompts, seeds = ["a photo of a doctor"] * n, list(range(n))

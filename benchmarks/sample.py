@@ -8,7 +8,7 @@
    embeddings given, no decoding: what each sampler loop costs around the network.
 3. Per step at full SD v1.5 UNet size, 32x32 latents (256 px), batch 1 with guidance (the UNet sees 2 rows),
    prompt embeddings given: here the UNet dominates and the loop must add nothing.
-Bars (issue 4): ratio ours/diffusers <= 0.8 for 1, <= 1.0 for 3.
+Targets: ratio ours/diffusers <= 0.8 for 1, <= 1.0 for 3.
 """
 import shutil
 import tempfile
@@ -18,6 +18,8 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+import diffusion
+import loading
 import sample
 from benchmarks import unet as unet_bench
 from benchmarks.common import interleaved_medians, report
@@ -59,7 +61,7 @@ def end_to_end(tmp, image_counts=(16, 1), steps=20, size=32):
     pipe.save_pretrained(tmp / "sd")
     for name in ("vocab.json", "merges.txt"):  # SD's tokenizer files (transformers 5 saves only tokenizer.json)
         shutil.copy(tokenizer_dir / name, tmp / "sd" / "tokenizer" / name)
-    models = sample.load_models(tmp / "sd")
+    models = loading.load_models(tmp / "sd")
     for n in image_counts:
         prompts = ([f"a photo of a {w}" for w in ("doctor", "nurse", "teacher", "pilot")] * n)[:n]
         seeds = list(range(n))
@@ -103,10 +105,10 @@ def loop_only(tmp, n=16, steps=20, size=32):
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(n, 77, 32, generator=g), torch.randn(n, 77, 32, generator=g)
     x = torch.randn(n, 4, size // 2, size // 2, generator=g)
-    schedule, ours_unet = sample.sd_schedule(), FreeUNet()
+    schedule, ours_unet = diffusion.sd_schedule(), FreeUNet()
 
     def ours():
-        return sample.denoise(ours_unet, x, cond, uncond, schedule, [torch.Generator().manual_seed(0)] * n,
+        return diffusion.denoise(ours_unet, x, cond, uncond, schedule, [torch.Generator().manual_seed(0)] * n,
                               steps=steps, guidance=7.5)
 
     def ref():
@@ -126,10 +128,10 @@ def per_step(tmp, steps=3):
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(1, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)
     x = torch.randn(1, 4, 32, 32, generator=g)
-    schedule = sample.sd_schedule()
+    schedule = diffusion.sd_schedule()
 
     def ours():
-        return sample.denoise(ours_unet, x, cond, uncond, schedule, [torch.Generator().manual_seed(0)],
+        return diffusion.denoise(ours_unet, x, cond, uncond, schedule, [torch.Generator().manual_seed(0)],
                               steps=steps, guidance=7.5)
 
     def ref():

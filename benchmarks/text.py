@@ -14,7 +14,8 @@ import transformers
 
 import weights
 from benchmarks.common import interleaved_medians, peak_memory_mb, report
-from clip_text import TRANSFORMERS5_NAMES, CLIPTextConfig, CLIPTextModel, Tokenizer
+from clip_text import TRANSFORMERS5_NAMES, CLIPTextConfig, CLIPTextModel
+from tokenizer import Tokenizer
 from tools.make_sd_tokenizer import write_sd_tokenizer
 
 

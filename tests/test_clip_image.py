@@ -17,7 +17,8 @@ import data
 import weights
 from clip_image import (STD, TOWER_NAMES, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, clip_config_from_hf,
                         load_clip, load_clip_tokenizer, preprocess)
-from clip_text import CLIPTextConfig, Tokenizer, text_encoder_hf_config
+from clip_text import CLIPTextConfig, text_encoder_hf_config
+from tokenizer import Tokenizer
 from tools.make_sd_tokenizer import write_sd_tokenizer
 
 TINY_TEXT = CLIPTextConfig(vocab_size=1000, max_position=77, width=64, layers=2, heads=4, mlp=96, eos_token_id=999)

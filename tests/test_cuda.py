@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import checkpoints
+import loading
 import sample
 import train
 from test_train import FAST, RES, assert_images_have_content, data_dir, log_lines, sd_dir  # noqa: F401 (fixtures)
@@ -80,12 +81,12 @@ def test_train_py_on_cuda_with_autocast_and_checkpointing_resumes_and_samples(pr
     state = torch.load(checkpoints.latest_checkpoint(parts) / "optimizer.pt", weights_only=True)
     assert bool(state["scaler"]) == (precision == "fp16")  # fp16 keeps its loss scale across the resume
     # GPU kernels need not be bit-reproducible, so the resumed run must be close, not equal, to the whole one
-    a, b = (sample.load_run(r, merge=False).models.unet.state_dict() for r in (whole, parts))
+    a, b = (loading.load_run(r, merge=False).models.unet.state_dict() for r in (whole, parts))
     for k in a:
         if ".lora_" in k:
             torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3, msg=k)
 
-    models = {dtype: sample.load_models(whole, device="cuda", dtype=dtype) for dtype in (torch.float32,
+    models = {dtype: loading.load_models(whole, device="cuda", dtype=dtype) for dtype in (torch.float32,
                                                                                          torch.float16)}
     images = {dtype: sample.generate(m, ["a red square", "a blue square"], [0, 1], steps=5, height=RES, width=RES,
                                      progress=False).float() for dtype, m in models.items()}

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ddm
+import diffusion
 import sample
 
 LATENT = (4, 2, 2)
@@ -19,8 +20,8 @@ def micro_batch(groups, t=None, pred=None, seed=0, shares=(0.75, 0.25), target=(
     B = len(groups)
     z0, noise = torch.randn(B, *LATENT, generator=g), torch.randn(B, *LATENT, generator=g)
     t = torch.randint(0, 1000, (B,), generator=g) if t is None else torch.as_tensor(t)
-    ac = sample.sd_schedule().float()
-    z_t = sample.add_noise(z0, noise, t, ac)
+    ac = diffusion.sd_schedule().float()
+    z_t = diffusion.add_noise(z0, noise, t, ac)
     pred = noise + 0.1 * torch.randn(B, *LATENT, generator=g) if pred is None else pred
     return ddm.MicroBatch(z0=z0, z_t=z_t, t=t, noise=noise, pred=pred, target=noise, alphas_cumprod=ac,
                           groups=torch.tensor(groups), group_shares=torch.tensor(shares),
@@ -51,12 +52,12 @@ def test_predicted_x0_matches_the_ddim_step_x0():
     ac = b.alphas_cumprod.double()
     for i, t in enumerate(b.t.tolist()):
         # ddim_step to past the last step gives sqrt(abar_0) x0_hat + sqrt(1 - abar_0) eps: solve it for x0_hat
-        x_prev = sample.ddim_step(b.z_t[i].double(), b.pred[i].double(), t, -1, ac)
+        x_prev = diffusion.ddim_step(b.z_t[i].double(), b.pred[i].double(), t, -1, ac)
         want = (x_prev - (1 - ac[0]).sqrt() * b.pred[i].double()) / ac[0].sqrt()
         torch.testing.assert_close(x0[i].double(), want, atol=1e-4 * max(1, want.abs().max().item()), rtol=1e-4)
     v = micro_batch([0, 1, 0], t=[1, 500, 999])
     v.prediction_type = "v_prediction"
-    v.pred = sample.v_target(v.z0, v.noise, v.t, v.alphas_cumprod)  # the exact v gives back z0
+    v.pred = diffusion.v_target(v.z0, v.noise, v.t, v.alphas_cumprod)  # the exact v gives back z0
     torch.testing.assert_close(ddm.predicted_x0(v), v.z0, atol=1e-5, rtol=1e-5)
 
 
@@ -144,14 +145,14 @@ def test_indicator_guidance_raises_the_indicator_probability_of_the_target_group
 
     unet = Zero()
     unet.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
-    ac = sample.sd_schedule()
+    ac = diffusion.sd_schedule()
     x = torch.randn(6, *LATENT, generator=torch.Generator().manual_seed(1))
     gens = [torch.Generator().manual_seed(k) for k in range(6)]
     cond = torch.zeros(6, 77, 8)
     out = {}
     for name, groups in (("plain", None), ("to_1", [1] * 6), ("to_0", [0] * 6)):
-        guide = None if groups is None else (ind, torch.tensor(groups), 3.0)
-        out[name] = sample.denoise(unet, x, cond, None, ac, gens, steps=10, guidance=1.0, guide=guide)
+        guides = [] if groups is None else [diffusion.Guidance(ind, torch.tensor(groups), 3.0)]
+        out[name] = diffusion.denoise(unet, x, cond, None, ac, gens, steps=10, guidance=1.0, guides=guides)
     p1 = {k: ind(v, torch.zeros(6, dtype=torch.long)).softmax(1)[:, 1].mean().item() for k, v in out.items()}
     assert p1["to_1"] > p1["plain"] + 0.2 and p1["to_0"] < p1["plain"] - 0.2, p1
 

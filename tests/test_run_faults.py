@@ -19,8 +19,10 @@ from PIL import Image
 
 import checkpoints
 import ddm
+import loading
 import sample
 import train
+import weights
 from test_train import (FAST, ROOT, assert_same_tensors, checkpoint_files, data_dir, log_lines,  # noqa: F401
                         lora_run, make_data, one_thread, sd_dir)
 
@@ -51,7 +53,7 @@ def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run_before_the_upda
         loss, parts = ddm.ddm(b, indicator, hp)
         return loss + (b.pred - b.pred.detach()).abs().sqrt().mean(), parts
 
-    monkeypatch.setitem(ddm.OBJECTIVES, "sqrt-at-zero", sqrt_at_zero)
+    monkeypatch.setitem(ddm.OBJECTIVES, "sqrt-at-zero", ddm.Objective(sqrt_at_zero, "pred"))
     out = tmp_path / "nan-grad"
     with pytest.raises(FloatingPointError, match=r"gradient norm is nan at step 1\b"):
         train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--lora-rank", "4",
@@ -118,7 +120,7 @@ def test_files_in_a_run_directory_that_train_py_did_not_write_are_kept_and_ignor
     assert {p.name for p in out.iterdir()} == ours | {"checkpoint-000003"}
     assert (out / "checkpoint-backup-mine" / "notes.txt").read_text() == "mine"
     assert checkpoints.latest_checkpoint(out).name == "checkpoint-000003"
-    assert sample.load_run(out).step == 3
+    assert loading.load_run(out).step == 3
 
     export = tmp_path / "export"
     (tmp_path / "export.tmp").mkdir()
@@ -161,7 +163,7 @@ def test_a_truncated_latest_checkpoint_is_named_and_resume_falls_back_to_the_one
     truncate(run / "checkpoint-000004" / broken)
     capsys.readouterr()
     if broken != "optimizer.pt":  # sampling reads no optimizer state
-        assert sample.load_run(run).step == 2
+        assert loading.load_run(run).step == 2
         assert f"{run / 'checkpoint-000004' / broken}" in capsys.readouterr().err
     train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "4"])
     err = capsys.readouterr().err
@@ -180,7 +182,7 @@ def test_a_run_whose_only_checkpoint_is_broken_is_refused_naming_the_file(two_ch
     with pytest.raises(ValueError, match=message):
         train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "6"])
     with pytest.raises(ValueError, match=message):
-        sample.load_run(run)
+        loading.load_run(run)
     assert state.stat().st_size > 0  # nothing deleted
 
 
@@ -190,13 +192,13 @@ def test_a_checkpoint_that_does_not_read_back_as_written_stops_the_run_and_keeps
     shutil.copytree(two_checkpoints, run)
     shutil.rmtree(run / "checkpoint-000004")
     kept = {f.name: f.read_bytes() for f in (run / "checkpoint-000002").iterdir()}
-    real_save_file = checkpoints.save_file
+    real_save_file = weights.save_file
 
     def lossy_save_file(tensors, path, metadata=None):  # a write that loses its tail without saying so
         real_save_file(tensors, path, metadata=metadata)
         truncate(Path(path))
 
-    monkeypatch.setattr(checkpoints, "save_file", lossy_save_file)
+    monkeypatch.setattr(weights, "save_file", lossy_save_file)
     with pytest.raises(ValueError, match=r"checkpoint-000004 does not read back as written, so it was not kept.*"
                                          r"checkpoint-000004\.tmp/unet_lora\.safetensors"):
         train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "4"])
@@ -259,7 +261,7 @@ def test_a_failed_write_names_the_path_and_leaves_nothing_that_blocks_a_retry(sd
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_a_full_disk_reads_as_no_space_left_on_the_path():
     with pytest.raises(OSError, match=r"^no space left on /dev/full$"):  # torch's writer: "enforce fail at ..."
-        checkpoints.save_torch({"x": torch.zeros(10 ** 5)}, Path("/dev/full"))
+        weights.save_torch({"x": torch.zeros(10 ** 5)}, Path("/dev/full"))
 
 
 # ---- clear messages
@@ -273,7 +275,7 @@ def test_a_truncated_run_json_and_a_seed_out_of_range_are_one_line_errors(lora_r
     with pytest.raises(ValueError, match=message):
         train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run)])
     with pytest.raises(ValueError, match=message):
-        sample.load_run(run)
+        loading.load_run(run)
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(sd_dir), "--data", str(data_dir),
                         *LORA, "--resume", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and re.search(message, r.stderr)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
+import diffusion
 import sample
 
 # SD v1.5's scheduler/scheduler_config.json, the fields that matter.
@@ -18,7 +19,7 @@ F32 = 1e-6  # diffusers keeps ᾱ in float32; ours is float64 as in CompVis, so 
 
 
 def test_schedules_are_float64_and_equal_diffusers_alphas_cumprod():
-    ours = sample.sd_schedule()
+    ours = diffusion.sd_schedule()
     assert ours.dtype == torch.float64 and ours.shape == (1000,)
     theirs = DDIMScheduler(**SD_SCHEDULER).alphas_cumprod
     assert (ours - theirs.double()).abs().max() < F32
@@ -29,7 +30,7 @@ def test_schedules_are_float64_and_equal_diffusers_alphas_cumprod():
         by_hand.append(product)
     assert (ours - torch.tensor(by_hand, dtype=torch.float64)).abs().max() < 1e-15
     assert ours[0] == pytest.approx(0.99915, abs=1e-15) and ours[-1] == pytest.approx(0.0046601, abs=1e-7)
-    linear = sample.alphas_cumprod(sample.linear_betas())
+    linear = diffusion.alphas_cumprod(diffusion.linear_betas())
     assert linear.dtype == torch.float64
     assert (linear - DDPMScheduler(beta_schedule="linear").alphas_cumprod.double()).abs().max() < F32
     assert (linear - ours).abs().max() > 0.1  # the two schedules really differ
@@ -39,13 +40,13 @@ def test_schedules_are_float64_and_equal_diffusers_alphas_cumprod():
 def test_ddim_timesteps_equal_diffusers_leading_spacing(steps):
     s = DDIMScheduler(**SD_SCHEDULER)
     s.set_timesteps(steps)
-    assert sample.ddim_timesteps(steps) == s.timesteps.tolist()
+    assert diffusion.ddim_timesteps(steps) == s.timesteps.tolist()
 
 
 def test_ddim_timesteps_reject_bad_step_counts():
     for steps in (0, -1, 1001):
         with pytest.raises(ValueError, match="steps"):
-            sample.ddim_timesteps(steps)
+            diffusion.ddim_timesteps(steps)
 
 
 def _step_inputs(seed=0):
@@ -61,27 +62,27 @@ def test_one_ddim_step_equals_diffusers(eta, steps, index):
     s.set_timesteps(steps)
     t = int(s.timesteps[index])
     theirs = s.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
-    timesteps = sample.ddim_timesteps(steps)
+    timesteps = diffusion.ddim_timesteps(steps)
     t_prev = timesteps[index + 1] if index + 1 < steps else -1  # the last step lands on ᾱ[0]
-    ours = sample.ddim_step(x, eps, t, t_prev, sample.sd_schedule(), eta, z)
-    same_schedule = sample.ddim_step(x, eps, t, t_prev, s.alphas_cumprod, eta, z)
+    ours = diffusion.ddim_step(x, eps, t, t_prev, diffusion.sd_schedule(), eta, z)
+    same_schedule = diffusion.ddim_step(x, eps, t, t_prev, s.alphas_cumprod, eta, z)
     assert (same_schedule - theirs).abs().max() < 2e-6  # the update rule itself
     assert (ours - theirs).abs().max() < 2e-5  # plus the float64 schedule (x̂_0 = .../√ᾱ_t amplifies at t≈1000)
 
 
 def test_ddim_final_step_uses_alphas_cumprod_0_not_one():
     x, eps, _ = _step_inputs()
-    ac = sample.sd_schedule()
-    out = sample.ddim_step(x, eps, 1, -1, ac)
+    ac = diffusion.sd_schedule()
+    out = diffusion.ddim_step(x, eps, 1, -1, ac)
     x0 = (x - (1 - ac[1]).sqrt().float() * eps) / ac[1].sqrt().float()
     assert (out - x0).abs().max() > 1e-3  # ᾱ = 1 would return x̂_0 itself
-    assert (out - sample.ddim_step(x, eps, 1, 0, ac)).abs().max() == 0
+    assert (out - diffusion.ddim_step(x, eps, 1, 0, ac)).abs().max() == 0
 
 
 def test_ddim_with_eta_needs_noise():
     x, eps, _ = _step_inputs()
     with pytest.raises(ValueError, match="noise"):
-        sample.ddim_step(x, eps, 981, 961, sample.sd_schedule(), eta=1.0)
+        diffusion.ddim_step(x, eps, 981, 961, diffusion.sd_schedule(), eta=1.0)
 
 
 @pytest.mark.parametrize("steps,index", [(50, 0), (50, 30), (50, 49), (1000, 500), (1000, 999)])
@@ -93,19 +94,19 @@ def test_one_ddpm_step_equals_diffusers(steps, index, monkeypatch):
     from diffusers.schedulers import scheduling_ddpm
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: z)  # DDPMScheduler draws z itself
     theirs = s.step(eps, t, x).prev_sample
-    timesteps = sample.ddim_timesteps(steps)
+    timesteps = diffusion.ddim_timesteps(steps)
     t_prev = timesteps[index + 1] if index + 1 < steps else -1
-    same_schedule = sample.ddpm_step(x, eps, t, t_prev, s.alphas_cumprod, z)
-    ours = sample.ddpm_step(x, eps, t, t_prev, sample.sd_schedule(), z)
+    same_schedule = diffusion.ddpm_step(x, eps, t, t_prev, s.alphas_cumprod, z)
+    ours = diffusion.ddpm_step(x, eps, t, t_prev, diffusion.sd_schedule(), z)
     assert (same_schedule - theirs).abs().max() < 2e-6
     assert (ours - theirs).abs().max() < 2e-5
 
 
 def test_ddpm_step_is_ddim_with_eta_one():
     x, eps, z = _step_inputs(2)
-    ac = sample.sd_schedule()
+    ac = diffusion.sd_schedule()
     for t, t_prev in [(981, 961), (501, 481), (21, 1)]:
-        assert (sample.ddpm_step(x, eps, t, t_prev, ac, z) - sample.ddim_step(x, eps, t, t_prev, ac, 1.0, z)
+        assert (diffusion.ddpm_step(x, eps, t, t_prev, ac, z) - diffusion.ddim_step(x, eps, t, t_prev, ac, 1.0, z)
                 ).abs().max() < 1e-5
 
 
@@ -118,13 +119,13 @@ def test_euler_run_equals_diffusers(steps):
     theirs = x_T * s.init_noise_sigma
     for t in s.timesteps:
         theirs = s.step(0.1 * s.scale_model_input(theirs, t) + c, t, theirs).prev_sample
-    timesteps = sample.ddim_timesteps(steps)
+    timesteps = diffusion.ddim_timesteps(steps)
     assert timesteps == s.timesteps.long().tolist()
-    sigmas = sample.euler_sigmas(timesteps, sample.sd_schedule())
+    sigmas = diffusion.euler_sigmas(timesteps, diffusion.sd_schedule())
     torch.testing.assert_close(torch.tensor(sigmas), s.sigmas, atol=0, rtol=4e-6)  # float32 σ
     ours = x_T * (sigmas[0] ** 2 + 1) ** 0.5
     for i in range(steps):
-        ours = sample.euler_step(ours, 0.1 * ours / (sigmas[i] ** 2 + 1) ** 0.5 + c, sigmas[i], sigmas[i + 1])
+        ours = diffusion.euler_step(ours, 0.1 * ours / (sigmas[i] ** 2 + 1) ** 0.5 + c, sigmas[i], sigmas[i + 1])
     assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
 
 
@@ -133,17 +134,17 @@ def test_add_noise_and_v_target_equal_diffusers():
     x0, noise = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
     t = torch.tensor([0, 1, 500, 998, 999])
     s = DDPMScheduler(**DDPM_SCHEDULER)
-    ac = sample.sd_schedule()
+    ac = diffusion.sd_schedule()
     tol = dict(atol=2e-6, rtol=F32)  # diffusers' float32 1 − ᾱ_0 = 0.00085 keeps only ~4 digits
-    torch.testing.assert_close(sample.add_noise(x0, noise, t, ac), s.add_noise(x0, noise, t), **tol)
-    torch.testing.assert_close(sample.v_target(x0, noise, t, ac), s.get_velocity(x0, noise, t), **tol)
-    assert sample.add_noise(x0.double(), noise.double(), t, ac).dtype == torch.float64
-    assert sample.add_noise(x0.bfloat16(), noise.bfloat16(), t, ac).dtype == torch.bfloat16
+    torch.testing.assert_close(diffusion.add_noise(x0, noise, t, ac), s.add_noise(x0, noise, t), **tol)
+    torch.testing.assert_close(diffusion.v_target(x0, noise, t, ac), s.get_velocity(x0, noise, t), **tol)
+    assert diffusion.add_noise(x0.double(), noise.double(), t, ac).dtype == torch.float64
+    assert diffusion.add_noise(x0.bfloat16(), noise.bfloat16(), t, ac).dtype == torch.bfloat16
     # v-prediction round trip: ε recovered from v at x_t
-    x_t = sample.add_noise(x0, noise, t, ac)
-    v = sample.v_target(x0, noise, t, ac)
+    x_t = diffusion.add_noise(x0, noise, t, ac)
+    v = diffusion.v_target(x0, noise, t, ac)
     for k in range(5):
-        eps = sample.eps_from_v(x_t[k], v[k], int(t[k]), ac)
+        eps = diffusion.eps_from_v(x_t[k], v[k], int(t[k]), ac)
         assert (eps - noise[k]).abs().max() < 1e-5
 
 
@@ -151,9 +152,9 @@ def test_one_ddim_step_with_v_prediction_equals_diffusers():
     x, v, _ = _step_inputs(5)
     s = DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": "v_prediction"})
     s.set_timesteps(20)
-    ac = sample.sd_schedule()
+    ac = diffusion.sd_schedule()
     theirs = s.step(v, 501, x).prev_sample
-    ours = sample.ddim_step(x, sample.eps_from_v(x, v, 501, ac), 501, 451, ac)
+    ours = diffusion.ddim_step(x, diffusion.eps_from_v(x, v, 501, ac), 501, 451, ac)
     assert (ours - theirs).abs().max() < 1e-5
 
 
@@ -238,8 +239,8 @@ def test_whole_run_equals_stable_diffusion_pipeline(tiny, sampler, eta, guidance
     scheduler = {"ddim": lambda: DDIMScheduler(**SD_SCHEDULER), "ddpm": lambda: DDPMScheduler(**DDPM_SCHEDULER),
                  "euler": lambda: EulerDiscreteScheduler(**EULER_SCHEDULER)}[sampler]()
     their_latents, their_images = _pipeline_run(pipe, scheduler, PROMPTS, SEEDS, negative_prompt, steps, guidance, eta)
-    ours = sample.sample_latents(models, PROMPTS, SEEDS, negative_prompt=negative_prompt, steps=steps,
-                                 guidance=guidance, height=H, width=W, sampler=sampler, eta=eta)
+    ours = sample.generate(models, PROMPTS, SEEDS, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                           height=H, width=W, sampler=sampler, eta=eta, decode=False, progress=False)
     assert ours.shape == their_latents.shape == (4, 4, H // 2, W // 2)
     assert their_latents.abs().max() > 0.5  # a real signal, not everything collapsed to zero
     # Random weights make DDIM's x0 estimate blow up (latents reach 40-60, not SD's ~4), and fp32 rounding grows
@@ -259,11 +260,11 @@ def test_whole_run_equals_stable_diffusion_pipeline(tiny, sampler, eta, guidance
 
 def test_negative_prompt_and_guidance_change_the_result(tiny):
     _, models, _ = tiny
-    kw = dict(steps=3, height=H, width=W)
-    base = sample.sample_latents(models, PROMPTS[:1], SEEDS[:1], **kw)
-    assert (base - sample.sample_latents(models, PROMPTS[:1], SEEDS[:1], negative_prompt="blurry", **kw)
+    kw = dict(steps=3, height=H, width=W, decode=False, progress=False)
+    base = sample.generate(models, PROMPTS[:1], SEEDS[:1], **kw)
+    assert (base - sample.generate(models, PROMPTS[:1], SEEDS[:1], negative_prompt="blurry", **kw)
             ).abs().max() > 1e-3
-    assert (base - sample.sample_latents(models, PROMPTS[:1], SEEDS[:1], guidance=3.0, **kw)).abs().max() > 1e-3
+    assert (base - sample.generate(models, PROMPTS[:1], SEEDS[:1], guidance=3.0, **kw)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("euler", 0.0)])

@@ -22,6 +22,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import checkpoints
 import data
 import ddm
+import diffusion
+import loading
 import sample
 import train
 from clip_text import CLIPTextModel
@@ -133,7 +135,7 @@ def denoising_loss(models, data_dir):
         for t in (50, 250, 500, 750, 950):
             noise = torch.randn(z0.shape, generator=g)
             t = torch.full((len(z0),), t)
-            losses.append(F.mse_loss(models.unet(sample.add_noise(z0, noise, t, models.alphas_cumprod), t, context),
+            losses.append(F.mse_loss(models.unet(diffusion.add_noise(z0, noise, t, models.alphas_cumprod), t, context),
                                      noise).item())
     return sum(losses) / len(losses)
 
@@ -209,8 +211,8 @@ class StepRecorder:
 
 
 def test_fine_tune_reduces_the_loss_and_the_run_directory_loads_for_sampling(full_run, sd_dir, data_dir):
-    before = denoising_loss(sample.load_models(sd_dir), data_dir)
-    trained = sample.load_models(full_run)  # a run directory as sample.py --model takes it
+    before = denoising_loss(loading.load_models(sd_dir), data_dir)
+    trained = loading.load_models(full_run)  # a run directory as sample.py --model takes it
     after = denoising_loss(trained, data_dir)
     assert after < 0.9 * before, (before, after)
     log = log_lines(full_run)
@@ -254,8 +256,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(lora_ru
 
 
 def test_lora_trains_only_the_adapters_and_the_indicator(lora_run, sd_dir):
-    base = sample.load_models(sd_dir)
-    run = sample.load_run(lora_run, merge=False)
+    base = loading.load_models(sd_dir)
+    run = loading.load_run(lora_run, merge=False)
     for name, model in (("unet", run.models.unet), ("text_encoder", run.models.text_encoder)):
         adapters = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
         assert adapters and any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B")), name
@@ -279,7 +281,7 @@ def test_w_ind_zero_is_plain_fine_tuning_blind_to_the_groups(sd_dir, data_dir, t
     plain, scrambled, ddm = (checkpoint_files(runs[n]) for n in ("plain", "scrambled", "ddm"))
     assert_same_tensors(plain, scrambled)  # the group labels cannot matter when w_ind = 0
     assert "indicator.safetensors" not in plain and "indicator.safetensors" in ddm  # no untrained indicator kept
-    assert sample.load_run(runs["plain"]).indicator is None and sample.load_run(runs["ddm"]).indicator is not None
+    assert loading.load_run(runs["plain"]).indicator is None and loading.load_run(runs["ddm"]).indicator is not None
     assert not torch.equal(plain["unet.safetensors"]["out.2.weight"], ddm["unet.safetensors"]["out.2.weight"])
     for r in log_lines(runs["plain"]):
         assert r["ind"] is None and r["acc"] is None
@@ -292,7 +294,7 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir
     for run, merge in ((full_run, True), (lora_run, False)):
         export = train.train(["--model", str(run), "--export", str(tmp_path / run.name)])
         pipe = StableDiffusionPipeline.from_pretrained(export)
-        ours = sample.load_run(run, merge=merge).models  # the LoRA run unmerged: the export must hold the merge
+        ours = loading.load_run(run, merge=merge).models  # the LoRA run unmerged: the export must hold the merge
         g = torch.Generator().manual_seed(0)
         x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
         t = torch.tensor([10, 700])
@@ -329,13 +331,13 @@ def test_a_text_encoder_with_fewer_positions_trains_samples_and_exports_at_its_l
     config.write_text(json.dumps({"unet": TINY["unet"], "text_encoder": {**TINY["text_encoder"], "max_position": 16}}))
     run = train.train(["--init-config", str(config), "--vae", str(sd_dir), "--data", str(data_dir), "--out",
                        str(tmp_path / "short"), "--max-steps", "1", *FAST])
-    models = sample.load_models(run)
+    models = loading.load_models(run)
     assert models.tokenizer(["a red square"]).shape == (1, 16)
     images = sample.generate(models, ["a red square"], [0], steps=2, height=RES, width=RES, progress=False)
     assert images.shape == (1, RES, RES, 3)
     export = train.train(["--model", str(run), "--export", str(tmp_path / "export")])
     assert CLIPTokenizer.from_pretrained(export / "tokenizer").model_max_length == 16
-    assert torch.equal(sample.load_models(export).tokenizer(["a red square"]), models.tokenizer(["a red square"]))
+    assert torch.equal(loading.load_models(export).tokenizer(["a red square"]), models.tokenizer(["a red square"]))
 
 
 def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_dir, data_dir, tmp_path):
@@ -348,23 +350,23 @@ def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_di
     info = json.loads((scratch / "run.json").read_text())
     assert info["base"] == "base" and info["config"]["lora_rank"] == 0 and info["config"]["train_text_encoder"]
     assert set(checkpoint_files(scratch)) == {"unet.safetensors", "text_encoder.safetensors", "indicator.safetensors"}
-    from_scratch = sample.load_models(scratch / "base")  # the initial models; the VAE is the one --vae named
-    assert_same_tensors({"vae": from_scratch.vae.state_dict()}, {"vae": sample.load_models(sd_dir).vae.state_dict()})
+    from_scratch = loading.load_models(scratch / "base")  # the initial models; the VAE is the one --vae named
+    assert_same_tensors({"vae": from_scratch.vae.state_dict()}, {"vae": loading.load_models(sd_dir).vae.state_dict()})
     validation = np.stack([np.asarray(Image.open(scratch / "validation" / "step_000002" / f"{k:02d}.png"))
                            for k in range(2)])
     assert validation.shape == (2, RES, RES, 3)
     assert_images_have_content(validation)
     # ... and they are what the saved final weights generate for seeds 0 and 1
-    final = sample.generate(sample.load_models(scratch), ["a red square"] * 2, [0, 1], steps=2, height=RES, width=RES,
+    final = sample.generate(loading.load_models(scratch), ["a red square"] * 2, [0, 1], steps=2, height=RES, width=RES,
                             progress=False)
     assert np.array_equal(final.numpy(), validation)
 
     tuned = train.train(["--model", str(scratch), "--data", str(data_dir), "--out", str(tmp_path / "tuned"),
                          "--lora-rank", "4", "--max-steps", "1", *FAST])
-    base, run = sample.load_models(scratch), sample.load_run(tuned, merge=False)
+    base, run = loading.load_models(scratch), loading.load_run(tuned, merge=False)
     plain = {k: v for k, v in run.models.unet.state_dict().items() if ".lora_" not in k}
     assert_same_tensors({"unet": plain}, {"unet": base.unet.state_dict()})
-    tuned_models = sample.load_models(tuned)
+    tuned_models = loading.load_models(tuned)
     images = [sample.generate(tuned_models, ["a blue square"] * 2, [3, 4], steps=2, height=RES, width=RES,
                               progress=False) for _ in range(2)]
     assert images[0].shape == (2, RES, RES, 3)
@@ -446,6 +448,27 @@ def test_resume_with_another_configuration_is_refused_naming_the_field(lora_run,
         train.train([*common, "--data", str(data_dir), "--out", str(lora_run), "--lora-rank", "4"])
 
 
+def test_a_knob_an_older_run_did_not_record_takes_its_default_on_resume(lora_run, sd_dir, data_dir, tmp_path, capsys):
+    """A flag added to the objective group later: an older run's run.json lacks it. Its default is what that run
+    trained with, so the resume goes on and says so once; another value is still refused."""
+    import shutil
+    run = tmp_path / "old"
+    shutil.copytree(lora_run, run)
+    info = json.loads((run / "run.json").read_text())
+    del info["config"]["weight_clip"], info["config"]["target"]
+    (run / "run.json").write_text(json.dumps(info))
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", "--train-text-encoder", *FAST,
+              "--checkpoint-every", "2", "--resume", str(run)]
+    with pytest.raises(ValueError, match=r"started with weight_clip=10\.0 \(the default: run\.json records none\), "
+                                         r"now weight_clip=3\.0"):
+        train.train([*common, "--max-steps", "5", "--weight-clip", "3"])
+    capsys.readouterr()
+    train.train([*common, "--max-steps", "5"])
+    err = capsys.readouterr().err
+    assert err.count("records no target, weight_clip") == 1 and "taking their defaults" in err
+    assert [r["step"] for r in log_lines(run)][-1] == 5
+
+
 def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(data_dir), "--out", str(tmp_path / "x")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -459,8 +482,7 @@ def test_a_loss_term_added_in_ddm_py_alone_trains_and_is_logged(sd_dir, data_dir
         extra = b.pred.float().pow(2).mean()
         return loss + 0.1 * extra, {**parts, "pred_sq": extra.detach()}
 
-    monkeypatch.setitem(ddm.OBJECTIVES, "toy", toy)
-    monkeypatch.setattr(ddm, "INDICATOR_OBJECTIVES", ddm.INDICATOR_OBJECTIVES | {"toy"})
+    monkeypatch.setitem(ddm.OBJECTIVES, "toy", ddm.Objective(toy, reads="pred"))  # one entry: its indicator reads ε̂
     common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "0", "--max-steps", "2", *FAST]
     runs = {name: train.train([*common, "--out", str(tmp_path / name), "--objective", name]) for name in ("toy", "ddm")}
     log = log_lines(runs["toy"])
@@ -547,8 +569,8 @@ def test_load_run_applies_the_runs_lora_alpha(sd_dir, data_dir, tmp_path):
     run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "run"),
                        "--lora-rank", "4", "--lora-alpha", "6", "--max-steps", "1", *FAST])
     adapters = load_file(checkpoints.latest_checkpoint(run) / "unet_lora.safetensors")
-    base = sample.load_models(sd_dir).unet.state_dict()
-    merged = sample.load_models(run).unet.state_dict()  # through load_run, LoRA merged
+    base = loading.load_models(sd_dir).unet.state_dict()
+    merged = loading.load_models(run).unet.state_dict()  # through load_run, LoRA merged
     names = sorted({k.rsplit(".", 1)[0] for k in adapters})
     assert names and json.loads((run / "run.json").read_text())["config"]["lora_alpha"] == 6
     for name in names:  # W = W0 + (alpha / r) B A (Hu et al. 2021, §4.1), alpha = 6, r = 4
@@ -584,11 +606,11 @@ def test_export_writes_the_schedule_and_prediction_type_the_model_trained_with(s
             (base / part).symlink_to(sd_dir / part, target_is_directory=True)
         DDPMScheduler(num_train_timesteps=1000, **config).save_pretrained(base / "scheduler")
         export = train.train(["--model", str(base), "--export", str(tmp_path / f"{name}_export")])
-        trained = sample.load_models(base)  # the schedule train.py trains this base with
+        trained = loading.load_models(base)  # the schedule train.py trains this base with
         exported = DDPMScheduler.from_pretrained(export, subfolder="scheduler")
         assert exported.config.prediction_type == trained.prediction_type == config.get("prediction_type", "epsilon")
         assert (exported.alphas_cumprod.double() - trained.alphas_cumprod).abs().max() < 1e-6, name
-        again = sample.load_models(export)  # ... and our own loader reads the export back the same
+        again = loading.load_models(export)  # ... and our own loader reads the export back the same
         assert again.prediction_type == trained.prediction_type
         assert (again.alphas_cumprod - trained.alphas_cumprod).abs().max() < 1e-12, name
         written = json.loads((export / "scheduler" / "scheduler_config.json").read_text())

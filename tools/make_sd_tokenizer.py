@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_text import BPE_PATH, clip_vocab_and_merges  # noqa: E402
+from tokenizer import BPE_PATH, clip_vocab_and_merges  # noqa: E402
 
 
 def write_sd_tokenizer(out_dir, bpe_path=BPE_PATH):

@@ -1,0 +1,54 @@
+"""Checks at the command-line boundary, shared by every script: number ranges, --device, one-line errors.
+
+Each script checks all of its flags right after parsing, before it reads a weight or writes a file, and a bad
+value stops it with one line naming the flag (`range_error`). Inside, the code trusts what passed here.
+"""
+import argparse
+import math
+import sys
+
+import torch
+
+
+def out_of_range(value, lo=None, hi=None, strict=False):
+    """Why `value` lies outside [lo, hi] ((lo, hi] with strict), as "must ...", or None. A float must be finite."""
+    is_float = isinstance(value, float)
+    if is_float and not math.isfinite(value):
+        return "must be a finite number"
+    below = lo is not None and (value <= lo if strict else value < lo)
+    if not below and (hi is None or value <= hi):
+        return None
+    if hi is not None:
+        return f"must {'lie' if is_float else 'be'} between {lo:g} and {hi:g}"
+    return f"must be {'a number ' if is_float else ''}{'>' if strict else '>='} {lo:g}"
+
+
+def range_error(args, ranges):
+    """"--flag must ..., got value" for the first flag whose value (or any of its values) is out of range, or
+    None; ranges: {dest: (lo, hi) or (lo, hi, strict)}. A flag that is None (not given, no default) passes."""
+    for dest, spec in ranges.items():
+        values = getattr(args, dest)
+        for v in values if isinstance(values, list) else [values]:
+            why = v is not None and out_of_range(v, *spec)
+            if why:
+                return f"--{dest.replace('_', '-')} {why}, got {v}"
+    return None
+
+
+def device_arg(spec):
+    """argparse type of --device: a torch.device that this machine has."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda asked for, but no CUDA device is available")
+    return device
+
+
+def one_line_errors(main, prog, errors=(ValueError, OSError)):
+    """Run main(); an expected error (bad input, a file that cannot be read or written) exits with one line."""
+    try:
+        return main()
+    except errors as e:
+        sys.exit(f"{prog}: error: {e}")

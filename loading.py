@@ -1,0 +1,209 @@
+"""Loading what sampling and training run on: SD v1.x models, a train.py run directory, an indicator.
+
+  load_models(path)    a diffusers folder, a single-file checkpoint, or a run directory -> Models
+  load_run(run_dir)    a run's base model plus its newest checkpoint (LoRA merged), its indicator and groups
+  load_indicator(path) the noise-aware indicator of a run, or of an exported indicator.safetensors
+  models_from_config   seeded random models from an --init-config JSON (train.py's from-scratch runs)
+`size_multiple` reads and checks every config file of a model before any weight, so a broken one costs no loading.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import checkpoints
+import diffusion
+import lora
+import weights
+from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
+from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf
+from ddm import Indicator, make_indicator, uses_indicator
+from tokenizer import Tokenizer, load_tokenizer
+from unet import WEIGHT_NAMES as UNET_FILES
+from unet import UNet, UNetConfig, load_unet, unet_config_from_diffusers
+from vae import WEIGHT_NAMES as VAE_FILES
+from vae import VAE, VAEConfig, load_vae, vae_config_from_diffusers
+
+
+@dataclass
+class Models:
+    """Everything generation needs: the three networks, the tokenizer, and the schedule they were trained with."""
+    unet: UNet
+    vae: VAE
+    text_encoder: CLIPTextModel
+    tokenizer: Tokenizer
+    vae_config: VAEConfig
+    alphas_cumprod: torch.Tensor = field(default_factory=diffusion.sd_schedule)
+    prediction_type: str = "epsilon"  # "v_prediction" for SD 2.x-v checkpoints
+
+    def __post_init__(self):
+        # texts are padded to the positions the text encoder has: 77 in every SD, fewer in a tiny model (reproduce.py)
+        self.tokenizer.max_length = self.text_encoder.config.max_position
+
+
+def read_schedule(path):
+    """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json (its trained_betas, or its
+    named schedule); SD v1.x's otherwise. The sampler's own settings stay SD v1.x's whatever the file says:
+    "leading" spacing, steps_offset 1, and ᾱ[0] past the last DDIM step (set_alpha_to_one false)."""
+    config = Path(path) / "scheduler" / "scheduler_config.json"
+    if not config.is_file():
+        return diffusion.sd_schedule(), "epsilon"
+    return weights.read_config(config, _schedule_from_config)
+
+
+def _schedule_from_config(c):
+    n = weights.config_value(c, "num_train_timesteps", "int", diffusion.N_TRAIN_TIMESTEPS)
+    kind = weights.config_value(c, "beta_schedule", "str", "scaled_linear")
+    make = {"scaled_linear": (diffusion.scaled_linear_betas, diffusion.BETA_START, diffusion.BETA_END),
+            "linear": (diffusion.linear_betas, 0.0001, 0.02)}  # (β schedule, its defaults in diffusers)
+    prediction_type = weights.config_value(c, "prediction_type", "str", "epsilon")
+    if kind not in make or prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "
+                         "(scaled_linear or linear; epsilon or v_prediction)")
+    if c.get("trained_betas") is not None:  # listed betas win over the named schedule, as in diffusers
+        betas = torch.tensor(c["trained_betas"], dtype=torch.float64)
+    else:
+        betas = make[kind][0](n, weights.config_value(c, "beta_start", "number", make[kind][1]),
+                              weights.config_value(c, "beta_end", "number", make[kind][2]))
+    return diffusion.alphas_cumprod(betas), prediction_type
+
+
+def side_multiple(unet_config, vae_config):
+    """What image sides must be a multiple of: the VAE's downsampling, then one halving per UNet level but one."""
+    return vae_config.downsample_factor * 2 ** (len(unet_config.channel_mult) - 1)
+
+
+def size_multiple(path):
+    """side_multiple of the model at `path` (a diffusers folder, a single file or a run directory), 64 for SD
+    v1.x, read from the config files alone, every one of them checked (UNet, VAE, text encoder, scheduler)."""
+    path = Path(path)
+    if (path / "run.json").is_file():
+        return size_multiple(checkpoints.base_path(path, checkpoints.read_run_json(path)))
+    _, unet_config = weights.find_component(path, subfolder="unet", weight_names=UNET_FILES)
+    if unet_config is None:  # a single file: SD v1.x or v2.x
+        return side_multiple(UNetConfig(), VAEConfig())
+    u = weights.read_config(unet_config, unet_config_from_diffusers)
+    v = weights.read_config(weights.find_component(path, subfolder="vae", weight_names=VAE_FILES)[1],
+                            vae_config_from_diffusers)
+    weights.read_config(weights.find_component(path, subfolder="text_encoder", weight_names=TEXT_ENCODER_FILES)[1],
+                        text_encoder_config_from_hf)
+    read_schedule(path)
+    return side_multiple(u, v)
+
+
+def latent_shape(models, height, width):
+    """(C, h, w) of the latents of height x width images; ValueError when the models do not fit each other or the
+    size (first SD's 8, then this model's own multiple)."""
+    u, v, c = models.unet.config, models.vae_config, models.text_encoder.config
+    if u.context_dim != c.width or u.in_channels != v.z_channels or u.out_channels != v.z_channels:
+        raise ValueError(f"the models do not fit each other: UNet context_dim {u.context_dim}, in/out channels "
+                         f"{u.in_channels}/{u.out_channels}; text encoder width {c.width}; VAE z_channels {v.z_channels}")
+    for side, why in ((8, ""), (side_multiple(u, v), " for this model")):
+        if height <= 0 or width <= 0 or height % side or width % side:
+            raise ValueError(f"height and width must be positive multiples of {side}{why}, got {height}x{width}")
+    return v.z_channels, height // v.downsample_factor, width // v.downsample_factor
+
+
+def load_models(path, device="cpu", dtype=torch.float32):
+    """UNet, VAE, text encoder and tokenizer from a diffusers SD folder or a single-file checkpoint, in eval mode;
+    or from a train.py run directory: its base model plus the trained weights, LoRA merged (`load_run`)."""
+    if (Path(path) / "run.json").is_file():
+        return load_run(path, device, dtype).models
+    vae = load_vae(path, dtype).to(device)
+    schedule, prediction_type = read_schedule(path)
+    return Models(unet=load_unet(path, dtype).to(device), vae=vae,
+                  text_encoder=load_text_encoder(path, dtype).to(device), tokenizer=load_tokenizer(path),
+                  vae_config=vae.config, alphas_cumprod=schedule, prediction_type=prediction_type)
+
+
+@dataclass
+class Run:
+    """A trained run: `models` (LoRA merged unless asked not to), its indicator and groups (checkpoints.py)."""
+    models: Models
+    indicator: Indicator  # None when the run's objective has none (ddm.uses_indicator)
+    group_names: list
+    step: int
+    info: dict  # run.json
+
+
+def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
+    """The models of a run directory's newest checkpoint that reads whole: its base model plus the trained
+    weights."""
+    run_dir = Path(run_dir)
+    info = checkpoints.read_run_json(run_dir)
+    config = info["config"]
+    ckpt = checkpoints.newest_checkpoint(run_dir, checkpoints.checkpoint_files(config))  # passes over broken ones
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} holds no finished checkpoint yet")
+    models = load_models(checkpoints.base_path(run_dir, info))
+    checkpoints.setup_trainable(models, config["lora_rank"], config["lora_alpha"], config["train_text_encoder"])
+    objective = config.get("objective", "ddm")
+    indicator = (make_indicator(objective, info["latent_shape"], len(config["group_names"]),
+                                config["indicator_hidden"]) if uses_indicator(objective, config["w_ind"]) else None)
+    checkpoints.load_checkpoint_weights(ckpt, models.unet, models.text_encoder, indicator, config)
+    for m in (models.unet, models.text_encoder, indicator):
+        if m is not None:
+            if merge:
+                lora.merge_lora(m)
+            m.requires_grad_(False).to(device, dtype).eval()
+    models.vae.to(device, dtype)
+    return Run(models, indicator, config["group_names"], ckpt["step"], info)
+
+
+def load_indicator(path, latent_shape):
+    """(noise-aware indicator, group names) from a train.py run directory, or from an indicator.safetensors file
+    (then the groups are named 0..K-1 and the widths are read off the tensors)."""
+    path = Path(path)
+    if path.is_dir():
+        run = load_run(path)
+        indicator, names = run.indicator, [str(g) for g in run.group_names]
+        if indicator is None:
+            raise ValueError(f"--indicator {path}: this run trained no indicator (objective "
+                             f"{run.info['config'].get('objective', 'ddm')}, w_ind {run.info['config']['w_ind']})")
+    else:
+        sd = weights.read_state_dict(path)
+        linears = sorted((int(k.split(".")[1]), v) for k, v in sd.items() if k.endswith(".weight"))
+        if not linears or any(not k.startswith("net.") for k in sd):
+            raise ValueError(f"--indicator {path}: not an indicator.safetensors (tensors {sorted(sd)[:4]})")
+        widths = [w.shape[0] for _, w in linears]
+        time_dim = linears[0][1].shape[1] - math.prod(latent_shape)
+        indicator = Indicator(latent_shape, widths[-1], widths[:-1], max(time_dim, 0))
+        weights.load_strict(indicator, sd, f"indicator from {path}")
+        names = [str(k) for k in range(widths[-1])]
+    if indicator.timestep_dim == 0:
+        raise ValueError(f"--indicator {path}: this indicator reads eps_hat, not (z_t, t); guidance needs a "
+                         "noise-aware one (train.py --objective plain-indicator or indicator-weighted)")
+    return indicator.float().eval(), names
+
+
+def read_init_config(path):
+    """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None})."""
+    raw = weights.read_json(path)
+    out = {}
+    for key, cls in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", CLIPTextConfig)):
+        fields = raw.get(key)
+        unknown = sorted(set(fields or ()) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"--init-config {path}: {key} has unknown fields {unknown}")
+        out[key] = None if fields is None else cls(**{k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in fields.items()})
+    return raw, out
+
+
+def models_from_config(init_config, vae_path=None, seed=0):
+    """Randomly initialised UNet / text encoder (and VAE unless `vae_path`), seeded, CLIP's tokenizer."""
+    _, cfgs = read_init_config(init_config)
+    if vae_path and cfgs["vae"] is not None:
+        raise ValueError(f"--init-config {init_config} has a 'vae' config and --vae {vae_path} was given: "
+                         "choose one")
+    for key in ("unet", "text_encoder") + (() if vae_path else ("vae",)):
+        if cfgs[key] is None:
+            raise ValueError(f"--init-config {init_config}: missing the '{key}' config"
+                             + (" (or pass --vae PATH)" if key == "vae" else ""))
+    with torch.random.fork_rng(devices=[]):  # seeds the init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        unet, text_encoder = UNet(cfgs["unet"]), CLIPTextModel(cfgs["text_encoder"])
+        vae = load_vae(vae_path) if vae_path else VAE(cfgs["vae"])
+    return Models(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=Tokenizer.default(), vae_config=vae.config)
