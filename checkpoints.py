@@ -494,9 +494,8 @@ def export_diffusers(models, out_dir):
     parts = {"unet": (models.unet, "diffusion_pytorch_model.safetensors"),
              "vae": (models.vae, "diffusion_pytorch_model.safetensors"),
              "text_encoder": (models.text_encoder, "model.safetensors")}
-    for name, (model, _) in parts.items():
-        if any(isinstance(m, lora.LoRALinear) for m in model.modules()):
-            raise ValueError(f"export needs merged models: the {name} still has LoRA adapters (lora.merge_lora)")
+    assert not any(isinstance(m, lora.LoRALinear) for model, _ in parts.values() for m in model.modules()), \
+        "export needs merged models (lora.merge_lora)"
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     with weights.writing(tmp):
         tmp.mkdir(parents=True)  # fails if it appeared since check_export: then it is not ours to delete

@@ -1,21 +1,16 @@
 """CLIP ViT-L/14's image tower, and both towers joined as a zero-shot classifier of images by text.
 
 Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (ICML 2021):
-- Sec. 2.4: the image encoder is a Vision Transformer (Dosovitskiy et al. 2021): the 224 px image is cut into
-  14 x 14 patches, each linearly embedded (a stride-14 convolution), a learned class embedding is put in front and
-  learned positions are added; CLIP adds one LayerNorm before the transformer. The transformer is the text
-  tower's pre-LayerNorm block (`clip_text.EncoderLayer`) without the causal mask. The class token's output, after
-  a final LayerNorm, is the image's feature.
-- Sec. 2.3: each tower's feature is projected linearly (no bias) into a shared 768-d space: the image by
-  `visual_projection`, the text by `text_projection` of the [EOS] token's last hidden state (the text tower is
-  `clip_text.CLIPTextModel`, the very network SD v1.x conditions on).
-- Sec. 2.3, 2.5 and 3.1.2 (zero-shot transfer): logits_ik = exp(t) * cos(image_i, text_k), t a learned scalar
-  (`logit_scale`, the log of the inverse temperature, capped at log 100 = 4.6052, its value in the release); a
+- Sec. 2.4: a Vision Transformer over 14 x 14 patches of the 224 px image (a stride-14 convolution), a learned
+  class embedding in front, learned positions, one LayerNorm before the text tower's pre-LayerNorm block
+  (`clip_text.EncoderLayer`, here without the causal mask); the class token's output is the image's feature.
+- Sec. 2.3: each tower's feature is projected (no bias) into a shared 768-d space; the text's is the [EOS]
+  token's last hidden state of `clip_text.CLIPTextModel`, the very network SD v1.x conditions on.
+- Sec. 3.1.2, zero-shot: logits_ik = exp(t) · cos(image_i, text_k), t = `logit_scale` (capped at log 100); a
   softmax over K class texts ("a photo of a man", "a photo of a woman") classifies an image among them.
 
-Module names follow transformers' CLIPModel, the layout of the public `openai/clip-vit-large-patch14` folder
-(config.json + model.safetensors or pytorch_model.bin). Our CLIPModel holds each tower as a whole module, so
-`text_model.` and `vision_model.` gain one level on loading (`TOWER_NAMES`); every other name is the file's.
+Module names follow transformers' CLIPModel (the `openai/clip-vit-large-patch14` folder); each tower is one
+module here, so `text_model.` and `vision_model.` gain one level on loading (`TOWER_NAMES`).
 """
 import json
 from dataclasses import dataclass, field
@@ -74,11 +69,8 @@ class CLIPVisionModel(nn.Module):
     def __init__(self, cfg=None):
         super().__init__()
         self.config = cfg = cfg or CLIPVisionConfig()
-        if cfg.activation not in ("quick_gelu", "gelu"):
-            raise ValueError(f"activation must be 'quick_gelu' or 'gelu', not {cfg.activation!r}")
-        if cfg.width % cfg.heads or cfg.image_size % cfg.patch_size:
-            raise ValueError(f"width {cfg.width} must be divisible by heads {cfg.heads} and image_size "
-                             f"{cfg.image_size} by patch_size {cfg.patch_size}")
+        assert cfg.activation in ("quick_gelu", "gelu") and cfg.width % cfg.heads == 0, cfg
+        assert cfg.image_size % cfg.patch_size == 0, f"image_size not divisible by patch_size: {cfg}"
         self.vision_model = nn.ModuleDict(dict(
             embeddings=VisionEmbeddings(cfg),
             pre_layrnorm=nn.LayerNorm(cfg.width, eps=1e-5),  # sic: the checkpoint's spelling
@@ -89,9 +81,7 @@ class CLIPVisionModel(nn.Module):
 
     def forward(self, pixels):
         S = self.config.image_size
-        if not torch.is_tensor(pixels) or pixels.dim() != 4 or pixels.shape[1:] != (3, S, S):
-            raise ValueError(f"pixels must be a (batch, 3, {S}, {S}) tensor (see clip_image.preprocess), got "
-                             + (str(tuple(pixels.shape)) if torch.is_tensor(pixels) else type(pixels).__name__))
+        assert pixels.shape[1:] == (3, S, S), f"pixels must be (batch, 3, {S}, {S}) (preprocess), got {pixels.shape}"
         m = self.vision_model
         x = m.pre_layrnorm(m.embeddings(pixels))
         for layer in m.encoder.layers:
@@ -117,9 +107,7 @@ class CLIPModel(nn.Module):
     def encode_text(self, input_ids):
         """Projected last hidden state at each row's first end token (the tokenizer puts one after the text)."""
         is_end = input_ids == self.config.text.eos_token_id
-        if not is_end.any(1).all():
-            raise ValueError(f"every row of input_ids needs an end token ({self.config.text.eos_token_id}); "
-                             "use the tokenizer, which appends one")
+        assert is_end.any(1).all(), f"every row of input_ids needs an end token ({self.config.text.eos_token_id})"
         hidden = self.text(input_ids)  # (B, T, width)
         return self.text_projection(hidden[torch.arange(len(hidden)), is_end.int().argmax(1)])
 
@@ -153,9 +141,8 @@ def preprocess(images, size=224):
     for n, image in enumerate(images):
         if not isinstance(image, Image.Image):
             a = np.asarray(image)
-            if a.dtype != np.uint8 or not (a.ndim == 2 or a.ndim == 3 and a.shape[2] == 3):
-                raise ValueError(f"image {n}: expected a PIL image or a uint8 array (H, W) or (H, W, 3), got "
-                                 f"{a.dtype} {a.shape}")
+            assert a.dtype == np.uint8 and (a.ndim == 2 or a.ndim == 3 and a.shape[2] == 3), \
+                f"image {n}: expected a PIL image or a uint8 array (H, W) or (H, W, 3), got {a.dtype} {a.shape}"
             image = Image.fromarray(a)
         img = image.convert("RGB")
         w, h = img.size

@@ -1,35 +1,17 @@
-"""Data: the shipped MNIST digits, biased digit sets, and the image folder that `train.py` reads.
+"""Data: the shipped MNIST digits, biased sets drawn from them or from CelebA-style labels, and train.py's folder.
 
-The Debiasing Diffusion Model (Huang et al., arXiv 2503.12536) fine-tunes on a training set whose groups are
-imbalanced and asks the generator to come out balanced anyway. Every training image therefore carries a *group*
-label besides its caption; the indicator learns to read that group off the predicted noise (see `ddm.py`).
+A data set is a folder of images with a `metadata.jsonl`, one JSON object a line (the Hugging Face imagefolder
+convention): {"file_name": "00000.png", "text": "a photo of a digit", "group": 7}. `file_name` stays inside the
+folder; `text` is the caption ("" is the empty prompt); `group` is an int or a str (one type per file), or null
+for an image without a label; groups are sorted and numbered 0..K-1 (`ImageFolder.group_names`), null is -1.
+Other fields are ignored. Groups are labels of the images, never words of the prompt.
 
-Data-set format (the Hugging Face "imagefolder" convention): a folder holding the images and a `metadata.jsonl`,
-one JSON object a line:
+    python data.py celeba --images DIR --attributes list_attr_celeba.txt --attribute Male --counts 800,200
+                          --prompt "a photo of a face" --out my_data/      (CelebA's attribute-file format)
+    python data.py clusters --data my_data/ --vae sd-v1-5/ --k 3 --out my_data_clusters/   (ours: no labels)
 
-    {"file_name": "00000.png", "text": "a photo of a digit", "group": 7}
-
-- `file_name`: path of the image relative to the folder (required);
-- `text`: the caption (required, a string; "" is allowed and means the empty prompt);
-- `group`: an int or a str (required; all lines the same type), or null for an image without a label (used by
-  objectives that learn from some labels, `indicator-weighted`). Groups are sorted (numerically for ints) and
-  numbered 0..K-1 in that order (`ImageFolder.group_names`), null is -1; at least two groups are needed;
-- any other fields are ignored.
-
-The shipped digits (`assets/digits/`, see its README for source and licences) are 5,000 real MNIST digits, 500
-per class; the paper's "balanced digit representation" example uses the digit as the group.
-
-Real images: `make_attribute_folder` draws a biased set from any images labelled in CelebA's attribute-file format
-(the DDM authors' demo fine-tunes on CelebA-HQ faces at male : female 1 : 4, 1 : 1 and 4 : 1):
-
-    python data.py celeba --images DIR --attributes list_attr_celeba.txt --attribute Male
-                          --counts 800,200 --prompt "a photo of a face" --out my_data/
-
-No labels (ours, the abstract's "without requiring predefined sensitive attributes"): `make_cluster_folder` gives
-a folder's images clusters of their VAE latents as groups (`ddm.fit_clusters`); train a noise-aware indicator on
-them and guide toward uniform clusters (README, "Real Stable Diffusion"):
-
-    python data.py clusters --data my_data/ --vae sd-v1-5/ --k 3 --out my_data_clusters/
+The shipped digits (assets/digits/, source and licence in its README) are 5,000 real MNIST digits, 500 a class.
+`clusters` gives a folder's images clusters of their VAE latents as groups (ddm.fit_clusters).
 """
 
 import argparse
@@ -89,8 +71,7 @@ def split_digits(seed=0, heldout_per_class=100, labels=None):
     heldout = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        if not 0 <= heldout_per_class < len(members):
-            raise ValueError(f"heldout_per_class={heldout_per_class} but class {c} has only {len(members)} images")
+        assert 0 <= heldout_per_class < len(members), f"heldout_per_class={heldout_per_class}, class {c}: {len(members)}"
         heldout.append(rng.permutation(members)[:heldout_per_class])
     heldout = np.sort(np.concatenate(heldout)).astype(np.int64)
     train = np.setdiff1d(np.arange(len(labels)), heldout).astype(np.int64)
@@ -120,12 +101,7 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     """
     out_dir = Path(out_dir)
     images, labels = np.asarray(images), np.asarray(labels)
-    if images.ndim != 3 or len(images) != len(labels):
-        raise ValueError(f"images must be (N,H,W) with one label each, got {images.shape} and {labels.shape}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
-        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
-    if not counts:
-        raise ValueError("counts is empty: give {digit: number of images}")
+    assert images.ndim == 3 and len(images) == len(labels) and counts, "images (N,H,W), one label each, counts"
     meta_path = out_dir / "metadata.jsonl"
     if meta_path.exists() and not overwrite:
         raise FileExistsError(f"{meta_path} exists; pass overwrite=True to rebuild the folder")
@@ -134,11 +110,8 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     chosen = []
     for digit in sorted(counts):
         n = counts[digit]
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"counts[{digit!r}] must be a non-negative int, got {n!r}")
         members = pool[labels[pool] == digit]
-        if n > len(members):
-            raise ValueError(f"asked for {n} images of digit {digit!r} but the pool holds only {len(members)}")
+        assert 0 <= n <= len(members), f"asked for {n} images of digit {digit!r} but the pool holds only {len(members)}"
         chosen.append(rng.permutation(members)[:n])
     keep = {int(i) for c in chosen for i in c[:max(1, round(labelled * len(c)))]}  # stratified: per digit
     chosen = rng.permutation(np.concatenate(chosen))  # groups interleaved, not in blocks
@@ -399,9 +372,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root = Path(root)
         self.resolution = resolution
         self.center_crop = center_crop
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % 8:
-            raise ValueError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
-                             f"got {resolution!r}")
+        assert resolution > 0 and resolution % 8 == 0, f"resolution must be a positive multiple of 8, got {resolution}"
         meta = self.root / "metadata.jsonl"
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder {self.root} does not exist")

@@ -85,8 +85,7 @@ def ddim_timesteps(steps, n_train=N_TRAIN_TIMESTEPS, offset=1):
 
     With 50 steps: 981, 961, …, 21, 1. Each step goes from τ_i to τ_{i−1}; the last goes past 0 (t_prev = −1).
     """
-    if not 1 <= steps <= n_train:
-        raise ValueError(f"steps must be between 1 and {n_train}, got {steps}")
+    assert 1 <= steps <= n_train, f"steps must be between 1 and {n_train}, got {steps}"
     stride = n_train // steps
     return [i * stride + offset for i in reversed(range(steps))]
 
@@ -107,8 +106,7 @@ def ddim_step(x_t, eps, t, t_prev, alphas_cumprod, eta=0.0, noise=None):
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
     x_prev = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
     if sigma > 0:
-        if noise is None:
-            raise ValueError("ddim_step with eta > 0 needs `noise`")
+        assert noise is not None, "ddim_step with eta > 0 needs `noise`"
         x_prev = x_prev + sigma * noise
     return x_prev
 
@@ -160,14 +158,26 @@ SAMPLERS = ("ddim", "ddpm", "euler")
 @dataclass
 class Guidance:
     """Indicator guidance (ours) by one noise-aware indicator p(g | x_t, t): image k is pushed toward its target
-    group targets[k] (B,) with strength `scale`. Several of them (one per attribute) add their terms."""
+    group targets[k] (B,) with strength `scale`; several of them (one per attribute) add their terms.
+
+    Trajectory-aware targets (with `decide_at`): no push while t > decide_at; at the first step with t <= decide_at
+    image k takes the target argmax_g (log p(g | x_t, t) − offsets_g) from its own posterior, the offsets (K,) set
+    on a calibration batch so that the targets come out in the asked shares, and keeps it to the end."""
     indicator: torch.nn.Module
     targets: torch.Tensor
     scale: float
+    decide_at: int = None
+    offsets: torch.Tensor = None
 
     def rows(self, index):
         """The same guidance for a slice or an index tensor of the images."""
         return replace(self, targets=self.targets[index])
+
+
+@torch.no_grad()
+def decide_targets(indicator, x, t, offsets):
+    """argmax_g (log p(g | x, t) − offsets_g) for each image: its target from its own posterior."""
+    return (indicator(x.float(), t).float().log_softmax(1) - offsets.to(x.device)).argmax(1).cpu()
 
 
 def indicator_gradient(indicator, x, t, groups):
@@ -175,7 +185,8 @@ def indicator_gradient(indicator, x, t, groups):
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().float().requires_grad_(True)
         log_p = indicator(x, t).float().log_softmax(1)
-        return torch.autograd.grad(log_p[torch.arange(len(x)), groups.to(x.device)].sum(), x)[0]
+        groups = groups.to(x.device).clone()  # a normal tensor: targets decided in inference mode are not
+        return torch.autograd.grad(log_p[torch.arange(len(x)), groups].sum(), x)[0]
 
 
 class NonFiniteError(FloatingPointError):
@@ -195,7 +206,7 @@ def per_image_noise(generators, shape, device):
 
 @torch.inference_mode()
 def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guidance=7.5, sampler="ddim",
-            eta=0.0, prediction_type="epsilon", progress=False, guides=()):
+            eta=0.0, prediction_type="epsilon", progress=False, guides=(), until=None):
     """The reverse process for one batch: initial noise x (B,C,h,w) -> latents x_0 (B,C,h,w), float32.
 
     Classifier-free guidance (Ho & Salimans eq. 6), one UNet call on the unconditional and conditional halves
@@ -203,7 +214,8 @@ def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guid
     unconditional half (diffusers switches guidance off for every s <= 1; here s < 1 means what the formula says).
     `cond` (B,T,D), `uncond` (1,T,D) or (B,T,D), None when s = 1. `generators[k]`: image k's per-step noise.
     Indicator guidance (ours), for each Guidance:  ε̃ ← ε̃ − S·√(1−ᾱ_t)·∇_{x_t} log p(g | x_t, t), the indicator
-    reading the variance-preserving x_t it was trained on (under Euler too).
+    reading the variance-preserving x_t it was trained on (under Euler too). With `until`, the process stops at
+    the first step with t <= until and returns that step's x_t (for calibrating trajectory-aware targets).
     """
     dtype = next(unet.parameters()).dtype
     timesteps = ddim_timesteps(steps, len(alphas_cumprod))
@@ -211,9 +223,12 @@ def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guid
     context = (cond if guidance == 1.0 else torch.cat([uncond.expand(len(x), -1, -1), cond])).to(dtype)
     sigmas = euler_sigmas(timesteps, alphas_cumprod) if sampler == "euler" else None
     x = (x * (sigmas[0] ** 2 + 1) ** 0.5 if sigmas else x).float()
+    targets = [None if g.decide_at is not None else g.targets for g in guides]  # None: not decided yet
     finite = []  # per step, (B,) on the device: read once at the end, as reading it every step would sync a GPU
     for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not progress)):
         x_t = x / (sigmas[i] ** 2 + 1) ** 0.5 if sigmas else x
+        if until is not None and t <= until:
+            return x_t
         # t is one int for the whole batch: the UNet embeds it once and broadcasts it
         if guidance == 1.0:
             out = unet(x_t.to(dtype), t, context).float()
@@ -221,10 +236,12 @@ def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guid
             out_uncond, out_cond = unet(torch.cat([x_t, x_t]).to(dtype), t, context).float().chunk(2)
             out = out_uncond + guidance * (out_cond - out_uncond)
         eps = eps_from_v(x_t, out, t, alphas_cumprod) if prediction_type == "v_prediction" else out
-        for g in guides:
-            if g.scale:
+        for j, g in enumerate(guides):
+            if targets[j] is None and t <= g.decide_at:
+                targets[j] = decide_targets(g.indicator, x_t, t, g.offsets)
+            if g.scale and targets[j] is not None:
                 eps = eps - g.scale * float(1 - alphas_cumprod[t]) ** 0.5 * indicator_gradient(
-                    g.indicator, x_t, t, g.targets)
+                    g.indicator, x_t, t, targets[j])
         if sampler == "ddim":
             noise = per_image_noise(generators, x.shape[1:], x.device) if eta > 0 else None
             x = ddim_step(x, eps, t, t_prevs[i], alphas_cumprod, eta, noise)

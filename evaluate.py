@@ -1,41 +1,19 @@
 """Fairness evaluation of generated images: FD, SPD, indicator entropy, and image quality beside them.
 
-Metrics (formulas in `ddm.py`, which this file calls):
-- FD, fairness discrepancy (Choi et al. 2020, "Fair Generative Modeling via Weak Supervision"): || u - p ||_2,
-  u uniform over the K groups, p the generated images' group proportions from an attribute classifier (hard
-  labels: argmax; `fd_soft`: mean softmax probabilities). 0 balanced, sqrt((K-1)/K) all in one group.
-- SPD, statistical parity difference, for the conditional scenario: prompt every group explicitly; the success
-  rate of group k is the share of its images the classifier assigns to k; SPD = max_k - min_k of those rates.
-  (Our definition; the DDM paper's own text could not be obtained.)
-- the DDM authors' signal (Huang et al., arXiv 2503.12536): mean entropy (nats) of the trained indicator's
-  softmax on generated images; log K means the indicator cannot tell the groups apart.
-- quality, so that "fair" cannot mean "broken": mean classifier confidence (max softmax probability over all
-  classes), the share of images whose best class is outside the evaluated groups, and the Frechet distance
-  between generated and real held-out images in the classifier's feature space (FID's formula, our features).
-Classifier error distorts FD, so the classifier's held-out accuracy is reported next to every number.
+Balance (formulas in ddm.py): FD = ||u − p||₂ of the groups an attribute classifier assigns (hard: argmax; soft:
+mean softmax); SPD over the success rates of prompting each group; the indicator's mean entropy (the authors'
+signal). Quality, so that "fair" cannot mean "broken": confidence, the share of images outside the evaluated
+groups, and the Fréchet distance to real images in the classifier's features (FID's formula, our features).
+The classifier's held-out accuracy is reported beside every number: its errors distort FD.
 
-Attribute-classifier interface (anything with these works with `evaluate_images`):
-    classifier.class_names          list of the K class names (ints or strs)
-    classifier(images)              -> (N, K) logits
-    classifier.features(images)     -> (N, D) features for the Frechet distance
-    classifier.heldout_accuracy     float or None
-`images` are uint8 in [0, 255] laid out (N,H,W), (N,H,W,C) or (N,C,H,W) with C in {1, 3} (what `sample.py`
-writes is (N,H,W,3)), or float (N,C,H,W) / (N,H,W) in [-1, 1] (the convention of `data.ImageFolder` and the VAE).
+Two judges, one interface (`class_names`, `__call__(images) -> logits`, `features(images)`, `heldout_accuracy`):
+- `DigitClassifier`, a small CNN trained on the shipped MNIST train split, tested on the held-out split rendered
+  as generated images are (32 px RGB, read back to 28 px gray);
+- `CLIPZeroShot` for real SD images: CLIP ViT-L/14 (clip_image.py) picks the most similar of K texts; quality is a
+  CLIP-feature Fréchet distance to --reference and the CLIP score (100 · max(cos, 0), torchmetrics' convention).
 
-Two classifiers:
-- `DigitClassifier` (built in), a small CNN trained on the shipped MNIST train split (`data.split_digits`) and
-  tested on the held-out split, as the generated images look: rendered at 32 px RGB, then read back to 28 px gray.
-- `CLIPZeroShot`, for real Stable Diffusion images and any attribute named in words: CLIP ViT-L/14 (`clip_image`)
-  picks, for each image, the most similar of K texts ("a photo of a man", "a photo of a woman"), one of the two
-  ways the fairness literature labels SD's outputs (the other: a trained face-attribute classifier; ITI-GEN,
-  Shen et al. 2024, Fair Diffusion use one or the other). It has no held-out accuracy; its quality numbers are
-  a Frechet distance in CLIP image-feature space to a folder of real images (`--reference`), and the CLIP score,
-  100 x max(cos(image, its prompt), 0) averaged (Hessel et al. 2021 without their 2.5 weight; torchmetrics'
-  convention).
-
-CLI: python evaluate.py IMAGE_DIR [IMAGE_DIR ...] [--groups 7 8] [--prompt-groups 7 8] [--classifier PATH]
-     python evaluate.py IMAGE_DIR [...] --clip CLIP_DIR --attributes "a photo of a man" "a photo of a woman"
-                        [--prompt-groups 0 1] [--reference REAL_DIR] [--prompt TEXT]
+    python evaluate.py IMAGE_DIR [...] [--groups 7 8] [--prompt-groups 7 8] [--classifier PATH]
+    python evaluate.py IMAGE_DIR [...] --clip CLIP_DIR --attributes "a photo of a man" "a photo of a woman"
 """
 
 import argparse
@@ -67,22 +45,16 @@ CLASSIFIER_FORMAT = "ddm-digit-classifier-v1"  # bump when the architecture or i
 def to_gray28(images):
     """Any accepted image batch (see the module docstring) -> float (N,1,28,28) in [-1,1]."""
     x = torch.as_tensor(images)
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    if x.dim() != 4:
-        raise ValueError(f"images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got shape {tuple(x.shape)}")
+    x = x.unsqueeze(1) if x.dim() == 3 else x
+    assert x.dim() == 4 and (x.dtype == torch.uint8 or x.is_floating_point()), f"images {x.dtype} {tuple(x.shape)}"
     if x.dtype == torch.uint8:
         if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
             x = x.permute(0, 3, 1, 2)  # channels-last (sample.py) -> channels-first
         x = x.float() / 127.5 - 1.0
-    elif x.is_floating_point():
-        x = x.float()
-    else:
-        raise ValueError(f"images must be uint8 in [0,255] or float in [-1,1], got dtype {x.dtype}")
+    x = x.float()
+    assert x.shape[1] in (1, 3), f"images must have 1 or 3 channels, got shape {tuple(x.shape)}"
     if x.shape[1] == 3:
         x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)  # ITU-R 601 luma
-    elif x.shape[1] != 1:
-        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(x.shape)}")
     if x.shape[-2:] != (28, 28):
         x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
     return x
@@ -321,8 +293,7 @@ def sample_prompts(directory, paths, fallback=None):
 
 def _moments(features, name):
     f = torch.as_tensor(features).double()
-    if f.dim() != 2 or len(f) < 2:
-        raise ValueError(f"{name} must be (N, D) with N >= 2 for a covariance, got shape {tuple(f.shape)}")
+    assert f.dim() == 2 and len(f) >= 2, f"{name} must be (N, D) with N >= 2 for a covariance, got {tuple(f.shape)}"
     return f.mean(0), torch.cov(f.T)
 
 
@@ -341,8 +312,7 @@ def frechet_distance(features_a, features_b):
     """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D) (FID's formula)."""
     mu_a, cov_a = _moments(features_a, "features_a")
     mu_b, cov_b = _moments(features_b, "features_b")
-    if len(mu_a) != len(mu_b):
-        raise ValueError(f"features have different widths: {len(mu_a)} and {len(mu_b)}")
+    assert len(mu_a) == len(mu_b), f"features have different widths: {len(mu_a)} and {len(mu_b)}"
     return _frechet(mu_a, cov_a, mu_b, cov_b)
 
 
@@ -363,6 +333,28 @@ def mixture_moments(features_by_group, weights):
 MIN_PER_GROUP_FRECHET = 10  # images of a group below which its own Frechet distance is not reported (None)
 
 
+def check_request(class_names, groups, n, requested=None, indicator_logits=None):
+    """ValueError naming what does not fit: the evaluated groups, the images, the requested groups and the
+    indicator logits against each other."""
+    unknown = [g for g in groups if g not in class_names]
+    if unknown:
+        raise ValueError(f"group {unknown[0]!r} is not a class of the classifier, whose K={len(class_names)} classes "
+                         f"are {class_names}")
+    if len(set(groups)) != len(groups) or len(groups) < 2 or n == 0:
+        raise ValueError(f"groups must be at least two distinct classes, got {groups}, and there must be images: "
+                         f"{n} (no images to evaluate)")
+    if requested is not None:
+        wrong, never = sorted({str(r) for r in requested if r not in groups}), [g for g in groups if g not in requested]
+        if len(requested) != n or wrong or never:
+            raise ValueError(f"requested must name one of the evaluated groups {groups} per image ({len(requested)} "
+                             f"for {n} images; not among them: {wrong}); SPD needs every group prompted at least "
+                             f"once; never requested: {never}")
+    shape = None if indicator_logits is None else tuple(torch.as_tensor(indicator_logits).shape)
+    if shape is not None and (len(shape) != 2 or shape[1] != len(groups)):
+        raise ValueError(f"indicator logits have shape {shape}, expected (N, {len(groups)}): one column per "
+                         f"evaluated group {groups}")
+
+
 def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
                     reference_features=None, batch_size=256):
     """Group balance and quality of generated images -> dict of JSON-ready numbers (None where not computed).
@@ -376,20 +368,13 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     """
     class_names = list(classifier.class_names)
     groups = class_names if groups is None else list(groups)
-    for g in groups:
-        if g not in class_names:
-            raise ValueError(f"group {g!r} is not a class of the classifier, whose K={len(class_names)} classes "
-                             f"are {class_names}")
-    if len(set(groups)) != len(groups) or len(groups) < 2:
-        raise ValueError(f"groups must be at least two distinct classes, got {groups}")
-    K = len(groups)
     images = torch.as_tensor(images)
-    if len(images) == 0:
-        raise ValueError("no images to evaluate")
+    check_request(class_names, groups, len(images), requested, indicator_logits)
+    K = len(groups)
     logits = classify(classifier, images, batch_size)
-    if logits.dim() != 2 or logits.shape != (len(images), len(class_names)):
-        raise ValueError(f"classifier returned logits of shape {tuple(logits.shape)} for {len(images)} images, "
-                         f"but it names K={len(class_names)} classes")
+    assert logits.shape == (len(images), len(class_names)), \
+        f"classifier returned logits of shape {tuple(logits.shape)} for {len(images)} images, but it names " \
+        f"K={len(class_names)} classes"
     probs = logits.softmax(1)
     columns = [class_names.index(g) for g in groups]
     group_logits = logits[:, columns]  # (N, K): the decision restricted to the evaluated groups
@@ -397,46 +382,26 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     p = group_proportions(labels, K)
     p_soft = group_proportions(group_logits.softmax(1), K)
     result = {
-        "n_images": len(images),
-        "groups": groups,
+        "n_images": len(images), "groups": groups,
         "classifier_heldout_accuracy": getattr(classifier, "heldout_accuracy", None),
-        "proportions": p.tolist(),
-        "proportions_soft": p_soft.tolist(),
-        "fd": fairness_discrepancy(p),
-        "fd_soft": fairness_discrepancy(p_soft),
-        "fd_max": math.sqrt((K - 1) / K),
-        "success_rates": None,
-        "spd": None,
-        "indicator_entropy": None,
+        "proportions": p.tolist(), "proportions_soft": p_soft.tolist(),
+        "fd": fairness_discrepancy(p), "fd_soft": fairness_discrepancy(p_soft), "fd_max": math.sqrt((K - 1) / K),
+        "success_rates": None, "spd": None,
+        "indicator_entropy": None if indicator_logits is None else mean_entropy(indicator_logits),
         "indicator_entropy_max": math.log(K),
         "mean_confidence": probs.max(1).values.mean().item(),
         "share_outside_groups": (~torch.isin(probs.argmax(1), torch.tensor(columns))).double().mean().item(),
-        "frechet_distance": None,
-        "frechet_per_group": None,
+        "frechet_distance": None, "frechet_per_group": None,
     }
     if requested is not None:
-        requested = list(requested)
-        if len(requested) != len(images):
-            raise ValueError(f"requested names one group per image: got {len(requested)} for {len(images)} images")
-        unknown = sorted({str(r) for r in requested if r not in groups})
-        if unknown:
-            raise ValueError(f"requested groups {unknown} are not among the evaluated groups {groups}")
-        missing = [g for g in groups if g not in requested]
-        if missing:
-            raise ValueError(f"SPD needs every group prompted at least once; never requested: {missing}")
         asked = torch.tensor([groups.index(r) for r in requested])
-        rates = {g: (labels[asked == k] == k).double().mean().item() for k, g in enumerate(groups)}
-        result["success_rates"] = {str(g): r for g, r in rates.items()}
-        result["spd"] = statistical_parity_difference(list(rates.values()))
-    if indicator_logits is not None:
-        indicator_logits = torch.as_tensor(indicator_logits)
-        if indicator_logits.dim() != 2 or indicator_logits.shape[1] != K:
-            raise ValueError(f"indicator logits have shape {tuple(indicator_logits.shape)}, expected (N, {K}): "
-                             f"one column per evaluated group {groups}")
-        result["indicator_entropy"] = mean_entropy(indicator_logits)
+        rates = {str(g): (labels[asked == k] == k).double().mean().item() for k, g in enumerate(groups)}
+        result.update(success_rates=rates, spd=statistical_parity_difference(rates))
     if reference_features is not None:
         feats = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
         result.update(frechet_distances(feats, labels, p, groups, reference_features))
+        if isinstance(reference_features, dict):
+            result.update(diversity(feats, labels, groups, reference_features))
     return result
 
 
@@ -446,14 +411,49 @@ def frechet_distances(feats, labels, p, groups, reference_features):
     group the images judged to be g against real g, so a group's broken images cannot hide in the mix."""
     if not isinstance(reference_features, dict):
         return {"frechet_distance": frechet_distance(feats, reference_features)}
-    missing = [g for g in groups if g not in reference_features]
-    if missing:
-        raise ValueError(f"reference_features has no features for groups {missing}")
+    assert all(g in reference_features for g in groups), f"reference_features lacks groups of {groups}"
     mu_ref, cov_ref = mixture_moments([reference_features[g] for g in groups], p.tolist())
     mu, cov = _moments(feats, "features of the generated images")
     return {"frechet_distance": _frechet(mu, cov, mu_ref, cov_ref), "frechet_per_group": {
         str(g): frechet_distance(feats[labels == k], reference_features[g])
         if (labels == k).sum() >= MIN_PER_GROUP_FRECHET else None for k, g in enumerate(groups)}}
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkäänniemi et al. 2019, eq. 1-3): each set's manifold is the union of
+    balls around its points, of radius the distance to the point's k-th nearest neighbour in its own set.
+    Precision: the share of generated points inside the real manifold (are they realistic?); recall: the share
+    of real points inside the generated manifold (is the real variety covered?). -> (precision, recall)"""
+    def radii(x):
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # k + 1: a point is its own nearest neighbour
+
+    d = torch.cdist(fake.double(), real.double())  # (F, R)
+    precision = (d <= radii(real.double())[None]).any(1).double().mean().item()
+    recall = (d.T <= radii(fake.double())[None]).any(1).double().mean().item()
+    return precision, recall
+
+
+DIVERSITY_SUBSET, DIVERSITY_DRAWS = 40, 20  # images per set and group, and random draws averaged
+
+
+def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, draws=DIVERSITY_DRAWS, seed=0):
+    """{"precision", "recall"} overall and {"precision_per_group", "recall_per_group"}: each group's generated
+    images (as judged) against its real ones, both on equal-size random subsets of m (mean over `draws` draws),
+    so that having more images of a group earns nothing. None where a group has fewer than m images."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def mean_pr(real, fake):
+        if min(len(real), len(fake)) < m:
+            return None, None
+        pr = [precision_recall(real[torch.randperm(len(real), generator=gen)[:m]],
+                               fake[torch.randperm(len(fake), generator=gen)[:m]]) for _ in range(draws)]
+        return tuple(float(np.mean(v)) for v in zip(*pr))
+
+    per_group = {str(g): mean_pr(reference_features[g], feats[labels == k]) for k, g in enumerate(groups)}
+    overall = mean_pr(torch.cat([reference_features[g] for g in groups]), feats)
+    return {"precision": overall[0], "recall": overall[1],
+            "precision_per_group": {g: v[0] for g, v in per_group.items()},
+            "recall_per_group": {g: v[1] for g, v in per_group.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------------

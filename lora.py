@@ -5,20 +5,11 @@ weight W0 (out, in) is adapted by a trainable low-rank product,
 
     h = W0 x + b + (alpha / r) * B A x,        A: (r, in),  B: (out, r),
 
-with A initialised randomly and B at zero, so a fresh adapter leaves the model's output unchanged. After
-training, W = W0 + (alpha / r) * B A can be merged into the weight and the adapter costs nothing at inference.
-
-DDM (Huang et al. 2025) fine-tunes Stable Diffusion with rank 8, alpha 32 on the UNet attention projections
-`to_q`, `to_v` (and `q_proj`, `v_proj` when the text encoder is trained), which are the defaults here.
-
-Decisions a caller must know:
-- `LoRALinear` keeps the base layer's `weight`/`bias` parameters under their names, so an injected model still
-  loads base checkpoints by name; the adapter adds `lora_A`, `lora_B` beside them.
-- `inject_lora` does not touch `requires_grad`: call `mark_only_lora_trainable(model)` for LoRA training (the
-  DDM indicator is a separate module and is not affected).
-- `LoRALinear.merge()` folds the adapter into `weight` in place (for inference; the adapter then gets no
-  gradient); `unmerge()` takes it out again. `merge_lora(model)` merges every adapter and puts plain
-  `nn.Linear` modules back, so the model's state dict has the base layout again (for exporting).
+A initialised randomly and B at zero, so a fresh adapter changes nothing; after training W = W0 + (alpha/r) B A
+is merged into the weight. DDM (Huang et al. 2025) adapts the UNet's `to_q`, `to_v` (and the text encoder's
+`q_proj`, `v_proj`) at rank 8, alpha 32. `LoRALinear` keeps the base layer's `weight`/`bias` under their names
+(base checkpoints still load by name) and adds `lora_A`, `lora_B`; `inject_lora` leaves requires_grad alone
+(`mark_only_lora_trainable` sets it); `merge_lora` folds every adapter in and puts plain nn.Linear back.
 """
 import math
 
@@ -33,8 +24,7 @@ class LoRALinear(nn.Linear):
     """An `nn.Linear` plus a low-rank update: y = x W^T + b + scale * x A^T B^T, scale = alpha / rank."""
 
     def __init__(self, in_features, out_features, bias=True, rank=8, alpha=32, device=None, dtype=None):
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        assert rank >= 1, f"LoRA rank must be >= 1, got {rank}"
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
@@ -114,18 +104,11 @@ def inject_lora(model, targets=("to_q", "to_v"), rank=8, alpha=32):
     """
     if isinstance(targets, str):
         targets = (targets,)
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
-    wrong = [f"{n} ({type(m).__name__})" for n, m in found if not isinstance(m, nn.Linear)]
-    if wrong:
-        raise ValueError(f"LoRA targets {targets} match modules that are not nn.Linear: {', '.join(wrong[:5])}")
-    done = [n for n, m in found if isinstance(m, LoRALinear)]
-    if done:
-        raise ValueError(f"modules already carry a LoRA adapter: {', '.join(done[:5])}")
-    if not found:
-        linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"no nn.Linear module name ends with any of {targets}; Linear names end with {linears}")
+    assert rank >= 1, f"LoRA rank must be >= 1, got {rank}"
+    assert found, f"no nn.Linear module name ends with any of {targets}"
+    assert all(type(m) is nn.Linear for _, m in found), \
+        f"LoRA targets {targets} match modules that are not nn.Linear or already carry an adapter: {found[:3]}"
     for name, linear in found:
         _set_submodule(model, name, LoRALinear.from_linear(linear, rank=rank, alpha=alpha))
     return [n for n, _ in found]

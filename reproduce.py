@@ -1,33 +1,18 @@
 """One command, one CPU: which forms of DDM's indicator make a fine-tuned latent diffusion model generate groups in
-balance, at equal quality?
+balance, at equal quality? (Huang, Tsao, Su, Chiang 2025, arXiv 2503.12536, on the shipped MNIST digits.)
 
-Huang, Tsao, Su, Chiang 2025, "Debiasing Diffusion Model" (arXiv 2503.12536), tested on real handwritten digits
-(the shipped MNIST 5k, `data.py`) with the digit as the group: by default 7 against 8 at 9 : 1 (`--groups 7,8
---counts 360,40`; any digits, K >= 2). Everything is trained here, from scratch, with the same classes as full-size
-Stable Diffusion v1.x (VAE, UNet, CLIP text encoder with CLIP's real tokenizer), only tiny:
+By default 7 against 8 at 9 : 1 (`--groups 7,8 --counts 360,40`). Everything is trained here, from scratch, with
+the classes of full-size SD v1.x (VAE, UNet, CLIP text encoder with CLIP's tokenizer), only tiny:
+  1. judge       evaluate.py's 10-class digit CNN; never the indicator
+  2. VAE, base   a VAE on every train digit; UNet + text encoder through train.py on BALANCED groups
+  3. fine-tunes  the base on the BIASED set, one train.py run per method and seed (METHODS)
+  4. evaluation  per model: images of the generic prompt (FD) and of each group prompt (SPD), judged by the
+                 classifier; quality beside them; a CFG check; report.md, report.json and grids in --out
 
-  1. judge        evaluate.py's 10-class digit CNN on the balanced train split; never the indicator
-  2. VAE          reconstruction MSE + a small KL on every train digit; latent scale measured as 1 / std(z)
-  3. base         UNet + text encoder from scratch through train.py on BALANCED groups (400 train digits each),
-                  captions half generic ("a handwritten digit"), half naming the digit, 10% dropped for guidance
-  4. fine-tunes   the base on the BIASED set, one run per method and seed (METHODS below): the authors' `ddm`, the
-                  paper figure's `ddm-x0`, and ours (`balanced`, `indicator-weighted` with 100% and 10% labels,
-                  plain + indicator guidance at two scales), beside a plain fine-tune; opt-in, without labels:
-                  guidance toward uniform clusters of the latents (`clusters`, `clusters-2x`)
-  5. evaluation   per model: 500 images of the generic prompt (FD) and 100 per group prompt (SPD), judged by the
-                  classifier; quality: confidence, the share outside the groups, Frechet to held-out real digits
-                  overall and per group; the indicator's accuracy and balanced accuracy while training
-  6. CFG check    FD of plain and of the best method at guidance 3 and 7.5 besides the default 1 (no CFG)
-  7. report       RUN/report.md (verdict table, then every seed), report.json, grids/*.png; the verdict is printed
-
-    python reproduce.py                                   # runs/repro, ~16 min on one CPU core
-    python reproduce.py --quick                           # CI's smoke test sizes
-    python reproduce.py --groups 1,7,8 --counts 300,60,20 --methods plain,balanced --seeds 5 --out runs/k3
-
-Stages 1-3 and the data folders are cached in RUN/cache/<stage>-<hash of its settings>/ (or --cache DIR) and reused
-when their settings match. Results are never overwritten without --overwrite, which keeps the cache.
-Fine-tuning is full (--lora-rank 0, UNet only): the tiny UNet's one attention level leaves rank-8 adapters too few
-weights to pick up the bias in a CPU budget; the objectives are the same either way.
+    python reproduce.py                      # runs/repro, about 10-16 CPU minutes on one core
+    python reproduce.py --quick              # CI's smoke test sizes
+Stages 1-2 and the data folders are cached in OUT/cache/<stage>-<hash of its settings>/ and reused when their
+settings match; results are never overwritten without --overwrite. docs/reproduction.md has the details.
 """
 import argparse
 import dataclasses

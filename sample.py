@@ -77,7 +77,7 @@ def check_settings(prompts, seeds, settings):
 
 
 def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
-             sampler="ddim", eta=0.0, batch_size=8, guides=(), decode=True, progress=True, on_batch=None):
+             sampler="ddim", eta=0.0, batch_size=8, guides=(), decode=True, progress=True, on_batch=None, until=None):
     """uint8 images (N, H, W, 3), image k from (prompts[k], seeds[k]) alone (float32 latents with decode=False).
 
     `guides`: diffusion.Guidance terms with one target per image. With `on_batch`, each batch goes to
@@ -103,14 +103,14 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
                 z = diffusion.denoise(models.unet, diffusion.per_image_noise(generators, shape, device), cond,
                                       uncond, models.alphas_cumprod, generators, steps=steps, guidance=guidance,
                                       sampler=sampler, eta=eta, prediction_type=models.prediction_type,
-                                      progress=progress, guides=[g.rows(rows) for g in guides])
-                images = decode_latents(models, z) if decode else z
+                                      progress=progress, guides=[g.rows(rows) for g in guides], until=until)
+                images = decode_latents(models, z) if decode and until is None else z
                 bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()
                 if len(bad):
                     raise NonFiniteError(int(bad[0, 0]), "in the decoded pixels")
             except NonFiniteError as e:
                 raise NonFiniteError(start + e.image, e.where) from None
-            images = to_uint8(images) if decode else images
+            images = to_uint8(images) if decode and until is None else images
             bar.update(len(images))
             on_batch(start, images) if on_batch else kept.append(images)
     return torch.cat(kept) if kept else None

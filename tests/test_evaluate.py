@@ -199,7 +199,7 @@ def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
     with pytest.raises(ValueError, match=r"indicator logits have shape \(4, 3\), expected \(N, 2\)"):
         evaluate.evaluate_images(images[:4], model, groups=[7, 8], indicator_logits=torch.zeros(4, 3))
     liar = FixedClassifier(torch.zeros(4, 3), list(range(10)))  # names 10 classes, returns 3 logits
-    with pytest.raises(ValueError, match=r"logits of shape \(4, 3\) for 4 images, but it names K=10 classes"):
+    with pytest.raises(AssertionError, match=r"logits of shape \(4, 3\) for 4 images, but it names K=10 classes"):
         evaluate.evaluate_images(_indices(4), liar, groups=[7, 8])
     with pytest.raises(ValueError, match="at least two distinct classes"):
         evaluate.evaluate_images(images[:4], model, groups=[7])

@@ -87,15 +87,15 @@ def test_injection_targets_whole_name_components_and_keeps_base_names():
 
 
 def test_injection_errors_are_clear():
-    with pytest.raises(ValueError, match="no nn.Linear module name ends with"):
+    with pytest.raises(AssertionError, match="no nn.Linear module name ends with"):
         inject_lora(model(), targets=("q_proj",))
-    with pytest.raises(ValueError, match="not nn.Linear"):
+    with pytest.raises(AssertionError, match="not nn.Linear"):
         inject_lora(model(), targets=("to_out",))  # the Sequential, not to_out.0
     m = model()
     inject_lora(m)
-    with pytest.raises(ValueError, match="already carry"):
+    with pytest.raises(AssertionError, match="already carry"):
         inject_lora(m)
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(AssertionError, match="rank"):
         inject_lora(model(), rank=0)
 
 
