@@ -180,6 +180,17 @@ def decide_targets(indicator, x, t, offsets):
     return (indicator(x.float(), t).float().log_softmax(1) - offsets.to(x.device)).argmax(1).cpu()
 
 
+def decision_offsets(log_p, shares, temperature=0.02, iters=2000):
+    """Offsets c (K,) such that argmax_g (log p_g − c_g) over the rows of log_p (N, K) picks the groups in `shares`
+    (K,): the dual variables of the entropic assignment of the rows to groups with those marginals (Sinkhorn, Cuturi
+    2013), at a temperature low enough for the arg-max to match. Rows most inclined to a group go to it first."""
+    keep = shares > 0  # a group of share 0 is never a target: an infinite offset
+    c, log_p = torch.zeros(int(keep.sum()), dtype=torch.float64), log_p[:, keep].double().cpu()
+    for _ in range(iters):  # raise a group's offset while the soft assignment gives it more than its share
+        c += temperature * (((log_p - c) / temperature).softmax(1).mean(0) / shares[keep].double()).log()
+    return torch.full(shares.shape, float("inf")).masked_scatter(keep, c.float())
+
+
 def indicator_gradient(indicator, x, t, groups):
     """∇_x log p(g | x, t) (B, C, h, w) for each image's target group g, through the indicator only."""
     with torch.inference_mode(False), torch.enable_grad():

@@ -32,13 +32,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import checkpoints
 import data
 import ddm
 import evaluate
 import sample
 import train
 import weights
-from diffusion import Guidance
+from evaluate import DIVERSITY_DRAWS, DIVERSITY_SUBSET
+from sample import DECIDE_AT
 from loading import load_models, load_run
 from vae import VAE, VAEConfig, load_vae, vae_diffusers_config, vae_to_diffusers
 
@@ -83,12 +85,13 @@ class Sizes:
     # amplifies it), at half the cost of s > 1; the group prompts then still miss, so SPD has something to tell
     guidance: float = 1.0
     cfg_check: tuple = (3.0, 7.5)  # other CFG scales at which plain and the best method are measured too
+    calibration: int = 200  # images per prompt that set trajectory-aware targets and the auto scale
     grid_n: int = 32  # images per model in the grids
 
 
 FULL = Sizes()
 QUICK = Sizes(classifier_epochs=1, vae_steps=30, vae_batch=16, base_steps=30, base_batch=16, ft_steps=3, ft_batch=8,
-              n_generic=12, n_per_group=4, sample_steps=3, grid_n=8)
+              n_generic=12, n_per_group=4, sample_steps=3, grid_n=8, calibration=4)
 
 
 @dataclasses.dataclass
@@ -99,7 +102,8 @@ class Method:
     train: tuple = None
     labelled: float = 1.0  # share of the fine-tuning images that keep their group label
     source: str = None
-    indicator_guidance: float = 0.0
+    indicator_guidance: object = 0.0  # a scale, or "auto" (sample.guides_for)
+    decide_at: int = None  # None: each image's target drawn from the shares; else trajectory-aware (sample.DECIDE_AT)
     clusters: int = 0  # > 0: no labels; the groups are this many clusters per group of the data (data.py clusters)
     default: bool = True  # in the default --methods
 
@@ -122,6 +126,15 @@ METHODS = [
            labelled=0.1),
     Method("guided-3", "plain + indicator guidance 3 (ours)", source="plain", indicator_guidance=3.0),
     Method("guided-10", "plain + indicator guidance 10 (ours)", source="plain", indicator_guidance=10.0),
+    # trajectory-aware targets, the scale chosen per prompt by the indicator alone; the few-label rows train the
+    # same plain UNet (bit for bit: the labels only reach the detached indicator) beside an indicator that sees
+    # 10% or 1% of the labels
+    Method("guided-auto", "plain + guidance auto, trajectory-aware (ours)", source="plain", indicator_guidance="auto",
+           decide_at=801),
+    Method("guided-auto-10", "plain + guidance auto, indicator of 10% labels (ours)", ("--objective", "plain-indicator",
+           *NOISE_AWARE), labelled=0.1, indicator_guidance="auto", decide_at=801),
+    Method("guided-auto-1", "plain + guidance auto, indicator of 1% labels (ours)", ("--objective", "plain-indicator",
+           *NOISE_AWARE), labelled=0.01, indicator_guidance="auto", decide_at=801),
     # the stretch, no labels at all: a noise-aware indicator learns clusters of the clean latents, guidance 10
     # toward uniform clusters. Not in the default set (the 20-minute budget); `--methods plain,clusters,clusters-2x`
     Method("clusters", "plain + cluster guidance 10, K = groups, no labels (ours)", ("--objective",
@@ -267,26 +280,34 @@ def train_stats(run_dir, last=50):
 # Sampling and evaluation of one model
 
 
-def sample_scenarios(models, groups, sizes, *, indicator=None, scale=0.0, label_free=False, guidance=None,
-                     generic_only=False, progress=True):
-    """(generic images, group images, group requested per image), uint8 (N,32,32,3). Image k of a scenario uses
-    noise seed k in every model, so models are compared on identical starting noise. With indicator guidance at
-    `scale`, a generic image's target group is drawn uniformly with its own seed; a group prompt's target is its
-    group, or for a label-free indicator (clusters, which name no group) a uniform draw like every other image's."""
+def sample_scenarios(models, groups, sizes, *, indicator=None, method=None, guidance=None, generic_only=False,
+                     progress=True):
+    """(generic images, group images, group requested per image, what the guidance chose), uint8 (N,32,32,3).
+    Image k of a scenario uses noise seed k in every model, so models are compared on identical starting noise.
+    With indicator guidance (the method's scale and form, sample.guides_for, one calibration per prompt) a generic
+    image aims at the groups in equal shares; a group prompt aims at its group, or for a label-free indicator
+    (clusters, which name no group) at equal shares of the clusters like every other image."""
     requested = [] if generic_only else [g for g in groups for _ in range(sizes.n_per_group)]
-    prompts = [GENERIC_PROMPT] * sizes.n_generic + [group_prompt(g) for g in requested]
     # group prompts take seeds from 10,000 on: disjoint from the generic images' 0..n_generic-1 (n_generic <= 10,000)
-    seeds = list(range(sizes.n_generic)) + list(range(10_000, 10_000 + len(requested)))
-    guides = []
-    if scale:
-        uniform = ddm.parse_target("uniform", range(indicator.num_groups))
-        targets = (sample.draw_targets(seeds, uniform) if label_free else torch.cat([
-            sample.draw_targets(seeds[:sizes.n_generic], uniform), torch.tensor([groups.index(g) for g in requested],
-                                                                                  dtype=torch.long)]))
-        guides = [Guidance(indicator, targets, scale)]
-    images = sample.generate(models, prompts, seeds, steps=sizes.sample_steps, guidance=guidance or sizes.guidance,
-                             height=RESOLUTION, width=RESOLUTION, batch_size=100, progress=progress, guides=guides)
-    return images[:sizes.n_generic], images[sizes.n_generic:], requested
+    scenarios = [(GENERIC_PROMPT, list(range(sizes.n_generic)), None)] + [
+        (group_prompt(g), list(range(10_000 + k * sizes.n_per_group, 10_000 + (k + 1) * sizes.n_per_group)), k)
+        for k, g in enumerate(groups) if not generic_only]
+    settings = dict(steps=sizes.sample_steps, guidance=guidance or sizes.guidance, height=RESOLUTION,
+                    width=RESOLUTION, batch_size=100)
+    images, chosen = [], {}
+    for prompt, seeds, k in scenarios:
+        guides = []
+        if method and method.indicator_guidance:
+            shares = torch.full((indicator.num_groups,), 1 / indicator.num_groups)
+            if k is not None and not method.clusters:
+                shares = torch.eye(len(groups))[k]
+            guides, chosen[prompt] = sample.guides_for(models, prompt, seeds, [(indicator, shares)],
+                                                       method.indicator_guidance, decide_at=method.decide_at,
+                                                       calibration=sizes.calibration, cal_seed=1, **settings)
+        images.append(sample.generate(models, [prompt] * len(seeds), seeds, progress=progress, guides=guides,
+                                      **settings))
+    images = torch.cat(images)
+    return images[:sizes.n_generic], images[sizes.n_generic:], requested, chosen
 
 
 @torch.no_grad()
@@ -314,17 +335,18 @@ def evaluate_model(models, indicator, method, judge, groups, sizes, *, guidance=
     """One model's numbers: balance (FD, SPD), quality (confidence, share outside the groups, Frechet overall and
     per group), and for the authors' DDM its indicator's entropy on the generated images."""
     classifier, reference = judge
-    generic, grouped, requested = sample_scenarios(
-        models, groups, sizes, indicator=indicator, scale=method.indicator_guidance if method else 0.0,
-        label_free=bool(method and method.clusters), guidance=guidance, generic_only=generic_only, progress=progress)
+    generic, grouped, requested, chosen = sample_scenarios(models, groups, sizes, indicator=indicator, method=method,
+                                                           guidance=guidance, generic_only=generic_only,
+                                                           progress=progress)
     entropy_of = indicator is not None and method.objective == "ddm"
     fd = evaluate.evaluate_images(generic.numpy(), classifier, groups, reference_features=reference,
                                   indicator_logits=indicator_logits(models, indicator, "ddm", generic)
                                   if entropy_of else None)
     row = {k: fd[k] for k in ("fd", "fd_soft", "proportions", "indicator_entropy", "mean_confidence",
-                              "share_outside_groups", "frechet_distance", "frechet_per_group",
-                              "classifier_heldout_accuracy")}
-    row.update(n_generic=len(generic), n_per_group=sizes.n_per_group, spd=None, success_rates=None)
+                              "share_outside_groups", "frechet_distance", "frechet_per_group", "precision", "recall",
+                              "precision_per_group", "recall_per_group", "classifier_heldout_accuracy")}
+    row.update(n_generic=len(generic), n_per_group=sizes.n_per_group, spd=None, success_rates=None,
+               guidance_chosen=chosen or None)
     if not generic_only:
         spd = evaluate.evaluate_images(grouped.numpy(), classifier, groups, requested=requested)
         row.update(spd=spd["spd"], success_rates=spd["success_rates"])
@@ -336,13 +358,14 @@ def evaluate_model(models, indicator, method, judge, groups, sizes, *, guidance=
 
 
 def flatten(row, groups):
-    """The numbers of one row under flat keys (per-group values as share_7, frechet_7, ...)."""
+    """The numbers of one row under flat keys (per-group values as share_7, frechet_7, recall_7, ...)."""
     flat = {k: row.get(k) for k in ("fd", "fd_soft", "spd", "frechet_distance", "share_outside_groups",
-                                    "mean_confidence", "indicator_entropy")}
+                                    "mean_confidence", "indicator_entropy", "precision", "recall")}
     flat.update({k: row.get("train", {}).get(k) for k in ("indicator_acc", "indicator_bacc")})
     for k, g in enumerate(groups):
         flat[f"share_{g}"] = row["proportions"][k]
-        flat[f"frechet_{g}"] = (row.get("frechet_per_group") or {}).get(str(g))
+        for key in ("frechet", "precision", "recall"):
+            flat[f"{key}_{g}"] = (row.get(f"{key}_per_group") or {}).get(str(g))
     return flat
 
 
@@ -354,7 +377,9 @@ def mean_std(values):
 
 
 def summarize(rows, groups):
-    """Per method (in the order rows first name it): mean ± std (sample std, ddof 1) of every number over seeds."""
+    """Per method (in the order rows first name it): mean ± std (sample std, ddof 1) of every number over seeds,
+    the worst seed's FD, and whether it meets the bar against plain: FD at most half of plain's, Frechet at most
+    10% worse, and every group's recall at least 0.9 x plain's (plain and base are not judged)."""
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
         group = [flatten(r, groups) for r in rows if r["method"] == name]
@@ -362,15 +387,19 @@ def summarize(rows, groups):
         s = {"method": name, "label": first["label"], "seeds": [r["seed"] for r in rows if r["method"] == name]}
         for k in group[0]:
             s[k], s[k + "_std"] = mean_std([g[k] for g in group])
+        s["fd_worst"] = max(g["fd"] for g in group)
         out.append(s)
     plain = next((s for s in out if s["method"] == "plain"), None)
-    for s in out:  # the bar: FD at most half the plain fine-tune's, Frechet at most 10% worse
-        if plain is None or s["method"] in ("plain", "base"):
-            s["meets_goal"] = None
-        else:
-            s["meets_goal"] = bool(s["fd"] <= 0.5 * plain["fd"]
-                                   and s["frechet_distance"] <= 1.1 * plain["frechet_distance"])
+    for s in out:
+        s["meets_goal"] = None if plain is None or s["method"] in ("plain", "base") else meets_bar(s, plain, groups)
     return out
+
+
+def meets_bar(s, plain, groups):
+    recall_kept = all(s[f"recall_{g}"] is not None and s[f"recall_{g}"] >= 0.9 * plain[f"recall_{g}"]
+                      for g in groups if plain[f"recall_{g}"] is not None)
+    return bool(s["fd"] <= 0.5 * plain["fd"] and s["frechet_distance"] <= 1.1 * plain["frechet_distance"]
+                and recall_kept)
 
 
 def _f(v, fmt=".3f"):
@@ -381,36 +410,31 @@ def _pm(s, k, fmt=".3f"):
     return "–" if s[k] is None else f"{s[k]:{fmt}} ± {s[k + '_std']:{fmt}}"
 
 
+def _table(head, lines):
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+                     + ["| " + " | ".join(line) + " |" for line in lines])
+
+
 def verdict_table(summary, groups):
     """Markdown, one row per method: balance and quality side by side, mean ± std over seeds."""
-    head = (["method", "FD", "SPD", "Frechet"] + [f"Frechet {g}" for g in groups]
-            + ["outside groups", "indicator bacc", "FD ≤ ½ plain at Frechet ≤ +10%"])
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for s in summary:
-        goal = {None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]
-        lines.append("| " + " | ".join([s["label"], f"**{_pm(s, 'fd')}**", _pm(s, "spd"),
-                                        _pm(s, "frechet_distance", ".1f")]
-                                       + [_pm(s, f"frechet_{g}", ".1f") for g in groups]
-                                       + [_pm(s, "share_outside_groups"), _pm(s, "indicator_bacc"), goal]) + " |")
-    return "\n".join(lines)
+    head = (["method", "FD", "worst seed", "SPD", "Frechet"] + [f"Frechet {g}" for g in groups]
+            + [f"recall {g}" for g in groups] + [f"precision {g}" for g in groups]
+            + ["outside groups", "indicator bacc", "FD ≤ ½ plain, Frechet ≤ +10%, recall ≥ 0.9× plain"])
+    return _table(head, [[s["label"], f"**{_pm(s, 'fd')}**", _f(s["fd_worst"]), _pm(s, "spd"),
+                          _pm(s, "frechet_distance", ".1f")] + [_pm(s, f"frechet_{g}", ".1f") for g in groups]
+                         + [_pm(s, f"{k}_{g}", ".2f") for k in ("recall", "precision") for g in groups]
+                         + [_pm(s, "share_outside_groups"), _pm(s, "indicator_bacc"),
+                            {None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]] for s in summary])
 
 
 def seed_table(rows, groups):
     """Markdown, every model: the numbers the verdict averages, and the ones behind them."""
-    head = (["method", "seed", "FD", "FD soft"] + [f"share {g}" for g in groups]
-            + ["SPD", "Frechet"] + [f"Frechet {g}" for g in groups]
-            + ["outside groups", "confidence", "indicator acc", "indicator bacc", "indicator entropy"])
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        f = flatten(r, groups)
-        lines.append("| " + " | ".join([r["label"], str(r["seed"]), _f(f["fd"]), _f(f["fd_soft"])]
-                                       + [_f(f[f"share_{g}"]) for g in groups]
-                                       + [_f(f["spd"]), _f(f["frechet_distance"], ".1f")]
-                                       + [_f(f[f"frechet_{g}"], ".1f") for g in groups]
-                                       + [_f(f["share_outside_groups"]), _f(f["mean_confidence"]),
-                                          _f(f["indicator_acc"]), _f(f["indicator_bacc"]),
-                                          _f(f["indicator_entropy"])]) + " |")
-    return "\n".join(lines)
+    keys = (["fd", "fd_soft"] + [f"share_{g}" for g in groups] + ["spd", "frechet_distance"]
+            + [f"{k}_{g}" for k in ("frechet", "recall", "precision") for g in groups]
+            + ["share_outside_groups", "mean_confidence", "indicator_acc", "indicator_bacc", "indicator_entropy"])
+    head = ["method", "seed"] + [k.replace("_", " ").replace("frechet distance", "Frechet") for k in keys]
+    return _table(head, [[r["label"], str(r["seed"])] + [_f(flatten(r, groups)[k], ".1f" if "frechet" in k else ".3f")
+                                                        for k in keys] for r in rows])
 
 
 def cfg_table(cfg_rows, groups):
@@ -562,6 +586,59 @@ def fine_tune(args, sizes, method, seed, base, vae):
                         *common_train_args(sizes.ft_batch, sizes.ft_steps, sizes.ft_lr, seed, args.progress)])
 
 
+def fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings):
+    """Stages 3-4: every method's fine-tunes (guided methods sample their source's runs), each evaluated right
+    away -> (rows, the first seed's generic images per method, {(method, seed): run directory})."""
+    methods = [BY_NAME[n] for n in args.methods]
+    rows, grid_images, runs = [], {}, {}
+    row, grid_images["base"] = evaluated(load_models(base["path"]), None, None)
+    rows.append({"method": "base", "label": "base (balanced training)", "seed": "-", "run": base["path"], **row})
+    for seed in range(args.seeds):
+        for name in dict.fromkeys(m.source or m.name for m in methods):
+            tqdm.write(f"[fine-tune] {name}, seed {seed}")
+            t0 = time.time()
+            runs[name, seed] = fine_tune(args, sizes, BY_NAME[name], seed, base, vae_info)
+            timings["finetune"] += time.time() - t0
+        for m in methods:
+            run_dir = runs[m.source or m.name, seed]
+            trained = load_run(run_dir)
+            row, images = evaluated(trained.models, trained.indicator, m)
+            rows.append({"method": m.name, "label": m.label, "seed": seed, "run": str(run_dir),
+                         "train": train_stats(run_dir), "unet_as_plain": same_unet(run_dir, runs.get(("plain", seed))),
+                         **row})
+            grid_images.setdefault(m.name, images)
+    order = ["base"] + args.methods
+    rows.sort(key=lambda r: (order.index(r["method"]), str(r["seed"])))
+    return rows, grid_images, runs
+
+
+def same_unet(run_dir, plain_dir):
+    """Whether a run's UNet is bit for bit the plain fine-tune's (None without a plain run)."""
+    if plain_dir is None:
+        return None
+    files = [checkpoints.latest_checkpoint(d) / "unet.safetensors" for d in (run_dir, plain_dir)]
+    return files[0].read_bytes() == files[1].read_bytes()
+
+
+def best_method(summary):
+    """The method the CFG check measures beside plain: the lowest mean FD among the judged methods."""
+    tried = [s for s in summary if s["method"] not in ("base", "plain")]
+    return min(tried, key=lambda s: s["fd"])["method"] if tried else None
+
+
+def cfg_check(args, sizes, rows, runs, best, evaluated):
+    """Classifier-free guidance amplifies the majority: FD of plain and of the best method at other CFG scales."""
+    cfg_rows = [{**r, "cfg": sizes.guidance} for r in rows if r["method"] in ("plain", best)]
+    for name in [n for n in ("plain", best) if n in BY_NAME and n in args.methods]:
+        m = BY_NAME[name]
+        for seed in range(args.seeds):
+            trained = load_run(runs[m.source or m.name, seed])
+            for scale in sizes.cfg_check:
+                row, _ = evaluated(trained.models, trained.indicator, m, guidance=scale, generic_only=True)
+                cfg_rows.append({"method": name, "label": m.label, "seed": seed, "cfg": scale, **row})
+    return cfg_rows
+
+
 def run(args):
     t_start = time.time()
     sizes = QUICK if args.quick else FULL
@@ -577,59 +654,23 @@ def run(args):
         timings["evaluate"] += time.time() - t0
         return result
 
-    # 4-5: every method's fine-tunes (guided methods sample their source's runs), each evaluated right away
-    methods = [BY_NAME[n] for n in args.methods]
-    rows, grid_images, runs = [], {}, {}
-    row, grid_images["base"] = evaluated(load_models(base["path"]), None, None)
-    rows.append({"method": "base", "label": "base (balanced training)", "seed": "-", "run": base["path"], **row})
-    for seed in range(args.seeds):
-        for name in dict.fromkeys(m.source or m.name for m in methods):
-            tqdm.write(f"[fine-tune] {name}, seed {seed}")
-            t0 = time.time()
-            runs[name, seed] = fine_tune(args, sizes, BY_NAME[name], seed, base, vae_info)
-            timings["finetune"] += time.time() - t0
-        for m in methods:
-            trained = load_run(runs[m.source or m.name, seed])
-            row, images = evaluated(trained.models, trained.indicator, m)
-            rows.append({"method": m.name, "label": m.label, "seed": seed, "run": str(runs[m.source or m.name, seed]),
-                         "train": train_stats(runs[m.source or m.name, seed]), **row})
-            grid_images.setdefault(m.name, images)
-    order = ["base"] + args.methods
-    rows.sort(key=lambda r: (order.index(r["method"]), str(r["seed"])))
+    rows, grid_images, runs = fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings)
     summary = summarize(rows, groups)
-
-    # 6: classifier-free guidance amplifies the majority: FD of plain and of the best method at other CFG scales
-    tried = [s for s in summary if s["method"] not in ("base", "plain")]
-    best = min(tried, key=lambda s: s["fd"])["method"] if tried else None
-    cfg_rows = [{**r, "cfg": sizes.guidance} for r in rows if r["method"] in ("plain", best)]
-    for name in [n for n in ("plain", best) if n in BY_NAME and n in args.methods]:
-        m = BY_NAME[name]
-        for seed in range(args.seeds):
-            trained = load_run(runs[m.source or m.name, seed])
-            for scale in sizes.cfg_check:
-                row, _ = evaluated(trained.models, trained.indicator, m, guidance=scale, generic_only=True)
-                cfg_rows.append({"method": name, "label": m.label, "seed": seed, "cfg": scale, **row})
-
-    # 7: report
-    n = sizes.grid_n
-    panels = [("base (balanced)", grid_images["base"][:n])] + [(BY_NAME[k].name, grid_images[k][:n])
-                                                               for k in args.methods]
-    grids = [save_grid(panels, out / "grids" / "all_seed0.png")]
-    if "plain" in args.methods:
-        grids += [save_grid([panels[1 + args.methods.index("plain")], p], out / "grids" / f"plain_vs_{p[0]}_seed0.png")
-                  for p in panels[1:] if p[0] != "plain"]
+    best = best_method(summary)
+    cfg_rows = cfg_check(args, sizes, rows, runs, best, evaluated)
+    grids = save_grids(out, grid_images, args.methods, sizes.grid_n)
     timings["total"] = time.time() - t_start
     timings["cpu"] = time.process_time()  # the process's CPU seconds: the budget, whatever else shares the machine
     report = {
         "paper": "Huang, Tsao, Su, Chiang 2025, Debiasing Diffusion Model, arXiv 2503.12536",
         "mode": "quick" if args.quick else "full", "sizes": dataclasses.asdict(sizes), "tiny_configs": TINY,
         "groups": groups, "counts": {str(k): v for k, v in args.counts.items()}, "generic_prompt": GENERIC_PROMPT,
-        "group_prompts": [group_prompt(g) for g in groups], "methods": [dataclasses.asdict(m) for m in methods],
-        "vae": vae_info, "base": base, "classifier_heldout_accuracy": judge[0].heldout_accuracy,
-        "fd_max": math.sqrt((len(groups) - 1) / len(groups)), "rows": rows, "summary": summary,
-        "seeds": args.seeds, "best_method": best, "cfg_rows": cfg_rows, "grids": [str(g.relative_to(out)) for g in grids],
-        "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": args.threads,
-        "versions": {"torch": torch.__version__},
+        "group_prompts": [group_prompt(g) for g in groups],
+        "methods": [dataclasses.asdict(BY_NAME[n]) for n in args.methods], "vae": vae_info, "base": base,
+        "classifier_heldout_accuracy": judge[0].heldout_accuracy, "fd_max": math.sqrt((len(groups) - 1) / len(groups)),
+        "rows": rows, "summary": summary, "seeds": args.seeds, "best_method": best, "cfg_rows": cfg_rows,
+        "grids": [str(g.relative_to(out)) for g in grids], "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "threads": args.threads, "versions": {"torch": torch.__version__},
     }
     weights.write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     weights.write_atomic(out / "report.md", report_markdown(report))
@@ -637,6 +678,16 @@ def run(args):
     print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
           f"report: {out / 'report.md'}")
     return report
+
+
+def save_grids(out, grid_images, methods, n):
+    """grids/all_seed0.png (every model, the same noise seeds) and plain beside each method -> their paths."""
+    panels = [("base (balanced)", grid_images["base"][:n])] + [(k, grid_images[k][:n]) for k in methods]
+    grids = [save_grid(panels, out / "grids" / "all_seed0.png")]
+    if "plain" in methods:
+        grids += [save_grid([panels[1 + methods.index("plain")], p], out / "grids" / f"plain_vs_{p[0]}_seed0.png")
+                  for p in panels[1:] if p[0] != "plain"]
+    return grids
 
 
 def cluster_lines(rows):
@@ -660,9 +711,14 @@ over the groups from {sizes['n_generic']} images of
 10-class digit classifier (held-out accuracy {report['classifier_heldout_accuracy']:.4f}), never the indicator.
 Quality: Frechet distance to held-out real digits in the judge's features (mixed in the model's own shares, so
 bias alone is not bad quality), the same per group (a group's images against its real ones), the share of generic
-images whose best class is none of the groups, confidence. Indicator acc / bacc: its accuracy and balanced
-accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG {sizes['guidance']}.
-Std is the sample std over seeds.
+images whose best class is none of the groups, confidence. Diversity: precision and recall (Kynkäänniemi et al.
+2019, k = 3) in the judge's features, each group's generic images as judged against its held-out real digits, on
+equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc: its accuracy and
+balanced accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG {sizes['guidance']}.
+Std is the sample std over seeds; "worst seed" is the largest FD of any seed. The bar: FD at most half of plain's,
+Frechet at most 10% worse, and every group's recall at least 0.9x plain's. Guidance auto (ours): trajectory-aware
+targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone (sample.guides_for; the
+scales chosen are in report.json, rows[].guidance_chosen).
 
 ## Verdict (mean ± std over seeds)
 

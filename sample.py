@@ -123,6 +123,65 @@ def draw_targets(seeds, shares):
         derive_seed(s, "target"))).item() for s in seeds])
 
 
+# Indicator guidance (ours), set per prompt. Trajectory-aware targets are decided at the first step with t <= 801
+# (a step of SD's spacing at 5, 10, 20, 25 or 50 steps); "auto" climbs the ladder until AUTO_HIT of each group's
+# calibration images end in their target group. Measured on the 7-vs-8 digits: docs/reproduction.md.
+DECIDE_AT = 801
+AUTO_SCALES = (1, 2, 3, 5, 7, 10, 15, 20, 30)
+AUTO_HIT = 0.97
+
+
+def guides_for(models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, calibration=200, cal_seed=0,
+               **settings):
+    """The indicator-guidance terms (ours) of one prompt's images (`seeds`), one per (indicator, target shares) in
+    `specs`, without a judge -> (guides, record for samples.json).
+
+    decide_at None: image k's target is drawn from the shares with its own seed (draw_targets). Otherwise a
+    calibration batch of the prompt (its own seeds) runs unguided to the decide step, and its posteriors set the
+    offsets that make the trajectory-aware targets come out in the shares (diffusion.decision_offsets). With scale
+    "auto", each guide's scale climbs AUTO_SCALES on that batch until, for every group, AUTO_HIT of the images
+    targeted at it end in it, as its own indicator reads the final latents at t = 0."""
+    cal = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)]
+    t = next((t for t in diffusion.ddim_timesteps(settings["steps"]) if decide_at is not None and t <= decide_at), None)
+    x_t = None if t is None else generate(models, [prompt] * calibration, cal, decode=False, until=decide_at,
+                                          progress=False, **settings)
+    guides, cal_guides, cal_targets = [], [], []
+    for indicator, shares in specs:
+        if t is None:
+            guides.append(Guidance(indicator, draw_targets(seeds, shares), 0.0))
+            cal_guides.append(Guidance(indicator, draw_targets(cal, shares), 0.0))
+        else:
+            with torch.no_grad():
+                offsets = diffusion.decision_offsets(indicator(x_t, t).float().log_softmax(1), shares)
+            guides.append(Guidance(indicator, torch.zeros(len(seeds), dtype=torch.long), 0.0, decide_at, offsets))
+            cal_guides.append(Guidance(indicator, torch.zeros(calibration, dtype=torch.long), 0.0, decide_at, offsets))
+        cal_targets.append(cal_guides[-1].targets if t is None else diffusion.decide_targets(indicator, x_t, t,
+                                                                                               offsets))
+    record = {"decide_step": t, "offsets": [None if g.offsets is None else  # JSON has no infinity: never targeted
+                                            [v if math.isfinite(v) else None for v in g.offsets.tolist()]
+                                            for g in guides]}
+    rungs = [0] * len(guides)
+    while scale == "auto":
+        for g, r in zip(guides + cal_guides, rungs + rungs):
+            g.scale = float(AUTO_SCALES[r])
+        z0 = generate(models, [prompt] * calibration, cal, guides=cal_guides, decode=False, progress=False, **settings)
+        with torch.no_grad():
+            ends = [g.indicator(z0, 0).argmax(1).cpu() for g in cal_guides]
+        hits = [[(end[targets == k] == k).float().mean().item() for k in targets.unique().tolist()]
+                for end, targets in zip(ends, cal_targets)]
+        record.setdefault("calibration", []).append({"scales": [g.scale for g in guides], "hit_rates": hits})
+        climb = [j for j, h in enumerate(hits) if min(h) < AUTO_HIT and rungs[j] < len(AUTO_SCALES) - 1]
+        if not climb:
+            break
+        for j in climb:
+            rungs[j] += 1
+    if scale != "auto":
+        for g in guides:
+            g.scale = float(scale)
+    record["scales"] = [g.scale for g in guides]
+    return guides, record
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -150,12 +209,19 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run's images in --out")
     g = p.add_argument_group("indicator guidance (ours): steer each image toward a target group")
-    g.add_argument("--indicator", metavar="RUN_OR_FILE",
+    g.add_argument("--indicator", metavar="RUN_OR_FILE", action="append", default=[],
                    help="a train.py run with a noise-aware indicator (--objective plain-indicator or "
-                        "indicator-weighted), or its indicator.safetensors")
-    g.add_argument("--indicator-guidance", type=float, default=0.0, metavar="S", help="guidance scale (0: off)")
-    g.add_argument("--target", default="uniform", help="group shares the targets are drawn from: uniform or "
-                                                       "NAME=SHARE,...")
+                        "indicator-weighted), or its indicator.safetensors; repeat it for several attributes")
+    g.add_argument("--indicator-guidance", type=guidance_scale, default=0.0, metavar="S|auto",
+                   help="guidance scale (0: off), or auto: chosen per prompt on a calibration batch, by the "
+                        "indicators alone")
+    g.add_argument("--target", action="append", default=[], help="the group shares to aim for, per --indicator in "
+                   "order (one value: all of them): uniform (the default) or NAME=SHARE,...")
+    g.add_argument("--decide-at", type=decide_at_arg, default=DECIDE_AT, metavar="T|none",
+                   help=f"trajectory-aware targets, decided at the first step with t <= T from each image's own "
+                        f"posterior (default {DECIDE_AT}); none: drawn from the shares for each image at the start")
+    g.add_argument("--calibration", type=int, default=200, metavar="N", help="calibration images per prompt for "
+                   "trajectory-aware targets and the auto scale (default 200)")
     p.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     # Half-precision weights run as they are, without autocast (as diffusers' fp16 pipelines do; group norms stay
     # float32): autocast cost ~10% per UNet call on an H200 (README, Speed and memory).
@@ -165,18 +231,44 @@ def build_parser():
     return p
 
 
+def guidance_scale(text):
+    """argparse type of --indicator-guidance: "auto", or a finite number >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or cli.out_of_range(value, 0, None):
+        raise argparse.ArgumentTypeError(f"must be auto or a number >= 0, got {text!r}")
+    return value
+
+
+def decide_at_arg(text):
+    """argparse type of --decide-at: "none", or a timestep 0..999."""
+    if text == "none":
+        return None
+    if not text.isdigit() or int(text) >= diffusion.N_TRAIN_TIMESTEPS:
+        raise argparse.ArgumentTypeError(f"must be none or a timestep 0..{diffusion.N_TRAIN_TIMESTEPS - 1}, "
+                                         f"got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None):
     """Parse and check every argument, the model's config files included, before any weights load and before
     anything is written or deleted; errors exit with status 2."""
     p = build_parser()
     args = p.parse_args(argv)
-    why = cli.range_error(args, {"n": (1, None), "indicator_guidance": (0, None), **RANGES})
+    why = cli.range_error(args, {"n": (1, None), "calibration": (2, None), **RANGES})
     if why:
         p.error(why)
-    if args.indicator_guidance > 0 and not args.indicator:
+    if args.indicator_guidance and not args.indicator:
         p.error("--indicator-guidance needs --indicator RUN_OR_FILE")
-    for flag, path in (("--indicator", args.indicator), ("--model", args.model)):
-        if path and not Path(path).exists():
+    if args.target and len(args.target) not in (1, len(args.indicator)):
+        p.error(f"--target: give one for all indicators or one per --indicator ({len(args.indicator)}), got "
+                f"{len(args.target)}" + ("" if args.indicator else "; it needs --indicator"))
+    for flag, path in [("--indicator", path) for path in args.indicator] + [("--model", args.model)]:
+        if not Path(path).exists():
             p.error(f"{flag} {path} does not exist")
     for name in ("height", "width"):
         if getattr(args, name) <= 0 or getattr(args, name) % 8:
@@ -283,10 +375,35 @@ def record_of(args, argv, models, prompts, seeds, started):
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "pillow": PIL.__version__, "git_commit": _git_commit()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "grid": args.files[:GRID_MAX], "finished": False,
-        "indicator": args.indicator and str(Path(args.indicator).resolve()),
-        "indicator_guidance": args.indicator_guidance, "target": args.target, "target_groups": None,
+        "grid": args.files[:GRID_MAX], "finished": False, "indicator_guidance": None,
     }
+
+
+def indicator_guides(args, models, prompts, seeds):
+    """The indicator guidance of every prompt (ours): [(prompt, its images' guides)] and what samples.json records
+    of it; none when no indicator guides (a scale of 0 applies nothing, and nothing is recorded)."""
+    if not args.indicator_guidance:
+        return [(p, []) for p in args.prompt_list], None
+    specs, names = [], []
+    for k, path in enumerate(args.indicator):
+        indicator, groups = load_indicator(path, latent_shape(models, args.height, args.width))
+        spec = args.target[k if len(args.target) > 1 else 0] if args.target else "uniform"
+        specs.append((indicator.to(args.device), parse_target(spec, groups)))
+        names.append({"indicator": str(Path(path).resolve()), "groups": groups, "target": spec})
+    settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                    height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
+                    batch_size=args.batch_size)
+    out, per_prompt = [], {}
+    for prompt in args.prompt_list:
+        mine = [s for p, s in zip(prompts, seeds) if p == prompt]
+        guides, per_prompt[prompt] = guides_for(models, prompt, mine, specs, args.indicator_guidance,
+                                                decide_at=args.decide_at, calibration=args.calibration,
+                                                cal_seed=args.seed, **settings)
+        if args.decide_at is None:
+            per_prompt[prompt]["target_groups"] = [[n["groups"][k] for k in g.targets] for g, n in zip(guides, names)]
+        out.append((prompt, guides))
+    return out, {"scale": args.indicator_guidance, "decide_at": args.decide_at, "calibration": args.calibration,
+                 "indicators": names, "prompts": per_prompt}
 
 
 def main(argv=None):
@@ -298,15 +415,11 @@ def main(argv=None):
         models = load_models(args.model, args.device, getattr(torch, args.dtype))
     except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError
         sys.exit(f"error: cannot load --model {args.model}: {e}")
-    record, guides = record_of(args, argv, models, prompts, seeds, started), []
-    if args.indicator:
-        try:
-            indicator, names = load_indicator(args.indicator, latent_shape(models, args.height, args.width))
-            targets = draw_targets(seeds, parse_target(args.target, names))
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        guides = [Guidance(indicator.to(args.device), targets, args.indicator_guidance)]
-        record["target_groups"] = [names[g] for g in targets]
+    record = record_of(args, argv, models, prompts, seeds, started)
+    try:
+        per_prompt, record["indicator_guidance"] = indicator_guides(args, models, prompts, seeds)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     written, grid_images = 0, []
 
     def save(start, images):
@@ -323,9 +436,13 @@ def main(argv=None):
             (out / name).unlink(missing_ok=True)
         # written first, so that a run stopped half-way still lists its images for the next --overwrite
         (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
-        generate(models, prompts, seeds, negative_prompt=args.negative_prompt, steps=args.steps,
-                 guidance=args.guidance, height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
-                 batch_size=args.batch_size, guides=guides, on_batch=save)
+        # one call for all prompts; one per prompt when each has its own guidance
+        for prompt, guides in per_prompt if record["indicator_guidance"] else [(None, [])]:
+            rows = [k for k, p in enumerate(prompts) if prompt in (None, p)]
+            generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], negative_prompt=args.negative_prompt,
+                     steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                     sampler=args.sampler, eta=args.eta, batch_size=args.batch_size, guides=guides,
+                     on_batch=lambda start, images: save(rows[start], images))
         make_grid(torch.stack(grid_images)).save(out / "grid.png")
         record.update(seconds=round(time.time() - started, 3), finished=True)
         (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -349,3 +349,27 @@ def test_per_group_frechet_compares_each_group_with_its_own_real_images():
     assert out["frechet_per_group"]["7"] == pytest.approx(evaluate.frechet_distance(feats[:50], real[7]))
     assert out["frechet_per_group"]["8"] is None  # 5 images: too few for a covariance worth reporting
     assert out["frechet_per_group"]["7"] < 1 < evaluate.frechet_distance(feats[:50], real[8])  # its own group is near
+
+
+def test_precision_and_recall_on_a_hand_computed_case():
+    """Kynkäänniemi et al. 2019: a point is inside a set's manifold when it lies within some member's distance to
+    that member's k-th nearest neighbour. Real on a line, radii (k = 3) 3, 2, 2, 3, 9 and (k = 1) 1, 1, 1, 1, 7."""
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    fake = torch.tensor([[-2.5], [100.0], [101.0], [102.0]])  # -2.5 lies 2.5 from 0: inside at k = 3 only
+    assert evaluate.precision_recall(real, fake, k=3) == (0.25, 1.0)  # -2.5's radius (104.5) covers every real
+    assert evaluate.precision_recall(real, fake, k=1) == (0.0, 1.0)
+    assert evaluate.precision_recall(real, torch.tensor([[0.5], [0.6], [0.7]]), k=1) == (1.0, 0.0)  # radii 0.1
+
+
+def test_per_group_diversity_uses_equal_size_subsets_so_more_images_earn_nothing():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(100, 8, generator=g)
+    labels = torch.tensor([0] * 40 + [1] * 400)  # one distribution: 40 images judged 7, 400 judged 8
+    runs = [evaluate.diversity(torch.randn(440, 8, generator=g), labels, [7, 8], {7: real, 8: real}, draws=5, seed=s)
+            for s in range(40)]
+    for key in ("recall_per_group", "precision_per_group"):  # in expectation over generated sets: the same
+        mean = {k: sum(r[key][k] for r in runs) / len(runs) for k in ("7", "8")}
+        assert abs(mean["7"] - mean["8"]) < 0.02, (key, mean)
+    feats = torch.randn(440, 8, generator=g)
+    few = evaluate.diversity(feats[:439], torch.tensor([0] * 39 + [1] * 400), [7, 8], {7: real, 8: real})
+    assert few["recall_per_group"]["7"] is None and few["recall_per_group"]["8"] is not None  # < 40: not measured

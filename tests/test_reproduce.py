@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import reproduce
 
-INDICATOR_METHODS = {"plain", "ddm", "ddm-x0", "iw", "iw-10", "guided-3", "guided-10"}  # runs that train one
+INDICATOR_METHODS = {"plain", "ddm", "ddm-x0", "iw", "iw-10", "guided-3", "guided-10", "guided-auto", "guided-auto-10",
+                     "guided-auto-1"}  # runs that train one
 
 
 def quick(argv):
@@ -54,9 +56,13 @@ def test_quick_run_writes_a_report_with_every_method_and_every_seed(quick_run):
         assert abs(sum(r["proportions"]) - 1) < 1e-9 and set(r["frechet_per_group"]) == {"7", "8"}
         assert r["n_generic"] == reproduce.QUICK.n_generic and set(r["success_rates"]) == {"7", "8"}
         assert (r["indicator_entropy"] is not None) == (r["method"] == "ddm")  # the authors' own signal
-        if r["method"] != "base":
-            has_indicator = r["train"]["indicator_bacc"] is not None or r["train"]["indicator_acc"] is not None
+        if r["method"] != "base":  # the run's checkpoint holds an indicator, and it measured itself on labels
+            has_indicator = (checkpoints.latest_checkpoint(r["run"]) / "indicator.safetensors").is_file()
             assert has_indicator == (r["method"] in INDICATOR_METHODS), r["method"]
+            measured = r["train"]["indicator_bacc"] is not None or r["train"]["indicator_acc"] is not None
+            assert measured == has_indicator or r["method"] == "guided-auto-1", r["method"]  # 1%: maybe no label
+            assert r["unet_as_plain"] == (r["method"] in {"plain", "guided-3", "guided-10", "guided-auto",
+                                                          "guided-auto-10", "guided-auto-1"}), r["method"]
     summary = {s["method"]: s for s in stored["summary"]}
     assert list(summary) == ["base"] + names
     for name, s in summary.items():

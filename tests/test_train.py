@@ -508,12 +508,15 @@ def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator
     out = tmp_path / "guided"
     sample_args = ["--model", str(run), "--prompt", "a red square", "--n", "4", "--steps", "2", "--height", str(RES),
                    "--width", str(RES), "--indicator", str(run), "--target", "red=0.25,blue=0.75"]
-    sample.main([*sample_args, "--indicator-guidance", "2", "--out", str(out)])
+    sample.main([*sample_args, "--indicator-guidance", "2", "--decide-at", "none", "--out", str(out)])
     record = json.loads((out / "samples.json").read_text())
-    assert len(record["target_groups"]) == 4 and set(record["target_groups"]) <= {"red", "blue"}
-    assert record["indicator_guidance"] == 2.0
+    guidance = record["indicator_guidance"]  # what was applied: targets drawn per image from the shares, scale 2
+    [targets] = guidance["prompts"]["a red square"]["target_groups"]
+    assert len(targets) == 4 and set(targets) <= {"red", "blue"} and guidance["prompts"]["a red square"]["scales"] == [2]
+    assert guidance["scale"] == 2.0 and guidance["indicators"][0]["target"] == "red=0.25,blue=0.75"
     guided = np.stack([np.asarray(Image.open(out / f)) for f in record["files"]])
     sample.main([*sample_args, "--indicator-guidance", "0", "--out", str(tmp_path / "unguided")])
+    assert json.loads((tmp_path / "unguided" / "samples.json").read_text())["indicator_guidance"] is None
     unguided = np.stack([np.asarray(Image.open(tmp_path / "unguided" / f)) for f in record["files"]])
     assert np.isfinite(guided).all() and guided.std() > 1 and not np.array_equal(guided, unguided)
     for bad, message in ((["--indicator-guidance", "-1"], "must be a number >= 0"),

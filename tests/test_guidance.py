@@ -1,0 +1,112 @@
+"""Indicator guidance (ours) beyond a fixed scale: trajectory-aware targets decided from each image's own posterior,
+the offsets that make them come out in the asked shares, and the scale chosen by the indicator alone ("auto")."""
+import json
+
+import pytest
+import torch
+
+import diffusion
+import loading
+import sample
+import train
+from ddm import Indicator
+from test_train import FAST, RES, TINY, data_dir, make_data, one_thread, sd_dir  # noqa: F401 (fixtures)
+
+PROMPT = "a red square"
+
+
+def mean_reader(latent_shape, strength=4.0):
+    """A noise-aware indicator whose logits are ±strength·mean(x): group 1 is a bright latent, group 0 a dark one."""
+    torch.manual_seed(0)
+    ind = Indicator(latent_shape, 2, (2,), timestep_dim=8)
+    n = ind.net[1].in_features - 8
+    with torch.no_grad():
+        for p in ind.parameters():
+            p.zero_()
+        ind.net[1].weight[0, :n], ind.net[1].weight[1, :n] = 1.0 / n, -1.0 / n  # relu(m), relu(-m)
+        ind.net[-1].weight.copy_(torch.tensor([[-strength, strength], [strength, -strength]]))
+    return ind.requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    config = tmp_path_factory.mktemp("init") / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    return loading.models_from_config(config, seed=0)
+
+
+SETTINGS = dict(steps=4, guidance=1.0, height=RES, width=RES, batch_size=16)
+
+
+def test_decision_offsets_pick_the_asked_shares_and_never_a_group_of_share_zero():
+    log_p = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0)).log_softmax(1)
+    for shares in ([0.5, 0.3, 0.2], [0.1, 0.9, 0.0]):
+        shares = torch.tensor(shares)
+        picked = (log_p - diffusion.decision_offsets(log_p, shares)).argmax(1)
+        assert torch.allclose(torch.bincount(picked, minlength=3) / 1000, shares, atol=0.005), shares
+    # the rows most inclined to a group go to it: at 10% for group 0, about its 100 most likely rows and no other
+    two = log_p[:, :2].log_softmax(1)
+    picked = (two - diffusion.decision_offsets(two, torch.tensor([0.1, 0.9]))).argmax(1) == 0
+    margin = two[:, 0] - two[:, 1]
+    assert abs(picked.sum().item() - 100) <= 2 and margin[picked].min() > margin[~picked].max()
+
+
+def test_trajectory_aware_targets_give_the_same_image_for_a_seed_at_any_batch_size(models):
+    ind = mean_reader(loading.latent_shape(models, RES, RES))
+    seeds = [3, 1, 4, 1000]
+    guide = diffusion.Guidance(ind, torch.zeros(4, dtype=torch.long), 5.0, decide_at=751,
+                               offsets=torch.tensor([0.0, 0.1]))
+    kw = dict(SETTINGS, guides=[guide], progress=False)
+    four = sample.generate(models, [PROMPT] * 4, seeds, **{**kw, "batch_size": 4})
+    for k in range(4):
+        one = sample.generate(models, [PROMPT], [seeds[k]], **{**kw, "batch_size": 1, "guides": [guide.rows([k])]})
+        assert (one[0].int() - four[k].int()).abs().max() <= 1
+    plain = sample.generate(models, [PROMPT] * 4, seeds, **{**kw, "guides": []})
+    assert (plain.int() - four.int()).abs().float().mean() > 1  # the guidance did something
+
+
+def test_auto_scale_climbs_until_the_targets_are_met_and_records_every_rung(models):
+    ind = mean_reader(loading.latent_shape(models, RES, RES))
+    seeds = list(range(256))
+    shares = torch.tensor([0.8, 0.2])  # unguided, the random model makes about as many bright latents as dark
+    guides, record = sample.guides_for(models, PROMPT, seeds, [(ind, shares)], "auto", calibration=256, **SETTINGS)
+    rungs = record["calibration"]
+    assert [r["scales"] for r in rungs] == [[s] for s in sample.AUTO_SCALES[:len(rungs)]]
+    assert min(rungs[-1]["hit_rates"][0]) >= sample.AUTO_HIT  # met at the chosen rung ...
+    assert all(min(r["hit_rates"][0]) < sample.AUTO_HIT for r in rungs[:-1])  # ... and at none below it
+    assert record["scales"] == [guides[0].scale] == rungs[-1]["scales"] and len(rungs) > 1
+    images = sample.generate(models, [PROMPT] * 256, seeds, **SETTINGS, guides=guides, decode=False, progress=False)
+    bright = ind(images, 0).argmax(1).float().mean().item()
+    assert abs(bright - 0.2) <= 0.06  # the indicator's own reading of the result meets the shares (2.4 SE)
+    unguided = sample.generate(models, [PROMPT] * 256, seeds, **SETTINGS, decode=False, progress=False)
+    assert ind(unguided, 0).argmax(1).float().mean().item() > 0.4
+
+
+@pytest.fixture(scope="module")
+def runs(sd_dir, data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("guided-runs")
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", "--max-steps", "1", *FAST]
+    return {name: train.train([*common, "--out", str(root / name), *extra]) for name, extra in
+            (("noise-aware", ["--objective", "plain-indicator", "--w-ind", "1"]), ("none", ["--w-ind", "0"]))}
+
+
+def test_the_cli_checks_auto_guidance_and_records_what_it_chose(runs, tmp_path, capsys):
+    run = runs["noise-aware"]
+    argv = ["--model", str(run), "--prompt", PROMPT, "--n", "3", "--steps", "2", "--height", str(RES), "--width",
+            str(RES), "--device", "cpu", "--indicator", str(run), "--indicator-guidance", "auto", "--calibration", "8"]
+    for bad, message in ((["--calibration", "1"], "--calibration must be >= 2"),
+                         (["--decide-at", "1000"], "must be none or a timestep"),
+                         (["--indicator-guidance", "lots"], "must be auto or a number >= 0")):
+        with pytest.raises(SystemExit):
+            sample.main([*argv, *bad, "--out", str(tmp_path / "never")])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="this run trained no indicator"):
+        sample.main([*argv[:-6], "--indicator", str(runs["none"]), "--indicator-guidance", "auto",
+                     "--out", str(tmp_path / "never")])
+    # a group the targets must never reach: share 0
+    sample.main([*argv, "--target", "red=1,blue=0", "--out", str(tmp_path / "red")])
+    guidance = json.loads((tmp_path / "red" / "samples.json").read_text())["indicator_guidance"]
+    chosen = guidance["prompts"][PROMPT]
+    assert guidance["scale"] == "auto" and chosen["scales"] == chosen["calibration"][-1]["scales"]
+    assert chosen["offsets"][0][0] is None and chosen["decide_step"] == 501  # blue (group 0): never a target
+    assert not (tmp_path / "never").exists()
