@@ -124,8 +124,8 @@ def draw_targets(seeds, shares):
 
 
 # Indicator guidance (ours), set per prompt. Trajectory-aware targets are decided at the first step with t <= 801
-# (a step of SD's spacing at 5, 10, 20, 25 or 50 steps); "auto" climbs the ladder until AUTO_HIT of each group's
-# calibration images end in their target group. Measured on the 7-vs-8 digits: docs/reproduction.md.
+# (a step of SD's spacing at 5, 10, 20, 25 or 50 steps); "auto" takes the smallest scale of the ladder at which
+# AUTO_HIT of each group's calibration images end in their target group. Measured: docs/reproduction.md.
 DECIDE_AT = 801
 AUTO_SCALES = (1, 2, 3, 5, 7, 10, 15, 20, 30)
 AUTO_HIT = 0.97
@@ -139,8 +139,8 @@ def guides_for(models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, cali
     decide_at None: image k's target is drawn from the shares with its own seed (draw_targets). Otherwise a
     calibration batch of the prompt (its own seeds) runs unguided to the decide step, and its posteriors set the
     offsets that make the trajectory-aware targets come out in the shares (diffusion.decision_offsets). With scale
-    "auto", each guide's scale climbs AUTO_SCALES on that batch until, for every group, AUTO_HIT of the images
-    targeted at it end in it, as its own indicator reads the final latents at t = 0."""
+    "auto", each guide's scale is the smallest of AUTO_SCALES at which, on that batch, AUTO_HIT of the images
+    targeted at each group end in it, as its own indicator reads the final latents at t = 0 (found by bisection)."""
     cal = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)]
     t = next((t for t in diffusion.ddim_timesteps(settings["steps"]) if decide_at is not None and t <= decide_at), None)
     x_t = None if t is None else generate(models, [prompt] * calibration, cal, decode=False, until=decide_at,
@@ -160,24 +160,22 @@ def guides_for(models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, cali
     record = {"decide_step": t, "offsets": [None if g.offsets is None else  # JSON has no infinity: never targeted
                                             [v if math.isfinite(v) else None for v in g.offsets.tolist()]
                                             for g in guides]}
-    rungs = [0] * len(guides)
-    while scale == "auto":
-        for g, r in zip(guides + cal_guides, rungs + rungs):
+    low, high = [-1] * len(guides), [len(AUTO_SCALES) - 1] * len(guides)  # the rung sought lies in (low, high]
+    while scale == "auto" and any(h - lo > 1 for lo, h in zip(low, high)):  # bisection: hits grow with the scale
+        rungs = [(lo + h) // 2 if h - lo > 1 else h for lo, h in zip(low, high)]
+        for g, r in zip(cal_guides, rungs):
             g.scale = float(AUTO_SCALES[r])
         z0 = generate(models, [prompt] * calibration, cal, guides=cal_guides, decode=False, progress=False, **settings)
         with torch.no_grad():
             ends = [g.indicator(z0, 0).argmax(1).cpu() for g in cal_guides]
         hits = [[(end[targets == k] == k).float().mean().item() for k in targets.unique().tolist()]
                 for end, targets in zip(ends, cal_targets)]
-        record.setdefault("calibration", []).append({"scales": [g.scale for g in guides], "hit_rates": hits})
-        climb = [j for j, h in enumerate(hits) if min(h) < AUTO_HIT and rungs[j] < len(AUTO_SCALES) - 1]
-        if not climb:
-            break
-        for j in climb:
-            rungs[j] += 1
-    if scale != "auto":
-        for g in guides:
-            g.scale = float(scale)
+        record.setdefault("calibration", []).append({"scales": [g.scale for g in cal_guides], "hit_rates": hits})
+        for j, (r, h) in enumerate(zip(rungs, hits)):
+            if high[j] - low[j] > 1:
+                low[j], high[j] = (low[j], r) if min(h) >= AUTO_HIT else (r, high[j])
+    for j, g in enumerate(guides):
+        g.scale = float(AUTO_SCALES[high[j]] if scale == "auto" else scale)
     record["scales"] = [g.scale for g in guides]
     return guides, record
 
