@@ -379,9 +379,10 @@ def _check_read_back(tmp, tensors):
                                       f"checkpoints are): {e}") from e
 
 
-def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra):
+def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra, metadata=None):
     """checkpoint-STEP.tmp/ filled, fsynced and read back whole, renamed to checkpoint-STEP/, and only then the
-    older checkpoints deleted. A NaN or infinite tensor is never written: FloatingPointError naming it."""
+    older checkpoints deleted. A NaN or infinite tensor is never written: FloatingPointError naming it.
+    `metadata`: {file: {key: str}} stored in those safetensors files (the indicator's, ddm.indicator_metadata)."""
     state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}
     bad = _non_finite(tensors, state["optimizer"])
     if bad:
@@ -393,7 +394,7 @@ def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra):
         tmp.mkdir()
     try:
         for file, state_dict in tensors.items():
-            weights.save_tensors(state_dict, tmp / file)
+            weights.save_tensors(state_dict, tmp / file, (metadata or {}).get(file))
         weights.save_torch(state, tmp / "optimizer.pt")
         weights.write_text(tmp / "state.json", json.dumps({"step": step, **extra}, indent=1) + "\n")
         for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible

@@ -129,6 +129,65 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     return out_dir
 
 
+# Two attributes the caption never names (ours): ink colour (synthetic: a pixel rule, red > green, tells them apart
+# exactly) and stroke width (natural: thin or thick against the median ink mass of the digit's own class)
+COLOURS = {"green": (0.0, 1.0, 0.0), "red": (1.0, 0.0, 0.0)}  # ink on black
+
+
+def ink_mass(images):
+    """Stroke mass of digit images uint8 (N, H, W, 3): each pixel's brightest channel summed, / 255; the same for
+    white, red or green ink."""
+    return np.asarray(images, dtype=np.float64).max(-1).sum((1, 2)) / 255
+
+
+def attribute_digit(image, colour, resolution=32):
+    """One 28x28 digit as an RGB image of `resolution` px in the ink colour `colour` (COLOURS) on black."""
+    return Image.fromarray((np.asarray(digit_image(image, resolution), np.float64)
+                            * COLOURS[colour]).round().astype(np.uint8))
+
+
+def width_thresholds(images, labels, indices, resolution=32):
+    """{digit: median ink mass of its digits in `indices`, rendered at `resolution`}: thin below, thick above."""
+    mass = ink_mass(np.stack([np.asarray(digit_image(images[i], resolution)) for i in indices]))
+    return {int(d): float(np.median(mass[labels[indices] == d])) for d in np.unique(labels[indices])}
+
+
+def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, resolution=32, seed=0, labelled=1.0):
+    """A data folder of digits with two attributes the caption never names, exactly `counts` = {digit: {(colour,
+    width): n}} of each intersection -> its path. The width is the digit's own (thin: ink mass at or below its
+    class median among `indices`), drawn without replacement; the colour is painted. metadata.jsonl: "group":
+    {"colour", "width"} on a `labelled` share of the images of every intersection of every digit (at least one),
+    null values on the others; the true "digit", "colour", "width" and "source_index" beside it for auditing; the
+    caption prompt(digit)."""
+    out_dir, rng = Path(out_dir), np.random.default_rng(seed)
+    thresholds = width_thresholds(images, labels, indices, resolution)
+    mass = dict(zip(indices.tolist(), ink_mass(np.stack([np.asarray(digit_image(images[i], resolution))
+                                                          for i in indices]))))
+    rows = []
+    for digit in sorted(counts):
+        pools = {w: rng.permutation([i for i in indices if labels[i] == digit
+                                     and (mass[i] > thresholds[digit]) == (w == "thick")]).tolist()
+                 for w in ("thin", "thick")}
+        for (colour, width), n in sorted(counts[digit].items()):
+            assert n <= len(pools[width]), f"{n} {width} {digit}s asked, the pool holds {len(pools[width])}"
+            rows += [{"digit": digit, "colour": colour, "width": width, "source_index": pools[width].pop()}
+                     for _ in range(n)]
+    for key in sorted({(r["digit"], r["colour"], r["width"]) for r in rows}):  # each intersection keeps its share
+        members = [r for r in rows if (r["digit"], r["colour"], r["width"]) == key]
+        for k in rng.permutation(len(members)):
+            r = members[k]
+            r["group"] = {a: r[a] for a in ("colour", "width")} if k < max(1, round(labelled * len(members))) \
+                else {"colour": None, "width": None}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, r in enumerate(rng.permutation(rows).tolist()):  # groups interleaved, not in blocks
+        name = f"{k:05d}.png"
+        attribute_digit(images[r["source_index"]], r["colour"], resolution).save(out_dir / name)
+        lines.append(json.dumps({"file_name": name, "text": prompt(r["digit"]), **r}))
+    weights.write_atomic(out_dir / "metadata.jsonl", "\n".join(lines) + "\n")
+    return out_dir
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Biased sets of real images, labelled in CelebA's attribute-file format
 
@@ -342,8 +401,10 @@ def read_metadata(meta):
         if not isinstance(row["text"], str):
             raise ValueError(f"{where}: field 'text' must be a string, got {row['text']!r}")
         group = row["group"]
-        if group is not None and (isinstance(group, bool) or not isinstance(group, (int, str))):
-            raise ValueError(f"{where}: field 'group' must be an int, a string or null, got {group!r}")
+        values = group.values() if isinstance(group, dict) and all(isinstance(k, str) for k in group) else [group]
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, str))) for v in values):
+            raise ValueError(f"{where}: field 'group' must be an int, a string or null (or an object of those by "
+                             f"attribute name), got {group!r}")
         first = next((r for r in records if r[3] is not None), None)
         if group is not None and first and type(group) is not type(first[3]):
             raise ValueError(f"{where}: field 'group' is {group!r} but line {first[0]} has "
@@ -368,7 +429,7 @@ class ImageFolder(torch.utils.data.Dataset):
     deterministic (no random crop), which keeps resumed training runs exactly reproducible.
     """
 
-    def __init__(self, root, resolution, center_crop=True, need_groups=True):
+    def __init__(self, root, resolution, center_crop=True, need_groups=True, attribute=None):
         self.root = Path(root)
         self.resolution = resolution
         self.center_crop = center_crop
@@ -392,7 +453,8 @@ class ImageFolder(torch.utils.data.Dataset):
                 raise ValueError(f"{where}: cannot read image {path} ({e})") from None
         if not records:
             raise ValueError(f"{meta}: no images listed")
-        self.group_names = sorted({r[3] for r in records if r[3] is not None})
+        raw = self.groups_of(meta, [r[3] for r in records], attribute)
+        self.group_names = sorted({g for g in raw if g is not None})
         # need_groups=False: `make_cluster_folder` reads unlabelled folders, the groups are what it makes
         if need_groups and not self.group_names:
             raise ValueError(f"{meta}: field 'group' is null on every line; DDM needs at least two labelled groups")
@@ -402,7 +464,24 @@ class ImageFolder(torch.utils.data.Dataset):
         index = {g: k for k, g in enumerate(self.group_names)}
         self.files = [r[1] for r in records]
         self.texts = [r[2] for r in records]
-        self.groups = [index.get(r[3], -1) for r in records]  # group index of every item; -1: no label (null)
+        self.groups = [index.get(g, -1) for g in raw]  # group index of every item; -1: no label (null)
+
+    def groups_of(self, meta, groups, attribute):
+        """Each image's group: the value itself, or with named attributes ({"colour": "red", "width": "thin"}) the
+        value of `attribute`, or "red+thin" for "colour+width" (their intersection); None where not labelled."""
+        self.attributes = sorted({a for g in groups if isinstance(g, dict) for a in g})
+        if not self.attributes:
+            if attribute is not None:
+                raise ValueError(f"--attribute {attribute}: the groups in {meta} name no attributes")
+            return groups
+        parts = (attribute or "").split("+")
+        unknown = [a for a in parts if a not in self.attributes]
+        if unknown:
+            raise ValueError(f"{meta}: the groups name the attributes {', '.join(self.attributes)}; "
+                             + (f"no image has the attribute {unknown[0]!r}" if attribute else "choose one")
+                             + " (--attribute NAME, or A+B for their intersections)")
+        values = [None if g is None or any(g.get(a) is None for a in parts) else [g[a] for a in parts] for g in groups]
+        return [v if v is None else v[0] if len(v) == 1 else "+".join(map(str, v)) for v in values]
 
     def __len__(self):
         return len(self.files)

@@ -13,6 +13,7 @@ Metrics: FD = ||u − p||₂, u uniform over the K groups and p the generated sh
 √((K−1)/K) all in one group. SPD = max_k s_k − min_k s_k over the success rates of prompting each group. The
 authors' own signal: the mean entropy of the indicator's softmax on generated images (log K: it cannot tell).
 """
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -247,6 +248,15 @@ def noise_aware(objective):
 def make_indicator(objective, latent_shape, num_groups, hidden):
     """The indicator a run with this objective trains: the authors' MLP, or its noise-aware form."""
     return Indicator(latent_shape, num_groups, hidden, TIMESTEP_DIM if noise_aware(objective) else 0)
+
+
+def indicator_metadata(indicator, group_names, attribute=None):
+    """What an indicator.safetensors file carries so that it reads unambiguously on its own: its input latent
+    shape, whether it reads (z_t, t), its widths, and its groups (of `attribute`, when they name one)."""
+    return {"ddm_indicator": "1", "latent_shape": json.dumps(list(indicator.latent_shape)),
+            "timestep_dim": str(indicator.timestep_dim), "groups": json.dumps([str(g) for g in group_names]),
+            "hidden": json.dumps([m.out_features for m in indicator.net if isinstance(m, nn.Linear)][:-1]),
+            "attribute": attribute or ""}
 
 
 def loss(b, indicator, hp):

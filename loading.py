@@ -7,7 +7,7 @@
 `size_multiple` reads and checks every config file of a model before any weight, so a broken one costs no loading.
 """
 import dataclasses
-import math
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,29 +153,33 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
 
 
 def load_indicator(path, latent_shape):
-    """(noise-aware indicator, group names) from a train.py run directory, or from an indicator.safetensors file
-    (then the groups are named 0..K-1 and the widths are read off the tensors)."""
-    path = Path(path)
+    """(noise-aware indicator, its group names, its attribute or None) from a train.py run directory or from an
+    indicator.safetensors file, which carries what it needs (ddm.indicator_metadata); ValueError naming the path
+    when it is no such indicator, reads eps_hat, or was trained on latents of another shape (another resolution)."""
+    path, where = Path(path), f"--indicator {path}"
     if path.is_dir():
         run = load_run(path)
-        indicator, names = run.indicator, [str(g) for g in run.group_names]
-        if indicator is None:
-            raise ValueError(f"--indicator {path}: this run trained no indicator (objective "
+        if run.indicator is None:
+            raise ValueError(f"{where}: this run trained no indicator (objective "
                              f"{run.info['config'].get('objective', 'ddm')}, w_ind {run.info['config']['w_ind']})")
+        indicator, names, attribute = run.indicator, [str(g) for g in run.group_names], run.info["config"].get(
+            "attribute")
     else:
-        sd = weights.read_state_dict(path)
-        linears = sorted((int(k.split(".")[1]), v) for k, v in sd.items() if k.endswith(".weight"))
-        if not linears or any(not k.startswith("net.") for k in sd):
-            raise ValueError(f"--indicator {path}: not an indicator.safetensors (tensors {sorted(sd)[:4]})")
-        widths = [w.shape[0] for _, w in linears]
-        time_dim = linears[0][1].shape[1] - math.prod(latent_shape)
-        indicator = Indicator(latent_shape, widths[-1], widths[:-1], max(time_dim, 0))
-        weights.load_strict(indicator, sd, f"indicator from {path}")
-        names = [str(k) for k in range(widths[-1])]
+        meta = weights.read_metadata(path)
+        if meta.get("ddm_indicator") != "1":
+            raise ValueError(f"{where}: not an indicator file written by train.py (no indicator metadata); give "
+                             f"the run directory it came from instead")
+        indicator = Indicator(json.loads(meta["latent_shape"]), len(json.loads(meta["groups"])),
+                              json.loads(meta["hidden"]), int(meta["timestep_dim"]))
+        weights.load_strict(indicator, weights.read_state_dict(path), f"indicator from {path}")
+        names, attribute = json.loads(meta["groups"]), meta["attribute"] or None
     if indicator.timestep_dim == 0:
-        raise ValueError(f"--indicator {path}: this indicator reads eps_hat, not (z_t, t); guidance needs a "
-                         "noise-aware one (train.py --objective plain-indicator or indicator-weighted)")
-    return indicator.float().eval(), names
+        raise ValueError(f"{where}: this indicator reads eps_hat, not (z_t, t); guidance needs a noise-aware one "
+                         "(train.py --objective plain-indicator or indicator-weighted)")
+    if indicator.latent_shape != tuple(latent_shape):
+        raise ValueError(f"{where}: trained on latents {indicator.latent_shape}, but these images have latents "
+                         f"{tuple(latent_shape)} (another resolution: sample at the one it was trained at)")
+    return indicator.float().eval(), names, attribute
 
 
 def read_init_config(path):

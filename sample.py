@@ -384,10 +384,14 @@ def indicator_guides(args, models, prompts, seeds):
         return [(p, []) for p in args.prompt_list], None
     specs, names = [], []
     for k, path in enumerate(args.indicator):
-        indicator, groups = load_indicator(path, latent_shape(models, args.height, args.width))
+        indicator, groups, attribute = load_indicator(path, latent_shape(models, args.height, args.width))
         spec = args.target[k if len(args.target) > 1 else 0] if args.target else "uniform"
+        if any(n["attribute"] == attribute for n in names):
+            raise ValueError(f"--indicator {path} guides the attribute {attribute or '(unnamed)'} that an earlier "
+                             f"--indicator guides already: give one indicator per attribute")
         specs.append((indicator.to(args.device), parse_target(spec, groups)))
-        names.append({"indicator": str(Path(path).resolve()), "groups": groups, "target": spec})
+        names.append({"indicator": str(Path(path).resolve()), "attribute": attribute, "groups": groups,
+                      "target": spec})
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                     height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
                     batch_size=args.batch_size)

@@ -91,7 +91,7 @@ class Trainer:
     def __init__(self, args, rank, world, device):
         self.args, self.rank, self.world, self.device = args, rank, world, device
         # ---- everything that can be wrong is checked before anything is written
-        self.data = data = ImageFolder(args.data, args.resolution)  # validates every metadata line and image
+        self.data = data = ImageFolder(args.data, args.resolution, attribute=args.attribute)  # every line and image
         self.target_shares = ddm.parse_target(args.target, data.group_names)
         checkpoints.check_export(args.export)  # not only after hours of training
         self.run_dir = run_dir = Path(args.resume or args.out)
@@ -213,7 +213,9 @@ class Trainer:
         if self.rank == 0:
             self.last_saved = checkpoints.save_checkpoint(
                 self.run_dir, self.step_count, tensors, self.optimizer, self.scaler,
-                {"elapsed": time.time() - self.t_start, "rank_fingerprints": fingerprints})
+                {"elapsed": time.time() - self.t_start, "rank_fingerprints": fingerprints},
+                {"indicator.safetensors": self.indicator and ddm.indicator_metadata(
+                    self.indicator, self.data.group_names, self.args.attribute)})
         _barrier(self.world)
 
     def validate(self):
@@ -284,6 +286,8 @@ def parse_args(argv=None):
         g.add_argument("--target", default="uniform", help="pi*, the group shares to aim for: uniform or "
                                                            "NAME=SHARE,... (balanced, indicator-weighted)"),
         g.add_argument("--weight-clip", type=float, default=10.0, help="importance-weight cap (indicator-weighted)"),
+        g.add_argument("--attribute", help="with groups named by attribute ({\"colour\": ..., \"width\": ...}): the "
+                                           "one this run's groups are, or A+B for their intersections"),
     ]
     p.set_defaults(objective_fields=[a.dest for a in objective], objective_defaults={a.dest: a.default for a in objective})
     g = p.add_argument_group("what is trained")

@@ -133,6 +133,20 @@ def read_state_dict(path, prefix="", dtype=None):
     return {k[len(prefix):]: cast(v) for k, v in obj.items() if k.startswith(prefix) and torch.is_tensor(v)}
 
 
+def read_metadata(path):
+    """The string metadata of a .safetensors file ({} for other formats); CheckpointError naming an unreadable one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # a truncated or foreign file: safetensors raises several types
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
 def find_component(path, *, subfolder, weight_names):
     """Where one model lives -> (weight file, its config.json or None): `path` itself if it is a file (a single-file
     checkpoint), else the first of `weight_names` in the diffusers folder's `subfolder`, or in `path` itself."""

@@ -112,3 +112,34 @@ def test_the_cli_checks_auto_guidance_and_records_what_it_chose(runs, tmp_path, 
     assert guidance["scale"] == "auto" and chosen["scales"] == chosen["calibration"][-1]["scales"]
     assert chosen["offsets"][0][0] is None and chosen["decide_step"] == 501  # blue (group 0): never a target
     assert not (tmp_path / "never").exists()
+
+
+def test_an_indicator_reads_unambiguously_or_is_refused_in_one_line_before_anything_is_written(runs, sd_dir,
+                                                                                                 data_dir, tmp_path):
+    """An indicator file carries its latent shape, timestep features, widths and groups; one from another
+    resolution, one that reads eps_hat, a file that is no indicator, or one without that record is refused."""
+    from safetensors.torch import load_file, save_file
+    import checkpoints
+    run = runs["noise-aware"]
+    exported = checkpoints.latest_checkpoint(run) / "indicator.safetensors"
+    ddm_run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "ddm"),
+                           "--lora-rank", "4", "--max-steps", "1", *FAST])
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(exported), old)  # the tensors alone, as files were written before the record
+    argv = ["--model", str(run), "--prompt", PROMPT, "--steps", "2", "--width", str(RES), "--device", "cpu",
+            "--indicator-guidance", "2", "--out", str(tmp_path / "out")]
+    for indicator, height, message in [
+            (run, 2 * RES, r"trained on latents \(4, 8, 8\), but these images have latents \(4, 16, 8\)"),
+            (exported, 2 * RES, r"trained on latents \(4, 8, 8\)"),
+            (checkpoints.latest_checkpoint(ddm_run) / "indicator.safetensors", RES, "reads eps_hat, not"),
+            (checkpoints.latest_checkpoint(run) / "unet_lora.safetensors", RES, "not an indicator file"),
+            (old, RES, "give the run directory it came from instead")]:
+        with pytest.raises(SystemExit, match=message) as e:
+            sample.main([*argv, "--height", str(height), "--indicator", str(indicator)])
+        assert "\n" not in str(e.value.code) and not (tmp_path / "out").exists(), indicator
+    # the exported file and its run guide alike
+    for name, indicator in (("file", exported), ("run", run)):
+        sample.main([*argv, "--height", str(RES), "--indicator", str(indicator), "--out", str(tmp_path / name)])
+    assert (tmp_path / "file" / "00000.png").read_bytes() == (tmp_path / "run" / "00000.png").read_bytes()
+    meta = json.loads((tmp_path / "file" / "samples.json").read_text())["indicator_guidance"]["indicators"][0]
+    assert meta["groups"] == ["blue", "red"] and meta["attribute"] is None
