@@ -17,6 +17,7 @@ Two judges, one interface (`class_names`, `__call__(images) -> logits`, `feature
 """
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -218,6 +219,40 @@ def get_digit_classifier(path=DEFAULT_CLASSIFIER_PATH, seed=0, progress=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Judges of attributes the prompt does not name: ink colour and stroke width of the shipped digits (ours)
+
+def white_ink(images):
+    """uint8 (N, H, W, 3) digits in any ink colour -> the same in white ink (each pixel's brightest channel)."""
+    x = np.asarray(images)
+    return np.repeat(x.max(-1, keepdims=True), 3, axis=-1)
+
+
+class AttributeJudge:
+    """Ink colour and stroke width of generated digits of one class, as an attribute classifier (the interface of
+    evaluate_images): colour by the exact pixel rule (more red than green ink: red), width by the ink mass
+    (data.ink_mass) against that digit's median among the real training digits, `threshold`; "colour+width"
+    judges their intersections. Features: the digit classifier's, of the images in white ink."""
+    VALUES = {"colour": sorted(data.COLOURS), "width": ["thick", "thin"]}
+
+    def __init__(self, attribute, digit_classifier, threshold):
+        self.parts, self.classifier, self.threshold = attribute.split("+"), digit_classifier, threshold
+        self.class_names = ["+".join(v) for v in itertools.product(*[self.VALUES[p] for p in self.parts])]
+        self.heldout_accuracy = None  # exact rules, checked in the tests and on held-out digits by reproduce.py
+
+    def names(self, images):
+        x = np.asarray(images, dtype=np.float64)
+        value = {"colour": np.where(x[..., 0].sum((1, 2)) > x[..., 1].sum((1, 2)), "red", "green"),
+                 "width": np.where(data.ink_mass(x) > self.threshold, "thick", "thin")}
+        return ["+".join(v) for v in zip(*[value[p] for p in self.parts])]
+
+    def __call__(self, images):
+        return torch.tensor([[0.0 if c == n else -30.0 for c in self.class_names] for n in self.names(images)])
+
+    def features(self, images):
+        return self.classifier.features(white_ink(images))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLIP zero-shot attribute classification, for real Stable Diffusion images
 
 class CLIPZeroShot:
@@ -330,6 +365,7 @@ def mixture_moments(features_by_group, weights):
     return mu, second - torch.outer(mu, mu)
 
 
+DIVERSITY_SUBSET, DIVERSITY_DRAWS = 40, 20  # images per set and group, and random draws averaged
 MIN_PER_GROUP_FRECHET = 10  # images of a group below which its own Frechet distance is not reported (None)
 
 
@@ -356,7 +392,7 @@ def check_request(class_names, groups, n, requested=None, indicator_logits=None)
 
 
 def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
-                    reference_features=None, batch_size=256):
+                    reference_features=None, batch_size=256, diversity_subset=DIVERSITY_SUBSET):
     """Group balance and quality of generated images -> dict of JSON-ready numbers (None where not computed).
 
     groups: the K groups to judge balance over, a subset of `classifier.class_names` (default all of them);
@@ -364,7 +400,8 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     for (conditional scenario) -> success rates and SPD; every group must be requested at least once.
     indicator_logits: (M, K) logits of the trained indicator on generated images -> mean entropy.
     reference_features: classifier features of real images -> Frechet distance; either (M, D), or a dict
-    {group: (M_g, D)} for every group, whose mixture is weighted by the generated (hard) proportions.
+    {group: (M_g, D)} for every group, whose mixture is weighted by the generated (hard) proportions; with the
+    dict also precision and recall, overall and per group (`diversity`, on subsets of `diversity_subset`).
     """
     class_names = list(classifier.class_names)
     groups = class_names if groups is None else list(groups)
@@ -401,7 +438,7 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         feats = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
         result.update(frechet_distances(feats, labels, p, groups, reference_features))
         if isinstance(reference_features, dict):
-            result.update(diversity(feats, labels, groups, reference_features))
+            result.update(diversity(feats, labels, groups, reference_features, m=diversity_subset))
     return result
 
 
@@ -433,7 +470,6 @@ def precision_recall(real, fake, k=3):
     return precision, recall
 
 
-DIVERSITY_SUBSET, DIVERSITY_DRAWS = 40, 20  # images per set and group, and random draws averaged
 
 
 def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, draws=DIVERSITY_DRAWS, seed=0):
@@ -443,7 +479,7 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
     gen = torch.Generator().manual_seed(seed)
 
     def mean_pr(real, fake):
-        if min(len(real), len(fake)) < m:
+        if min(len(real), len(fake)) < max(m, 4):  # and a 3rd nearest neighbour for each point
             return None, None
         pr = [precision_recall(real[torch.randperm(len(real), generator=gen)[:m]],
                                fake[torch.randperm(len(fake), generator=gen)[:m]]) for _ in range(draws)]

@@ -86,12 +86,16 @@ class Sizes:
     guidance: float = 1.0
     cfg_check: tuple = (3.0, 7.5)  # other CFG scales at which plain and the best method are measured too
     calibration: int = 200  # images per prompt that set trajectory-aware targets and the auto scale
+    attr_n: int = 150  # the attribute experiment: images per prompt, calibration images, subsets for recall
+    attr_calibration: int = 64
+    attr_diversity: int = 20
     grid_n: int = 32  # images per model in the grids
 
 
 FULL = Sizes()
 QUICK = Sizes(classifier_epochs=1, vae_steps=30, vae_batch=16, base_steps=30, base_batch=16, ft_steps=3, ft_batch=8,
-              n_generic=12, n_per_group=4, sample_steps=3, grid_n=8, calibration=4)
+              n_generic=12, n_per_group=4, sample_steps=3, grid_n=8, calibration=4, attr_n=6, attr_calibration=4,
+              attr_diversity=4)
 
 
 @dataclasses.dataclass
@@ -144,6 +148,37 @@ METHODS = [
 ]
 BY_NAME = {m.name: m for m in METHODS}
 
+# The attribute experiment (--experiment attributes): the prompt names the digit; ink colour and stroke width, which
+# no caption names, are biased within every digit: colour 9 : 1, width 8 : 2, independently (72 : 18 : 8 : 2).
+ATTR_DIGITS = (0, 1, 7)
+ATTR_COUNTS = {("red", "thick"): 144, ("red", "thin"): 36, ("green", "thick"): 16, ("green", "thin"): 4}
+ATTR_BALANCED = {k: 50 for k in ATTR_COUNTS}  # the base model's set: 200 per digit, every intersection alike
+INTERSECTIONS = sorted("+".join(k) for k in ATTR_COUNTS)
+ATTR_RUNS = {  # the train.py runs of each seed: plain fine-tunes (one UNet, bit for bit) beside indicators
+    f"{attribute}{suffix}": Method(f"{attribute}{suffix}", attribute, ("--objective", "plain-indicator", *NOISE_AWARE,
+                                                                       "--attribute", attribute), labelled=share)
+    for suffix, share in (("", 1.0), ("-10", 0.1), ("-1", 0.01)) for attribute in ("colour", "width", "colour+width")}
+ATTR_RUNS["ddm"] = Method("ddm", "colour", ("--objective", "ddm", "--w-ind", "0.05", "--w-rec", "0.95", "--attribute",
+                                            "colour"))
+
+
+@dataclasses.dataclass
+class AttrRow:
+    """One row of the attribute verdict: the run whose UNet samples, and the runs whose indicators guide it (auto
+    scale, trajectory-aware targets, equal shares of each attribute's groups)."""
+    name: str
+    label: str
+    unet: str = "colour"
+    guides: tuple = ()
+
+
+ATTR_ROWS = [AttrRow("plain", "plain fine-tune"), AttrRow("ddm", "DDM, the authors', on the colour", unet="ddm")] + [
+    AttrRow(f"{kind}{suffix}", f"guidance auto, {label}, {share} labels (ours)", guides=tuple(
+        f"{a}{suffix}" for a in attributes))
+    for suffix, share in (("", "all"), ("-10", "10%"), ("-1", "1%"))
+    for kind, label, attributes in (("per-attribute", "one indicator per attribute", ("colour", "width")),
+                                    ("joint", "one indicator of the intersections", ("colour+width",)))]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cached stages
@@ -183,17 +218,23 @@ def build_classifier(folder, sizes):
     return {"heldout_accuracy": acc}
 
 
-def train_vae(folder, sizes, seed=0, progress=True):
-    """The tiny VAE, on every train digit (all ten): MSE(decode(z), x) + kl · KL(q(z|x) || N(0, I)), z sampled.
-
-    Written as a diffusers vae/ folder (load_vae reads it) with scaling_factor = 1 / std of the posterior means,
-    measured on the train digits, so the UNet sees latents of unit variance as SD's 0.18215 intends.
-    """
+def digit_pixels(indices, coloured=False, seed=0):
+    """The shipped digits at `indices` as the folders hold them, float (N,3,32,32) in [-1,1]: white ink, or with
+    coloured=True each in an ink colour drawn at random (seeded) from data.COLOURS."""
     images, _ = data.load_digits()
+    colours = np.random.default_rng(seed).choice(sorted(data.COLOURS), len(indices)) if coloured else None
+    return torch.from_numpy(np.stack([np.asarray(data.attribute_digit(images[i], colours[k], RESOLUTION) if coloured
+                                                 else data.digit_image(images[i], RESOLUTION))
+                                      for k, i in enumerate(indices)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_vae(folder, sizes, seed=0, progress=True, coloured=False):
+    """The tiny VAE, on every train digit (all ten; in both ink colours with coloured=True): MSE(decode(z), x) +
+    kl · KL(q(z|x) || N(0, I)), z sampled. Written as a diffusers vae/ folder (load_vae reads it) with
+    scaling_factor = 1 / std of the posterior means on the train digits: latents of unit variance, as SD's 0.18215.
+    """
     train_idx, held_idx = data.split_digits(0)
-    to_pixels = lambda idx: torch.from_numpy(np.stack(  # noqa: E731  (N,3,32,32) in [-1,1]: the folders' images
-        [np.asarray(data.digit_image(images[i], RESOLUTION)) for i in idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    x, x_held = to_pixels(train_idx), to_pixels(held_idx)
+    x, x_held = digit_pixels(train_idx, coloured), digit_pixels(held_idx, coloured, seed=1)
     cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY["vae"].items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -237,6 +278,16 @@ def build_folder(folder, counts, seed, labelled=1.0):
     return {"path": str(folder / "images"), "counts": {str(k): v for k, v in counts.items()}, "labelled": labelled}
 
 
+def build_attribute_folder(folder, counts, seed, labelled=1.0):
+    """The attribute experiment's data: `counts` {(colour, width): n} of every digit of ATTR_DIGITS, captions that
+    name the digit and nothing else, labels on a `labelled` share (data.make_attribute_digits)."""
+    images, labels = data.load_digits()
+    train_idx, _ = data.split_digits(0)
+    data.make_attribute_digits(folder / "images", images, labels, {d: counts for d in ATTR_DIGITS}, group_prompt,
+                               indices=train_idx, resolution=RESOLUTION, seed=seed, labelled=labelled)
+    return {"path": str(folder / "images"), "labelled": labelled}
+
+
 def build_cluster_folder(folder, source, vae_path, k, seed):
     """A copy of the data folder `source` whose groups are k clusters of its latents (no labels: `data.py clusters`)."""
     _, sizes = data.make_cluster_folder(folder / "images", source, vae_path, k, resolution=RESOLUTION, seed=seed)
@@ -249,12 +300,12 @@ def common_train_args(batch, steps, lr, seed, progress):
             "--cache-latents", "--checkpoint-every", "0", *([] if progress else ["--no-progress"])]
 
 
-def train_base(folder, sizes, vae_path, data_path, progress=True):
+def train_base(folder, sizes, vae_path, data_path, progress=True, extra=()):
     """UNet + text encoder from random init through train.py's from-scratch path, plain denoising (w_ind = 0)."""
     config = folder / "init_config.json"
-    config.write_text(json.dumps({k: v for k, v in TINY.items() if k != "vae"}, indent=1))
+    weights.write_json(config, {k: v for k, v in TINY.items() if k != "vae"})
     run = train.train(["--init-config", str(config), "--vae", vae_path, "--data", data_path, "--out",
-                       str(folder / "run"), "--w-ind", "0", "--w-rec", "1",
+                       str(folder / "run"), "--w-ind", "0", "--w-rec", "1", *extra,
                        *common_train_args(sizes.base_batch, sizes.base_steps, sizes.base_lr, 0, progress)])
     return {"path": str(run), "final_loss": train_stats(run)}
 
@@ -490,6 +541,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="run directory (default runs/repro, or runs/repro-quick with --quick)")
     p.add_argument("--cache", type=Path, help="cached stages (classifier, VAE, data, base model); default OUT/cache")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the science")
+    p.add_argument("--experiment", choices=("digits", "attributes"), default="digits",
+                   help="digits: balance digit classes under a generic prompt (default); attributes: balance ink "
+                        "colour and stroke width, which the prompt (naming the digit) does not name")
     p.add_argument("--groups", default="7,8", help="the digits whose balance is judged, K >= 2 (default 7,8)")
     p.add_argument("--counts", default="360,40", help="fine-tuning images per group, in --groups order, at most "
                                                       f"{TRAIN_PER_DIGIT} each (default 360,40: 9 : 1)")
@@ -523,7 +577,7 @@ def parse_args(argv=None):
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
-    args.out = args.out or Path("runs/repro-quick" if args.quick else "runs/repro")
+    args.out = args.out or Path("runs/repro" + "-attributes" * (args.experiment == "attributes") + "-quick" * args.quick)
     args.cache = args.cache or args.out / "cache"
     return args
 
@@ -543,36 +597,51 @@ def claim_run_dir(out, overwrite):
 
 
 def prepare(args, sizes, timings):
-    """Stages 1-3, cached: the judge (classifier and its held-out reference features), the VAE, the base model."""
-    cache, groups = args.cache, args.groups
-    t0 = time.time()
+    """Stages 1-2, cached: the judge (the digit classifier), the VAE, the balanced data and the base model on it.
+    The attribute experiment's VAE also sees both ink colours, and its base every intersection alike."""
+    cache, attributes, t0 = args.cache, args.experiment == "attributes", time.time()
     s = {"epochs": sizes.classifier_epochs, "format": evaluate.CLASSIFIER_FORMAT}
     folder = stage_dir(cache, "classifier", s)
     cached(folder, s, lambda f: build_classifier(f, sizes), "digit classifier")
     classifier = evaluate.load_classifier(folder / "classifier.safetensors")
-    s = {"config": TINY["vae"], **{k: v for k, v in dataclasses.asdict(sizes).items() if k.startswith("vae")}}
-    vae_info = cached(stage_dir(cache, "vae", s), s, lambda f: train_vae(f, sizes, progress=args.progress), "VAE")
-    balanced = {g: TRAIN_PER_DIGIT for g in groups}
-    folder = cached(stage_dir(cache, "data-balanced", balanced), balanced,
-                    lambda f: build_folder(f, balanced, 0), "balanced groups")
+    s = {"config": TINY["vae"], **{k: v for k, v in dataclasses.asdict(sizes).items() if k.startswith("vae")},
+         **({"coloured": True} if attributes else {})}
+    vae_info = cached(stage_dir(cache, "vae", s), s, lambda f: train_vae(f, sizes, progress=args.progress,
+                                                                       coloured=attributes), "VAE")
+    if attributes:
+        balanced = {"attributes": {d: {"+".join(k): n for k, n in ATTR_BALANCED.items()} for d in ATTR_DIGITS}}
+        build = lambda f: build_attribute_folder(f, ATTR_BALANCED, 0)  # noqa: E731
+    else:
+        balanced = {g: TRAIN_PER_DIGIT for g in args.groups}
+        build = lambda f: build_folder(f, balanced, 0)  # noqa: E731
+    folder = cached(stage_dir(cache, "data-balanced", balanced), balanced, build, "balanced groups")
     s = {"vae": s, "tiny": TINY, "data": balanced, "caption_dropout": CAPTION_DROPOUT,
          **{k: v for k, v in dataclasses.asdict(sizes).items() if k.startswith("base")}}
-    base = cached(stage_dir(cache, "base", s), s,
-                  lambda f: train_base(f, sizes, vae_info["path"], folder["path"], args.progress), "base model")
-    # held-out real digits per group, so evaluate.py weighs them by each model's own shares: bias is not bad quality
-    reference, labels = evaluate.heldout_digits(*classifier.split, RESOLUTION, groups)
-    reference_features = {g: classifier.features(reference[labels == g]) for g in groups}
+    base = cached(stage_dir(cache, "base", s), s, lambda f: train_base(
+        f, sizes, vae_info["path"], folder["path"], args.progress, ["--attribute", "colour"] * attributes),
+        "base model")
     timings["stages"] = time.time() - t0
-    return (classifier, reference_features), vae_info, base
+    return classifier, vae_info, base
+
+
+def digit_judge(classifier, groups):
+    """The digit experiment's judge: the classifier and held-out real digits' features per group, so evaluate.py
+    weighs them by each model's own shares (bias alone is not bad quality)."""
+    reference, labels = evaluate.heldout_digits(*classifier.split, RESOLUTION, groups)
+    return classifier, {g: classifier.features(reference[labels == g]) for g in groups}
 
 
 def fine_tune(args, sizes, method, seed, base, vae):
     """One train.py run of a method on the biased set (cached data folder): its run directory. A label-free method
     reads a copy whose groups are clusters of the images' latents under the VAE (one clustering per seed)."""
-    s = {"counts": args.counts, "labelled": method.labelled}
-    biased = cached(stage_dir(args.cache, "data-biased", s), s,
-                    lambda f: build_folder(f, args.counts, 1, method.labelled),
-                    f"biased set, {method.labelled:.0%} labelled")
+    if args.experiment == "attributes":
+        s = {"attributes": {d: {"+".join(k): n for k, n in ATTR_COUNTS.items()} for d in ATTR_DIGITS},
+             "labelled": method.labelled}
+        build = lambda f: build_attribute_folder(f, ATTR_COUNTS, 1, method.labelled)  # noqa: E731
+    else:
+        s = {"counts": args.counts, "labelled": method.labelled}
+        build = lambda f: build_folder(f, args.counts, 1, method.labelled)  # noqa: E731
+    biased = cached(stage_dir(args.cache, "data-biased", s), s, build, f"biased set, {method.labelled:.0%} labelled")
     if method.clusters:
         k = method.clusters * len(args.groups)
         s = {"data": s, "vae": vae, "k": k, "seed": seed}
@@ -646,7 +715,8 @@ def run(args):
     claim_run_dir(out, args.overwrite)
     torch.set_num_threads(args.threads)
     timings = {"finetune": 0.0, "evaluate": 0.0}
-    judge, vae_info, base = prepare(args, sizes, timings)
+    classifier, vae_info, base = prepare(args, sizes, timings)
+    judge = digit_judge(classifier, groups)
 
     def evaluated(models, indicator, method, **kw):
         t0 = time.time()
@@ -738,10 +808,197 @@ Wall time: {report['timings_s']} s on {report['threads']} thread(s).
 """
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The attribute experiment: debias what the prompt does not name
+
+
+def attribute_judges(classifier, vae_path):
+    """The judges of the attribute experiment, and how far they can be trusted -> (judges, their check). Per digit:
+    the width threshold (the median ink mass of its real training digits) and the classifier's features of its
+    held-out real digits, all and by width. The check: the colour rule on held-out digits in both colours; the
+    width rule against each held-out digit's own-median split; both after a round trip through the VAE."""
+    images, labels = data.load_digits()
+    train_idx, held_idx = data.split_digits(0)
+    thresholds = data.width_thresholds(images, labels, train_idx, RESOLUTION)
+    vae, judges, check = load_vae(vae_path), {}, {}
+    for d in ATTR_DIGITS:
+        held = held_idx[labels[held_idx] == d]
+        white = np.stack([np.asarray(data.digit_image(images[i], RESOLUTION)) for i in held])
+        thick = data.ink_mass(white) > thresholds[d]
+        feats = classifier.features(white)
+        judges[d] = (thresholds[d], {"all": feats, "thick": feats[torch.from_numpy(thick)],
+                                     "thin": feats[torch.from_numpy(~thick)]})
+        both = evaluate.AttributeJudge("colour+width", classifier, thresholds[d])
+        for colour in sorted(data.COLOURS):
+            x = np.stack([np.asarray(data.attribute_digit(images[i], colour, RESOLUTION)) for i in held])
+            with torch.no_grad():
+                back = vae.decode(vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1).mean)
+            truth = [f"{colour}+{'thick' if t else 'thin'}" for t in thick]
+            check[f"{d} {colour}"] = {
+                "rule": float(np.mean(np.array(both.names(x)) == truth)),
+                "after_vae": float(np.mean(np.array(both.names(sample.to_uint8(back))) == truth))}
+        own = data.ink_mass(white) > np.median(data.ink_mass(white))
+        check[f"{d} width vs held-out own median"] = float(np.mean(own == thick))
+    return judges, check
+
+
+def judge_attributes(images, digit, classifier, judges, sizes):
+    """One prompt's images judged: FD, shares, Frechet, precision and recall of the colour, the width and their
+    intersections (each group against held-out digits of its width), and the share read as the prompted digit."""
+    threshold, ref = judges[digit]
+    out = {"content": (evaluate.classify(classifier, evaluate.white_ink(images)).argmax(1) == digit).double().mean()
+           .item()}
+    for attribute, groups in (("colour", sorted(data.COLOURS)), ("width", ["thick", "thin"]),
+                              ("colour+width", INTERSECTIONS)):
+        r = evaluate.evaluate_images(images.numpy(), evaluate.AttributeJudge(attribute, classifier, threshold), groups,
+                                     reference_features={g: ref[g.split("+")[-1] if "width" in attribute else "all"]
+                                                         for g in groups}, diversity_subset=sizes.attr_diversity)
+        out[attribute] = {k: r[k] for k in ("fd", "proportions", "frechet_distance", "precision_per_group",
+                                            "recall_per_group")}
+    return out
+
+
+def evaluate_attribute_row(models, indicators, classifier, judges, sizes, progress):
+    """One model, each prompt (a digit) sampled from the same seeds in every model, guided when it has indicators
+    -> the per-prompt numbers, and their mean over prompts and worst prompt; the first prompt's images."""
+    per_prompt, grid, chosen = {}, None, {}
+    settings = dict(steps=sizes.sample_steps, guidance=sizes.guidance, height=RESOLUTION, width=RESOLUTION,
+                    batch_size=100)
+    for k, d in enumerate(ATTR_DIGITS):
+        prompt, seeds = group_prompt(d), list(range(20_000 + k * sizes.attr_n, 20_000 + (k + 1) * sizes.attr_n))
+        guides = []
+        if indicators:
+            specs = [(ind, torch.full((ind.num_groups,), 1 / ind.num_groups)) for ind in indicators]
+            guides, chosen[prompt] = sample.guides_for(models, prompt, seeds, specs, "auto", cal_seed=1,
+                                                       calibration=sizes.attr_calibration, **settings)
+        images = sample.generate(models, [prompt] * len(seeds), seeds, guides=guides, progress=progress, **settings)
+        per_prompt[str(d)] = judge_attributes(images, d, classifier, judges, sizes)
+        grid = images if grid is None else grid
+    return attribute_summary(per_prompt, chosen), grid
+
+
+def attribute_summary(per_prompt, chosen=None):
+    """The numbers of one model over its prompts: means, the worst prompt's intersectional FD, recall per group."""
+    prompts = list(per_prompt.values())
+    row = {"per_prompt": per_prompt, "guidance_chosen": chosen or None,
+           "fd_joint_worst_prompt": max(p["colour+width"]["fd"] for p in prompts)}
+    for key, attribute in (("fd_colour", "colour"), ("fd_width", "width"), ("fd_joint", "colour+width")):
+        row[key] = float(np.mean([p[attribute]["fd"] for p in prompts]))
+    row["content"] = float(np.mean([p["content"] for p in prompts]))
+    row["frechet"] = float(np.mean([p["colour+width"]["frechet_distance"] for p in prompts]))
+    for attribute, groups in (("colour", sorted(data.COLOURS)), ("width", ["thick", "thin"])):
+        for g in groups:
+            for key in ("recall", "precision"):
+                values = [p[attribute][f"{key}_per_group"][g] for p in prompts]
+                row[f"{key}_{g}"] = None if None in values else float(np.mean(values))
+    return row
+
+
+ATTR_KEYS = ("fd_colour", "fd_width", "fd_joint", "fd_joint_worst_prompt", "content", "frechet") + tuple(
+    f"{k}_{g}" for k in ("recall", "precision") for g in ("green", "red", "thick", "thin"))
+
+
+def summarize_attributes(rows):
+    """Per row: mean ± std over seeds, the worst seed's intersectional FD, and the bar against plain: intersectional
+    FD <= 0.10 over prompts and <= 0.15 at the worst prompt, content accuracy >= plain's - 1 point, Frechet <= plain
+    + 10%, every group's recall >= 0.9 x plain's; and whether FD <= 0.15 (the bar with 10% of the labels)."""
+    out = []
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == name]
+        s = {"method": name, "label": mine[0]["label"], "fd_joint_worst_seed": max(r["fd_joint"] for r in mine)}
+        for k in ATTR_KEYS:
+            s[k], s[k + "_std"] = mean_std([r[k] for r in mine])
+        out.append(s)
+    plain = next(s for s in out if s["method"] == "plain")
+    for s in out:
+        recall = all(s[f"recall_{g}"] is not None and s[f"recall_{g}"] >= 0.9 * plain[f"recall_{g}"]
+                     for g in ("green", "red", "thick", "thin") if plain[f"recall_{g}"] is not None)
+        s["meets_goal"] = None if s["method"] == "plain" else bool(
+            s["fd_joint"] <= 0.10 and s["fd_joint_worst_prompt"] <= 0.15 and s["content"] >= plain["content"] - 0.01
+            and s["frechet"] <= 1.1 * plain["frechet"] and recall)
+        s["fd_joint_at_most_0.15"] = s["fd_joint"] <= 0.15
+    return out
+
+
+def attribute_table(summary):
+    head = (["method", "FD colour", "FD width", "FD intersections", "worst prompt", "worst seed", "content acc.",
+             "Frechet"] + [f"recall {g}" for g in ("green", "red", "thick", "thin")] + ["meets the bar"])
+    return _table(head, [[s["label"]] + [_pm(s, k) for k in ("fd_colour", "fd_width")] + [
+        f"**{_pm(s, 'fd_joint')}**", _pm(s, "fd_joint_worst_prompt"), _f(s["fd_joint_worst_seed"]),
+        _pm(s, "content"), _pm(s, "frechet", ".1f")] + [_pm(s, f"recall_{g}", ".2f")
+                                                         for g in ("green", "red", "thick", "thin")]
+        + [{None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]] for s in summary])
+
+
+def run_attributes(args):
+    """--experiment attributes: the stages of `run` on the attribute data, one table over the ATTR_ROWS."""
+    t_start, sizes, out = time.time(), QUICK if args.quick else FULL, args.out
+    claim_run_dir(out, args.overwrite)
+    torch.set_num_threads(args.threads)
+    timings = {"finetune": 0.0, "evaluate": 0.0}
+    classifier, vae_info, base = prepare(args, sizes, timings)
+    judges, check = attribute_judges(classifier, vae_info["path"])
+    rows, grids = [], {}
+    for seed in range(args.seeds):
+        t0 = time.time()
+        runs = {name: fine_tune(args, sizes, m, seed, base, vae_info) for name, m in ATTR_RUNS.items()}
+        timings["finetune"] += time.time() - t0
+        t0 = time.time()
+        for r in ATTR_ROWS:
+            trained = load_run(runs[r.unet])
+            indicators = [load_run(runs[g]).indicator if g != r.unet else trained.indicator for g in r.guides]
+            row, images = evaluate_attribute_row(trained.models, indicators, classifier, judges, sizes,
+                                                 args.progress)
+            rows.append({"method": r.name, "label": r.label, "seed": seed, "unet": str(runs[r.unet]),
+                         "unet_as_plain": same_unet(runs[r.unet], runs["colour"]), **row})
+            grids.setdefault(r.name, images[:sizes.grid_n])
+        timings["evaluate"] += time.time() - t0
+    summary = summarize_attributes(rows)
+    grid = save_grid(list(grids.items()), out / "grids" / f"attributes_{WORDS[ATTR_DIGITS[0]]}_seed0.png")
+    timings.update(total=time.time() - t_start, cpu=time.process_time())
+    report = {"experiment": "attributes", "mode": "quick" if args.quick else "full", "digits": ATTR_DIGITS,
+              "counts_per_digit": {"+".join(k): n for k, n in ATTR_COUNTS.items()}, "sizes": dataclasses.asdict(sizes),
+              "judge_check": check, "vae": vae_info, "base": base, "rows": rows, "summary": summary,
+              "grids": [str(grid.relative_to(out))], "timings_s": {k: round(v, 1) for k, v in timings.items()},
+              "seeds": args.seeds, "threads": args.threads}
+    weights.write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    weights.write_atomic(out / "report.md", attribute_markdown(report))
+    print(attribute_table(summary))
+    print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
+          f"report: {out / 'report.md'}")
+    return report
+
+
+def attribute_markdown(report):
+    sizes = report["sizes"]
+    return f"""# Debias what the prompt does not name: digits {list(report['digits'])} ({report['mode']} run)
+
+The prompt names the digit ("{group_prompt(report['digits'][0])}"); ink colour and stroke width, which no caption
+names, are biased within every digit (per digit: {report['counts_per_digit']}). Per prompt, {sizes['attr_n']} images:
+FD of the colour, of the width and of the four intersections (the mean over prompts, and the worst prompt); content
+accuracy: the share the digit classifier reads as the prompted digit; Frechet distance to held-out real digits of
+the prompt's class, mixed by the generated intersections' shares; recall per group on equal-size subsets of
+{sizes['attr_diversity']}. Guided rows: trajectory-aware targets, the scale chosen per prompt by the indicators
+alone on {sizes['attr_calibration']} calibration images. {report['seeds']} seeds; std is the sample std.
+
+## Verdict (mean ± std over seeds)
+
+{attribute_table(report['summary'])}
+
+## How far the judges can be trusted
+
+{json.dumps(report['judge_check'], indent=1)}
+
+Grids (the first prompt, the same noise seeds in every panel): {', '.join(report['grids'])}
+
+Wall time: {report['timings_s']} s on {report['threads']} thread(s).
+"""
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return run(args)
+        return run_attributes(args) if args.experiment == "attributes" else run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"reproduce.py: error: {e}")
 

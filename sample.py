@@ -214,7 +214,8 @@ def build_parser():
                    help="guidance scale (0: off), or auto: chosen per prompt on a calibration batch, by the "
                         "indicators alone")
     g.add_argument("--target", action="append", default=[], help="the group shares to aim for, per --indicator in "
-                   "order (one value: all of them): uniform (the default) or NAME=SHARE,...")
+                   "order (one value: all of them) or by attribute (ATTRIBUTE:SPEC): uniform (the default) or "
+                   "NAME=SHARE,...")
     g.add_argument("--decide-at", type=decide_at_arg, default=DECIDE_AT, metavar="T|none",
                    help=f"trajectory-aware targets, decided at the first step with t <= T from each image's own "
                         f"posterior (default {DECIDE_AT}); none: drawn from the shares for each image at the start")
@@ -377,15 +378,29 @@ def record_of(args, argv, models, prompts, seeds, started):
     }
 
 
+def target_specs(targets, attributes):
+    """Each indicator's --target: given in order (one for all), or by attribute as ATTRIBUTE:SPEC; "uniform" for an
+    indicator none names. ValueError for an attribute no indicator guides."""
+    named = {t.partition(":")[0]: t.partition(":")[2] for t in targets if "=" not in t.partition(":")[0] and ":" in t}
+    if not named:
+        return [targets[k if len(targets) > 1 else 0] if targets else "uniform" for k in range(len(attributes))]
+    unknown = [a for a in named if a not in attributes]
+    if unknown or len(named) != len(targets):
+        raise ValueError(f"--target {unknown[0] if unknown else targets[0]}: name one of the attributes the "
+                         f"indicators guide ({', '.join(str(a) for a in attributes)}) in every ATTRIBUTE:SPEC")
+    return [named.get(a, "uniform") for a in attributes]
+
+
 def indicator_guides(args, models, prompts, seeds):
     """The indicator guidance of every prompt (ours): [(prompt, its images' guides)] and what samples.json records
     of it; none when no indicator guides (a scale of 0 applies nothing, and nothing is recorded)."""
     if not args.indicator_guidance:
         return [(p, []) for p in args.prompt_list], None
     specs, names = [], []
-    for k, path in enumerate(args.indicator):
-        indicator, groups, attribute = load_indicator(path, latent_shape(models, args.height, args.width))
-        spec = args.target[k if len(args.target) > 1 else 0] if args.target else "uniform"
+    loaded = [(path, *load_indicator(path, latent_shape(models, args.height, args.width))) for path in args.indicator]
+    targets = target_specs(args.target, [attribute for *_, attribute in loaded])
+    for k, (path, indicator, groups, attribute) in enumerate(loaded):
+        spec = targets[k]
         if any(n["attribute"] == attribute for n in names):
             raise ValueError(f"--indicator {path} guides the attribute {attribute or '(unnamed)'} that an earlier "
                              f"--indicator guides already: give one indicator per attribute")
