@@ -374,7 +374,7 @@ def check_request(class_names, groups, n, requested=None, indicator_logits=None)
     indicator logits against each other."""
     unknown = [g for g in groups if g not in class_names]
     if unknown:
-        raise ValueError(f"group {unknown[0]!r} is not a class of the classifier, whose K={len(class_names)} classes "
+        raise ValueError(f"group {unknown[0]!r} is not a class of the classifier whose K={len(class_names)} classes "
                          f"are {class_names}")
     if len(set(groups)) != len(groups) or len(groups) < 2 or n == 0:
         raise ValueError(f"groups must be at least two distinct classes, got {groups}, and there must be images: "
@@ -537,7 +537,7 @@ def _parse_group(value):
         return value
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Group balance (FD, SPD, indicator entropy) and quality of folders of generated images, judged "
                     "by the built-in digit classifier or, with --clip, by CLIP zero-shot classification among "
@@ -560,9 +560,10 @@ def main(argv=None):
     g.add_argument("--clip", type=Path, metavar="CLIP_DIR",
                    help="a transformers CLIP folder, e.g. openai/clip-vit-large-patch14 (config.json, "
                         "model.safetensors or pytorch_model.bin, tokenizer files)")
-    g.add_argument("--attributes", nargs="+", metavar="TEXT",
-                   help='the K groups as texts, e.g. "a photo of a man" "a photo of a woman"; each image goes to '
-                        "the one CLIP finds most similar")
+    g.add_argument("--attributes", nargs="+", action="append", metavar="TEXT",
+                   help='the K groups of one attribute as texts, e.g. "a photo of a man" "a photo of a woman"; each '
+                        "image goes to the one CLIP finds most similar. Repeat it for several attributes (their "
+                        "intersections are judged too; --prompt-groups and SPD refer to the first)")
     g.add_argument("--reference", type=Path, metavar="REAL_DIR",
                    help="real images -> Frechet distance in CLIP image-feature space (thousands for a stable one)")
     g.add_argument("--prompt", help="for folders without sample.py's samples.json: their prompt, for the CLIP "
@@ -570,100 +571,109 @@ def main(argv=None):
     g.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where CLIP runs (default: cuda if available, else cpu)")
     g.add_argument("--batch-size", type=int, default=32, help="images per CLIP forward pass")
+    return parser
+
+
+def parse_args(argv=None):
+    """Every flag checked before anything is read or written; one line naming the flag otherwise (exit 2)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.clip is not None:
-        return main_clip(args, parser)
-    for name in ("attributes", "reference", "prompt"):
-        if getattr(args, name) is not None:
-            parser.error(f"--{name} is for the CLIP classifier: give --clip CLIP_DIR too")
+    if args.clip is None:
+        for name in ("attributes", "reference", "prompt"):
+            if getattr(args, name) is not None:
+                parser.error(f"--{name} is for the CLIP classifier: give --clip CLIP_DIR too")
+    elif not args.attributes or any(len(a) < 2 for a in args.attributes):
+        parser.error('--clip needs --attributes with at least two texts, e.g. --attributes "a photo of a man" '
+                     '"a photo of a woman"')
+    elif args.groups is not None:
+        parser.error("--groups picks digit classes; with --clip the groups are the --attributes")
+    why = cli.range_error(args, {"batch_size": (1, None)})
+    if why:
+        parser.error(why)
+    if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
+        sys.exit(f"evaluate.py: error: --prompt-groups names {len(args.prompt_groups)} groups for "
+                 f"{len(args.image_dirs)} image folders; give one per folder")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
-            raise ValueError(f"--prompt-groups names {len(args.prompt_groups)} groups for "
-                             f"{len(args.image_dirs)} image folders; give one per folder")
-        batches, requested = [], []
-        for k, d in enumerate(args.image_dirs):
-            images, _ = read_images(d)
-            if batches and images.shape[1:] != batches[0].shape[1:]:
-                raise ValueError(f"{d} holds {images.shape[2]}x{images.shape[1]} images but {args.image_dirs[0]} "
-                                 f"holds {batches[0].shape[2]}x{batches[0].shape[1]}")
-            batches.append(images)
-            if args.prompt_groups is not None:
-                requested += [args.prompt_groups[k]] * len(images)
-        images = np.concatenate(batches)
-        if args.classifier == DEFAULT_CLASSIFIER_PATH:
-            classifier = get_digit_classifier(args.classifier)
-        else:
-            classifier = load_classifier(args.classifier)
-        groups = args.groups or list(classifier.class_names)
-        for g in groups:  # checked here too so the message comes before the reference set is built
-            if g not in classifier.class_names:
-                raise ValueError(f"group {g!r} is not a class of the classifier {args.classifier}, whose "
-                                 f"K={len(classifier.class_names)} classes are {classifier.class_names}")
-        indicator_logits = None
-        if args.indicator_logits is not None:
-            indicator_logits = _read_logits(args.indicator_logits)
-        split_seed, per_class = getattr(classifier, "split", (0, 100))
-        reference, reference_labels = heldout_digits(split_seed, per_class, images.shape[1], groups)
-        reference_features = classifier.features(reference)
-        reference_features = {g: reference_features[torch.from_numpy(reference_labels == g)] for g in groups}
-        result = evaluate_images(images, classifier, groups, requested=requested or None,
-                                 indicator_logits=indicator_logits,
-                                 reference_features=reference_features)
-    except (ValueError, FileNotFoundError) as e:
+        result = evaluate_clip(args) if args.clip is not None else evaluate_digits(args)
+    except (ValueError, FileNotFoundError) as e:  # ValueError covers weights.CheckpointError
         raise SystemExit(f"evaluate.py: error: {e}")
     result["image_dirs"] = [str(d) for d in args.image_dirs]
-    return write_result(result, args)
-
-
-def write_result(result, args):
-    """evaluation.json (in the first folder unless --out) and the summary printed."""
     out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
-    weights.write_atomic(out, json.dumps(result, indent=2) + "\n")
+    try:
+        weights.write_atomic(out, json.dumps(result, indent=2) + "\n")
+    except OSError as e:
+        raise SystemExit(f"evaluate.py: error: --out: {e}")
     print(format_result(result))
     print(f"wrote {out}")
     return result
 
 
-def main_clip(args, parser):
-    """The CLI with --clip: CLIP zero-shot groups, CLIP-feature Frechet distance, CLIP score (see main)."""
-    if not args.attributes or len(args.attributes) < 2:
-        parser.error('--clip needs --attributes with at least two texts, e.g. --attributes "a photo of a man" '
-                     '"a photo of a woman"')
-    if args.groups is not None:
-        parser.error("--groups picks digit classes; with --clip the groups are the --attributes")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    attributes = list(args.attributes)
-    try:
-        if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
-            raise ValueError(f"--prompt-groups names {len(args.prompt_groups)} groups for "
-                             f"{len(args.image_dirs)} image folders; give one per folder")
-        asked = [_attribute(g, attributes) for g in args.prompt_groups or []]
-        paths, prompts, requested = [], [], []
-        for k, d in enumerate(args.image_dirs):
-            files = image_files(d)
-            paths += files
-            prompts += sample_prompts(d, files, args.prompt)
-            requested += [asked[k]] * len(files) if asked else []
-        reference = None if args.reference is None else image_files(args.reference)
-        indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
-        model = clip_image.load_clip(args.clip).to(args.device)
-        tokenizer = clip_image.load_clip_tokenizer(args.clip)
-        classifier = CLIPZeroShot(model, tokenizer, attributes)
-        embeds = clip_image_embeddings(model, paths, args.batch_size)
-        reference_features = None if reference is None else clip_image_embeddings(model, reference, args.batch_size)
-        result = evaluate_images(embeds, classifier, attributes, requested=requested or None,
-                                 indicator_logits=indicator_logits, reference_features=reference_features)
-        scores = clip_scores(model, tokenizer, embeds, prompts)
-    except (ValueError, FileNotFoundError) as e:  # ValueError covers weights.CheckpointError
-        raise SystemExit(f"evaluate.py: error: {e}")
-    probs = classify(classifier, embeds).softmax(1)
+def evaluate_digits(args):
+    """The CLI with the digit classifier: every folder read and checked, then judged against held-out digits."""
+    batches, requested = [], []
+    for k, d in enumerate(args.image_dirs):
+        images, _ = read_images(d)
+        if batches and images.shape[1:] != batches[0].shape[1:]:
+            raise ValueError(f"{d} holds {images.shape[2]}x{images.shape[1]} images but {args.image_dirs[0]} "
+                             f"holds {batches[0].shape[2]}x{batches[0].shape[1]}")
+        batches.append(images)
+        requested += [args.prompt_groups[k]] * len(images) if args.prompt_groups else []
+    images = np.concatenate(batches)
+    classifier = (get_digit_classifier(args.classifier) if args.classifier == DEFAULT_CLASSIFIER_PATH
+                  else load_classifier(args.classifier))
+    groups = args.groups or list(classifier.class_names)
+    indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
+    check_request(classifier.class_names, groups, len(images), requested or None, indicator_logits)
+    split_seed, per_class = getattr(classifier, "split", (0, 100))
+    reference, reference_labels = heldout_digits(split_seed, per_class, images.shape[1], groups)
+    reference_features = classifier.features(reference)
+    reference_features = {g: reference_features[torch.from_numpy(reference_labels == g)] for g in groups}
+    return evaluate_images(images, classifier, groups, requested=requested or None,
+                           indicator_logits=indicator_logits, reference_features=reference_features)
+
+
+def evaluate_clip(args):
+    """The CLI with --clip: CLIP zero-shot groups of each --attributes list and of their intersections,
+    CLIP-feature Frechet distance, CLIP score."""
+    lists = [list(a) for a in args.attributes]
+    asked = [_attribute(g, lists[0]) for g in args.prompt_groups or []]
+    paths, prompts, requested = [], [], []
+    for k, d in enumerate(args.image_dirs):
+        files = image_files(d)
+        paths += files
+        prompts += sample_prompts(d, files, args.prompt)
+        requested += [asked[k]] * len(files) if asked else []
+    reference = None if args.reference is None else image_files(args.reference)
+    indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
+    model = clip_image.load_clip(args.clip).to(args.device)
+    tokenizer = clip_image.load_clip_tokenizer(args.clip)
+    judges = [CLIPZeroShot(model, tokenizer, texts) for texts in lists]
+    embeds = clip_image_embeddings(model, paths, args.batch_size)
+    reference_features = None if reference is None else clip_image_embeddings(model, reference, args.batch_size)
+    result = evaluate_images(embeds, judges[0], lists[0], requested=requested or None,
+                             indicator_logits=indicator_logits, reference_features=reference_features)
+    scores = clip_scores(model, tokenizer, embeds, prompts)
+    probs = [classify(j, embeds).softmax(1) for j in judges]
     result.update(classifier="clip", clip=str(args.clip), clip_score=scores.mean().item(),
-                  reference=None if reference is None else str(args.reference), n_reference=len(reference or ()),
-                  image_dirs=[str(d) for d in args.image_dirs])
-    result["images"] = [{"file": str(p), "prompt": t, "label": attributes[int(q.argmax())], "probs": q.tolist(),
-                         "clip_score": c} for p, t, q, c in zip(paths, prompts, probs, scores.tolist())]
-    return write_result(result, args)
+                  reference=None if reference is None else str(args.reference), n_reference=len(reference or ()))
+    if len(lists) > 1:
+        result["attributes"] = [{"groups": texts, "proportions": group_proportions(p.argmax(1), len(texts)).tolist(),
+                                 "fd": fairness_discrepancy(group_proportions(p.argmax(1), len(texts)))}
+                                for texts, p in zip(lists, probs)]
+        joint = [" & ".join(c) for c in itertools.product(*lists)]
+        index = sum(p.argmax(1) * math.prod(len(t) for t in lists[k + 1:]) for k, p in enumerate(probs))
+        share = group_proportions(index, len(joint))
+        result["intersections"] = {"groups": joint, "proportions": share.tolist(), "fd": fairness_discrepancy(share)}
+    result["images"] = [{"file": str(p), "prompt": t, "label": lists[0][int(q.argmax())], "probs": q.tolist(),
+                         "clip_score": c, **({"labels": [texts[int(pk[i].argmax())] for texts, pk in
+                                                         zip(lists, probs)]} if len(lists) > 1 else {})}
+                        for i, (p, t, q, c) in enumerate(zip(paths, prompts, probs[0], scores.tolist()))]
+    return result
 
 
 def _attribute(group, attributes):

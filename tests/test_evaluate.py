@@ -311,6 +311,25 @@ def test_clip_cli_equals_transformers_zero_shot_on_sample_folders(tiny_clip, hel
     assert "CLIP zero-shot" in out and "CLIP score" in out and "SPD" in out and "evaluation.json" in out
 
 
+def test_clip_cli_judges_several_attributes_and_their_intersections(tiny_clip, heldout, tmp_path):
+    folder = tiny_clip[0]
+    images, _ = heldout
+    d = _write_sample_folder(tmp_path / "doctors", images[:10], ["a photo of a doctor"] * 10)
+    ages = ["a photo of a young person", "a photo of an old person"]
+    r = evaluate.main([str(d), "--clip", str(folder), "--attributes", *ATTRIBUTES, "--attributes", *ages,
+                       "--device", "cpu"])
+    paths = sorted(d.glob("0*.png"))
+    gender, age = (_oracle(tiny_clip, paths, texts)[0].argmax(1) for texts in (ATTRIBUTES, ages))
+    assert r["groups"] == ATTRIBUTES and r["fd"] == pytest.approx(fairness_discrepancy(group_proportions(gender, 2)))
+    assert [a["groups"] for a in r["attributes"]] == [ATTRIBUTES, ages]
+    assert r["attributes"][1]["proportions"] == pytest.approx(group_proportions(age, 2).tolist())
+    joint = group_proportions(gender * 2 + age, 4)
+    assert r["intersections"]["groups"][1] == "a photo of a man & a photo of an old person"
+    assert r["intersections"]["proportions"] == pytest.approx(joint.tolist())
+    assert r["intersections"]["fd"] == pytest.approx(fairness_discrepancy(joint))
+    assert [im["labels"] for im in r["images"]] == [[ATTRIBUTES[g], ages[a]] for g, a in zip(gender, age)]
+
+
 def test_clip_cli_bad_inputs_give_clear_messages(tiny_clip, heldout, tmp_path, capsys):
     folder = str(tiny_clip[0])
     images, _ = heldout

@@ -143,3 +143,22 @@ def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 1} and len(calls) == 1
     (folder / "done.json").unlink()  # as if killed before finishing
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 2}
+
+
+def test_the_attribute_experiment_runs_end_to_end(tmp_path, cache):
+    report = quick(["--experiment", "attributes", "--out", str(tmp_path / "attr"), "--cache", str(cache),
+                    "--seeds", "1"])
+    names = [r.name for r in reproduce.ATTR_ROWS]
+    assert [r["method"] for r in report["rows"]] == names and [s["method"] for s in report["summary"]] == names
+    for r in report["rows"]:
+        assert set(r["per_prompt"]) == {str(d) for d in reproduce.ATTR_DIGITS}
+        for p in r["per_prompt"].values():
+            assert 0 <= p["colour+width"]["fd"] <= math.sqrt(3 / 4) + 1e-9 and 0 <= p["content"] <= 1
+            assert abs(sum(p["colour+width"]["proportions"]) - 1) < 1e-9
+        assert r["fd_joint_worst_prompt"] == max(p["colour+width"]["fd"] for p in r["per_prompt"].values())
+        assert r["unet_as_plain"] == (r["method"] != "ddm")  # every guided row samples the plain UNet
+        assert (r["guidance_chosen"] is None) == (r["method"] in ("plain", "ddm"))
+    assert all(v["rule"] == 1.0 for k, v in report["judge_check"].items() if isinstance(v, dict))
+    text = (tmp_path / "attr" / "report.md").read_text()
+    assert "FD intersections" in text and all(r.label in text for r in reproduce.ATTR_ROWS)
+    assert (tmp_path / "attr" / report["grids"][0]).is_file()
