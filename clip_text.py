@@ -107,7 +107,8 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, input_ids):
         T = input_ids.shape[1]
-        assert T <= self.config.max_position, f"{T} tokens, but the text encoder has {self.config.max_position} positions"
+        assert T <= self.config.max_position, f"{T} tokens, but the text encoder has {self.config.max_position} " \
+                                              "positions"
         emb = self.text_model.embeddings
         x = emb.token_embedding(input_ids) + emb.position_embedding(torch.arange(T, device=input_ids.device))
         for layer in self.text_model.encoder.layers:

@@ -71,7 +71,8 @@ def split_digits(seed=0, heldout_per_class=100, labels=None):
     heldout = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        assert 0 <= heldout_per_class < len(members), f"heldout_per_class={heldout_per_class}, class {c}: {len(members)}"
+        assert 0 <= heldout_per_class < len(members), f"heldout_per_class={heldout_per_class}: class {c} has " \
+                                                      f"{len(members)}"
         heldout.append(rng.permutation(members)[:heldout_per_class])
     heldout = np.sort(np.concatenate(heldout)).astype(np.int64)
     train = np.setdiff1d(np.arange(len(labels)), heldout).astype(np.int64)

@@ -99,7 +99,8 @@ def latent_shape(models, height, width):
     u, v, c = models.unet.config, models.vae_config, models.text_encoder.config
     if u.context_dim != c.width or u.in_channels != v.z_channels or u.out_channels != v.z_channels:
         raise ValueError(f"the models do not fit each other: UNet context_dim {u.context_dim}, in/out channels "
-                         f"{u.in_channels}/{u.out_channels}; text encoder width {c.width}; VAE z_channels {v.z_channels}")
+                         f"{u.in_channels}/{u.out_channels}; text encoder width {c.width}; VAE z_channels "
+                         f"{v.z_channels}")
     for side, why in ((8, ""), (side_multiple(u, v), " for this model")):
         if height <= 0 or width <= 0 or height % side or width % side:
             raise ValueError(f"height and width must be positive multiples of {side}{why}, got {height}x{width}")

@@ -577,7 +577,8 @@ def parse_args(argv=None):
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
-    args.out = args.out or Path("runs/repro" + "-attributes" * (args.experiment == "attributes") + "-quick" * args.quick)
+    name = "runs/repro" + "-attributes" * (args.experiment == "attributes") + "-quick" * args.quick
+    args.out = args.out or Path(name)
     args.cache = args.cache or args.out / "cache"
     return args
 
@@ -774,8 +775,8 @@ def report_markdown(report):
     return f"""# Which indicators debias? Handwritten digits {groups} at {report['counts']} ({report['mode']} run)
 
 {report['paper']}. A base model trained on balanced groups, fine-tuned on the biased set above with each method
-({sizes['ft_steps']} full fine-tuning steps of batch {sizes['ft_batch']}, {report['seeds']} seeds). FD = ||uniform − shares||₂
-over the groups from {sizes['n_generic']} images of
+({sizes['ft_steps']} full fine-tuning steps of batch {sizes['ft_batch']}, {report['seeds']} seeds).
+FD = ||uniform − shares||₂ over the groups from {sizes['n_generic']} images of
 "{report['generic_prompt']}" (0 balanced, max {report['fd_max']:.3f}); SPD = max − min over groups of the share of
 {sizes['n_per_group']} images per group prompt that the judge assigns to the requested digit. The judge is the
 10-class digit classifier (held-out accuracy {report['classifier_heldout_accuracy']:.4f}), never the indicator.
@@ -783,8 +784,8 @@ Quality: Frechet distance to held-out real digits in the judge's features (mixed
 bias alone is not bad quality), the same per group (a group's images against its real ones), the share of generic
 images whose best class is none of the groups, confidence. Diversity: precision and recall (Kynkäänniemi et al.
 2019, k = 3) in the judge's features, each group's generic images as judged against its held-out real digits, on
-equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc: its accuracy and
-balanced accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG {sizes['guidance']}.
+equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc: its accuracy
+and balanced accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG {sizes['guidance']}.
 Std is the sample std over seeds; "worst seed" is the largest FD of any seed. The bar: FD at most half of plain's,
 Frechet at most 10% worse, and every group's recall at least 0.9x plain's. Guidance auto (ours): trajectory-aware
 targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone (sample.guides_for; the

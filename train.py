@@ -101,8 +101,8 @@ class Trainer:
         self.config = config = checkpoints.run_config(
             args, data, world, loading.read_init_config(args.init_config)[0] if from_scratch else None)
         ckpt, base = checkpoints.check_run_dir(run_dir, config, data, resume=args.resume is not None,
-                                               defaults=args.objective_defaults, allow_data_change=args.allow_data_change,
-                                               device=device, say=rank == 0)
+                                               defaults=args.objective_defaults, device=device, say=rank == 0,
+                                               allow_data_change=args.allow_data_change)
         if len(data) < args.batch_size * world:
             raise ValueError(f"{args.data} has {len(data)} images, fewer than --batch-size {args.batch_size} x "
                              f"{world} processes")
@@ -264,19 +264,8 @@ class Trainer:
 # Command line and entry point
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune Stable Diffusion v1.x with the DDM objective (arXiv "
-                                            "2503.12536), or train a tiny one from scratch.")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="diffusers SD folder, single-file checkpoint, or a train.py run directory")
-    g.add_argument("--init-config", help="JSON {unet, vae, text_encoder} of configs: random init, from scratch")
-    g.add_argument("--vae", help="with --init-config: take this trained VAE (any --model layout) instead")
-    g.add_argument("--data", help="folder with metadata.jsonl (file_name, text, group) and the images")
-    g.add_argument("--out", help="new run directory")
-    g.add_argument("--resume", help="continue this run directory (give the same arguments again)")
-    g.add_argument("--export", help="write the merged model as a diffusers folder here (after training; with "
-                                    "--model and no --data: export that model only)")
-    g.add_argument("--allow-data-change", action="store_true", help="--resume over changed --data (then not exact)")
+def add_objective_flags(p):
+    """The objective's flags: every one is part of the run's configuration (run.json, checked on resume)."""
     g = p.add_argument_group("objective (ddm.py): every flag here is part of the run's configuration")
     objective = [
         g.add_argument("--objective", choices=sorted(ddm.OBJECTIVES), default="ddm", help="ddm.OBJECTIVES"),
@@ -289,7 +278,24 @@ def parse_args(argv=None):
         g.add_argument("--attribute", help="with groups named by attribute ({\"colour\": ..., \"width\": ...}): the "
                                            "one this run's groups are, or A+B for their intersections"),
     ]
-    p.set_defaults(objective_fields=[a.dest for a in objective], objective_defaults={a.dest: a.default for a in objective})
+    p.set_defaults(objective_fields=[a.dest for a in objective],
+                   objective_defaults={a.dest: a.default for a in objective})
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Fine-tune Stable Diffusion v1.x with the DDM objective (arXiv "
+                                            "2503.12536), or train a tiny one from scratch.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="diffusers SD folder, single-file checkpoint, or a train.py run directory")
+    g.add_argument("--init-config", help="JSON {unet, vae, text_encoder} of configs: random init, from scratch")
+    g.add_argument("--vae", help="with --init-config: take this trained VAE (any --model layout) instead")
+    g.add_argument("--data", help="folder with metadata.jsonl (file_name, text, group) and the images")
+    g.add_argument("--out", help="new run directory")
+    g.add_argument("--resume", help="continue this run directory (give the same arguments again)")
+    g.add_argument("--export", help="write the merged model as a diffusers folder here (after training; with "
+                                    "--model and no --data: export that model only)")
+    g.add_argument("--allow-data-change", action="store_true", help="--resume over changed --data (then not exact)")
+    add_objective_flags(p)
     g = p.add_argument_group("what is trained")
     g.add_argument("--lora-rank", type=int, help="LoRA rank, 0 = train all weights (default 8; 0 with --init-config)")
     g.add_argument("--lora-alpha", type=float, default=32.0)
@@ -324,7 +330,11 @@ def parse_args(argv=None):
     g.add_argument("--validation-steps", type=int, default=25, help="DDIM steps for validation images")
     g.add_argument("--validation-guidance", type=float, default=7.5)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_n", "validation_steps"), (1, None)),

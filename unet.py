@@ -251,7 +251,8 @@ class UNet(nn.Module):
         cfg, f = self.config, 2 ** (len(self.config.channel_mult) - 1)  # one halving per level but the last
         assert x.ndim == 4 and x.shape[1] == cfg.in_channels, f"latents (B, {cfg.in_channels}, h, w), got {x.shape}"
         assert x.shape[2] % f == 0 and x.shape[3] % f == 0, f"latent sides divisible by {f}, got {x.shape[2:]}"
-        assert context.shape[::2] == (x.shape[0], cfg.context_dim), f"context (B, T, {cfg.context_dim}), got {context.shape}"
+        assert context.shape[::2] == (x.shape[0], cfg.context_dim), \
+            f"context (B, T, {cfg.context_dim}), got {context.shape}"
         assert t.ndim == 0 or t.shape == x.shape[:1], f"timesteps (B={x.shape[0]},) or one, got {t.shape}"
 
     def forward(self, x, t, context):
@@ -287,7 +288,7 @@ def unet_diffusers_names(cfg=UNetConfig()):
     """{CompVis module prefix: diffusers module prefix} for every module whose name differs.
 
     With n = num_res_blocks, level i going down and block j:
-      input_blocks.{(n+1)i+j+1}.0 -> down_blocks.i.resnets.j    input_blocks.{(n+1)i+j+1}.1 -> down_blocks.i.attentions.j
+      input_blocks.{(n+1)i+j+1}.0 -> down_blocks.i.resnets.j   input_blocks.{(n+1)i+j+1}.1 -> down_blocks.i.attentions.j
       input_blocks.{(n+1)i+n+1}.0.op -> down_blocks.i.downsamplers.0.conv
     and level i going up (i = 0 is the lowest resolution), block j <= n:
       output_blocks.{(n+1)i+j}.0 -> up_blocks.i.resnets.j      output_blocks.{(n+1)i+j}.1 -> up_blocks.i.attentions.j

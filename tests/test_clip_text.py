@@ -14,7 +14,8 @@ import transformers
 from safetensors.torch import save_file
 
 import weights
-from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf, text_encoder_hf_config
+from clip_text import (CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf,
+                       text_encoder_hf_config)
 from tokenizer import WHITESPACE, Tokenizer, chunks, load_tokenizer, pre_split_pattern
 from tools.make_sd_tokenizer import write_sd_tokenizer
 

@@ -512,7 +512,8 @@ def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator
     record = json.loads((out / "samples.json").read_text())
     guidance = record["indicator_guidance"]  # what was applied: targets drawn per image from the shares, scale 2
     [targets] = guidance["prompts"]["a red square"]["target_groups"]
-    assert len(targets) == 4 and set(targets) <= {"red", "blue"} and guidance["prompts"]["a red square"]["scales"] == [2]
+    assert len(targets) == 4 and set(targets) <= {"red", "blue"}
+    assert guidance["prompts"]["a red square"]["scales"] == [2]
     assert guidance["scale"] == 2.0 and guidance["indicators"][0]["target"] == "red=0.25,blue=0.75"
     guided = np.stack([np.asarray(Image.open(out / f)) for f in record["files"]])
     sample.main([*sample_args, "--indicator-guidance", "0", "--out", str(tmp_path / "unguided")])
