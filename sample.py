@@ -131,6 +131,19 @@ AUTO_SCALES = (1, 2, 3, 5, 7, 10, 15, 20, 30)
 AUTO_HIT = 0.97
 
 
+AUTO_READ_AT = 0  # the final latents are re-noised to this t before the indicator reads them (see ending_groups)
+
+
+@torch.no_grad()
+def ending_groups(indicator, z0, seeds, alphas_cumprod, t=None):
+    """The group each final latent ends in, as the indicator reads it after re-noising it to t (each image its own
+    noise): noise washes out what guidance wrote only for the indicator, and keeps what makes the group."""
+    t = AUTO_READ_AT if t is None else t
+    noise = torch.cat([torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(
+        derive_seed(s, "read"))) for s in seeds]).to(z0.device)
+    return indicator(diffusion.add_noise(z0, noise, torch.full((len(z0),), t), alphas_cumprod), t).argmax(1).cpu()
+
+
 def guides_for(models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, calibration=200, cal_seed=0,
                **settings):
     """The indicator-guidance terms (ours) of one prompt's images (`seeds`), one per (indicator, target shares) in
@@ -166,8 +179,7 @@ def guides_for(models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, cali
         for g, r in zip(cal_guides, rungs):
             g.scale = float(AUTO_SCALES[r])
         z0 = generate(models, [prompt] * calibration, cal, guides=cal_guides, decode=False, progress=False, **settings)
-        with torch.no_grad():
-            ends = [g.indicator(z0, 0).argmax(1).cpu() for g in cal_guides]
+        ends = [ending_groups(g.indicator, z0, cal, models.alphas_cumprod) for g in cal_guides]
         hits = [[(end[targets == k] == k).float().mean().item() for k in targets.unique().tolist()]
                 for end, targets in zip(ends, cal_targets)]
         record.setdefault("calibration", []).append({"scales": [g.scale for g in cal_guides], "hit_rates": hits})
