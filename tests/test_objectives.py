@@ -109,6 +109,17 @@ def test_indicator_weighted_trains_its_indicator_on_labelled_images_only_and_wei
     assert math.isfinite(loss.item()) and math.isnan(parts["ind"]) and math.isnan(parts["bacc"])  # not measured
 
 
+@pytest.mark.parametrize("objective", ["ddm", "ddm-x0", "plain-indicator", "indicator-weighted"])
+def test_a_batch_without_labels_logs_its_indicator_parts_as_not_measured(objective):
+    """The loss stays finite (its CE term is 0), but "ind", "acc" and "bacc" were not measured: NaN, logged null."""
+    torch.manual_seed(0)
+    ind = ddm.make_indicator(objective, LATENT, 2, (8,))
+    loss, parts = ddm.loss(micro_batch([-1, -1]), ind, SimpleNamespace(**vars(HP), objective=objective))
+    assert math.isfinite(loss.item())
+    assert {k: math.isnan(v) for k, v in parts.items() if k in ("ind", "acc", "bacc")} == \
+        {"ind": True, "acc": True, "bacc": True}
+
+
 def test_balanced_accuracy_does_not_reward_the_majority():
     logits = torch.tensor([[1.0, 0.0]] * 4)  # always group 0
     parts = ddm.accuracies(logits, torch.tensor([0, 0, 0, 1]))
