@@ -79,6 +79,9 @@ def locked_run_dir(run_dir, new):
     run_dir, path = Path(run_dir), Path(run_dir) / LOCK_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"{run_dir} is a file, not a run directory")
+    if path.is_symlink():  # truncating it would write into the file it points to, wherever that is
+        raise FileExistsError(f"{path} is a symbolic link; train.py locks a plain file of its own there: remove "
+                              f"the link")
     if not path.exists():  # a folder that is not a run directory (yet) is touched only when it is empty
         if new:
             _check_new(run_dir)
@@ -90,7 +93,7 @@ def locked_run_dir(run_dir, new):
     import fcntl  # POSIX only, and only here: sample.py imports this file on any system
     while True:
         with weights.writing(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link made since: ELOOP
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -102,8 +105,9 @@ def locked_run_dir(run_dir, new):
             break
         os.close(fd)  # the holder removed the file as it ended, after we opened it: lock the new one
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with weights.writing(path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         yield run_dir
     finally:
         if new and not (run_dir / "run.json").exists():  # nothing of a run: leave nothing (a retry starts clean)

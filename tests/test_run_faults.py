@@ -103,6 +103,30 @@ def test_a_second_train_py_on_a_running_run_directory_is_refused_naming_the_hold
     assert [r["step"] for r in log_lines(out)] == [1]
 
 
+@pytest.mark.parametrize("new", [True, False])
+def test_a_train_lock_that_is_a_symbolic_link_is_refused_and_what_it_points_to_is_untouched(new, tmp_path):
+    victim, run = tmp_path / "victim.txt", tmp_path / "run"
+    victim.write_text("precious")
+    run.mkdir()
+    for target in (victim, tmp_path / "nowhere.txt"):  # a file outside the run, and a link to nothing yet
+        (run / "train.lock").unlink(missing_ok=True)
+        (run / "train.lock").symlink_to(target)
+        with pytest.raises(FileExistsError, match=rf"^{re.escape(str(run / 'train.lock'))} is a symbolic link"):
+            with checkpoints.locked_run_dir(run, new=new):
+                pytest.fail("locked through a link")
+        assert (run / "train.lock").is_symlink()
+    assert victim.read_text() == "precious" and not (tmp_path / "nowhere.txt").exists()
+
+
+def test_a_disk_full_at_the_start_names_the_lock_file(data_dir, tmp_path):
+    out = tmp_path / "new" / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(tmp_path / "no-model"), "--data",
+                        str(data_dir), "--out", str(out), *FAST], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300, preexec_fn=file_size_limit(0))
+    assert r.stderr.strip().splitlines() == [f"train.py: error: cannot write {out / 'train.lock'}: File too large"]
+    assert r.returncode == 1 and not (tmp_path / "new").exists()
+
+
 # ---- 8. the user's files in a run directory
 
 
