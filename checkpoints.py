@@ -46,6 +46,7 @@ RESUME_FIELDS = ("model", "init_config", "vae", "data", "num_images", "group_nam
                  "seed")
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})(\.tmp)?")  # exactly what save_checkpoint writes
 LOCK_FILE = "train.lock"
+ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter, in optimizer.pt (train.make_optimizer: no amsgrad)
 DATA_CHANGES = {"metadata.jsonl": "metadata.jsonl differs",
                 "images": "the images' names, sizes or modification times differ"}
 
@@ -328,17 +329,46 @@ def _read_optimizer(path, device, mmap=False):
         raise weights.CheckpointError(f"cannot read {path}: {str(e).split('. ')[0]}") from e
     if not isinstance(state, dict) or not {"optimizer", "scaler"} <= state.keys():
         raise weights.CheckpointError(f"{path}: not a train.py optimizer.pt")
+    try:
+        saved = state["optimizer"]
+        params = {i for group in saved["param_groups"] for i in group["params"]}
+        for i, s in saved["state"].items():
+            if i not in params:
+                raise weights.CheckpointError(f"{path}: state {i} belongs to no parameter of its groups")
+            if set(s) != ADAMW_STATE:
+                raise weights.CheckpointError(f"{path}: state {i} holds {sorted(s)}, not AdamW's {sorted(ADAMW_STATE)}")
+    except (KeyError, TypeError, AttributeError):
+        raise weights.CheckpointError(f"{path}: not a train.py optimizer.pt (no AdamW state dict)") from None
     return state
+
+
+def _load_optimizer(optimizer, saved, path):
+    """Load optimizer.pt's AdamW state into `optimizer`; CheckpointError naming the file when it does not fit the
+    parameters (torch's own load checks the group sizes only)."""
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError) as e:
+        raise weights.CheckpointError(f"{path}: {e}") from None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        for name, t in optimizer.state.get(p, {}).items():
+            if name != "step" and t.shape != p.shape:
+                raise weights.CheckpointError(f"{path}: state {i} {name} has shape {tuple(t.shape)}, its parameter "
+                                              f"{tuple(p.shape)}")
 
 
 def read_checkpoint(ckpt, files, optimizer_device=None):
     """A checkpoint folder read whole: {"path", "step", "elapsed", "tensors": {file: state dict}, "optimizer":
     optimizer.pt's dict, only when read onto `optimizer_device`}. CheckpointError (or FileNotFoundError) naming
-    the file that is missing, cut short, or holds a tensor that is not finite."""
+    the file that is missing, cut short, holds a tensor that is not finite, or (state.json) a step the folder's name
+    does not."""
     ckpt = Path(ckpt)
     state = weights.read_json(ckpt / "state.json")
     if not isinstance(state.get("step"), int) or not isinstance(state.get("elapsed"), (int, float)):
         raise weights.CheckpointError(f"{ckpt / 'state.json'}: needs an integer 'step' and a number 'elapsed'")
+    named = CHECKPOINT_NAME.fullmatch(ckpt.name)
+    if named and int(named[1]) != state["step"]:  # the weights of one step, the log and data order of another
+        raise weights.CheckpointError(f"{ckpt / 'state.json'}: step {state['step']}, but the folder is {ckpt.name}")
     tensors = {file: weights.read_state_dict(ckpt / file) for file in files}
     bad = _non_finite(tensors)
     if bad:
@@ -432,7 +462,7 @@ def load_checkpoint(ckpt, unet, text_encoder, indicator, config, optimizer, scal
     if ckpt is None:
         return 0, 0.0, None
     load_checkpoint_weights(ckpt, unet, text_encoder, indicator, config)
-    optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+    _load_optimizer(optimizer, ckpt["optimizer"]["optimizer"], ckpt["path"] / "optimizer.pt")
     if scaler is not None and ckpt["optimizer"]["scaler"]:
         scaler.load_state_dict(ckpt["optimizer"]["scaler"])
     return ckpt["step"], ckpt["elapsed"], ckpt["path"]

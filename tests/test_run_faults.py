@@ -210,6 +210,40 @@ def test_a_run_whose_only_checkpoint_is_broken_is_refused_naming_the_file(two_ch
     assert state.stat().st_size > 0  # nothing deleted
 
 
+def test_a_checkpoint_whose_state_json_names_another_step_is_refused_and_the_log_kept(two_checkpoints, sd_dir,
+                                                                                      data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    shutil.rmtree(run / "checkpoint-000002")
+    state = run / "checkpoint-000004" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "step": 1}))
+    log = (run / "log.jsonl").read_bytes()
+    message = rf"{re.escape(str(state))}: step 1, but the folder is checkpoint-000004.*no checkpoint of .* reads"
+    with pytest.raises(ValueError, match=message):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "6"])
+    with pytest.raises(ValueError, match=message):
+        loading.load_run(run)
+    assert (run / "log.jsonl").read_bytes() == log
+
+
+@pytest.mark.parametrize("change", ["renamed", "reshaped"])
+def test_an_optimizer_state_that_does_not_fit_the_run_is_refused_naming_the_file(change, two_checkpoints, sd_dir,
+                                                                                 data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    shutil.rmtree(run / "checkpoint-000002")
+    path = run / "checkpoint-000004" / "optimizer.pt"
+    saved = torch.load(path, weights_only=True)
+    state = saved["optimizer"]["state"][0]
+    if change == "renamed":
+        state["exp_avg_renamed"] = state.pop("exp_avg")
+    else:
+        state["exp_avg"] = state["exp_avg"].flatten()[:3]
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: state 0 "):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "6"])
+
+
 def test_a_checkpoint_that_does_not_read_back_as_written_stops_the_run_and_keeps_the_previous_one(
         two_checkpoints, sd_dir, data_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
