@@ -47,8 +47,9 @@ RESUME_FIELDS = ("model", "init_config", "vae", "data", "num_images", "group_nam
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})(\.tmp)?")  # exactly what save_checkpoint writes
 LOCK_FILE = "train.lock"
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter, in optimizer.pt (train.make_optimizer: no amsgrad)
-DATA_CHANGES = {"metadata.jsonl": "metadata.jsonl differs",
-                "images": "the images' names, sizes or modification times differ"}
+DATA_CHANGES = {"metadata.jsonl": "metadata.jsonl differs",  # data_fingerprint's keys, what a change of each means
+                "images": "the images' names, sizes or modification times differ",
+                "contents": "the images' contents differ"}  # said only when names, sizes and times agree
 
 
 def _fsync(path):
@@ -147,14 +148,16 @@ def run_config(args, data, world_size, init_config):
 
 
 def data_fingerprint(data):
-    """What an exact resume needs unchanged in an ImageFolder: sha256 of metadata.jsonl, and of every image's path,
-    size and modification time (hashing the pixels of a large folder would cost minutes at every resume)."""
-    images = hashlib.sha256()
+    """What an exact resume needs unchanged in an ImageFolder: sha256 of metadata.jsonl, of every image's path, size
+    and modification time, and of every image's bytes. The bytes cost 0.75 s for 30,000 files of 20 KB (600 MB,
+    warm page cache, 2 CPU cores), 5% of the 12-15 s ImageFolder takes to decode them all when it opens the folder."""
+    images, contents = hashlib.sha256(), hashlib.sha256()
     for f in data.files:
         st = f.stat()
         images.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        contents.update(hashlib.sha256(f.read_bytes()).digest())
     return {"metadata.jsonl": hashlib.sha256((data.root / "metadata.jsonl").read_bytes()).hexdigest(),
-            "images": images.hexdigest()}
+            "images": images.hexdigest(), "contents": contents.hexdigest()}
 
 
 def base_path(run_dir, info):
@@ -205,8 +208,9 @@ def check_run_dir(run_dir, config, data, *, resume, defaults=None, allow_data_ch
         print(f"note: {run_dir / 'run.json'} records no {', '.join(older)} (an older run): taking their defaults",
               file=sys.stderr)
     now = data_fingerprint(data)
-    stored = info.get("data", now)  # runs before the fingerprint have none
-    changed = " and ".join(DATA_CHANGES[k] for k in DATA_CHANGES if stored.get(k) != now[k])
+    stored = info.get("data", now)  # runs before the fingerprint have none, runs before "contents" no such key
+    differ = [k for k in DATA_CHANGES if k in stored and stored[k] != now[k]]
+    changed = " and ".join(DATA_CHANGES[k] for k in differ if not (k == "contents" and "images" in differ))
     if changed and not allow_data_change:
         raise ValueError(f"--resume {run_dir}: the data in {config['data']} changed since the run started "
                          f"({changed}); an exact resume needs the same data: restore it, or pass "

@@ -287,6 +287,33 @@ def test_resume_over_changed_data_is_refused_unless_allowed(sd_dir, tmp_path):
     assert [r["step"] for r in log_lines(out)] == [1, 2]
 
 
+def test_resume_over_an_image_edited_in_place_with_its_size_and_time_kept_is_refused(sd_dir, tmp_path):
+    data = make_data(tmp_path / "data")
+    image = data / "3.png"
+    Image.open(image).save(image, compress_level=0)  # stored uncompressed: any pixels give the same file size
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    stat = image.stat()
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image, compress_level=0)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    with pytest.raises(ValueError, match=r"changed since the run started \(the images' contents differ\)"):
+        train.train([*common, "--resume", str(out), "--max-steps", "2"])
+
+
+def test_a_run_json_from_before_the_content_hash_resumes_on_the_checks_it_recorded(sd_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    info = json.loads((out / "run.json").read_text())
+    assert set(info["data"]) == {"metadata.jsonl", "images", "contents"}
+    del info["data"]["contents"]
+    (out / "run.json").write_text(json.dumps(info))
+    train.train([*common, "--resume", str(out), "--max-steps", "2"])
+    assert [r["step"] for r in log_lines(out)] == [1, 2]
+
+
 # ---- 11. a failed write
 
 
