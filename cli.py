@@ -20,11 +20,12 @@ def out_of_range(value, lo=None, hi=None, strict=False, open_hi=False):
     above = hi is not None and (value >= hi if open_hi else value > hi)
     if not below and not above:
         return None
+    fmt = "g" if is_float else ""  # an int bound in full: 2**64 - 1, not 1.84467e+19
     if hi is not None and (strict or open_hi):
-        return f"must lie in {'(' if strict else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+        return f"must lie in {'(' if strict else '['}{lo:{fmt}}, {hi:{fmt}}{')' if open_hi else ']'}"
     if hi is not None:
-        return f"must {'lie' if is_float else 'be'} between {lo:g} and {hi:g}"
-    return f"must be {'a number ' if is_float else ''}{'>' if strict else '>='} {lo:g}"
+        return f"must {'lie' if is_float else 'be'} between {lo:{fmt}} and {hi:{fmt}}"
+    return f"must be {'a number ' if is_float else ''}{'>' if strict else '>='} {lo:{fmt}}"
 
 
 def range_error(args, ranges):
