@@ -19,6 +19,7 @@ Two judges, one interface (`class_names`, `__call__(images) -> logits`, `feature
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 import cli
 import clip_image
@@ -535,6 +536,10 @@ def main(argv=None):
                    help="where CLIP runs (default: cuda if available, else cpu)")
     g.add_argument("--batch-size", type=int, default=32, help="images per CLIP forward pass")
     args = parser.parse_args(argv)
+    why = (cli.range_error(args, {"batch_size": (1, None)})
+           or out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None))
+    if why:
+        parser.error(why)
     if args.clip is not None:
         return main_clip(args, parser)
     for name in ("attributes", "reference", "prompt"):
@@ -579,10 +584,27 @@ def main(argv=None):
     return write_result(result, args)
 
 
+def out_error(out, default):
+    """Why the result file `out` cannot be written, or None; checked before the evaluation, not after it. The default
+    (evaluation.json in the first image folder) is left to the folder's own check when that folder is missing."""
+    if default and not out.parent.is_dir():
+        return None
+    if out.is_dir():
+        return f"--out {out}: is a folder; give the path of the JSON file to write"
+    if not out.parent.is_dir():
+        return f"--out {out}: {out.parent} " + ("is a file, not a folder" if out.parent.exists() else "does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        return f"--out {out}: the folder {out.parent} is not writable"
+    return None
+
+
 def write_result(result, args):
     """evaluation.json (in the first folder unless --out) and the summary printed."""
     out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
-    weights.write_atomic(out, json.dumps(result, indent=2) + "\n")
+    try:
+        weights.write_atomic(out, json.dumps(result, indent=2) + "\n")
+    except OSError as e:  # weights.WriteError, naming the file: a disk that filled during the evaluation
+        raise SystemExit(f"evaluate.py: error: {e}") from None
     print(format_result(result))
     print(f"wrote {out}")
     return result
@@ -595,8 +617,6 @@ def main_clip(args, parser):
                      '"a photo of a woman"')
     if args.groups is not None:
         parser.error("--groups picks digit classes; with --clip the groups are the --attributes")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     attributes = list(args.attributes)
     try:
         if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
@@ -641,13 +661,16 @@ def _attribute(group, attributes):
 def _read_logits(path):
     if not path.is_file():
         raise FileNotFoundError(f"indicator logits file {path} not found")
-    if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path))
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        if len(keys) != 1:
-            raise ValueError(f"{path} must hold exactly one tensor (the (N, K) logits), found {keys}")
-        return f.get_tensor(keys[0])
+    try:
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path))  # object arrays (pickles) are refused: allow_pickle=False
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if len(keys) != 1:
+                raise ValueError(f"it must hold exactly one tensor (the (N, K) logits), found {keys}")
+            return f.get_tensor(keys[0])
+    except (ValueError, TypeError, OSError, SafetensorError) as e:  # TypeError: a dtype torch has not
+        raise ValueError(f"{path}: cannot read the indicator logits ({e})") from None
 
 
 def format_result(r):
