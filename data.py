@@ -357,7 +357,7 @@ def read_metadata(meta):
         try:
             path, folder = entry.resolve(), entry.parent.resolve()
             linked = isinstance(row.get("source"), str) and entry.is_symlink() and Path(row["source"]).resolve()
-        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL in source
             raise ValueError(f"{where}: field 'file_name' {name!r} cannot be resolved ({e})") from None
         if not folder.is_relative_to(root) or not (path.is_relative_to(root) or path == linked):
             raise ValueError(f"{where}: field 'file_name' {name!r} lies outside the data folder {root}")
@@ -386,7 +386,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if not meta.exists():
             raise FileNotFoundError(f"{meta} not found: a data folder needs a metadata.jsonl "
                                     f'(one line per image: {{"file_name": ..., "text": ..., "group": ...}})')
-        records = read_metadata(meta)  # (line number, path, text, raw group); every path inside the folder
+        records = read_metadata(meta)  # (line number, path, text, raw group, name); every path inside (or linked)
         for lineno, path, *_ in records:
             where = f"{meta}, line {lineno}: field 'file_name'"
             if not path.exists():
