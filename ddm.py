@@ -102,7 +102,7 @@ def predicted_x0(b):
 def ddm_x0(b, indicator, hp):
     """The paper's figure (ours to build): the indicator reads the denoised latent x0_hat instead of eps_hat.
 
-        L = w_rec * MSE + w_ind * mean_i( abar_t_i * CE(I(x0_hat_i), g_i) )
+        L = w_rec * MSE + w_ind * mean_i( abar_t_i * CE(I(x0_hat_i), g_i) )    (i: the labelled images)
 
     x0_hat divides by sqrt(abar_t) (about 15 at t = 999), where it is mostly noise. Weighting each image's CE by
     abar_t, the share of signal in z_t's variance, keeps the CE gradient through x0_hat bounded (it scales as
@@ -111,8 +111,8 @@ def ddm_x0(b, indicator, hp):
     if indicator is None:
         return hp.w_rec * rec, {"rec": rec}
     logits = indicator(predicted_x0(b)).float()
-    ce = cross_entropy(logits, b.groups, reduction="none")
-    ind = (b.alphas_cumprod[b.t].float() * ce).mean()
+    ce = cross_entropy(logits, b.groups, reduction="none")  # 0 where an image has no label: not counted below
+    ind = (b.alphas_cumprod[b.t].float() * ce).sum() / (b.groups >= 0).sum().clamp(min=1)
     return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups), **accuracies(logits, b.groups)}
 
 
