@@ -10,22 +10,28 @@ import sys
 import torch
 
 
-def out_of_range(value, lo=None, hi=None, strict=False):
-    """Why `value` lies outside [lo, hi] ((lo, hi] with strict), as "must ...", or None. A float must be finite."""
+def out_of_range(value, lo=None, hi=None, strict=False, open_hi=False):
+    """Why `value` lies outside [lo, hi] ((lo, ... with strict, ..., hi) with open_hi), as "must ...", or None. A
+    float must be finite."""
     is_float = isinstance(value, float)
     if is_float and not math.isfinite(value):
         return "must be a finite number"
     below = lo is not None and (value <= lo if strict else value < lo)
-    if not below and (hi is None or value <= hi):
+    above = hi is not None and (value >= hi if open_hi else value > hi)
+    if not below and not above:
         return None
+    fmt = "g" if is_float else ""  # an int bound in full: 2**64 - 1, not 1.84467e+19
+    if hi is not None and (strict or open_hi):
+        return f"must lie in {'(' if strict else '['}{lo:{fmt}}, {hi:{fmt}}{')' if open_hi else ']'}"
     if hi is not None:
-        return f"must {'lie' if is_float else 'be'} between {lo:g} and {hi:g}"
-    return f"must be {'a number ' if is_float else ''}{'>' if strict else '>='} {lo:g}"
+        return f"must {'lie' if is_float else 'be'} between {lo:{fmt}} and {hi:{fmt}}"
+    return f"must be {'a number ' if is_float else ''}{'>' if strict else '>='} {lo:{fmt}}"
 
 
 def range_error(args, ranges):
     """"--flag must ..., got value" for the first flag whose value (or any of its values) is out of range, or
-    None; ranges: {dest: (lo, hi) or (lo, hi, strict)}. A flag that is None (not given, no default) passes."""
+    None; ranges: {dest: (lo, hi) or (lo, hi, strict) or (lo, hi, strict, open_hi)}. A flag that is None (not
+    given, no default) passes."""
     for dest, spec in ranges.items():
         values = getattr(args, dest)
         for v in values if isinstance(values, list) else [values]:

@@ -12,7 +12,6 @@ Radford et al., "Learning Transferable Visual Models From Natural Language Super
 Module names follow transformers' CLIPModel (the `openai/clip-vit-large-patch14` folder); each tower is one
 module here, so `text_model.` and `vision_model.` gain one level on loading (`TOWER_NAMES`).
 """
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,9 +161,13 @@ WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 TOWER_NAMES = {"text_model": "text.text_model", "vision_model": "vision.vision_model"}  # {file: ours}
 
 
+VISION_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
+                 "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp": "intermediate_size"}  # ours: HF's
+
+
 def clip_config_from_hf(d, where="config.json"):
     """CLIPConfig from a transformers CLIPConfig config.json dict (its text_config and vision_config; older files
-    name them text_config_dict / vision_config_dict)."""
+    name them text_config_dict / vision_config_dict); ValueError naming `where`, the section and the field."""
     sections = {}
     for name in ("text_config", "vision_config"):
         section = d.get(name, d.get(f"{name}_dict"))
@@ -172,17 +175,32 @@ def clip_config_from_hf(d, where="config.json"):
             raise ValueError(f"{where} has no '{name}': not a transformers CLIPModel config")
         sections[name] = section
     v = sections["vision_config"]
+    required = [(v, key) for key in VISION_FIELDS.values()] + [(d, "projection_dim")]
+    missing = next((key for section, key in required if key not in section), None)
+    if missing:
+        raise ValueError(f"{where}: missing key {missing!r}")
     if v.get("layer_norm_eps", 1e-5) != 1e-5 or v.get("num_channels", 3) != 3:
         raise ValueError(f"{where}: vision_config must have layer_norm_eps 1e-5 and 3 channels, got "
                          f"{v.get('layer_norm_eps')} and {v.get('num_channels')}")
     try:
-        vision = CLIPVisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
-                                  layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
-                                  mlp=v["intermediate_size"], activation=v.get("hidden_act", "quick_gelu"))
-        return CLIPConfig(text=text_encoder_config_from_hf(sections["text_config"]), vision=vision,
-                          projection_dim=d["projection_dim"])
-    except KeyError as e:
-        raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
+        text = text_encoder_config_from_hf(sections["text_config"])
+    except ValueError as e:
+        raise ValueError(f"{where}: text_config: {e}") from None
+    try:
+        vision = CLIPVisionConfig(**{ours: weights.config_value(v, theirs, "int") for ours, theirs in
+                                     VISION_FIELDS.items()},
+                                  activation=weights.config_value(v, "hidden_act", "str", "quick_gelu"))
+        if vision.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {vision.activation!r}")
+        if vision.width % vision.heads or vision.image_size % vision.patch_size:
+            raise ValueError(f"hidden_size {vision.width} must be a multiple of num_attention_heads {vision.heads}, "
+                             f"image_size {vision.image_size} of patch_size {vision.patch_size}")
+    except ValueError as e:
+        raise ValueError(f"{where}: vision_config: {e}") from None
+    try:
+        return CLIPConfig(text=text, vision=vision, projection_dim=weights.config_value(d, "projection_dim", "int"))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load_clip(path, dtype=torch.float32):
@@ -197,7 +215,7 @@ def load_clip(path, dtype=torch.float32):
         raise FileNotFoundError(f"{path} has neither {' nor '.join(WEIGHT_NAMES)}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has {file.name} but no config.json")
-    cfg = clip_config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json")
+    cfg = clip_config_from_hf(weights.read_json(path / "config.json"), path / "config.json")
     sd = weights.rename(weights.read_state_dict(file, "", dtype), TOWER_NAMES)
     with torch.device("meta"):
         model = CLIPModel(cfg)

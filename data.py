@@ -2,9 +2,9 @@
 
 A data set is a folder of images with a `metadata.jsonl`, one JSON object a line (the Hugging Face imagefolder
 convention): {"file_name": "00000.png", "text": "a photo of a digit", "group": 7}. `file_name` stays inside the
-folder; `text` is the caption ("" is the empty prompt); `group` is an int or a str (one type per file), or null
-for an image without a label; groups are sorted and numbered 0..K-1 (`ImageFolder.group_names`), null is -1.
-Other fields are ignored. Groups are labels of the images, never words of the prompt.
+folder (`--link` symlinks point to the line's `source`); `text` is the caption ("" the empty prompt); `group` an
+int or a str (one type per file), or null for an image without a label; groups are sorted and numbered 0..K-1
+(`ImageFolder.group_names`), null is -1. Other fields are ignored. Groups label images, never prompt words.
 
     python data.py celeba --images DIR --attributes list_attr_celeba.txt --attribute Male --counts 800,200
                           --prompt "a photo of a face" --out my_data/      (CelebA's attribute-file format)
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import cli
 import ddm
 import weights
 from vae import load_vae
@@ -202,7 +203,7 @@ def read_attribute(path, attribute):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"attribute file {path} not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = [line for _, line in text_lines(path)]
     if len(lines) < 2 or not lines[0].strip().isdigit():
         raise ValueError(f"{path}, line 1: expected the number of images, then a line of attribute names "
                          f"(CelebA's list_attr_celeba.txt format), got {lines[0][:60] if lines else ''!r}")
@@ -319,12 +320,14 @@ def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=
     data = ImageFolder(data_dir, resolution, need_groups=False)
     vae = load_vae(vae_path)
     z0 = encode_dataset(vae, data, 32, "cpu")[0] * vae.config.scaling_factor  # posterior means; 32 images a batch
+    distinct = len(torch.unique(z0.flatten(1), dim=0))
+    if 2 <= k and distinct < k:  # the mixture's covariances would be 0 (k < 2: fit_clusters names k)
+        raise ValueError(f"{data_dir}: its {len(z0)} images have {distinct} distinct latent{'s' * (distinct > 1)} at "
+                         f"resolution {resolution}, fewer than the {k} clusters asked for")
     clusters, _ = ddm.fit_clusters(z0, k, dims=dims, seed=seed)
-    root = data.root.resolve()
     labels = [None if g < 0 else data.group_names[g] for g in data.groups]
-    entries = [(path, str(path.resolve().relative_to(root)), {"text": text, "group": f"cluster{c}", "label": label,
-                                                               "source": str(path.resolve())})
-               for path, text, label, c in zip(data.files, data.texts, labels, clusters.tolist())]
+    entries = [(path, name, {"text": text, "group": f"cluster{c}", "label": label, "source": str(path)})
+               for path, name, text, label, c in zip(data.files, data.names, data.texts, labels, clusters.tolist())]
     return write_folder(out_dir, entries, link=link, overwrite=overwrite), torch.bincount(clusters, minlength=k)
 
 
@@ -378,9 +381,11 @@ def text_lines(path):
 
 
 def read_metadata(meta):
-    """The lines of a `metadata.jsonl` -> [(line number, resolved image path, text, raw group)], every field
-    checked. A `file_name` must stay inside the folder after following `..` and symlinks: it is refused before
-    anything is opened, so a data set cannot read (or probe for) files elsewhere."""
+    """The lines of a `metadata.jsonl` -> [(line number, resolved image path, text, raw group, file_name inside the
+    folder)], every field checked. A `file_name` must stay inside the folder after following `..` and symlinks: it
+    is refused before anything is opened, so a data set cannot read (or probe for) files elsewhere. One exception:
+    the link that `write_folder(link=True)` made, a symlink in a folder inside this one whose target the line's
+    `source` names."""
     root = meta.parent.resolve()
     records = []
     for lineno, line in text_lines(meta):
@@ -410,13 +415,15 @@ def read_metadata(meta):
         if group is not None and first and type(group) is not type(first[3]):
             raise ValueError(f"{where}: field 'group' is {group!r} but line {first[0]} has "
                              f"{first[3]!r}; groups must be all ints or all strings")
+        entry = root / name  # an absolute `name` replaces root here, and is caught below
         try:
-            path = (root / name).resolve()  # an absolute `name` replaces root here, and is caught below
-        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            path, folder = entry.resolve(), entry.parent.resolve()
+            linked = isinstance(row.get("source"), str) and entry.is_symlink() and Path(row["source"]).resolve()
+        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL in source
             raise ValueError(f"{where}: field 'file_name' {name!r} cannot be resolved ({e})") from None
-        if not path.is_relative_to(root):
+        if not folder.is_relative_to(root) or not (path.is_relative_to(root) or path == linked):
             raise ValueError(f"{where}: field 'file_name' {name!r} lies outside the data folder {root}")
-        records.append((lineno, path, row["text"], group))
+        records.append((lineno, path, row["text"], group, str(folder.relative_to(root) / entry.name)))
     return records
 
 
@@ -441,8 +448,8 @@ class ImageFolder(torch.utils.data.Dataset):
         if not meta.exists():
             raise FileNotFoundError(f"{meta} not found: a data folder needs a metadata.jsonl "
                                     f'(one line per image: {{"file_name": ..., "text": ..., "group": ...}})')
-        records = read_metadata(meta)  # (line number, path, text, raw group); every path inside the folder
-        for lineno, path, _, _ in records:
+        records = read_metadata(meta)  # (line number, path, text, raw group, name); every path inside (or linked)
+        for lineno, path, *_ in records:
             where = f"{meta}, line {lineno}: field 'file_name'"
             if not path.exists():
                 raise ValueError(f"{where}: image {path} does not exist")
@@ -463,7 +470,8 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"{meta}: field 'group' takes only the value {self.group_names[0]!r} on every line; "
                              f"DDM needs at least two groups")
         index = {g: k for k, g in enumerate(self.group_names)}
-        self.files = [r[1] for r in records]
+        self.files = [r[1] for r in records]  # resolved: what is read
+        self.names = [r[4] for r in records]  # the file_names, with the folders inside this one resolved
         self.texts = [r[2] for r in records]
         self.groups = [index.get(g, -1) for g in raw]  # group index of every item; -1: no label (null)
 
@@ -564,6 +572,10 @@ def micro_batches(data, indices, cache=None, num_workers=0, pin_memory=False):
 
 # Command line
 
+SEED = (0, 2 ** 64 - 1)  # numpy's default_rng takes any seed >= 0, torch.Generator 64 bits
+RANGES = {"celeba": {"seed": SEED}, "clusters": {"dims": (1, None), "seed": SEED}}  # checked by cli.range_error
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Build the data folders train.py reads (metadata.jsonl + images).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -602,6 +614,12 @@ def main(argv=None):
     c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
     c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
     args = parser.parse_args(argv)
+    why = cli.range_error(args, RANGES[args.command])
+    if why:
+        parser.error(why)
+    if args.command == "clusters" and (args.resolution <= 0 or args.resolution % 8):
+        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got "
+                     f"{args.resolution}")
     try:
         return celeba(parser, args) if args.command == "celeba" else clusters(args)
     except (ValueError, OSError) as e:

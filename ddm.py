@@ -73,7 +73,8 @@ def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
     Both terms are computed in float32 whatever the autocast dtype. The CE gradient reaches the UNet through
     eps_hat, which is the point of DDM. parts = {"rec": MSE, "ind": CE (detached tensors), "acc", "bacc": the
     indicator's accuracy and balanced accuracy on this batch}. With w_ind == 0 the indicator is not run at all, L is
-    exactly w_rec * MSE, and parts["ind"], parts["acc"] are NaN (not measured).
+    exactly w_rec * MSE, and parts["ind"], parts["acc"] are NaN (not measured), as they are for a batch without a
+    labelled image.
     """
     assert eps_hat.shape == noise.shape and groups.shape == eps_hat.shape[:1], "eps_hat, noise, groups differ in shape"
     rec = F.mse_loss(eps_hat.float(), noise.float())
@@ -82,7 +83,7 @@ def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
         return w_rec * rec, {"rec": rec.detach(), "ind": nan, "acc": nan}
     logits = indicator(eps_hat).float()
     ind = cross_entropy(logits, groups)  # over the labelled images (group -1: none)
-    return w_rec * rec + w_ind * ind, {"rec": rec.detach(), "ind": ind.detach(), **accuracies(logits, groups)}
+    return w_rec * rec + w_ind * ind, {"rec": rec.detach(), "ind": logged(ind, groups), **accuracies(logits, groups)}
 
 
 def ddm(b, indicator, hp):
@@ -102,7 +103,7 @@ def predicted_x0(b):
 def ddm_x0(b, indicator, hp):
     """The paper's figure (ours to build): the indicator reads the denoised latent x0_hat instead of eps_hat.
 
-        L = w_rec * MSE + w_ind * mean_i( abar_t_i * CE(I(x0_hat_i), g_i) )
+        L = w_rec * MSE + w_ind * mean_i( abar_t_i * CE(I(x0_hat_i), g_i) )    (i: the labelled images)
 
     x0_hat divides by sqrt(abar_t) (about 15 at t = 999), where it is mostly noise. Weighting each image's CE by
     abar_t, the share of signal in z_t's variance, keeps the CE gradient through x0_hat bounded (it scales as
@@ -111,9 +112,9 @@ def ddm_x0(b, indicator, hp):
     if indicator is None:
         return hp.w_rec * rec, {"rec": rec}
     logits = indicator(predicted_x0(b)).float()
-    ce = cross_entropy(logits, b.groups, reduction="none")
-    ind = (b.alphas_cumprod[b.t].float() * ce).mean()
-    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": ind, **accuracies(logits, b.groups)}
+    ce = cross_entropy(logits, b.groups, reduction="none")  # 0 where an image has no label: not counted below
+    ind = (b.alphas_cumprod[b.t].float() * ce).sum() / (b.groups >= 0).sum().clamp(min=1)
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups), **accuracies(logits, b.groups)}
 
 
 def importance_weights(q, group_shares, target_shares, clip=10.0):

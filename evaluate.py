@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 import cli
 import clip_image
@@ -587,13 +588,28 @@ def parse_args(argv=None):
                      '"a photo of a woman"')
     elif args.groups is not None:
         parser.error("--groups picks digit classes; with --clip the groups are the --attributes")
-    why = cli.range_error(args, {"batch_size": (1, None)})
+    why = (cli.range_error(args, {"batch_size": (1, None)})
+           or out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None))
     if why:
         parser.error(why)
     if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
         sys.exit(f"evaluate.py: error: --prompt-groups names {len(args.prompt_groups)} groups for "
                  f"{len(args.image_dirs)} image folders; give one per folder")
     return args
+
+
+def out_error(out, default):
+    """Why the result file `out` cannot be written, or None; checked before the evaluation, not after it. The default
+    (evaluation.json in the first image folder) is left to the folder's own check when that folder is missing."""
+    if default and not out.parent.is_dir():
+        return None
+    if out.is_dir():
+        return f"--out {out}: is a folder; give the path of the JSON file to write"
+    if not out.parent.is_dir():
+        return f"--out {out}: {out.parent} " + ("is a file, not a folder" if out.parent.exists() else "does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        return f"--out {out}: the folder {out.parent} is not writable"
+    return None
 
 
 def main(argv=None):
@@ -606,8 +622,8 @@ def main(argv=None):
     out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
     try:
         weights.write_atomic(out, json.dumps(result, indent=2) + "\n")
-    except OSError as e:
-        raise SystemExit(f"evaluate.py: error: --out: {e}")
+    except OSError as e:  # weights.WriteError, naming the file: a disk that filled during the evaluation
+        raise SystemExit(f"evaluate.py: error: {e}") from None
     print(format_result(result))
     print(f"wrote {out}")
     return result
@@ -687,13 +703,16 @@ def _attribute(group, attributes):
 def _read_logits(path):
     if not path.is_file():
         raise FileNotFoundError(f"indicator logits file {path} not found")
-    if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path))
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        if len(keys) != 1:
-            raise ValueError(f"{path} must hold exactly one tensor (the (N, K) logits), found {keys}")
-        return f.get_tensor(keys[0])
+    try:
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path))  # object arrays (pickles) are refused: allow_pickle=False
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if len(keys) != 1:
+                raise ValueError(f"it must hold exactly one tensor (the (N, K) logits), found {keys}")
+            return f.get_tensor(keys[0])
+    except (ValueError, TypeError, OSError, SafetensorError) as e:  # TypeError: a dtype torch has not
+        raise ValueError(f"{path}: cannot read the indicator logits ({e})") from None
 
 
 def format_result(r):

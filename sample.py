@@ -273,6 +273,8 @@ def parse_args(argv=None):
     why = cli.range_error(args, {"n": (1, None), "calibration": (2, None), **RANGES})
     if why:
         p.error(why)
+    if args.eta > 1:  # σ_t² would pass 1 − ᾱ_prev: DDIM's √(1 − ᾱ_prev − σ_t²) is imaginary late in sampling
+        p.error(f"--eta must be at most 1 (1 is DDPM's ancestral step), got {args.eta}")
     if args.indicator_guidance and not args.indicator:
         p.error("--indicator-guidance needs --indicator RUN_OR_FILE")
     if args.target and len(args.target) not in (1, len(args.indicator)):

@@ -109,6 +109,10 @@ class Trainer:
         self.models = models = (loading.load_models(base) if base is not None
                                 else loading.models_from_config(args.init_config, args.vae, args.seed) if from_scratch
                                 else loading.load_models(args.model))
+        multiple = loading.side_multiple(models.unet.config, models.vae_config)
+        if args.resolution % multiple:
+            raise ValueError(f"--resolution must be a multiple of {multiple} for this model (the VAE and the UNet "
+                             f"downsample by that much together), got {args.resolution}")
         latent_shape = loading.latent_shape(models, args.resolution, args.resolution)
         _barrier(world)  # every rank has checked the run directory before rank 0 creates it
         if rank == 0 and not args.resume:
@@ -270,7 +274,8 @@ def add_objective_flags(p):
     objective = [
         g.add_argument("--objective", choices=sorted(ddm.OBJECTIVES), default="ddm", help="ddm.OBJECTIVES"),
         g.add_argument("--w-rec", type=float, default=0.95, help="weight of the denoising MSE"),
-        g.add_argument("--w-ind", type=float, default=0.05, help="weight of the indicator CE (0: no indicator)"),
+        g.add_argument("--w-ind", type=float, default=0.05,
+                       help="weight of the indicator CE (0: no indicator; > 0 with a noise-aware objective)"),
         g.add_argument("--indicator-hidden", type=int, nargs="+", default=[1024, 512], help="indicator MLP widths"),
         g.add_argument("--target", default="uniform", help="pi*, the group shares to aim for: uniform or "
                                                            "NAME=SHARE,... (balanced, indicator-weighted)"),
@@ -316,7 +321,8 @@ def build_parser():
                    help="share of captions replaced by '' (needed for guidance when training from scratch)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    g.add_argument("--device", type=lambda spec: str(cli.device_arg(spec)),  # checked, and kept as text for run.json
+                   help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="autocast (default bf16 on CUDA)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
@@ -337,10 +343,16 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_n", "validation_steps"), (1, None)),
-          **dict.fromkeys(("lr", "indicator_lr", "weight_decay", "max_grad_norm", "w_rec", "w_ind", "checkpoint_every",
+RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_n"), (1, None)),
+          **dict.fromkeys(("lr", "weight_decay", "max_grad_norm", "w_rec", "w_ind", "checkpoint_every",
                            "validation_every", "num_workers", "lora_rank"), (0, None)),
-          "caption_dropout": (0.0, 1.0)}
+          # > 0: each read another method below (--indicator-lr 0 became --lr, --weight-clip -1 made every importance
+          # weight 1, --lora-alpha 0 scales the LoRA update to 0, --adam-eps 0 divides by 0 where a gradient is 0)
+          **dict.fromkeys(("indicator_lr", "lora_alpha", "weight_clip", "adam_eps"), (0, None, True)),
+          "indicator_hidden": (1, None),  # a width 0 is a constant indicator
+          "adam_betas": (0.0, 1.0, False, True),  # torch's AdamW: 0 <= beta < 1
+          "caption_dropout": (0.0, 1.0),
+          "validation_steps": sample.RANGES["steps"], "validation_guidance": sample.RANGES["guidance"]}
 
 
 def check_args(args):
@@ -362,6 +374,9 @@ def check_args(args):
     why = cli.range_error(args, RANGES)
     if why:
         raise ValueError(why)
+    if ddm.noise_aware(args.objective) and args.w_ind == 0:
+        raise ValueError(f"--w-ind must be a number > 0 with --objective {args.objective} (its noise-aware indicator "
+                         f"is what it trains), got {args.w_ind}")
 
 
 def setup_distributed(device_arg):

@@ -5,6 +5,7 @@ layout (config.json + model.safetensors, or a legacy pytorch_model.bin), which `
 """
 import gc
 import json
+import re
 
 import numpy as np
 import pytest
@@ -118,6 +119,29 @@ def test_wrong_checkpoints_name_the_missing_and_unexpected_tensors(tmp_path):
         load_clip(tmp_path)
     with pytest.raises(FileNotFoundError, match="no CLIP folder"):
         load_clip(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"config\.json, line 1: not valid JSON"),
+    ("[1, 2]", r"config\.json: expected a JSON object \{\.\.\.\}, got list"),
+    ({"vision_config": {"hidden_size": None}}, r"config\.json: vision_config: field 'hidden_size' must be a positive "
+                                               r"integer, got null"),
+    ({"text_config": {"hidden_size": None}}, r"config\.json: text_config: field 'hidden_size' must be a positive "
+                                             r"integer, got null"),
+    ({"projection_dim": None}, r"config\.json: field 'projection_dim' must be a positive integer, got null"),
+    ({"vision_config": {"hidden_act": None}}, r"config\.json: vision_config: field 'hidden_act' must be a string"),
+    ({"text_config": None}, r"config\.json has no 'text_config'"),
+])
+def test_a_bad_config_json_is_one_error_naming_the_file_and_field(tmp_path, text, message):
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")  # never read: the config comes first
+    if isinstance(text, dict):
+        config = tiny_config()
+        for key, value in text.items():
+            config[key] = {**config[key], **value} if isinstance(value, dict) else value
+        text = json.dumps(config)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}/{message}"):
+        load_clip(tmp_path)
 
 
 def test_bad_inputs_are_refused():  # programming errors: evaluate.py's images come through preprocess

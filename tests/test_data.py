@@ -410,3 +410,61 @@ def test_cluster_folder_gives_unlabelled_images_groups_of_free_size(tmp_path):
     with pytest.raises(SystemExit, match=r"data.py: error: k must lie in \[2, 30\]"):
         data.main(["clusters", "--data", str(src), "--vae", str(vae), "--k", "1", "--resolution", "16",
                    "--out", str(tmp_path / "k1")])
+
+
+def test_folders_built_with_link_are_read_and_clustered_and_a_link_elsewhere_still_is_not(celeba, tmp_path):
+    """--link writes symlinks to the sources, outside the folder on purpose; the line's `source` names the target.
+    A link whose line names no such source, or another one, still lies outside the folder."""
+    folder, attributes = celeba
+    linked = _build(folder, attributes, tmp_path / "linked", "--counts", "6,6", "--link")
+    dataset = data.ImageFolder(linked, 16)
+    assert dataset.group_names == ["Male", "not Male"] and len(dataset) == 12
+    vae = _tiny_vae(tmp_path / "vae")
+    for source in (linked, _build(folder, attributes, tmp_path / "copied", "--counts", "6,6")):
+        out = data.main(["clusters", "--data", str(source), "--vae", str(vae), "--k", "2", "--resolution", "16",
+                         "--out", str(tmp_path / f"clusters-of-{source.name}"), "--link"])
+        clustered = data.ImageFolder(out, 16)
+        assert clustered.names == data.ImageFolder(source, 16).names == dataset.names  # same names, same order
+        assert all((out / name).is_symlink() for name in clustered.names)
+        assert [p.read_bytes() for p in clustered.files] == [p.read_bytes() for p in dataset.files]
+    rows = [json.loads(line) for line in (linked / "metadata.jsonl").read_text().splitlines()]
+    for row in ({k: v for k, v in rows[1].items() if k != "source"}, {**rows[1], "source": rows[2]["source"]}):
+        (linked / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in [rows[0], row]) + "\n")
+        with pytest.raises(ValueError, match=r"metadata.jsonl, line 2: field 'file_name' .* lies outside the data "
+                                             r"folder"):
+            data.ImageFolder(linked, 16)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["clusters", "--dims", "-1"], "--dims must be >= 1, got -1"),  # it kept all components but the last
+    (["clusters", "--dims", "0"], "--dims must be >= 1, got 0"),
+    (["clusters", "--resolution", "12"], "--resolution must be a positive multiple of 8"),
+    (["clusters", "--seed", "-1"], "--seed must be between 0 and"),
+    (["celeba", "--seed", "-1"], "--seed must be between 0 and"),
+])
+def test_data_py_flags_out_of_range_are_refused_before_anything_is_read(tmp_path, capsys, argv, message):
+    required = {"clusters": ["--data", str(tmp_path / "none"), "--vae", str(tmp_path / "none"), "--k", "2"],
+                "celeba": ["--images", str(tmp_path / "none"), "--attributes", str(tmp_path / "none"),
+                           "--attribute", "Male", "--counts", "1,1", "--prompt", "p"]}[argv[0]]
+    with pytest.raises(SystemExit) as e:
+        data.main([argv[0], *required, "--out", str(tmp_path / "out"), *argv[1:]])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_attribute_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    (tmp_path / "attr.txt").write_bytes(b"1\nMale Young\ncaf\xe9.jpg 1 1\n")  # Latin-1
+    with pytest.raises(ValueError, match=r"attr.txt, line 3: not UTF-8 text \(byte 0xe9"):
+        data.read_attribute(tmp_path / "attr.txt", "Male")
+
+
+def test_clustering_identical_images_is_one_line_naming_the_folder(tmp_path):
+    src = _folder(tmp_path / "src", [{"file_name": f"{k}.png", "text": "", "group": None} for k in range(6)],
+                  {f"{k}.png": Image.new("RGB", (16, 16), (90, 90, 90)) for k in range(6)})
+    vae = _tiny_vae(tmp_path / "vae")
+    with pytest.raises(SystemExit) as e:
+        data.main(["clusters", "--data", str(src), "--vae", str(vae), "--k", "2", "--resolution", "16", "--out",
+                   str(tmp_path / "out")])
+    assert str(e.value).startswith(f"data.py: error: {src}: its 6 images have 1 distinct latent") and \
+        "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()

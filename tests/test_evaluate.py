@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -212,6 +213,34 @@ def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
         evaluate.load_classifier(tmp_path / "junk.safetensors")
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_the_evaluation(heldout, tmp_path, monkeypatch, capsys):
+    images, _ = heldout
+    good = _write_pngs(tmp_path / "good", images[:4])
+    monkeypatch.setattr(evaluate, "evaluate_images", lambda *a, **k: pytest.fail("evaluated before --out was checked"))
+    (tmp_path / "file").write_text("")
+    for out, message in ((tmp_path, "is a folder"), (tmp_path / "file" / "e.json", "is a file, not a folder"),
+                         (tmp_path / "none" / "e.json", "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([str(good), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--out {out}: " in err and message in err
+
+
+@pytest.mark.parametrize("name", ["objects.npy", "junk.safetensors", "junk.npy"])
+def test_indicator_logits_that_do_not_read_are_named(name, trained, heldout, tmp_path):
+    model, _ = trained
+    evaluate.save_classifier(model, tmp_path / "c.safetensors")
+    images, _ = heldout
+    good = _write_pngs(tmp_path / "good", images[:4])
+    path = tmp_path / name
+    if name == "objects.npy":
+        np.save(path, np.array([[0.1, "a"]] * 4, dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(b"junk")
+    with pytest.raises(SystemExit, match=rf"^evaluate\.py: error: {re.escape(str(path))}: "):
+        evaluate.main([str(good), "--classifier", str(tmp_path / "c.safetensors"), "--indicator-logits", str(path)])
+
+
 # --- CLIP zero-shot classification (--clip) -------------------------------------------------------------------------
 
 ATTRIBUTES = ["a photo of a man", "a photo of a woman"]
@@ -353,7 +382,8 @@ def test_clip_cli_bad_inputs_give_clear_messages(tiny_clip, heldout, tmp_path, c
     for argv, message in (([str(plain), "--attributes", *ATTRIBUTES], "--attributes is for the CLIP classifier"),
                           ([str(plain), "--clip", folder, "--attributes", "a man"], "at least two texts"),
                           ([str(plain), *clip, "--groups", "7", "8"], "--groups picks digit classes"),
-                          ([str(plain), *clip, "--device", "gpu0"], "--device")):
+                          ([str(plain), *clip, "--device", "gpu0"], "--device"),
+                          ([str(plain), "--batch-size", "0"], "--batch-size must be >= 1, got 0")):
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -75,6 +75,17 @@ def test_ddm_x0_weights_the_ce_by_alpha_bar_so_its_gradient_stays_bounded_at_lar
     assert grad.abs().max() < 0.01 * unweighted.abs().max()  # abar_999 = 0.0047
 
 
+def test_ddm_x0_averages_its_ce_over_the_labelled_images_only():
+    """An image without a label has no CE: it is not counted as a CE of 0 (which would shrink the term)."""
+    torch.manual_seed(0)
+    ind = ddm.Indicator(LATENT, 2, (8,))
+    b = micro_batch([0, -1, 1, -1])
+    _, parts = ddm.ddm_x0(b, ind, SimpleNamespace(w_rec=1.0, w_ind=1.0))
+    rows = torch.tensor([0, 2])
+    ce = F.cross_entropy(ind(ddm.predicted_x0(b))[rows], b.groups[rows], reduction="none")
+    torch.testing.assert_close(parts["ind"], (b.alphas_cumprod[b.t][rows] * ce).mean().float())
+
+
 def test_importance_weights_on_a_toy_posterior_equal_the_formula():
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.9, 0.1]])
     pi_hat, pi_star = torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.5])
@@ -107,6 +118,17 @@ def test_indicator_weighted_trains_its_indicator_on_labelled_images_only_and_wei
     none = micro_batch([-1, -1])  # a batch without labels: CE 0, still a finite loss
     loss, parts = ddm.indicator_weighted(none, ind, HP)
     assert math.isfinite(loss.item()) and math.isnan(parts["ind"]) and math.isnan(parts["bacc"])  # not measured
+
+
+@pytest.mark.parametrize("objective", ["ddm", "ddm-x0", "plain-indicator", "indicator-weighted"])
+def test_a_batch_without_labels_logs_its_indicator_parts_as_not_measured(objective):
+    """The loss stays finite (its CE term is 0), but "ind", "acc" and "bacc" were not measured: NaN, logged null."""
+    torch.manual_seed(0)
+    ind = ddm.make_indicator(objective, LATENT, 2, (8,))
+    loss, parts = ddm.loss(micro_batch([-1, -1]), ind, SimpleNamespace(**vars(HP), objective=objective))
+    assert math.isfinite(loss.item())
+    assert {k: math.isnan(v) for k, v in parts.items() if k in ("ind", "acc", "bacc")} == \
+        {"ind": True, "acc": True, "bacc": True}
 
 
 def test_balanced_accuracy_does_not_reward_the_majority():

@@ -103,6 +103,30 @@ def test_a_second_train_py_on_a_running_run_directory_is_refused_naming_the_hold
     assert [r["step"] for r in log_lines(out)] == [1]
 
 
+@pytest.mark.parametrize("new", [True, False])
+def test_a_train_lock_that_is_a_symbolic_link_is_refused_and_what_it_points_to_is_untouched(new, tmp_path):
+    victim, run = tmp_path / "victim.txt", tmp_path / "run"
+    victim.write_text("precious")
+    run.mkdir()
+    for target in (victim, tmp_path / "nowhere.txt"):  # a file outside the run, and a link to nothing yet
+        (run / "train.lock").unlink(missing_ok=True)
+        (run / "train.lock").symlink_to(target)
+        with pytest.raises(FileExistsError, match=rf"^{re.escape(str(run / 'train.lock'))} is a symbolic link"):
+            with checkpoints.locked_run_dir(run, new=new):
+                pytest.fail("locked through a link")
+        assert (run / "train.lock").is_symlink()
+    assert victim.read_text() == "precious" and not (tmp_path / "nowhere.txt").exists()
+
+
+def test_a_disk_full_at_the_start_names_the_lock_file(data_dir, tmp_path):
+    out = tmp_path / "new" / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(tmp_path / "no-model"), "--data",
+                        str(data_dir), "--out", str(out), *FAST], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300, preexec_fn=file_size_limit(0))
+    assert r.stderr.strip().splitlines() == [f"train.py: error: cannot write {out / 'train.lock'}: File too large"]
+    assert r.returncode == 1 and not (tmp_path / "new").exists()
+
+
 # ---- 8. the user's files in a run directory
 
 
@@ -186,6 +210,40 @@ def test_a_run_whose_only_checkpoint_is_broken_is_refused_naming_the_file(two_ch
     assert state.stat().st_size > 0  # nothing deleted
 
 
+def test_a_checkpoint_whose_state_json_names_another_step_is_refused_and_the_log_kept(two_checkpoints, sd_dir,
+                                                                                      data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    shutil.rmtree(run / "checkpoint-000002")
+    state = run / "checkpoint-000004" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "step": 1}))
+    log = (run / "log.jsonl").read_bytes()
+    message = rf"{re.escape(str(state))}: step 1, but the folder is checkpoint-000004.*no checkpoint of .* reads"
+    with pytest.raises(ValueError, match=message):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "6"])
+    with pytest.raises(ValueError, match=message):
+        loading.load_run(run)
+    assert (run / "log.jsonl").read_bytes() == log
+
+
+@pytest.mark.parametrize("change", ["renamed", "reshaped"])
+def test_an_optimizer_state_that_does_not_fit_the_run_is_refused_naming_the_file(change, two_checkpoints, sd_dir,
+                                                                                 data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    shutil.rmtree(run / "checkpoint-000002")
+    path = run / "checkpoint-000004" / "optimizer.pt"
+    saved = torch.load(path, weights_only=True)
+    state = saved["optimizer"]["state"][0]
+    if change == "renamed":
+        state["exp_avg_renamed"] = state.pop("exp_avg")
+    else:
+        state["exp_avg"] = state["exp_avg"].flatten()[:3]
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: state 0 "):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "6"])
+
+
 def test_a_checkpoint_that_does_not_read_back_as_written_stops_the_run_and_keeps_the_previous_one(
         two_checkpoints, sd_dir, data_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
@@ -226,6 +284,33 @@ def test_resume_over_changed_data_is_refused_unless_allowed(sd_dir, tmp_path):
     with pytest.raises(ValueError, match=refused.format(r"metadata\.jsonl differs")):
         train.train([*common, "--resume", str(out), "--max-steps", "2"])
     train.train([*common, "--resume", str(out), "--max-steps", "2", "--allow-data-change"])
+    assert [r["step"] for r in log_lines(out)] == [1, 2]
+
+
+def test_resume_over_an_image_edited_in_place_with_its_size_and_time_kept_is_refused(sd_dir, tmp_path):
+    data = make_data(tmp_path / "data")
+    image = data / "3.png"
+    Image.open(image).save(image, compress_level=0)  # stored uncompressed: any pixels give the same file size
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    stat = image.stat()
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image, compress_level=0)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    with pytest.raises(ValueError, match=r"changed since the run started \(the images' contents differ\)"):
+        train.train([*common, "--resume", str(out), "--max-steps", "2"])
+
+
+def test_a_run_json_from_before_the_content_hash_resumes_on_the_checks_it_recorded(sd_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    info = json.loads((out / "run.json").read_text())
+    assert set(info["data"]) == {"metadata.jsonl", "images", "contents"}
+    del info["data"]["contents"]
+    (out / "run.json").write_text(json.dumps(info))
+    train.train([*common, "--resume", str(out), "--max-steps", "2"])
     assert [r["step"] for r in log_lines(out)] == [1, 2]
 
 

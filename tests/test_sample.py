@@ -384,6 +384,16 @@ def test_cli_rejects_bad_arguments_before_loading_weights(tiny, tmp_path, monkey
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_an_eta_above_one_whose_ddim_step_has_no_real_coefficient(tiny, tmp_path, monkeypatch, capsys):
+    """η > 1 asks σ_t² > 1 − ᾱ_prev late in sampling: the step's √(1 − ᾱ_prev − σ_t²) is imaginary."""
+    monkeypatch.setattr(sample, "load_models", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model", str(tiny[2]), "--prompt", "a cat", "--out", str(tmp_path / "out"), "--device", "cpu",
+                     "--eta", "1.5"])
+    assert e.value.code == 2 and "--eta must be at most 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_exits_nonzero_with_a_message_for_a_folder_that_is_no_checkpoint(tmp_path):
     import subprocess
     import sys

@@ -475,6 +475,52 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
     assert r.returncode != 0 and "give exactly one of --model" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--weight-clip", "-1"], r"--weight-clip must be a number > 0, got -1\.0"),  # every weight 1: plain fine-tuning
+    (["--weight-clip", "0"], r"--weight-clip must be a number > 0, got 0\.0"),
+    (["--weight-clip", "nan"], r"--weight-clip must be a finite number, got nan"),
+    (["--indicator-hidden", "64", "0"], r"--indicator-hidden must be >= 1, got 0"),  # a constant indicator
+    (["--lora-alpha", "nan"], r"--lora-alpha must be a finite number, got nan"),
+    (["--lora-alpha", "0"], r"--lora-alpha must be a number > 0, got 0\.0"),
+    (["--adam-betas", "1.5", "0.9"], r"--adam-betas must lie in \[0, 1\), got 1\.5"),
+    (["--adam-betas", "0.9", "1"], r"--adam-betas must lie in \[0, 1\), got 1\.0"),
+    (["--adam-eps", "0"], r"--adam-eps must be a number > 0, got 0\.0"),
+    (["--indicator-lr", "0"], r"--indicator-lr must be a number > 0, got 0\.0"),  # not "0: take --lr"
+    (["--w-rec", "inf"], r"--w-rec must be a finite number, got inf"),
+    (["--w-ind", "inf"], r"--w-ind must be a finite number, got inf"),
+    (["--validation-guidance", "inf"], r"--validation-guidance must be a finite number, got inf"),
+    (["--objective", "plain-indicator", "--w-ind", "0"],
+     r"--w-ind must be a number > 0 with --objective plain-indicator .*got 0\.0"),
+    (["--objective", "indicator-weighted", "--w-ind", "0"],
+     r"--w-ind must be a number > 0 with --objective indicator-weighted .*got 0\.0"),
+])
+def test_a_flag_that_would_change_the_method_or_fail_later_is_refused_before_anything_loads(flags, message, data_dir,
+                                                                                           tmp_path):
+    """Checked at parse time, naming the flag: this --model does not exist and --out is never created."""
+    with pytest.raises(ValueError, match=message):
+        train.train(["--model", str(tmp_path / "no-model"), "--data", str(data_dir), "--out", str(tmp_path / "never"),
+                     *FAST, *flags])
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_resolution_the_model_cannot_halve_often_enough_is_refused_naming_the_flag(sd_dir, data_dir, tmp_path):
+    """Three UNet halvings after the VAE's one: sides must be multiples of 16, which 24 is not."""
+    config = tmp_path / "deep.json"
+    config.write_text(json.dumps({**TINY, "unet": {**TINY["unet"], "channel_mult": [1, 2, 2, 2]}, "vae": None}))
+    with pytest.raises(ValueError, match=r"^--resolution must be a multiple of 16 for this model .*got 24$"):
+        train.train(["--init-config", str(config), "--vae", str(sd_dir), "--data", str(data_dir), "--out",
+                     str(tmp_path / "never"), *FAST, "--resolution", "24"])
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_refuses_a_device_this_machine_lacks_in_one_line(data_dir, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(tmp_path / "no-model"), "--data",
+                        str(data_dir), "--out", str(tmp_path / "x"), "--device", "tpu:9"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "argument --device" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_loss_term_added_in_ddm_py_alone_trains_and_is_logged(sd_dir, data_dir, tmp_path, monkeypatch):
     """The extension point: a new objective is a function in ddm.OBJECTIVES; train.py needs no edit."""
     def toy(b, indicator, hp):  # the authors' loss + 0.1 * mean(eps_hat^2)
