@@ -137,3 +137,91 @@ def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 1} and len(calls) == 1
     (folder / "done.json").unlink()  # as if killed before finishing
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 2}
+
+
+# ---- the verdict and its statistics, on rows built by hand ---------------------------------------------------------
+
+
+def row(method, seed, fd, frechet, groups=(7, 8)):
+    """One evaluated model as run() records it, with the numbers the verdict reads."""
+    return {"method": method, "label": f"{method} label", "seed": seed, "fd": fd, "fd_soft": fd, "spd": 0.1,
+            "frechet_distance": frechet, "share_outside_groups": 0.0, "mean_confidence": 0.9,
+            "indicator_entropy": None, "proportions": [0.5] * len(groups),
+            "frechet_per_group": {str(g): frechet for g in groups}, "train": {}}
+
+
+def verdicts(rows):
+    return {s["method"]: s["meets_goal"] for s in reproduce.summarize(rows, [7, 8])}
+
+
+def test_the_bar_is_half_of_plains_fd_at_at_most_ten_percent_worse_frechet():
+    plain_fd, plain_frechet = 0.5, 10.0  # FD halves exactly in binary
+    rows = [row("base", "-", 0.0, 1.0), row("plain", 0, plain_fd, plain_frechet),
+            row("at-bar", 0, 0.5 * plain_fd, 1.1 * plain_frechet),
+            row("fd-over", 0, 0.5 * plain_fd + 1e-6, plain_frechet),
+            row("frechet-over", 0, 0.0, 1.1 * plain_frechet + 1e-6),
+            row("beats-plain-fd-only", 0, 0.75 * plain_fd, plain_frechet),
+            row("frechet-only", 0, plain_fd, 0.5 * plain_frechet),
+            row("frechet-12-percent-worse", 0, 0.0, 1.12 * plain_frechet)]
+    assert verdicts(rows) == {"base": None, "plain": None, "at-bar": True, "fd-over": False, "frechet-over": False,
+                              "beats-plain-fd-only": False, "frechet-only": False, "frechet-12-percent-worse": False}
+    table = reproduce.verdict_table(reproduce.summarize(rows, [7, 8]), [7, 8]).splitlines()
+    assert [line.rsplit("|", 2)[1].strip() for line in table[2:]] == ["–", "–", "**yes**"] + ["no"] * 5
+    assert verdicts([r for r in rows if r["method"] != "plain"]) == dict.fromkeys(
+        ["base", "at-bar", "fd-over", "frechet-over", "beats-plain-fd-only", "frechet-only",
+         "frechet-12-percent-worse"])  # no plain fine-tune: nothing is judged
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds():
+    rows = [row("base", "-", 0.3, 5.0)] + [row("ddm", s, fd, fr) for s, fd, fr in
+                                           ((0, 0.1, 10.0), (1, 0.2, 14.0), (2, 0.6, 12.0))]
+    base, ddm = reproduce.summarize(rows, [7, 8])
+    assert ddm["seeds"] == [0, 1, 2] and base["seeds"] == ["-"]
+    assert ddm["fd"] == pytest.approx(0.3) and ddm["frechet_distance"] == pytest.approx(12.0)
+    # sample std (ddof 1): sqrt(((-0.2)^2 + (-0.1)^2 + 0.3^2) / 2) = sqrt(0.07); the population std is sqrt(0.14 / 3)
+    assert ddm["fd_std"] == pytest.approx(0.07 ** 0.5) and ddm["frechet_distance_std"] == pytest.approx(2.0)
+    assert ddm["frechet_8"] == pytest.approx(12.0) and ddm["share_7"] == pytest.approx(0.5)
+    assert (base["fd"], base["fd_std"]) == (pytest.approx(0.3), 0.0)  # one seed: no spread
+
+
+def test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale(tmp_path, monkeypatch):
+    """run() with every stage stubbed (no training, no sampling): the CFG check takes the method of lowest mean FD
+    among those judged (never base or plain), and each of its rows holds what was sampled at that row's scale."""
+    fds = {"base": 0.0, "plain": 0.5, "ddm": 0.3, "balanced": 0.1, "guided-3": 0.2}  # balanced is best
+    calls = []
+
+    def evaluate_model(models, indicator, method, judge, groups, sizes, *, guidance=None, generic_only=False,
+                       progress=True):
+        name, scale = method.name if method else "base", guidance or sizes.guidance
+        calls.append((name, models, scale, generic_only))
+        fd = fds[name] + 0.01 * models.endswith("seed1") + scale / 1000  # the scale it was sampled at, readable
+        measured = {k: v for k, v in row(name, None, fd, 10.0).items() if k not in ("method", "label", "seed", "train")}
+        return measured, torch.zeros(8, reproduce.RESOLUTION, reproduce.RESOLUTION, 3,
+                                                        dtype=torch.uint8)
+
+    judge = (type("Judge", (), {"heldout_accuracy": 0.99})(), None)
+    monkeypatch.setattr(reproduce, "prepare", lambda args, sizes, timings: (judge, {"path": "vae"}, {"path": "base"}))
+    monkeypatch.setattr(reproduce, "fine_tune",
+                        lambda args, sizes, m, seed, base, vae: tmp_path / f"{m.name}-seed{seed}")
+    monkeypatch.setattr(reproduce, "load_models", lambda path: "base-seed0")
+    monkeypatch.setattr(reproduce, "load_run", lambda path: type("Run", (), {"models": str(path), "indicator": None}))
+    monkeypatch.setattr(reproduce, "train_stats", lambda run: {"rec": 0.1})
+    monkeypatch.setattr(reproduce, "evaluate_model", evaluate_model)
+    args = reproduce.parse_args(["--quick", "--out", str(tmp_path / "run"), "--methods", ",".join(list(fds)[1:]),
+                                 "--seeds", "2", "--no-progress"])
+    n = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            report = reproduce.run(args)
+    finally:
+        torch.set_num_threads(n)
+    assert report["best_method"] == "balanced"
+    scales = reproduce.QUICK.cfg_check
+    assert sorted(c[2] for c in calls if c[3]) == sorted(scales * 4)  # plain and balanced, two seeds each
+    assert {c[0] for c in calls if c[3]} == {"plain", "balanced"}
+    for r in report["cfg_rows"]:
+        assert r["fd"] == pytest.approx(fds[r["method"]] + 0.01 * r["seed"] + r["cfg"] / 1000), r
+    assert sorted((r["method"], r["seed"], r["cfg"]) for r in report["cfg_rows"]) == sorted(
+        (m, s, c) for m in ("plain", "balanced") for s in (0, 1) for c in (reproduce.QUICK.guidance, *scales))
+    assert "plain, and the best method: balanced" in (tmp_path / "run" / "report.md").read_text()
+
