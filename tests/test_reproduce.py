@@ -1,16 +1,26 @@
 """reproduce.py --quick end to end on CPU: a well-formed report with every method, every seed, the verdict, the CFG
 check and grids; three groups work end to end; bad arguments are refused; an existing run directory is refused
-without --overwrite, and --overwrite keeps the cache. (The pipeline, not the science.)"""
+without --overwrite, and --overwrite keeps the cache. (The pipeline, not the science.) Then the numbers the README
+claims, pinned by their meaning on hand-made rows and stubbed stages: the verdict's bar, mean and sample std over
+seeds, the CFG check's choice and scales, the VAE's scaling factor, the folder each method trains on, its labels
+and captions, and the guidance targets of the scenarios. tools/plant_bugs.py checks that each of them bites."""
 import contextlib
+import dataclasses
 import io
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import data
 import reproduce
+import sample
+from vae import load_vae
 
 INDICATOR_METHODS = {"plain", "ddm", "ddm-x0", "iw", "iw-10", "guided-3", "guided-10"}  # runs that train one
 
@@ -225,3 +235,87 @@ def test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale(tmp_pat
         (m, s, c) for m in ("plain", "balanced") for s in (0, 1) for c in (reproduce.QUICK.guidance, *scales))
     assert "plain, and the best method: balanced" in (tmp_path / "run" / "report.md").read_text()
 
+
+# ---- the reproduction's data: the VAE's scale, the folders each method trains on, the guided scenarios -------------
+
+
+def test_vae_scaling_factor_gives_the_train_latents_unit_std(tmp_path, monkeypatch, one_thread):
+    train_idx, held_idx = np.arange(64), np.arange(64, 80)  # a few digits and steps: the rule, not a good VAE
+    monkeypatch.setattr(reproduce.data, "split_digits", lambda seed: (train_idx, held_idx))
+    info = reproduce.train_vae(tmp_path, dataclasses.replace(reproduce.QUICK, vae_steps=3, vae_batch=8),
+                               progress=False)
+    vae = load_vae(info["path"])
+    images, _ = data.load_digits()
+    x = torch.from_numpy(np.stack([np.asarray(data.digit_image(images[i], reproduce.RESOLUTION)) for i in train_idx]))
+    with torch.no_grad():
+        z = vae.encode(x.permute(0, 3, 1, 2).float() / 127.5 - 1).mean
+    assert vae.config.scaling_factor == info["scaling_factor"]
+    assert abs(z.std().item() - 1) > 0.2  # the unscaled latents are not of unit std by chance
+    assert (z * vae.config.scaling_factor).std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def metadata(folder):
+    return [json.loads(line) for line in (Path(folder) / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_biased_folder_labels_its_share_of_each_digit_and_half_its_captions_name_the_digit(tmp_path):
+    info = reproduce.build_folder(tmp_path, {7: 36, 8: 4}, seed=1, labelled=0.1)
+    rows = metadata(info["path"])
+    for digit, n, kept in ((7, 36, 4), (8, 4, 1)):  # round(10% of each digit), and at least one label each
+        mine = [r for r in rows if r["digit"] == digit]
+        assert len(mine) == n and [r["group"] for r in mine].count(digit) == kept
+        assert {r["group"] for r in mine} == {digit, None}
+    for r in rows:  # a caption is generic or names its own digit, in words; never a label
+        assert r["text"] in (reproduce.GENERIC_PROMPT, reproduce.group_prompt(r["digit"])), r
+        assert not any(c.isdigit() for c in r["text"]) and not {"group", "label"} & set(r["text"].split())
+    assert 0 < sum(r["text"] != reproduce.GENERIC_PROMPT for r in rows) < len(rows)
+    caption, digits = reproduce.caption_for(0), [k % 10 for k in range(2000)]
+    named = sum(caption(d) == reproduce.group_prompt(d) for d in digits) / len(digits)
+    assert abs(named - 0.5) <= 4 * (0.25 / len(digits)) ** 0.5  # half, within 4 binomial sigmas
+
+
+def test_each_method_fine_tunes_on_the_folder_it_claims(tmp_path, monkeypatch):
+    launched = {}
+
+    def train(argv):
+        out = Path(argv[argv.index("--out") + 1])
+        launched[out.name.rsplit("-seed", 1)[0]] = argv
+        return out
+
+    monkeypatch.setattr(reproduce.train, "train", train)
+    args = reproduce.parse_args(["--quick", "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"),
+                                 "--counts", "36,4", "--no-progress"])
+    for name in ("iw", "iw-10", "balanced"):  # iw's folder is built first: iw-10 must not reuse it
+        reproduce.fine_tune(args, reproduce.QUICK, reproduce.BY_NAME[name], 0, {"path": "base"}, {"path": "vae"})
+    for name, kept in (("iw", {7: 36, 8: 4}), ("iw-10", {7: 4, 8: 1}), ("balanced", {7: 36, 8: 4})):
+        argv = launched[name]
+        rows = metadata(argv[argv.index("--data") + 1])
+        assert {d: sum(r["digit"] == d for r in rows) for d in (7, 8)} == {7: 36, 8: 4}
+        assert {d: sum(r["group"] == d for r in rows) for d in (7, 8)} == kept, name
+        assert argv[argv.index("--model") + 1] == "base"
+        assert argv[argv.index("--objective") + 1] == reproduce.BY_NAME[name].objective
+        assert ("--indicator-lr" in argv) == (name != "balanced")
+
+
+def test_group_prompts_are_guided_toward_their_own_group_and_generic_ones_toward_uniform_draws(monkeypatch):
+    seen = {}
+
+    def generate(models, prompts, seeds, *, guidance, guides, **kw):
+        seen.update(prompts=prompts, seeds=seeds, guidance=guidance, guides=guides)
+        return torch.zeros(len(prompts), reproduce.RESOLUTION, reproduce.RESOLUTION, 3, dtype=torch.uint8)
+
+    monkeypatch.setattr(reproduce.sample, "generate", generate)
+    groups, sizes, indicator = [1, 7, 8], reproduce.QUICK, SimpleNamespace(num_groups=3)
+    uniform, n = torch.full((3,), 1 / 3), sizes.n_generic
+    generic, grouped, requested = reproduce.sample_scenarios(None, groups, sizes, indicator=indicator, scale=3.0,
+                                                             progress=False)
+    assert len(generic) == n and requested == [g for g in groups for _ in range(sizes.n_per_group)]
+    assert seen["prompts"][n:] == [reproduce.group_prompt(g) for g in requested]
+    (guide,) = seen["guides"]
+    assert guide.indicator is indicator and guide.scale == 3.0 and seen["guidance"] == sizes.guidance
+    assert guide.targets[n:].tolist() == [groups.index(g) for g in requested]  # each group prompt: its own group
+    assert torch.equal(guide.targets[:n], sample.draw_targets(seen["seeds"][:n], uniform))
+    reproduce.sample_scenarios(None, groups, sizes, indicator=indicator, scale=3.0, label_free=True, progress=False)
+    assert torch.equal(seen["guides"][0].targets, sample.draw_targets(seen["seeds"], uniform))  # clusters name no group
+    reproduce.sample_scenarios(None, groups, sizes, guidance=7.5, generic_only=True, progress=False)
+    assert seen["guidance"] == 7.5 and seen["guides"] == [] and len(seen["prompts"]) == n  # the CFG check's scale
