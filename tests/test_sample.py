@@ -593,7 +593,7 @@ def test_target_groups_are_drawn_per_image_from_the_shares():
     assert sample.draw_targets([777], shares).item() == targets[777]
 
 
-def test_guided_images_keep_their_own_targets_at_any_batch_size(tiny):
+def test_guided_images_keep_their_own_targets_at_any_batch_size(tiny, one_thread):
     from ddm import Indicator
     _, models, _ = tiny
     torch.manual_seed(0)
