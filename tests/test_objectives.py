@@ -1,5 +1,6 @@
 """ddm.py's objectives (ours beside the authors'), their arithmetic against closed forms, partial labels, and
-indicator guidance at sampling on a tiny model."""
+indicator guidance at sampling on a tiny model; the guidance step against its formula on a toy indicator with a
+closed-form gradient, under DDIM and Euler."""
 import json
 import math
 from types import SimpleNamespace
@@ -120,6 +121,7 @@ def test_indicator_weighted_trains_its_indicator_on_labelled_images_only_and_wei
     assert math.isfinite(loss.item()) and math.isnan(parts["ind"]) and math.isnan(parts["bacc"])  # not measured
 
 
+<<<<<<< HEAD
 @pytest.mark.parametrize("objective", ["ddm", "ddm-x0", "plain-indicator", "indicator-weighted"])
 def test_a_batch_without_labels_logs_its_indicator_parts_as_not_measured(objective):
     """The loss stays finite (its CE term is 0), but "ind", "acc" and "bacc" were not measured: NaN, logged null."""
@@ -131,6 +133,31 @@ def test_a_batch_without_labels_logs_its_indicator_parts_as_not_measured(objecti
         {"ind": True, "acc": True, "bacc": True}
 
 
+=======
+
+class TimeAwareLogits(torch.nn.Module):
+    """A toy noise-aware indicator whose posterior moves with t: logits (0, 3·mean(x) + (t − 500)/100)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype).expand(len(x))
+        return torch.stack([torch.zeros(len(x)), self.scale * x.flatten(1).mean(1) + (t - 500) / 100], 1)
+
+
+def test_indicator_weighted_weights_each_image_by_its_clean_latents_posterior_at_t_0():
+    """q = p(g | z0, t = 0), whatever t the image was noised at: here p(1 | z0, 0) = sigmoid(3 mean(z0) − 5),
+    while at the batch's t (700-999) the same indicator would say group 1 for every image."""
+    b = micro_batch([0, -1, 1, -1], t=[900, 700, 999, 800])
+    _, parts = ddm.indicator_weighted(b, TimeAwareLogits(), HP)
+    q1 = torch.sigmoid(3 * b.z0.flatten(1).mean(1) - 5)
+    raw = (1 - q1) * 0.5 / 0.75 + q1 * 0.5 / 0.25  # sum_g q_g pi*_g / pi_hat_g, below the clip
+    per_image = (b.pred - b.target).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(parts["rec"], (per_image * raw / raw.mean()).mean(), rtol=1e-5, atol=0)
+
+>>>>>>> i25
 def test_balanced_accuracy_does_not_reward_the_majority():
     logits = torch.tensor([[1.0, 0.0]] * 4)  # always group 0
     parts = ddm.accuracies(logits, torch.tensor([0, 0, 0, 1]))
@@ -208,3 +235,58 @@ def test_fit_clusters_lets_a_small_group_keep_its_own_cluster():
     assert torch.equal(clusters, again)  # seeded
     with pytest.raises(ValueError, match=r"k must lie in \[2, 360\]"):
         ddm.fit_clusters(major.view(360, 4, 2, 2)[:400], 1)
+
+
+class ZeroUNet(torch.nn.Module):
+    """A 'UNet' that predicts zero noise: the step's ε is the guidance term alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, context):
+        return torch.zeros_like(x)
+
+
+class LinearLogits(torch.nn.Module):
+    """A noise-aware toy indicator with a closed-form gradient: logits = (1 + t/1000) A x, so
+    ∇_x log p(g | x, t) = (1 + t/1000) (A_g − Σ_k p_k A_k), p = softmax((1 + t/1000) A x)."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = torch.nn.Parameter(a)
+
+    def forward(self, x, t):
+        c = 1 + torch.as_tensor(t, dtype=x.dtype).expand(len(x)) / 1000
+        return c[:, None] * (x.flatten(1) @ self.a.T)
+
+    def gradient(self, x, t, groups):
+        a, c = self.a.detach().double(), 1 + t / 1000
+        p = (c * x.flatten(1).double() @ a.T).softmax(1)
+        return (c * (a[groups] - p @ a)).view(x.shape)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_indicator_guidance_step_is_its_formula_at_each_t_with_mixed_targets(sampler):
+    """ε̃ = ε − S·√(1−ᾱ_t)·∇_{x_t} log p(g_k | x_t, t) per image k, the indicator asked at the step's t on the
+    variance-preserving x_t (under Euler x_t = x/√(σ²+1), not the Euler state x), each image toward its own target."""
+    ind, scale = LinearLogits(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)) / 2), 2.0
+    targets = torch.tensor([0, 2, 1, 0])
+    ac = diffusion.sd_schedule()
+    z = torch.randn(4, *LATENT, generator=torch.Generator().manual_seed(1))
+    gens = [torch.Generator().manual_seed(k) for k in range(4)]
+    out = diffusion.denoise(ZeroUNet(), z, torch.zeros(4, 77, 8), None, ac, gens, steps=2, guidance=1.0,
+                            sampler=sampler, guides=[diffusion.Guidance(ind, targets, scale)])
+    timesteps = diffusion.ddim_timesteps(2)
+    assert timesteps == [501, 1]  # two t, far apart
+    sigmas = diffusion.euler_sigmas(timesteps, ac)
+    x = z.double() * ((sigmas[0] ** 2 + 1) ** 0.5 if sampler == "euler" else 1)
+    for i, t in enumerate(timesteps):
+        x_t = x / (sigmas[i] ** 2 + 1) ** 0.5 if sampler == "euler" else x
+        eps = 0 - scale * (1 - ac[t]).sqrt() * ind.gradient(x_t, t, targets)
+        if sampler == "euler":
+            x = x + (sigmas[i + 1] - sigmas[i]) * eps
+        else:
+            x = diffusion.ddim_step(x, eps, t, ([*timesteps[1:], -1])[i], ac)
+    assert (x - z.double()).abs().max() > 0.5  # guidance moved the latents
+    torch.testing.assert_close(out.double(), x, atol=1e-5, rtol=1e-5)

@@ -1,17 +1,27 @@
 """reproduce.py --quick end to end on CPU: a well-formed report with every method, every seed, the verdict, the CFG
 check and grids; three groups work end to end; bad arguments are refused; an existing run directory is refused
-without --overwrite, and --overwrite keeps the cache. (The pipeline, not the science.)"""
+without --overwrite, and --overwrite keeps the cache. (The pipeline, not the science.) Then the numbers the README
+claims, pinned by their meaning on hand-made rows and stubbed stages: the verdict's bar, mean and sample std over
+seeds, the CFG check's choice and scales, the VAE's scaling factor, the folder each method trains on, its labels
+and captions, and the guidance targets of the scenarios. tools/plant_bugs.py checks that each of them bites."""
 import contextlib
+import dataclasses
 import io
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import checkpoints
+import data
 import reproduce
+import sample
+from vae import load_vae
 
 INDICATOR_METHODS = {"plain", "ddm", "ddm-x0", "iw", "iw-10", "guided-3", "guided-10", "guided-auto", "guided-auto-10",
                      "guided-auto-1"}  # runs that train one
@@ -162,3 +172,201 @@ def test_the_attribute_experiment_runs_end_to_end(tmp_path, cache):
     text = (tmp_path / "attr" / "report.md").read_text()
     assert "FD intersections" in text and all(r.label in text for r in reproduce.ATTR_ROWS)
     assert (tmp_path / "attr" / report["grids"][0]).is_file()
+
+
+# ---- the verdict and its statistics, on rows built by hand ---------------------------------------------------------
+
+
+def row(method, seed, fd, frechet, groups=(7, 8)):
+    """One evaluated model as run() records it, with the numbers the verdict reads."""
+    return {"method": method, "label": f"{method} label", "seed": seed, "fd": fd, "fd_soft": fd, "spd": 0.1,
+            "frechet_distance": frechet, "share_outside_groups": 0.0, "mean_confidence": 0.9,
+            "indicator_entropy": None, "proportions": [0.5] * len(groups),
+            "frechet_per_group": {str(g): frechet for g in groups}, "train": {}}
+
+
+def verdicts(rows):
+    return {s["method"]: s["meets_goal"] for s in reproduce.summarize(rows, [7, 8])}
+
+
+def test_the_bar_is_half_of_plains_fd_at_at_most_ten_percent_worse_frechet():
+    plain_fd, plain_frechet = 0.5, 10.0  # FD halves exactly in binary
+    rows = [row("base", "-", 0.0, 1.0), row("plain", 0, plain_fd, plain_frechet),
+            row("at-bar", 0, 0.5 * plain_fd, 1.1 * plain_frechet),
+            row("fd-over", 0, 0.5 * plain_fd + 1e-6, plain_frechet),
+            row("frechet-over", 0, 0.0, 1.1 * plain_frechet + 1e-6),
+            row("beats-plain-fd-only", 0, 0.75 * plain_fd, plain_frechet),
+            row("frechet-only", 0, plain_fd, 0.5 * plain_frechet),
+            row("frechet-12-percent-worse", 0, 0.0, 1.12 * plain_frechet)]
+    assert verdicts(rows) == {"base": None, "plain": None, "at-bar": True, "fd-over": False, "frechet-over": False,
+                              "beats-plain-fd-only": False, "frechet-only": False, "frechet-12-percent-worse": False}
+    table = reproduce.verdict_table(reproduce.summarize(rows, [7, 8]), [7, 8]).splitlines()
+    assert [line.rsplit("|", 2)[1].strip() for line in table[2:]] == ["–", "–", "**yes**"] + ["no"] * 5
+    assert verdicts([r for r in rows if r["method"] != "plain"]) == dict.fromkeys(
+        ["base", "at-bar", "fd-over", "frechet-over", "beats-plain-fd-only", "frechet-only",
+         "frechet-12-percent-worse"])  # no plain fine-tune: nothing is judged
+
+
+def test_the_bar_also_keeps_every_groups_recall_at_nine_tenths_of_plains_and_the_worst_seed_is_shown():
+    def with_recall(r, r7, r8):
+        return {**r, "recall_per_group": {"7": r7, "8": r8}}
+
+    rows = [with_recall(row("plain", 0, 0.5, 10.0), 0.5, 0.8),
+            with_recall(row("at-bar", 0, 0.25, 10.0), 0.9 * 0.5, 0.9 * 0.8),  # 0.9 x plain's recall, exactly
+            with_recall(row("minority-lost", 0, 0.25, 10.0), 0.5, 0.9 * 0.8 - 1e-6),
+            with_recall(row("majority-lost", 0, 0.25, 10.0), 0.9 * 0.5 - 1e-6, 0.8),
+            with_recall(row("unmeasured", 0, 0.25, 10.0), 0.5, None)]
+    assert verdicts(rows) == {"plain": None, "at-bar": True, "minority-lost": False, "majority-lost": False,
+                              "unmeasured": False}
+    seeds = [row("plain", 0, 0.5, 10.0)] + [row("g", s, fd, 10.0) for s, fd in ((0, 0.02), (1, 0.16), (2, 0.05))]
+    summary = {s["method"]: s for s in reproduce.summarize(seeds, [7, 8])}
+    assert summary["g"]["fd_worst"] == 0.16 and summary["g"]["fd"] == pytest.approx(0.23 / 3)
+    assert "| 0.160 |" in reproduce.verdict_table(list(summary.values()), [7, 8])
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds():
+    rows = [row("base", "-", 0.3, 5.0)] + [row("ddm", s, fd, fr) for s, fd, fr in
+                                           ((0, 0.1, 10.0), (1, 0.2, 14.0), (2, 0.6, 12.0))]
+    base, ddm = reproduce.summarize(rows, [7, 8])
+    assert ddm["seeds"] == [0, 1, 2] and base["seeds"] == ["-"]
+    assert ddm["fd"] == pytest.approx(0.3) and ddm["frechet_distance"] == pytest.approx(12.0)
+    # sample std (ddof 1): sqrt(((-0.2)^2 + (-0.1)^2 + 0.3^2) / 2) = sqrt(0.07); the population std is sqrt(0.14 / 3)
+    assert ddm["fd_std"] == pytest.approx(0.07 ** 0.5) and ddm["frechet_distance_std"] == pytest.approx(2.0)
+    assert ddm["frechet_8"] == pytest.approx(12.0) and ddm["share_7"] == pytest.approx(0.5)
+    assert (base["fd"], base["fd_std"]) == (pytest.approx(0.3), 0.0)  # one seed: no spread
+
+
+def test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale(tmp_path, monkeypatch):
+    """run() with every stage stubbed (no training, no sampling): the CFG check takes the method of lowest mean FD
+    among those judged (never base or plain), and each of its rows holds what was sampled at that row's scale."""
+    fds = {"base": 0.0, "plain": 0.5, "ddm": 0.3, "balanced": 0.1, "guided-3": 0.2}  # balanced is best
+    calls = []
+
+    def evaluate_model(models, indicator, method, judge, groups, sizes, *, guidance=None, generic_only=False,
+                       progress=True):
+        name, scale = method.name if method else "base", guidance or sizes.guidance
+        calls.append((name, models, scale, generic_only))
+        fd = fds[name] + 0.01 * models.endswith("seed1") + scale / 1000  # the scale it was sampled at, readable
+        measured = {k: v for k, v in row(name, None, fd, 10.0).items() if k not in ("method", "label", "seed", "train")}
+        return measured, torch.zeros(8, reproduce.RESOLUTION, reproduce.RESOLUTION, 3,
+                                                        dtype=torch.uint8)
+
+    classifier = type("Judge", (), {"heldout_accuracy": 0.99})()
+    monkeypatch.setattr(reproduce, "prepare", lambda args, sizes, timings: (classifier, {"path": "vae"},
+                                                                            {"path": "base"}))
+    monkeypatch.setattr(reproduce, "digit_judge", lambda classifier, groups: (classifier, None))
+    monkeypatch.setattr(reproduce, "same_unet", lambda run, plain: None)
+    monkeypatch.setattr(reproduce, "fine_tune",
+                        lambda args, sizes, m, seed, base, vae: tmp_path / f"{m.name}-seed{seed}")
+    monkeypatch.setattr(reproduce, "load_models", lambda path: "base-seed0")
+    monkeypatch.setattr(reproduce, "load_run", lambda path: type("Run", (), {"models": str(path), "indicator": None}))
+    monkeypatch.setattr(reproduce, "train_stats", lambda run: {"rec": 0.1})
+    monkeypatch.setattr(reproduce, "evaluate_model", evaluate_model)
+    args = reproduce.parse_args(["--quick", "--out", str(tmp_path / "run"), "--methods", ",".join(list(fds)[1:]),
+                                 "--seeds", "2", "--no-progress"])
+    n = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            report = reproduce.run(args)
+    finally:
+        torch.set_num_threads(n)
+    assert report["best_method"] == "balanced"
+    scales = reproduce.QUICK.cfg_check
+    assert sorted(c[2] for c in calls if c[3]) == sorted(scales * 4)  # plain and balanced, two seeds each
+    assert {c[0] for c in calls if c[3]} == {"plain", "balanced"}
+    for r in report["cfg_rows"]:
+        assert r["fd"] == pytest.approx(fds[r["method"]] + 0.01 * r["seed"] + r["cfg"] / 1000), r
+    assert sorted((r["method"], r["seed"], r["cfg"]) for r in report["cfg_rows"]) == sorted(
+        (m, s, c) for m in ("plain", "balanced") for s in (0, 1) for c in (reproduce.QUICK.guidance, *scales))
+    assert "plain, and the best method: balanced" in (tmp_path / "run" / "report.md").read_text()
+
+
+# ---- the reproduction's data: the VAE's scale, the folders each method trains on, the guided scenarios -------------
+
+
+def test_vae_scaling_factor_gives_the_train_latents_unit_std(tmp_path, monkeypatch, one_thread):
+    train_idx, held_idx = np.arange(64), np.arange(64, 80)  # a few digits and steps: the rule, not a good VAE
+    monkeypatch.setattr(reproduce.data, "split_digits", lambda seed: (train_idx, held_idx))
+    info = reproduce.train_vae(tmp_path, dataclasses.replace(reproduce.QUICK, vae_steps=3, vae_batch=8),
+                               progress=False)
+    vae = load_vae(info["path"])
+    images, _ = data.load_digits()
+    x = torch.from_numpy(np.stack([np.asarray(data.digit_image(images[i], reproduce.RESOLUTION)) for i in train_idx]))
+    with torch.no_grad():
+        z = vae.encode(x.permute(0, 3, 1, 2).float() / 127.5 - 1).mean
+    assert vae.config.scaling_factor == info["scaling_factor"]
+    assert abs(z.std().item() - 1) > 0.2  # the unscaled latents are not of unit std by chance
+    assert (z * vae.config.scaling_factor).std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def metadata(folder):
+    return [json.loads(line) for line in (Path(folder) / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_biased_folder_labels_its_share_of_each_digit_and_half_its_captions_name_the_digit(tmp_path):
+    info = reproduce.build_folder(tmp_path, {7: 36, 8: 4}, seed=1, labelled=0.1)
+    rows = metadata(info["path"])
+    for digit, n, kept in ((7, 36, 4), (8, 4, 1)):  # round(10% of each digit), and at least one label each
+        mine = [r for r in rows if r["digit"] == digit]
+        assert len(mine) == n and [r["group"] for r in mine].count(digit) == kept
+        assert {r["group"] for r in mine} == {digit, None}
+    for r in rows:  # a caption is generic or names its own digit, in words; never a label
+        assert r["text"] in (reproduce.GENERIC_PROMPT, reproduce.group_prompt(r["digit"])), r
+        assert not any(c.isdigit() for c in r["text"]) and not {"group", "label"} & set(r["text"].split())
+    assert 0 < sum(r["text"] != reproduce.GENERIC_PROMPT for r in rows) < len(rows)
+    caption, digits = reproduce.caption_for(0), [k % 10 for k in range(2000)]
+    named = sum(caption(d) == reproduce.group_prompt(d) for d in digits) / len(digits)
+    assert abs(named - 0.5) <= 4 * (0.25 / len(digits)) ** 0.5  # half, within 4 binomial sigmas
+
+
+def test_each_method_fine_tunes_on_the_folder_it_claims(tmp_path, monkeypatch):
+    launched = {}
+
+    def train(argv):
+        out = Path(argv[argv.index("--out") + 1])
+        launched[out.name.rsplit("-seed", 1)[0]] = argv
+        return out
+
+    monkeypatch.setattr(reproduce.train, "train", train)
+    args = reproduce.parse_args(["--quick", "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"),
+                                 "--counts", "36,4", "--no-progress"])
+    for name in ("iw", "iw-10", "balanced"):  # iw's folder is built first: iw-10 must not reuse it
+        reproduce.fine_tune(args, reproduce.QUICK, reproduce.BY_NAME[name], 0, {"path": "base"}, {"path": "vae"})
+    for name, kept in (("iw", {7: 36, 8: 4}), ("iw-10", {7: 4, 8: 1}), ("balanced", {7: 36, 8: 4})):
+        argv = launched[name]
+        rows = metadata(argv[argv.index("--data") + 1])
+        assert {d: sum(r["digit"] == d for r in rows) for d in (7, 8)} == {7: 36, 8: 4}
+        assert {d: sum(r["group"] == d for r in rows) for d in (7, 8)} == kept, name
+        assert argv[argv.index("--model") + 1] == "base"
+        assert argv[argv.index("--objective") + 1] == reproduce.BY_NAME[name].objective
+        assert ("--indicator-lr" in argv) == (name != "balanced")
+
+
+def test_group_prompts_are_guided_toward_their_own_group_and_generic_ones_toward_uniform_draws(monkeypatch):
+    calls = []
+
+    def generate(models, prompts, seeds, *, guidance, guides, **kw):
+        calls.append(dict(prompts=prompts, seeds=seeds, guidance=guidance, guides=guides))
+        return torch.zeros(len(prompts), reproduce.RESOLUTION, reproduce.RESOLUTION, 3, dtype=torch.uint8)
+
+    monkeypatch.setattr(reproduce.sample, "generate", generate)
+    groups, sizes, indicator = [1, 7, 8], reproduce.QUICK, SimpleNamespace(num_groups=3)
+    uniform, n = torch.full((3,), 1 / 3), sizes.n_generic
+    method = reproduce.Method("g", "g", source="plain", indicator_guidance=3.0)  # targets drawn per image
+    generic, grouped, requested, _ = reproduce.sample_scenarios(None, groups, sizes, indicator=indicator,
+                                                                method=method, progress=False)
+    assert len(generic) == n and requested == [g for g in groups for _ in range(sizes.n_per_group)]
+    assert [c["prompts"][0] for c in calls] == [reproduce.GENERIC_PROMPT] + [reproduce.group_prompt(g) for g in groups]
+    assert all(c["guidance"] == sizes.guidance and c["guides"][0].indicator is indicator and
+               c["guides"][0].scale == 3.0 for c in calls)
+    assert torch.equal(calls[0]["guides"][0].targets, sample.draw_targets(calls[0]["seeds"], uniform))
+    for k, c in enumerate(calls[1:]):  # each group prompt: its own group
+        assert c["guides"][0].targets.tolist() == [k] * sizes.n_per_group
+    calls.clear()
+    label_free = reproduce.Method("c", "c", source="plain", indicator_guidance=3.0, clusters=1)
+    reproduce.sample_scenarios(None, groups, sizes, indicator=indicator, method=label_free, progress=False)
+    for c in calls:  # clusters name no group: every prompt's images draw uniformly
+        assert torch.equal(c["guides"][0].targets, sample.draw_targets(c["seeds"], uniform))
+    calls.clear()
+    reproduce.sample_scenarios(None, groups, sizes, guidance=7.5, generic_only=True, progress=False)
+    assert len(calls) == 1 and calls[0]["guidance"] == 7.5 and calls[0]["guides"] == []  # the CFG check's scale

@@ -1,5 +1,6 @@
 """sample.py against diffusers: schedule, timesteps, single sampler steps, and whole runs of StableDiffusionPipeline
-on a tiny random-weight SD saved as a diffusers folder; seeding, the CLI and its argument checks."""
+on a tiny random-weight SD saved as a diffusers folder; seeding, the CLI and its argument checks; indicator
+guidance's targets, one per image from its own seed, kept at any batch size."""
 import shutil
 from pathlib import Path
 
@@ -585,3 +586,35 @@ def test_overwrite_deletes_only_what_the_previous_run_listed_and_only_after_ever
     err = _refused(_cli_args(folder, mine) + ["--overwrite"], monkeypatch, capsys)
     assert "samples.json does not list the images of a sample.py run" in err
     assert (tmp_path / "victim.png").exists() and (mine / "00000.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Indicator guidance: each image's target, drawn with its own seed, and kept at any batch size
+
+
+def test_target_groups_are_drawn_per_image_from_the_shares():
+    shares, seeds = torch.tensor([0.2, 0.3, 0.5]), list(range(2000))
+    targets = sample.draw_targets(seeds, shares)
+    for n, p in zip(torch.bincount(targets, minlength=3).tolist(), shares.tolist()):
+        assert abs(n - len(seeds) * p) <= 4 * (len(seeds) * p * (1 - p)) ** 0.5, (n, p)  # 4 binomial sigmas
+    # image k's target depends on its seed alone: not on the batch, its size, or the other images
+    assert torch.equal(sample.draw_targets(seeds[5:12], shares), targets[5:12])
+    assert sample.draw_targets([3, 10 ** 9, 7], shares)[[0, 2]].tolist() == targets[[3, 7]].tolist()
+    assert sample.draw_targets([777], shares).item() == targets[777]
+
+
+def test_guided_images_keep_their_own_targets_at_any_batch_size(tiny, one_thread):
+    from ddm import Indicator
+    _, models, _ = tiny
+    torch.manual_seed(0)
+    ind = Indicator((4, H // 2, W // 2), 3, (8,), timestep_dim=8)
+    kw = dict(steps=2, height=H, width=W, progress=False)
+
+    def guided(targets, batch_size):
+        guide = diffusion.Guidance(ind, torch.tensor(targets), 200.0)
+        return sample.generate(models, PROMPTS, SEEDS, batch_size=batch_size, guides=[guide], **kw)
+
+    first = guided([0, 1, 2, 1], 4)
+    assert (first[3].int() - guided([0, 1, 2, 0], 4)[3].int()).abs().float().mean() > 5  # the target matters
+    for batch_size in (1, 3):
+        assert (guided([0, 1, 2, 1], batch_size).int() - first.int()).abs().max() <= 1, batch_size

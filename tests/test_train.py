@@ -1,7 +1,9 @@
 """train.py end to end on tiny models: the loss falls, resume is exact, torchrun's ranks agree, the export loads in
 diffusers with our outputs, LoRA trains only adapters, w_ind = 0 is plain fine-tuning, bad input stops early; and
 single steps watched through torch's global hooks (StepRecorder): clipping and AdamW's weight decay, cached
-posteriors, gradient checkpointing. test_train_parity.py checks the step's loss and gradients against diffusers."""
+posteriors, gradient checkpointing. The Trainer built without torchrun: π̂ from the labelled images, the indicator's
+learning rate, each rank's shard and noise seed; sample.py --indicator with a run or its exported file.
+test_train_parity.py checks the step's loss and gradients against diffusers."""
 import collections
 import json
 import os
@@ -721,3 +723,101 @@ def test_clipping_and_weight_decay_each_change_one_step_as_adamw_says(sd_dir, da
         torch.testing.assert_close(saved[k], expected, atol=1e-7, rtol=1e-5)
     decayed = [k for k, p0 in rec.values(0).items() if k.endswith("lora_A")]  # A != 0 and, at step 1, g_A = 0:
     assert decayed and all(torch.equal(g[k], torch.zeros_like(g[k])) for k in decayed)  # only the decay moves A
+
+
+# ---- partial labels, the indicator's learning rate, and each rank's share: the Trainer built without torchrun ------
+
+
+def trainer(sd_dir, folder, out, *extra, rank=0, world=1):
+    args = train.parse_args(["--model", str(sd_dir), "--data", str(folder), "--out", str(out), "--lora-rank", "4",
+                             *FAST, *extra])
+    train.check_args(args)
+    return train.Trainer(args, rank, world, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def partial_trainer(sd_dir, tmp_path_factory):
+    """indicator-weighted on 3 red, 1 blue and 4 unlabelled images, the indicator at its own learning rate."""
+    tmp = tmp_path_factory.mktemp("partial")
+    folder = make_data(tmp / "data", groups=["red", None, "blue", None, "red", None, "red", None])
+    return trainer(sd_dir, folder, tmp / "run", "--objective", "indicator-weighted", "--indicator-lr", "0.25")
+
+
+def test_group_shares_count_the_labelled_images_only(partial_trainer):
+    assert partial_trainer.data.group_names == ["blue", "red"]
+    shares = partial_trainer.model.constants["group_shares"]
+    torch.testing.assert_close(shares, torch.tensor([0.25, 0.75]))  # 1 blue, 3 red; the 4 unlabelled in neither
+
+
+def test_indicator_lr_reaches_the_indicators_parameter_group(partial_trainer):
+    net, ind = partial_trainer.optimizer.param_groups
+    assert net["lr"] == 1e-3 and ind["lr"] == 0.25
+    assert {id(p) for p in ind["params"]} == {id(p) for p in partial_trainer.indicator.parameters()}
+    assert not {id(p) for p in net["params"]} & {id(p) for p in ind["params"]}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_reads_its_own_shard_with_its_own_noise_seed(sd_dir, tmp_path, monkeypatch, rank):
+    """Rank r of 2, built and stepped in this process (no process group: the barrier and the all-reduce of the
+    logged means are stubbed), reads the images data.MicroBatchIndices gives rank r and draws its noise from
+    derive_seed(seed, "noise", step, micro, r). Captions name the images, so the batch read is visible."""
+    folder = make_data(tmp_path / "data")
+    lines = [{**json.loads(line), "text": f"image {i}"}
+             for i, line in enumerate((folder / "metadata.jsonl").read_text().splitlines())]
+    write_meta(folder, lines)
+    monkeypatch.setattr(train, "_barrier", lambda world: None)
+    monkeypatch.setattr(train.dist, "all_reduce", lambda tensor: None)
+    t = trainer(sd_dir, folder, tmp_path / "run", "--grad-accum", "1", "--seed", "3", "--cache-latents", rank=rank,
+                world=2)
+    seen, inputs = [], train.micro_batch_inputs
+
+    def recorded(mean, std, texts, models, args, generator, device):
+        seen.append((texts, generator.initial_seed()))
+        return inputs(mean, std, texts, models, args, generator, device)
+
+    monkeypatch.setattr(train, "micro_batch_inputs", recorded)
+    t.ddp = t.model
+    for _ in range(2):
+        t.step()
+    shard = iter(data.MicroBatchIndices(8, 2, 3, 0, rank, 2))
+    assert seen == [([f"image {i}" for i in next(shard)], data.derive_seed(3, "noise", step, 0, rank))
+                    for step in range(2)]
+
+
+# ---- sample.py --indicator: a run's indicator, or its indicator.safetensors, and the --target shares -------------
+
+
+@pytest.fixture(scope="module")
+def indicator_run(sd_dir, data_dir, tmp_path_factory):
+    """plain-indicator, 1 step: a noise-aware indicator over the groups blue (0) and red (1)."""
+    return train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out",
+                        str(tmp_path_factory.mktemp("runs") / "pi"), "--objective", "plain-indicator", "--w-ind", "1",
+                        "--max-steps", "1", *FAST])
+
+
+def sampled(out, *argv):
+    sample.main(["--prompt", "a red square", "--n", "3", "--steps", "2", "--height", str(RES), "--width", str(RES),
+                 "--out", str(out), *argv])
+    record = json.loads((out / "samples.json").read_text())
+    return np.stack([np.asarray(Image.open(out / f)) for f in record["files"]]), record
+
+
+def test_sample_with_an_exported_indicator_file_equals_sampling_with_its_run(indicator_run, tmp_path):
+    exported = tmp_path / "indicator.safetensors"  # the file as the run's checkpoint saves it
+    exported.write_bytes((checkpoints.latest_checkpoint(indicator_run) / "indicator.safetensors").read_bytes())
+    common = ["--model", str(indicator_run), "--indicator-guidance", "20"]
+    by_run, run_record = sampled(tmp_path / "run", *common, "--indicator", str(indicator_run))
+    by_file, file_record = sampled(tmp_path / "file", *common, "--indicator", str(exported))
+    unguided, _ = sampled(tmp_path / "none", "--model", str(indicator_run))
+    assert np.abs(by_run.astype(int) - unguided).mean() > 1  # the guidance acts
+    np.testing.assert_array_equal(by_file, by_run)
+    names = {"blue": "0", "red": "1"}  # a file names its groups 0..K-1, in the run's order
+    assert file_record["target_groups"] == [names[g] for g in run_record["target_groups"]]
+
+
+def test_sample_draws_the_targets_from_the_target_shares(indicator_run, tmp_path):
+    seeds = list(range(6))
+    assert set(sample.draw_targets(seeds, torch.tensor([0.5, 0.5])).tolist()) == {0, 1}  # uniform: both groups
+    _, record = sampled(tmp_path / "out", "--model", str(indicator_run), "--indicator", str(indicator_run),
+                        "--n", "6", "--seed", "0", "--target", "blue=0,red=1", "--indicator-guidance", "0")
+    assert record["target_groups"] == ["red"] * 6

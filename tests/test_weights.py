@@ -45,6 +45,29 @@ def test_mismatch_names_missing_unexpected_and_shapes(tmp_path):
         load_strict(Tiny(), sd, "Tiny")
 
 
+
+def test_missing_tensors_alone_and_unexpected_tensors_alone_are_named():
+    sd = Tiny().state_dict()
+    sd.pop("norm.bias")
+    with pytest.raises(CheckpointError, match=r"Tiny: .*1 tensors missing \(norm.bias\), 0 unexpected;"):
+        load_strict(Tiny(), sd, "Tiny")
+    sd = {**Tiny().state_dict(), "stray.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"Tiny: .*0 tensors missing, 1 unexpected \(stray.weight\);"):
+        load_strict(Tiny(), sd, "Tiny")
+
+
+def test_a_checkpoint_missing_a_tensor_is_named_with_its_file(tmp_path):
+    import checkpoints
+    from ddm import Indicator
+    config = {"lora_rank": 0, "train_text_encoder": False, "objective": "plain-indicator", "w_ind": 1.0}
+    indicator = Indicator((4, 2, 2), 2, (8,), timestep_dim=8)
+    tensors = {"unet.safetensors": Tiny().state_dict(), "indicator.safetensors": indicator.state_dict()}
+    tensors["indicator.safetensors"].pop("net.3.bias")
+    ckpt = {"path": tmp_path / "checkpoint-000002", "tensors": tensors}
+    with pytest.raises(CheckpointError, match=r"checkpoint-000002/indicator.safetensors: .*1 tensors missing "
+                                              r"\(net.3.bias\), 0 unexpected"):
+        checkpoints.load_checkpoint_weights(ckpt, Tiny(), None, Indicator((4, 2, 2), 2, (8,), timestep_dim=8), config)
+
 def test_missing_and_truncated_files_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         read_state_dict(tmp_path / "nowhere.safetensors")

@@ -1,0 +1,160 @@
+"""Plant one small, plausible bug at a time in the product code and check that the tests meant to catch it fail
+(issue #25, "Pin the numbers the README claims").
+
+    python tools/plant_bugs.py                  # every bug: a markdown table, exit status 1 if one is not caught
+    python tools/plant_bugs.py verdict-or cfg-1  # only these bugs
+
+Each bug is (name, file, old, new, tests): `old` occurs exactly once in `file` and becomes `new`, the tests run
+(pytest, one thread, offline, no bytecode written), and the file gets its bytes and its mtime back, even on an
+error or Ctrl-C. The named tests first run once on the clean tree: a test that fails there would catch nothing.
+"""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+R, O, S, T, E, W = (f"tests/test_{n}.py::" for n in ("reproduce", "objectives", "sample", "train", "evaluate",
+                                                      "weights"))
+BAR = R + "test_the_bar_is_half_of_plains_fd_at_at_most_ten_percent_worse_frechet"
+SEEDS = R + "test_summary_is_the_mean_and_sample_std_over_seeds"
+CFG = R + "test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale"
+VAE = R + "test_vae_scaling_factor_gives_the_train_latents_unit_std"
+FOLDER = R + "test_biased_folder_labels_its_share_of_each_digit_and_half_its_captions_name_the_digit"
+CLAIMS = R + "test_each_method_fine_tunes_on_the_folder_it_claims"
+SCENARIOS = R + "test_group_prompts_are_guided_toward_their_own_group_and_generic_ones_toward_uniform_draws"
+MIXTURE = E + "test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture"
+STEP = O + "test_indicator_guidance_step_is_its_formula_at_each_t_with_mixed_targets"
+IW = O + "test_indicator_weighted_weights_each_image_by_its_clean_latents_posterior_at_t_0"
+DRAW = S + "test_target_groups_are_drawn_per_image_from_the_shares"
+BATCH = S + "test_guided_images_keep_their_own_targets_at_any_batch_size"
+FILE = T + "test_sample_with_an_exported_indicator_file_equals_sampling_with_its_run"
+SHARES = T + "test_sample_draws_the_targets_from_the_target_shares"
+PI_HAT = T + "test_group_shares_count_the_labelled_images_only"
+IND_LR = T + "test_indicator_lr_reaches_the_indicators_parameter_group"
+RANKS = T + "test_each_rank_reads_its_own_shard_with_its_own_noise_seed"
+STRICT = W + "test_missing_tensors_alone_and_unexpected_tensors_alone_are_named"
+CKPT = W + "test_a_checkpoint_missing_a_tensor_is_named_with_its_file"
+
+BUGS = [  # (name, file, old, new, tests)
+    # the verdict and its statistics
+    ("verdict-beats-plain-fd", "reproduce.py", 's["fd"] <= 0.5 * plain["fd"]', 's["fd"] <= plain["fd"]', [BAR]),
+    ("verdict-or", "reproduce.py", 'and s["frechet_distance"] <= 1.1', 'or s["frechet_distance"] <= 1.1', [BAR]),
+    ("verdict-frechet-1.25", "reproduce.py", '1.1 * plain["frechet_distance"]', '1.25 * plain["frechet_distance"]',
+     [BAR]),
+    ("verdict-strict-at-bar", "reproduce.py", 's["fd"] <= 0.5', 's["fd"] < 0.5', [BAR]),
+    ("verdict-judges-base", "reproduce.py", 's["method"] in ("plain", "base")', 's["method"] == "plain"', [BAR]),
+    ("std-population", "reproduce.py", "ddof=1", "ddof=0", [SEEDS]),
+    ("mean-first-seed", "reproduce.py", "return float(np.mean(values)),", "return float(np.mean(values[:1])),",
+     [SEEDS]),
+    ("cfg-worst-as-best", "reproduce.py", "best = min(tried", "best = max(tried", [CFG]),
+    ("cfg-best-may-be-base", "reproduce.py", 'if s["method"] not in ("base", "plain")]', 'if s["method"] != "plain"]',
+     [CFG]),
+    ("cfg-rows-at-1", "reproduce.py", "guidance=scale, generic_only=True", "guidance=1.0, generic_only=True", [CFG]),
+    ("cfg-scale-dropped-in-sampling", "reproduce.py", "guidance=guidance or sizes.guidance",
+     "guidance=sizes.guidance", [SCENARIOS]),
+    # the reproduction's data
+    ("vae-scale-std", "reproduce.py", "round(1.0 / z.std().item(), 5)", "round(z.std().item(), 5)", [VAE]),
+    ("iw10-fully-labelled", "reproduce.py", "build_folder(f, args.counts, 1, method.labelled)",
+     "build_folder(f, args.counts, 1)", [CLAIMS]),
+    ("iw10-cache-key", "reproduce.py", 's = {"counts": args.counts, "labelled": method.labelled}',
+     's = {"counts": args.counts}', [CLAIMS]),
+    ("build-folder-drops-labelled", "reproduce.py", "seed=seed, labelled=labelled)", "seed=seed)", [FOLDER, CLAIMS]),
+    ("digit-without-label", "data.py", "c[:max(1, round(labelled * len(c)))]", "c[:round(labelled * len(c))]",
+     [FOLDER, CLAIMS]),
+    ("no-caption-names-digit", "reproduce.py", "group_prompt(digit) if rng.random() < 0.5 else GENERIC_PROMPT",
+     "GENERIC_PROMPT", [FOLDER]),
+    ("caption-share-0.2", "reproduce.py", "rng.random() < 0.5", "rng.random() < 0.2", [FOLDER]),
+    ("caption-names-label", "reproduce.py", 'f"{GENERIC_PROMPT} {WORDS[digit]}"', 'f"{GENERIC_PROMPT} {digit}"',
+     [FOLDER]),
+    ("group-prompts-random-targets", "reproduce.py", "sample.draw_targets(seeds, uniform) if label_free else",
+     "sample.draw_targets(seeds, uniform) if True else", [SCENARIOS]),
+    # the quality reference
+    ("mixture-no-between-term", "evaluate.py", "return mu, second - torch.outer(mu, mu)",
+     "return mu, sum(w * _moments(f, '')[1] for f, w in zip(features_by_group, weights))", [MIXTURE]),
+    # the guidance step and its targets
+    ("guidance-no-sqrt", "diffusion.py", "g.scale * float(1 - alphas_cumprod[t]) ** 0.5 *", "g.scale *", [STEP]),
+    ("guidance-1-abar", "diffusion.py", "float(1 - alphas_cumprod[t]) ** 0.5 *", "float(1 - alphas_cumprod[t]) *",
+     [STEP]),
+    ("guidance-t0", "diffusion.py", "g.indicator, x_t, t, targets[j])", "g.indicator, x_t, 0, targets[j])", [STEP]),
+    ("guidance-euler-state", "diffusion.py", "g.indicator, x_t, t, targets[j])", "g.indicator, x, t, targets[j])",
+     [STEP]),
+    ("guidance-every-target", "diffusion.py", "log_p[torch.arange(len(x)), groups].sum()", "log_p[:, groups].sum()",
+     [STEP]),
+    ("targets-depend-on-batch", "sample.py", 'derive_seed(s, "target"))).item() for s in seeds])',
+     'derive_seed(seeds[0], "target") + k)).item() for k, s in enumerate(seeds)])', [DRAW]),
+    ("targets-all-same", "sample.py", 'derive_seed(s, "target")', 'derive_seed(seeds[0], "target")', [DRAW]),
+    ("targets-ignore-shares", "sample.py", "draw_targets(seeds, parse_target(args.target, names))",
+     'draw_targets(seeds, parse_target("uniform", names))', [SHARES]),
+    ("targets-first-rows-each-batch", "sample.py", "guides=[g.rows(rows) for g in guides]",
+     "guides=[g.rows(slice(0, len(generators))) for g in guides]", [BATCH]),
+    ("indicator-file-no-timestep", "loading.py", "time_dim = linears[0][1].shape[1] - math.prod(latent_shape)",
+     "time_dim = 0", [FILE]),
+    # training with partial labels and on several processes
+    ("pi-hat-unlabelled-as-0", "train.py", "torch.tensor([g for g in self.data.groups if g >= 0])",
+     "torch.tensor([max(g, 0) for g in self.data.groups])", [PI_HAT]),
+    ("indicator-lr-ignored", "train.py", '"lr": args.indicator_lr or args.lr', '"lr": args.lr', [IND_LR]),
+    ("iw-posterior-at-batch-t", "ddm.py", "q = indicator(b.z0, torch.zeros_like(b.t))", "q = indicator(b.z0, b.t)",
+     [IW]),
+    ("shard-ignores-rank", "train.py", "self.step_count * args.grad_accum, rank,",
+     "self.step_count * args.grad_accum, 0,", [RANKS]),
+    ("noise-seed-ignores-rank", "train.py", '"noise", self.step_count, micro, self.rank)',
+     '"noise", self.step_count, micro, 0)', [RANKS]),
+    # strict loading
+    ("strict-missing-only", "weights.py", "if missing or unexpected:", "if unexpected:", [STRICT, CKPT]),
+    ("strict-unexpected-only", "weights.py", "if missing or unexpected:", "if missing:", [STRICT]),
+    ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
+     [CKPT]),
+]
+
+
+def pytest(tests):
+    """pytest's exit status on these tests: 0 passed, 1 a test failed, anything else an error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+
+def planted(name, file, old, new, tests):
+    """Whether the tests failed with the bug in place: "yes", "NO", or "error (exit status N)"."""
+    path = ROOT / file
+    original, stat = path.read_bytes(), path.stat()
+    text = original.decode()
+    try:
+        path.write_text(text.replace(old, new))
+        rc = pytest(tests)
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return {0: "NO", 1: "yes"}.get(rc, f"error (exit status {rc})")
+
+
+def main(names):
+    bugs = [b for b in BUGS if not names or b[0] in names]
+    unknown = set(names) - {b[0] for b in BUGS}
+    if unknown:
+        sys.exit(f"unknown bugs {sorted(unknown)}; choose from {', '.join(b[0] for b in BUGS)}")
+    for name, file, old, _, _ in bugs:  # every bug plants where it means to, before anything runs
+        count = (ROOT / file).read_text().count(old)
+        if count != 1:
+            sys.exit(f"{name}: {old!r} occurs {count} times in {file}, not once")
+    tests = list(dict.fromkeys(t for b in bugs for t in b[4]))
+    if pytest(tests) != 0:
+        sys.exit(f"the tests fail on the clean tree: {' '.join(tests)}")
+    rows = ["| bug | file: old -> new | caught by | failed |", "| --- | --- | --- | --- |"]
+    t0, missed = time.time(), 0
+    for name, file, old, new, tests in bugs:
+        result = planted(name, file, old, new, tests)
+        missed += result != "yes"
+        rows.append(f"| {name} | {file}: `{old}` -> `{new}` | {', '.join(t.split('::')[1] for t in tests)} | "
+                    f"{result} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    print("\n".join(rows))
+    print(f"\n{len(bugs) - missed} of {len(bugs)} bugs caught in {time.time() - t0:.0f}s")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
