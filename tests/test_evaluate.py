@@ -400,7 +400,6 @@ def test_per_group_frechet_compares_each_group_with_its_own_real_images():
     assert out["frechet_per_group"]["7"] < 1 < evaluate.frechet_distance(feats[:50], real[8])  # its own group is near
 
 
-<<<<<<< HEAD
 def test_precision_and_recall_on_a_hand_computed_case():
     """Kynkäänniemi et al. 2019: a point is inside a set's manifold when it lies within some member's distance to
     that member's k-th nearest neighbour. Real on a line, radii (k = 3) 3, 2, 2, 3, 9 and (k = 1) 1, 1, 1, 1, 7."""
@@ -423,7 +422,8 @@ def test_per_group_diversity_uses_equal_size_subsets_so_more_images_earn_nothing
     feats = torch.randn(440, 8, generator=g)
     few = evaluate.diversity(feats[:439], torch.tensor([0] * 39 + [1] * 400), [7, 8], {7: real, 8: real})
     assert few["recall_per_group"]["7"] is None and few["recall_per_group"]["8"] is not None  # < 40: not measured
-=======
+
+
 def test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture():
     """The real reference mixed 30 : 70 from two groups with different means: its covariance holds the spread
     between the group means (0.3 · 0.7 · 6² = 7.56 along the first axis) besides the spread within them."""
@@ -436,4 +436,3 @@ def test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture():
     torch.testing.assert_close(mu, mixture.mean(0), atol=1e-9, rtol=0)
     torch.testing.assert_close(cov, torch.cov(mixture.T), atol=5e-3, rtol=0)  # ddof 1 per group vs overall: O(1/N)
     assert cov[0, 0] > 7.56
->>>>>>> i25

@@ -121,7 +121,6 @@ def test_indicator_weighted_trains_its_indicator_on_labelled_images_only_and_wei
     assert math.isfinite(loss.item()) and math.isnan(parts["ind"]) and math.isnan(parts["bacc"])  # not measured
 
 
-<<<<<<< HEAD
 @pytest.mark.parametrize("objective", ["ddm", "ddm-x0", "plain-indicator", "indicator-weighted"])
 def test_a_batch_without_labels_logs_its_indicator_parts_as_not_measured(objective):
     """The loss stays finite (its CE term is 0), but "ind", "acc" and "bacc" were not measured: NaN, logged null."""
@@ -132,8 +131,6 @@ def test_a_batch_without_labels_logs_its_indicator_parts_as_not_measured(objecti
     assert {k: math.isnan(v) for k, v in parts.items() if k in ("ind", "acc", "bacc")} == \
         {"ind": True, "acc": True, "bacc": True}
 
-
-=======
 
 class TimeAwareLogits(torch.nn.Module):
     """A toy noise-aware indicator whose posterior moves with t: logits (0, 3·mean(x) + (t − 500)/100)."""
@@ -157,7 +154,6 @@ def test_indicator_weighted_weights_each_image_by_its_clean_latents_posterior_at
     per_image = (b.pred - b.target).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(parts["rec"], (per_image * raw / raw.mean()).mean(), rtol=1e-5, atol=0)
 
->>>>>>> i25
 def test_balanced_accuracy_does_not_reward_the_majority():
     logits = torch.tensor([[1.0, 0.0]] * 4)  # always group 0
     parts = ddm.accuracies(logits, torch.tensor([0, 0, 0, 1]))

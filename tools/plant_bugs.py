@@ -36,6 +36,12 @@ PI_HAT = T + "test_group_shares_count_the_labelled_images_only"
 IND_LR = T + "test_indicator_lr_reaches_the_indicators_parameter_group"
 RANKS = T + "test_each_rank_reads_its_own_shard_with_its_own_noise_seed"
 STRICT = W + "test_missing_tensors_alone_and_unexpected_tensors_alone_are_named"
+RECALL = R + "test_the_bar_also_keeps_every_groups_recall_at_nine_tenths_of_plains_and_the_worst_seed_is_shown"
+HAND = E + "test_precision_and_recall_on_a_hand_computed_case"
+OFFSETS = "tests/test_guidance.py::test_decision_offsets_pick_the_asked_shares_and_never_a_group_of_share_zero"
+AUTO = "tests/test_guidance.py::test_auto_scale_is_the_smallest_rung_that_meets_the_targets_and_every_try_is_recorded"
+JUDGES = "tests/test_attributes.py::test_the_colour_rule_is_exact_and_the_width_rule_reproduces_the_split_of_real_digits"
+TERMS = "tests/test_attributes.py::test_two_indicators_add_their_guidance_terms"
 CKPT = W + "test_a_checkpoint_missing_a_tensor_is_named_with_its_file"
 
 BUGS = [  # (name, file, old, new, tests)
@@ -49,7 +55,7 @@ BUGS = [  # (name, file, old, new, tests)
     ("std-population", "reproduce.py", "ddof=1", "ddof=0", [SEEDS]),
     ("mean-first-seed", "reproduce.py", "return float(np.mean(values)),", "return float(np.mean(values[:1])),",
      [SEEDS]),
-    ("cfg-worst-as-best", "reproduce.py", "best = min(tried", "best = max(tried", [CFG]),
+    ("cfg-worst-as-best", "reproduce.py", "return min(tried", "return max(tried", [CFG]),
     ("cfg-best-may-be-base", "reproduce.py", 'if s["method"] not in ("base", "plain")]', 'if s["method"] != "plain"]',
      [CFG]),
     ("cfg-rows-at-1", "reproduce.py", "guidance=scale, generic_only=True", "guidance=1.0, generic_only=True", [CFG]),
@@ -61,7 +67,8 @@ BUGS = [  # (name, file, old, new, tests)
      "build_folder(f, args.counts, 1)", [CLAIMS]),
     ("iw10-cache-key", "reproduce.py", 's = {"counts": args.counts, "labelled": method.labelled}',
      's = {"counts": args.counts}', [CLAIMS]),
-    ("build-folder-drops-labelled", "reproduce.py", "seed=seed, labelled=labelled)", "seed=seed)", [FOLDER, CLAIMS]),
+    ("build-folder-drops-labelled", "reproduce.py", "prompt=caption_for(seed), seed=seed, labelled=labelled)",
+     "prompt=caption_for(seed), seed=seed)", [FOLDER, CLAIMS]),
     ("digit-without-label", "data.py", "c[:max(1, round(labelled * len(c)))]", "c[:round(labelled * len(c))]",
      [FOLDER, CLAIMS]),
     ("no-caption-names-digit", "reproduce.py", "group_prompt(digit) if rng.random() < 0.5 else GENERIC_PROMPT",
@@ -69,8 +76,8 @@ BUGS = [  # (name, file, old, new, tests)
     ("caption-share-0.2", "reproduce.py", "rng.random() < 0.5", "rng.random() < 0.2", [FOLDER]),
     ("caption-names-label", "reproduce.py", 'f"{GENERIC_PROMPT} {WORDS[digit]}"', 'f"{GENERIC_PROMPT} {digit}"',
      [FOLDER]),
-    ("group-prompts-random-targets", "reproduce.py", "sample.draw_targets(seeds, uniform) if label_free else",
-     "sample.draw_targets(seeds, uniform) if True else", [SCENARIOS]),
+    ("group-prompts-random-targets", "reproduce.py", "if k is not None and not method.clusters:", "if False:",
+     [SCENARIOS]),
     # the quality reference
     ("mixture-no-between-term", "evaluate.py", "return mu, second - torch.outer(mu, mu)",
      "return mu, sum(w * _moments(f, '')[1] for f, w in zip(features_by_group, weights))", [MIXTURE]),
@@ -86,12 +93,10 @@ BUGS = [  # (name, file, old, new, tests)
     ("targets-depend-on-batch", "sample.py", 'derive_seed(s, "target"))).item() for s in seeds])',
      'derive_seed(seeds[0], "target") + k)).item() for k, s in enumerate(seeds)])', [DRAW]),
     ("targets-all-same", "sample.py", 'derive_seed(s, "target")', 'derive_seed(seeds[0], "target")', [DRAW]),
-    ("targets-ignore-shares", "sample.py", "draw_targets(seeds, parse_target(args.target, names))",
-     'draw_targets(seeds, parse_target("uniform", names))', [SHARES]),
+    ("targets-ignore-shares", "sample.py", "parse_target(spec, groups)", 'parse_target("uniform", groups)', [SHARES]),
     ("targets-first-rows-each-batch", "sample.py", "guides=[g.rows(rows) for g in guides]",
      "guides=[g.rows(slice(0, len(generators))) for g in guides]", [BATCH]),
-    ("indicator-file-no-timestep", "loading.py", "time_dim = linears[0][1].shape[1] - math.prod(latent_shape)",
-     "time_dim = 0", [FILE]),
+    ("indicator-file-no-timestep", "loading.py", 'int(meta["timestep_dim"])', "0", [FILE]),
     # training with partial labels and on several processes
     ("pi-hat-unlabelled-as-0", "train.py", "torch.tensor([g for g in self.data.groups if g >= 0])",
      "torch.tensor([max(g, 0) for g in self.data.groups])", [PI_HAT]),
@@ -107,6 +112,19 @@ BUGS = [  # (name, file, old, new, tests)
     ("strict-unexpected-only", "weights.py", "if missing or unexpected:", "if missing:", [STRICT]),
     ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
      [CKPT]),
+    # diversity, the worst seed, trajectory-aware targets, the auto scale, the attribute judges
+    ("bar-ignores-recall", "reproduce.py", "\n                and recall_kept)", ")", [RECALL]),
+    ("worst-seed-is-the-best", "reproduce.py", 's["fd_worst"] = max(', 's["fd_worst"] = min(', [RECALL]),
+    ("precision-recall-swapped", "evaluate.py", "return precision, recall", "return recall, precision", [HAND]),
+    ("offsets-push-the-wrong-way", "diffusion.py", "((log_p - c) / temperature)", "((log_p + c) / temperature)",
+     [OFFSETS]),
+    ("auto-takes-a-rung-too-high", "sample.py", "AUTO_SCALES[high[j]] if", "AUTO_SCALES[min(high[j] + 1, 8)] if",
+     [AUTO]),
+    ("colour-rule-inverted", "evaluate.py", '"red", "green"),', '"green", "red"),', [JUDGES]),
+    ("width-rule-inverted", "evaluate.py", "data.ink_mass(x) > self.threshold", "data.ink_mass(x) < self.threshold",
+     [JUDGES]),
+    ("only-the-last-guide", "diffusion.py", "        for j, g in enumerate(guides):\n",
+     "        for j, g in list(enumerate(guides))[-1:]:\n", [TERMS]),
 ]
 
 
