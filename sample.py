@@ -125,13 +125,15 @@ def draw_targets(seeds, shares):
 
 # Indicator guidance (ours), set per prompt. Trajectory-aware targets are decided at the first step with t <= 801
 # (a step of SD's spacing at 5, 10, 20, 25 or 50 steps); "auto" takes the smallest scale of the ladder at which
-# AUTO_HIT of each group's calibration images end in their target group. Measured: docs/reproduction.md.
+# AUTO_HIT of each group's calibration images end in their target group, read at t = AUTO_READ_AT. The ladder stops
+# at 20: at 30 the digits showed artefacts. Measured on the 7-vs-8 digits (docs/reproduction.md): a hit of 0.9 kept
+# the minority's recall above 0.9x plain's where 0.95-0.97 bought FD 0.03-0.04 with a recall 0.88x plain's.
 DECIDE_AT = 801
-AUTO_SCALES = (1, 2, 3, 5, 7, 10, 15, 20, 30)
-AUTO_HIT = 0.97
+AUTO_SCALES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20)
+AUTO_HIT = 0.9
 
 
-AUTO_READ_AT = 0  # the final latents are re-noised to this t before the indicator reads them (see ending_groups)
+AUTO_READ_AT = 200  # the final latents are re-noised to this t before the indicator reads them (ending_groups)
 
 
 @torch.no_grad()

@@ -802,22 +802,28 @@ def sampled(out, *argv):
     return np.stack([np.asarray(Image.open(out / f)) for f in record["files"]]), record
 
 
+def drawn_targets(record):
+    """The target group of each image, as samples.json records targets drawn per image (--decide-at none)."""
+    return record["indicator_guidance"]["prompts"]["a red square"]["target_groups"][0]
+
+
 def test_sample_with_an_exported_indicator_file_equals_sampling_with_its_run(indicator_run, tmp_path):
     exported = tmp_path / "indicator.safetensors"  # the file as the run's checkpoint saves it
     exported.write_bytes((checkpoints.latest_checkpoint(indicator_run) / "indicator.safetensors").read_bytes())
-    common = ["--model", str(indicator_run), "--indicator-guidance", "20"]
+    common = ["--model", str(indicator_run), "--indicator-guidance", "20", "--decide-at", "none"]
     by_run, run_record = sampled(tmp_path / "run", *common, "--indicator", str(indicator_run))
     by_file, file_record = sampled(tmp_path / "file", *common, "--indicator", str(exported))
     unguided, _ = sampled(tmp_path / "none", "--model", str(indicator_run))
     assert np.abs(by_run.astype(int) - unguided).mean() > 1  # the guidance acts
     np.testing.assert_array_equal(by_file, by_run)
-    names = {"blue": "0", "red": "1"}  # a file names its groups 0..K-1, in the run's order
-    assert file_record["target_groups"] == [names[g] for g in run_record["target_groups"]]
+    assert drawn_targets(file_record) == drawn_targets(run_record)  # the file carries the run's group names
+    assert file_record["indicator_guidance"]["indicators"][0]["groups"] == ["blue", "red"]
 
 
 def test_sample_draws_the_targets_from_the_target_shares(indicator_run, tmp_path):
     seeds = list(range(6))
     assert set(sample.draw_targets(seeds, torch.tensor([0.5, 0.5])).tolist()) == {0, 1}  # uniform: both groups
     _, record = sampled(tmp_path / "out", "--model", str(indicator_run), "--indicator", str(indicator_run),
-                        "--n", "6", "--seed", "0", "--target", "blue=0,red=1", "--indicator-guidance", "0")
-    assert record["target_groups"] == ["red"] * 6
+                        "--n", "6", "--seed", "0", "--target", "blue=0,red=1", "--indicator-guidance", "0.01",
+                        "--decide-at", "none")
+    assert drawn_targets(record) == ["red"] * 6
