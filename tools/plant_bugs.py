@@ -56,6 +56,8 @@ BUGS = [  # (name, file, old, new, tests)
     ("mean-first-seed", "reproduce.py", "return float(np.mean(values)),", "return float(np.mean(values[:1])),",
      [SEEDS]),
     ("cfg-worst-as-best", "reproduce.py", "return min(tried", "return max(tried", [CFG]),
+    ("cfg-best-fails-the-bar", "reproduce.py", 'tried = [s for s in tried if s["meets_goal"]] or tried',
+     "tried = tried", [CFG]),
     ("cfg-best-may-be-base", "reproduce.py", 'if s["method"] not in ("base", "plain")]', 'if s["method"] != "plain"]',
      [CFG]),
     ("cfg-rows-at-1", "reproduce.py", "guidance=scale, generic_only=True", "guidance=1.0, generic_only=True", [CFG]),
