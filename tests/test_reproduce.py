@@ -284,6 +284,17 @@ def test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale(tmp_pat
     assert "plain, and the best method: balanced" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_the_cfg_check_takes_the_lowest_fd_that_meets_the_bar_else_the_lowest_fd_never_base_or_plain():
+    def s(method, fd, meets):
+        return {"method": method, "fd": fd, "meets_goal": meets}
+
+    summary = [s("base", 0.0, None), s("plain", 0.5, None), s("a", 0.01, False), s("b", 0.2, True), s("c", 0.1, True)]
+    assert reproduce.best_method(summary) == "c"
+    assert reproduce.best_method([x if x["method"] in ("base", "plain") else {**x, "meets_goal": False}
+                                  for x in summary]) == "a"
+    assert reproduce.best_method(summary[:2]) is None
+
+
 # ---- the reproduction's data: the VAE's scale, the folders each method trains on, the guided scenarios -------------
 
 

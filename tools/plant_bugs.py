@@ -21,6 +21,7 @@ R, O, S, T, E, W = (f"tests/test_{n}.py::" for n in ("reproduce", "objectives", 
 BAR = R + "test_the_bar_is_half_of_plains_fd_at_at_most_ten_percent_worse_frechet"
 SEEDS = R + "test_summary_is_the_mean_and_sample_std_over_seeds"
 CFG = R + "test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale"
+BEST = R + "test_the_cfg_check_takes_the_lowest_fd_that_meets_the_bar_else_the_lowest_fd_never_base_or_plain"
 VAE = R + "test_vae_scaling_factor_gives_the_train_latents_unit_std"
 FOLDER = R + "test_biased_folder_labels_its_share_of_each_digit_and_half_its_captions_name_the_digit"
 CLAIMS = R + "test_each_method_fine_tunes_on_the_folder_it_claims"
@@ -55,11 +56,11 @@ BUGS = [  # (name, file, old, new, tests)
     ("std-population", "reproduce.py", "ddof=1", "ddof=0", [SEEDS]),
     ("mean-first-seed", "reproduce.py", "return float(np.mean(values)),", "return float(np.mean(values[:1])),",
      [SEEDS]),
-    ("cfg-worst-as-best", "reproduce.py", "return min(tried", "return max(tried", [CFG]),
+    ("cfg-worst-as-best", "reproduce.py", "return min(tried", "return max(tried", [CFG, BEST]),
     ("cfg-best-fails-the-bar", "reproduce.py", 'tried = [s for s in tried if s["meets_goal"]] or tried',
-     "tried = tried", [CFG]),
+     "tried = tried", [CFG, BEST]),
     ("cfg-best-may-be-base", "reproduce.py", 'if s["method"] not in ("base", "plain")]', 'if s["method"] != "plain"]',
-     [CFG]),
+     [CFG, BEST]),
     ("cfg-rows-at-1", "reproduce.py", "guidance=scale, generic_only=True", "guidance=1.0, generic_only=True", [CFG]),
     ("cfg-scale-dropped-in-sampling", "reproduce.py", "guidance=guidance or sizes.guidance",
      "guidance=sizes.guidance", [SCENARIOS]),
@@ -115,7 +116,7 @@ BUGS = [  # (name, file, old, new, tests)
     ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
      [CKPT]),
     # diversity, the worst seed, trajectory-aware targets, the auto scale, the attribute judges
-    ("bar-ignores-recall", "reproduce.py", "\n                and recall_kept)", ")", [RECALL]),
+    ("bar-ignores-recall", "reproduce.py", "and recall_kept)", ")", [RECALL]),
     ("worst-seed-is-the-best", "reproduce.py", 's["fd_worst"] = max(', 's["fd_worst"] = min(', [RECALL]),
     ("precision-recall-swapped", "evaluate.py", "return precision, recall", "return recall, precision", [HAND]),
     ("offsets-push-the-wrong-way", "diffusion.py", "((log_p - c) / temperature)", "((log_p + c) / temperature)",
@@ -125,8 +126,8 @@ BUGS = [  # (name, file, old, new, tests)
     ("colour-rule-inverted", "evaluate.py", '"red", "green"),', '"green", "red"),', [JUDGES]),
     ("width-rule-inverted", "evaluate.py", "data.ink_mass(x) > self.threshold", "data.ink_mass(x) < self.threshold",
      [JUDGES]),
-    ("only-the-last-guide", "diffusion.py", "        for j, g in enumerate(guides):\n",
-     "        for j, g in list(enumerate(guides))[-1:]:\n", [TERMS]),
+    ("only-the-last-guide", "diffusion.py", "for j, g in enumerate(guides):", "for j, g in list(enumerate(guides))[-1:]:",
+     [TERMS]),
 ]
 
 
