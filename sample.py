@@ -279,7 +279,7 @@ def parse_args(argv=None):
         p.error(f"--eta must be at most 1 (1 is DDPM's ancestral step), got {args.eta}")
     if args.indicator_guidance and not args.indicator:
         p.error("--indicator-guidance needs --indicator RUN_OR_FILE")
-    if args.target and len(args.target) not in (1, len(args.indicator)):
+    if args.target and (not args.indicator or len(args.target) not in (1, len(args.indicator))):
         p.error(f"--target: give one for all indicators or one per --indicator ({len(args.indicator)}), got "
                 f"{len(args.target)}" + ("" if args.indicator else "; it needs --indicator"))
     for flag, path in [("--indicator", path) for path in args.indicator] + [("--model", args.model)]:

@@ -143,3 +143,14 @@ def test_an_indicator_reads_unambiguously_or_is_refused_in_one_line_before_anyth
     assert (tmp_path / "file" / "00000.png").read_bytes() == (tmp_path / "run" / "00000.png").read_bytes()
     meta = json.loads((tmp_path / "file" / "samples.json").read_text())["indicator_guidance"]["indicators"][0]
     assert meta["groups"] == ["blue", "red"] and meta["attribute"] is None
+
+
+def test_a_target_without_an_indicator_is_refused_before_anything_is_written(runs, tmp_path, capsys):
+    argv = ["--model", str(runs["noise-aware"]), "--prompt", PROMPT, "--steps", "1", "--height", str(RES), "--width",
+            str(RES), "--device", "cpu", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        sample.main([*argv, "--target", "red=2"])
+    assert e.value.code == 2 and "it needs --indicator" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main([*argv, "--indicator-guidance", "auto"])
+    assert "--indicator-guidance needs --indicator" in capsys.readouterr().err and not (tmp_path / "out").exists()
