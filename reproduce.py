@@ -36,11 +36,12 @@ import checkpoints
 import data
 import ddm
 import evaluate
+import guidance
 import sample
 import train
 import weights
 from evaluate import DIVERSITY_DRAWS, DIVERSITY_SUBSET
-from sample import DECIDE_AT
+from guidance import DECIDE_AT
 from loading import load_models, load_run
 from vae import VAE, VAEConfig, load_vae, vae_diffusers_config, vae_to_diffusers
 
@@ -106,8 +107,8 @@ class Method:
     train: tuple = None
     labelled: float = 1.0  # share of the fine-tuning images that keep their group label
     source: str = None
-    indicator_guidance: object = 0.0  # a scale, or "auto" (sample.guides_for)
-    decide_at: int = None  # None: each image's target drawn from the shares; else trajectory-aware (sample.DECIDE_AT)
+    indicator_guidance: object = 0.0  # a scale, or "auto" (guidance.guides_for)
+    decide_at: int = None  # None: each image's target drawn from the shares; else trajectory-aware (guidance.DECIDE_AT)
     clusters: int = 0  # > 0: no labels; the groups are this many clusters per group of the data (data.py clusters)
     default: bool = True  # in the default --methods
 
@@ -335,7 +336,7 @@ def sample_scenarios(models, groups, sizes, *, indicator=None, method=None, guid
                      progress=True):
     """(generic images, group images, group requested per image, what the guidance chose), uint8 (N,32,32,3).
     Image k of a scenario uses noise seed k in every model, so models are compared on identical starting noise.
-    With indicator guidance (the method's scale and form, sample.guides_for, one calibration per prompt) a generic
+    With indicator guidance (the method's scale and form, guidance.guides_for, one calibration per prompt) a generic
     image aims at the groups in equal shares; a group prompt aims at its group, or for a label-free indicator
     (clusters, which name no group) at equal shares of the clusters like every other image."""
     requested = [] if generic_only else [g for g in groups for _ in range(sizes.n_per_group)]
@@ -352,9 +353,9 @@ def sample_scenarios(models, groups, sizes, *, indicator=None, method=None, guid
             shares = torch.full((indicator.num_groups,), 1 / indicator.num_groups)
             if k is not None and not method.clusters:
                 shares = torch.eye(len(groups))[k]
-            guides, chosen[prompt] = sample.guides_for(models, prompt, seeds, [(indicator, shares)],
-                                                       method.indicator_guidance, decide_at=method.decide_at,
-                                                       calibration=sizes.calibration, cal_seed=1, **settings)
+            guides, chosen[prompt] = guidance.guides_for(
+                sample.generate, models, prompt, seeds, [(indicator, shares)], method.indicator_guidance,
+                decide_at=method.decide_at, calibration=sizes.calibration, cal_seed=1, **settings)
         images.append(sample.generate(models, [prompt] * len(seeds), seeds, progress=progress, guides=guides,
                                       **settings))
     images = torch.cat(images)
@@ -787,10 +788,10 @@ bias alone is not bad quality), the same per group (a group's images against its
 images whose best class is none of the groups, confidence. Diversity: precision and recall (Kynkäänniemi et al.
 2019, k = 3) in the judge's features, each group's generic images as judged against its held-out real digits, on
 equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc: its accuracy
-and balanced accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG {sizes['guidance']}.
-Std is the sample std over seeds; "worst seed" is the largest FD of any seed. The bar: FD at most half of plain's,
+and balanced accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG
+{sizes['guidance']}. Std is the sample std over seeds; "worst seed" is the largest FD of any seed. The bar: FD at most half of plain's,
 Frechet at most 10% worse, and every group's recall at least 0.9x plain's. Guidance auto (ours): trajectory-aware
-targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone (sample.guides_for; the
+targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone (guidance.guides_for; the
 scales chosen are in report.json, rows[].guidance_chosen).
 
 ## Verdict (mean ± std over seeds)
@@ -872,8 +873,8 @@ def evaluate_attribute_row(models, indicators, classifier, judges, sizes, progre
         guides = []
         if indicators:
             specs = [(ind, torch.full((ind.num_groups,), 1 / ind.num_groups)) for ind in indicators]
-            guides, chosen[prompt] = sample.guides_for(models, prompt, seeds, specs, "auto", cal_seed=1,
-                                                       calibration=sizes.attr_calibration, **settings)
+            guides, chosen[prompt] = guidance.guides_for(sample.generate, models, prompt, seeds, specs, "auto",
+                                                         cal_seed=1, calibration=sizes.attr_calibration, **settings)
         images = sample.generate(models, [prompt] * len(seeds), seeds, guides=guides, progress=progress, **settings)
         per_prompt[str(d)] = judge_attributes(images, d, classifier, judges, sizes)
         grid = images if grid is None else grid

@@ -5,8 +5,8 @@
 `generate` encodes the texts, seeds image k's generator with seeds[k] (its initial noise and every later draw),
 runs `diffusion.denoise` batch by batch and decodes; image k depends on (prompt k, seed k) alone. The CLI checks
 every argument before any weight loads or any file is touched, then writes PNGs, grid.png and samples.json.
-Indicator guidance (ours): `--indicator RUN --indicator-guidance S` pushes each image toward a target group drawn
-for it from `--target`'s shares with its own seed.
+Indicator guidance (ours, guidance.py): `--indicator RUN --indicator-guidance auto` pushes each image toward a
+target group, in `--target`'s shares.
 """
 import argparse
 import json
@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 import cli
 import diffusion
+import guidance
 import weights
-from data import derive_seed, text_lines
-from ddm import parse_target
-from diffusion import SAMPLERS, Guidance, NonFiniteError
-from loading import latent_shape, load_indicator, load_models, size_multiple
+from data import text_lines
+from diffusion import SAMPLERS, NonFiniteError
+from loading import latent_shape, load_models, size_multiple
 
 # Classifier-free guidance is used at 1 to 20 (SD's default 7.5), and images burn out well before 100; past that a
 # value is a typo (75 for 7.5 stays allowed), and 1e30 makes every latent inf: a black image, not an experiment.
@@ -116,84 +116,6 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
     return torch.cat(kept) if kept else None
 
 
-def draw_targets(seeds, shares):
-    """Image k's target group for indicator guidance: a draw from `shares` (K,) with its own seed, so it does not
-    depend on the other images (and leaves image k's noise stream alone)."""
-    return torch.tensor([torch.multinomial(shares.double(), 1, generator=torch.Generator().manual_seed(
-        derive_seed(s, "target"))).item() for s in seeds])
-
-
-# Indicator guidance (ours), set per prompt. Trajectory-aware targets are decided at the first step with t <= 801
-# (a step of SD's spacing at 5, 10, 20, 25 or 50 steps); "auto" takes the smallest scale of the ladder at which
-# AUTO_HIT of each group's calibration images end in their target group, read at t = AUTO_READ_AT. The ladder stops
-# at 20: at 30 the digits showed artefacts. Measured on the 7-vs-8 digits (docs/reproduction.md): a hit of 0.9 kept
-# the minority's recall above 0.9x plain's where 0.95-0.97 bought FD 0.03-0.04 with a recall 0.88x plain's.
-DECIDE_AT = 801
-AUTO_SCALES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20)
-AUTO_HIT = 0.9
-
-
-AUTO_READ_AT = 200  # the final latents are re-noised to this t before the indicator reads them (ending_groups)
-
-
-@torch.no_grad()
-def ending_groups(indicator, z0, seeds, alphas_cumprod, t=None):
-    """The group each final latent ends in, as the indicator reads it after re-noising it to t (each image its own
-    noise): noise washes out what guidance wrote only for the indicator, and keeps what makes the group."""
-    t = AUTO_READ_AT if t is None else t
-    noise = torch.cat([torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(
-        derive_seed(s, "read"))) for s in seeds]).to(z0.device)
-    return indicator(diffusion.add_noise(z0, noise, torch.full((len(z0),), t), alphas_cumprod), t).argmax(1).cpu()
-
-
-def guides_for(models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, calibration=200, cal_seed=0,
-               **settings):
-    """The indicator-guidance terms (ours) of one prompt's images (`seeds`), one per (indicator, target shares) in
-    `specs`, without a judge -> (guides, record for samples.json).
-
-    decide_at None: image k's target is drawn from the shares with its own seed (draw_targets). Otherwise a
-    calibration batch of the prompt (its own seeds) runs unguided to the decide step, and its posteriors set the
-    offsets that make the trajectory-aware targets come out in the shares (diffusion.decision_offsets). With scale
-    "auto", each guide's scale is the smallest of AUTO_SCALES at which, on that batch, AUTO_HIT of the images
-    targeted at each group end in it, as its own indicator reads the final latents at t = 0 (found by bisection)."""
-    cal = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)]
-    t = next((t for t in diffusion.ddim_timesteps(settings["steps"]) if decide_at is not None and t <= decide_at), None)
-    x_t = None if t is None else generate(models, [prompt] * calibration, cal, decode=False, until=decide_at,
-                                          progress=False, **settings)
-    guides, cal_guides, cal_targets = [], [], []
-    for indicator, shares in specs:
-        if t is None:
-            guides.append(Guidance(indicator, draw_targets(seeds, shares), 0.0))
-            cal_guides.append(Guidance(indicator, draw_targets(cal, shares), 0.0))
-        else:
-            with torch.no_grad():
-                offsets = diffusion.decision_offsets(indicator(x_t, t).float().log_softmax(1), shares)
-            guides.append(Guidance(indicator, torch.zeros(len(seeds), dtype=torch.long), 0.0, decide_at, offsets))
-            cal_guides.append(Guidance(indicator, torch.zeros(calibration, dtype=torch.long), 0.0, decide_at, offsets))
-        cal_targets.append(cal_guides[-1].targets if t is None else diffusion.decide_targets(indicator, x_t, t,
-                                                                                               offsets))
-    record = {"decide_step": t, "offsets": [None if g.offsets is None else  # JSON has no infinity: never targeted
-                                            [v if math.isfinite(v) else None for v in g.offsets.tolist()]
-                                            for g in guides]}
-    low, high = [-1] * len(guides), [len(AUTO_SCALES) - 1] * len(guides)  # the rung sought lies in (low, high]
-    while scale == "auto" and any(h - lo > 1 for lo, h in zip(low, high)):  # bisection: hits grow with the scale
-        rungs = [(lo + h) // 2 if h - lo > 1 else h for lo, h in zip(low, high)]
-        for g, r in zip(cal_guides, rungs):
-            g.scale = float(AUTO_SCALES[r])
-        z0 = generate(models, [prompt] * calibration, cal, guides=cal_guides, decode=False, progress=False, **settings)
-        ends = [ending_groups(g.indicator, z0, cal, models.alphas_cumprod) for g in cal_guides]
-        hits = [[(end[targets == k] == k).float().mean().item() for k in targets.unique().tolist()]
-                for end, targets in zip(ends, cal_targets)]
-        record.setdefault("calibration", []).append({"scales": [g.scale for g in cal_guides], "hit_rates": hits})
-        for j, (r, h) in enumerate(zip(rungs, hits)):
-            if high[j] - low[j] > 1:
-                low[j], high[j] = (low[j], r) if min(h) >= AUTO_HIT else (r, high[j])
-    for j, g in enumerate(guides):
-        g.scale = float(AUTO_SCALES[high[j]] if scale == "auto" else scale)
-    record["scales"] = [g.scale for g in guides]
-    return guides, record
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -220,21 +142,7 @@ def build_parser():
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ancestral")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run's images in --out")
-    g = p.add_argument_group("indicator guidance (ours): steer each image toward a target group")
-    g.add_argument("--indicator", metavar="RUN_OR_FILE", action="append", default=[],
-                   help="a train.py run with a noise-aware indicator (--objective plain-indicator or "
-                        "indicator-weighted), or its indicator.safetensors; repeat it for several attributes")
-    g.add_argument("--indicator-guidance", type=guidance_scale, default=0.0, metavar="S|auto",
-                   help="guidance scale (0: off), or auto: chosen per prompt on a calibration batch, by the "
-                        "indicators alone")
-    g.add_argument("--target", action="append", default=[], help="the group shares to aim for, per --indicator in "
-                   "order (one value: all of them) or by attribute (ATTRIBUTE:SPEC): uniform (the default) or "
-                   "NAME=SHARE,...")
-    g.add_argument("--decide-at", type=decide_at_arg, default=DECIDE_AT, metavar="T|none",
-                   help=f"trajectory-aware targets, decided at the first step with t <= T from each image's own "
-                        f"posterior (default {DECIDE_AT}); none: drawn from the shares for each image at the start")
-    g.add_argument("--calibration", type=int, default=200, metavar="N", help="calibration images per prompt for "
-                   "trajectory-aware targets and the auto scale (default 200)")
+    guidance.add_flags(p)
     p.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     # Half-precision weights run as they are, without autocast (as diffusers' fp16 pipelines do; group norms stay
     # float32): autocast cost ~10% per UNet call on an H200 (README, Speed and memory).
@@ -244,47 +152,21 @@ def build_parser():
     return p
 
 
-def guidance_scale(text):
-    """argparse type of --indicator-guidance: "auto", or a finite number >= 0."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or cli.out_of_range(value, 0, None):
-        raise argparse.ArgumentTypeError(f"must be auto or a number >= 0, got {text!r}")
-    return value
-
-
-def decide_at_arg(text):
-    """argparse type of --decide-at: "none", or a timestep 0..999."""
-    if text == "none":
-        return None
-    if not text.isdigit() or int(text) >= diffusion.N_TRAIN_TIMESTEPS:
-        raise argparse.ArgumentTypeError(f"must be none or a timestep 0..{diffusion.N_TRAIN_TIMESTEPS - 1}, "
-                                         f"got {text!r}")
-    return int(text)
-
-
 def parse_args(argv=None):
     """Parse and check every argument, the model's config files included, before any weights load and before
     anything is written or deleted; errors exit with status 2."""
     p = build_parser()
     args = p.parse_args(argv)
-    why = cli.range_error(args, {"n": (1, None), "calibration": (2, None), **RANGES})
+    why = cli.range_error(args, {"n": (1, None), **RANGES})
     if why:
         p.error(why)
     if args.eta > 1:  # σ_t² would pass 1 − ᾱ_prev: DDIM's √(1 − ᾱ_prev − σ_t²) is imaginary late in sampling
         p.error(f"--eta must be at most 1 (1 is DDPM's ancestral step), got {args.eta}")
-    if args.indicator_guidance and not args.indicator:
-        p.error("--indicator-guidance needs --indicator RUN_OR_FILE")
-    if args.target and (not args.indicator or len(args.target) not in (1, len(args.indicator))):
-        p.error(f"--target: give one for all indicators or one per --indicator ({len(args.indicator)}), got "
-                f"{len(args.target)}" + ("" if args.indicator else "; it needs --indicator"))
-    for flag, path in [("--indicator", path) for path in args.indicator] + [("--model", args.model)]:
-        if not Path(path).exists():
-            p.error(f"{flag} {path} does not exist")
+    why = guidance.flag_error(args)
+    if why:
+        p.error(why)
+    if not Path(args.model).exists():
+        p.error(f"--model {args.model} does not exist")
     for name in ("height", "width"):
         if getattr(args, name) <= 0 or getattr(args, name) % 8:
             p.error(f"--{name} must be a positive multiple of 8 (the VAE's downsampling factor), "
@@ -394,51 +276,6 @@ def record_of(args, argv, models, prompts, seeds, started):
     }
 
 
-def target_specs(targets, attributes):
-    """Each indicator's --target: given in order (one for all), or by attribute as ATTRIBUTE:SPEC; "uniform" for an
-    indicator none names. ValueError for an attribute no indicator guides."""
-    named = {t.partition(":")[0]: t.partition(":")[2] for t in targets if "=" not in t.partition(":")[0] and ":" in t}
-    if not named:
-        return [targets[k if len(targets) > 1 else 0] if targets else "uniform" for k in range(len(attributes))]
-    unknown = [a for a in named if a not in attributes]
-    if unknown or len(named) != len(targets):
-        raise ValueError(f"--target {unknown[0] if unknown else targets[0]}: name one of the attributes the "
-                         f"indicators guide ({', '.join(str(a) for a in attributes)}) in every ATTRIBUTE:SPEC")
-    return [named.get(a, "uniform") for a in attributes]
-
-
-def indicator_guides(args, models, prompts, seeds):
-    """The indicator guidance of every prompt (ours): [(prompt, its images' guides)] and what samples.json records
-    of it; none when no indicator guides (a scale of 0 applies nothing, and nothing is recorded)."""
-    if not args.indicator_guidance:
-        return [(p, []) for p in args.prompt_list], None
-    specs, names = [], []
-    loaded = [(path, *load_indicator(path, latent_shape(models, args.height, args.width))) for path in args.indicator]
-    targets = target_specs(args.target, [attribute for *_, attribute in loaded])
-    for k, (path, indicator, groups, attribute) in enumerate(loaded):
-        spec = targets[k]
-        if any(n["attribute"] == attribute for n in names):
-            raise ValueError(f"--indicator {path} guides the attribute {attribute or '(unnamed)'} that an earlier "
-                             f"--indicator guides already: give one indicator per attribute")
-        specs.append((indicator.to(args.device), parse_target(spec, groups)))
-        names.append({"indicator": str(Path(path).resolve()), "attribute": attribute, "groups": groups,
-                      "target": spec})
-    settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                    height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
-                    batch_size=args.batch_size)
-    out, per_prompt = [], {}
-    for prompt in args.prompt_list:
-        mine = [s for p, s in zip(prompts, seeds) if p == prompt]
-        guides, per_prompt[prompt] = guides_for(models, prompt, mine, specs, args.indicator_guidance,
-                                                decide_at=args.decide_at, calibration=args.calibration,
-                                                cal_seed=args.seed, **settings)
-        if args.decide_at is None:
-            per_prompt[prompt]["target_groups"] = [[n["groups"][k] for k in g.targets] for g, n in zip(guides, names)]
-        out.append((prompt, guides))
-    return out, {"scale": args.indicator_guidance, "decide_at": args.decide_at, "calibration": args.calibration,
-                 "indicators": names, "prompts": per_prompt}
-
-
 def main(argv=None):
     args = parse_args(argv)  # every argument checked; nothing touched yet
     prompts = [p for p in args.prompt_list for _ in range(args.n)]  # prompt-major: n images of each prompt
@@ -450,7 +287,7 @@ def main(argv=None):
         sys.exit(f"error: cannot load --model {args.model}: {e}")
     record = record_of(args, argv, models, prompts, seeds, started)
     try:
-        per_prompt, record["indicator_guidance"] = indicator_guides(args, models, prompts, seeds)
+        per_prompt, record["indicator_guidance"] = guidance.from_args(args, models, prompts, seeds, generate)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     written, grid_images = 0, []

@@ -10,6 +10,7 @@ import torch
 import data
 import diffusion
 import evaluate
+import guidance
 import reproduce
 import sample
 import train
@@ -145,9 +146,9 @@ def test_two_indicators_add_their_guidance_terms():
 
 
 def test_targets_by_attribute_name_and_the_refusals(tmp_path):
-    assert sample.target_specs([], ["colour", "width"]) == ["uniform", "uniform"]
-    assert sample.target_specs(["red=1,green=0"], ["colour", "width"]) == ["red=1,green=0"] * 2
-    assert sample.target_specs(["width:thin=0.5,thick=0.5"], ["colour", "width"]) == ["uniform",
+    assert guidance.target_specs([], ["colour", "width"]) == ["uniform", "uniform"]
+    assert guidance.target_specs(["red=1,green=0"], ["colour", "width"]) == ["red=1,green=0"] * 2
+    assert guidance.target_specs(["width:thin=0.5,thick=0.5"], ["colour", "width"]) == ["uniform",
                                                                                        "thin=0.5,thick=0.5"]
     with pytest.raises(ValueError, match="--target shape: name one of the attributes"):
-        sample.target_specs(["shape:uniform"], ["colour", "width"])
+        guidance.target_specs(["shape:uniform"], ["colour", "width"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import diffusion
+import guidance
 import loading
 import sample
 import train
@@ -69,13 +70,14 @@ def test_auto_scale_is_the_smallest_rung_that_meets_the_targets_and_every_try_is
     ind = mean_reader(loading.latent_shape(models, RES, RES))
     seeds = list(range(256))
     shares = torch.tensor([0.8, 0.2])  # unguided, the random model makes about as many bright latents as dark
-    guides, record = sample.guides_for(models, PROMPT, seeds, [(ind, shares)], "auto", calibration=256, **SETTINGS)
-    tried = {r["scales"][0]: min(r["hit_rates"][0]) >= sample.AUTO_HIT for r in record["calibration"]}
+    guides, record = guidance.guides_for(sample.generate, models, PROMPT, seeds, [(ind, shares)], "auto",
+                                         calibration=256, **SETTINGS)
+    tried = {r["scales"][0]: min(r["hit_rates"][0]) >= guidance.AUTO_HIT for r in record["calibration"]}
     chosen = record["scales"][0]
-    assert record["scales"] == [guides[0].scale] and chosen in sample.AUTO_SCALES and len(tried) > 1
+    assert record["scales"] == [guides[0].scale] and chosen in guidance.AUTO_SCALES and len(tried) > 1
     assert tried[chosen]  # met at the chosen rung (bisection: about log2 of the ladder's length tries) ...
-    rung = sample.AUTO_SCALES.index(chosen)
-    assert rung == 0 or tried.get(sample.AUTO_SCALES[rung - 1]) is False  # ... and not at the rung below it
+    rung = guidance.AUTO_SCALES.index(chosen)
+    assert rung == 0 or tried.get(guidance.AUTO_SCALES[rung - 1]) is False  # ... and not at the rung below it
     assert all(met == (s >= chosen) for s, met in tried.items())
     images = sample.generate(models, [PROMPT] * 256, seeds, **SETTINGS, guides=guides, decode=False, progress=False)
     bright = ind(images, 0).argmax(1).float().mean().item()
@@ -98,6 +100,7 @@ def test_the_cli_checks_auto_guidance_and_records_what_it_chose(runs, tmp_path, 
             str(RES), "--device", "cpu", "--indicator", str(run), "--indicator-guidance", "auto", "--calibration", "8"]
     for bad, message in ((["--calibration", "1"], "--calibration must be >= 2"),
                          (["--decide-at", "1000"], "must be none or a timestep"),
+                         (["--decide-at", "0"], "must be none or a timestep 1..999"),
                          (["--indicator-guidance", "lots"], "must be auto or a number >= 0")):
         with pytest.raises(SystemExit):
             sample.main([*argv, *bad, "--out", str(tmp_path / "never")])

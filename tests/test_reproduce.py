@@ -19,6 +19,7 @@ from PIL import Image
 
 import checkpoints
 import data
+import guidance
 import reproduce
 import sample
 from vae import load_vae
@@ -373,14 +374,14 @@ def test_group_prompts_are_guided_toward_their_own_group_and_generic_ones_toward
     assert [c["prompts"][0] for c in calls] == [reproduce.GENERIC_PROMPT] + [reproduce.group_prompt(g) for g in groups]
     assert all(c["guidance"] == sizes.guidance and c["guides"][0].indicator is indicator and
                c["guides"][0].scale == 3.0 for c in calls)
-    assert torch.equal(calls[0]["guides"][0].targets, sample.draw_targets(calls[0]["seeds"], uniform))
+    assert torch.equal(calls[0]["guides"][0].targets, guidance.draw_targets(calls[0]["seeds"], uniform))
     for k, c in enumerate(calls[1:]):  # each group prompt: its own group
         assert c["guides"][0].targets.tolist() == [k] * sizes.n_per_group
     calls.clear()
     label_free = reproduce.Method("c", "c", source="plain", indicator_guidance=3.0, clusters=1)
     reproduce.sample_scenarios(None, groups, sizes, indicator=indicator, method=label_free, progress=False)
     for c in calls:  # clusters name no group: every prompt's images draw uniformly
-        assert torch.equal(c["guides"][0].targets, sample.draw_targets(c["seeds"], uniform))
+        assert torch.equal(c["guides"][0].targets, guidance.draw_targets(c["seeds"], uniform))
     calls.clear()
     reproduce.sample_scenarios(None, groups, sizes, guidance=7.5, generic_only=True, progress=False)
     assert len(calls) == 1 and calls[0]["guidance"] == 7.5 and calls[0]["guides"] == []  # the CFG check's scale

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 import diffusion
+import guidance
 import sample
 
 # SD v1.5's scheduler/scheduler_config.json, the fields that matter.
@@ -594,13 +595,13 @@ def test_overwrite_deletes_only_what_the_previous_run_listed_and_only_after_ever
 
 def test_target_groups_are_drawn_per_image_from_the_shares():
     shares, seeds = torch.tensor([0.2, 0.3, 0.5]), list(range(2000))
-    targets = sample.draw_targets(seeds, shares)
+    targets = guidance.draw_targets(seeds, shares)
     for n, p in zip(torch.bincount(targets, minlength=3).tolist(), shares.tolist()):
         assert abs(n - len(seeds) * p) <= 4 * (len(seeds) * p * (1 - p)) ** 0.5, (n, p)  # 4 binomial sigmas
     # image k's target depends on its seed alone: not on the batch, its size, or the other images
-    assert torch.equal(sample.draw_targets(seeds[5:12], shares), targets[5:12])
-    assert sample.draw_targets([3, 10 ** 9, 7], shares)[[0, 2]].tolist() == targets[[3, 7]].tolist()
-    assert sample.draw_targets([777], shares).item() == targets[777]
+    assert torch.equal(guidance.draw_targets(seeds[5:12], shares), targets[5:12])
+    assert guidance.draw_targets([3, 10 ** 9, 7], shares)[[0, 2]].tolist() == targets[[3, 7]].tolist()
+    assert guidance.draw_targets([777], shares).item() == targets[777]
 
 
 def test_guided_images_keep_their_own_targets_at_any_batch_size(tiny, one_thread):

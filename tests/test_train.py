@@ -25,6 +25,7 @@ import checkpoints
 import data
 import ddm
 import diffusion
+import guidance
 import loading
 import sample
 import train
@@ -822,7 +823,7 @@ def test_sample_with_an_exported_indicator_file_equals_sampling_with_its_run(ind
 
 def test_sample_draws_the_targets_from_the_target_shares(indicator_run, tmp_path):
     seeds = list(range(6))
-    assert set(sample.draw_targets(seeds, torch.tensor([0.5, 0.5])).tolist()) == {0, 1}  # uniform: both groups
+    assert set(guidance.draw_targets(seeds, torch.tensor([0.5, 0.5])).tolist()) == {0, 1}  # uniform: both groups
     _, record = sampled(tmp_path / "out", "--model", str(indicator_run), "--indicator", str(indicator_run),
                         "--n", "6", "--seed", "0", "--target", "blue=0,red=1", "--indicator-guidance", "0.01",
                         "--decide-at", "none")

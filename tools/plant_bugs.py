@@ -41,7 +41,8 @@ RECALL = R + "test_the_bar_also_keeps_every_groups_recall_at_nine_tenths_of_plai
 HAND = E + "test_precision_and_recall_on_a_hand_computed_case"
 OFFSETS = "tests/test_guidance.py::test_decision_offsets_pick_the_asked_shares_and_never_a_group_of_share_zero"
 AUTO = "tests/test_guidance.py::test_auto_scale_is_the_smallest_rung_that_meets_the_targets_and_every_try_is_recorded"
-JUDGES = "tests/test_attributes.py::test_the_colour_rule_is_exact_and_the_width_rule_reproduces_the_split_of_real_digits"
+JUDGES = ("tests/test_attributes.py::"
+          "test_the_colour_rule_is_exact_and_the_width_rule_reproduces_the_split_of_real_digits")
 TERMS = "tests/test_attributes.py::test_two_indicators_add_their_guidance_terms"
 CKPT = W + "test_a_checkpoint_missing_a_tensor_is_named_with_its_file"
 
@@ -93,10 +94,10 @@ BUGS = [  # (name, file, old, new, tests)
      [STEP]),
     ("guidance-every-target", "diffusion.py", "log_p[torch.arange(len(x)), groups].sum()", "log_p[:, groups].sum()",
      [STEP]),
-    ("targets-depend-on-batch", "sample.py", 'derive_seed(s, "target"))).item() for s in seeds])',
+    ("targets-depend-on-batch", "guidance.py", 'derive_seed(s, "target"))).item() for s in seeds])',
      'derive_seed(seeds[0], "target") + k)).item() for k, s in enumerate(seeds)])', [DRAW]),
-    ("targets-all-same", "sample.py", 'derive_seed(s, "target")', 'derive_seed(seeds[0], "target")', [DRAW]),
-    ("targets-ignore-shares", "sample.py", "parse_target(spec, groups)", 'parse_target("uniform", groups)', [SHARES]),
+    ("targets-all-same", "guidance.py", 'derive_seed(s, "target")', 'derive_seed(seeds[0], "target")', [DRAW]),
+    ("targets-ignore-shares", "guidance.py", "parse_target(spec, groups)", 'parse_target("uniform", groups)', [SHARES]),
     ("targets-first-rows-each-batch", "sample.py", "guides=[g.rows(rows) for g in guides]",
      "guides=[g.rows(slice(0, len(generators))) for g in guides]", [BATCH]),
     ("indicator-file-no-timestep", "loading.py", 'int(meta["timestep_dim"])', "0", [FILE]),
@@ -121,13 +122,13 @@ BUGS = [  # (name, file, old, new, tests)
     ("precision-recall-swapped", "evaluate.py", "return precision, recall", "return recall, precision", [HAND]),
     ("offsets-push-the-wrong-way", "diffusion.py", "((log_p - c) / temperature)", "((log_p + c) / temperature)",
      [OFFSETS]),
-    ("auto-takes-a-rung-too-high", "sample.py", "AUTO_SCALES[high[j]] if", "AUTO_SCALES[min(high[j] + 1, 8)] if",
-     [AUTO]),
+    ("auto-takes-a-rung-too-high", "guidance.py", "float(AUTO_SCALES[h]) for h in high]",
+     "float(AUTO_SCALES[min(h + 1, 11)]) for h in high]", [AUTO]),
     ("colour-rule-inverted", "evaluate.py", '"red", "green"),', '"green", "red"),', [JUDGES]),
     ("width-rule-inverted", "evaluate.py", "data.ink_mass(x) > self.threshold", "data.ink_mass(x) < self.threshold",
      [JUDGES]),
-    ("only-the-last-guide", "diffusion.py", "for j, g in enumerate(guides):", "for j, g in list(enumerate(guides))[-1:]:",
-     [TERMS]),
+    ("only-the-last-guide", "diffusion.py", "for j, g in enumerate(guides):",
+     "for j, g in list(enumerate(guides))[-1:]:", [TERMS]),
 ]
 
 
