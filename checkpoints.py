@@ -1,29 +1,20 @@
-"""A train.py run directory and the diffusers export: everything training writes to disk and reads back.
+"""A train.py checkpoint and the diffusers export: the weights training writes to disk and reads back.
 
-    train.lock           the fcntl lock of the one train.py writing the run (the file holds its pid)
-    run.json             the arguments, the configuration a resume must repeat (RESUME_FIELDS and the objective's
-                         flags), the model configs, group names, base model, and the data's fingerprint
-    base/                from-scratch runs only: the initial random models as a diffusers folder
-    checkpoint-000500/   the latest checkpoint, written as checkpoint-000500.tmp/, read back, renamed, and only then
-                         the older one deleted: unet[_lora], text_encoder[_lora] (when trained) and indicator (when
-                         the objective has one) .safetensors, optimizer.pt, state.json (step, time, rank hashes)
-    log.jsonl            one line per step: step, loss, every part the objective reports, lr, grad_norm, time
-    validation/step_000500/00.png …     with --validation-prompt
+    checkpoint-000500/   the latest checkpoint in a run directory (rundir.py), written as checkpoint-000500.tmp/,
+                         read back, renamed, and only then the older one deleted: unet[_lora], text_encoder[_lora]
+                         (when trained) and indicator (when the objective has one) .safetensors, optimizer.pt,
+                         state.json (step, time, rank hashes)
 
 Only these names are touched: a user's checkpoint-000500-bak/ or notes beside them stay as they are. A resume takes
 the newest checkpoint that reads whole, naming any broken one it passes over; no NaN or infinite tensor is ever
-written. loading.load_run reads a run back; `export_diffusers` writes models as a diffusers pipeline folder.
+written. `export_diffusers` writes models as a diffusers pipeline folder.
 """
-import contextlib
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,18 +29,8 @@ from vae import vae_diffusers_config, vae_to_diffusers
 
 UNET_LORA_TARGETS = ("to_q", "to_v")  # the authors' LoRA targets in the UNet attention
 TEXT_LORA_TARGETS = ("q_proj", "v_proj")  # ... and in the CLIP text encoder
-# The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
-# would train a different model.
-RESUME_FIELDS = ("model", "init_config", "vae", "data", "num_images", "group_names", "resolution", "batch_size",
-                 "grad_accum", "world_size", "lr", "indicator_lr", "weight_decay", "adam_betas", "adam_eps",
-                 "max_grad_norm", "lora_rank", "lora_alpha", "train_text_encoder", "caption_dropout", "cache_latents",
-                 "seed")
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})(\.tmp)?")  # exactly what save_checkpoint writes
-LOCK_FILE = "train.lock"
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter, in optimizer.pt (train.make_optimizer: no amsgrad)
-DATA_CHANGES = {"metadata.jsonl": "metadata.jsonl differs",  # data_fingerprint's keys, what a change of each means
-                "images": "the images' names, sizes or modification times differ",
-                "contents": "the images' contents differ"}  # said only when names, sizes and times agree
 
 
 def _fsync(path):
@@ -58,194 +39,6 @@ def _fsync(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The run directory: one writer, its configuration, its data, its log
-
-
-def run_dir_of(out, resume):
-    """The run directory that --out (a new run) or --resume names; ValueError for neither, or two different ones."""
-    if not out and not resume:
-        raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR)")
-    if out and resume and Path(out).resolve() != Path(resume).resolve():
-        raise ValueError(f"--out {out} and --resume {resume} name different run directories")
-    return Path(resume or out)
-
-
-@contextlib.contextmanager
-def locked_run_dir(run_dir, new):
-    """Hold an exclusive lock on RUN_DIR/train.lock for the whole run: a second train.py (a new run or a resume) on
-    the same directory is refused, naming the holder's pid. A new run's directory is created here, and removed again
-    (with the folders created for it) if the run ends before it wrote run.json."""
-    run_dir, path = Path(run_dir), Path(run_dir) / LOCK_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FileExistsError(f"{run_dir} is a file, not a run directory")
-    if path.is_symlink():  # truncating it would write into the file it points to, wherever that is
-        raise FileExistsError(f"{path} is a symbolic link; train.py locks a plain file of its own there: remove "
-                              f"the link")
-    if not path.exists():  # a folder that is not a run directory (yet) is touched only when it is empty
-        if new:
-            _check_new(run_dir)
-        else:
-            read_run_json(run_dir)  # a run directory, readable
-    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()] if new else []  # deepest first
-    with weights.writing(run_dir):
-        run_dir.mkdir(parents=True, exist_ok=True)
-    import fcntl  # POSIX only, and only here: sample.py imports this file on any system
-    while True:
-        with weights.writing(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link made since: ELOOP
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise FileExistsError(f"{run_dir} is in use by another train.py (pid {holder}); wait for it to end, "
-                                  f"or choose another directory") from None
-        if path.exists() and os.path.samestat(os.fstat(fd), path.stat()):
-            break
-        os.close(fd)  # the holder removed the file as it ended, after we opened it: lock the new one
-    try:
-        with weights.writing(path):
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        yield run_dir
-    finally:
-        if new and not (run_dir / "run.json").exists():  # nothing of a run: leave nothing (a retry starts clean)
-            path.unlink(missing_ok=True)
-            for p in created:
-                with contextlib.suppress(OSError):
-                    p.rmdir()
-        os.close(fd)
-
-
-def _check_new(run_dir):
-    """FileExistsError unless a new run's directory is absent or empty (but for the lock of a run that never wrote
-    run.json)."""
-    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume it")
-
-
-def read_run_json(run_dir):
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a train.py run directory (no run.json)")
-    info = weights.read_json(path)
-    for key, kind, what in (("config", dict, "an object"), ("base", str, "a string")):
-        if not isinstance(info.get(key), kind):
-            raise weights.CheckpointError(f"{path}: field '{key}' must be {what}")
-    return info
-
-
-def run_config(args, data, world_size, init_config):
-    """The values a resume must match, with paths made absolute and the init config (its JSON) inlined."""
-    c = {k: getattr(args, k, None) for k in RESUME_FIELDS + tuple(args.objective_fields)}
-    c.update(model=str(Path(args.model).resolve()) if args.model else None, init_config=init_config,
-             vae=str(Path(args.vae).resolve()) if args.vae else None, data=str(Path(args.data).resolve()),
-             num_images=len(data), group_names=list(data.group_names), world_size=world_size)
-    return c
-
-
-def data_fingerprint(data):
-    """What an exact resume needs unchanged in an ImageFolder: sha256 of metadata.jsonl, of every image's path, size
-    and modification time, and of every image's bytes. The bytes cost 0.75 s for 30,000 files of 20 KB (600 MB,
-    warm page cache, 2 CPU cores), 5% of the 12-15 s ImageFolder takes to decode them all when it opens the folder."""
-    images, contents = hashlib.sha256(), hashlib.sha256()
-    for f in data.files:
-        st = f.stat()
-        images.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        contents.update(hashlib.sha256(f.read_bytes()).digest())
-    return {"metadata.jsonl": hashlib.sha256((data.root / "metadata.jsonl").read_bytes()).hexdigest(),
-            "images": images.hexdigest(), "contents": contents.hexdigest()}
-
-
-def base_path(run_dir, info):
-    """The model a run started from: its own base/ folder (from scratch) or the --model it fine-tuned."""
-    return Path(run_dir) / "base" if info["base"] == "base" else Path(info["base"])
-
-
-def write_run(run_dir, config, models, latent_shape, args, data):
-    """A new run directory: base/ for a from-scratch run, and run.json. A failed write leaves neither behind."""
-    from_scratch = config["init_config"] is not None
-    configs = {k: dataclasses.asdict(getattr(models, k).config) for k in ("unet", "vae", "text_encoder")}
-    with weights.writing(run_dir):
-        run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        if from_scratch:
-            export_diffusers(models, run_dir / "base")
-        weights.write_json(run_dir / "run.json", {
-            "format": "ddm-run/1", "config": config, "base": "base" if from_scratch else config["model"],
-            "latent_shape": list(latent_shape), "prediction_type": models.prediction_type, "args": args,
-            "model_configs": configs,
-            "data": data_fingerprint(data), "versions": {"torch": torch.__version__},
-            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-    except BaseException:
-        if from_scratch:  # the directory was empty: base/ is ours
-            shutil.rmtree(run_dir / "base", ignore_errors=True)
-        raise
-
-
-def check_run_dir(run_dir, config, data, *, resume, defaults=None, allow_data_change=False, device="cpu", say=True):
-    """(checkpoint to resume, as read_checkpoint returns it, or None; base model) of a run started with this
-    configuration and this data (an ImageFolder, compared by data_fingerprint); (None, None) for a new run, whose
-    directory must be empty or absent (a train.lock aside). A field an older run did not record takes its value in
-    `defaults` (the parser's: what that run trained with before the flag existed)."""
-    if not resume:
-        _check_new(run_dir)
-        return None, None
-    info = read_run_json(run_dir)
-    defaults = {"objective": "ddm", **(defaults or {})}  # runs before --objective trained the authors' loss
-    older = sorted(f for f in config if f not in info["config"])
-    for field, value in config.items():
-        stored = info["config"].get(field, defaults.get(field))
-        if stored != value:
-            raise ValueError(f"--resume {run_dir}: the run was started with {field}={stored!r}"
-                             + (" (the default: run.json records none)" if field in older else "")
-                             + f", now {field}={value!r}; resume with the same arguments (only --max-steps, "
-                               "checkpoint/validation/hardware flags may change)")
-    if older and say:
-        print(f"note: {run_dir / 'run.json'} records no {', '.join(older)} (an older run): taking their defaults",
-              file=sys.stderr)
-    now = data_fingerprint(data)
-    stored = info.get("data", now)  # runs before the fingerprint have none, runs before "contents" no such key
-    differ = [k for k in DATA_CHANGES if k in stored and stored[k] != now[k]]
-    changed = " and ".join(DATA_CHANGES[k] for k in differ if not (k == "contents" and "images" in differ))
-    if changed and not allow_data_change:
-        raise ValueError(f"--resume {run_dir}: the data in {config['data']} changed since the run started "
-                         f"({changed}); an exact resume needs the same data: restore it, or pass "
-                         f"--allow-data-change to go on with the data as it is now")
-    if changed and say:
-        print(f"warning: the data changed since the run started ({changed}); going on with it",
-              file=sys.stderr)
-    ckpt = newest_checkpoint(run_dir, checkpoint_files(config), optimizer_device=device, say=say)
-    return ckpt, base_path(run_dir, info)
-
-
-def open_log(run_dir, step):
-    """log.jsonl in append mode, without the lines a crash left past the checkpoint at `step` (or cut half-way)."""
-    path = run_dir / "log.jsonl"
-    old = path.read_text().splitlines() if path.exists() else []
-    if old and not old[-1].endswith("}"):
-        old.pop()
-    kept = []
-    for n, line in enumerate(old, start=1):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path}, line {n}: not a log record (a JSON object with a 'step')") from None
-    weights.write_atomic(path, "".join(kept))
-    with weights.writing(path):
-        return open(path, "a")
-
-
-def log_step(log, record):
-    """One line of log.jsonl; NaN (a part not measured) is written as null."""
-    with weights.writing(log.name):
-        log.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()})
-                  + "\n")
-        log.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------------

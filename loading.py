@@ -16,6 +16,7 @@ import torch
 import checkpoints
 import diffusion
 import lora
+import rundir
 import weights
 from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
 from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf
@@ -80,7 +81,7 @@ def size_multiple(path):
     v1.x, read from the config files alone, every one of them checked (UNet, VAE, text encoder, scheduler)."""
     path = Path(path)
     if (path / "run.json").is_file():
-        return size_multiple(checkpoints.base_path(path, checkpoints.read_run_json(path)))
+        return size_multiple(rundir.base_path(path, rundir.read_run_json(path)))
     _, unet_config = weights.find_component(path, subfolder="unet", weight_names=UNET_FILES)
     if unet_config is None:  # a single file: SD v1.x or v2.x
         return side_multiple(UNetConfig(), VAEConfig())
@@ -133,12 +134,12 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
     """The models of a run directory's newest checkpoint that reads whole: its base model plus the trained
     weights."""
     run_dir = Path(run_dir)
-    info = checkpoints.read_run_json(run_dir)
+    info = rundir.read_run_json(run_dir)
     config = info["config"]
     ckpt = checkpoints.newest_checkpoint(run_dir, checkpoints.checkpoint_files(config))  # passes over broken ones
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} holds no finished checkpoint yet")
-    models = load_models(checkpoints.base_path(run_dir, info))
+    models = load_models(rundir.base_path(run_dir, info))
     checkpoints.setup_trainable(models, config["lora_rank"], config["lora_alpha"], config["train_text_encoder"])
     objective = config.get("objective", "ddm")
     indicator = (make_indicator(objective, info["latent_shape"], len(config["group_names"]),

@@ -32,6 +32,7 @@ import cli
 import ddm
 import diffusion
 import loading
+import rundir
 import sample
 from data import ImageFolder, MicroBatchIndices, derive_seed, encode_dataset, micro_batches
 
@@ -94,21 +95,13 @@ class Trainer:
         self.data = data = ImageFolder(args.data, args.resolution, attribute=args.attribute)  # every line and image
         self.target_shares = ddm.parse_target(args.target, data.group_names)
         checkpoints.check_export(args.export)  # not only after hours of training
-        self.run_dir = run_dir = Path(args.resume or args.out)
         from_scratch = args.init_config is not None
         args.lora_rank = (0 if from_scratch else 8) if args.lora_rank is None else args.lora_rank
         args.train_text_encoder = from_scratch if args.train_text_encoder is None else args.train_text_encoder
-        self.config = config = checkpoints.run_config(
-            args, data, world, loading.read_init_config(args.init_config)[0] if from_scratch else None)
-        ckpt, base = checkpoints.check_run_dir(run_dir, config, data, resume=args.resume is not None,
-                                               defaults=args.objective_defaults, device=device, say=rank == 0,
-                                               allow_data_change=args.allow_data_change)
-        if len(data) < args.batch_size * world:
-            raise ValueError(f"{args.data} has {len(data)} images, fewer than --batch-size {args.batch_size} x "
-                             f"{world} processes")
-        self.models = models = (loading.load_models(base) if base is not None
-                                else loading.models_from_config(args.init_config, args.vae, args.seed) if from_scratch
-                                else loading.load_models(args.model))
+        init_config = loading.read_init_config(args.init_config)[0] if from_scratch else None
+        self.run_dir, self.config, ckpt, base = rundir.open_run(args, data, world, init_config, device, rank == 0)
+        self.models = models = (loading.models_from_config(args.init_config, args.vae, args.seed)
+                                if from_scratch and base is None else loading.load_models(base or args.model))
         multiple = loading.side_multiple(models.unet.config, models.vae_config)
         if args.resolution % multiple:
             raise ValueError(f"--resolution must be a multiple of {multiple} for this model (the VAE and the UNet "
@@ -116,11 +109,11 @@ class Trainer:
         latent_shape = loading.latent_shape(models, args.resolution, args.resolution)
         _barrier(world)  # every rank has checked the run directory before rank 0 creates it
         if rank == 0 and not args.resume:
-            checkpoints.write_run(run_dir, config, self.models, latent_shape, vars(args), data)
+            rundir.write_run(self.run_dir, self.config, self.models, latent_shape, vars(args), data)
         _barrier(world)
         self.build(latent_shape)
         self.step_count, elapsed, self.last_saved = checkpoints.load_checkpoint(
-            ckpt, models.unet, models.text_encoder, self.indicator, config, self.optimizer, self.scaler)
+            ckpt, models.unet, models.text_encoder, self.indicator, self.config, self.optimizer, self.scaler)
         self.t_start = time.time() - elapsed
         indices = MicroBatchIndices(len(data), args.batch_size, args.seed, self.step_count * args.grad_accum, rank,
                                     world)
@@ -145,16 +138,14 @@ class Trainer:
         self.model = DDMModel(models.unet, models.text_encoder, self.indicator, args, constants).to(device)
         models.vae.to(device).eval(), models.unet.train(), models.text_encoder.train(args.train_text_encoder)
         models.unet.gradient_checkpointing = args.gradient_checkpointing
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        net = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad]
         ind = list(self.indicator.parameters()) if self.indicator is not None else []
-        # the networks' and the indicator's parameters: clipped apart, the indicator at its own --indicator-lr
-        net = [p for p in self.params if id(p) not in {id(q) for q in ind}]
-        self.networks = (net, ind)
+        self.params, self.networks = net + ind, (net, ind)  # clipped apart; the indicator at its own --indicator-lr
         groups = [{"params": net}] + [{"params": ind, "lr": args.indicator_lr or args.lr}] * bool(ind)
         self.optimizer = make_optimizer(groups, args)
         precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
         self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)  # off: a no-op
 
     def step(self):
         """One optimizer update over grad_accum micro-batches; the mean loss and parts over them (and the ranks)."""
@@ -174,29 +165,24 @@ class Trainer:
             with nullcontext() if sync else ddp.no_sync():
                 with torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
                     loss, parts = ddp(inputs, batch["group"].to(device))
-                (self.scaler.scale(loss / args.grad_accum) if self.scaler else loss / args.grad_accum).backward()
+                self.scaler.scale(loss / args.grad_accum).backward()
             for name, value in {"loss": loss, **parts}.items():  # a NaN part was not measured: not counted
                 value = torch.as_tensor(value, device=device).detach().float()
                 measured = torch.stack([torch.where(value.isnan(), 0.0, value), ~value.isnan()])  # (sum, count)
                 sums[name] = sums.get(name, 0) + measured
-        names = list(sums)  # the same names in the same order on every rank: the objective's parts
-        totals = torch.stack([sums[n] for n in names])  # (parts, 2): sum and count
+        totals = torch.stack(list(sums.values()))  # (parts, 2): sum and count; the same parts in order on every rank
         if self.world > 1:
             dist.all_reduce(totals)
-        means = dict(zip(names, (totals[:, 0] / totals[:, 1]).tolist()))  # 0/0: NaN, logged as null
+        means = dict(zip(sums, (totals[:, 0] / totals[:, 1]).tolist()))  # 0/0: NaN, logged as null
         if not math.isfinite(means["loss"]):
             self.stop(f"loss is {means['loss']}", "before applying it")
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
         # per network (the indicator never throttles the UNet); --max-grad-norm 0: max_norm inf, scaling by 1.0 exactly
         norms = [nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf).item() for params in self.networks]
-        if not self.scaler and not all(map(math.isfinite, norms)):  # fp16: the scaler skips such steps itself
+        if not self.scaler.is_enabled() and not all(map(math.isfinite, norms)):
             self.stop(f"gradient norm is {next(n for n in norms if not math.isfinite(n))}", "before applying it")
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: skips a step whose gradients are not finite, lowers the scale
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.stack([p.detach().isfinite().all() for p in self.params]).all():
             self.stop("the weights are not finite after the update", "without saving them")
@@ -226,10 +212,9 @@ class Trainer:
         args, models = self.args, self.models
         if self.rank == 0:
             models.unet.eval(), models.text_encoder.eval()
-            images = sample.generate(models, [args.validation_prompt] * args.validation_n,
-                                     list(range(args.validation_n)), steps=args.validation_steps,
-                                     guidance=args.validation_guidance, height=args.resolution,
-                                     width=args.resolution, progress=False)
+            n, side = args.validation_n, args.resolution
+            images = sample.generate(models, [args.validation_prompt] * n, list(range(n)), steps=args.validation_steps,
+                                     guidance=args.validation_guidance, height=side, width=side, progress=False)
             sample.save_pngs(images, self.run_dir / "validation" / f"step_{self.step_count:06d}")
             models.unet.train(), models.text_encoder.train(args.train_text_encoder)
         _barrier(self.world)
@@ -237,7 +222,7 @@ class Trainer:
     def run(self):
         args, rank = self.args, self.rank
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        log = checkpoints.open_log(self.run_dir, self.step_count) if rank == 0 else None
+        log = rundir.open_log(self.run_dir, self.step_count) if rank == 0 else None
         bar = tqdm(total=args.max_steps, initial=self.step_count, desc="train", unit="step",
                    disable=rank != 0 or not args.progress)
         try:
@@ -245,8 +230,8 @@ class Trainer:
                 means, grad_norm = self.step()
                 step, final = self.step_count, self.step_count == args.max_steps
                 if rank == 0:
-                    checkpoints.log_step(log, {"step": step, **means, "lr": args.lr, "grad_norm": grad_norm,
-                                               "time": round(time.time() - self.t_start, 3)})
+                    rundir.log_step(log, {"step": step, **means, "lr": args.lr, "grad_norm": grad_norm,
+                                          "time": round(time.time() - self.t_start, 3)})
                     bar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in means.items()), refresh=False)
                     bar.update()
                 if (args.checkpoint_every and step % args.checkpoint_every == 0) or final:
@@ -274,22 +259,18 @@ def add_objective_flags(p):
     objective = [
         g.add_argument("--objective", choices=sorted(ddm.OBJECTIVES), default="ddm", help="ddm.OBJECTIVES"),
         g.add_argument("--w-rec", type=float, default=0.95, help="weight of the denoising MSE"),
-        g.add_argument("--w-ind", type=float, default=0.05,
-                       help="weight of the indicator CE (0: no indicator; > 0 with a noise-aware objective)"),
+        g.add_argument("--w-ind", type=float, default=0.05, help="weight of the indicator CE (0: no indicator)"),
         g.add_argument("--indicator-hidden", type=int, nargs="+", default=[1024, 512], help="indicator MLP widths"),
-        g.add_argument("--target", default="uniform", help="pi*, the group shares to aim for: uniform or "
-                                                           "NAME=SHARE,... (balanced, indicator-weighted)"),
+        g.add_argument("--target", default="uniform", help="pi*: uniform or NAME=SHARE,... (balanced, ind.-weighted)"),
         g.add_argument("--weight-clip", type=float, default=10.0, help="importance-weight cap (indicator-weighted)"),
-        g.add_argument("--attribute", help="with groups named by attribute ({\"colour\": ..., \"width\": ...}): the "
-                                           "one this run's groups are, or A+B for their intersections"),
+        g.add_argument("--attribute", help="groups by attribute in the data: the one to use, or A+B (intersections)"),
     ]
     p.set_defaults(objective_fields=[a.dest for a in objective],
                    objective_defaults={a.dest: a.default for a in objective})
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Fine-tune Stable Diffusion v1.x with the DDM objective (arXiv "
-                                            "2503.12536), or train a tiny one from scratch.")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="diffusers SD folder, single-file checkpoint, or a train.py run directory")
     g.add_argument("--init-config", help="JSON {unet, vae, text_encoder} of configs: random init, from scratch")
@@ -297,14 +278,13 @@ def build_parser():
     g.add_argument("--data", help="folder with metadata.jsonl (file_name, text, group) and the images")
     g.add_argument("--out", help="new run directory")
     g.add_argument("--resume", help="continue this run directory (give the same arguments again)")
-    g.add_argument("--export", help="write the merged model as a diffusers folder here (after training; with "
-                                    "--model and no --data: export that model only)")
+    g.add_argument("--export", help="write the merged model here as a diffusers folder (no --data: --model's)")
     g.add_argument("--allow-data-change", action="store_true", help="--resume over changed --data (then not exact)")
     add_objective_flags(p)
     g = p.add_argument_group("what is trained")
     g.add_argument("--lora-rank", type=int, help="LoRA rank, 0 = train all weights (default 8; 0 with --init-config)")
     g.add_argument("--lora-alpha", type=float, default=32.0)
-    g.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,
                    help="also train the text encoder (default: off; on with --init-config)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--resolution", type=int, default=512, help="training images are resized/cropped to this")
@@ -317,8 +297,7 @@ def build_parser():
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradients' global L2 norm; 0 = off")
-    g.add_argument("--caption-dropout", type=float, default=0.0,
-                   help="share of captions replaced by '' (needed for guidance when training from scratch)")
+    g.add_argument("--caption-dropout", type=float, default=0.0, help="share of captions made '' (for CFG)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("hardware")
     g.add_argument("--device", type=lambda spec: str(cli.device_arg(spec)),  # checked, and kept as text for run.json
@@ -326,8 +305,7 @@ def build_parser():
     g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="autocast (default bf16 on CUDA)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument("--cache-latents", action="store_true",
-                   help="encode every image once before training and keep the VAE posteriors in memory")
+    g.add_argument("--cache-latents", action="store_true", help="encode every image once; posteriors in memory")
     g = p.add_argument_group("outputs")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (and at the end)")
     g.add_argument("--validation-prompt", help="generate images from this prompt every --validation-every steps")
@@ -365,7 +343,7 @@ def check_args(args):
         raise ValueError("give exactly one of --model (fine-tune) and --init-config (from scratch)")
     if args.vae and not args.init_config:
         raise ValueError("--vae only applies with --init-config")
-    checkpoints.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
+    rundir.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
                          f"got {args.resolution}")
@@ -406,7 +384,7 @@ def train(argv=None):
         return checkpoints.export_diffusers(loading.load_models(args.model), args.export)
     rank, world, device, created_group = setup_distributed(args.device)
     try:
-        with checkpoints.locked_run_dir(args.resume or args.out, new=not args.resume) if rank == 0 else nullcontext():
+        with rundir.locked_run_dir(args.resume or args.out, new=not args.resume) if rank == 0 else nullcontext():
             return Trainer(args, rank, world, device).run()
     finally:
         if created_group:

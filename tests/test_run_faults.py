@@ -20,6 +20,7 @@ from PIL import Image
 import checkpoints
 import ddm
 import loading
+import rundir
 import sample
 import train
 import weights
@@ -112,7 +113,7 @@ def test_a_train_lock_that_is_a_symbolic_link_is_refused_and_what_it_points_to_i
         (run / "train.lock").unlink(missing_ok=True)
         (run / "train.lock").symlink_to(target)
         with pytest.raises(FileExistsError, match=rf"^{re.escape(str(run / 'train.lock'))} is a symbolic link"):
-            with checkpoints.locked_run_dir(run, new=new):
+            with rundir.locked_run_dir(run, new=new):
                 pytest.fail("locked through a link")
         assert (run / "train.lock").is_symlink()
     assert victim.read_text() == "precious" and not (tmp_path / "nowhere.txt").exists()

@@ -1,5 +1,5 @@
-"""Plant one small, plausible bug at a time in the product code and check that the tests meant to catch it fail
-(issue #25, "Pin the numbers the README claims").
+"""Plant one small, plausible bug at a time in the product code and check that the tests meant to catch it fail:
+the numbers the README claims rest on these tests.
 
     python tools/plant_bugs.py                  # every bug: a markdown table, exit status 1 if one is not caught
     python tools/plant_bugs.py verdict-or cfg-1  # only these bugs
