@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -36,12 +35,11 @@ import checkpoints
 import data
 import ddm
 import evaluate
-import guidance
 import sample
 import train
 import weights
 from evaluate import DIVERSITY_DRAWS, DIVERSITY_SUBSET
-from guidance import DECIDE_AT
+from guidance import DECIDE_AT, guides_for
 from loading import load_models, load_run
 from vae import VAE, VAEConfig, load_vae, vae_diffusers_config, vae_to_diffusers
 
@@ -353,7 +351,7 @@ def sample_scenarios(models, groups, sizes, *, indicator=None, method=None, guid
             shares = torch.full((indicator.num_groups,), 1 / indicator.num_groups)
             if k is not None and not method.clusters:
                 shares = torch.eye(len(groups))[k]
-            guides, chosen[prompt] = guidance.guides_for(
+            guides, chosen[prompt] = guides_for(
                 sample.generate, models, prompt, seeds, [(indicator, shares)], method.indicator_guidance,
                 decide_at=method.decide_at, calibration=sizes.calibration, cal_seed=1, **settings)
         images.append(sample.generate(models, [prompt] * len(seeds), seeds, progress=progress, guides=guides,
@@ -873,8 +871,8 @@ def evaluate_attribute_row(models, indicators, classifier, judges, sizes, progre
         guides = []
         if indicators:
             specs = [(ind, torch.full((ind.num_groups,), 1 / ind.num_groups)) for ind in indicators]
-            guides, chosen[prompt] = guidance.guides_for(sample.generate, models, prompt, seeds, specs, "auto",
-                                                         cal_seed=1, calibration=sizes.attr_calibration, **settings)
+            guides, chosen[prompt] = guides_for(sample.generate, models, prompt, seeds, specs, "auto",
+                                                cal_seed=1, calibration=sizes.attr_calibration, **settings)
         images = sample.generate(models, [prompt] * len(seeds), seeds, guides=guides, progress=progress, **settings)
         per_prompt[str(d)] = judge_attributes(images, d, classifier, judges, sizes)
         grid = images if grid is None else grid

@@ -17,10 +17,8 @@ seeded by (seed, step, micro, rank), so on CPU a killed and resumed run ends bit
 import argparse
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

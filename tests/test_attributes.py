@@ -12,7 +12,6 @@ import diffusion
 import evaluate
 import guidance
 import reproduce
-import sample
 import train
 from ddm import Indicator
 from test_train import FAST, RES, TINY, make_data, one_thread, sd_dir  # noqa: F401 (fixtures)

@@ -9,7 +9,7 @@ from PIL import Image
 
 import data
 import evaluate
-from ddm import fairness_discrepancy, group_proportions, mean_entropy, statistical_parity_difference
+from ddm import fairness_discrepancy, group_proportions, statistical_parity_difference
 
 
 @pytest.fixture(scope="module")

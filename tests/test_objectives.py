@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import ddm
 import diffusion
-import sample
 
 LATENT = (4, 2, 2)
 

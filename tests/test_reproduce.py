@@ -21,7 +21,6 @@ import checkpoints
 import data
 import guidance
 import reproduce
-import sample
 from vae import load_vae
 
 INDICATOR_METHODS = {"plain", "ddm", "ddm-x0", "iw", "iw-10", "guided-3", "guided-10", "guided-auto", "guided-auto-10",

@@ -21,10 +21,9 @@ import checkpoints
 import ddm
 import loading
 import rundir
-import sample
 import train
 import weights
-from test_train import (FAST, ROOT, assert_same_tensors, checkpoint_files, data_dir, log_lines,  # noqa: F401
+from test_train import (FAST, ROOT, TINY, assert_same_tensors, checkpoint_files, data_dir, log_lines,  # noqa: F401
                         lora_run, make_data, one_thread, sd_dir)
 
 # The arguments of test_train's `lora_run` fixture but --max-steps: a resumed run must end where that one does.
@@ -342,6 +341,25 @@ def test_a_failed_write_names_the_path_and_leaves_nothing_that_blocks_a_retry(sd
     assert json.loads((out / "run.json").read_text())["config"]
     train.train([*cmd[2:], "--resume", str(out)])
     assert checkpoints.latest_checkpoint(out).name == "checkpoint-000001"
+
+
+def test_a_from_scratch_run_whose_run_json_fails_takes_its_base_folder_away(sd_dir, data_dir, tmp_path, monkeypatch):
+    """A from-scratch run writes base/ before run.json: when run.json cannot be written, the error names it and
+    base/ goes again with the folders made for the run (a retry starts clean)."""
+    write_json = weights.write_json
+
+    def full_at_run_json(path, obj):
+        if Path(path).name == "run.json":
+            raise weights.WriteError(f"no space left on {path}")
+        write_json(path, obj)
+
+    monkeypatch.setattr(weights, "write_json", full_at_run_json)
+    config, out = tmp_path / "tiny.json", tmp_path / "new" / "run"
+    config.write_text(json.dumps({"unet": TINY["unet"], "text_encoder": TINY["text_encoder"]}))
+    with pytest.raises(weights.WriteError, match=re.escape(f"no space left on {out / 'run.json'}")):
+        train.train(["--init-config", str(config), "--vae", str(sd_dir), "--data", str(data_dir), "--out", str(out),
+                     "--max-steps", "1", *FAST])
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
