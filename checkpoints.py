@@ -63,7 +63,7 @@ def checkpoint_parts(unet, text_encoder, indicator, config):
     parts = [(f"unet{suffix}.safetensors", unet, rank)]
     if config["train_text_encoder"]:
         parts.append((f"text_encoder{suffix}.safetensors", text_encoder, rank))
-    if uses_indicator(config.get("objective", "ddm"), config["w_ind"]):  # runs before objectives: "ddm"
+    if uses_indicator(config["objective"], config["w_ind"]):
         parts.append(("indicator.safetensors", indicator, 0))
     return parts
 

@@ -130,20 +130,30 @@ class Run:
     info: dict  # run.json
 
 
+def _newest_checkpoint(run_dir, config):
+    ckpt = checkpoints.newest_checkpoint(run_dir, checkpoints.checkpoint_files(config))  # passes over broken ones
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} holds no finished checkpoint yet")
+    return ckpt
+
+
+def _run_indicator(info):
+    """The indicator a run trained (built as train.py built it, untrained), or None when its objective has none."""
+    c = info["config"]
+    return (make_indicator(c["objective"], info["latent_shape"], len(c["group_names"]), c["indicator_hidden"])
+            if uses_indicator(c["objective"], c["w_ind"]) else None)
+
+
 def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
     """The models of a run directory's newest checkpoint that reads whole: its base model plus the trained
     weights."""
     run_dir = Path(run_dir)
     info = rundir.read_run_json(run_dir)
     config = info["config"]
-    ckpt = checkpoints.newest_checkpoint(run_dir, checkpoints.checkpoint_files(config))  # passes over broken ones
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} holds no finished checkpoint yet")
+    ckpt = _newest_checkpoint(run_dir, config)
     models = load_models(rundir.base_path(run_dir, info))
     checkpoints.setup_trainable(models, config["lora_rank"], config["lora_alpha"], config["train_text_encoder"])
-    objective = config.get("objective", "ddm")
-    indicator = (make_indicator(objective, info["latent_shape"], len(config["group_names"]),
-                                config["indicator_hidden"]) if uses_indicator(objective, config["w_ind"]) else None)
+    indicator = _run_indicator(info)
     checkpoints.load_checkpoint_weights(ckpt, models.unet, models.text_encoder, indicator, config)
     for m in (models.unet, models.text_encoder, indicator):
         if m is not None:
@@ -155,17 +165,21 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
 
 
 def load_indicator(path, latent_shape):
-    """(noise-aware indicator, its group names, its attribute or None) from a train.py run directory or from an
-    indicator.safetensors file, which carries what it needs (ddm.indicator_metadata); ValueError naming the path
-    when it is no such indicator, reads eps_hat, or was trained on latents of another shape (another resolution)."""
+    """(noise-aware indicator, its group names, its attribute or None) from a train.py run directory (its newest
+    checkpoint, as load_run reads it, without the base model) or from an indicator.safetensors file, which carries
+    what it needs (ddm.indicator_metadata); ValueError naming the path when it is no such indicator, reads eps_hat,
+    or was trained on latents of another shape (another resolution)."""
     path, where = Path(path), f"--indicator {path}"
     if path.is_dir():
-        run = load_run(path)
-        if run.indicator is None:
+        info = rundir.read_run_json(path)
+        config, indicator = info["config"], _run_indicator(info)
+        if indicator is None:
             raise ValueError(f"{where}: this run trained no indicator (objective "
-                             f"{run.info['config'].get('objective', 'ddm')}, w_ind {run.info['config']['w_ind']})")
-        indicator, names, attribute = run.indicator, [str(g) for g in run.group_names], run.info["config"].get(
-            "attribute")
+                             f"{config['objective']}, w_ind {config['w_ind']})")
+        ckpt = _newest_checkpoint(path, config)
+        weights.load_strict(indicator, ckpt["tensors"]["indicator.safetensors"],
+                            str(ckpt["path"] / "indicator.safetensors"))
+        names, attribute = [str(g) for g in config["group_names"]], config.get("attribute")
     else:
         meta = weights.read_metadata(path)
         if meta.get("ddm_indicator") != "1":
@@ -181,7 +195,7 @@ def load_indicator(path, latent_shape):
     if indicator.latent_shape != tuple(latent_shape):
         raise ValueError(f"{where}: trained on latents {indicator.latent_shape}, but these images have latents "
                          f"{tuple(latent_shape)} (another resolution: sample at the one it was trained at)")
-    return indicator.float().eval(), names, attribute
+    return indicator.float().eval().requires_grad_(False), names, attribute
 
 
 def read_init_config(path):

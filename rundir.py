@@ -110,6 +110,7 @@ def read_run_json(run_dir):
     for key, kind, what in (("config", dict, "an object"), ("base", str, "a string")):
         if not isinstance(info.get(key), kind):
             raise weights.CheckpointError(f"{path}: field '{key}' must be {what}")
+    info["config"].setdefault("objective", "ddm")  # runs from before --objective trained the authors' loss
     return info
 
 
@@ -182,7 +183,7 @@ def check_run_dir(run_dir, config, data, *, resume, defaults=None, allow_data_ch
         _check_new(run_dir)
         return None, None
     info = read_run_json(run_dir)
-    defaults = {"objective": "ddm", **(defaults or {})}  # runs before --objective trained the authors' loss
+    defaults = defaults or {}
     older = sorted(f for f in config if f not in info["config"])
     for field, value in config.items():
         stored = info["config"].get(field, defaults.get(field))

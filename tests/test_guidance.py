@@ -11,7 +11,7 @@ import loading
 import sample
 import train
 from ddm import Indicator
-from test_train import FAST, RES, TINY, data_dir, make_data, one_thread, sd_dir  # noqa: F401 (fixtures)
+from test_train import FAST, RES, TINY, assert_same_tensors, data_dir, make_data, one_thread, sd_dir  # noqa: F401 (fixtures)
 
 PROMPT = "a red square"
 
@@ -157,3 +157,18 @@ def test_a_target_without_an_indicator_is_refused_before_anything_is_written(run
     with pytest.raises(SystemExit):
         sample.main([*argv, "--indicator-guidance", "auto"])
     assert "--indicator-guidance needs --indicator" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_runs_indicator_is_read_without_its_base_model(runs, monkeypatch):
+    """--indicator RUN reads the indicator of the run's newest checkpoint, the same one load_run gives, without
+    loading (and merging) the base model a second time."""
+    run = runs["noise-aware"]
+    whole = loading.load_run(run)
+
+    def no_base_model(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(loading, "load_models", no_base_model)
+    indicator, names, attribute = loading.load_indicator(run, whole.info["latent_shape"])
+    assert names == ["blue", "red"] and attribute is None
+    assert_same_tensors({"indicator": indicator.state_dict()}, {"indicator": whole.indicator.state_dict()})
