@@ -51,7 +51,8 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
     images by `generate`) runs unguided to the decide step, where its posteriors set the offsets
     (diffusion.decision_offsets); with "auto" each guide's scale is found on it by bisection."""
     cal = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)]
-    t = None if decide_at is None else next(t for t in diffusion.ddim_timesteps(settings["steps"]) if t <= decide_at)
+    taken = diffusion.ddim_timesteps(settings["steps"], len(models.alphas_cumprod))  # the steps denoise takes
+    t = None if decide_at is None else next(t for t in taken if t <= decide_at)
 
     def batch(guides=(), until=None):
         return generate(models, [prompt] * calibration, cal, guides=guides, until=until, decode=False,
@@ -147,8 +148,9 @@ def add_flags(p):
 
 def flag_error(args):
     """The first of these flags that does not fit the others, as one line naming it, or None."""
-    if cli.range_error(args, {"calibration": (2, None)}):
-        return cli.range_error(args, {"calibration": (2, None)})
+    why = cli.range_error(args, {"calibration": (2, None)})
+    if why:
+        return why
     if args.indicator_guidance and not args.indicator:
         return "--indicator-guidance needs --indicator RUN_OR_FILE"
     if args.target and (not args.indicator or len(args.target) not in (1, len(args.indicator))):
@@ -171,11 +173,12 @@ def target_specs(targets, attributes):
     return [named.get(a, "uniform") for a in attributes]
 
 
-def from_args(args, models, prompts, seeds, generate):
+def from_args(args, models, prompts, seeds, generate, settings):
     """The indicator guidance of every prompt: [(prompt, its images' guides)] and what samples.json records of it;
-    none when no indicator guides (a scale of 0 applies nothing, and nothing is recorded)."""
+    [(None, [])] and None when no indicator guides (a scale of 0 applies nothing, and nothing is recorded).
+    `settings`: generate's keyword arguments for these images."""
     if not args.indicator_guidance:
-        return [(p, []) for p in args.prompt_list], None
+        return [(None, [])], None
     loaded = [(path, *load_indicator(path, latent_shape(models, args.height, args.width))) for path in args.indicator]
     specs, names = [], []
     for (path, indicator, groups, attribute), spec in zip(loaded, target_specs(args.target, [a for *_, a in loaded])):
@@ -185,8 +188,6 @@ def from_args(args, models, prompts, seeds, generate):
         specs.append((indicator.to(args.device), parse_target(spec, groups)))
         names.append({"indicator": str(Path(path).resolve()), "attribute": attribute, "groups": groups,
                       "target": spec})
-    settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
-                    width=args.width, sampler=args.sampler, eta=args.eta, batch_size=args.batch_size)
     out, per_prompt = [], {}
     for prompt in args.prompt_list:
         mine = [s for p, s in zip(prompts, seeds) if p == prompt]

@@ -30,13 +30,14 @@ import diffusion
 import guidance
 import weights
 from data import text_lines
-from diffusion import SAMPLERS, NonFiniteError
+from diffusion import N_TRAIN_TIMESTEPS, SAMPLERS, NonFiniteError
 from loading import latent_shape, load_models, size_multiple
 
 # Classifier-free guidance is used at 1 to 20 (SD's default 7.5), and images burn out well before 100; past that a
 # value is a typo (75 for 7.5 stays allowed), and 1e30 makes every latent inf: a black image, not an experiment.
 GUIDANCE_MAX = 100
-RANGES = {"steps": (1, 1000), "guidance": (-GUIDANCE_MAX, GUIDANCE_MAX), "eta": (0, None), "batch_size": (1, None)}
+RANGES = {"steps": (1, N_TRAIN_TIMESTEPS), "guidance": (-GUIDANCE_MAX, GUIDANCE_MAX), "eta": (0, None),
+          "batch_size": (1, None)}
 
 
 @torch.inference_mode()
@@ -88,7 +89,7 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
     check_settings(prompts, seeds, dict(steps=steps, guidance=guidance, sampler=sampler, eta=eta,
                                         batch_size=batch_size))
     shape = latent_shape(models, height, width)
-    device = next(models.unet.parameters()).device
+    device, pixels = next(models.unet.parameters()).device, decode and until is None
     embeddings, kept = {}, []  # each distinct text is encoded once, in the first batch that has it
     with tqdm(total=len(prompts), desc="images", unit="img", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
@@ -104,13 +105,13 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
                                       uncond, models.alphas_cumprod, generators, steps=steps, guidance=guidance,
                                       sampler=sampler, eta=eta, prediction_type=models.prediction_type,
                                       progress=progress, guides=[g.rows(rows) for g in guides], until=until)
-                images = decode_latents(models, z) if decode and until is None else z
+                images = decode_latents(models, z) if pixels else z
                 bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()
                 if len(bad):
                     raise NonFiniteError(int(bad[0, 0]), "in the decoded pixels")
             except NonFiniteError as e:
                 raise NonFiniteError(start + e.image, e.where) from None
-            images = to_uint8(images) if decode and until is None else images
+            images = to_uint8(images) if pixels else images
             bar.update(len(images))
             on_batch(start, images) if on_batch else kept.append(images)
     return torch.cat(kept) if kept else None
@@ -286,8 +287,11 @@ def main(argv=None):
     except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError
         sys.exit(f"error: cannot load --model {args.model}: {e}")
     record = record_of(args, argv, models, prompts, seeds, started)
+    settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
+                    width=args.width, sampler=args.sampler, eta=args.eta, batch_size=args.batch_size)
     try:
-        per_prompt, record["indicator_guidance"] = guidance.from_args(args, models, prompts, seeds, generate)
+        per_prompt, record["indicator_guidance"] = guidance.from_args(args, models, prompts, seeds, generate,
+                                                                      settings)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     written, grid_images = 0, []
@@ -306,13 +310,10 @@ def main(argv=None):
             (out / name).unlink(missing_ok=True)
         # written first, so that a run stopped half-way still lists its images for the next --overwrite
         (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
-        # one call for all prompts; one per prompt when each has its own guidance
-        for prompt, guides in per_prompt if record["indicator_guidance"] else [(None, [])]:
+        for prompt, guides in per_prompt:  # prompt None: one call for all; else one per prompt, its own guidance
             rows = [k for k, p in enumerate(prompts) if prompt in (None, p)]
-            generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], negative_prompt=args.negative_prompt,
-                     steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-                     sampler=args.sampler, eta=args.eta, batch_size=args.batch_size, guides=guides,
-                     on_batch=lambda start, images: save(rows[start], images))
+            generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], guides=guides,
+                     on_batch=lambda start, images: save(rows[start], images), **settings)
         make_grid(torch.stack(grid_images)).save(out / "grid.png")
         record.update(seconds=round(time.time() - started, 3), finished=True)
         (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,5 +1,6 @@
 """Indicator guidance (ours) beyond a fixed scale: trajectory-aware targets decided from each image's own posterior,
 the offsets that make them come out in the asked shares, and the scale chosen by the indicator alone ("auto")."""
+import dataclasses
 import json
 
 import pytest
@@ -84,6 +85,17 @@ def test_auto_scale_is_the_smallest_rung_that_meets_the_targets_and_every_try_is
     assert abs(bright - 0.2) <= 0.06  # the indicator's own reading of the result meets the shares (2.4 SE)
     unguided = sample.generate(models, [PROMPT] * 256, seeds, **SETTINGS, decode=False, progress=False)
     assert ind(unguided, 0).argmax(1).float().mean().item() > 0.4
+
+
+def test_targets_are_decided_at_the_step_the_sampler_takes_on_a_schedule_of_any_length(models):
+    """On a schedule of 500 steps (not SD's 1000) the sampler spaces its timesteps by that length: the offsets are
+    set, and the step recorded, where denoise decides the targets, not where a 1000-step spacing would."""
+    short = dataclasses.replace(models, alphas_cumprod=models.alphas_cumprod[:500].clone())
+    ind = mean_reader(loading.latent_shape(models, RES, RES))
+    _, record = guidance.guides_for(sample.generate, short, PROMPT, list(range(8)), [(ind, torch.tensor([0.5, 0.5]))],
+                                    1.0, calibration=8, **SETTINGS)
+    taken = diffusion.ddim_timesteps(SETTINGS["steps"], 500)  # 376, 251, 126, 1
+    assert record["decide_step"] == next(t for t in taken if t <= guidance.DECIDE_AT) == 376
 
 
 @pytest.fixture(scope="module")
