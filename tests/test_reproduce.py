@@ -366,8 +366,9 @@ def test_group_prompts_are_guided_toward_their_own_group_and_generic_ones_toward
     monkeypatch.setattr(reproduce.sample, "generate", generate)
     groups, sizes, indicator = [1, 7, 8], reproduce.QUICK, SimpleNamespace(num_groups=3)
     uniform, n = torch.full((3,), 1 / 3), sizes.n_generic
+    models = SimpleNamespace(alphas_cumprod=torch.ones(1000))  # the schedule length guidance decides on
     method = reproduce.Method("g", "g", source="plain", indicator_guidance=3.0)  # targets drawn per image
-    generic, grouped, requested, _ = reproduce.sample_scenarios(None, groups, sizes, indicator=indicator,
+    generic, grouped, requested, _ = reproduce.sample_scenarios(models, groups, sizes, indicator=indicator,
                                                                 method=method, progress=False)
     assert len(generic) == n and requested == [g for g in groups for _ in range(sizes.n_per_group)]
     assert [c["prompts"][0] for c in calls] == [reproduce.GENERIC_PROMPT] + [reproduce.group_prompt(g) for g in groups]
@@ -378,9 +379,9 @@ def test_group_prompts_are_guided_toward_their_own_group_and_generic_ones_toward
         assert c["guides"][0].targets.tolist() == [k] * sizes.n_per_group
     calls.clear()
     label_free = reproduce.Method("c", "c", source="plain", indicator_guidance=3.0, clusters=1)
-    reproduce.sample_scenarios(None, groups, sizes, indicator=indicator, method=label_free, progress=False)
+    reproduce.sample_scenarios(models, groups, sizes, indicator=indicator, method=label_free, progress=False)
     for c in calls:  # clusters name no group: every prompt's images draw uniformly
         assert torch.equal(c["guides"][0].targets, guidance.draw_targets(c["seeds"], uniform))
     calls.clear()
-    reproduce.sample_scenarios(None, groups, sizes, guidance=7.5, generic_only=True, progress=False)
+    reproduce.sample_scenarios(models, groups, sizes, guidance=7.5, generic_only=True, progress=False)
     assert len(calls) == 1 and calls[0]["guidance"] == 7.5 and calls[0]["guides"] == []  # the CFG check's scale
