@@ -209,7 +209,31 @@ def read_init_config(path):
             raise ValueError(f"--init-config {path}: {key} has unknown fields {unknown}")
         out[key] = None if fields is None else cls(**{k: tuple(v) if isinstance(v, list) else v
                                                       for k, v in fields.items()})
+    text = out["text_encoder"]
+    if text is not None and text.activation not in ("quick_gelu", "gelu"):
+        raise ValueError(f"--init-config {path}: text_encoder: activation must be quick_gelu or gelu, "
+                         f"got {text.activation!r}")
+    if text is not None and text.width % text.heads:
+        raise ValueError(f"--init-config {path}: text_encoder: width {text.width} must be a multiple of heads "
+                         f"{text.heads}")
+    unet = out["unet"]
+    if unet and not set(unet.attention_levels) <= set(range(len(unet.channel_mult))):
+        raise ValueError(f"--init-config {path}: unet: attention_levels {list(unet.attention_levels)} must be levels "
+                         f"of channel_mult (0..{len(unet.channel_mult) - 1})")
+    for level in sorted({*unet.attention_levels, len(unet.channel_mult) - 1} if unet else ()):  # + the middle
+        channels = unet.model_channels * unet.channel_mult[level]
+        if unet.heads(channels) < 1 or channels % unet.heads(channels):
+            raise ValueError(f"--init-config {path}: unet: {channels} channels at level {level} do not split into "
+                             f"{unet.heads(channels)} heads")
     return raw, out
+
+
+def _build(path, key, cls, cfg):
+    """cls(cfg), a config torch cannot build (GroupNorm groups that do not divide a width, ...) one line."""
+    try:
+        return cls(cfg)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"--init-config {path}: {key}: {e}") from None
 
 
 def models_from_config(init_config, vae_path=None, seed=0):
@@ -224,6 +248,7 @@ def models_from_config(init_config, vae_path=None, seed=0):
                              + (" (or pass --vae PATH)" if key == "vae" else ""))
     with torch.random.fork_rng(devices=[]):  # seeds the init without touching the caller's global RNG
         torch.manual_seed(seed)
-        unet, text_encoder = UNet(cfgs["unet"]), CLIPTextModel(cfgs["text_encoder"])
-        vae = load_vae(vae_path) if vae_path else VAE(cfgs["vae"])
+        unet = _build(init_config, "unet", UNet, cfgs["unet"])
+        text_encoder = _build(init_config, "text_encoder", CLIPTextModel, cfgs["text_encoder"])
+        vae = load_vae(vae_path) if vae_path else _build(init_config, "vae", VAE, cfgs["vae"])
     return Models(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=Tokenizer.default(), vae_config=vae.config)

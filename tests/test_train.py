@@ -516,6 +516,23 @@ def test_a_resolution_the_model_cannot_halve_often_enough_is_refused_naming_the_
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("key, change, message", [
+    ("text_encoder", {"activation": "relu"}, r"text_encoder: activation must be quick_gelu or gelu, got 'relu'"),
+    ("text_encoder", {"heads": 3}, r"text_encoder: width 32 must be a multiple of heads 3"),
+    ("unet", {"num_groups": 5}, r"unet: .*divisible by num_groups"),  # torch's GroupNorm says why
+    ("unet", {"num_heads": 3}, r"unet: 64 channels at level 1 do not split into 3 heads"),
+    ("unet", {"attention_levels": [2]}, r"unet: attention_levels \[2\] must be levels of channel_mult \(0..1\)"),
+])
+def test_an_init_config_that_builds_no_model_is_one_line_naming_the_file_and_the_part(key, change, message,
+                                                                                         sd_dir, data_dir, tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**TINY, key: {**TINY[key], **change}, "vae": None}))
+    with pytest.raises(ValueError, match=rf"^--init-config {re.escape(str(config))}: {message}"):
+        train.train(["--init-config", str(config), "--vae", str(sd_dir), "--data", str(data_dir), "--out",
+                     str(tmp_path / "never"), *FAST])
+    assert not (tmp_path / "never").exists()
+
+
 def test_cli_refuses_a_device_this_machine_lacks_in_one_line(data_dir, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(tmp_path / "no-model"), "--data",
                         str(data_dir), "--out", str(tmp_path / "x"), "--device", "tpu:9"], cwd=ROOT,
