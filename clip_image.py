@@ -161,8 +161,8 @@ WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 TOWER_NAMES = {"text_model": "text.text_model", "vision_model": "vision.vision_model"}  # {file: ours}
 
 
-VISION_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
-                 "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp": "intermediate_size"}  # ours: HF's
+VISION_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",  # ours: HF's
+                 "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp": "intermediate_size"}
 
 
 def clip_config_from_hf(d, where="config.json"):

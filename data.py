@@ -620,10 +620,7 @@ def main(argv=None):
     if args.command == "clusters" and (args.resolution <= 0 or args.resolution % 8):
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got "
                      f"{args.resolution}")
-    try:
-        return celeba(parser, args) if args.command == "celeba" else clusters(args)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"data.py: error: {e}")
+    return cli.one_line_errors(lambda: celeba(parser, args) if args.command == "celeba" else clusters(args), "data.py")
 
 
 def clusters(args):

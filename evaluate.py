@@ -593,8 +593,8 @@ def parse_args(argv=None):
     if why:
         parser.error(why)
     if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
-        sys.exit(f"evaluate.py: error: --prompt-groups names {len(args.prompt_groups)} groups for "
-                 f"{len(args.image_dirs)} image folders; give one per folder")
+        parser.error(f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image "
+                     "folders; give one per folder")
     return args
 
 
@@ -614,16 +614,15 @@ def out_error(out, default):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        result = evaluate_clip(args) if args.clip is not None else evaluate_digits(args)
-    except (ValueError, FileNotFoundError) as e:  # ValueError covers weights.CheckpointError
-        raise SystemExit(f"evaluate.py: error: {e}")
+    return cli.one_line_errors(lambda: run(args), "evaluate.py")  # ValueError covers weights.CheckpointError
+
+
+def run(args):
+    """Judge the folders, write the result (write_atomic names the file if the disk filled meanwhile), print it."""
+    result = evaluate_clip(args) if args.clip is not None else evaluate_digits(args)
     result["image_dirs"] = [str(d) for d in args.image_dirs]
     out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
-    try:
-        weights.write_atomic(out, json.dumps(result, indent=2) + "\n")
-    except OSError as e:  # weights.WriteError, naming the file: a disk that filled during the evaluation
-        raise SystemExit(f"evaluate.py: error: {e}") from None
+    weights.write_atomic(out, json.dumps(result, indent=2) + "\n")
     print(format_result(result))
     print(f"wrote {out}")
     return result

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +31,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import checkpoints
+import cli
 import data
 import ddm
 import evaluate
@@ -133,11 +133,11 @@ METHODS = [
     # same plain UNet (bit for bit: the labels only reach the detached indicator) beside an indicator that sees
     # 10% or 1% of the labels
     Method("guided-auto", "plain + guidance auto, trajectory-aware (ours)", source="plain", indicator_guidance="auto",
-           decide_at=801),
+           decide_at=DECIDE_AT),
     Method("guided-auto-10", "plain + guidance auto, indicator of 10% labels (ours)", ("--objective", "plain-indicator",
-           *NOISE_AWARE), labelled=0.1, indicator_guidance="auto", decide_at=801),
+           *NOISE_AWARE), labelled=0.1, indicator_guidance="auto", decide_at=DECIDE_AT),
     Method("guided-auto-1", "plain + guidance auto, indicator of 1% labels (ours)", ("--objective", "plain-indicator",
-           *NOISE_AWARE), labelled=0.01, indicator_guidance="auto", decide_at=801),
+           *NOISE_AWARE), labelled=0.01, indicator_guidance="auto", decide_at=DECIDE_AT),
     # the stretch, no labels at all: a noise-aware indicator learns clusters of the clean latents, guidance 10
     # toward uniform clusters. Not in the default set (the 20-minute budget); `--methods plain,clusters,clusters-2x`
     Method("clusters", "plain + cluster guidance 10, K = groups, no labels (ours)", ("--objective",
@@ -153,6 +153,7 @@ ATTR_DIGITS = (0, 1, 7)
 ATTR_COUNTS = {("red", "thick"): 144, ("red", "thin"): 36, ("green", "thick"): 16, ("green", "thin"): 4}
 ATTR_BALANCED = {k: 50 for k in ATTR_COUNTS}  # the base model's set: 200 per digit, every intersection alike
 INTERSECTIONS = sorted("+".join(k) for k in ATTR_COUNTS)
+ATTR_GROUPS = {"colour": sorted(data.COLOURS), "width": ["thick", "thin"]}
 ATTR_RUNS = {  # the train.py runs of each seed: plain fine-tunes (one UNet, bit for bit) beside indicators
     f"{attribute}{suffix}": Method(f"{attribute}{suffix}", attribute, ("--objective", "plain-indicator", *NOISE_AWARE,
                                                                        "--attribute", attribute), labelled=share)
@@ -330,6 +331,12 @@ def train_stats(run_dir, last=50):
 # Sampling and evaluation of one model
 
 
+def sample_settings(sizes, guidance=None):
+    """sample.generate's settings: the sizes' steps and CFG scale (or `guidance`), 32 px, 100 images a batch."""
+    return dict(steps=sizes.sample_steps, guidance=guidance or sizes.guidance, height=RESOLUTION, width=RESOLUTION,
+                batch_size=100)
+
+
 def sample_scenarios(models, groups, sizes, *, indicator=None, method=None, guidance=None, generic_only=False,
                      progress=True):
     """(generic images, group images, group requested per image, what the guidance chose), uint8 (N,32,32,3).
@@ -342,8 +349,7 @@ def sample_scenarios(models, groups, sizes, *, indicator=None, method=None, guid
     scenarios = [(GENERIC_PROMPT, list(range(sizes.n_generic)), None)] + [
         (group_prompt(g), list(range(10_000 + k * sizes.n_per_group, 10_000 + (k + 1) * sizes.n_per_group)), k)
         for k, g in enumerate(groups) if not generic_only]
-    settings = dict(steps=sizes.sample_steps, guidance=guidance or sizes.guidance, height=RESOLUTION,
-                    width=RESOLUTION, batch_size=100)
+    settings = sample_settings(sizes, guidance)
     images, chosen = [], {}
     for prompt, seeds, k in scenarios:
         guides = []
@@ -445,11 +451,15 @@ def summarize(rows, groups):
     return out
 
 
+def recall_kept(s, plain, groups):
+    """Whether every group's recall is at least 0.9 x plain's (a group plain has no recall for is not judged)."""
+    return all(s[f"recall_{g}"] is not None and s[f"recall_{g}"] >= 0.9 * plain[f"recall_{g}"]
+               for g in groups if plain[f"recall_{g}"] is not None)
+
+
 def meets_bar(s, plain, groups):
-    recall_kept = all(s[f"recall_{g}"] is not None and s[f"recall_{g}"] >= 0.9 * plain[f"recall_{g}"]
-                      for g in groups if plain[f"recall_{g}"] is not None)
     return bool(s["fd"] <= 0.5 * plain["fd"] and s["frechet_distance"] <= 1.1 * plain["frechet_distance"]
-                and recall_kept)
+                and recall_kept(s, plain, groups))
 
 
 def _f(v, fmt=".3f"):
@@ -572,10 +582,9 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in BY_NAME]
     if unknown or not args.methods:
         p.error(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}")
-    if args.seeds < 1:
-        p.error(f"--seeds must be >= 1, got {args.seeds}")
-    if args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
+    why = cli.range_error(args, {"seeds": (1,), "threads": (1,)})
+    if why:
+        p.error(why)
     name = "runs/repro" + "-attributes" * (args.experiment == "attributes") + "-quick" * args.quick
     args.out = args.out or Path(name)
     args.cache = args.cache or args.out / "cache"
@@ -657,9 +666,9 @@ def fine_tune(args, sizes, method, seed, base, vae):
 
 def fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings):
     """Stages 3-4: every method's fine-tunes (guided methods sample their source's runs), each evaluated right
-    away -> (rows, the first seed's generic images per method, {(method, seed): run directory})."""
+    away -> (rows, the first seed's generic images per method, {(method, seed): its loaded run})."""
     methods = [BY_NAME[n] for n in args.methods]
-    rows, grid_images, runs = [], {}, {}
+    rows, grid_images, runs, loaded = [], {}, {}, {}  # each run read once: guided methods sample their source's
     row, grid_images["base"] = evaluated(load_models(base["path"]), None, None)
     rows.append({"method": "base", "label": "base (balanced training)", "seed": "-", "run": base["path"], **row})
     for seed in range(args.seeds):
@@ -668,9 +677,9 @@ def fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings):
             t0 = time.time()
             runs[name, seed] = fine_tune(args, sizes, BY_NAME[name], seed, base, vae_info)
             timings["finetune"] += time.time() - t0
+            loaded[name, seed] = load_run(runs[name, seed])
         for m in methods:
-            run_dir = runs[m.source or m.name, seed]
-            trained = load_run(run_dir)
+            run_dir, trained = runs[m.source or m.name, seed], loaded[m.source or m.name, seed]
             row, images = evaluated(trained.models, trained.indicator, m)
             rows.append({"method": m.name, "label": m.label, "seed": seed, "run": str(run_dir),
                          "train": train_stats(run_dir), "unet_as_plain": same_unet(run_dir, runs.get(("plain", seed))),
@@ -678,13 +687,15 @@ def fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings):
             grid_images.setdefault(m.name, images)
     order = ["base"] + args.methods
     rows.sort(key=lambda r: (order.index(r["method"]), str(r["seed"])))
-    return rows, grid_images, runs
+    return rows, grid_images, loaded
 
 
 def same_unet(run_dir, plain_dir):
     """Whether a run's UNet is bit for bit the plain fine-tune's (None without a plain run)."""
     if plain_dir is None:
         return None
+    if run_dir == plain_dir:
+        return True  # plain itself
     files = [checkpoints.latest_checkpoint(d) / "unet.safetensors" for d in (run_dir, plain_dir)]
     return files[0].read_bytes() == files[1].read_bytes()
 
@@ -697,13 +708,13 @@ def best_method(summary):
     return min(tried, key=lambda s: s["fd"])["method"] if tried else None
 
 
-def cfg_check(args, sizes, rows, runs, best, evaluated):
+def cfg_check(args, sizes, rows, loaded, best, evaluated):
     """Classifier-free guidance amplifies the majority: FD of plain and of the best method at other CFG scales."""
     cfg_rows = [{**r, "cfg": sizes.guidance} for r in rows if r["method"] in ("plain", best)]
     for name in [n for n in ("plain", best) if n in BY_NAME and n in args.methods]:
         m = BY_NAME[name]
         for seed in range(args.seeds):
-            trained = load_run(runs[m.source or m.name, seed])
+            trained = loaded[m.source or m.name, seed]
             for scale in sizes.cfg_check:
                 row, _ = evaluated(trained.models, trained.indicator, m, guidance=scale, generic_only=True)
                 cfg_rows.append({"method": name, "label": m.label, "seed": seed, "cfg": scale, **row})
@@ -726,10 +737,10 @@ def run(args):
         timings["evaluate"] += time.time() - t0
         return result
 
-    rows, grid_images, runs = fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings)
+    rows, grid_images, loaded = fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings)
     summary = summarize(rows, groups)
     best = best_method(summary)
-    cfg_rows = cfg_check(args, sizes, rows, runs, best, evaluated)
+    cfg_rows = cfg_check(args, sizes, rows, loaded, best, evaluated)
     grids = save_grids(out, grid_images, args.methods, sizes.grid_n)
     timings["total"] = time.time() - t_start
     timings["cpu"] = time.process_time()  # the process's CPU seconds: the budget, whatever else shares the machine
@@ -744,7 +755,7 @@ def run(args):
         "grids": [str(g.relative_to(out)) for g in grids], "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "threads": args.threads, "versions": {"torch": torch.__version__},
     }
-    weights.write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    weights.write_json(out / "report.json", report)
     weights.write_atomic(out / "report.md", report_markdown(report))
     print(verdict_table(summary, groups))
     print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
@@ -787,8 +798,8 @@ images whose best class is none of the groups, confidence. Diversity: precision 
 2019, k = 3) in the judge's features, each group's generic images as judged against its held-out real digits, on
 equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc: its accuracy
 and balanced accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG
-{sizes['guidance']}. Std is the sample std over seeds; "worst seed" is the largest FD of any seed. The bar: FD at most half of plain's,
-Frechet at most 10% worse, and every group's recall at least 0.9x plain's. Guidance auto (ours): trajectory-aware
+{sizes['guidance']}. Std is the sample std over seeds; "worst seed" is the largest FD of any seed. The bar: FD at
+most half of plain's, Frechet at most 10% worse, and every group's recall at least 0.9x plain's. Guidance auto (ours): trajectory-aware
 targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone (guidance.guides_for; the
 scales chosen are in report.json, rows[].guidance_chosen).
 
@@ -826,7 +837,8 @@ def attribute_judges(classifier, vae_path):
     for d in ATTR_DIGITS:
         held = held_idx[labels[held_idx] == d]
         white = np.stack([np.asarray(data.digit_image(images[i], RESOLUTION)) for i in held])
-        thick = data.ink_mass(white) > thresholds[d]
+        mass = data.ink_mass(white)
+        thick = mass > thresholds[d]
         feats = classifier.features(white)
         judges[d] = (thresholds[d], {"all": feats, "thick": feats[torch.from_numpy(thick)],
                                      "thin": feats[torch.from_numpy(~thick)]})
@@ -839,8 +851,7 @@ def attribute_judges(classifier, vae_path):
             check[f"{d} {colour}"] = {
                 "rule": float(np.mean(np.array(both.names(x)) == truth)),
                 "after_vae": float(np.mean(np.array(both.names(sample.to_uint8(back))) == truth))}
-        own = data.ink_mass(white) > np.median(data.ink_mass(white))
-        check[f"{d} width vs held-out own median"] = float(np.mean(own == thick))
+        check[f"{d} width vs held-out own median"] = float(np.mean((mass > np.median(mass)) == thick))
     return judges, check
 
 
@@ -850,8 +861,7 @@ def judge_attributes(images, digit, classifier, judges, sizes):
     threshold, ref = judges[digit]
     out = {"content": (evaluate.classify(classifier, evaluate.white_ink(images)).argmax(1) == digit).double().mean()
            .item()}
-    for attribute, groups in (("colour", sorted(data.COLOURS)), ("width", ["thick", "thin"]),
-                              ("colour+width", INTERSECTIONS)):
+    for attribute, groups in [*ATTR_GROUPS.items(), ("colour+width", INTERSECTIONS)]:
         r = evaluate.evaluate_images(images.numpy(), evaluate.AttributeJudge(attribute, classifier, threshold), groups,
                                      reference_features={g: ref[g.split("+")[-1] if "width" in attribute else "all"]
                                                          for g in groups}, diversity_subset=sizes.attr_diversity)
@@ -864,8 +874,7 @@ def evaluate_attribute_row(models, indicators, classifier, judges, sizes, progre
     """One model, each prompt (a digit) sampled from the same seeds in every model, guided when it has indicators
     -> the per-prompt numbers, and their mean over prompts and worst prompt; the first prompt's images."""
     per_prompt, grid, chosen = {}, None, {}
-    settings = dict(steps=sizes.sample_steps, guidance=sizes.guidance, height=RESOLUTION, width=RESOLUTION,
-                    batch_size=100)
+    settings = sample_settings(sizes)
     for k, d in enumerate(ATTR_DIGITS):
         prompt, seeds = group_prompt(d), list(range(20_000 + k * sizes.attr_n, 20_000 + (k + 1) * sizes.attr_n))
         guides = []
@@ -888,7 +897,7 @@ def attribute_summary(per_prompt, chosen=None):
         row[key] = float(np.mean([p[attribute]["fd"] for p in prompts]))
     row["content"] = float(np.mean([p["content"] for p in prompts]))
     row["frechet"] = float(np.mean([p["colour+width"]["frechet_distance"] for p in prompts]))
-    for attribute, groups in (("colour", sorted(data.COLOURS)), ("width", ["thick", "thin"])):
+    for attribute, groups in ATTR_GROUPS.items():
         for g in groups:
             for key in ("recall", "precision"):
                 values = [p[attribute][f"{key}_per_group"][g] for p in prompts]
@@ -897,7 +906,7 @@ def attribute_summary(per_prompt, chosen=None):
 
 
 ATTR_KEYS = ("fd_colour", "fd_width", "fd_joint", "fd_joint_worst_prompt", "content", "frechet") + tuple(
-    f"{k}_{g}" for k in ("recall", "precision") for g in ("green", "red", "thick", "thin"))
+    f"{k}_{g}" for k in ("recall", "precision") for groups in ATTR_GROUPS.values() for g in groups)
 
 
 def summarize_attributes(rows):
@@ -913,22 +922,20 @@ def summarize_attributes(rows):
         out.append(s)
     plain = next(s for s in out if s["method"] == "plain")
     for s in out:
-        recall = all(s[f"recall_{g}"] is not None and s[f"recall_{g}"] >= 0.9 * plain[f"recall_{g}"]
-                     for g in ("green", "red", "thick", "thin") if plain[f"recall_{g}"] is not None)
         s["meets_goal"] = None if s["method"] == "plain" else bool(
             s["fd_joint"] <= 0.10 and s["fd_joint_worst_prompt"] <= 0.15 and s["content"] >= plain["content"] - 0.01
-            and s["frechet"] <= 1.1 * plain["frechet"] and recall)
+            and s["frechet"] <= 1.1 * plain["frechet"] and recall_kept(s, plain, sum(ATTR_GROUPS.values(), [])))
         s["fd_joint_at_most_0.15"] = s["fd_joint"] <= 0.15
     return out
 
 
 def attribute_table(summary):
     head = (["method", "FD colour", "FD width", "FD intersections", "worst prompt", "worst seed", "content acc.",
-             "Frechet"] + [f"recall {g}" for g in ("green", "red", "thick", "thin")] + ["meets the bar"])
+             "Frechet"] + [f"recall {g}" for g in sum(ATTR_GROUPS.values(), [])] + ["meets the bar"])
     return _table(head, [[s["label"]] + [_pm(s, k) for k in ("fd_colour", "fd_width")] + [
         f"**{_pm(s, 'fd_joint')}**", _pm(s, "fd_joint_worst_prompt"), _f(s["fd_joint_worst_seed"]),
         _pm(s, "content"), _pm(s, "frechet", ".1f")] + [_pm(s, f"recall_{g}", ".2f")
-                                                         for g in ("green", "red", "thick", "thin")]
+                                                         for g in sum(ATTR_GROUPS.values(), [])]
         + [{None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]] for s in summary])
 
 
@@ -946,9 +953,9 @@ def run_attributes(args):
         runs = {name: fine_tune(args, sizes, m, seed, base, vae_info) for name, m in ATTR_RUNS.items()}
         timings["finetune"] += time.time() - t0
         t0 = time.time()
+        loaded = {name: load_run(run_dir) for name, run_dir in runs.items()}
         for r in ATTR_ROWS:
-            trained = load_run(runs[r.unet])
-            indicators = [load_run(runs[g]).indicator if g != r.unet else trained.indicator for g in r.guides]
+            trained, indicators = loaded[r.unet], [loaded[g].indicator for g in r.guides]
             row, images = evaluate_attribute_row(trained.models, indicators, classifier, judges, sizes,
                                                  args.progress)
             rows.append({"method": r.name, "label": r.label, "seed": seed, "unet": str(runs[r.unet]),
@@ -963,7 +970,7 @@ def run_attributes(args):
               "judge_check": check, "vae": vae_info, "base": base, "rows": rows, "summary": summary,
               "grids": [str(grid.relative_to(out))], "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "seeds": args.seeds, "threads": args.threads}
-    weights.write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    weights.write_json(out / "report.json", report)
     weights.write_atomic(out / "report.md", attribute_markdown(report))
     print(attribute_table(summary))
     print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
@@ -999,10 +1006,8 @@ Wall time: {report['timings_s']} s on {report['threads']} thread(s).
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return run_attributes(args) if args.experiment == "attributes" else run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"reproduce.py: error: {e}")
+    return cli.one_line_errors(lambda: (run_attributes if args.experiment == "attributes" else run)(args),
+                               "reproduce.py")
 
 
 if __name__ == "__main__":

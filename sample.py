@@ -309,14 +309,14 @@ def main(argv=None):
         for name in args.previous_outputs:  # only what the previous run's samples.json lists
             (out / name).unlink(missing_ok=True)
         # written first, so that a run stopped half-way still lists its images for the next --overwrite
-        (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
+        weights.write_atomic(out / "samples.json", json.dumps(record, indent=2) + "\n")
         for prompt, guides in per_prompt:  # prompt None: one call for all; else one per prompt, its own guidance
             rows = [k for k, p in enumerate(prompts) if prompt in (None, p)]
             generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], guides=guides,
                      on_batch=lambda start, images: save(rows[start], images), **settings)
         make_grid(torch.stack(grid_images)).save(out / "grid.png")
         record.update(seconds=round(time.time() - started, 3), finished=True)
-        (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
+        weights.write_atomic(out / "samples.json", json.dumps(record, indent=2) + "\n")
     except NonFiniteError as e:
         sys.exit(f"error: {e}: it would be an all-black PNG, so the run stops (NaN weights, or a model that "
                  f"overflows at these settings); {written} images were written to {out}")

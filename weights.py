@@ -8,8 +8,9 @@ Each model file (unet.py, vae.py, clip_text.py) says where its tensors live and,
 differently, gives a renaming table; this file only finds, reads, renames and checks tensors.
 
 Models are built on the meta device and take the checkpoint's tensors by assignment, so a 3.4 GB UNet never
-exists twice in memory. Every file the code writes goes through `write_atomic` (PATH.tmp, then a rename), and a
-failed write is one WriteError naming the path.
+exists twice in memory. Every JSON, report and metadata file the code writes goes through `write_atomic` (PATH.tmp,
+then a rename; checkpoints are whole folders renamed into place, the training log is appended a line at a time),
+and a failed write is one WriteError naming the path.
 """
 import contextlib
 import errno

@@ -169,6 +169,13 @@ def test_cli_on_sample_style_folders_writes_json(trained, heldout, tmp_path, cap
     assert "FD" in out and "SPD" in out and "e.json" in out
 
 
+def test_prompt_groups_that_do_not_match_the_folders_exit_2_like_every_flag_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # checked at parse time: no classifier or image is read
+        evaluate.main([str(tmp_path / "a"), "--groups", "7", "8", "--prompt-groups", "7", "8"])
+    assert stop.value.code == 2
+    assert re.search(r"--prompt-groups names 2 groups for 1 image folders", capsys.readouterr().err)
+
+
 def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
     model, _ = trained
     evaluate.save_classifier(model, tmp_path / "c.safetensors")
@@ -189,8 +196,6 @@ def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
     good = _write_pngs(tmp_path / "good", images[:4])
     with pytest.raises(SystemExit, match=r"group 11 is not a class of the classifier .*K=10 classes"):
         evaluate.main([str(good), "--groups", "7", "11", *clf])
-    with pytest.raises(SystemExit, match=r"--prompt-groups names 2 groups for 1 image folders"):
-        evaluate.main([str(good), "--groups", "7", "8", "--prompt-groups", "7", "8", *clf])
     with pytest.raises(SystemExit, match=r"classifier file .*missing.safetensors not found"):
         evaluate.main([str(good), "--classifier", str(tmp_path / "missing.safetensors")])
     odd = _write_pngs(tmp_path / "odd", [images[0], np.zeros((16, 16, 3), np.uint8)])
