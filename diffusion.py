@@ -17,6 +17,8 @@ from tqdm import tqdm
 
 N_TRAIN_TIMESTEPS = 1000  # SD's DDPM schedule length: training draws t ~ U{0, ..., 999}
 BETA_START, BETA_END = 0.00085, 0.012  # SD v1.x's β range (CompVis' linear_start, linear_end in v1-inference.yaml)
+DDPM_BETA_START, DDPM_BETA_END = 1e-4, 0.02  # DDPM's linear range (Ho et al. 2020 §4), diffusers' "linear" defaults
+STEPS_OFFSET = 1  # SD's scheduler steps_offset: the sampler's last step lands on t = 1, as SD's own config says
 
 # ----------------------------------------------------------------------------------------------------------------
 # Noise schedule and training targets (DDPM eq. 4), float64 as in CompVis' make_beta_schedule
@@ -27,7 +29,7 @@ def scaled_linear_betas(n=N_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BET
     return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
 
 
-def linear_betas(n=N_TRAIN_TIMESTEPS, beta_start=0.0001, beta_end=0.02):
+def linear_betas(n=N_TRAIN_TIMESTEPS, beta_start=DDPM_BETA_START, beta_end=DDPM_BETA_END):
     """β_t = linspace(β_start, β_end, n): DDPM's schedule (Ho et al. 2020 §4)."""
     return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
 
@@ -80,14 +82,14 @@ def predicted_x0(x_t, pred, t, alphas_cumprod, prediction_type="epsilon"):
 # Samplers: one step each, stateless
 
 
-def ddim_timesteps(steps, n_train=N_TRAIN_TIMESTEPS, offset=1):
-    """τ_i = i·⌊n_train/steps⌋ + offset for i = steps−1 … 0: SD's "leading" spacing with steps_offset 1.
+def ddim_timesteps(steps, n_train=N_TRAIN_TIMESTEPS):
+    """τ_i = i·⌊n_train/steps⌋ + STEPS_OFFSET for i = steps−1 … 0: SD's "leading" spacing.
 
     With 50 steps: 981, 961, …, 21, 1. Each step goes from τ_i to τ_{i−1}; the last goes past 0 (t_prev = −1).
     """
     assert 1 <= steps <= n_train, f"steps must be between 1 and {n_train}, got {steps}"
     stride = n_train // steps
-    return [i * stride + offset for i in reversed(range(steps))]
+    return [i * stride + STEPS_OFFSET for i in reversed(range(steps))]
 
 
 def ddim_step(x_t, eps, t, t_prev, alphas_cumprod, eta=0.0, noise=None):
@@ -178,17 +180,6 @@ class Guidance:
 def decide_targets(indicator, x, t, offsets):
     """argmax_g (log p(g | x, t) − offsets_g) for each image: its target from its own posterior."""
     return (indicator(x.float(), t).float().log_softmax(1) - offsets.to(x.device)).argmax(1).cpu()
-
-
-def decision_offsets(log_p, shares, temperature=0.02, iters=2000):
-    """Offsets c (K,) such that argmax_g (log p_g − c_g) over the rows of log_p (N, K) picks the groups in `shares`
-    (K,): the dual variables of the entropic assignment of the rows to groups with those marginals (Sinkhorn, Cuturi
-    2013), at a temperature low enough for the arg-max to match. Rows most inclined to a group go to it first."""
-    keep = shares > 0  # a group of share 0 is never a target: an infinite offset
-    c, log_p = torch.zeros(int(keep.sum()), dtype=torch.float64), log_p[:, keep].double().cpu()
-    for _ in range(iters):  # raise a group's offset while the soft assignment gives it more than its share
-        c += temperature * (((log_p - c) / temperature).softmax(1).mean(0) / shares[keep].double()).log()
-    return torch.full(shares.shape, float("inf")).masked_scatter(keep, c.float())
 
 
 def indicator_gradient(indicator, x, t, groups):

@@ -35,6 +35,19 @@ def draw_targets(seeds, shares):
         derive_seed(s, "target"))).item() for s in seeds])
 
 
+def decision_offsets(log_p, shares, temperature=0.02, iters=2000):
+    """Offsets c (K,) such that argmax_g (log p_g − c_g) over the rows of log_p (N, K) picks the groups in `shares`
+    (K,): the dual variables of the entropic assignment of the rows to groups with those marginals (Sinkhorn, Cuturi
+    2013), at a temperature low enough for the arg-max to match. Rows most inclined to a group go to it first.
+    Measured on random Dirichlet posteriors (N 64-200, K 2-4): at 0.02 nats the arg-max hits the shares to one row
+    after 500 steps; 2000 is the margin (~70 ms on a CPU)."""
+    keep = shares > 0  # a group of share 0 is never a target: an infinite offset
+    c, log_p = torch.zeros(int(keep.sum()), dtype=torch.float64), log_p[:, keep].double().cpu()
+    for _ in range(iters):  # raise a group's offset while the soft assignment gives it more than its share
+        c += temperature * (((log_p - c) / temperature).softmax(1).mean(0) / shares[keep].double()).log()
+    return torch.full(shares.shape, float("inf")).masked_scatter(keep, c.float())
+
+
 @torch.no_grad()
 def ending_groups(indicator, z0, seeds, alphas_cumprod, t=AUTO_READ_AT):
     """The group each final latent ends in, as the indicator reads it after re-noising it to t (each image its own
@@ -49,7 +62,7 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
     """The guidance terms of one prompt's images (`seeds`), one per (indicator, target shares) in `specs`, scale a
     number or "auto" -> (guides, record for samples.json). A calibration batch of the prompt (seeds of its own,
     images by `generate`) runs unguided to the decide step, where its posteriors set the offsets
-    (diffusion.decision_offsets); with "auto" each guide's scale is found on it by bisection."""
+    (decision_offsets); with "auto" each guide's scale is found on it by bisection."""
     cal = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)]
     taken = diffusion.ddim_timesteps(settings["steps"], len(models.alphas_cumprod))  # the steps denoise takes
     t = None if decide_at is None else next(t for t in taken if t <= decide_at)
@@ -67,7 +80,7 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
             cal_targets.append(cal_guides[-1].targets)
             continue
         with torch.no_grad():
-            offsets = diffusion.decision_offsets(indicator(x_t, t).float().log_softmax(1), shares)
+            offsets = decision_offsets(indicator(x_t, t).float().log_softmax(1), shares)
         guides.append(Guidance(indicator, torch.zeros(len(seeds), dtype=torch.long), 0.0, decide_at, offsets))
         cal_guides.append(Guidance(indicator, torch.zeros(calibration, dtype=torch.long), 0.0, decide_at, offsets))
         cal_targets.append(diffusion.decide_targets(indicator, x_t, t, offsets))  # as denoise will decide them

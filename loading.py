@@ -57,8 +57,8 @@ def read_schedule(path):
 def _schedule_from_config(c):
     n = weights.config_value(c, "num_train_timesteps", "int", diffusion.N_TRAIN_TIMESTEPS)
     kind = weights.config_value(c, "beta_schedule", "str", "scaled_linear")
-    make = {"scaled_linear": (diffusion.scaled_linear_betas, diffusion.BETA_START, diffusion.BETA_END),
-            "linear": (diffusion.linear_betas, 0.0001, 0.02)}  # (β schedule, its defaults in diffusers)
+    make = {"scaled_linear": (diffusion.scaled_linear_betas, diffusion.BETA_START, diffusion.BETA_END),  # β(t),
+            "linear": (diffusion.linear_betas, diffusion.DDPM_BETA_START, diffusion.DDPM_BETA_END)}  # its β range
     prediction_type = weights.config_value(c, "prediction_type", "str", "epsilon")
     if kind not in make or prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "

@@ -44,11 +44,11 @@ def test_decision_offsets_pick_the_asked_shares_and_never_a_group_of_share_zero(
     log_p = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0)).log_softmax(1)
     for shares in ([0.5, 0.3, 0.2], [0.1, 0.9, 0.0]):
         shares = torch.tensor(shares)
-        picked = (log_p - diffusion.decision_offsets(log_p, shares)).argmax(1)
+        picked = (log_p - guidance.decision_offsets(log_p, shares)).argmax(1)
         assert torch.allclose(torch.bincount(picked, minlength=3) / 1000, shares, atol=0.005), shares
     # the rows most inclined to a group go to it: at 10% for group 0, about its 100 most likely rows and no other
     two = log_p[:, :2].log_softmax(1)
-    picked = (two - diffusion.decision_offsets(two, torch.tensor([0.1, 0.9]))).argmax(1) == 0
+    picked = (two - guidance.decision_offsets(two, torch.tensor([0.1, 0.9]))).argmax(1) == 0
     margin = two[:, 0] - two[:, 1]
     assert abs(picked.sum().item() - 100) <= 2 and margin[picked].min() > margin[~picked].max()
 

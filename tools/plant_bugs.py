@@ -117,10 +117,10 @@ BUGS = [  # (name, file, old, new, tests)
     ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
      [CKPT]),
     # diversity, the worst seed, trajectory-aware targets, the auto scale, the attribute judges
-    ("bar-ignores-recall", "reproduce.py", "and recall_kept)", ")", [RECALL]),
+    ("bar-ignores-recall", "reproduce.py", "and recall_kept(s, plain, groups))", ")", [RECALL]),
     ("worst-seed-is-the-best", "reproduce.py", 's["fd_worst"] = max(', 's["fd_worst"] = min(', [RECALL]),
     ("precision-recall-swapped", "evaluate.py", "return precision, recall", "return recall, precision", [HAND]),
-    ("offsets-push-the-wrong-way", "diffusion.py", "((log_p - c) / temperature)", "((log_p + c) / temperature)",
+    ("offsets-push-the-wrong-way", "guidance.py", "((log_p - c) / temperature)", "((log_p + c) / temperature)",
      [OFFSETS]),
     ("auto-takes-a-rung-too-high", "guidance.py", "float(AUTO_SCALES[h]) for h in high]",
      "float(AUTO_SCALES[min(h + 1, 11)]) for h in high]", [AUTO]),
