@@ -114,28 +114,33 @@ def inject_lora(model, targets=("to_q", "to_v"), rank=8, alpha=32):
     return [n for n, _ in found]
 
 
+def is_adapter(name):
+    """Whether a parameter name is an adapter's (`...to_q.lora_A`, `...to_q.lora_B`)."""
+    return name.endswith((".lora_A", ".lora_B"))
+
+
 def lora_parameters(model):
     """The adapter parameters (every lora_A and lora_B), for the optimizer."""
-    return [p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+    return [p for n, p in model.named_parameters() if is_adapter(n)]
 
 
 def mark_only_lora_trainable(model):
     """Freeze everything in `model` but the LoRA adapters. Returns the number of trainable parameters."""
     for n, p in model.named_parameters():
-        p.requires_grad_(n.endswith((".lora_A", ".lora_B")))
+        p.requires_grad_(is_adapter(n))
     return sum(p.numel() for p in lora_parameters(model))
 
 
 def lora_state_dict(model):
     """{name: tensor} of the adapters only (names as in `model.state_dict()`, e.g. `...attn1.to_q.lora_A`)."""
-    return {n: t for n, t in model.state_dict().items() if n.endswith((".lora_A", ".lora_B"))}
+    return {n: t for n, t in model.state_dict().items() if is_adapter(n)}
 
 
 def load_lora_state_dict(model, state_dict, name="LoRA adapters"):
     """Load adapter tensors strictly (weights.load_strict): exactly the model's lora_A/lora_B, shapes equal. Adapters
     on the meta device take the tensors over; real ones copy them (cast to their dtype)."""
     meta = any(p.is_meta for p in lora_parameters(model))
-    return weights.load_strict(model, state_dict, name, assign=meta, only=lambda k: k.endswith((".lora_A", ".lora_B")))
+    return weights.load_strict(model, state_dict, name, assign=meta, only=is_adapter)
 
 
 @torch.no_grad()
