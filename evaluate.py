@@ -193,11 +193,7 @@ def load_classifier(path):
     if metadata.get("format") != CLASSIFIER_FORMAT:
         raise ValueError(f"{path}: not a digit classifier of this version (format {metadata.get('format')!r}, "
                          f"expected {CLASSIFIER_FORMAT!r}); retrain it with train_digit_classifier")
-    model = DigitClassifier()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit DigitClassifier: {e}") from None
+    model = weights.load_strict(DigitClassifier(), state, f"{path}: DigitClassifier", assign=False)
     model.heldout_accuracy = float(metadata["heldout_accuracy"])
     model.split = (int(metadata["split_seed"]), int(metadata["heldout_per_class"]))
     seed = metadata.get("seed", "None")

@@ -9,6 +9,7 @@ from PIL import Image
 
 import data
 import evaluate
+import weights
 from ddm import fairness_discrepancy, group_proportions, statistical_parity_difference
 
 
@@ -216,6 +217,12 @@ def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         evaluate.load_classifier(tmp_path / "junk.safetensors")
+    evaluate.save_classifier(model, tmp_path / "short.safetensors")
+    state = weights.read_state_dict(tmp_path / "short.safetensors")
+    weights.save_tensors({k: v for k, v in state.items() if k != "body.0.weight"}, tmp_path / "short.safetensors",
+                         weights.read_metadata(tmp_path / "short.safetensors"))
+    with pytest.raises(ValueError, match=r"short.safetensors: DigitClassifier: .*1 tensors missing \(body.0.weight\)"):
+        evaluate.load_classifier(tmp_path / "short.safetensors")
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_the_evaluation(heldout, tmp_path, monkeypatch, capsys):
