@@ -41,6 +41,17 @@ def range_error(args, ranges):
     return None
 
 
+def side_error(flag, value, multiple=None):
+    """Why an image side `value` of --flag does not fit, or None: a positive multiple of 8 (the VAE downsamples by
+    8), and with `multiple` (loading.side_multiple of a model) a multiple of that."""
+    if value <= 0 or value % 8:
+        return f"--{flag} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}"
+    if multiple and value % multiple:
+        return (f"--{flag} must be a multiple of {multiple} for this model (the VAE and the UNet downsample by that "
+                f"much together), got {value}")
+    return None
+
+
 def device_arg(spec):
     """argparse type of --device: a torch.device that this machine has."""
     try:

@@ -614,12 +614,10 @@ def main(argv=None):
     c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
     c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
     args = parser.parse_args(argv)
-    why = cli.range_error(args, RANGES[args.command])
+    why = cli.range_error(args, RANGES[args.command]) or (
+        cli.side_error("resolution", args.resolution) if args.command == "clusters" else None)
     if why:
         parser.error(why)
-    if args.command == "clusters" and (args.resolution <= 0 or args.resolution % 8):
-        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got "
-                     f"{args.resolution}")
     return cli.one_line_errors(lambda: celeba(parser, args) if args.command == "celeba" else clusters(args), "data.py")
 
 

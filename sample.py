@@ -168,10 +168,9 @@ def parse_args(argv=None):
         p.error(why)
     if not Path(args.model).exists():
         p.error(f"--model {args.model} does not exist")
-    for name in ("height", "width"):
-        if getattr(args, name) <= 0 or getattr(args, name) % 8:
-            p.error(f"--{name} must be a positive multiple of 8 (the VAE's downsampling factor), "
-                    f"got {getattr(args, name)}")
+    why = cli.side_error("height", args.height) or cli.side_error("width", args.width)
+    if why:
+        p.error(why)
     try:
         args.prompt_list = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
     except ValueError as e:
@@ -192,10 +191,9 @@ def parse_args(argv=None):
         multiple = size_multiple(args.model)
     except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError
         p.error(f"--model {args.model}: {e}")
-    for name in ("height", "width"):
-        if getattr(args, name) % multiple:
-            p.error(f"--{name} must be a multiple of {multiple} for this model (the VAE and the UNet downsample "
-                    f"by that much together), got {getattr(args, name)}")
+    why = cli.side_error("height", args.height, multiple) or cli.side_error("width", args.width, multiple)
+    if why:
+        p.error(why)
     return args
 
 

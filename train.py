@@ -100,10 +100,10 @@ class Trainer:
         self.run_dir, self.config, ckpt, base = rundir.open_run(args, data, world, init_config, device, rank == 0)
         self.models = models = (loading.models_from_config(args.init_config, args.vae, args.seed)
                                 if from_scratch and base is None else loading.load_models(base or args.model))
-        multiple = loading.side_multiple(models.unet.config, models.vae_config)
-        if args.resolution % multiple:
-            raise ValueError(f"--resolution must be a multiple of {multiple} for this model (the VAE and the UNet "
-                             f"downsample by that much together), got {args.resolution}")
+        why = cli.side_error("resolution", args.resolution, loading.side_multiple(models.unet.config,
+                                                                                   models.vae_config))
+        if why:
+            raise ValueError(why)
         latent_shape = loading.latent_shape(models, args.resolution, args.resolution)
         _barrier(world)  # every rank has checked the run directory before rank 0 creates it
         if rank == 0 and not args.resume:
@@ -342,9 +342,9 @@ def check_args(args):
     if args.vae and not args.init_config:
         raise ValueError("--vae only applies with --init-config")
     rundir.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
-    if args.resolution <= 0 or args.resolution % 8:
-        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
-                         f"got {args.resolution}")
+    why = cli.side_error("resolution", args.resolution)
+    if why:
+        raise ValueError(why)
     if not 0 <= args.seed < 2 ** 64:  # torch.Generator's range (--init-config seeds one with it)
         raise ValueError(f"--seed must lie in 0..2**64-1, got {args.seed}")
     why = cli.range_error(args, RANGES)
