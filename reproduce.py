@@ -553,12 +553,12 @@ def parse_args(argv=None):
     p.add_argument("--experiment", choices=("digits", "attributes"), default="digits",
                    help="digits: balance digit classes under a generic prompt (default); attributes: balance ink "
                         "colour and stroke width, which the prompt (naming the digit) does not name")
-    p.add_argument("--groups", default="7,8", help="the digits whose balance is judged, K >= 2 (default 7,8)")
-    p.add_argument("--counts", default="360,40", help="fine-tuning images per group, in --groups order, at most "
-                                                      f"{TRAIN_PER_DIGIT} each (default 360,40: 9 : 1)")
-    p.add_argument("--methods", default=",".join(m.name for m in METHODS if m.default),
-                   help=f"comma-separated, from {', '.join(BY_NAME)} (default: all but the label-free clusters "
-                        "methods)")
+    # the digit experiment's choices; the attribute experiment's digits, counts and rows are fixed (ATTR_*)
+    p.add_argument("--groups", help="the digits whose balance is judged, K >= 2 (default 7,8)")
+    p.add_argument("--counts", help="fine-tuning images per group, in --groups order, at most "
+                                    f"{TRAIN_PER_DIGIT} each (default 360,40: 9 : 1)")
+    p.add_argument("--methods", help=f"comma-separated, from {', '.join(BY_NAME)} (default: all but the label-free "
+                                     "clusters methods)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per method (>= 1)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT's results (cached stages are kept)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: these tiny models gain "
@@ -566,6 +566,12 @@ def parse_args(argv=None):
                                                           "process competes for the cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     args = p.parse_args(argv)
+    given = [f"--{name}" for name in ("groups", "counts", "methods") if getattr(args, name) is not None]
+    if args.experiment == "attributes" and given:
+        p.error(f"{given[0]} is for --experiment digits (the attribute experiment's digits, counts and rows are "
+                "fixed)")
+    args.groups, args.counts = args.groups or "7,8", args.counts or "360,40"
+    args.methods = args.methods or ",".join(m.name for m in METHODS if m.default)
     try:
         groups = [int(g) for g in args.groups.split(",")]
         counts = [int(c) for c in args.counts.split(",")]
@@ -582,6 +588,9 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in BY_NAME]
     if unknown or not args.methods:
         p.error(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}")
+    twice = [m for k, m in enumerate(args.methods) if m in args.methods[:k]]
+    if twice:
+        p.error(f"--methods names {twice[0]} twice")
     why = cli.range_error(args, {"seeds": (1,), "threads": (1,)})
     if why:
         p.error(why)

@@ -117,7 +117,11 @@ def test_three_groups_run_end_to_end(tmp_path, cache):
     (["--groups", "7"], "at least two distinct digits"), (["--groups", "7,7"], "at least two distinct digits"),
     (["--groups", "7,8", "--counts", "360"], "for each of the 2 groups"),
     (["--counts", "500,40"], "1..400 images"), (["--methods", "plain,magic"], "unknown ['magic']"),
-    (["--groups", "seven,8"], "comma-separated integers")])
+    (["--groups", "seven,8"], "comma-separated integers"),
+    (["--methods", "plain,guided-3,plain"], "--methods names plain twice"),
+    (["--experiment", "attributes", "--methods", "plain"], "--methods is for --experiment digits"),
+    (["--experiment", "attributes", "--groups", "1,2"], "--groups is for --experiment digits"),
+    (["--experiment", "attributes", "--counts", "5,5"], "--counts is for --experiment digits")])
 def test_bad_arguments_are_refused_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(argv)
