@@ -8,6 +8,7 @@
 """
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,21 +199,57 @@ def load_indicator(path, latent_shape):
     return indicator.float().eval().requires_grad_(False), names, attribute
 
 
+MAY_BE_ZERO = {"num_res_blocks", "transformer_depth", "layers", "attention_levels"}  # 0 or [] builds a valid net
+
+
+def _field_error(name, value, default):
+    """Why `value` cannot stand for a config field whose default is `default`, or None: the default's kind, and a
+    size >= 1 (>= 0 in MAY_BE_ZERO); a tuple field a list (non-empty unless it may be empty)."""
+    low = 0 if name in MAY_BE_ZERO else 1
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    if isinstance(default, tuple) and not (isinstance(value, list) and all(map(is_int, value)) and (value or not low)):
+        return f"must be a {'non-empty ' * low}list of integers >= {low}"
+    if isinstance(default, float) and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                           and math.isfinite(value) and value > 0):
+        return "must be a number > 0"
+    if isinstance(default, int) and not isinstance(default, bool) and not is_int(value):
+        return f"must be an integer >= {low}"
+    if default is None and value is not None and not is_int(value):
+        return "must be null or an integer >= 1"
+    if isinstance(default, (str, bool)) and type(value) is not type(default):
+        return f"must be a {type(default).__name__}"
+    return None
+
+
 def read_init_config(path):
-    """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None})."""
+    """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None}), each
+    field of its default's kind, the networks they describe buildable."""
     raw = weights.read_json(path)
+    unknown = sorted(set(raw) - {"unet", "vae", "text_encoder"})
+    if unknown:
+        raise ValueError(f"--init-config {path}: unknown keys {unknown}; it holds unet, vae and text_encoder")
     out = {}
     for key, cls in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", CLIPTextConfig)):
         fields = raw.get(key)
-        unknown = sorted(set(fields or ()) - {f.name for f in dataclasses.fields(cls)})
+        if fields is not None and not isinstance(fields, dict):
+            raise ValueError(f"--init-config {path}: {key} must be an object of fields, got {type(fields).__name__}")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields or ()) - set(defaults))
         if unknown:
             raise ValueError(f"--init-config {path}: {key} has unknown fields {unknown}")
+        for name, value in (fields or {}).items():
+            why = _field_error(name, value, defaults[name])
+            if why:
+                raise ValueError(f"--init-config {path}: {key}: {name} {why}, got {value!r}")
         out[key] = None if fields is None else cls(**{k: tuple(v) if isinstance(v, list) else v
                                                       for k, v in fields.items()})
     text = out["text_encoder"]
     if text is not None and text.activation not in ("quick_gelu", "gelu"):
         raise ValueError(f"--init-config {path}: text_encoder: activation must be quick_gelu or gelu, "
                          f"got {text.activation!r}")
+    if text is not None and text.vocab_size < CLIPTextConfig.vocab_size:
+        raise ValueError(f"--init-config {path}: text_encoder: vocab_size must be at least {CLIPTextConfig.vocab_size} "
+                         f"(the ids of CLIP's tokenizer), got {text.vocab_size}")
     if text is not None and text.width % text.heads:
         raise ValueError(f"--init-config {path}: text_encoder: width {text.width} must be a multiple of heads "
                          f"{text.heads}")

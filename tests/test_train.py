@@ -533,6 +533,38 @@ def test_an_init_config_that_builds_no_model_is_one_line_naming_the_file_and_the
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {**c, "scheduler": {"prediction_type": "v_prediction"}}, r"unknown keys \['scheduler'\]"),
+    (lambda c: {**c, "unet": []}, r"unet must be an object of fields, got list"),
+    (lambda c: {**c, "text_encoder": {**c["text_encoder"], "heads": 0}},
+     r"text_encoder: heads must be an integer >= 1, got 0"),
+    (lambda c: {**c, "unet": {**c["unet"], "head_dim": 0}}, r"unet: head_dim must be null or an integer >= 1, got 0"),
+    (lambda c: {**c, "text_encoder": {**c["text_encoder"], "width": "32"}},
+     r"text_encoder: width must be an integer >= 1, got '32'"),
+    (lambda c: {**c, "unet": {**c["unet"], "model_channels": None}},
+     r"unet: model_channels must be an integer >= 1, got None"),
+    (lambda c: {**c, "unet": {**c["unet"], "num_res_blocks": -1}},
+     r"unet: num_res_blocks must be an integer >= 0, got -1"),
+    (lambda c: {**c, "unet": {**c["unet"], "channel_mult": [], "attention_levels": []}},
+     r"unet: channel_mult must be a non-empty list of integers >= 1, got \[\]"),
+    (lambda c: {**c, "unet": {**c["unet"], "attention_levels": [-1]}},
+     r"unet: attention_levels must be a list of integers >= 0, got \[-1\]"),
+    (lambda c: {**c, "vae": {**c["vae"], "scaling_factor": "x"}},
+     r"vae: scaling_factor must be a number > 0, got 'x'"),
+    (lambda c: {**c, "text_encoder": {**c["text_encoder"], "vocab_size": 10}},
+     r"text_encoder: vocab_size must be at least 49408 \(the ids of CLIP's tokenizer\), got 10"),
+    (lambda c: {**c, "text_encoder": {**c["text_encoder"], "use_bias": True}},
+     r"text_encoder has unknown fields \['use_bias'\]"),
+])
+def test_an_init_config_field_of_the_wrong_kind_is_one_line_before_anything_is_written(edit, message, data_dir,
+                                                                                      tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps(edit(TINY)))
+    with pytest.raises(ValueError, match=rf"^--init-config {re.escape(str(config))}: {message}"):
+        train.train(["--init-config", str(config), "--data", str(data_dir), "--out", str(tmp_path / "never"), *FAST])
+    assert not (tmp_path / "never").exists()
+
+
 def test_cli_refuses_a_device_this_machine_lacks_in_one_line(data_dir, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(tmp_path / "no-model"), "--data",
                         str(data_dir), "--out", str(tmp_path / "x"), "--device", "tpu:9"], cwd=ROOT,
