@@ -325,9 +325,8 @@ def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=
         raise ValueError(f"{data_dir}: its {len(z0)} images have {distinct} distinct latent{'s' * (distinct > 1)} at "
                          f"resolution {resolution}, fewer than the {k} clusters asked for")
     clusters, _ = ddm.fit_clusters(z0, k, dims=dims, seed=seed)
-    labels = [None if g < 0 else data.group_names[g] for g in data.groups]
     entries = [(path, name, {"text": text, "group": f"cluster{c}", "label": label, "source": str(path)})
-               for path, name, text, label, c in zip(data.files, data.names, data.texts, labels, clusters.tolist())]
+               for path, name, text, label, c in zip(data.files, data.names, data.texts, data.labels, clusters.tolist())]
     return write_folder(out_dir, entries, link=link, overwrite=overwrite), torch.bincount(clusters, minlength=k)
 
 
@@ -461,7 +460,8 @@ class ImageFolder(torch.utils.data.Dataset):
                 raise ValueError(f"{where}: cannot read image {path} ({e})") from None
         if not records:
             raise ValueError(f"{meta}: no images listed")
-        raw = self.groups_of(meta, [r[3] for r in records], attribute)
+        self.labels = [r[3] for r in records]  # each line's group as written
+        raw = self.groups_of(meta, self.labels, attribute, need_groups)
         self.group_names = sorted({g for g in raw if g is not None})
         # need_groups=False: `make_cluster_folder` reads unlabelled folders, the groups are what it makes
         if need_groups and not self.group_names:
@@ -475,7 +475,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.texts = [r[2] for r in records]
         self.groups = [index.get(g, -1) for g in raw]  # group index of every item; -1: no label (null)
 
-    def groups_of(self, meta, groups, attribute):
+    def groups_of(self, meta, groups, attribute, need_groups=True):
         """Each image's group: the value itself, or with named attributes ({"colour": "red", "width": "thin"}) the
         value of `attribute`, or "red+thin" for "colour+width" (their intersection); None where not labelled."""
         self.attributes = sorted({a for g in groups if isinstance(g, dict) for a in g})
@@ -483,12 +483,24 @@ class ImageFolder(torch.utils.data.Dataset):
             if attribute is not None:
                 raise ValueError(f"--attribute {attribute}: the groups in {meta} name no attributes")
             return groups
+        if attribute is None and not need_groups:  # data.py clusters: the groups are what it makes
+            return [None] * len(groups)
         parts = (attribute or "").split("+")
         unknown = [a for a in parts if a not in self.attributes]
         if unknown:
             raise ValueError(f"{meta}: the groups name the attributes {', '.join(self.attributes)}; "
                              + (f"no image has the attribute {unknown[0]!r}" if attribute else "choose one")
                              + " (--attribute NAME, or A+B for their intersections)")
+        for a in parts:
+            first = {isinstance(g[a], int): g[a] for g in reversed(groups)  # reversed: the first of each kind
+                     if g is not None and g.get(a) is not None}
+            if len(first) > 1:
+                raise ValueError(f"{meta}: attribute {a!r} takes ints and strings ({first[False]!r} and "
+                                 f"{first[True]!r}); one kind per attribute")
+            plus = [g[a] for g in groups if len(parts) > 1 and g and "+" in str(g.get(a))]
+            if plus:
+                raise ValueError(f"{meta}: attribute {a!r} has the value {plus[0]!r}, whose '+' would merge "
+                                 f"intersections in --attribute {attribute}")
         values = [None if g is None or any(g.get(a) is None for a in parts) else [g[a] for a in parts] for g in groups]
         return [v if v is None else v[0] if len(v) == 1 else "+".join(map(str, v)) for v in values]
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -456,6 +457,28 @@ def test_an_attribute_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     (tmp_path / "attr.txt").write_bytes(b"1\nMale Young\ncaf\xe9.jpg 1 1\n")  # Latin-1
     with pytest.raises(ValueError, match=r"attr.txt, line 3: not UTF-8 text \(byte 0xe9"):
         data.read_attribute(tmp_path / "attr.txt", "Male")
+
+
+def test_a_folder_of_attribute_groups_is_clustered_keeping_each_group_object_as_its_label(tmp_path):
+    groups = [{"colour": "red", "width": "thin"}, None, {"colour": "green", "width": None}]
+    rows = [{"file_name": f"{k}.png", "text": "", "group": groups[k % 3]} for k in range(8)]
+    src = _folder(tmp_path / "src", rows, {f"{k}.png": Image.new("RGB", (16, 16), (30 * k, 0, 0)) for k in range(8)})
+    out = data.main(["clusters", "--data", str(src), "--vae", str(_tiny_vae(tmp_path / "vae")), "--k", "2",
+                     "--resolution", "16", "--out", str(tmp_path / "out")])
+    assert [json.loads(line)["label"] for line in (out / "metadata.jsonl").read_text().splitlines()] == \
+        [r["group"] for r in rows]
+
+
+@pytest.mark.parametrize("values, attribute, message", [
+    ((("x+y", "z"), ("x", "y+z"), ("p", "q")), "a+b", r"attribute 'a' has the value 'x\+y', whose '\+' would "
+                                                       r"merge intersections in --attribute a\+b"),
+    ((("red", 1), ("blue", 2), (2, 1)), "a", r"attribute 'a' takes ints and strings \('red' and 2\)"),
+])
+def test_attribute_values_that_would_merge_or_cannot_be_ordered_are_one_line(values, attribute, message, tmp_path):
+    rows = [{"file_name": f"{k}.png", "text": "", "group": {"a": a, "b": b}} for k, (a, b) in enumerate(values * 2)]
+    src = _folder(tmp_path / "src", rows, {r["file_name"]: Image.new("RGB", (16, 16)) for r in rows})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(src / 'metadata.jsonl'))}: {message}"):
+        data.ImageFolder(src, 16, attribute=attribute)
 
 
 def test_clustering_identical_images_is_one_line_naming_the_folder(tmp_path):
