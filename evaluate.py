@@ -383,9 +383,9 @@ def check_request(class_names, groups, n, requested=None, indicator_logits=None)
                              f"for {n} images; not among them: {wrong}); SPD needs every group prompted at least "
                              f"once; never requested: {never}")
     shape = None if indicator_logits is None else tuple(torch.as_tensor(indicator_logits).shape)
-    if shape is not None and (len(shape) != 2 or shape[1] != len(groups)):
-        raise ValueError(f"indicator logits have shape {shape}, expected (N, {len(groups)}): one column per "
-                         f"evaluated group {groups}")
+    if shape is not None and shape != (n, len(groups)):
+        raise ValueError(f"indicator logits have shape {shape}, expected (N, {len(groups)}) with N = {n}: a row per "
+                         f"image, a column per evaluated group {groups}")
 
 
 def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
@@ -700,14 +700,18 @@ def _read_logits(path):
         raise FileNotFoundError(f"indicator logits file {path} not found")
     try:
         if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path))  # object arrays (pickles) are refused: allow_pickle=False
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            if len(keys) != 1:
-                raise ValueError(f"it must hold exactly one tensor (the (N, K) logits), found {keys}")
-            return f.get_tensor(keys[0])
+            logits = torch.from_numpy(np.load(path))  # object arrays (pickles) are refused: allow_pickle=False
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                if len(keys) != 1:
+                    raise ValueError(f"it must hold exactly one tensor (the (N, K) logits), found {keys}")
+                logits = f.get_tensor(keys[0])
     except (ValueError, TypeError, OSError, SafetensorError) as e:  # TypeError: a dtype torch has not
         raise ValueError(f"{path}: cannot read the indicator logits ({e})") from None
+    if logits.is_complex() or not torch.isfinite(logits).all():  # entropy would drop the imaginary part, or be NaN
+        raise ValueError(f"{path}: the indicator logits must be finite real numbers")
+    return logits
 
 
 def format_result(r):

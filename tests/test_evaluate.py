@@ -92,12 +92,12 @@ def test_spd_entropy_and_soft_fd_on_hand_made_logits():
     assert r["share_outside_groups"] == pytest.approx(0.2)
     assert r["classifier_heldout_accuracy"] == 1.0
     # the indicator's entropy: log K when uniform, ~0 when sure, mean over images
-    ind = torch.tensor([[0.0, 0.0]] * 3 + [[big, 0.0]])
+    ind = torch.tensor([[0.0, 0.0]] * 6 + [[big, 0.0]] * 4)  # a row per image
     r = evaluate.evaluate_images(_indices(10), clf, groups=["a", "b"], indicator_logits=ind)
-    assert r["indicator_entropy"] == pytest.approx(0.75 * math.log(2), abs=1e-6)
+    assert r["indicator_entropy"] == pytest.approx(0.6 * math.log(2), abs=1e-6)
     p = 1 / (1 + math.exp(-big))  # softmax(20, 0); its entropy by hand
-    assert r["indicator_entropy"] == pytest.approx((3 * math.log(2) - p * math.log(p) - (1 - p) * math.log(1 - p)) / 4,
-                                                   rel=1e-12)
+    assert r["indicator_entropy"] == pytest.approx(
+        (6 * math.log(2) + 4 * (-p * math.log(p) - (1 - p) * math.log(1 - p))) / 10, rel=1e-12)
 
 
 def test_spd_is_max_minus_min_over_all_k_groups():
@@ -251,6 +251,23 @@ def test_indicator_logits_that_do_not_read_are_named(name, trained, heldout, tmp
         path.write_bytes(b"junk")
     with pytest.raises(SystemExit, match=rf"^evaluate\.py: error: {re.escape(str(path))}: "):
         evaluate.main([str(good), "--classifier", str(tmp_path / "c.safetensors"), "--indicator-logits", str(path)])
+
+
+@pytest.mark.parametrize("logits, message", [
+    (np.zeros((3, 10), np.float32), r"indicator logits have shape \(3, 10\), expected \(N, 10\) with N = 4"),  # one per image
+    (np.full((4, 10), np.nan, np.float32), r"the indicator logits must be finite real numbers"),  # NaN in the JSON
+    (np.ones((4, 10), np.complex64), r"the indicator logits must be finite real numbers"),  # imaginary part dropped
+])
+def test_indicator_logits_of_other_images_or_not_finite_real_numbers_are_refused(logits, message, trained, heldout,
+                                                                                 tmp_path):
+    model, _ = trained
+    evaluate.save_classifier(model, tmp_path / "c.safetensors")
+    good = _write_pngs(tmp_path / "good", heldout[0][:4])
+    np.save(tmp_path / "logits.npy", logits)
+    with pytest.raises(SystemExit, match=rf"^evaluate\.py: error: .*{message}"):
+        evaluate.main([str(good), "--classifier", str(tmp_path / "c.safetensors"), "--indicator-logits",
+                       str(tmp_path / "logits.npy")])
+    assert not (tmp_path / "good" / "evaluation.json").exists()
 
 
 # --- CLIP zero-shot classification (--clip) -------------------------------------------------------------------------
