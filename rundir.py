@@ -102,7 +102,19 @@ def _check_new(run_dir):
         raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume it")
 
 
+def _is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# the config fields a run's models are rebuilt from (loading.load_run), each: (what it must be, the check)
+MODEL_FIELDS = {"lora_rank": ("an integer >= 0", _is_count),
+                "lora_alpha": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+                "train_text_encoder": ("true or false", lambda v: isinstance(v, bool)),
+                "group_names": ("a list", lambda v: isinstance(v, list))}
+
+
 def read_run_json(run_dir):
+    """run.json, its fields checked as far as loading a run reads them; CheckpointError naming the field."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a train.py run directory (no run.json)")
@@ -110,7 +122,14 @@ def read_run_json(run_dir):
     for key, kind, what in (("config", dict, "an object"), ("base", str, "a string")):
         if not isinstance(info.get(key), kind):
             raise weights.CheckpointError(f"{path}: field '{key}' must be {what}")
-    info["config"].setdefault("objective", "ddm")  # runs from before --objective trained the authors' loss
+    config = info["config"]
+    config.setdefault("objective", "ddm")  # runs from before --objective trained the authors' loss
+    for key, (what, ok) in MODEL_FIELDS.items():
+        if not ok(config.get(key)):
+            raise weights.CheckpointError(f"{path}: config field '{key}' must be {what}, got {config.get(key)!r}")
+    if info["base"] != "base" and info["base"] != config.get("model"):  # a fine-tune's base is its --model
+        raise weights.CheckpointError(f"{path}: field 'base' {info['base']} is not the model the run fine-tunes, "
+                                      f"config.model {config.get('model')}")
     return info
 
 

@@ -371,6 +371,24 @@ def test_a_full_disk_reads_as_no_space_left_on_the_path():
 # ---- clear messages
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info["config"].update(lora_rank="4"), r"config field 'lora_rank' must be an integer >= 0, got '4'"),
+    (lambda info: info["config"].pop("lora_rank"), r"config field 'lora_rank' must be an integer >= 0, got None"),
+    (lambda info: info["config"].update(train_text_encoder=1),
+     r"config field 'train_text_encoder' must be true or false, got 1"),
+    (lambda info: info.update(base=info["base"] + "-elsewhere"), r"field 'base' .*-elsewhere is not the model the run "
+                                                                 r"fine-tunes, config\.model "),
+])
+def test_a_hand_edited_run_json_is_one_line_naming_the_field(edit, message, lora_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    info = json.loads((run / "run.json").read_text())
+    edit(info)
+    (run / "run.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / 'run.json'))}: {message}"):
+        loading.load_run(run)
+
+
 def test_a_truncated_run_json_and_a_seed_out_of_range_are_one_line_errors(lora_run, sd_dir, data_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
