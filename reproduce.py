@@ -263,8 +263,7 @@ def train_vae(folder, sizes, seed=0, progress=True, coloured=False):
     vae.config.scaling_factor = round(1.0 / z.std().item(), 5)
     out = folder / "vae"
     out.mkdir()
-    weights.save_tensors(vae_to_diffusers(vae.state_dict(), vae.config),
-              str(out / "diffusion_pytorch_model.safetensors"))
+    weights.save_tensors(vae_to_diffusers(vae.state_dict(), vae.config), out / "diffusion_pytorch_model.safetensors")
     weights.write_json(out / "config.json", vae_diffusers_config(vae.config))
     load_vae(out)  # fails here, not three stages later, if the folder does not load back
     return {"heldout_mse": held_mse, "scaling_factor": vae.config.scaling_factor, "path": str(out)}
