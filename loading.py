@@ -221,10 +221,12 @@ def _field_error(name, value, default):
     return None
 
 
-def read_init_config(path):
+def read_init_config(path, check=True):
     """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None}), each
-    field of its default's kind, the networks they describe buildable."""
+    field of its default's kind, the networks they describe buildable; check=False: (the JSON dict, None)."""
     raw = weights.read_json(path)
+    if not check:
+        return raw, None
     unknown = sorted(set(raw) - {"unet", "vae", "text_encoder"})
     if unknown:
         raise ValueError(f"--init-config {path}: unknown keys {unknown}; it holds unet, vae and text_encoder")

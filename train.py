@@ -96,12 +96,13 @@ class Trainer:
         from_scratch = args.init_config is not None
         args.lora_rank = (0 if from_scratch else 8) if args.lora_rank is None else args.lora_rank
         args.train_text_encoder = from_scratch if args.train_text_encoder is None else args.train_text_encoder
-        init_config = loading.read_init_config(args.init_config)[0] if from_scratch else None
+        # a resume only compares the config with run.json (its models come from base/): what an older version accepted
+        init_config = loading.read_init_config(args.init_config, check=not args.resume)[0] if from_scratch else None
         self.run_dir, self.config, ckpt, base = rundir.open_run(args, data, world, init_config, device, rank == 0)
         self.models = models = (loading.models_from_config(args.init_config, args.vae, args.seed)
                                 if from_scratch and base is None else loading.load_models(base or args.model))
-        why = cli.side_error("resolution", args.resolution, loading.side_multiple(models.unet.config,
-                                                                                   models.vae_config))
+        multiple = loading.side_multiple(models.unet.config, models.vae_config)
+        why = cli.side_error("resolution", args.resolution, multiple)
         if why:
             raise ValueError(why)
         latent_shape = loading.latent_shape(models, args.resolution, args.resolution)

@@ -565,6 +565,27 @@ def test_an_init_config_field_of_the_wrong_kind_is_one_line_before_anything_is_w
     assert not (tmp_path / "never").exists()
 
 
+def test_a_from_scratch_run_resumes_on_the_init_config_it_was_started_with_even_one_now_refused(sd_dir, data_dir,
+                                                                                                 tmp_path):
+    """A resume takes its models from the run's base/: the --init-config is only compared with run.json, so one that
+    an older version accepted (a key it ignored, here) still resumes; a new run with it is refused."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({k: v for k, v in TINY.items() if k != "vae"}))
+    run = train.train(["--init-config", str(config), "--vae", str(sd_dir), "--data", str(data_dir), "--out",
+                       str(tmp_path / "run"), "--max-steps", "1", *FAST, "--checkpoint-every", "1"])
+    older = {"note": "an older version ignored this key", **json.loads(config.read_text())}
+    config.write_text(json.dumps(older))
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["init_config"] = older
+    (run / "run.json").write_text(json.dumps(info))
+    train.train(["--init-config", str(config), "--vae", str(sd_dir), "--data", str(data_dir), "--resume", str(run),
+                 "--max-steps", "2", *FAST, "--checkpoint-every", "1"])
+    assert json.loads((run / "checkpoint-000002" / "state.json").read_text())["step"] == 2
+    with pytest.raises(ValueError, match=r"unknown keys \['note'\]"):
+        train.train(["--init-config", str(config), "--vae", str(sd_dir), "--data", str(data_dir), "--out",
+                     str(tmp_path / "new"), "--max-steps", "1", *FAST])
+
+
 def test_cli_refuses_a_device_this_machine_lacks_in_one_line(data_dir, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(tmp_path / "no-model"), "--data",
                         str(data_dir), "--out", str(tmp_path / "x"), "--device", "tpu:9"], cwd=ROOT,
