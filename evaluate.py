@@ -709,8 +709,11 @@ def _read_logits(path):
                 logits = f.get_tensor(keys[0])
     except (ValueError, TypeError, OSError, SafetensorError) as e:  # TypeError: a dtype torch has not
         raise ValueError(f"{path}: cannot read the indicator logits ({e})") from None
-    if logits.is_complex() or not torch.isfinite(logits).all():  # entropy would drop the imaginary part, or be NaN
-        raise ValueError(f"{path}: the indicator logits must be finite real numbers")
+    # the entropy would drop an imaginary part, or be NaN; -inf is a probability of 0 (0 log 0 = 0)
+    no_group = logits.dim() == 2 and not logits.isfinite().any(1).all()  # a row of -inf only
+    if logits.is_complex() or logits.isnan().any() or (logits == math.inf).any() or no_group:
+        raise ValueError(f"{path}: the indicator logits must be real numbers or -inf (probability 0), with a finite "
+                         "one in every row")
     return logits
 
 

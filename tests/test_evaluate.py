@@ -255,8 +255,10 @@ def test_indicator_logits_that_do_not_read_are_named(name, trained, heldout, tmp
 
 @pytest.mark.parametrize("logits, message", [
     (np.zeros((3, 10), np.float32), r"indicator logits have shape \(3, 10\), expected \(N, 10\) with N = 4"),  # one per image
-    (np.full((4, 10), np.nan, np.float32), r"the indicator logits must be finite real numbers"),  # NaN in the JSON
-    (np.ones((4, 10), np.complex64), r"the indicator logits must be finite real numbers"),  # imaginary part dropped
+    (np.full((4, 10), np.nan, np.float32), r"the indicator logits must be real numbers or -inf"),  # NaN in the JSON
+    (np.ones((4, 10), np.complex64), r"the indicator logits must be real numbers or -inf"),  # imaginary part dropped
+    (np.full((4, 10), np.inf, np.float32), r"the indicator logits must be real numbers or -inf"),
+    (np.full((4, 10), -np.inf, np.float32), r"the indicator logits must be real numbers or -inf"),  # no group at all
 ])
 def test_indicator_logits_of_other_images_or_not_finite_real_numbers_are_refused(logits, message, trained, heldout,
                                                                                  tmp_path):
@@ -268,6 +270,16 @@ def test_indicator_logits_of_other_images_or_not_finite_real_numbers_are_refused
         evaluate.main([str(good), "--classifier", str(tmp_path / "c.safetensors"), "--indicator-logits",
                        str(tmp_path / "logits.npy")])
     assert not (tmp_path / "good" / "evaluation.json").exists()
+
+
+def test_indicator_logits_of_minus_infinity_for_some_groups_read_as_probability_zero(trained, heldout, tmp_path):
+    model, _ = trained
+    evaluate.save_classifier(model, tmp_path / "c.safetensors")
+    good = _write_pngs(tmp_path / "good", heldout[0][:4])
+    np.save(tmp_path / "logits.npy", np.array([[0, -np.inf]] * 2 + [[0, 0]] * 2, np.float32))
+    r = evaluate.main([str(good), "--classifier", str(tmp_path / "c.safetensors"), "--groups", "7", "8",
+                       "--indicator-logits", str(tmp_path / "logits.npy")])
+    assert r["indicator_entropy"] == pytest.approx(math.log(2) / 2)  # 0 log 0 = 0: two sure rows, two uniform
 
 
 # --- CLIP zero-shot classification (--clip) -------------------------------------------------------------------------
