@@ -569,8 +569,9 @@ def parse_args(argv=None):
     if args.experiment == "attributes" and given:
         p.error(f"{given[0]} is for --experiment digits (the attribute experiment's digits, counts and rows are "
                 "fixed)")
-    args.groups, args.counts = args.groups or "7,8", args.counts or "360,40"
-    args.methods = args.methods or ",".join(m.name for m in METHODS if m.default)
+    args.groups = "7,8" if args.groups is None else args.groups  # "" stays "", and is refused below
+    args.counts = "360,40" if args.counts is None else args.counts
+    args.methods = ",".join(m.name for m in METHODS if m.default) if args.methods is None else args.methods
     try:
         groups = [int(g) for g in args.groups.split(",")]
         counts = [int(c) for c in args.counts.split(",")]

@@ -119,6 +119,8 @@ def test_three_groups_run_end_to_end(tmp_path, cache):
     (["--counts", "500,40"], "1..400 images"), (["--methods", "plain,magic"], "unknown ['magic']"),
     (["--groups", "seven,8"], "comma-separated integers"),
     (["--methods", "plain,guided-3,plain"], "--methods names plain twice"),
+    (["--methods", ""], "--methods: unknown none given"), (["--groups", ""], "comma-separated integers"),
+    (["--counts", ""], "comma-separated integers"),
     (["--experiment", "attributes", "--methods", "plain"], "--methods is for --experiment digits"),
     (["--experiment", "attributes", "--groups", "1,2"], "--groups is for --experiment digits"),
     (["--experiment", "attributes", "--counts", "5,5"], "--counts is for --experiment digits")])
