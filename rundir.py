@@ -106,11 +106,16 @@ def _is_count(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-# the config fields a run's models are rebuilt from (loading.load_run), each: (what it must be, the check)
-MODEL_FIELDS = {"lora_rank": ("an integer >= 0", _is_count),
-                "lora_alpha": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# the config fields a run's models and indicator are rebuilt from (loading.load_run): (what it must be, the check)
+MODEL_FIELDS = {"lora_rank": ("an integer >= 0", _is_count), "lora_alpha": ("a number", _is_number),
                 "train_text_encoder": ("true or false", lambda v: isinstance(v, bool)),
-                "group_names": ("a list", lambda v: isinstance(v, list))}
+                "group_names": ("a list", lambda v: isinstance(v, list)), "w_ind": ("a number", _is_number),
+                "indicator_hidden": ("a list of integers >= 1", lambda v: isinstance(v, list) and all(
+                    _is_count(h) and h >= 1 for h in v))}
 
 
 def read_run_json(run_dir):

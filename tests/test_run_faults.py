@@ -374,6 +374,9 @@ def test_a_full_disk_reads_as_no_space_left_on_the_path():
 @pytest.mark.parametrize("edit, message", [
     (lambda info: info["config"].update(lora_rank="4"), r"config field 'lora_rank' must be an integer >= 0, got '4'"),
     (lambda info: info["config"].pop("lora_rank"), r"config field 'lora_rank' must be an integer >= 0, got None"),
+    (lambda info: info["config"].pop("w_ind"), r"config field 'w_ind' must be a number, got None"),
+    (lambda info: info["config"].update(indicator_hidden=[0]),
+     r"config field 'indicator_hidden' must be a list of integers >= 1, got \[0\]"),
     (lambda info: info["config"].update(train_text_encoder=1),
      r"config field 'train_text_encoder' must be true or false, got 1"),
     (lambda info: info.update(base=info["base"] + "-elsewhere"), r"field 'base' .*-elsewhere is not the model the run "
