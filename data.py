@@ -491,17 +491,16 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"{meta}: the groups name the attributes {', '.join(self.attributes)}; "
                              + (f"no image has the attribute {unknown[0]!r}" if attribute else "choose one")
                              + " (--attribute NAME, or A+B for their intersections)")
-        for a in parts:
-            first = {isinstance(g[a], int): g[a] for g in reversed(groups)  # reversed: the first of each kind
-                     if g is not None and g.get(a) is not None}
-            if len(first) > 1:
-                raise ValueError(f"{meta}: attribute {a!r} takes ints and strings ({first[False]!r} and "
-                                 f"{first[True]!r}); one kind per attribute")
-            plus = [g[a] for g in groups if len(parts) > 1 and g and "+" in str(g.get(a))]
-            if plus:
-                raise ValueError(f"{meta}: attribute {a!r} has the value {plus[0]!r}, whose '+' would merge "
-                                 f"intersections in --attribute {attribute}")
         values = [None if g is None or any(g.get(a) is None for a in parts) else [g[a] for a in parts] for g in groups]
+        labelled = [v for v in values if v is not None]
+        if len(parts) == 1 and len({type(v[0]) for v in labelled}) > 1:  # one attribute's values are sorted: one kind
+            text, number = (next(v[0] for v in labelled if isinstance(v[0], kind)) for kind in (str, int))
+            raise ValueError(f"{meta}: attribute {parts[0]!r} takes ints and strings ({text!r} and {number!r}); one "
+                             "kind per attribute")
+        plus = next(((a, x) for v in labelled for a, x in zip(parts, v) if "+" in str(x)), None)
+        if len(parts) > 1 and plus:
+            raise ValueError(f"{meta}: attribute {plus[0]!r} has the value {plus[1]!r}, whose '+' could merge "
+                             f"intersections in --attribute {attribute}")
         return [v if v is None else v[0] if len(v) == 1 else "+".join(map(str, v)) for v in values]
 
     def __len__(self):

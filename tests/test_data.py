@@ -470,7 +470,7 @@ def test_a_folder_of_attribute_groups_is_clustered_keeping_each_group_object_as_
 
 
 @pytest.mark.parametrize("values, attribute, message", [
-    ((("x+y", "z"), ("x", "y+z"), ("p", "q")), "a+b", r"attribute 'a' has the value 'x\+y', whose '\+' would "
+    ((("x+y", "z"), ("x", "y+z"), ("p", "q")), "a+b", r"attribute 'a' has the value 'x\+y', whose '\+' could "
                                                        r"merge intersections in --attribute a\+b"),
     ((("red", 1), ("blue", 2), (2, 1)), "a", r"attribute 'a' takes ints and strings \('red' and 2\)"),
 ])
