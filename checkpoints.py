@@ -273,7 +273,7 @@ SCHEDULER_CONFIG = {  # SD v1.5's scheduler/scheduler_config.json (PNDM with the
     "_class_name": "PNDMScheduler", "num_train_timesteps": diffusion.N_TRAIN_TIMESTEPS,
     "beta_schedule": "scaled_linear", "beta_start": diffusion.BETA_START, "beta_end": diffusion.BETA_END,
     "trained_betas": None, "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading",
+    "steps_offset": diffusion.STEPS_OFFSET, "clip_sample": False, "timestep_spacing": "leading",
 }
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.21.0",  # informational: loaders read the classes

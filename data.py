@@ -325,8 +325,9 @@ def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=
         raise ValueError(f"{data_dir}: its {len(z0)} images have {distinct} distinct latent{'s' * (distinct > 1)} at "
                          f"resolution {resolution}, fewer than the {k} clusters asked for")
     clusters, _ = ddm.fit_clusters(z0, k, dims=dims, seed=seed)
+    rows = zip(data.files, data.names, data.texts, data.labels, clusters.tolist())
     entries = [(path, name, {"text": text, "group": f"cluster{c}", "label": label, "source": str(path)})
-               for path, name, text, label, c in zip(data.files, data.names, data.texts, data.labels, clusters.tolist())]
+               for path, name, text, label, c in rows]
     return write_folder(out_dir, entries, link=link, overwrite=overwrite), torch.bincount(clusters, minlength=k)
 
 

@@ -262,8 +262,9 @@ def read_init_config(path, check=True):
     for level in sorted({*unet.attention_levels, len(unet.channel_mult) - 1} if unet else ()):  # + the middle
         channels = unet.model_channels * unet.channel_mult[level]
         if unet.heads(channels) < 1 or channels % unet.heads(channels):
+            heads = f"head_dim {unet.head_dim}" if unet.head_dim else f"num_heads {unet.num_heads}"
             raise ValueError(f"--init-config {path}: unet: {channels} channels at level {level} do not split into "
-                             f"{unet.heads(channels)} heads")
+                             f"{unet.heads(channels)} heads ({heads})")
     return raw, out
 
 

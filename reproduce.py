@@ -154,6 +154,7 @@ ATTR_COUNTS = {("red", "thick"): 144, ("red", "thin"): 36, ("green", "thick"): 1
 ATTR_BALANCED = {k: 50 for k in ATTR_COUNTS}  # the base model's set: 200 per digit, every intersection alike
 INTERSECTIONS = sorted("+".join(k) for k in ATTR_COUNTS)
 ATTR_GROUPS = {"colour": sorted(data.COLOURS), "width": ["thick", "thin"]}
+ATTR_GROUP_NAMES = [g for groups in ATTR_GROUPS.values() for g in groups]
 ATTR_RUNS = {  # the train.py runs of each seed: plain fine-tunes (one UNet, bit for bit) beside indicators
     f"{attribute}{suffix}": Method(f"{attribute}{suffix}", attribute, ("--objective", "plain-indicator", *NOISE_AWARE,
                                                                        "--attribute", attribute), labelled=share)
@@ -675,20 +676,21 @@ def fine_tune(args, sizes, method, seed, base, vae):
 
 def fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings):
     """Stages 3-4: every method's fine-tunes (guided methods sample their source's runs), each evaluated right
-    away -> (rows, the first seed's generic images per method, {(method, seed): its loaded run})."""
+    away -> (rows, the first seed's generic images per method, {(method, seed): run directory})."""
     methods = [BY_NAME[n] for n in args.methods]
-    rows, grid_images, runs, loaded = [], {}, {}, {}  # each run read once: guided methods sample their source's
+    rows, grid_images, runs = [], {}, {}
     row, grid_images["base"] = evaluated(load_models(base["path"]), None, None)
     rows.append({"method": "base", "label": "base (balanced training)", "seed": "-", "run": base["path"], **row})
     for seed in range(args.seeds):
+        loaded = {}  # each run read once a seed: the guided methods sample their source's
         for name in dict.fromkeys(m.source or m.name for m in methods):
             tqdm.write(f"[fine-tune] {name}, seed {seed}")
             t0 = time.time()
             runs[name, seed] = fine_tune(args, sizes, BY_NAME[name], seed, base, vae_info)
             timings["finetune"] += time.time() - t0
-            loaded[name, seed] = load_run(runs[name, seed])
+            loaded[name] = load_run(runs[name, seed])
         for m in methods:
-            run_dir, trained = runs[m.source or m.name, seed], loaded[m.source or m.name, seed]
+            run_dir, trained = runs[m.source or m.name, seed], loaded[m.source or m.name]
             row, images = evaluated(trained.models, trained.indicator, m)
             rows.append({"method": m.name, "label": m.label, "seed": seed, "run": str(run_dir),
                          "train": train_stats(run_dir), "unet_as_plain": same_unet(run_dir, runs.get(("plain", seed))),
@@ -696,7 +698,7 @@ def fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings):
             grid_images.setdefault(m.name, images)
     order = ["base"] + args.methods
     rows.sort(key=lambda r: (order.index(r["method"]), str(r["seed"])))
-    return rows, grid_images, loaded
+    return rows, grid_images, runs
 
 
 def same_unet(run_dir, plain_dir):
@@ -717,13 +719,13 @@ def best_method(summary):
     return min(tried, key=lambda s: s["fd"])["method"] if tried else None
 
 
-def cfg_check(args, sizes, rows, loaded, best, evaluated):
+def cfg_check(args, sizes, rows, runs, best, evaluated):
     """Classifier-free guidance amplifies the majority: FD of plain and of the best method at other CFG scales."""
     cfg_rows = [{**r, "cfg": sizes.guidance} for r in rows if r["method"] in ("plain", best)]
     for name in [n for n in ("plain", best) if n in BY_NAME and n in args.methods]:
         m = BY_NAME[name]
         for seed in range(args.seeds):
-            trained = loaded[m.source or m.name, seed]
+            trained = load_run(runs[m.source or m.name, seed])
             for scale in sizes.cfg_check:
                 row, _ = evaluated(trained.models, trained.indicator, m, guidance=scale, generic_only=True)
                 cfg_rows.append({"method": name, "label": m.label, "seed": seed, "cfg": scale, **row})
@@ -746,10 +748,10 @@ def run(args):
         timings["evaluate"] += time.time() - t0
         return result
 
-    rows, grid_images, loaded = fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings)
+    rows, grid_images, runs = fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings)
     summary = summarize(rows, groups)
     best = best_method(summary)
-    cfg_rows = cfg_check(args, sizes, rows, loaded, best, evaluated)
+    cfg_rows = cfg_check(args, sizes, rows, runs, best, evaluated)
     grids = save_grids(out, grid_images, args.methods, sizes.grid_n)
     timings["total"] = time.time() - t_start
     timings["cpu"] = time.process_time()  # the process's CPU seconds: the budget, whatever else shares the machine
@@ -933,18 +935,18 @@ def summarize_attributes(rows):
     for s in out:
         s["meets_goal"] = None if s["method"] == "plain" else bool(
             s["fd_joint"] <= 0.10 and s["fd_joint_worst_prompt"] <= 0.15 and s["content"] >= plain["content"] - 0.01
-            and s["frechet"] <= 1.1 * plain["frechet"] and recall_kept(s, plain, sum(ATTR_GROUPS.values(), [])))
+            and s["frechet"] <= 1.1 * plain["frechet"] and recall_kept(s, plain, ATTR_GROUP_NAMES))
         s["fd_joint_at_most_0.15"] = s["fd_joint"] <= 0.15
     return out
 
 
 def attribute_table(summary):
     head = (["method", "FD colour", "FD width", "FD intersections", "worst prompt", "worst seed", "content acc.",
-             "Frechet"] + [f"recall {g}" for g in sum(ATTR_GROUPS.values(), [])] + ["meets the bar"])
+             "Frechet"] + [f"recall {g}" for g in ATTR_GROUP_NAMES] + ["meets the bar"])
     return _table(head, [[s["label"]] + [_pm(s, k) for k in ("fd_colour", "fd_width")] + [
         f"**{_pm(s, 'fd_joint')}**", _pm(s, "fd_joint_worst_prompt"), _f(s["fd_joint_worst_seed"]),
         _pm(s, "content"), _pm(s, "frechet", ".1f")] + [_pm(s, f"recall_{g}", ".2f")
-                                                         for g in sum(ATTR_GROUPS.values(), [])]
+                                                         for g in ATTR_GROUP_NAMES]
         + [{None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]] for s in summary])
 
 

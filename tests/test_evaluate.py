@@ -254,7 +254,7 @@ def test_indicator_logits_that_do_not_read_are_named(name, trained, heldout, tmp
 
 
 @pytest.mark.parametrize("logits, message", [
-    (np.zeros((3, 10), np.float32), r"indicator logits have shape \(3, 10\), expected \(N, 10\) with N = 4"),  # one per image
+    (np.zeros((3, 10), np.float32), r"indicator logits have shape \(3, 10\), expected \(N, 10\) with N = 4"),
     (np.full((4, 10), np.nan, np.float32), r"the indicator logits must be real numbers or -inf"),  # NaN in the JSON
     (np.ones((4, 10), np.complex64), r"the indicator logits must be real numbers or -inf"),  # imaginary part dropped
     (np.full((4, 10), np.inf, np.float32), r"the indicator logits must be real numbers or -inf"),
