@@ -202,7 +202,7 @@ def from_args(args, models, prompts, seeds, generate, settings):
         names.append({"indicator": str(Path(path).resolve()), "attribute": attribute, "groups": groups,
                       "target": spec})
     out, per_prompt = [], {}
-    for prompt in args.prompt_list:
+    for prompt in dict.fromkeys(args.prompt_list):  # a prompt listed twice: guided once, all its images
         mine = [s for p, s in zip(prompts, seeds) if p == prompt]
         guides, per_prompt[prompt] = guides_for(generate, models, prompt, mine, specs, args.indicator_guidance,
                                                 decide_at=args.decide_at, calibration=args.calibration,

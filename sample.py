@@ -292,15 +292,15 @@ def main(argv=None):
                                                                       settings)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    written, grid_images = 0, []
+    written, grid_images = 0, {}
 
-    def save(start, images):
+    def save(rows, images):  # image j of a batch is row rows[j] of the prompts: its file, its place in the grid
         nonlocal written
-        for k, image in enumerate(images, start):
+        for k, image in zip(rows, images):
             Image.fromarray(image.numpy()).save(out / files[k])
             written += 1
             if k < GRID_MAX:
-                grid_images.append(image)
+                grid_images[k] = image
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -311,8 +311,8 @@ def main(argv=None):
         for prompt, guides in per_prompt:  # prompt None: one call for all; else one per prompt, its own guidance
             rows = [k for k, p in enumerate(prompts) if prompt in (None, p)]
             generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], guides=guides,
-                     on_batch=lambda start, images: save(rows[start], images), **settings)
-        make_grid(torch.stack(grid_images)).save(out / "grid.png")
+                     on_batch=lambda start, images: save(rows[start:start + len(images)], images), **settings)
+        make_grid(torch.stack([grid_images[k] for k in sorted(grid_images)])).save(out / "grid.png")
         record.update(seconds=round(time.time() - started, 3), finished=True)
         weights.write_atomic(out / "samples.json", json.dumps(record, indent=2) + "\n")
     except NonFiniteError as e:

@@ -3,8 +3,10 @@ the offsets that make them come out in the asked shares, and the scale chosen by
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import diffusion
 import guidance
@@ -169,6 +171,24 @@ def test_a_target_without_an_indicator_is_refused_before_anything_is_written(run
     with pytest.raises(SystemExit):
         sample.main([*argv, "--indicator-guidance", "auto"])
     assert "--indicator-guidance needs --indicator" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_repeated_prompt_under_guidance_writes_every_image_of_every_prompt_in_its_own_file(runs, tmp_path):
+    """Files follow the rows of the prompts file: a prompt listed twice (its rows apart) is guided once, and the
+    other prompt's images are its own (they went into the repeated prompt's files, two files were never written)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\na blue square\n{PROMPT}\n")
+    common = ["--model", str(runs["noise-aware"]), "--steps", "2", "--height", str(RES), "--width", str(RES), "--n",
+              "2", "--device", "cpu", "--indicator", str(runs["noise-aware"]), "--indicator-guidance", "2",
+              "--decide-at", "none"]
+    sample.main([*common, "--prompts", str(prompts), "--out", str(tmp_path / "all")])
+    record = json.loads((tmp_path / "all" / "samples.json").read_text())
+    assert record["prompts"] == [PROMPT] * 2 + ["a blue square"] * 2 + [PROMPT] * 2
+    assert all((tmp_path / "all" / name).is_file() for name in record["files"])
+    sample.main([*common, "--prompt", "a blue square", "--seed", "2", "--out", str(tmp_path / "blue")])
+    for k in (0, 1):  # images 2 and 3 of the first run: seeds 2 and 3 of the blue prompt
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "all" / f"{k + 2:05d}.png")),
+                              np.asarray(Image.open(tmp_path / "blue" / f"{k:05d}.png")))
 
 
 def test_a_runs_indicator_is_read_without_its_base_model(runs, monkeypatch):
