@@ -228,7 +228,7 @@ def previous_outputs(out, overwrite, files):
             raise ValueError(f"{out / 'samples.json'} does not list the images of a sample.py run (its 'files' must "
                              f"be names like 00000.png); move it away")
         listed = [n for n in names + ["grid.png"] * ("grid" in record) + ["samples.json"] if (out / n).is_file()]
-    taken = [n for n in files + ["grid.png", "samples.json"] if (out / n).exists() and n not in listed]
+    taken = [n for n in files + ["grid.png", "samples.json"] if os.path.lexists(out / n) and n not in listed]
     if taken:
         raise ValueError(f"{out / taken[0]} would be overwritten, and no samples.json of a previous run here lists "
                          f"it; move it away")

@@ -269,6 +269,8 @@ def write_atomic(path, content):
     of one; a failed write leaves no PATH.tmp behind. `content`: the text, or a function that writes a path."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    if tmp.is_symlink():  # written through, a link would put the content wherever it points
+        tmp.unlink()
     try:
         content(tmp) if callable(content) else write_text(tmp, content)
         with writing(path):

@@ -587,6 +587,14 @@ def test_overwrite_deletes_only_what_the_previous_run_listed_and_only_after_ever
     err = _refused(_cli_args(folder, mine) + ["--overwrite"], monkeypatch, capsys)
     assert "samples.json does not list the images of a sample.py run" in err
     assert (tmp_path / "victim.png").exists() and (mine / "00000.png").exists()
+    # a link where a file goes, even one to nothing yet, is refused: the image would land where it points
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("00000.png", "grid.png"):
+        (links / name).symlink_to(tmp_path / f"outside-{name}")
+        err = _refused(_cli_args(folder, links) + ["--overwrite"], monkeypatch, capsys)
+        assert f"{links / name} would be overwritten" in err and not (tmp_path / f"outside-{name}").exists()
+        (links / name).unlink()
 
 
 # ---------------------------------------------------------------------------------------------------------------

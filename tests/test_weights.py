@@ -151,3 +151,17 @@ def test_unreadable_weight_files_report_the_systems_reason(tmp_path, monkeypatch
     monkeypatch.setattr(weights, "safe_open", safetensors_open)
     with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*t.safetensors: Permission denied"):
         read_state_dict(tmp_path / "t.safetensors")
+
+
+def test_write_atomic_never_writes_through_a_link_where_its_tmp_file_goes(tmp_path):
+    """PATH.tmp that is a symbolic link (planted, or left) is replaced, not followed: the file it points to, outside
+    the folder, keeps its bytes, and PATH is a regular file."""
+    import weights
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "samples.json.tmp").symlink_to(outside)
+    weights.write_atomic(tmp_path / "out" / "samples.json", "{}\n")
+    assert outside.read_text() == "not ours"
+    assert not (tmp_path / "out" / "samples.json").is_symlink()
+    assert (tmp_path / "out" / "samples.json").read_text() == "{}\n"
