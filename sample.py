@@ -36,7 +36,8 @@ from loading import latent_shape, load_models, size_multiple
 # Classifier-free guidance is used at 1 to 20 (SD's default 7.5), and images burn out well before 100; past that a
 # value is a typo (75 for 7.5 stays allowed), and 1e30 makes every latent inf: a black image, not an experiment.
 GUIDANCE_MAX = 100
-RANGES = {"steps": (1, N_TRAIN_TIMESTEPS), "guidance": (-GUIDANCE_MAX, GUIDANCE_MAX), "eta": (0, None),
+# steps: with SD's steps_offset of 1, N steps on an N-step schedule would start at t = N, past its end
+RANGES = {"steps": (1, N_TRAIN_TIMESTEPS - 1), "guidance": (-GUIDANCE_MAX, GUIDANCE_MAX), "eta": (0, None),
           "batch_size": (1, None)}
 
 
@@ -77,6 +78,12 @@ def check_settings(prompts, seeds, settings):
             raise ValueError(f"{name} {why}, got {settings[name]}")
 
 
+def steps_error(steps, models):
+    """Why `steps` does not fit the model's own schedule (its first step must be a step of it), or None."""
+    n = len(models.alphas_cumprod)
+    return f"steps {steps}: the model's schedule has {n} steps; at most {n - 1}" if steps >= n else None
+
+
 def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
              sampler="ddim", eta=0.0, batch_size=8, guides=(), decode=True, progress=True, on_batch=None, until=None):
     """uint8 images (N, H, W, 3), image k from (prompts[k], seeds[k]) alone (float32 latents with decode=False).
@@ -88,6 +95,8 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
     """
     check_settings(prompts, seeds, dict(steps=steps, guidance=guidance, sampler=sampler, eta=eta,
                                         batch_size=batch_size))
+    if steps_error(steps, models):
+        raise ValueError(steps_error(steps, models))
     shape = latent_shape(models, height, width)
     device, pixels = next(models.unet.parameters()).device, decode and until is None
     embeddings, kept = {}, []  # each distinct text is encoded once, in the first batch that has it
@@ -284,6 +293,8 @@ def main(argv=None):
         models = load_models(args.model, args.device, getattr(torch, args.dtype))
     except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError
         sys.exit(f"error: cannot load --model {args.model}: {e}")
+    if steps_error(args.steps, models):
+        sys.exit(f"error: --{steps_error(args.steps, models)}")
     record = record_of(args, argv, models, prompts, seeds, started)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
                     width=args.width, sampler=args.sampler, eta=args.eta, batch_size=args.batch_size)

@@ -1,6 +1,7 @@
 """sample.py against diffusers: schedule, timesteps, single sampler steps, and whole runs of StableDiffusionPipeline
 on a tiny random-weight SD saved as a diffusers folder; seeding, the CLI and its argument checks; indicator
 guidance's targets, one per image from its own seed, kept at any batch size."""
+import json
 import shutil
 from pathlib import Path
 
@@ -361,7 +362,8 @@ def test_cli_writes_images_grid_and_a_readable_record(tiny, tmp_path):
     ({"--height": "36"}, "--height must be a positive multiple of 8"),
     ({"--width": "0"}, "--width must be a positive multiple of 8"),
     ({"--n": "0"}, "--n must be >= 1"),
-    ({"--steps": "-3"}, "--steps must be between 1 and 1000"),
+    ({"--steps": "-3"}, "--steps must be between 1 and 999"),
+    ({"--steps": "1000"}, "--steps must be between 1 and 999"),  # SD's first step would be t = 1000, past the end
     ({"--guidance": "lots"}, "invalid float value: 'lots'"),
     ({"--guidance": "inf"}, "--guidance must be a finite number"),
     ({"--batch-size": "0"}, "--batch-size must be >= 1"),
@@ -553,6 +555,19 @@ def test_cli_checks_the_model_configs_and_the_size_multiple_before_loading_weigh
         broken = _model_copy(folder, tmp_path, path.replace("/", "-"), path, text)
         assert message in _refused(_cli_args(broken, tmp_path / "out"), monkeypatch, capsys), path
     assert not (tmp_path / "out").exists()
+
+
+def test_steps_past_a_shorter_schedule_are_refused_in_one_line_before_anything_is_written(tiny, tmp_path):
+    _, _, folder = tiny
+    short = tmp_path / "short"
+    shutil.copytree(folder, short)
+    config = json.loads((short / "scheduler" / "scheduler_config.json").read_text())
+    (short / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "num_train_timesteps": 500}))
+    with pytest.raises(SystemExit, match=r"--steps 500: the model's schedule has 500 steps; at most 499"):
+        sample.main(_cli_args(short, tmp_path / "out", steps="500"))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"steps 500: the model's schedule has 500 steps; at most 499"):
+        sample.generate(sample.load_models(short), ["a cat"], [0], steps=500, height=H, width=W, progress=False)
 
 
 def test_overwrite_deletes_only_what_the_previous_run_listed_and_only_after_every_check(tiny, tmp_path, monkeypatch,
