@@ -373,7 +373,7 @@ def text_lines(path):
     lines = []
     for n, raw in enumerate(raw_lines, start=1):
         try:
-            lines.append((n, raw.decode("utf-8")))
+            lines.append((n, raw.decode("utf-8-sig" if n == 1 else "utf-8")))  # a byte order mark (Notepad) is no text
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}, line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
                              ) from None

@@ -491,3 +491,13 @@ def test_clustering_identical_images_is_one_line_naming_the_folder(tmp_path):
     assert str(e.value).startswith(f"data.py: error: {src}: its 6 images have 1 distinct latent") and \
         "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_text_file_saved_with_a_byte_order_mark_reads_as_without_it(tmp_path):
+    """Windows Notepad starts UTF-8 files with U+FEFF: it is not part of the first prompt or the first JSON line."""
+    (tmp_path / "prompts.txt").write_bytes(b"\xef\xbb\xbfa red square\nblue\n")
+    assert data.text_lines(tmp_path / "prompts.txt") == [(1, "a red square"), (2, "blue")]
+    rows = [{"file_name": "a.png", "text": "x", "group": "red"}, {"file_name": "b.png", "text": "y", "group": "blue"}]
+    folder = _folder(tmp_path / "f", rows, {"a.png": Image.new("RGB", (16, 16)), "b.png": Image.new("RGB", (16, 16))})
+    (folder / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + (folder / "metadata.jsonl").read_bytes())
+    assert data.ImageFolder(folder, 16).texts == ["x", "y"]
