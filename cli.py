@@ -58,6 +58,8 @@ def device_arg(spec):
         device = torch.device(spec)
     except RuntimeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, ...: untested here, and meta holds no numbers
+        raise argparse.ArgumentTypeError(f"{spec}: only cpu and cuda devices run here")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("cuda asked for, but no CUDA device is available")
     return device

@@ -373,6 +373,8 @@ def test_cli_writes_images_grid_and_a_readable_record(tiny, tmp_path):
     ({"--prompts": "/nonexistent/prompts.txt"}, "is not a file"),
     ({"--dtype": "float16"}, "the CPU runs float32"),
     ({"--device": "gpu0"}, "--device"),
+    ({"--device": "meta"}, "--device: meta: only cpu and cuda devices run here"),  # a NotImplementedError before
+    ({"--device": "mps"}, "--device: mps: only cpu and cuda devices run here"),
 ])
 def test_cli_rejects_bad_arguments_before_loading_weights(tiny, tmp_path, monkeypatch, capsys, change, message):
     _, _, folder = tiny
