@@ -172,6 +172,8 @@ def parse_args(argv=None):
         p.error(why)
     if args.eta > 1:  # σ_t² would pass 1 − ᾱ_prev: DDIM's √(1 − ᾱ_prev − σ_t²) is imaginary late in sampling
         p.error(f"--eta must be at most 1 (1 is DDPM's ancestral step), got {args.eta}")
+    if args.eta and args.sampler != "ddim":  # the others would ignore it, and samples.json record it
+        p.error(f"--eta is DDIM's: --sampler {args.sampler} takes none")
     why = guidance.flag_error(args)
     if why:
         p.error(why)

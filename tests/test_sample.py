@@ -369,6 +369,8 @@ def test_cli_writes_images_grid_and_a_readable_record(tiny, tmp_path):
     ({"--batch-size": "0"}, "--batch-size must be >= 1"),
     ({"--sampler": "plms"}, "invalid choice: 'plms'"),
     ({"--eta": "-0.5"}, "--eta must be a number >= 0"),
+    ({"--eta": "0.7", "--sampler": "euler"}, "--eta is DDIM's: --sampler euler takes none"),  # ignored, recorded
+    ({"--eta": "0.7", "--sampler": "ddpm"}, "--eta is DDIM's: --sampler ddpm takes none"),
     ({"--model": "/nonexistent/sd"}, "does not exist"),
     ({"--prompts": "/nonexistent/prompts.txt"}, "is not a file"),
     ({"--dtype": "float16"}, "the CPU runs float32"),
