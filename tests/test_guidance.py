@@ -14,7 +14,8 @@ import loading
 import sample
 import train
 from ddm import Indicator
-from test_train import FAST, RES, TINY, assert_same_tensors, data_dir, make_data, one_thread, sd_dir  # noqa: F401 (fixtures)
+from test_train import (FAST, RES, TINY, assert_same_tensors, data_dir, make_data, one_thread,  # noqa: F401
+                        sd_dir)  # (fixtures)
 
 PROMPT = "a red square"
 

@@ -175,7 +175,8 @@ def test_lora_state_dict_round_trip_and_strict_errors():
     inject_lora(m)
     randomize_lora(m)
     sd = {k: v.clone() for k, v in lora_state_dict(m).items()}
-    assert all(k.endswith(("lora_A", "lora_B")) for k in sd) and len(sd) == 16  # 2 blocks x 2 attentions x (to_q, to_v) x (A, B)
+    # 2 blocks x 2 attentions x (to_q, to_v) x (A, B)
+    assert all(k.endswith(("lora_A", "lora_B")) for k in sd) and len(sd) == 16
     other = model()
     inject_lora(other)
     load_lora_state_dict(other, sd)

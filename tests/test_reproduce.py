@@ -35,8 +35,9 @@ def quick(argv):
             report = reproduce.main(["--quick", "--threads", "1", "--no-progress", *argv])
     finally:
         torch.set_num_threads(n)  # reproduce sets the process's thread count
-    assert "it/s" not in stderr.getvalue() and "step/s" not in stderr.getvalue() and "train:" not in stderr.getvalue(), (
-        "--no-progress still drew a progress bar:\n" + stderr.getvalue()[-2000:])
+    drawn = stderr.getvalue()
+    assert "it/s" not in drawn and "step/s" not in drawn and "train:" not in drawn, (
+        "--no-progress still drew a progress bar:\n" + drawn[-2000:])
     return report
 
 
