@@ -335,9 +335,9 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
 def check_args(args):
     """Argument errors that need no file: ValueError naming the flag."""
     if args.data is None:
-        if args.export and args.model and not args.resume:
+        if args.export and args.model and not args.resume and args.out is None:
             return
-        raise ValueError("--data is required (or --model PATH --export DIR alone to convert a model)")
+        raise ValueError("--data is required (or --model PATH --export DIR alone, without --out, to convert a model)")
     if (args.model is None) == (args.init_config is None) and not args.resume:
         raise ValueError("give exactly one of --model (fine-tune) and --init-config (from scratch)")
     if args.vae and not args.init_config:

@@ -324,6 +324,9 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir
         train.train(["--model", str(lora_run), "--data", str(data_dir), "--out",
                      str(tmp_path / "never-written"), "--export", str(tmp_path / lora_run.name)])
     assert not (tmp_path / "never-written").exists()
+    with pytest.raises(ValueError, match=r"--data is required \(or --model PATH --export DIR alone, without --out"):
+        train.train(["--model", str(lora_run), "--export", str(tmp_path / "e2"), "--out", str(tmp_path / "o2")])
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "o2").exists()  # a conversion would have ignored --out
 
 
 def test_a_text_encoder_with_fewer_positions_trains_samples_and_exports_at_its_length(sd_dir, data_dir, tmp_path):
