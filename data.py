@@ -148,10 +148,14 @@ def attribute_digit(image, colour, resolution=32):
                             * COLOURS[colour]).round().astype(np.uint8))
 
 
-def width_thresholds(images, labels, indices, resolution=32):
-    """{digit: median ink mass of its digits in `indices`, rendered at `resolution`}: thin below, thick above."""
-    mass = ink_mass(np.stack([np.asarray(digit_image(images[i], resolution)) for i in indices]))
-    return {int(d): float(np.median(mass[labels[indices] == d])) for d in np.unique(labels[indices])}
+def ink_masses(images, indices, resolution=32):
+    """The ink mass of each shipped digit at `indices` (N,), rendered at `resolution` as the folders hold them."""
+    return ink_mass(np.stack([np.asarray(digit_image(images[i], resolution)) for i in indices]))
+
+
+def width_thresholds(masses, labels):
+    """{digit: the median of `masses` over its digits}, `labels` the digits' classes: thin below, thick above."""
+    return {int(d): float(np.median(masses[labels == d])) for d in np.unique(labels)}
 
 
 def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, resolution=32, seed=0, labelled=1.0):
@@ -162,9 +166,8 @@ def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, r
     null values on the others; the true "digit", "colour", "width" and "source_index" beside it for auditing; the
     caption prompt(digit)."""
     out_dir, rng = Path(out_dir), np.random.default_rng(seed)
-    thresholds = width_thresholds(images, labels, indices, resolution)
-    mass = dict(zip(indices.tolist(), ink_mass(np.stack([np.asarray(digit_image(images[i], resolution))
-                                                          for i in indices]))))
+    masses = ink_masses(images, indices, resolution)
+    thresholds, mass = width_thresholds(masses, labels[indices]), dict(zip(indices.tolist(), masses))
     rows = []
     for digit in sorted(counts):
         pools = {w: rng.permutation([i for i in indices if labels[i] == digit

@@ -243,6 +243,7 @@ class AttributeJudge:
         return ["+".join(v) for v in zip(*[value[p] for p in self.parts])]
 
     def __call__(self, images):
+        # logits of a sure verdict: softmax(0, -30) is one-hot to 1e-13, as the exact rules are
         return torch.tensor([[0.0 if c == n else -30.0 for c in self.class_names] for n in self.names(images)])
 
     def features(self, images):

@@ -153,7 +153,7 @@ ATTR_DIGITS = (0, 1, 7)
 ATTR_COUNTS = {("red", "thick"): 144, ("red", "thin"): 36, ("green", "thick"): 16, ("green", "thin"): 4}
 ATTR_BALANCED = {k: 50 for k in ATTR_COUNTS}  # the base model's set: 200 per digit, every intersection alike
 INTERSECTIONS = sorted("+".join(k) for k in ATTR_COUNTS)
-ATTR_GROUPS = {"colour": sorted(data.COLOURS), "width": ["thick", "thin"]}
+ATTR_GROUPS = evaluate.AttributeJudge.VALUES  # each attribute's groups, as the judge names them
 ATTR_GROUP_NAMES = [g for groups in ATTR_GROUPS.values() for g in groups]
 ATTR_RUNS = {  # the train.py runs of each seed: plain fine-tunes (one UNet, bit for bit) beside indicators
     f"{attribute}{suffix}": Method(f"{attribute}{suffix}", attribute, ("--objective", "plain-indicator", *NOISE_AWARE,
@@ -843,7 +843,7 @@ def attribute_judges(classifier, vae_path):
     width rule against each held-out digit's own-median split; both after a round trip through the VAE."""
     images, labels = data.load_digits()
     train_idx, held_idx = data.split_digits(0)
-    thresholds = data.width_thresholds(images, labels, train_idx, RESOLUTION)
+    thresholds = data.width_thresholds(data.ink_masses(images, train_idx, RESOLUTION), labels[train_idx])
     vae, judges, check = load_vae(vae_path), {}, {}
     for d in ATTR_DIGITS:
         held = held_idx[labels[held_idx] == d]

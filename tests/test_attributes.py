@@ -27,7 +27,7 @@ def digits():
 def test_the_colour_rule_is_exact_and_the_width_rule_reproduces_the_split_of_real_digits(digits):
     images, labels = digits
     train_idx, held_idx = data.split_digits(0)
-    thresholds = data.width_thresholds(images, labels, train_idx, 32)
+    thresholds = data.width_thresholds(data.ink_masses(images, train_idx, 32), labels[train_idx])
     for d in (0, 1, 7):
         mine = train_idx[labels[train_idx] == d]
         white = np.stack([np.asarray(data.digit_image(images[i], 32)) for i in mine])
@@ -62,7 +62,7 @@ def test_the_builder_draws_exact_counts_per_digit_and_intersection_and_captions_
         kept = [r for r in members if r["group"]["colour"] is not None]
         assert len(kept) == max(1, round(0.5 * len(members)))
         assert all(r["group"] == {"colour": r["colour"], "width": r["width"]} for r in kept)
-    thresholds = data.width_thresholds(images, labels, train_idx, 32)
+    thresholds = data.width_thresholds(data.ink_masses(images, train_idx, 32), labels[train_idx])
     for r in rows[:20]:  # each image's width is its own, judged on the file as written
         from PIL import Image
         pixels = np.asarray(Image.open(out / r["file_name"]))[None]
