@@ -186,10 +186,10 @@ def load_indicator(path, latent_shape):
         if meta.get("ddm_indicator") != "1":
             raise ValueError(f"{where}: not an indicator file written by train.py (no indicator metadata); give "
                              f"the run directory it came from instead")
-        indicator = Indicator(json.loads(meta["latent_shape"]), len(json.loads(meta["groups"])),
-                              json.loads(meta["hidden"]), int(meta["timestep_dim"]))
-        weights.load_strict(indicator, weights.read_state_dict(path), f"indicator from {path}")
         names, attribute = json.loads(meta["groups"]), meta["attribute"] or None
+        indicator = Indicator(json.loads(meta["latent_shape"]), len(names), json.loads(meta["hidden"]),
+                              int(meta["timestep_dim"]))
+        weights.load_strict(indicator, weights.read_state_dict(path), f"indicator from {path}")
     if indicator.timestep_dim == 0:
         raise ValueError(f"{where}: this indicator reads eps_hat, not (z_t, t); guidance needs a noise-aware one "
                          "(train.py --objective plain-indicator or indicator-weighted)")
@@ -245,14 +245,14 @@ def read_init_config(path, check=True):
                 raise ValueError(f"--init-config {path}: {key}: {name} {why}, got {value!r}")
         out[key] = None if fields is None else cls(**{k: tuple(v) if isinstance(v, list) else v
                                                       for k, v in fields.items()})
-    text = out["text_encoder"]
-    if text is not None and text.activation not in ("quick_gelu", "gelu"):
+    text = out["text_encoder"] or CLIPTextConfig()  # the default config passes every check below
+    if text.activation not in ("quick_gelu", "gelu"):
         raise ValueError(f"--init-config {path}: text_encoder: activation must be quick_gelu or gelu, "
                          f"got {text.activation!r}")
-    if text is not None and text.vocab_size < CLIPTextConfig.vocab_size:
+    if text.vocab_size < CLIPTextConfig.vocab_size:
         raise ValueError(f"--init-config {path}: text_encoder: vocab_size must be at least {CLIPTextConfig.vocab_size} "
                          f"(the ids of CLIP's tokenizer), got {text.vocab_size}")
-    if text is not None and text.width % text.heads:
+    if text.width % text.heads:
         raise ValueError(f"--init-config {path}: text_encoder: width {text.width} must be a multiple of heads "
                          f"{text.heads}")
     unet = out["unet"]

@@ -95,8 +95,9 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
     """
     check_settings(prompts, seeds, dict(steps=steps, guidance=guidance, sampler=sampler, eta=eta,
                                         batch_size=batch_size))
-    if steps_error(steps, models):
-        raise ValueError(steps_error(steps, models))
+    why = steps_error(steps, models)
+    if why:
+        raise ValueError(why)
     shape = latent_shape(models, height, width)
     device, pixels = next(models.unet.parameters()).device, decode and until is None
     embeddings, kept = {}, []  # each distinct text is encoded once, in the first batch that has it
@@ -295,8 +296,9 @@ def main(argv=None):
         models = load_models(args.model, args.device, getattr(torch, args.dtype))
     except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError
         sys.exit(f"error: cannot load --model {args.model}: {e}")
-    if steps_error(args.steps, models):
-        sys.exit(f"error: --{steps_error(args.steps, models)}")
+    why = steps_error(args.steps, models)
+    if why:
+        sys.exit(f"error: --{why}")
     record = record_of(args, argv, models, prompts, seeds, started)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
                     width=args.width, sampler=args.sampler, eta=args.eta, batch_size=args.batch_size)
