@@ -383,6 +383,29 @@ def text_lines(path):
     return lines
 
 
+def row_error(row, first):
+    """Why the JSON value `row` of a metadata line is not an image's line, or None. first: (line number, group) of
+    the first labelled line before it, or None: groups are all ints or all strings."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    missing = [field for field in ("file_name", "text", "group") if field not in row]
+    if missing:
+        return f"missing field '{missing[0]}'"
+    name, text, group = row["file_name"], row["text"], row["group"]
+    if not isinstance(name, str) or not name or "\0" in name:
+        return f"field 'file_name' must be a non-empty string, got {name!r}"
+    if not isinstance(text, str):
+        return f"field 'text' must be a string, got {text!r}"
+    values = group.values() if isinstance(group, dict) and all(isinstance(k, str) for k in group) else [group]
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, str))) for v in values):
+        return (f"field 'group' must be an int, a string or null (or an object of those by attribute name), "
+                f"got {group!r}")
+    if group is not None and first and type(group) is not type(first[1]):
+        return (f"field 'group' is {group!r} but line {first[0]} has {first[1]!r}; groups must be all ints or all "
+                "strings")
+    return None
+
+
 def read_metadata(meta):
     """The lines of a `metadata.jsonl` -> [(line number, resolved image path, text, raw group, file_name inside the
     folder)], every field checked. A `file_name` must stay inside the folder after following `..` and symlinks: it
@@ -390,7 +413,7 @@ def read_metadata(meta):
     the link that `write_folder(link=True)` made, a symlink in a folder inside this one whose target the line's
     `source` names."""
     root = meta.parent.resolve()
-    records = []
+    records, first = [], None  # first: (line number, group) of the first labelled line
     for lineno, line in text_lines(meta):
         where = f"{meta}, line {lineno}"
         if not line.strip():
@@ -399,25 +422,12 @@ def read_metadata(meta):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        for field in ("file_name", "text", "group"):
-            if field not in row:
-                raise ValueError(f"{where}: missing field '{field}'")
-        name = row["file_name"]
-        if not isinstance(name, str) or not name or "\0" in name:
-            raise ValueError(f"{where}: field 'file_name' must be a non-empty string, got {name!r}")
-        if not isinstance(row["text"], str):
-            raise ValueError(f"{where}: field 'text' must be a string, got {row['text']!r}")
-        group = row["group"]
-        values = group.values() if isinstance(group, dict) and all(isinstance(k, str) for k in group) else [group]
-        if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, str))) for v in values):
-            raise ValueError(f"{where}: field 'group' must be an int, a string or null (or an object of those by "
-                             f"attribute name), got {group!r}")
-        first = next((r for r in records if r[3] is not None), None)
-        if group is not None and first and type(group) is not type(first[3]):
-            raise ValueError(f"{where}: field 'group' is {group!r} but line {first[0]} has "
-                             f"{first[3]!r}; groups must be all ints or all strings")
+        why = row_error(row, first)
+        if why:
+            raise ValueError(f"{where}: {why}")
+        name, group = row["file_name"], row["group"]
+        if first is None and group is not None:
+            first = (lineno, group)
         entry = root / name  # an absolute `name` replaces root here, and is caught below
         try:
             path, folder = entry.resolve(), entry.parent.resolve()
@@ -428,6 +438,19 @@ def read_metadata(meta):
             raise ValueError(f"{where}: field 'file_name' {name!r} lies outside the data folder {root}")
         records.append((lineno, path, row["text"], group, str(folder.relative_to(root) / entry.name)))
     return records
+
+
+def image_error(path):
+    """Why the image file `path` cannot be read, or None."""
+    if not path.exists():
+        return f"image {path} does not exist"
+    if path.is_dir():
+        return f"{path} is a folder, not an image"
+    try:
+        load_rgb(path)
+    except Exception as e:  # PIL raises several types for bad files; all mean the same here
+        return f"cannot read image {path} ({e})"
+    return None
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -453,15 +476,9 @@ class ImageFolder(torch.utils.data.Dataset):
                                     f'(one line per image: {{"file_name": ..., "text": ..., "group": ...}})')
         records = read_metadata(meta)  # (line number, path, text, raw group, name); every path inside (or linked)
         for lineno, path, *_ in records:
-            where = f"{meta}, line {lineno}: field 'file_name'"
-            if not path.exists():
-                raise ValueError(f"{where}: image {path} does not exist")
-            if path.is_dir():
-                raise ValueError(f"{where}: {path} is a folder, not an image")
-            try:
-                load_rgb(path)
-            except Exception as e:  # PIL raises several types for bad files; all mean the same here
-                raise ValueError(f"{where}: cannot read image {path} ({e})") from None
+            why = image_error(path)
+            if why:
+                raise ValueError(f"{meta}, line {lineno}: field 'file_name': {why}")
         if not records:
             raise ValueError(f"{meta}: no images listed")
         self.labels = [r[3] for r in records]  # each line's group as written
