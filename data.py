@@ -485,11 +485,10 @@ class ImageFolder(torch.utils.data.Dataset):
         raw = self.groups_of(meta, self.labels, attribute, need_groups)
         self.group_names = sorted({g for g in raw if g is not None})
         # need_groups=False: `make_cluster_folder` reads unlabelled folders, the groups are what it makes
-        if need_groups and not self.group_names:
-            raise ValueError(f"{meta}: field 'group' is null on every line; DDM needs at least two labelled groups")
         if need_groups and len(self.group_names) < 2:
-            raise ValueError(f"{meta}: field 'group' takes only the value {self.group_names[0]!r} on every line; "
-                             f"DDM needs at least two groups")
+            what = f"takes only the value {self.group_names[0]!r}" if self.group_names else "is null"
+            raise ValueError(f"{meta}: field 'group' {what} on every line; DDM needs at least two "
+                             f"{'groups' if self.group_names else 'labelled groups'}")
         index = {g: k for k, g in enumerate(self.group_names)}
         self.files = [r[1] for r in records]  # resolved: what is read
         self.names = [r[4] for r in records]  # the file_names, with the folders inside this one resolved
