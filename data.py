@@ -624,10 +624,6 @@ def main(argv=None):
     c.add_argument("--prompt", required=True, help='the caption of every image, e.g. "a photo of a face"')
     c.add_argument("--group-names", nargs=2, metavar=("WITH", "WITHOUT"),
                    help='names of the two groups (default: ATTRIBUTE and "not ATTRIBUTE")')
-    c.add_argument("--out", required=True, type=Path, help="the data folder to write")
-    c.add_argument("--seed", type=int, default=0, help="seeds which images are drawn")
-    c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
-    c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
     c = commands.add_parser("clusters", help="ours: a copy of a data folder whose groups are clusters of its images "
                                              "(no labels needed)",
                             description="Group the images of DATA without labels: a K-component Gaussian mixture "
@@ -640,10 +636,12 @@ def main(argv=None):
     c.add_argument("--k", required=True, type=int, help="number of clusters (>= 2)")
     c.add_argument("--resolution", type=int, default=512, help="the resolution train.py will use (default 512)")
     c.add_argument("--dims", type=int, default=10, help="principal components of the latents clustered (default 10)")
-    c.add_argument("--out", required=True, type=Path, help="the data folder to write")
-    c.add_argument("--seed", type=int, default=0, help="seeds the mixture's initial centres")
-    c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
-    c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
+    for name, seeds in (("celeba", "which images are drawn"), ("clusters", "the mixture's initial centres")):
+        c = commands.choices[name]  # both write a data folder alike
+        c.add_argument("--out", required=True, type=Path, help="the data folder to write")
+        c.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
+        c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
+        c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
     args = parser.parse_args(argv)
     why = cli.range_error(args, RANGES[args.command]) or (
         cli.side_error("resolution", args.resolution) if args.command == "clusters" else None)
