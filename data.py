@@ -240,10 +240,9 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
     `attribute`, drawn at random (numpy, seeded) from those `attribute_file` lists -> its path.
 
     Groups are named `group_names = (with, without)`, by default (attribute, "not " + attribute), e.g. "Male" and
-    "not Male"; every caption is `prompt`. Images keep their names and are copied, or symlinked with link=True,
-    never moved. Every source is checked before anything is written; the metadata file is written last and
-    atomically, and records each image's source path and attribute-file line. An existing metadata.jsonl needs
-    overwrite=True, and even then only files that it lists are replaced.
+    "not Male"; every caption is `prompt`. Every source is checked before anything is written; write_folder then
+    copies them (or links, link=True; overwrite as there) under their own names, and each metadata line records its
+    image's source path and attribute-file line.
     """
     out_dir, images_dir = Path(out_dir), Path(images_dir)
     with_name, without_name = group_names or (attribute, f"not {attribute}")
