@@ -99,7 +99,6 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     labelled: the share of each digit's images that keep their group; the others get "group": null (at least one
     image per digit stays labelled). Each line of `metadata.jsonl` also records `source_index` (the row in
     `load_digits()` order) and the `digit` itself, for auditing.
-    The metadata file is written last and atomically: a folder without it is an unfinished build.
     """
     out_dir = Path(out_dir)
     images, labels = np.asarray(images), np.asarray(labels)
@@ -117,17 +116,20 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
         chosen.append(rng.permutation(members)[:n])
     keep = {int(i) for c in chosen for i in c[:max(1, round(labelled * len(c)))]}  # stratified: per digit
     chosen = rng.permutation(np.concatenate(chosen))  # groups interleaved, not in blocks
+    caption = prompt if callable(prompt) else lambda digit: prompt
+    rows = [{"text": caption(d), "group": d if i in keep else None, "digit": d, "source_index": i}
+            for i, d in zip(chosen.tolist(), labels[chosen].tolist())]
+    return write_pngs(out_dir, rows, lambda row: digit_image(images[row["source_index"]], resolution))
 
+
+def write_pngs(out_dir, rows, render):
+    """Save the image render(row) of each metadata row as 00000.png, 00001.png, ... in `out_dir`, then the rows with
+    those file names as metadata.jsonl, last and atomically: a folder without it is an unfinished build -> out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k, i in enumerate(chosen):
-        digit = int(labels[i])
-        name = f"{k:05d}.png"
-        digit_image(images[i], resolution).save(out_dir / name)
-        text = prompt(digit) if callable(prompt) else prompt
-        lines.append(json.dumps({"file_name": name, "text": text, "group": digit if int(i) in keep else None,
-                                 "digit": digit, "source_index": int(i)}))
-    weights.write_atomic(meta_path, "\n".join(lines) + "\n")
+    for k, row in enumerate(rows):
+        render(row).save(out_dir / f"{k:05d}.png")
+    lines = [json.dumps({"file_name": f"{k:05d}.png", **row}) for k, row in enumerate(rows)]
+    weights.write_atomic(out_dir / "metadata.jsonl", "\n".join(lines) + "\n")
     return out_dir
 
 
@@ -183,14 +185,8 @@ def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, r
             r = members[k]
             r["group"] = {a: r[a] for a in ("colour", "width")} if k < max(1, round(labelled * len(members))) \
                 else {"colour": None, "width": None}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k, r in enumerate(rng.permutation(rows).tolist()):  # groups interleaved, not in blocks
-        name = f"{k:05d}.png"
-        attribute_digit(images[r["source_index"]], r["colour"], resolution).save(out_dir / name)
-        lines.append(json.dumps({"file_name": name, "text": prompt(r["digit"]), **r}))
-    weights.write_atomic(out_dir / "metadata.jsonl", "\n".join(lines) + "\n")
-    return out_dir
+    rows = [{"text": prompt(r["digit"]), **r} for r in rng.permutation(rows).tolist()]  # groups interleaved
+    return write_pngs(out_dir, rows, lambda r: attribute_digit(images[r["source_index"]], r["colour"], resolution))
 
 
 # ----------------------------------------------------------------------------------------------------------------
