@@ -68,7 +68,7 @@ class DigitClassifier(nn.Module):
     def __init__(self, width=16, feature_dim=128):
         super().__init__()
         self.class_names = list(range(10))
-        self.heldout_accuracy = None
+        self.heldout_accuracy, self.split, self.seed = None, (0, 100), None  # set by training or loading
         w = width
         self.body = nn.Sequential(
             nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),  # (N,w,14,14)
@@ -172,10 +172,8 @@ def save_classifier(model, path):
     """Write a DigitClassifier to safetensors; held-out accuracy and split ride along as metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    split = getattr(model, "split", (0, 100))
     metadata = {"format": CLASSIFIER_FORMAT, "heldout_accuracy": repr(model.heldout_accuracy),
-                "split_seed": str(split[0]), "heldout_per_class": str(split[1]),
-                "seed": str(getattr(model, "seed", None))}
+                "split_seed": str(model.split[0]), "heldout_per_class": str(model.split[1]), "seed": str(model.seed)}
     weights.write_atomic(path, lambda tmp: weights.save_tensors(model.state_dict(), tmp, metadata))
 
 
@@ -462,12 +460,11 @@ def precision_recall(real, fake, k=3):
     def radii(x):
         return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # k + 1: a point is its own nearest neighbour
 
-    d = torch.cdist(fake.double(), real.double())  # (F, R)
-    precision = (d <= radii(real.double())[None]).any(1).double().mean().item()
-    recall = (d.T <= radii(fake.double())[None]).any(1).double().mean().item()
+    real, fake = real.double(), fake.double()
+    d = torch.cdist(fake, real)  # (F, R)
+    precision = (d <= radii(real)[None]).any(1).double().mean().item()
+    recall = (d.T <= radii(fake)[None]).any(1).double().mean().item()
     return precision, recall
-
-
 
 
 def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, draws=DIVERSITY_DRAWS, seed=0):
@@ -674,9 +671,9 @@ def evaluate_clip(args):
     result.update(classifier="clip", clip=str(args.clip), clip_score=scores.mean().item(),
                   reference=None if reference is None else str(args.reference), n_reference=len(reference or ()))
     if len(lists) > 1:
-        result["attributes"] = [{"groups": texts, "proportions": group_proportions(p.argmax(1), len(texts)).tolist(),
-                                 "fd": fairness_discrepancy(group_proportions(p.argmax(1), len(texts)))}
-                                for texts, p in zip(lists, probs)]
+        shares = [group_proportions(p.argmax(1), len(texts)) for texts, p in zip(lists, probs)]
+        result["attributes"] = [{"groups": texts, "proportions": s.tolist(), "fd": fairness_discrepancy(s)}
+                                for texts, s in zip(lists, shares)]
         joint = [" & ".join(c) for c in itertools.product(*lists)]
         index = sum(p.argmax(1) * math.prod(len(t) for t in lists[k + 1:]) for k, p in enumerate(probs))
         share = group_proportions(index, len(joint))
