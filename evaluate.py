@@ -365,26 +365,27 @@ DIVERSITY_SUBSET, DIVERSITY_DRAWS = 40, 20  # images per set and group, and rand
 MIN_PER_GROUP_FRECHET = 10  # images of a group below which its own Frechet distance is not reported (None)
 
 
-def check_request(class_names, groups, n, requested=None, indicator_logits=None):
-    """ValueError naming what does not fit: the evaluated groups, the images, the requested groups and the
-    indicator logits against each other."""
+def request_error(class_names, groups, n, requested=None, indicator_logits=None):
+    """Why the evaluated groups, the images, the requested groups and the indicator logits do not fit each other,
+    or None."""
     unknown = [g for g in groups if g not in class_names]
     if unknown:
-        raise ValueError(f"group {unknown[0]!r} is not a class of the classifier whose K={len(class_names)} classes "
-                         f"are {class_names}")
+        return (f"group {unknown[0]!r} is not a class of the classifier whose K={len(class_names)} classes "
+                f"are {class_names}")
     if len(set(groups)) != len(groups) or len(groups) < 2 or n == 0:
-        raise ValueError(f"groups must be at least two distinct classes, got {groups}, and there must be images: "
-                         f"{n} (no images to evaluate)")
+        return (f"groups must be at least two distinct classes, got {groups}, and there must be images: "
+                f"{n} (no images to evaluate)")
     if requested is not None:
         wrong, never = sorted({str(r) for r in requested if r not in groups}), [g for g in groups if g not in requested]
         if len(requested) != n or wrong or never:
-            raise ValueError(f"requested must name one of the evaluated groups {groups} per image ({len(requested)} "
-                             f"for {n} images; not among them: {wrong}); SPD needs every group prompted at least "
-                             f"once; never requested: {never}")
+            return (f"requested must name one of the evaluated groups {groups} per image ({len(requested)} "
+                    f"for {n} images; not among them: {wrong}); SPD needs every group prompted at least "
+                    f"once; never requested: {never}")
     shape = None if indicator_logits is None else tuple(torch.as_tensor(indicator_logits).shape)
     if shape is not None and shape != (n, len(groups)):
-        raise ValueError(f"indicator logits have shape {shape}, expected (N, {len(groups)}) with N = {n}: a row per "
-                         f"image, a column per evaluated group {groups}")
+        return (f"indicator logits have shape {shape}, expected (N, {len(groups)}) with N = {n}: a row per "
+                f"image, a column per evaluated group {groups}")
+    return None
 
 
 def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
@@ -402,7 +403,9 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     class_names = list(classifier.class_names)
     groups = class_names if groups is None else list(groups)
     images = torch.as_tensor(images)
-    check_request(class_names, groups, len(images), requested, indicator_logits)
+    why = request_error(class_names, groups, len(images), requested, indicator_logits)
+    if why:
+        raise ValueError(why)
     K = len(groups)
     logits = classify(classifier, images, batch_size)
     assert logits.shape == (len(images), len(class_names)), \
@@ -513,16 +516,16 @@ def open_image(path):
         raise ValueError(f"cannot read image {path} ({e})") from None
 
 
-def read_images(directory):
-    """All images of one folder (`image_files`) -> (uint8 (N,H,W,3), list of paths); one image size per folder."""
-    paths = image_files(directory)
+def read_images(paths):
+    """Image files (`image_files` of one folder or several) -> uint8 (N, H, W, 3); they must have one size."""
     arrays = []
     for p in paths:
         arrays.append(np.asarray(open_image(p)))
         if arrays[-1].shape != arrays[0].shape:
             raise ValueError(f"image {p} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {paths[0]} is "
-                             f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; one folder must hold one image size")
-    return np.stack(arrays), paths
+                             f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; the images evaluated together must have "
+                             "one size")
+    return np.stack(arrays)
 
 
 def _parse_group(value):
@@ -573,23 +576,29 @@ def parse_args(argv=None):
     """Every flag checked before anything is read or written; one line naming the flag otherwise (exit 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    why = flag_error(args)
+    if why:
+        parser.error(why)
+    return args
+
+
+def flag_error(args):
+    """Why the flags cannot be used as given, or None: the CLIP flags without --clip or the digit ones with it,
+    --prompt-groups not one per folder, --batch-size, an --out that cannot be written."""
     if args.clip is None:
         for name in ("attributes", "reference", "prompt"):
             if getattr(args, name) is not None:
-                parser.error(f"--{name} is for the CLIP classifier: give --clip CLIP_DIR too")
+                return f"--{name} is for the CLIP classifier: give --clip CLIP_DIR too"
     elif not args.attributes or any(len(a) < 2 for a in args.attributes):
-        parser.error('--clip needs --attributes with at least two texts, e.g. --attributes "a photo of a man" '
-                     '"a photo of a woman"')
+        return ('--clip needs --attributes with at least two texts, e.g. --attributes "a photo of a man" '
+                '"a photo of a woman"')
     elif args.groups is not None:
-        parser.error("--groups picks digit classes; with --clip the groups are the --attributes")
-    why = (cli.range_error(args, {"batch_size": (1, None)})
-           or out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None))
-    if why:
-        parser.error(why)
+        return "--groups picks digit classes; with --clip the groups are the --attributes"
     if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
-        parser.error(f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image "
-                     "folders; give one per folder")
-    return args
+        return (f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image folders; "
+                "give one per folder")
+    return (cli.range_error(args, {"batch_size": (1, None)})
+            or out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None))
 
 
 def out_error(out, default):
@@ -624,25 +633,20 @@ def run(args):
 
 def evaluate_digits(args):
     """The CLI with the digit classifier: every folder read and checked, then judged against held-out digits."""
-    batches, requested = [], []
-    for k, d in enumerate(args.image_dirs):
-        images, _ = read_images(d)
-        if batches and images.shape[1:] != batches[0].shape[1:]:
-            raise ValueError(f"{d} holds {images.shape[2]}x{images.shape[1]} images but {args.image_dirs[0]} "
-                             f"holds {batches[0].shape[2]}x{batches[0].shape[1]}")
-        batches.append(images)
-        requested += [args.prompt_groups[k]] * len(images) if args.prompt_groups else []
-    images = np.concatenate(batches)
+    files = [image_files(d) for d in args.image_dirs]
+    images = read_images([p for paths in files for p in paths])
+    requested = [g for g, paths in zip(args.prompt_groups, files) for _ in paths] if args.prompt_groups else None
     classifier = (get_digit_classifier(args.classifier) if args.classifier == DEFAULT_CLASSIFIER_PATH
                   else load_classifier(args.classifier))
     groups = args.groups or list(classifier.class_names)
     indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
-    check_request(classifier.class_names, groups, len(images), requested or None, indicator_logits)
-    split_seed, per_class = getattr(classifier, "split", (0, 100))
-    reference, reference_labels = heldout_digits(split_seed, per_class, images.shape[1], groups)
+    why = request_error(classifier.class_names, groups, len(images), requested, indicator_logits)
+    if why:  # before the held-out digits are rendered for groups that are no digits
+        raise ValueError(why)
+    reference, reference_labels = heldout_digits(*classifier.split, images.shape[1], groups)
     reference_features = classifier.features(reference)
     reference_features = {g: reference_features[torch.from_numpy(reference_labels == g)] for g in groups}
-    return evaluate_images(images, classifier, groups, requested=requested or None,
+    return evaluate_images(images, classifier, groups, requested=requested,
                            indicator_logits=indicator_logits, reference_features=reference_features)
 
 
