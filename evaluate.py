@@ -45,7 +45,8 @@ CLASSIFIER_FORMAT = "ddm-digit-classifier-v1"  # bump when the architecture or i
 # The built-in digit classifier
 
 def to_gray28(images):
-    """Any accepted image batch (see the module docstring) -> float (N,1,28,28) in [-1,1]."""
+    """Digit images, uint8 (N,H,W,3) as sample.py writes them or (N,C,H,W), or float (N,C,H,W) in [-1,1], C 1 or 3;
+    (N,H,W) is one channel -> float (N,1,28,28) in [-1,1]."""
     x = torch.as_tensor(images)
     x = x.unsqueeze(1) if x.dim() == 3 else x
     assert x.dim() == 4 and (x.dtype == torch.uint8 or x.is_floating_point()), f"images {x.dtype} {tuple(x.shape)}"
