@@ -8,7 +8,6 @@
 """
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,11 +205,10 @@ def _field_error(name, value, default):
     """Why `value` cannot stand for a config field whose default is `default`, or None: the default's kind, and a
     size >= 1 (>= 0 in MAY_BE_ZERO); a tuple field a list (non-empty unless it may be empty)."""
     low = 0 if name in MAY_BE_ZERO else 1
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    is_int = lambda v: weights.is_int(v, low)  # noqa: E731
     if isinstance(default, tuple) and not (isinstance(value, list) and all(map(is_int, value)) and (value or not low)):
         return f"must be a {'non-empty ' * low}list of integers >= {low}"
-    if isinstance(default, float) and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                           and math.isfinite(value) and value > 0):
+    if isinstance(default, float) and not weights.is_number(value, positive=True):
         return "must be a number > 0"
     if isinstance(default, int) and not isinstance(default, bool) and not is_int(value):
         return f"must be an integer >= {low}"
