@@ -198,6 +198,7 @@ def load_indicator(path, latent_shape):
     return indicator.float().eval().requires_grad_(False), names, attribute
 
 
+INIT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}  # the parts of an init config
 MAY_BE_ZERO = {"num_res_blocks", "transformer_depth", "layers", "attention_levels"}  # 0 or [] builds a valid net
 
 
@@ -217,9 +218,6 @@ def _field_error(name, value, default):
     if isinstance(default, (str, bool)) and type(value) is not type(default):
         return f"must be a {type(default).__name__}"
     return None
-
-
-INIT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
 
 
 def _fields_error(raw):

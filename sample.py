@@ -61,7 +61,7 @@ def to_uint8(images):
 
 
 def settings_error(models, prompts, seeds, settings):
-    """Why the first setting of `generate` that is wrong is wrong, or None (the CLI checks its flags the same way)."""
+    """Why the first wrong setting of `generate` is wrong, or None (the CLI checks its flags the same way)."""
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         return f"prompts must be a list of strings, got {type(prompts).__name__}"
     if len(prompts) < 1 or len(prompts) != len(seeds):
@@ -197,8 +197,8 @@ def parse_args(argv=None):
 
 
 def flag_error(args):
-    """Why the first flag that is wrong on its own is wrong, as one line naming it, or None; the image sides wait
-    for the model's size multiple."""
+    """Why the first wrong flag that needs no file read is wrong, as one line naming it, or None (the image sides
+    wait for the model's size multiple)."""
     why = cli.range_error(args, {"n": (1, None), **RANGES})
     if why:
         return why
