@@ -159,8 +159,6 @@ def preprocess(images, size=224):
 
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 TOWER_NAMES = {"text_model": "text.text_model", "vision_model": "vision.vision_model"}  # {file: ours}
-
-
 VISION_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",  # ours: HF's
                  "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp": "intermediate_size"}
 
@@ -168,39 +166,41 @@ VISION_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "width"
 def clip_config_from_hf(d, where="config.json"):
     """CLIPConfig from a transformers CLIPConfig config.json dict (its text_config and vision_config; older files
     name them text_config_dict / vision_config_dict); ValueError naming `where`, the section and the field."""
-    sections = {}
-    for name in ("text_config", "vision_config"):
-        section = d.get(name, d.get(f"{name}_dict"))
+    t, v = (d.get(name, d.get(f"{name}_dict")) for name in ("text_config", "vision_config"))
+    for name, section in (("text_config", t), ("vision_config", v)):
         if not isinstance(section, dict):
             raise ValueError(f"{where} has no '{name}': not a transformers CLIPModel config")
-        sections[name] = section
-    v = sections["vision_config"]
     required = [(v, key) for key in VISION_FIELDS.values()] + [(d, "projection_dim")]
     missing = next((key for section, key in required if key not in section), None)
     if missing:
         raise ValueError(f"{where}: missing key {missing!r}")
-    if v.get("layer_norm_eps", 1e-5) != 1e-5 or v.get("num_channels", 3) != 3:
-        raise ValueError(f"{where}: vision_config must have layer_norm_eps 1e-5 and 3 channels, got "
-                         f"{v.get('layer_norm_eps')} and {v.get('num_channels')}")
+    part = "text_config: "  # the part of the file that an error below is in
     try:
-        text = text_encoder_config_from_hf(sections["text_config"])
-    except ValueError as e:
-        raise ValueError(f"{where}: text_config: {e}") from None
-    try:
+        text = text_encoder_config_from_hf(t)
+        part = "vision_config: "
         vision = CLIPVisionConfig(**{ours: weights.config_value(v, theirs, "int") for ours, theirs in
                                      VISION_FIELDS.items()},
                                   activation=weights.config_value(v, "hidden_act", "str", "quick_gelu"))
-        if vision.activation not in ("quick_gelu", "gelu"):
-            raise ValueError(f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {vision.activation!r}")
-        if vision.width % vision.heads or vision.image_size % vision.patch_size:
-            raise ValueError(f"hidden_size {vision.width} must be a multiple of num_attention_heads {vision.heads}, "
-                             f"image_size {vision.image_size} of patch_size {vision.patch_size}")
-    except ValueError as e:
-        raise ValueError(f"{where}: vision_config: {e}") from None
-    try:
+        why = vision_config_error(v, vision)
+        if why:
+            raise ValueError(why)
+        part = ""
         return CLIPConfig(text=text, vision=vision, projection_dim=weights.config_value(d, "projection_dim", "int"))
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise ValueError(f"{where}: {part}{e}") from None
+
+
+def vision_config_error(v, cfg):
+    """Why the vision_config `v` (read into `cfg`) describes a tower that CLIPVisionModel does not build, or None."""
+    if v.get("layer_norm_eps", 1e-5) != 1e-5 or v.get("num_channels", 3) != 3:
+        return (f"must have layer_norm_eps 1e-5 and 3 channels, got {v.get('layer_norm_eps')} and "
+                f"{v.get('num_channels')}")
+    if cfg.activation not in ("quick_gelu", "gelu"):
+        return f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {cfg.activation!r}"
+    if cfg.width % cfg.heads or cfg.image_size % cfg.patch_size:
+        return (f"hidden_size {cfg.width} must be a multiple of num_attention_heads {cfg.heads}, "
+                f"image_size {cfg.image_size} of patch_size {cfg.patch_size}")
+    return None
 
 
 def load_clip(path, dtype=torch.float32):

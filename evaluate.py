@@ -45,7 +45,8 @@ CLASSIFIER_FORMAT = "ddm-digit-classifier-v1"  # bump when the architecture or i
 # The built-in digit classifier
 
 def to_gray28(images):
-    """Any accepted image batch (see the module docstring) -> float (N,1,28,28) in [-1,1]."""
+    """Digit images, uint8 (N,H,W,3) as sample.py writes them or (N,C,H,W), or float (N,C,H,W) in [-1,1], C 1 or 3;
+    (N,H,W) is one channel -> float (N,1,28,28) in [-1,1]."""
     x = torch.as_tensor(images)
     x = x.unsqueeze(1) if x.dim() == 3 else x
     assert x.dim() == 4 and (x.dtype == torch.uint8 or x.is_floating_point()), f"images {x.dtype} {tuple(x.shape)}"
@@ -68,7 +69,7 @@ class DigitClassifier(nn.Module):
     def __init__(self, width=16, feature_dim=128):
         super().__init__()
         self.class_names = list(range(10))
-        self.heldout_accuracy = None
+        self.heldout_accuracy, self.split, self.seed = None, (0, 100), None  # set by training or loading
         w = width
         self.body = nn.Sequential(
             nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),  # (N,w,14,14)
@@ -172,10 +173,8 @@ def save_classifier(model, path):
     """Write a DigitClassifier to safetensors; held-out accuracy and split ride along as metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    split = getattr(model, "split", (0, 100))
     metadata = {"format": CLASSIFIER_FORMAT, "heldout_accuracy": repr(model.heldout_accuracy),
-                "split_seed": str(split[0]), "heldout_per_class": str(split[1]),
-                "seed": str(getattr(model, "seed", None))}
+                "split_seed": str(model.split[0]), "heldout_per_class": str(model.split[1]), "seed": str(model.seed)}
     weights.write_atomic(path, lambda tmp: weights.save_tensors(model.state_dict(), tmp, metadata))
 
 
@@ -367,26 +366,27 @@ DIVERSITY_SUBSET, DIVERSITY_DRAWS = 40, 20  # images per set and group, and rand
 MIN_PER_GROUP_FRECHET = 10  # images of a group below which its own Frechet distance is not reported (None)
 
 
-def check_request(class_names, groups, n, requested=None, indicator_logits=None):
-    """ValueError naming what does not fit: the evaluated groups, the images, the requested groups and the
-    indicator logits against each other."""
+def request_error(class_names, groups, n, requested=None, indicator_logits=None):
+    """Why the evaluated groups, the images, the requested groups and the indicator logits do not fit each other,
+    or None."""
     unknown = [g for g in groups if g not in class_names]
     if unknown:
-        raise ValueError(f"group {unknown[0]!r} is not a class of the classifier whose K={len(class_names)} classes "
-                         f"are {class_names}")
+        return (f"group {unknown[0]!r} is not a class of the classifier whose K={len(class_names)} classes "
+                f"are {class_names}")
     if len(set(groups)) != len(groups) or len(groups) < 2 or n == 0:
-        raise ValueError(f"groups must be at least two distinct classes, got {groups}, and there must be images: "
-                         f"{n} (no images to evaluate)")
+        return (f"groups must be at least two distinct classes, got {groups}, and there must be images: "
+                f"{n} (no images to evaluate)")
     if requested is not None:
         wrong, never = sorted({str(r) for r in requested if r not in groups}), [g for g in groups if g not in requested]
         if len(requested) != n or wrong or never:
-            raise ValueError(f"requested must name one of the evaluated groups {groups} per image ({len(requested)} "
-                             f"for {n} images; not among them: {wrong}); SPD needs every group prompted at least "
-                             f"once; never requested: {never}")
+            return (f"requested must name one of the evaluated groups {groups} per image ({len(requested)} "
+                    f"for {n} images; not among them: {wrong}); SPD needs every group prompted at least "
+                    f"once; never requested: {never}")
     shape = None if indicator_logits is None else tuple(torch.as_tensor(indicator_logits).shape)
     if shape is not None and shape != (n, len(groups)):
-        raise ValueError(f"indicator logits have shape {shape}, expected (N, {len(groups)}) with N = {n}: a row per "
-                         f"image, a column per evaluated group {groups}")
+        return (f"indicator logits have shape {shape}, expected (N, {len(groups)}) with N = {n}: a row per "
+                f"image, a column per evaluated group {groups}")
+    return None
 
 
 def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
@@ -404,7 +404,9 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     class_names = list(classifier.class_names)
     groups = class_names if groups is None else list(groups)
     images = torch.as_tensor(images)
-    check_request(class_names, groups, len(images), requested, indicator_logits)
+    why = request_error(class_names, groups, len(images), requested, indicator_logits)
+    if why:
+        raise ValueError(why)
     K = len(groups)
     logits = classify(classifier, images, batch_size)
     assert logits.shape == (len(images), len(class_names)), \
@@ -462,12 +464,11 @@ def precision_recall(real, fake, k=3):
     def radii(x):
         return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # k + 1: a point is its own nearest neighbour
 
-    d = torch.cdist(fake.double(), real.double())  # (F, R)
-    precision = (d <= radii(real.double())[None]).any(1).double().mean().item()
-    recall = (d.T <= radii(fake.double())[None]).any(1).double().mean().item()
+    real, fake = real.double(), fake.double()
+    d = torch.cdist(fake, real)  # (F, R)
+    precision = (d <= radii(real)[None]).any(1).double().mean().item()
+    recall = (d.T <= radii(fake)[None]).any(1).double().mean().item()
     return precision, recall
-
-
 
 
 def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, draws=DIVERSITY_DRAWS, seed=0):
@@ -516,16 +517,16 @@ def open_image(path):
         raise ValueError(f"cannot read image {path} ({e})") from None
 
 
-def read_images(directory):
-    """All images of one folder (`image_files`) -> (uint8 (N,H,W,3), list of paths); one image size per folder."""
-    paths = image_files(directory)
+def read_images(paths):
+    """Image files (`image_files` of one folder or several) -> uint8 (N, H, W, 3); they must have one size."""
     arrays = []
     for p in paths:
         arrays.append(np.asarray(open_image(p)))
         if arrays[-1].shape != arrays[0].shape:
             raise ValueError(f"image {p} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {paths[0]} is "
-                             f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; one folder must hold one image size")
-    return np.stack(arrays), paths
+                             f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; the images evaluated together must have "
+                             "one size")
+    return np.stack(arrays)
 
 
 def _parse_group(value):
@@ -576,23 +577,29 @@ def parse_args(argv=None):
     """Every flag checked before anything is read or written; one line naming the flag otherwise (exit 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    why = flag_error(args)
+    if why:
+        parser.error(why)
+    return args
+
+
+def flag_error(args):
+    """Why the flags cannot be used as given, or None: the CLIP flags without --clip or the digit ones with it,
+    --prompt-groups not one per folder, --batch-size, an --out that cannot be written."""
     if args.clip is None:
         for name in ("attributes", "reference", "prompt"):
             if getattr(args, name) is not None:
-                parser.error(f"--{name} is for the CLIP classifier: give --clip CLIP_DIR too")
+                return f"--{name} is for the CLIP classifier: give --clip CLIP_DIR too"
     elif not args.attributes or any(len(a) < 2 for a in args.attributes):
-        parser.error('--clip needs --attributes with at least two texts, e.g. --attributes "a photo of a man" '
-                     '"a photo of a woman"')
+        return ('--clip needs --attributes with at least two texts, e.g. --attributes "a photo of a man" '
+                '"a photo of a woman"')
     elif args.groups is not None:
-        parser.error("--groups picks digit classes; with --clip the groups are the --attributes")
-    why = (cli.range_error(args, {"batch_size": (1, None)})
-           or out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None))
-    if why:
-        parser.error(why)
+        return "--groups picks digit classes; with --clip the groups are the --attributes"
     if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
-        parser.error(f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image "
-                     "folders; give one per folder")
-    return args
+        return (f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image folders; "
+                "give one per folder")
+    return (cli.range_error(args, {"batch_size": (1, None)})
+            or out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None))
 
 
 def out_error(out, default):
@@ -627,25 +634,20 @@ def run(args):
 
 def evaluate_digits(args):
     """The CLI with the digit classifier: every folder read and checked, then judged against held-out digits."""
-    batches, requested = [], []
-    for k, d in enumerate(args.image_dirs):
-        images, _ = read_images(d)
-        if batches and images.shape[1:] != batches[0].shape[1:]:
-            raise ValueError(f"{d} holds {images.shape[2]}x{images.shape[1]} images but {args.image_dirs[0]} "
-                             f"holds {batches[0].shape[2]}x{batches[0].shape[1]}")
-        batches.append(images)
-        requested += [args.prompt_groups[k]] * len(images) if args.prompt_groups else []
-    images = np.concatenate(batches)
+    files = [image_files(d) for d in args.image_dirs]
+    images = read_images([p for paths in files for p in paths])
+    requested = [g for g, paths in zip(args.prompt_groups, files) for _ in paths] if args.prompt_groups else None
     classifier = (get_digit_classifier(args.classifier) if args.classifier == DEFAULT_CLASSIFIER_PATH
                   else load_classifier(args.classifier))
     groups = args.groups or list(classifier.class_names)
     indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
-    check_request(classifier.class_names, groups, len(images), requested or None, indicator_logits)
-    split_seed, per_class = getattr(classifier, "split", (0, 100))
-    reference, reference_labels = heldout_digits(split_seed, per_class, images.shape[1], groups)
+    why = request_error(classifier.class_names, groups, len(images), requested, indicator_logits)
+    if why:  # before the held-out digits are rendered for groups that are no digits
+        raise ValueError(why)
+    reference, reference_labels = heldout_digits(*classifier.split, images.shape[1], groups)
     reference_features = classifier.features(reference)
     reference_features = {g: reference_features[torch.from_numpy(reference_labels == g)] for g in groups}
-    return evaluate_images(images, classifier, groups, requested=requested or None,
+    return evaluate_images(images, classifier, groups, requested=requested,
                            indicator_logits=indicator_logits, reference_features=reference_features)
 
 
@@ -674,9 +676,9 @@ def evaluate_clip(args):
     result.update(classifier="clip", clip=str(args.clip), clip_score=scores.mean().item(),
                   reference=None if reference is None else str(args.reference), n_reference=len(reference or ()))
     if len(lists) > 1:
-        result["attributes"] = [{"groups": texts, "proportions": group_proportions(p.argmax(1), len(texts)).tolist(),
-                                 "fd": fairness_discrepancy(group_proportions(p.argmax(1), len(texts)))}
-                                for texts, p in zip(lists, probs)]
+        shares = [group_proportions(p.argmax(1), len(texts)) for texts, p in zip(lists, probs)]
+        result["attributes"] = [{"groups": texts, "proportions": s.tolist(), "fd": fairness_discrepancy(s)}
+                                for texts, s in zip(lists, shares)]
         joint = [" & ".join(c) for c in itertools.product(*lists)]
         index = sum(p.argmax(1) * math.prod(len(t) for t in lists[k + 1:]) for k, p in enumerate(probs))
         share = group_proportions(index, len(joint))

@@ -8,7 +8,6 @@
 """
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +198,7 @@ def load_indicator(path, latent_shape):
     return indicator.float().eval().requires_grad_(False), names, attribute
 
 
+INIT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}  # the parts of an init config
 MAY_BE_ZERO = {"num_res_blocks", "transformer_depth", "layers", "attention_levels"}  # 0 or [] builds a valid net
 
 
@@ -206,11 +206,10 @@ def _field_error(name, value, default):
     """Why `value` cannot stand for a config field whose default is `default`, or None: the default's kind, and a
     size >= 1 (>= 0 in MAY_BE_ZERO); a tuple field a list (non-empty unless it may be empty)."""
     low = 0 if name in MAY_BE_ZERO else 1
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    is_int = lambda v: weights.is_int(v, low)  # noqa: E731
     if isinstance(default, tuple) and not (isinstance(value, list) and all(map(is_int, value)) and (value or not low)):
         return f"must be a {'non-empty ' * low}list of integers >= {low}"
-    if isinstance(default, float) and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                           and math.isfinite(value) and value > 0):
+    if isinstance(default, float) and not weights.is_number(value, positive=True):
         return "must be a number > 0"
     if isinstance(default, int) and not isinstance(default, bool) and not is_int(value):
         return f"must be an integer >= {low}"
@@ -221,50 +220,61 @@ def _field_error(name, value, default):
     return None
 
 
+def _fields_error(raw):
+    """Why an init config's JSON is not {part: {field: value of its default's kind} or null}, or None."""
+    unknown = sorted(set(raw) - set(INIT_CONFIGS))
+    if unknown:
+        return f"unknown keys {unknown}; it holds unet, vae and text_encoder"
+    for key, cls in INIT_CONFIGS.items():
+        fields = raw.get(key)
+        if fields is not None and not isinstance(fields, dict):
+            return f"{key} must be an object of fields, got {type(fields).__name__}"
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields or ()) - set(defaults))
+        if unknown:
+            return f"{key} has unknown fields {unknown}"
+        for name, value in (fields or {}).items():
+            why = _field_error(name, value, defaults[name])
+            if why:
+                return f"{key}: {name} {why}, got {value!r}"
+    return None
+
+
+def _network_error(text, unet):
+    """Why the text encoder (CLIP's tokenizer feeds it) or the UNet (None: none given) cannot be built, or None."""
+    if text.activation not in ("quick_gelu", "gelu"):
+        return f"text_encoder: activation must be quick_gelu or gelu, got {text.activation!r}"
+    if text.vocab_size < CLIPTextConfig.vocab_size:
+        return (f"text_encoder: vocab_size must be at least {CLIPTextConfig.vocab_size} (the ids of CLIP's "
+                f"tokenizer), got {text.vocab_size}")
+    if text.width % text.heads:
+        return f"text_encoder: width {text.width} must be a multiple of heads {text.heads}"
+    if unet and not set(unet.attention_levels) <= set(range(len(unet.channel_mult))):
+        return (f"unet: attention_levels {list(unet.attention_levels)} must be levels of channel_mult "
+                f"(0..{len(unet.channel_mult) - 1})")
+    for level in sorted({*unet.attention_levels, len(unet.channel_mult) - 1} if unet else ()):  # + the middle
+        channels = unet.model_channels * unet.channel_mult[level]
+        n = unet.heads(channels)
+        if n < 1 or channels % n:
+            heads = f"head_dim {unet.head_dim}" if unet.head_dim else f"num_heads {unet.num_heads}"
+            return f"unet: {channels} channels at level {level} do not split into {n} heads ({heads})"
+    return None
+
+
 def read_init_config(path, check=True):
     """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None}), each
     field of its default's kind, the networks they describe buildable; check=False: (the JSON dict, None)."""
     raw = weights.read_json(path)
     if not check:
         return raw, None
-    unknown = sorted(set(raw) - {"unet", "vae", "text_encoder"})
-    if unknown:
-        raise ValueError(f"--init-config {path}: unknown keys {unknown}; it holds unet, vae and text_encoder")
-    out = {}
-    for key, cls in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", CLIPTextConfig)):
-        fields = raw.get(key)
-        if fields is not None and not isinstance(fields, dict):
-            raise ValueError(f"--init-config {path}: {key} must be an object of fields, got {type(fields).__name__}")
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields or ()) - set(defaults))
-        if unknown:
-            raise ValueError(f"--init-config {path}: {key} has unknown fields {unknown}")
-        for name, value in (fields or {}).items():
-            why = _field_error(name, value, defaults[name])
-            if why:
-                raise ValueError(f"--init-config {path}: {key}: {name} {why}, got {value!r}")
-        out[key] = None if fields is None else cls(**{k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in fields.items()})
-    text = out["text_encoder"] or CLIPTextConfig()  # the default config passes every check below
-    if text.activation not in ("quick_gelu", "gelu"):
-        raise ValueError(f"--init-config {path}: text_encoder: activation must be quick_gelu or gelu, "
-                         f"got {text.activation!r}")
-    if text.vocab_size < CLIPTextConfig.vocab_size:
-        raise ValueError(f"--init-config {path}: text_encoder: vocab_size must be at least {CLIPTextConfig.vocab_size} "
-                         f"(the ids of CLIP's tokenizer), got {text.vocab_size}")
-    if text.width % text.heads:
-        raise ValueError(f"--init-config {path}: text_encoder: width {text.width} must be a multiple of heads "
-                         f"{text.heads}")
-    unet = out["unet"]
-    if unet and not set(unet.attention_levels) <= set(range(len(unet.channel_mult))):
-        raise ValueError(f"--init-config {path}: unet: attention_levels {list(unet.attention_levels)} must be levels "
-                         f"of channel_mult (0..{len(unet.channel_mult) - 1})")
-    for level in sorted({*unet.attention_levels, len(unet.channel_mult) - 1} if unet else ()):  # + the middle
-        channels = unet.model_channels * unet.channel_mult[level]
-        if unet.heads(channels) < 1 or channels % unet.heads(channels):
-            heads = f"head_dim {unet.head_dim}" if unet.head_dim else f"num_heads {unet.num_heads}"
-            raise ValueError(f"--init-config {path}: unet: {channels} channels at level {level} do not split into "
-                             f"{unet.heads(channels)} heads ({heads})")
+    why = _fields_error(raw)
+    if why is None:
+        out = {key: None if raw.get(key) is None else cls(**{k: tuple(v) if isinstance(v, list) else v
+                                                               for k, v in raw[key].items()})
+               for key, cls in INIT_CONFIGS.items()}
+        why = _network_error(out["text_encoder"] or CLIPTextConfig(), out["unet"])  # the default passes every check
+    if why:
+        raise ValueError(f"--init-config {path}: {why}")
     return raw, out
 
 

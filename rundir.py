@@ -102,20 +102,13 @@ def _check_new(run_dir):
         raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume it")
 
 
-def _is_count(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 # the config fields a run's models and indicator are rebuilt from (loading.load_run): (what it must be, the check)
-MODEL_FIELDS = {"lora_rank": ("an integer >= 0", _is_count), "lora_alpha": ("a number", _is_number),
+MODEL_FIELDS = {"lora_rank": ("an integer >= 0", lambda v: weights.is_int(v, 0)),
+                "lora_alpha": ("a number", weights.is_number),
                 "train_text_encoder": ("true or false", lambda v: isinstance(v, bool)),
-                "group_names": ("a list", lambda v: isinstance(v, list)), "w_ind": ("a number", _is_number),
-                "indicator_hidden": ("a list of integers >= 1", lambda v: isinstance(v, list) and all(
-                    _is_count(h) and h >= 1 for h in v))}
+                "group_names": ("a list", lambda v: isinstance(v, list)), "w_ind": ("a number", weights.is_number),
+                "indicator_hidden": ("a list of integers >= 1",
+                                     lambda v: isinstance(v, list) and all(map(weights.is_int, v)))}
 
 
 def read_run_json(run_dir):

@@ -60,22 +60,22 @@ def to_uint8(images):
     return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def check_settings(prompts, seeds, settings):
-    """ValueError naming the first setting of `generate` that is wrong (the CLI checks its flags the same way)."""
+def settings_error(models, prompts, seeds, settings):
+    """Why the first wrong setting of `generate` is wrong, or None (the CLI checks its flags the same way)."""
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        return f"prompts must be a list of strings, got {type(prompts).__name__}"
     if len(prompts) < 1 or len(prompts) != len(seeds):
-        raise ValueError(f"need one seed per prompt and at least one prompt, got {len(prompts)} prompts, "
-                         f"{len(seeds)} seeds")
+        return f"need one seed per prompt and at least one prompt, got {len(prompts)} prompts, {len(seeds)} seeds"
     bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 64]
     if bad:
-        raise ValueError(f"seeds must be integers in 0..2**64-1 (torch.Generator's range), got {bad[0]!r}")
+        return f"seeds must be integers in 0..2**64-1 (torch.Generator's range), got {bad[0]!r}"
     if settings["sampler"] not in SAMPLERS:
-        raise ValueError(f"unknown sampler {settings['sampler']!r}; choose from {', '.join(SAMPLERS)}")
+        return f"unknown sampler {settings['sampler']!r}; choose from {', '.join(SAMPLERS)}"
     for name, spec in RANGES.items():
         why = cli.out_of_range(settings[name], *spec)
         if why:
-            raise ValueError(f"{name} {why}, got {settings[name]}")
+            return f"{name} {why}, got {settings[name]}"
+    return steps_error(settings["steps"], models)
 
 
 def steps_error(steps, models):
@@ -93,9 +93,8 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
     Image k's pixels are the same at any batch size within one level (kernels round a batch of 2 and of 8
     differently in the last bit); runs at one batch size are bit-identical on CPU.
     """
-    check_settings(prompts, seeds, dict(steps=steps, guidance=guidance, sampler=sampler, eta=eta,
-                                        batch_size=batch_size))
-    why = steps_error(steps, models)
+    why = settings_error(models, prompts, seeds, dict(steps=steps, guidance=guidance, sampler=sampler, eta=eta,
+                                                      batch_size=batch_size))
     if why:
         raise ValueError(why)
     shape = latent_shape(models, height, width)
@@ -168,19 +167,7 @@ def parse_args(argv=None):
     anything is written or deleted; errors exit with status 2."""
     p = build_parser()
     args = p.parse_args(argv)
-    why = cli.range_error(args, {"n": (1, None), **RANGES})
-    if why:
-        p.error(why)
-    if args.eta > 1:  # σ_t² would pass 1 − ᾱ_prev: DDIM's √(1 − ᾱ_prev − σ_t²) is imaginary late in sampling
-        p.error(f"--eta must be at most 1 (1 is DDPM's ancestral step), got {args.eta}")
-    if args.eta and args.sampler != "ddim":  # the others would ignore it, and samples.json record it
-        p.error(f"--eta is DDIM's: --sampler {args.sampler} takes none")
-    why = guidance.flag_error(args)
-    if why:
-        p.error(why)
-    if not Path(args.model).exists():
-        p.error(f"--model {args.model} does not exist")
-    why = cli.side_error("height", args.height) or cli.side_error("width", args.width)
+    why = flag_error(args)
     if why:
         p.error(why)
     try:
@@ -207,6 +194,22 @@ def parse_args(argv=None):
     if why:
         p.error(why)
     return args
+
+
+def flag_error(args):
+    """Why the first wrong flag that needs no file read is wrong, as one line naming it, or None (the image sides
+    wait for the model's size multiple)."""
+    why = cli.range_error(args, {"n": (1, None), **RANGES})
+    if why:
+        return why
+    if args.eta > 1:  # σ_t² would pass 1 − ᾱ_prev: DDIM's √(1 − ᾱ_prev − σ_t²) is imaginary late in sampling
+        return f"--eta must be at most 1 (1 is DDPM's ancestral step), got {args.eta}"
+    if args.eta and args.sampler != "ddim":  # the others would ignore it, and samples.json record it
+        return f"--eta is DDIM's: --sampler {args.sampler} takes none"
+    why = guidance.flag_error(args)
+    if why:
+        return why
+    return None if Path(args.model).exists() else f"--model {args.model} does not exist"
 
 
 def read_prompts(path):

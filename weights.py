@@ -55,19 +55,23 @@ def read_json(path):
     return obj
 
 
-def _positive_int(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+def is_int(v, low=1):
+    """An integer >= low, and not JSON's true or false (Python's bool is an int)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def is_number(v, positive=False):
+    """An int or a float, not a bool; with `positive`, a finite one > 0."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (not positive or math.isfinite(v) and v > 0)
 
 
 # The kinds of value a model's config.json field may hold: (what the error says, the check).
 KINDS = {
-    "int": ("a positive integer", _positive_int),
-    "number": ("a positive number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-               and math.isfinite(v) and v > 0),
+    "int": ("a positive integer", is_int),
+    "number": ("a positive number", lambda v: is_number(v, positive=True)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str)),
-    "ints": ("a non-empty list of positive integers", lambda v: isinstance(v, list) and v
-             and all(map(_positive_int, v))),
+    "ints": ("a non-empty list of positive integers", lambda v: isinstance(v, list) and v and all(map(is_int, v))),
     "strs": ("a non-empty list of strings", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
 }
 REQUIRED = object()
