@@ -181,10 +181,10 @@ def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, r
                      for _ in range(n)]
     for key in sorted({(r["digit"], r["colour"], r["width"]) for r in rows}):  # each intersection keeps its share
         members = [r for r in rows if (r["digit"], r["colour"], r["width"]) == key]
-        for k in rng.permutation(len(members)):
-            r = members[k]
-            r["group"] = {a: r[a] for a in ("colour", "width")} if k < max(1, round(labelled * len(members))) \
-                else {"colour": None, "width": None}
+        n_labelled = max(1, round(labelled * len(members)))  # the first n of a shuffled pool: a random choice
+        rng.permutation(len(members))  # draws nothing used; kept so the RNG stream, and the data built, stay the same
+        for k, r in enumerate(members):
+            r["group"] = {a: r[a] for a in ("colour", "width")} if k < n_labelled else {"colour": None, "width": None}
     rows = [{"text": prompt(r["digit"]), **r} for r in rng.permutation(rows).tolist()]  # groups interleaved
     return write_pngs(out_dir, rows, lambda r: attribute_digit(images[r["source_index"]], r["colour"], resolution))
 
