@@ -193,10 +193,15 @@ def load_classifier(path):
         raise ValueError(f"{path}: not a digit classifier of this version (format {metadata.get('format')!r}, "
                          f"expected {CLASSIFIER_FORMAT!r}); retrain it with train_digit_classifier")
     model = weights.load_strict(DigitClassifier(), state, f"{path}: DigitClassifier", assign=False)
-    model.heldout_accuracy = float(metadata["heldout_accuracy"])
-    model.split = (int(metadata["split_seed"]), int(metadata["heldout_per_class"]))
-    seed = metadata.get("seed", "None")
-    model.seed = None if seed == "None" else int(seed)
+    meta, values = {"seed": "None", **metadata}, {}  # "None": no seed recorded (older files)
+    for key, kind in (("heldout_accuracy", float), ("split_seed", int), ("heldout_per_class", int), ("seed", int)):
+        try:
+            values[key] = None if key == "seed" and meta[key] == "None" else kind(meta[key])
+        except (KeyError, ValueError):
+            raise ValueError(f"{path}: metadata '{key}' is {meta.get(key)!r}, not a number; retrain it with "
+                             "train_digit_classifier") from None
+    model.heldout_accuracy, model.seed = values["heldout_accuracy"], values["seed"]
+    model.split = (values["split_seed"], values["heldout_per_class"])
     return model.eval()
 
 

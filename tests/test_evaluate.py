@@ -223,6 +223,13 @@ def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
                          weights.read_metadata(tmp_path / "short.safetensors"))
     with pytest.raises(ValueError, match=r"short.safetensors: DigitClassifier: .*1 tensors missing \(body.0.weight\)"):
         evaluate.load_classifier(tmp_path / "short.safetensors")
+    evaluate.save_classifier(model, tmp_path / "meta.safetensors")
+    metadata = weights.read_metadata(tmp_path / "meta.safetensors")
+    for key, value in (("heldout_accuracy", None), ("split_seed", "seven"), ("seed", "1.5")):
+        edited = {k: v for k, v in {**metadata, key: value}.items() if v is not None}
+        weights.save_tensors(model.state_dict(), tmp_path / "meta.safetensors", edited)
+        with pytest.raises(ValueError, match=rf"meta.safetensors: metadata '{key}' "):
+            evaluate.load_classifier(tmp_path / "meta.safetensors")
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_the_evaluation(heldout, tmp_path, monkeypatch, capsys):
