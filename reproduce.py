@@ -577,28 +577,33 @@ def parse_args(argv=None):
         groups = [int(g) for g in args.groups.split(",")]
         counts = [int(c) for c in args.counts.split(",")]
     except ValueError:
-        p.error(f"--groups and --counts take comma-separated integers, got {args.groups!r} and {args.counts!r}")
-    if len(groups) < 2 or len(set(groups)) != len(groups) or not all(0 <= g <= 9 for g in groups):
-        p.error(f"--groups must name at least two distinct digits 0-9, got {args.groups!r}")
-    if len(counts) != len(groups) or not all(1 <= c <= TRAIN_PER_DIGIT for c in counts):
-        p.error(f"--counts must give 1..{TRAIN_PER_DIGIT} images for each of the {len(groups)} groups, "
-                f"got {args.counts!r}")
-    args.counts = dict(sorted(zip(groups, counts)))  # groups sorted, as train.py numbers them
-    args.groups = sorted(groups)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in BY_NAME]
-    if unknown or not args.methods:
-        p.error(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}")
-    twice = [m for k, m in enumerate(args.methods) if m in args.methods[:k]]
-    if twice:
-        p.error(f"--methods names {twice[0]} twice")
-    why = cli.range_error(args, {"seeds": (1,), "threads": (1,)})
+        groups = counts = None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    why = selection_error(args, groups, counts, methods) or cli.range_error(args, {"seeds": (1,), "threads": (1,)})
     if why:
         p.error(why)
+    args.counts = dict(sorted(zip(groups, counts)))  # groups sorted, as train.py numbers them
+    args.groups, args.methods = sorted(groups), methods
     name = "runs/repro" + "-attributes" * (args.experiment == "attributes") + "-quick" * args.quick
     args.out = args.out or Path(name)
     args.cache = args.cache or args.out / "cache"
     return args
+
+
+def selection_error(args, groups, counts, methods):
+    """Why the digit experiment's --groups, --counts (None: not integers) or --methods are refused, or None."""
+    if groups is None or counts is None:
+        return f"--groups and --counts take comma-separated integers, got {args.groups!r} and {args.counts!r}"
+    if len(groups) < 2 or len(set(groups)) != len(groups) or not all(0 <= g <= 9 for g in groups):
+        return f"--groups must name at least two distinct digits 0-9, got {args.groups!r}"
+    if len(counts) != len(groups) or not all(1 <= c <= TRAIN_PER_DIGIT for c in counts):
+        return (f"--counts must give 1..{TRAIN_PER_DIGIT} images for each of the {len(groups)} groups, "
+                f"got {args.counts!r}")
+    unknown = [m for m in methods if m not in BY_NAME]
+    if unknown or not methods:
+        return f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}"
+    twice = [m for k, m in enumerate(methods) if m in methods[:k]]
+    return f"--methods names {twice[0]} twice" if twice else None
 
 
 RESULTS = ("finetune", "report.md", "report.json", "grids")  # what a run writes into OUT besides the cache
