@@ -117,12 +117,13 @@ class Method:
 
 
 NOISE_AWARE = ("--w-ind", "1", "--w-rec", "1")
+AUTHORS_WEIGHTS = ("--w-ind", "0.05", "--w-rec", "0.95")
+# plain-indicator trains the UNet exactly as plain fine-tuning (tests/test_train.py) and an indicator beside it
+PLAIN_INDICATOR = ("--objective", "plain-indicator", *NOISE_AWARE)
 METHODS = [
-    # plain-indicator trains the UNet exactly as plain fine-tuning (tests/test_train.py) and an indicator beside it
-    Method("plain", "plain fine-tune", ("--objective", "plain-indicator", *NOISE_AWARE)),
-    Method("ddm", "DDM, the authors' (w_ind 0.05)", ("--objective", "ddm", "--w-ind", "0.05", "--w-rec", "0.95")),
-    Method("ddm-x0", "DDM on x0_hat, the paper's figure", ("--objective", "ddm-x0", "--w-ind", "0.05",
-                                                           "--w-rec", "0.95")),
+    Method("plain", "plain fine-tune", PLAIN_INDICATOR),
+    Method("ddm", "DDM, the authors' (w_ind 0.05)", ("--objective", "ddm", *AUTHORS_WEIGHTS)),
+    Method("ddm-x0", "DDM on x0_hat, the paper's figure", ("--objective", "ddm-x0", *AUTHORS_WEIGHTS)),
     Method("balanced", "balanced MSE (ours)", ("--objective", "balanced", "--w-ind", "0", "--w-rec", "1")),
     Method("iw", "indicator-weighted, all labels (ours)", ("--objective", "indicator-weighted", *NOISE_AWARE)),
     Method("iw-10", "indicator-weighted, 10% labels (ours)", ("--objective", "indicator-weighted", *NOISE_AWARE),
@@ -134,16 +135,16 @@ METHODS = [
     # 10% or 1% of the labels
     Method("guided-auto", "plain + guidance auto, trajectory-aware (ours)", source="plain", indicator_guidance="auto",
            decide_at=DECIDE_AT),
-    Method("guided-auto-10", "plain + guidance auto, indicator of 10% labels (ours)", ("--objective", "plain-indicator",
-           *NOISE_AWARE), labelled=0.1, indicator_guidance="auto", decide_at=DECIDE_AT),
-    Method("guided-auto-1", "plain + guidance auto, indicator of 1% labels (ours)", ("--objective", "plain-indicator",
-           *NOISE_AWARE), labelled=0.01, indicator_guidance="auto", decide_at=DECIDE_AT),
+    Method("guided-auto-10", "plain + guidance auto, indicator of 10% labels (ours)", PLAIN_INDICATOR, labelled=0.1,
+           indicator_guidance="auto", decide_at=DECIDE_AT),
+    Method("guided-auto-1", "plain + guidance auto, indicator of 1% labels (ours)", PLAIN_INDICATOR, labelled=0.01,
+           indicator_guidance="auto", decide_at=DECIDE_AT),
     # the stretch, no labels at all: a noise-aware indicator learns clusters of the clean latents, guidance 10
     # toward uniform clusters. Not in the default set (the 20-minute budget); `--methods plain,clusters,clusters-2x`
-    Method("clusters", "plain + cluster guidance 10, K = groups, no labels (ours)", ("--objective",
-           "plain-indicator", *NOISE_AWARE), indicator_guidance=10.0, clusters=1, default=False),
-    Method("clusters-2x", "plain + cluster guidance 10, K = 2 x groups, no labels (ours)", ("--objective",
-           "plain-indicator", *NOISE_AWARE), indicator_guidance=10.0, clusters=2, default=False),
+    Method("clusters", "plain + cluster guidance 10, K = groups, no labels (ours)", PLAIN_INDICATOR,
+           indicator_guidance=10.0, clusters=1, default=False),
+    Method("clusters-2x", "plain + cluster guidance 10, K = 2 x groups, no labels (ours)", PLAIN_INDICATOR,
+           indicator_guidance=10.0, clusters=2, default=False),
 ]
 BY_NAME = {m.name: m for m in METHODS}
 
@@ -156,11 +157,10 @@ INTERSECTIONS = sorted("+".join(k) for k in ATTR_COUNTS)
 ATTR_GROUPS = evaluate.AttributeJudge.VALUES  # each attribute's groups, as the judge names them
 ATTR_GROUP_NAMES = [g for groups in ATTR_GROUPS.values() for g in groups]
 ATTR_RUNS = {  # the train.py runs of each seed: plain fine-tunes (one UNet, bit for bit) beside indicators
-    f"{attribute}{suffix}": Method(f"{attribute}{suffix}", attribute, ("--objective", "plain-indicator", *NOISE_AWARE,
-                                                                       "--attribute", attribute), labelled=share)
+    f"{attribute}{suffix}": Method(f"{attribute}{suffix}", attribute, (*PLAIN_INDICATOR, "--attribute", attribute),
+                                   labelled=share)
     for suffix, share in (("", 1.0), ("-10", 0.1), ("-1", 0.01)) for attribute in ("colour", "width", "colour+width")}
-ATTR_RUNS["ddm"] = Method("ddm", "colour", ("--objective", "ddm", "--w-ind", "0.05", "--w-rec", "0.95", "--attribute",
-                                            "colour"))
+ATTR_RUNS["ddm"] = Method("ddm", "colour", ("--objective", "ddm", *AUTHORS_WEIGHTS, "--attribute", "colour"))
 
 
 @dataclasses.dataclass
