@@ -470,6 +470,9 @@ def _pm(s, k, fmt=".3f"):
     return "–" if s[k] is None else f"{s[k]:{fmt}} ± {s[k + '_std']:{fmt}}"
 
 
+VERDICT = {None: "–", True: "**yes**", False: "no"}  # meets_goal: not judged, meets the bar, misses it
+
+
 def _table(head, lines):
     return "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
                      + ["| " + " | ".join(line) + " |" for line in lines])
@@ -484,7 +487,7 @@ def verdict_table(summary, groups):
                           _pm(s, "frechet_distance", ".1f")] + [_pm(s, f"frechet_{g}", ".1f") for g in groups]
                          + [_pm(s, f"{k}_{g}", ".2f") for k in ("recall", "precision") for g in groups]
                          + [_pm(s, "share_outside_groups"), _pm(s, "indicator_bacc"),
-                            {None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]] for s in summary])
+                            VERDICT[s["meets_goal"]]] for s in summary])
 
 
 def seed_table(rows, groups):
@@ -497,15 +500,15 @@ def seed_table(rows, groups):
                                                         for k in keys] for r in rows])
 
 
-def cfg_table(cfg_rows, groups):
-    lines = ["| method | CFG scale | FD | Frechet |", "| --- | --- | --- | --- |"]
+def cfg_table(cfg_rows):
+    lines = []
     for label in dict.fromkeys(r["label"] for r in cfg_rows):
         for scale in sorted({r["cfg"] for r in cfg_rows if r["label"] == label}):
-            picked = [flatten(r, groups) for r in cfg_rows if r["label"] == label and r["cfg"] == scale]
-            fd, fd_std = mean_std([p["fd"] for p in picked])
-            fr, fr_std = mean_std([p["frechet_distance"] for p in picked])
-            lines.append(f"| {label} | {scale:g} | {fd:.3f} ± {fd_std:.3f} | {fr:.1f} ± {fr_std:.1f} |")
-    return "\n".join(lines)
+            picked = [r for r in cfg_rows if r["label"] == label and r["cfg"] == scale]
+            fd, fd_std = mean_std([r["fd"] for r in picked])
+            fr, fr_std = mean_std([r["frechet_distance"] for r in picked])
+            lines.append([label, f"{scale:g}", f"{fd:.3f} ± {fd_std:.3f}", f"{fr:.1f} ± {fr_std:.1f}"])
+    return _table(["method", "CFG scale", "FD", "Frechet"], lines)
 
 
 LABEL_HEIGHT = 12  # px: one line of PIL's default bitmap font above each grid block
@@ -825,7 +828,7 @@ most half of plain's, Frechet at most 10% worse, and every group's recall at lea
 
 ## Classifier-free guidance scale (plain, and the best method: {report['best_method']})
 
-{cfg_table(report['cfg_rows'], groups)}
+{cfg_table(report['cfg_rows'])}
 
 ## Every model
 
@@ -948,11 +951,10 @@ def summarize_attributes(rows):
 def attribute_table(summary):
     head = (["method", "FD colour", "FD width", "FD intersections", "worst prompt", "worst seed", "content acc.",
              "Frechet"] + [f"recall {g}" for g in ATTR_GROUP_NAMES] + ["meets the bar"])
-    return _table(head, [[s["label"]] + [_pm(s, k) for k in ("fd_colour", "fd_width")] + [
-        f"**{_pm(s, 'fd_joint')}**", _pm(s, "fd_joint_worst_prompt"), _f(s["fd_joint_worst_seed"]),
-        _pm(s, "content"), _pm(s, "frechet", ".1f")] + [_pm(s, f"recall_{g}", ".2f")
-                                                         for g in ATTR_GROUP_NAMES]
-        + [{None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]] for s in summary])
+    return _table(head, [[s["label"], _pm(s, "fd_colour"), _pm(s, "fd_width"), f"**{_pm(s, 'fd_joint')}**",
+                          _pm(s, "fd_joint_worst_prompt"), _f(s["fd_joint_worst_seed"]), _pm(s, "content"),
+                          _pm(s, "frechet", ".1f")] + [_pm(s, f"recall_{g}", ".2f") for g in ATTR_GROUP_NAMES]
+                         + [VERDICT[s["meets_goal"]]] for s in summary])
 
 
 def run_attributes(args):
