@@ -740,10 +740,18 @@ def cfg_check(args, sizes, rows, runs, best, evaluated):
     return cfg_rows
 
 
+def publish(out, report, markdown, table, timings):
+    """report.json and report.md written, the verdict table and the wall time printed -> the report."""
+    weights.write_json(out / "report.json", report)
+    weights.write_atomic(out / "report.md", markdown)
+    print(table)
+    print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
+          f"report: {out / 'report.md'}")
+    return report
+
+
 def run(args):
-    t_start = time.time()
-    sizes = QUICK if args.quick else FULL
-    out, groups = args.out, args.groups
+    t_start, sizes, out, groups = time.time(), QUICK if args.quick else FULL, args.out, args.groups
     claim_run_dir(out, args.overwrite)
     torch.set_num_threads(args.threads)
     timings = {"finetune": 0.0, "evaluate": 0.0}
@@ -774,12 +782,7 @@ def run(args):
         "grids": [str(g.relative_to(out)) for g in grids], "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "threads": args.threads, "versions": {"torch": torch.__version__},
     }
-    weights.write_json(out / "report.json", report)
-    weights.write_atomic(out / "report.md", report_markdown(report))
-    print(verdict_table(summary, groups))
-    print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
-          f"report: {out / 'report.md'}")
-    return report
+    return publish(out, report, report_markdown(report), verdict_table(summary, groups), timings)
 
 
 def save_grids(out, grid_images, methods, n):
@@ -988,12 +991,7 @@ def run_attributes(args):
               "judge_check": check, "vae": vae_info, "base": base, "rows": rows, "summary": summary,
               "grids": [str(grid.relative_to(out))], "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "seeds": args.seeds, "threads": args.threads}
-    weights.write_json(out / "report.json", report)
-    weights.write_atomic(out / "report.md", attribute_markdown(report))
-    print(attribute_table(summary))
-    print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
-          f"report: {out / 'report.md'}")
-    return report
+    return publish(out, report, attribute_markdown(report), attribute_table(summary), timings)
 
 
 def attribute_markdown(report):
