@@ -438,9 +438,9 @@ def summarize(rows, groups):
     10% worse, and every group's recall at least 0.9 x plain's (plain and base are not judged)."""
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
-        group = [flatten(r, groups) for r in rows if r["method"] == name]
-        first = next(r for r in rows if r["method"] == name)
-        s = {"method": name, "label": first["label"], "seeds": [r["seed"] for r in rows if r["method"] == name]}
+        mine = [r for r in rows if r["method"] == name]
+        group = [flatten(r, groups) for r in mine]
+        s = {"method": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine]}
         for k in group[0]:
             s[k], s[k + "_std"] = mean_std([g[k] for g in group])
         s["fd_worst"] = max(g["fd"] for g in group)
@@ -570,9 +570,6 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     args = p.parse_args(argv)
     given = [f"--{name}" for name in ("groups", "counts", "methods") if getattr(args, name) is not None]
-    if args.experiment == "attributes" and given:
-        p.error(f"{given[0]} is for --experiment digits (the attribute experiment's digits, counts and rows are "
-                "fixed)")
     args.groups = "7,8" if args.groups is None else args.groups  # "" stays "", and is refused below
     args.counts = "360,40" if args.counts is None else args.counts
     args.methods = ",".join(m.name for m in METHODS if m.default) if args.methods is None else args.methods
@@ -582,7 +579,8 @@ def parse_args(argv=None):
     except ValueError:
         groups = counts = None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    why = selection_error(args, groups, counts, methods) or cli.range_error(args, {"seeds": (1,), "threads": (1,)})
+    why = (selection_error(args, given, groups, counts, methods)
+           or cli.range_error(args, {"seeds": (1,), "threads": (1,)}))
     if why:
         p.error(why)
     args.counts = dict(sorted(zip(groups, counts)))  # groups sorted, as train.py numbers them
@@ -593,8 +591,11 @@ def parse_args(argv=None):
     return args
 
 
-def selection_error(args, groups, counts, methods):
-    """Why the digit experiment's --groups, --counts (None: not integers) or --methods are refused, or None."""
+def selection_error(args, given, groups, counts, methods):
+    """Why the digit experiment's --groups, --counts (None: not integers) or --methods are refused, or None; `given`:
+    those of them on the command line, none of which the attribute experiment takes."""
+    if args.experiment == "attributes" and given:
+        return f"{given[0]} is for --experiment digits (the attribute experiment's digits, counts and rows are fixed)"
     if groups is None or counts is None:
         return f"--groups and --counts take comma-separated integers, got {args.groups!r} and {args.counts!r}"
     if len(groups) < 2 or len(set(groups)) != len(groups) or not all(0 <= g <= 9 for g in groups):
@@ -730,7 +731,7 @@ def best_method(summary):
 def cfg_check(args, sizes, rows, runs, best, evaluated):
     """Classifier-free guidance amplifies the majority: FD of plain and of the best method at other CFG scales."""
     cfg_rows = [{**r, "cfg": sizes.guidance} for r in rows if r["method"] in ("plain", best)]
-    for name in [n for n in ("plain", best) if n in BY_NAME and n in args.methods]:
+    for name in [n for n in ("plain", best) if n in args.methods]:
         m = BY_NAME[name]
         for seed in range(args.seeds):
             trained = load_run(runs[m.source or m.name, seed])
