@@ -332,7 +332,6 @@ def train_stats(run_dir, last=50):
 
 
 def sample_settings(sizes, guidance=None):
-    """sample.generate's settings: the sizes' steps and CFG scale (or `guidance`), 32 px, 100 images a batch."""
     return dict(steps=sizes.sample_steps, guidance=guidance or sizes.guidance, height=RESOLUTION, width=RESOLUTION,
                 batch_size=100)
 
