@@ -446,7 +446,9 @@ def summarize(rows, groups):
         out.append(s)
     plain = next((s for s in out if s["method"] == "plain"), None)
     for s in out:
-        s["meets_goal"] = None if plain is None or s["method"] in ("plain", "base") else meets_bar(s, plain, groups)
+        s["meets_goal"] = None if plain is None or s["method"] in ("plain", "base") else bool(
+            s["fd"] <= 0.5 * plain["fd"] and s["frechet_distance"] <= 1.1 * plain["frechet_distance"]
+            and recall_kept(s, plain, groups))
     return out
 
 
@@ -454,11 +456,6 @@ def recall_kept(s, plain, groups):
     """Whether every group's recall is at least 0.9 x plain's (a group plain has no recall for is not judged)."""
     return all(s[f"recall_{g}"] is not None and s[f"recall_{g}"] >= 0.9 * plain[f"recall_{g}"]
                for g in groups if plain[f"recall_{g}"] is not None)
-
-
-def meets_bar(s, plain, groups):
-    return bool(s["fd"] <= 0.5 * plain["fd"] and s["frechet_distance"] <= 1.1 * plain["frechet_distance"]
-                and recall_kept(s, plain, groups))
 
 
 def _f(v, fmt=".3f"):
@@ -513,12 +510,6 @@ def cfg_table(cfg_rows):
 LABEL_HEIGHT = 12  # px: one line of PIL's default bitmap font above each grid block
 
 
-def _label(text, width):
-    img = Image.new("RGB", (width, LABEL_HEIGHT), (255, 255, 255))
-    ImageDraw.Draw(img).text((2, 0), text, fill=(0, 0, 0))
-    return img
-
-
 def save_grid(panels, path, cols=8, per_row=3):
     """Blocks of images, one per model under its label, `per_row` blocks a row: [(label, uint8 (N,R,R,3))]."""
     blocks = []
@@ -535,7 +526,9 @@ def save_grid(panels, path, cols=8, per_row=3):
     canvas = Image.new("RGB", (n_cols * w - gap, math.ceil(len(blocks) / per_row) * h - gap), (255, 255, 255))
     for k, (label, b) in enumerate(blocks):
         x, y = (k % per_row) * w, (k // per_row) * h
-        canvas.paste(_label(label, b.width), (x, y))
+        head = Image.new("RGB", (b.width, LABEL_HEIGHT), (255, 255, 255))
+        ImageDraw.Draw(head).text((2, 0), label, fill=(0, 0, 0))
+        canvas.paste(head, (x, y))
         canvas.paste(b, (x, y + LABEL_HEIGHT))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
