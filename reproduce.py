@@ -117,12 +117,13 @@ class Method:
 
 
 NOISE_AWARE = ("--w-ind", "1", "--w-rec", "1")
+AUTHORS_WEIGHTS = ("--w-ind", "0.05", "--w-rec", "0.95")
+# plain-indicator trains the UNet exactly as plain fine-tuning (tests/test_train.py) and an indicator beside it
+PLAIN_INDICATOR = ("--objective", "plain-indicator", *NOISE_AWARE)
 METHODS = [
-    # plain-indicator trains the UNet exactly as plain fine-tuning (tests/test_train.py) and an indicator beside it
-    Method("plain", "plain fine-tune", ("--objective", "plain-indicator", *NOISE_AWARE)),
-    Method("ddm", "DDM, the authors' (w_ind 0.05)", ("--objective", "ddm", "--w-ind", "0.05", "--w-rec", "0.95")),
-    Method("ddm-x0", "DDM on x0_hat, the paper's figure", ("--objective", "ddm-x0", "--w-ind", "0.05",
-                                                           "--w-rec", "0.95")),
+    Method("plain", "plain fine-tune", PLAIN_INDICATOR),
+    Method("ddm", "DDM, the authors' (w_ind 0.05)", ("--objective", "ddm", *AUTHORS_WEIGHTS)),
+    Method("ddm-x0", "DDM on x0_hat, the paper's figure", ("--objective", "ddm-x0", *AUTHORS_WEIGHTS)),
     Method("balanced", "balanced MSE (ours)", ("--objective", "balanced", "--w-ind", "0", "--w-rec", "1")),
     Method("iw", "indicator-weighted, all labels (ours)", ("--objective", "indicator-weighted", *NOISE_AWARE)),
     Method("iw-10", "indicator-weighted, 10% labels (ours)", ("--objective", "indicator-weighted", *NOISE_AWARE),
@@ -134,16 +135,16 @@ METHODS = [
     # 10% or 1% of the labels
     Method("guided-auto", "plain + guidance auto, trajectory-aware (ours)", source="plain", indicator_guidance="auto",
            decide_at=DECIDE_AT),
-    Method("guided-auto-10", "plain + guidance auto, indicator of 10% labels (ours)", ("--objective", "plain-indicator",
-           *NOISE_AWARE), labelled=0.1, indicator_guidance="auto", decide_at=DECIDE_AT),
-    Method("guided-auto-1", "plain + guidance auto, indicator of 1% labels (ours)", ("--objective", "plain-indicator",
-           *NOISE_AWARE), labelled=0.01, indicator_guidance="auto", decide_at=DECIDE_AT),
+    Method("guided-auto-10", "plain + guidance auto, indicator of 10% labels (ours)", PLAIN_INDICATOR, labelled=0.1,
+           indicator_guidance="auto", decide_at=DECIDE_AT),
+    Method("guided-auto-1", "plain + guidance auto, indicator of 1% labels (ours)", PLAIN_INDICATOR, labelled=0.01,
+           indicator_guidance="auto", decide_at=DECIDE_AT),
     # the stretch, no labels at all: a noise-aware indicator learns clusters of the clean latents, guidance 10
     # toward uniform clusters. Not in the default set (the 20-minute budget); `--methods plain,clusters,clusters-2x`
-    Method("clusters", "plain + cluster guidance 10, K = groups, no labels (ours)", ("--objective",
-           "plain-indicator", *NOISE_AWARE), indicator_guidance=10.0, clusters=1, default=False),
-    Method("clusters-2x", "plain + cluster guidance 10, K = 2 x groups, no labels (ours)", ("--objective",
-           "plain-indicator", *NOISE_AWARE), indicator_guidance=10.0, clusters=2, default=False),
+    Method("clusters", "plain + cluster guidance 10, K = groups, no labels (ours)", PLAIN_INDICATOR,
+           indicator_guidance=10.0, clusters=1, default=False),
+    Method("clusters-2x", "plain + cluster guidance 10, K = 2 x groups, no labels (ours)", PLAIN_INDICATOR,
+           indicator_guidance=10.0, clusters=2, default=False),
 ]
 BY_NAME = {m.name: m for m in METHODS}
 
@@ -156,11 +157,10 @@ INTERSECTIONS = sorted("+".join(k) for k in ATTR_COUNTS)
 ATTR_GROUPS = evaluate.AttributeJudge.VALUES  # each attribute's groups, as the judge names them
 ATTR_GROUP_NAMES = [g for groups in ATTR_GROUPS.values() for g in groups]
 ATTR_RUNS = {  # the train.py runs of each seed: plain fine-tunes (one UNet, bit for bit) beside indicators
-    f"{attribute}{suffix}": Method(f"{attribute}{suffix}", attribute, ("--objective", "plain-indicator", *NOISE_AWARE,
-                                                                       "--attribute", attribute), labelled=share)
+    f"{attribute}{suffix}": Method(f"{attribute}{suffix}", attribute, (*PLAIN_INDICATOR, "--attribute", attribute),
+                                   labelled=share)
     for suffix, share in (("", 1.0), ("-10", 0.1), ("-1", 0.01)) for attribute in ("colour", "width", "colour+width")}
-ATTR_RUNS["ddm"] = Method("ddm", "colour", ("--objective", "ddm", "--w-ind", "0.05", "--w-rec", "0.95", "--attribute",
-                                            "colour"))
+ATTR_RUNS["ddm"] = Method("ddm", "colour", ("--objective", "ddm", *AUTHORS_WEIGHTS, "--attribute", "colour"))
 
 
 @dataclasses.dataclass
@@ -332,7 +332,6 @@ def train_stats(run_dir, last=50):
 
 
 def sample_settings(sizes, guidance=None):
-    """sample.generate's settings: the sizes' steps and CFG scale (or `guidance`), 32 px, 100 images a batch."""
     return dict(steps=sizes.sample_steps, guidance=guidance or sizes.guidance, height=RESOLUTION, width=RESOLUTION,
                 batch_size=100)
 
@@ -438,16 +437,18 @@ def summarize(rows, groups):
     10% worse, and every group's recall at least 0.9 x plain's (plain and base are not judged)."""
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
-        group = [flatten(r, groups) for r in rows if r["method"] == name]
-        first = next(r for r in rows if r["method"] == name)
-        s = {"method": name, "label": first["label"], "seeds": [r["seed"] for r in rows if r["method"] == name]}
+        mine = [r for r in rows if r["method"] == name]
+        group = [flatten(r, groups) for r in mine]
+        s = {"method": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine]}
         for k in group[0]:
             s[k], s[k + "_std"] = mean_std([g[k] for g in group])
         s["fd_worst"] = max(g["fd"] for g in group)
         out.append(s)
     plain = next((s for s in out if s["method"] == "plain"), None)
     for s in out:
-        s["meets_goal"] = None if plain is None or s["method"] in ("plain", "base") else meets_bar(s, plain, groups)
+        s["meets_goal"] = None if plain is None or s["method"] in ("plain", "base") else bool(
+            s["fd"] <= 0.5 * plain["fd"] and s["frechet_distance"] <= 1.1 * plain["frechet_distance"]
+            and recall_kept(s, plain, groups))
     return out
 
 
@@ -457,17 +458,15 @@ def recall_kept(s, plain, groups):
                for g in groups if plain[f"recall_{g}"] is not None)
 
 
-def meets_bar(s, plain, groups):
-    return bool(s["fd"] <= 0.5 * plain["fd"] and s["frechet_distance"] <= 1.1 * plain["frechet_distance"]
-                and recall_kept(s, plain, groups))
-
-
 def _f(v, fmt=".3f"):
     return "–" if v is None else format(v, fmt)
 
 
 def _pm(s, k, fmt=".3f"):
     return "–" if s[k] is None else f"{s[k]:{fmt}} ± {s[k + '_std']:{fmt}}"
+
+
+VERDICT = {None: "–", True: "**yes**", False: "no"}  # meets_goal: not judged, meets the bar, misses it
 
 
 def _table(head, lines):
@@ -484,7 +483,7 @@ def verdict_table(summary, groups):
                           _pm(s, "frechet_distance", ".1f")] + [_pm(s, f"frechet_{g}", ".1f") for g in groups]
                          + [_pm(s, f"{k}_{g}", ".2f") for k in ("recall", "precision") for g in groups]
                          + [_pm(s, "share_outside_groups"), _pm(s, "indicator_bacc"),
-                            {None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]] for s in summary])
+                            VERDICT[s["meets_goal"]]] for s in summary])
 
 
 def seed_table(rows, groups):
@@ -497,24 +496,18 @@ def seed_table(rows, groups):
                                                         for k in keys] for r in rows])
 
 
-def cfg_table(cfg_rows, groups):
-    lines = ["| method | CFG scale | FD | Frechet |", "| --- | --- | --- | --- |"]
+def cfg_table(cfg_rows):
+    lines = []
     for label in dict.fromkeys(r["label"] for r in cfg_rows):
         for scale in sorted({r["cfg"] for r in cfg_rows if r["label"] == label}):
-            picked = [flatten(r, groups) for r in cfg_rows if r["label"] == label and r["cfg"] == scale]
-            fd, fd_std = mean_std([p["fd"] for p in picked])
-            fr, fr_std = mean_std([p["frechet_distance"] for p in picked])
-            lines.append(f"| {label} | {scale:g} | {fd:.3f} ± {fd_std:.3f} | {fr:.1f} ± {fr_std:.1f} |")
-    return "\n".join(lines)
+            picked = [r for r in cfg_rows if r["label"] == label and r["cfg"] == scale]
+            fd, fd_std = mean_std([r["fd"] for r in picked])
+            fr, fr_std = mean_std([r["frechet_distance"] for r in picked])
+            lines.append([label, f"{scale:g}", f"{fd:.3f} ± {fd_std:.3f}", f"{fr:.1f} ± {fr_std:.1f}"])
+    return _table(["method", "CFG scale", "FD", "Frechet"], lines)
 
 
 LABEL_HEIGHT = 12  # px: one line of PIL's default bitmap font above each grid block
-
-
-def _label(text, width):
-    img = Image.new("RGB", (width, LABEL_HEIGHT), (255, 255, 255))
-    ImageDraw.Draw(img).text((2, 0), text, fill=(0, 0, 0))
-    return img
 
 
 def save_grid(panels, path, cols=8, per_row=3):
@@ -533,7 +526,9 @@ def save_grid(panels, path, cols=8, per_row=3):
     canvas = Image.new("RGB", (n_cols * w - gap, math.ceil(len(blocks) / per_row) * h - gap), (255, 255, 255))
     for k, (label, b) in enumerate(blocks):
         x, y = (k % per_row) * w, (k // per_row) * h
-        canvas.paste(_label(label, b.width), (x, y))
+        head = Image.new("RGB", (b.width, LABEL_HEIGHT), (255, 255, 255))
+        ImageDraw.Draw(head).text((2, 0), label, fill=(0, 0, 0))
+        canvas.paste(head, (x, y))
         canvas.paste(b, (x, y + LABEL_HEIGHT))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
@@ -567,9 +562,6 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     args = p.parse_args(argv)
     given = [f"--{name}" for name in ("groups", "counts", "methods") if getattr(args, name) is not None]
-    if args.experiment == "attributes" and given:
-        p.error(f"{given[0]} is for --experiment digits (the attribute experiment's digits, counts and rows are "
-                "fixed)")
     args.groups = "7,8" if args.groups is None else args.groups  # "" stays "", and is refused below
     args.counts = "360,40" if args.counts is None else args.counts
     args.methods = ",".join(m.name for m in METHODS if m.default) if args.methods is None else args.methods
@@ -577,28 +569,37 @@ def parse_args(argv=None):
         groups = [int(g) for g in args.groups.split(",")]
         counts = [int(c) for c in args.counts.split(",")]
     except ValueError:
-        p.error(f"--groups and --counts take comma-separated integers, got {args.groups!r} and {args.counts!r}")
-    if len(groups) < 2 or len(set(groups)) != len(groups) or not all(0 <= g <= 9 for g in groups):
-        p.error(f"--groups must name at least two distinct digits 0-9, got {args.groups!r}")
-    if len(counts) != len(groups) or not all(1 <= c <= TRAIN_PER_DIGIT for c in counts):
-        p.error(f"--counts must give 1..{TRAIN_PER_DIGIT} images for each of the {len(groups)} groups, "
-                f"got {args.counts!r}")
-    args.counts = dict(sorted(zip(groups, counts)))  # groups sorted, as train.py numbers them
-    args.groups = sorted(groups)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in BY_NAME]
-    if unknown or not args.methods:
-        p.error(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}")
-    twice = [m for k, m in enumerate(args.methods) if m in args.methods[:k]]
-    if twice:
-        p.error(f"--methods names {twice[0]} twice")
-    why = cli.range_error(args, {"seeds": (1,), "threads": (1,)})
+        groups = counts = None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    why = (selection_error(args, given, groups, counts, methods)
+           or cli.range_error(args, {"seeds": (1,), "threads": (1,)}))
     if why:
         p.error(why)
+    args.counts = dict(sorted(zip(groups, counts)))  # groups sorted, as train.py numbers them
+    args.groups, args.methods = sorted(groups), methods
     name = "runs/repro" + "-attributes" * (args.experiment == "attributes") + "-quick" * args.quick
     args.out = args.out or Path(name)
     args.cache = args.cache or args.out / "cache"
     return args
+
+
+def selection_error(args, given, groups, counts, methods):
+    """Why the digit experiment's --groups, --counts (None: not integers) or --methods are refused, or None; `given`:
+    those of them on the command line, none of which the attribute experiment takes."""
+    if args.experiment == "attributes" and given:
+        return f"{given[0]} is for --experiment digits (the attribute experiment's digits, counts and rows are fixed)"
+    if groups is None or counts is None:
+        return f"--groups and --counts take comma-separated integers, got {args.groups!r} and {args.counts!r}"
+    if len(groups) < 2 or len(set(groups)) != len(groups) or not all(0 <= g <= 9 for g in groups):
+        return f"--groups must name at least two distinct digits 0-9, got {args.groups!r}"
+    if len(counts) != len(groups) or not all(1 <= c <= TRAIN_PER_DIGIT for c in counts):
+        return (f"--counts must give 1..{TRAIN_PER_DIGIT} images for each of the {len(groups)} groups, "
+                f"got {args.counts!r}")
+    unknown = [m for m in methods if m not in BY_NAME]
+    if unknown or not methods:
+        return f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}"
+    twice = [m for k, m in enumerate(methods) if m in methods[:k]]
+    return f"--methods names {twice[0]} twice" if twice else None
 
 
 RESULTS = ("finetune", "report.md", "report.json", "grids")  # what a run writes into OUT besides the cache
@@ -722,7 +723,7 @@ def best_method(summary):
 def cfg_check(args, sizes, rows, runs, best, evaluated):
     """Classifier-free guidance amplifies the majority: FD of plain and of the best method at other CFG scales."""
     cfg_rows = [{**r, "cfg": sizes.guidance} for r in rows if r["method"] in ("plain", best)]
-    for name in [n for n in ("plain", best) if n in BY_NAME and n in args.methods]:
+    for name in [n for n in ("plain", best) if n in args.methods]:
         m = BY_NAME[name]
         for seed in range(args.seeds):
             trained = load_run(runs[m.source or m.name, seed])
@@ -732,10 +733,18 @@ def cfg_check(args, sizes, rows, runs, best, evaluated):
     return cfg_rows
 
 
+def publish(out, report, markdown, table, timings):
+    """report.json and report.md written, the verdict table and the wall time printed -> the report."""
+    weights.write_json(out / "report.json", report)
+    weights.write_atomic(out / "report.md", markdown)
+    print(table)
+    print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
+          f"report: {out / 'report.md'}")
+    return report
+
+
 def run(args):
-    t_start = time.time()
-    sizes = QUICK if args.quick else FULL
-    out, groups = args.out, args.groups
+    t_start, sizes, out, groups = time.time(), QUICK if args.quick else FULL, args.out, args.groups
     claim_run_dir(out, args.overwrite)
     torch.set_num_threads(args.threads)
     timings = {"finetune": 0.0, "evaluate": 0.0}
@@ -766,12 +775,7 @@ def run(args):
         "grids": [str(g.relative_to(out)) for g in grids], "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "threads": args.threads, "versions": {"torch": torch.__version__},
     }
-    weights.write_json(out / "report.json", report)
-    weights.write_atomic(out / "report.md", report_markdown(report))
-    print(verdict_table(summary, groups))
-    print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
-          f"report: {out / 'report.md'}")
-    return report
+    return publish(out, report, report_markdown(report), verdict_table(summary, groups), timings)
 
 
 def save_grids(out, grid_images, methods, n):
@@ -820,7 +824,7 @@ most half of plain's, Frechet at most 10% worse, and every group's recall at lea
 
 ## Classifier-free guidance scale (plain, and the best method: {report['best_method']})
 
-{cfg_table(report['cfg_rows'], groups)}
+{cfg_table(report['cfg_rows'])}
 
 ## Every model
 
@@ -943,11 +947,10 @@ def summarize_attributes(rows):
 def attribute_table(summary):
     head = (["method", "FD colour", "FD width", "FD intersections", "worst prompt", "worst seed", "content acc.",
              "Frechet"] + [f"recall {g}" for g in ATTR_GROUP_NAMES] + ["meets the bar"])
-    return _table(head, [[s["label"]] + [_pm(s, k) for k in ("fd_colour", "fd_width")] + [
-        f"**{_pm(s, 'fd_joint')}**", _pm(s, "fd_joint_worst_prompt"), _f(s["fd_joint_worst_seed"]),
-        _pm(s, "content"), _pm(s, "frechet", ".1f")] + [_pm(s, f"recall_{g}", ".2f")
-                                                         for g in ATTR_GROUP_NAMES]
-        + [{None: "–", True: "**yes**", False: "no"}[s["meets_goal"]]] for s in summary])
+    return _table(head, [[s["label"], _pm(s, "fd_colour"), _pm(s, "fd_width"), f"**{_pm(s, 'fd_joint')}**",
+                          _pm(s, "fd_joint_worst_prompt"), _f(s["fd_joint_worst_seed"]), _pm(s, "content"),
+                          _pm(s, "frechet", ".1f")] + [_pm(s, f"recall_{g}", ".2f") for g in ATTR_GROUP_NAMES]
+                         + [VERDICT[s["meets_goal"]]] for s in summary])
 
 
 def run_attributes(args):
@@ -981,12 +984,7 @@ def run_attributes(args):
               "judge_check": check, "vae": vae_info, "base": base, "rows": rows, "summary": summary,
               "grids": [str(grid.relative_to(out))], "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "seeds": args.seeds, "threads": args.threads}
-    weights.write_json(out / "report.json", report)
-    weights.write_atomic(out / "report.md", attribute_markdown(report))
-    print(attribute_table(summary))
-    print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
-          f"report: {out / 'report.md'}")
-    return report
+    return publish(out, report, attribute_markdown(report), attribute_table(summary), timings)
 
 
 def attribute_markdown(report):
