@@ -206,6 +206,8 @@ def flag_error(args):
         return f"--eta must be at most 1 (1 is DDPM's ancestral step), got {args.eta}"
     if args.eta and args.sampler != "ddim":  # the others would ignore it, and samples.json record it
         return f"--eta is DDIM's: --sampler {args.sampler} takes none"
+    if args.negative_prompt and args.guidance == 1:  # CFG off: no unconditional pass reads it
+        return f"--negative-prompt is classifier-free guidance's: --guidance {args.guidance} has none"
     why = guidance.flag_error(args)
     if why:
         return why

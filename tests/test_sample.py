@@ -371,6 +371,8 @@ def test_cli_writes_images_grid_and_a_readable_record(tiny, tmp_path):
     ({"--eta": "-0.5"}, "--eta must be a number >= 0"),
     ({"--eta": "0.7", "--sampler": "euler"}, "--eta is DDIM's: --sampler euler takes none"),  # ignored, recorded
     ({"--eta": "0.7", "--sampler": "ddpm"}, "--eta is DDIM's: --sampler ddpm takes none"),
+    ({"--negative-prompt": "blurry", "--guidance": "1"},  # no unconditional pass to use it: ignored, recorded
+     "--negative-prompt is classifier-free guidance's: --guidance 1.0 has none"),
     ({"--model": "/nonexistent/sd"}, "does not exist"),
     ({"--prompts": "/nonexistent/prompts.txt"}, "is not a file"),
     ({"--dtype": "float16"}, "the CPU runs float32"),
