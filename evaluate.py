@@ -631,7 +631,7 @@ def run(args):
     result = evaluate_clip(args) if args.clip is not None else evaluate_digits(args)
     result["image_dirs"] = [str(d) for d in args.image_dirs]
     out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
-    weights.write_atomic(out, json.dumps(result, indent=2) + "\n")
+    weights.write_json(out, result)
     print(format_result(result))
     print(f"wrote {out}")
     return result

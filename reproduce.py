@@ -224,9 +224,9 @@ def digit_pixels(indices, coloured=False, seed=0):
     coloured=True each in an ink colour drawn at random (seeded) from data.COLOURS."""
     images, _ = data.load_digits()
     colours = np.random.default_rng(seed).choice(sorted(data.COLOURS), len(indices)) if coloured else None
-    return torch.from_numpy(np.stack([np.asarray(data.attribute_digit(images[i], colours[k], RESOLUTION) if coloured
-                                                 else data.digit_image(images[i], RESOLUTION))
-                                      for k, i in enumerate(indices)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return sample.from_uint8(np.stack([np.asarray(data.attribute_digit(images[i], colours[k], RESOLUTION) if coloured
+                                                  else data.digit_image(images[i], RESOLUTION))
+                                       for k, i in enumerate(indices)]))
 
 
 def train_vae(folder, sizes, seed=0, progress=True, coloured=False):
@@ -370,7 +370,7 @@ def indicator_logits(models, indicator, objective, images, seed=0):
     """The indicator on generated images through the training step's own forward (train.micro_batch_inputs and
     DDMModel.micro_batch): each image encoded, noised at t ~ U{0..999} under the generic prompt -> (N, K) logits."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = sample.from_uint8(images)
     hp = SimpleNamespace(objective=objective, caption_dropout=0.0, train_text_encoder=False)
     model = train.DDMModel(models.unet, models.text_encoder, indicator, hp, dict(
         alphas_cumprod=models.alphas_cumprod, prediction_type=models.prediction_type, group_shares=None,
@@ -861,7 +861,7 @@ def attribute_judges(classifier, vae_path):
         for colour in sorted(data.COLOURS):
             x = np.stack([np.asarray(data.attribute_digit(images[i], colour, RESOLUTION)) for i in held])
             with torch.no_grad():
-                back = vae.decode(vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1).mean)
+                back = vae.decode(vae.encode(sample.from_uint8(x)).mean)
             truth = [f"{colour}+{'thick' if t else 'thin'}" for t in thick]
             check[f"{d} {colour}"] = {
                 "rule": float(np.mean(np.array(both.names(x)) == truth)),

@@ -9,7 +9,6 @@ Indicator guidance (ours, guidance.py): `--indicator RUN --indicator-guidance au
 target group, in `--target`'s shares.
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -58,6 +57,11 @@ def decode_latents(models, z):
 def to_uint8(images):
     """(B,3,H,W) in [-1, 1] -> uint8 (B,H,W,3) on the CPU, rounded as diffusers' numpy_to_pil does."""
     return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def from_uint8(images):
+    """uint8 (B,H,W,3), a tensor or an array -> float (B,3,H,W) in [-1, 1]: what the VAE encodes."""
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def settings_error(models, prompts, seeds, settings):
@@ -327,14 +331,14 @@ def main(argv=None):
         for name in args.previous_outputs:  # only what the previous run's samples.json lists
             (out / name).unlink(missing_ok=True)
         # written first, so that a run stopped half-way still lists its images for the next --overwrite
-        weights.write_atomic(out / "samples.json", json.dumps(record, indent=2) + "\n")
+        weights.write_json(out / "samples.json", record)
         for prompt, guides in per_prompt:  # prompt None: one call for all; else one per prompt, its own guidance
             rows = [k for k, p in enumerate(prompts) if prompt in (None, p)]
             generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], guides=guides,
                      on_batch=lambda start, images: save(rows[start:start + len(images)], images), **settings)
         make_grid(torch.stack([grid_images[k] for k in sorted(grid_images)])).save(out / "grid.png")
         record.update(seconds=round(time.time() - started, 3), finished=True)
-        weights.write_atomic(out / "samples.json", json.dumps(record, indent=2) + "\n")
+        weights.write_json(out / "samples.json", record)
     except NonFiniteError as e:
         sys.exit(f"error: {e}: it would be an all-black PNG, so the run stops (NaN weights, or a model that "
                  f"overflows at these settings); {written} images were written to {out}")
