@@ -212,10 +212,8 @@ def flag_error(args):
         return f"--eta is DDIM's: --sampler {args.sampler} takes none"
     if args.negative_prompt and args.guidance == 1:  # CFG off: no unconditional pass reads it
         return f"--negative-prompt is classifier-free guidance's: --guidance {args.guidance} has none"
-    why = guidance.flag_error(args)
-    if why:
-        return why
-    return None if Path(args.model).exists() else f"--model {args.model} does not exist"
+    missing = not Path(args.model).exists()
+    return guidance.flag_error(args) or (f"--model {args.model} does not exist" if missing else None)
 
 
 def read_prompts(path):
