@@ -30,6 +30,7 @@ from vae import vae_diffusers_config, vae_to_diffusers
 UNET_LORA_TARGETS = ("to_q", "to_v")  # the authors' LoRA targets in the UNet attention
 TEXT_LORA_TARGETS = ("q_proj", "v_proj")  # ... and in the CLIP text encoder
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})(\.tmp)?")  # exactly what save_checkpoint writes
+INDICATOR_FILE = "indicator.safetensors"  # the indicator of a checkpoint, beside the UNet's file
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter, in optimizer.pt (train.make_optimizer: no amsgrad)
 
 
@@ -64,7 +65,7 @@ def checkpoint_parts(unet, text_encoder, indicator, config):
     if config["train_text_encoder"]:
         parts.append((f"text_encoder{suffix}.safetensors", text_encoder, rank))
     if uses_indicator(config["objective"], config["w_ind"]):
-        parts.append(("indicator.safetensors", indicator, 0))
+        parts.append((INDICATOR_FILE, indicator, 0))
     return parts
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from PIL import Image
 
 import weights
-from clip_text import CLIPTextConfig, CLIPTextModel, EncoderLayer, text_encoder_config_from_hf
+from clip_text import ACTIVATIONS, CLIPTextConfig, CLIPTextModel, EncoderLayer, text_encoder_config_from_hf
 from tokenizer import Tokenizer
 
 # CLIP's per-channel RGB mean and std of its training images, on [0, 1] pixels (OpenAI's release)
@@ -68,7 +68,7 @@ class CLIPVisionModel(nn.Module):
     def __init__(self, cfg=None):
         super().__init__()
         self.config = cfg = cfg or CLIPVisionConfig()
-        assert cfg.activation in ("quick_gelu", "gelu") and cfg.width % cfg.heads == 0, cfg
+        assert cfg.activation in ACTIVATIONS and cfg.width % cfg.heads == 0, cfg
         assert cfg.image_size % cfg.patch_size == 0, f"image_size not divisible by patch_size: {cfg}"
         self.vision_model = nn.ModuleDict(dict(
             embeddings=VisionEmbeddings(cfg),
@@ -195,7 +195,7 @@ def vision_config_error(v, cfg):
     if v.get("layer_norm_eps", 1e-5) != 1e-5 or v.get("num_channels", 3) != 3:
         return (f"must have layer_norm_eps 1e-5 and 3 channels, got {v.get('layer_norm_eps')} and "
                 f"{v.get('num_channels')}")
-    if cfg.activation not in ("quick_gelu", "gelu"):
+    if cfg.activation not in ACTIVATIONS:
         return f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {cfg.activation!r}"
     if cfg.width % cfg.heads or cfg.image_size % cfg.patch_size:
         return (f"hidden_size {cfg.width} must be a multiple of num_attention_heads {cfg.heads}, "

@@ -37,6 +37,9 @@ def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)  # 1.702: the sigmoid approximation of GELU that OpenAI CLIP trained with
 
 
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # config.json's hidden_act -> the MLP's activation
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, causal for text (the image tower's patches all see each other); q/k/v kept apart
     as the checkpoint stores them."""
@@ -63,7 +66,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, cfg.mlp)
         self.fc2 = nn.Linear(cfg.mlp, cfg.width)
-        self.act = quick_gelu if cfg.activation == "quick_gelu" else F.gelu
+        self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -95,7 +98,7 @@ class CLIPTextModel(nn.Module):
     def __init__(self, cfg=None):
         super().__init__()
         self.config = cfg = cfg or CLIPTextConfig()
-        assert cfg.activation in ("quick_gelu", "gelu") and cfg.width % cfg.heads == 0, cfg
+        assert cfg.activation in ACTIVATIONS and cfg.width % cfg.heads == 0, cfg
         self.text_model = nn.ModuleDict(dict(
             embeddings=nn.ModuleDict(dict(
                 token_embedding=nn.Embedding(cfg.vocab_size, cfg.width),
@@ -131,7 +134,7 @@ def text_encoder_config_from_hf(d):
     if d.get("layer_norm_eps", 1e-5) != 1e-5:
         raise ValueError(f"text encoder config has layer_norm_eps {d['layer_norm_eps']}; only 1e-5 is supported")
     activation = weights.config_value(d, "hidden_act", "str", "quick_gelu")
-    if activation not in ("quick_gelu", "gelu"):
+    if activation not in ACTIVATIONS:
         raise ValueError(f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {activation!r}")
     # eos_token_id 2 is transformers' legacy placeholder (SD v1.5's config.json says 2) meaning "the highest id"
     eos = weights.config_value(d, "eos_token_id", "int", 2)

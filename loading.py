@@ -19,7 +19,7 @@ import lora
 import rundir
 import weights
 from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
-from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf
+from clip_text import ACTIVATIONS, CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf
 from ddm import Indicator, make_indicator, uses_indicator
 from tokenizer import Tokenizer, load_tokenizer
 from unet import WEIGHT_NAMES as UNET_FILES
@@ -57,8 +57,8 @@ def read_schedule(path):
 def _schedule_from_config(c):
     n = weights.config_value(c, "num_train_timesteps", "int", diffusion.N_TRAIN_TIMESTEPS)
     kind = weights.config_value(c, "beta_schedule", "str", "scaled_linear")
-    make = {"scaled_linear": (diffusion.scaled_linear_betas, diffusion.BETA_START, diffusion.BETA_END),  # β(t),
-            "linear": (diffusion.linear_betas, diffusion.DDPM_BETA_START, diffusion.DDPM_BETA_END)}  # its β range
+    make = {"scaled_linear": (diffusion.scaled_linear_betas, diffusion.BETA_START, diffusion.BETA_END),  # kind:
+            "linear": (diffusion.linear_betas, diffusion.DDPM_BETA_START, diffusion.DDPM_BETA_END)}  # (β(t), its range)
     prediction_type = weights.config_value(c, "prediction_type", "str", "epsilon")
     if kind not in make or prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "
@@ -177,8 +177,8 @@ def load_indicator(path, latent_shape):
             raise ValueError(f"{where}: this run trained no indicator (objective "
                              f"{config['objective']}, w_ind {config['w_ind']})")
         ckpt = _newest_checkpoint(path, config)
-        weights.load_strict(indicator, ckpt["tensors"]["indicator.safetensors"],
-                            str(ckpt["path"] / "indicator.safetensors"))
+        file = checkpoints.INDICATOR_FILE
+        weights.load_strict(indicator, ckpt["tensors"][file], str(ckpt["path"] / file))
         names, attribute = [str(g) for g in config["group_names"]], config.get("attribute")
     else:
         meta = weights.read_metadata(path)
@@ -242,7 +242,7 @@ def _fields_error(raw):
 
 def _network_error(text, unet):
     """Why the text encoder (CLIP's tokenizer feeds it) or the UNet (None: none given) cannot be built, or None."""
-    if text.activation not in ("quick_gelu", "gelu"):
+    if text.activation not in ACTIVATIONS:
         return f"text_encoder: activation must be quick_gelu or gelu, got {text.activation!r}"
     if text.vocab_size < CLIPTextConfig.vocab_size:
         return (f"text_encoder: vocab_size must be at least {CLIPTextConfig.vocab_size} (the ids of CLIP's "

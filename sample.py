@@ -29,14 +29,13 @@ import diffusion
 import guidance
 import weights
 from data import text_lines
-from diffusion import N_TRAIN_TIMESTEPS, SAMPLERS, NonFiniteError
+from diffusion import N_TRAIN_TIMESTEPS, SAMPLERS, STEPS_OFFSET, NonFiniteError
 from loading import latent_shape, load_models, size_multiple
 
-# Classifier-free guidance is used at 1 to 20 (SD's default 7.5), and images burn out well before 100; past that a
-# value is a typo (75 for 7.5 stays allowed), and 1e30 makes every latent inf: a black image, not an experiment.
+# CFG is used at 1 to 20 (SD: 7.5) and images burn out well before 100: past it a value is a typo (1e30: all inf)
 GUIDANCE_MAX = 100
-# steps: with SD's steps_offset of 1, N steps on an N-step schedule would start at t = N, past its end
-RANGES = {"steps": (1, N_TRAIN_TIMESTEPS - 1), "guidance": (-GUIDANCE_MAX, GUIDANCE_MAX), "eta": (0, None),
+# steps: with SD's steps_offset, N steps on an N-step schedule would start at t = N, past its end
+RANGES = {"steps": (1, N_TRAIN_TIMESTEPS - STEPS_OFFSET), "guidance": (-GUIDANCE_MAX, GUIDANCE_MAX), "eta": (0, None),
           "batch_size": (1, None)}
 
 
@@ -85,7 +84,8 @@ def settings_error(models, prompts, seeds, settings):
 def steps_error(steps, models):
     """Why `steps` does not fit the model's own schedule (its first step must be a step of it), or None."""
     n = len(models.alphas_cumprod)
-    return f"steps {steps}: the model's schedule has {n} steps; at most {n - 1}" if steps >= n else None
+    top = n - STEPS_OFFSET  # more steps would start past the schedule's end
+    return f"steps {steps}: the model's schedule has {n} steps; at most {top}" if steps > top else None
 
 
 def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
@@ -212,8 +212,9 @@ def flag_error(args):
         return f"--eta is DDIM's: --sampler {args.sampler} takes none"
     if args.negative_prompt and args.guidance == 1:  # CFG off: no unconditional pass reads it
         return f"--negative-prompt is classifier-free guidance's: --guidance {args.guidance} has none"
-    missing = not Path(args.model).exists()
-    return guidance.flag_error(args) or (f"--model {args.model} does not exist" if missing else None)
+    if not Path(args.model).exists():
+        return f"--model {args.model} does not exist"
+    return guidance.flag_error(args)
 
 
 def read_prompts(path):

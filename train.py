@@ -203,7 +203,7 @@ class Trainer:
             self.last_saved = checkpoints.save_checkpoint(
                 self.run_dir, self.step_count, tensors, self.optimizer, self.scaler,
                 {"elapsed": time.time() - self.t_start, "rank_fingerprints": fingerprints},
-                {"indicator.safetensors": self.indicator and ddm.indicator_metadata(
+                {checkpoints.INDICATOR_FILE: self.indicator and ddm.indicator_metadata(
                     self.indicator, self.data.group_names, self.args.attribute)})
         _barrier(self.world)
 
