@@ -361,6 +361,14 @@ def load_rgb(path):
         return img.convert("RGB")
 
 
+def open_image(path):
+    """`load_rgb`, with any failure to read the file a ValueError naming it."""
+    try:
+        return load_rgb(path)
+    except Exception as e:  # PIL raises several types for bad files; all mean the same here
+        raise ValueError(f"cannot read image {path} ({e})") from None
+
+
 def text_lines(path):
     """[(line number, text)] of a UTF-8 text file; ValueError naming the file (and the line of a byte that is not
     UTF-8) when it cannot be read."""
@@ -442,9 +450,9 @@ def image_error(path):
     if path.is_dir():
         return f"{path} is a folder, not an image"
     try:
-        load_rgb(path)
-    except Exception as e:  # PIL raises several types for bad files; all mean the same here
-        return f"cannot read image {path} ({e})"
+        open_image(path)
+    except ValueError as e:
+        return str(e)
     return None
 
 

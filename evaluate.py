@@ -289,7 +289,7 @@ def clip_image_embeddings(model, paths, batch_size=32):
     device, size = model.logit_scale.device, model.config.vision.image_size
     out = []
     for i in range(0, len(paths), batch_size):
-        pixels = clip_image.preprocess([open_image(p) for p in paths[i:i + batch_size]], size)
+        pixels = clip_image.preprocess([data.open_image(p) for p in paths[i:i + batch_size]], size)
         out.append(model.encode_image(pixels.to(device)).float().cpu())
     return torch.cat(out)
 
@@ -514,19 +514,11 @@ def image_files(directory):
     return paths
 
 
-def open_image(path):
-    """One image file as an RGB PIL image; an unreadable file is a ValueError naming it."""
-    try:
-        return data.load_rgb(path)
-    except Exception as e:  # PIL raises several types for bad files
-        raise ValueError(f"cannot read image {path} ({e})") from None
-
-
 def read_images(paths):
     """Image files (`image_files` of one folder or several) -> uint8 (N, H, W, 3); they must have one size."""
     arrays = []
     for p in paths:
-        arrays.append(np.asarray(open_image(p)))
+        arrays.append(np.asarray(data.open_image(p)))
         if arrays[-1].shape != arrays[0].shape:
             raise ValueError(f"image {p} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {paths[0]} is "
                              f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; the images evaluated together must have "
