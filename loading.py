@@ -261,12 +261,10 @@ def _network_error(text, unet):
     return None
 
 
-def read_init_config(path, check=True):
+def read_init_config(path):
     """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None}), each
-    field of its default's kind, the networks they describe buildable; check=False: (the JSON dict, None)."""
+    field of its default's kind, the networks they describe buildable."""
     raw = weights.read_json(path)
-    if not check:
-        return raw, None
     why = _fields_error(raw)
     if why is None:
         out = {key: None if raw.get(key) is None else cls(**{k: tuple(v) if isinstance(v, list) else v

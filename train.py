@@ -32,6 +32,7 @@ import diffusion
 import loading
 import rundir
 import sample
+import weights
 from data import ImageFolder, MicroBatchIndices, derive_seed, encode_dataset, micro_batches
 
 
@@ -96,8 +97,9 @@ class Trainer:
         from_scratch = args.init_config is not None
         args.lora_rank = (0 if from_scratch else 8) if args.lora_rank is None else args.lora_rank
         args.train_text_encoder = from_scratch if args.train_text_encoder is None else args.train_text_encoder
-        # a resume only compares the config with run.json (its models come from base/): what an older version accepted
-        init_config = loading.read_init_config(args.init_config, check=not args.resume)[0] if from_scratch else None
+        # a resume only compares the JSON with run.json (its models come from base/): what an older version accepted
+        read = weights.read_json if args.resume else lambda path: loading.read_init_config(path)[0]
+        init_config = read(args.init_config) if from_scratch else None
         self.run_dir, self.config, ckpt, base = rundir.open_run(args, data, world, init_config, device, rank == 0)
         self.models = models = (loading.models_from_config(args.init_config, args.vae, args.seed)
                                 if from_scratch and base is None else loading.load_models(base or args.model))
