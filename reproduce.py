@@ -40,7 +40,7 @@ import train
 import weights
 from evaluate import DIVERSITY_DRAWS, DIVERSITY_SUBSET
 from guidance import DECIDE_AT, guides_for
-from loading import load_models, load_run
+from loading import latent_shape, load_indicator, load_models, load_run
 from vae import VAE, VAEConfig, load_vae, vae_diffusers_config, vae_to_diffusers
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -333,7 +333,7 @@ def train_stats(run_dir, last=50):
 
 def sample_settings(sizes, guidance=None):
     return dict(steps=sizes.sample_steps, guidance=guidance or sizes.guidance, height=RESOLUTION, width=RESOLUTION,
-                batch_size=100)
+                batch_size=100)  # 32-px models run fastest in big batches; another size moves the images' last bits
 
 
 def sample_scenarios(models, groups, sizes, *, indicator=None, method=None, guidance=None, generic_only=False,
@@ -921,7 +921,7 @@ def attribute_summary(per_prompt, chosen=None):
 
 
 ATTR_KEYS = ("fd_colour", "fd_width", "fd_joint", "fd_joint_worst_prompt", "content", "frechet") + tuple(
-    f"{k}_{g}" for k in ("recall", "precision") for groups in ATTR_GROUPS.values() for g in groups)
+    f"{k}_{g}" for k in ("recall", "precision") for g in ATTR_GROUP_NAMES)
 
 
 def summarize_attributes(rows):
@@ -967,11 +967,12 @@ def run_attributes(args):
         runs = {name: fine_tune(args, sizes, m, seed, base, vae_info) for name, m in ATTR_RUNS.items()}
         timings["finetune"] += time.time() - t0
         t0 = time.time()
-        loaded = {name: load_run(run_dir) for name, run_dir in runs.items()}
+        unets = {name: load_run(runs[name]).models for name in dict.fromkeys(r.unet for r in ATTR_ROWS)}
+        shape = latent_shape(unets["colour"], RESOLUTION, RESOLUTION)  # the guides' runs: their indicators alone
+        indicators = {g: load_indicator(runs[g], shape)[0] for r in ATTR_ROWS for g in r.guides}
         for r in ATTR_ROWS:
-            trained, indicators = loaded[r.unet], [loaded[g].indicator for g in r.guides]
-            row, images = evaluate_attribute_row(trained.models, indicators, classifier, judges, sizes,
-                                                 args.progress)
+            row, images = evaluate_attribute_row(unets[r.unet], [indicators[g] for g in r.guides], classifier, judges,
+                                                 sizes, args.progress)
             rows.append({"method": r.name, "label": r.label, "seed": seed, "unet": str(runs[r.unet]),
                          "unet_as_plain": same_unet(runs[r.unet], runs["colour"]), **row})
             grids.setdefault(r.name, images[:sizes.grid_n])
