@@ -103,9 +103,6 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     out_dir = Path(out_dir)
     images, labels = np.asarray(images), np.asarray(labels)
     assert images.ndim == 3 and len(images) == len(labels) and counts, "images (N,H,W), one label each, counts"
-    meta_path = out_dir / "metadata.jsonl"
-    if meta_path.exists() and not overwrite:
-        raise FileExistsError(f"{meta_path} exists; pass overwrite=True to rebuild the folder")
     pool = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
     rng = np.random.default_rng(seed)
     chosen = []
@@ -119,12 +116,16 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     caption = prompt if callable(prompt) else lambda digit: prompt
     rows = [{"text": caption(d), "group": d if i in keep else None, "digit": d, "source_index": i}
             for i, d in zip(chosen.tolist(), labels[chosen].tolist())]
-    return write_pngs(out_dir, rows, lambda row: digit_image(images[row["source_index"]], resolution))
+    return write_pngs(out_dir, rows, lambda row: digit_image(images[row["source_index"]], resolution), overwrite)
 
 
-def write_pngs(out_dir, rows, render):
+def write_pngs(out_dir, rows, render, overwrite=False):
     """Save the image render(row) of each metadata row as 00000.png, 00001.png, ... in `out_dir`, then the rows with
-    those file names as metadata.jsonl, last and atomically: a folder without it is an unfinished build -> out_dir."""
+    those file names as metadata.jsonl, last and atomically: a folder without it is an unfinished build -> out_dir.
+    A folder that has its metadata.jsonl (a finished build) is rebuilt only with overwrite=True."""
+    meta_path = out_dir / "metadata.jsonl"
+    if meta_path.exists() and not overwrite:
+        raise FileExistsError(f"{meta_path} exists; pass overwrite=True to rebuild the folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, row in enumerate(rows):
         render(row).save(out_dir / f"{k:05d}.png")
@@ -160,7 +161,8 @@ def width_thresholds(masses, labels):
     return {int(d): float(np.median(masses[labels == d])) for d in np.unique(labels)}
 
 
-def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, resolution=32, seed=0, labelled=1.0):
+def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, resolution=32, seed=0, labelled=1.0,
+                          overwrite=False):
     """A data folder of digits with two attributes the caption never names, exactly `counts` = {digit: {(colour,
     width): n}} of each intersection -> its path. The width is the digit's own (thin: ink mass at or below its
     class median among `indices`), drawn without replacement; the colour is painted. metadata.jsonl: "group":
@@ -186,7 +188,8 @@ def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, r
         for k, r in enumerate(members):
             r["group"] = {a: r[a] for a in ("colour", "width")} if k < n_labelled else {"colour": None, "width": None}
     rows = [{"text": prompt(r["digit"]), **r} for r in rng.permutation(rows).tolist()]  # groups interleaved
-    return write_pngs(out_dir, rows, lambda r: attribute_digit(images[r["source_index"]], r["colour"], resolution))
+    return write_pngs(out_dir, rows, lambda r: attribute_digit(images[r["source_index"]], r["colour"], resolution),
+                      overwrite)
 
 
 # ----------------------------------------------------------------------------------------------------------------

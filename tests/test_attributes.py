@@ -67,6 +67,10 @@ def test_the_builder_draws_exact_counts_per_digit_and_intersection_and_captions_
         from PIL import Image
         pixels = np.asarray(Image.open(out / r["file_name"]))[None]
         assert evaluate.AttributeJudge("width", None, thresholds[r["digit"]]).names(pixels) == [r["width"]]
+    before = (out / "metadata.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):  # a built folder is not overwritten silently
+        data.make_attribute_digits(out, images, labels, {1: COUNTS}, reproduce.group_prompt, indices=train_idx)
+    assert (out / "metadata.jsonl").read_bytes() == before
 
 
 def attribute_folder(folder, rows):
