@@ -488,9 +488,10 @@ class ImageFolder(torch.utils.data.Dataset):
         if not records:
             raise ValueError(f"{meta}: no images listed")
         self.labels = [r[3] for r in records]  # each line's group as written
-        raw = self.groups_of(meta, self.labels, attribute, need_groups)
+        self.attributes = sorted({a for g in self.labels if isinstance(g, dict) for a in g})
+        # need_groups=False: `make_cluster_folder` reads any folder's images, the groups are what it makes
+        raw = self.groups_of(meta, self.labels, attribute) if need_groups else [None] * len(records)
         self.group_names = sorted({g for g in raw if g is not None})
-        # need_groups=False: `make_cluster_folder` reads unlabelled folders, the groups are what it makes
         if need_groups and len(self.group_names) < 2:
             what = f"takes only the value {self.group_names[0]!r}" if self.group_names else "is null"
             raise ValueError(f"{meta}: field 'group' {what} on every line; DDM needs at least two "
@@ -501,16 +502,13 @@ class ImageFolder(torch.utils.data.Dataset):
         self.texts = [r[2] for r in records]
         self.groups = [index.get(g, -1) for g in raw]  # group index of every item; -1: no label (null)
 
-    def groups_of(self, meta, groups, attribute, need_groups=True):
+    def groups_of(self, meta, groups, attribute):
         """Each image's group: the value itself, or with named attributes ({"colour": "red", "width": "thin"}) the
         value of `attribute`, or "red+thin" for "colour+width" (their intersection); None where not labelled."""
-        self.attributes = sorted({a for g in groups if isinstance(g, dict) for a in g})
         if not self.attributes:
             if attribute is not None:
                 raise ValueError(f"--attribute {attribute}: the groups in {meta} name no attributes")
             return groups
-        if attribute is None and not need_groups:  # data.py clusters: the groups are what it makes
-            return [None] * len(groups)
         parts = (attribute or "").split("+")
         unknown = [a for a in parts if a not in self.attributes]
         if unknown:
