@@ -240,8 +240,8 @@ def _fields_error(raw):
     return None
 
 
-def _network_error(text, unet):
-    """Why the text encoder (CLIP's tokenizer feeds it) or the UNet (None: none given) cannot be built, or None."""
+def _text_encoder_error(text):
+    """Why the text encoder cannot be built, or read the ids of CLIP's tokenizer, or None."""
     if text.activation not in ACTIVATIONS:
         return f"text_encoder: activation must be quick_gelu or gelu, got {text.activation!r}"
     if text.vocab_size < CLIPTextConfig.vocab_size:
@@ -249,10 +249,15 @@ def _network_error(text, unet):
                 f"tokenizer), got {text.vocab_size}")
     if text.width % text.heads:
         return f"text_encoder: width {text.width} must be a multiple of heads {text.heads}"
-    if unet and not set(unet.attention_levels) <= set(range(len(unet.channel_mult))):
+    return None
+
+
+def _unet_error(unet):
+    """Why the UNet cannot be built: attention at a level it does not have, or channels that heads do not split."""
+    if not set(unet.attention_levels) <= set(range(len(unet.channel_mult))):
         return (f"unet: attention_levels {list(unet.attention_levels)} must be levels of channel_mult "
                 f"(0..{len(unet.channel_mult) - 1})")
-    for level in sorted({*unet.attention_levels, len(unet.channel_mult) - 1} if unet else ()):  # + the middle
+    for level in sorted({*unet.attention_levels, len(unet.channel_mult) - 1}):  # + the middle block
         channels = unet.model_channels * unet.channel_mult[level]
         n = unet.heads(channels)
         if n < 1 or channels % n:
@@ -270,7 +275,8 @@ def read_init_config(path):
         out = {key: None if raw.get(key) is None else cls(**{k: tuple(v) if isinstance(v, list) else v
                                                                for k, v in raw[key].items()})
                for key, cls in INIT_CONFIGS.items()}
-        why = _network_error(out["text_encoder"] or CLIPTextConfig(), out["unet"])  # the default passes every check
+        text, unet = out["text_encoder"], out["unet"]  # None: not given
+        why = (_text_encoder_error(text) if text else None) or (_unet_error(unet) if unet else None)
     if why:
         raise ValueError(f"--init-config {path}: {why}")
     return raw, out
