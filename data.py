@@ -611,6 +611,14 @@ SEED = (0, 2 ** 64 - 1)  # numpy's default_rng takes any seed >= 0, torch.Genera
 RANGES = {"celeba": {"seed": SEED}, "clusters": {"dims": (1, None), "seed": SEED}}  # checked by cli.range_error
 
 
+def add_folder_flags(c, seeds):
+    """The flags of a command that writes a data folder: where, its seed (which seeds `seeds`), link or copy."""
+    c.add_argument("--out", required=True, type=Path, help="the data folder to write")
+    c.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
+    c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
+    c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Build the data folders train.py reads (metadata.jsonl + images).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -628,6 +636,7 @@ def main(argv=None):
     c.add_argument("--prompt", required=True, help='the caption of every image, e.g. "a photo of a face"')
     c.add_argument("--group-names", nargs=2, metavar=("WITH", "WITHOUT"),
                    help='names of the two groups (default: ATTRIBUTE and "not ATTRIBUTE")')
+    add_folder_flags(c, "which images are drawn")
     c = commands.add_parser("clusters", help="ours: a copy of a data folder whose groups are clusters of its images "
                                              "(no labels needed)",
                             description="Group the images of DATA without labels: a K-component Gaussian mixture "
@@ -640,12 +649,7 @@ def main(argv=None):
     c.add_argument("--k", required=True, type=int, help="number of clusters (>= 2)")
     c.add_argument("--resolution", type=int, default=512, help="the resolution train.py will use (default 512)")
     c.add_argument("--dims", type=int, default=10, help="principal components of the latents clustered (default 10)")
-    for name, seeds in (("celeba", "which images are drawn"), ("clusters", "the mixture's initial centres")):
-        c = commands.choices[name]  # both write a data folder alike
-        c.add_argument("--out", required=True, type=Path, help="the data folder to write")
-        c.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
-        c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
-        c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
+    add_folder_flags(c, "the mixture's initial centres")
     args = parser.parse_args(argv)
     why = cli.range_error(args, RANGES[args.command]) or (
         cli.side_error("resolution", args.resolution) if args.command == "clusters" else None)
