@@ -539,6 +539,9 @@ def save_grid(panels, path, cols=8, per_row=3):
 # The whole reproduction
 
 
+DEFAULT_GROUPS, DEFAULT_COUNTS = "7,8", "360,40"  # the digit experiment: 7 against 8 at 9 : 1
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DDM (arXiv 2503.12536) and its variants on real handwritten digits, "
                                             "on CPU.")
@@ -549,9 +552,9 @@ def parse_args(argv=None):
                    help="digits: balance digit classes under a generic prompt (default); attributes: balance ink "
                         "colour and stroke width, which the prompt (naming the digit) does not name")
     # the digit experiment's choices; the attribute experiment's digits, counts and rows are fixed (ATTR_*)
-    p.add_argument("--groups", help="the digits whose balance is judged, K >= 2 (default 7,8)")
+    p.add_argument("--groups", help=f"the digits whose balance is judged, K >= 2 (default {DEFAULT_GROUPS})")
     p.add_argument("--counts", help="fine-tuning images per group, in --groups order, at most "
-                                    f"{TRAIN_PER_DIGIT} each (default 360,40: 9 : 1)")
+                                    f"{TRAIN_PER_DIGIT} each (default {DEFAULT_COUNTS}: 9 : 1)")
     p.add_argument("--methods", help=f"comma-separated, from {', '.join(BY_NAME)} (default: all but the label-free "
                                      "clusters methods)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per method (>= 1)")
@@ -562,8 +565,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     args = p.parse_args(argv)
     given = [f"--{name}" for name in ("groups", "counts", "methods") if getattr(args, name) is not None]
-    args.groups = "7,8" if args.groups is None else args.groups  # "" stays "", and is refused below
-    args.counts = "360,40" if args.counts is None else args.counts
+    args.groups = DEFAULT_GROUPS if args.groups is None else args.groups  # "" stays "", and is refused below
+    args.counts = DEFAULT_COUNTS if args.counts is None else args.counts
     args.methods = ",".join(m.name for m in METHODS if m.default) if args.methods is None else args.methods
     try:
         groups = [int(g) for g in args.groups.split(",")]
