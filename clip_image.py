@@ -174,33 +174,34 @@ def clip_config_from_hf(d, where="config.json"):
     missing = next((key for section, key in required if key not in section), None)
     if missing:
         raise ValueError(f"{where}: missing key {missing!r}")
-    part = "text_config: "  # the part of the file that an error below is in
+    parts = {}
+    for name, read, section in (("text_config", text_encoder_config_from_hf, t),
+                                ("vision_config", vision_config_from_hf, v)):
+        try:
+            parts[name] = read(section)
+        except ValueError as e:
+            raise ValueError(f"{where}: {name}: {e}") from None
     try:
-        text = text_encoder_config_from_hf(t)
-        part = "vision_config: "
-        vision = CLIPVisionConfig(**{ours: weights.config_value(v, theirs, "int") for ours, theirs in
-                                     VISION_FIELDS.items()},
-                                  activation=weights.config_value(v, "hidden_act", "str", "quick_gelu"))
-        why = vision_config_error(v, vision)
-        if why:
-            raise ValueError(why)
-        part = ""
-        return CLIPConfig(text=text, vision=vision, projection_dim=weights.config_value(d, "projection_dim", "int"))
+        projection_dim = weights.config_value(d, "projection_dim", "int")
     except ValueError as e:
-        raise ValueError(f"{where}: {part}{e}") from None
+        raise ValueError(f"{where}: {e}") from None
+    return CLIPConfig(text=parts["text_config"], vision=parts["vision_config"], projection_dim=projection_dim)
 
 
-def vision_config_error(v, cfg):
-    """Why the vision_config `v` (read into `cfg`) describes a tower that CLIPVisionModel does not build, or None."""
+def vision_config_from_hf(v):
+    """CLIPVisionConfig from a transformers vision_config dict; ValueError for a field of the wrong type or a tower
+    that CLIPVisionModel does not build."""
+    cfg = CLIPVisionConfig(**{ours: weights.config_value(v, theirs, "int") for ours, theirs in VISION_FIELDS.items()},
+                           activation=weights.config_value(v, "hidden_act", "str", "quick_gelu"))
     if v.get("layer_norm_eps", 1e-5) != 1e-5 or v.get("num_channels", 3) != 3:
-        return (f"must have layer_norm_eps 1e-5 and 3 channels, got {v.get('layer_norm_eps')} and "
-                f"{v.get('num_channels')}")
+        raise ValueError(f"must have layer_norm_eps 1e-5 and 3 channels, got {v.get('layer_norm_eps')} and "
+                         f"{v.get('num_channels')}")
     if cfg.activation not in ACTIVATIONS:
-        return f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {cfg.activation!r}"
+        raise ValueError(f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {cfg.activation!r}")
     if cfg.width % cfg.heads or cfg.image_size % cfg.patch_size:
-        return (f"hidden_size {cfg.width} must be a multiple of num_attention_heads {cfg.heads}, "
-                f"image_size {cfg.image_size} of patch_size {cfg.patch_size}")
-    return None
+        raise ValueError(f"hidden_size {cfg.width} must be a multiple of num_attention_heads {cfg.heads}, "
+                         f"image_size {cfg.image_size} of patch_size {cfg.patch_size}")
+    return cfg
 
 
 def load_clip(path, dtype=torch.float32):
