@@ -151,9 +151,14 @@ def attribute_digit(image, colour, resolution=32):
                             * COLOURS[colour]).round().astype(np.uint8))
 
 
+def digit_images(images, indices, resolution=32):
+    """The shipped digits at `indices` as the folders hold them and generated images look: uint8 (N, R, R, 3)."""
+    return np.stack([np.asarray(digit_image(images[i], resolution)) for i in indices])
+
+
 def ink_masses(images, indices, resolution=32):
     """The ink mass of each shipped digit at `indices` (N,), rendered at `resolution` as the folders hold them."""
-    return ink_mass(np.stack([np.asarray(digit_image(images[i], resolution)) for i in indices]))
+    return ink_mass(digit_images(images, indices, resolution))
 
 
 def width_thresholds(masses, labels):

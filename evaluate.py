@@ -119,8 +119,7 @@ def heldout_digits(split_seed=0, heldout_per_class=100, resolution=32, groups=No
     _, heldout = data.split_digits(split_seed, heldout_per_class, labels)
     if groups is not None:
         heldout = heldout[np.isin(labels[heldout], [int(g) for g in groups])]
-    rendered = np.stack([np.asarray(data.digit_image(images[i], resolution)) for i in heldout])
-    return rendered, labels[heldout]
+    return data.digit_images(images, heldout, resolution), labels[heldout]
 
 
 def train_digit_classifier(seed=0, epochs=8, batch_size=64, lr=3e-3, split_seed=0, heldout_per_class=100,

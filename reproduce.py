@@ -854,7 +854,7 @@ def attribute_judges(classifier, vae_path):
     vae, judges, check = load_vae(vae_path), {}, {}
     for d in ATTR_DIGITS:
         held = held_idx[labels[held_idx] == d]
-        white = np.stack([np.asarray(data.digit_image(images[i], RESOLUTION)) for i in held])
+        white = data.digit_images(images, held, RESOLUTION)
         mass = data.ink_mass(white)
         thick = mass > thresholds[d]
         feats = classifier.features(white)
