@@ -21,7 +21,8 @@ import torch.nn as nn
 from PIL import Image
 
 import weights
-from clip_text import ACTIVATIONS, CLIPTextConfig, CLIPTextModel, EncoderLayer, text_encoder_config_from_hf
+from clip_text import (ACTIVATIONS, CLIPTextConfig, CLIPTextModel, EncoderLayer, text_encoder_config_from_hf,
+                       tower_error)
 from tokenizer import Tokenizer
 
 # CLIP's per-channel RGB mean and std of its training images, on [0, 1] pixels (OpenAI's release)
@@ -193,14 +194,14 @@ def vision_config_from_hf(v):
     that CLIPVisionModel does not build."""
     cfg = CLIPVisionConfig(**{ours: weights.config_value(v, theirs, "int") for ours, theirs in VISION_FIELDS.items()},
                            activation=weights.config_value(v, "hidden_act", "str", "quick_gelu"))
-    if v.get("layer_norm_eps", 1e-5) != 1e-5 or v.get("num_channels", 3) != 3:
-        raise ValueError(f"must have layer_norm_eps 1e-5 and 3 channels, got {v.get('layer_norm_eps')} and "
-                         f"{v.get('num_channels')}")
-    if cfg.activation not in ACTIVATIONS:
-        raise ValueError(f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {cfg.activation!r}")
-    if cfg.width % cfg.heads or cfg.image_size % cfg.patch_size:
-        raise ValueError(f"hidden_size {cfg.width} must be a multiple of num_attention_heads {cfg.heads}, "
-                         f"image_size {cfg.image_size} of patch_size {cfg.patch_size}")
+    eps, channels = v.get("layer_norm_eps", 1e-5), v.get("num_channels", 3)
+    if eps != 1e-5 or channels != 3:
+        raise ValueError(f"must have layer_norm_eps 1e-05 and 3 channels, got {eps} and {channels}")
+    why = tower_error(cfg)
+    if why:
+        raise ValueError(why)
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
     return cfg
 
 

@@ -128,21 +128,33 @@ WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 TRANSFORMERS5_NAMES = {name: f"text_model.{name}" for name in ("embeddings", "encoder", "final_layer_norm")}
 
 
+def tower_error(cfg):
+    """Why a CLIP tower of `cfg` (the text one here, or clip_image's vision one) cannot be built, or None: an
+    activation without a function in ACTIVATIONS, or a width its heads do not split."""
+    if cfg.activation not in ACTIVATIONS:
+        return f"activation must be {' or '.join(ACTIVATIONS)}, got {cfg.activation!r}"
+    if cfg.width % cfg.heads:
+        return f"width {cfg.width} must be a multiple of heads {cfg.heads}"
+    return None
+
+
 def text_encoder_config_from_hf(d):
     """CLIPTextConfig from a transformers CLIPTextConfig config.json dict (a diffusers `text_encoder/`); ValueError
     for a variant this file cannot build or a field of the wrong type."""
     if d.get("layer_norm_eps", 1e-5) != 1e-5:
         raise ValueError(f"text encoder config has layer_norm_eps {d['layer_norm_eps']}; only 1e-5 is supported")
-    activation = weights.config_value(d, "hidden_act", "str", "quick_gelu")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"field 'hidden_act' must be 'quick_gelu' or 'gelu', got {activation!r}")
     # eos_token_id 2 is transformers' legacy placeholder (SD v1.5's config.json says 2) meaning "the highest id"
     eos = weights.config_value(d, "eos_token_id", "int", 2)
     value = functools.partial(weights.config_value, d, kind="int")  # the sizes below are required
-    return CLIPTextConfig(eos_token_id=CLIPTextConfig.eos_token_id if eos == 2 else eos,
-                          vocab_size=value("vocab_size"), max_position=value("max_position_embeddings"),
-                          width=value("hidden_size"), layers=value("num_hidden_layers"),
-                          heads=value("num_attention_heads"), mlp=value("intermediate_size"), activation=activation)
+    cfg = CLIPTextConfig(eos_token_id=CLIPTextConfig.eos_token_id if eos == 2 else eos,
+                         vocab_size=value("vocab_size"), max_position=value("max_position_embeddings"),
+                         width=value("hidden_size"), layers=value("num_hidden_layers"),
+                         heads=value("num_attention_heads"), mlp=value("intermediate_size"),
+                         activation=weights.config_value(d, "hidden_act", "str", "quick_gelu"))
+    why = tower_error(cfg)
+    if why:
+        raise ValueError(why)
+    return cfg
 
 
 def text_encoder_hf_config(cfg):

@@ -19,11 +19,11 @@ import lora
 import rundir
 import weights
 from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
-from clip_text import ACTIVATIONS, CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf
+from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf, tower_error
 from ddm import Indicator, make_indicator, uses_indicator
 from tokenizer import Tokenizer, load_tokenizer
 from unet import WEIGHT_NAMES as UNET_FILES
-from unet import UNet, UNetConfig, load_unet, unet_config_from_diffusers
+from unet import UNet, UNetConfig, config_error, load_unet, unet_config_from_diffusers
 from vae import WEIGHT_NAMES as VAE_FILES
 from vae import VAE, VAEConfig, load_vae, vae_config_from_diffusers
 
@@ -242,28 +242,10 @@ def _fields_error(raw):
 
 def _text_encoder_error(text):
     """Why the text encoder cannot be built, or read the ids of CLIP's tokenizer, or None."""
-    if text.activation not in ACTIVATIONS:
-        return f"text_encoder: activation must be quick_gelu or gelu, got {text.activation!r}"
     if text.vocab_size < CLIPTextConfig.vocab_size:
-        return (f"text_encoder: vocab_size must be at least {CLIPTextConfig.vocab_size} (the ids of CLIP's "
-                f"tokenizer), got {text.vocab_size}")
-    if text.width % text.heads:
-        return f"text_encoder: width {text.width} must be a multiple of heads {text.heads}"
-    return None
-
-
-def _unet_error(unet):
-    """Why the UNet cannot be built: attention at a level it does not have, or channels that heads do not split."""
-    if not set(unet.attention_levels) <= set(range(len(unet.channel_mult))):
-        return (f"unet: attention_levels {list(unet.attention_levels)} must be levels of channel_mult "
-                f"(0..{len(unet.channel_mult) - 1})")
-    for level in sorted({*unet.attention_levels, len(unet.channel_mult) - 1}):  # + the middle block
-        channels = unet.model_channels * unet.channel_mult[level]
-        n = unet.heads(channels)
-        if n < 1 or channels % n:
-            heads = f"head_dim {unet.head_dim}" if unet.head_dim else f"num_heads {unet.num_heads}"
-            return f"unet: {channels} channels at level {level} do not split into {n} heads ({heads})"
-    return None
+        return (f"vocab_size must be at least {CLIPTextConfig.vocab_size} (the ids of CLIP's tokenizer), got "
+                f"{text.vocab_size}")
+    return tower_error(text)
 
 
 def read_init_config(path):
@@ -275,8 +257,11 @@ def read_init_config(path):
         out = {key: None if raw.get(key) is None else cls(**{k: tuple(v) if isinstance(v, list) else v
                                                                for k, v in raw[key].items()})
                for key, cls in INIT_CONFIGS.items()}
-        text, unet = out["text_encoder"], out["unet"]  # None: not given
-        why = (_text_encoder_error(text) if text else None) or (_unet_error(unet) if unet else None)
+        for key, error in (("text_encoder", _text_encoder_error), ("unet", config_error)):  # None: not given
+            problem = out[key] and error(out[key])
+            if problem:
+                why = f"{key}: {problem}"
+                break
     if why:
         raise ValueError(f"--init-config {path}: {why}")
     return raw, out

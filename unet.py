@@ -367,7 +367,7 @@ def unet_config_from_diffusers(d):
             raise ValueError(f"unsupported per-level attention heads {heads} for widths {widths}")
         head_dim = dims.pop()
     sample_size = d.get("sample_size")
-    return UNetConfig(
+    cfg = UNetConfig(
         in_channels=weights.config_value(d, "in_channels", "int", 4),
         out_channels=weights.config_value(d, "out_channels", "int", 4),
         model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
@@ -379,6 +379,25 @@ def unet_config_from_diffusers(d):
         use_linear_proj=weights.config_value(d, "use_linear_projection", "bool", False),
         num_groups=weights.config_value(d, "norm_num_groups", "int", 32),
         sample_size=64 if sample_size is None else weights.config_value(d, "sample_size", "int"))
+    why = config_error(cfg)
+    if why:
+        raise ValueError(why)
+    return cfg
+
+
+def config_error(cfg):
+    """Why UNet(cfg) cannot be built or run, or None: attention at a level it does not have, or channels that its
+    heads do not split."""
+    if not set(cfg.attention_levels) <= set(range(len(cfg.channel_mult))):
+        return (f"attention_levels {list(cfg.attention_levels)} must be levels of channel_mult "
+                f"(0..{len(cfg.channel_mult) - 1})")
+    for level in sorted({*cfg.attention_levels, len(cfg.channel_mult) - 1}):  # + the middle block
+        channels = cfg.model_channels * cfg.channel_mult[level]
+        n = cfg.heads(channels)
+        if n < 1 or channels % n:
+            heads = f"head_dim {cfg.head_dim}" if cfg.head_dim else f"num_heads {cfg.num_heads}"
+            return f"{channels} channels at level {level} do not split into {n} heads ({heads})"
+    return None
 
 
 def unet_diffusers_config(cfg=UNetConfig()):

@@ -90,6 +90,8 @@ def test_rename_uses_the_longest_prefix_and_inverts():
 
 UNET_OK = {"down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [32, 64]}
+TEXT_OK = {"vocab_size": 1000, "max_position_embeddings": 77, "hidden_size": 32, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "intermediate_size": 64}
 
 
 @pytest.mark.parametrize("load,folder,config,message", [
@@ -108,6 +110,13 @@ UNET_OK = {"down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
     ("text_encoder", "text_encoder", {}, r"text_encoder/config.json: missing field 'vocab_size'"),
     ("text_encoder", "text_encoder", {"vocab_size": None}, r"field 'vocab_size' must be a positive integer, got null"),
     ("text_encoder", "text_encoder", b'{"hidden_act": "gel\xfc"}', r"text_encoder/config.json: not UTF-8 text"),
+    # configs that read but build no network: refused naming the file, not an assert or an error mid-forward
+    ("text_encoder", "text_encoder", {**TEXT_OK, "hidden_size": 30},
+     r"text_encoder/config.json: width 30 must be a multiple of heads 4"),
+    ("text_encoder", "text_encoder", {**TEXT_OK, "hidden_act": "relu"},
+     r"text_encoder/config.json: activation must be quick_gelu or gelu, got 'relu'"),
+    ("unet", "unet", {**UNET_OK, "block_out_channels": [36, 72], "norm_num_groups": 4},
+     r"unet/config.json: 36 channels at level 0 do not split into 8 heads"),
 ])
 def test_bad_config_json_is_named_with_the_file_and_field_before_any_tensor_is_read(tmp_path, load, folder, config,
                                                                                    message):
