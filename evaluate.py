@@ -440,7 +440,8 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         result.update(success_rates=rates, spd=statistical_parity_difference(rates))
     if reference_features is not None:
         feats = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-        result.update(frechet_distances(feats, labels, p, groups, reference_features))
+        if len(images) >= 2:  # one image has no covariance: its Frechet distances stay None
+            result.update(frechet_distances(feats, labels, p, groups, reference_features))
         if isinstance(reference_features, dict):
             result.update(diversity(feats, labels, groups, reference_features, m=diversity_subset))
     return result

@@ -245,6 +245,19 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_evaluation(heldout,
         assert e.value.code == 2 and f"--out {out}: " in err and message in err
 
 
+def test_a_folder_of_one_image_is_judged_and_its_frechet_distance_is_none_not_an_assertion(trained, heldout, tmp_path,
+                                                                                          capsys):
+    """sample.py --n 1 writes one image: it has a group and a confidence, but no covariance for a Frechet distance
+    (None, as for a group of too few images), not an AssertionError from inside the metric."""
+    model, _ = trained
+    evaluate.save_classifier(model, tmp_path / "c.safetensors")
+    one = _write_pngs(tmp_path / "one", heldout[0][heldout[1] == 7][:1])
+    r = evaluate.main([str(one), "--classifier", str(tmp_path / "c.safetensors"), "--groups", "7", "8"])
+    assert r["n_images"] == 1 and r["proportions"] == [1.0, 0.0] and r["frechet_distance"] is None
+    assert r["frechet_per_group"] is None and r["recall"] is None
+    assert "Frechet distance  -" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ["objects.npy", "junk.safetensors", "junk.npy"])
 def test_indicator_logits_that_do_not_read_are_named(name, trained, heldout, tmp_path):
     model, _ = trained
