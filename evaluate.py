@@ -660,6 +660,9 @@ def evaluate_clip(args):
         prompts += sample_prompts(d, files, args.prompt)
         requested += [asked[k]] * len(files) if asked else []
     reference = None if args.reference is None else image_files(args.reference)
+    if reference is not None and len(reference) < 2:
+        raise ValueError(f"--reference {args.reference} holds 1 image; the Frechet distance needs at least 2 "
+                         "(thousands for a stable one)")
     indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
     model = clip_image.load_clip(args.clip).to(args.device)
     tokenizer = clip_image.load_clip_tokenizer(args.clip)

@@ -450,6 +450,18 @@ def test_clip_cli_bad_inputs_give_clear_messages(tiny_clip, heldout, tmp_path, c
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_clip_reference_of_one_image_is_refused_naming_the_flag_and_one_generated_image_has_no_frechet(
+        tiny_clip, heldout, tmp_path):
+    images, _ = heldout
+    one, three = _write_pngs(tmp_path / "one", images[:1]), _write_pngs(tmp_path / "three", images[:3])
+    clip = ["--clip", str(tiny_clip[0]), "--attributes", *ATTRIBUTES, "--device", "cpu", "--prompt", "a photo"]
+    with pytest.raises(SystemExit, match=rf"^evaluate\.py: error: --reference {re.escape(str(one))} holds 1 image; "
+                                         r"the Frechet distance needs at least 2"):
+        evaluate.main([str(three), *clip, "--reference", str(one)])
+    r = evaluate.main([str(one), *clip, "--reference", str(three)])
+    assert r["n_images"] == 1 and r["frechet_distance"] is None and r["n_reference"] == 3
+
+
 def test_per_group_frechet_compares_each_group_with_its_own_real_images():
     g = torch.Generator().manual_seed(0)
     real = {7: torch.randn(200, 4, generator=g), 8: torch.randn(200, 4, generator=g) + 3}
