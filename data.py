@@ -513,6 +513,9 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.attributes:
             if attribute is not None:
                 raise ValueError(f"--attribute {attribute}: the groups in {meta} name no attributes")
+            if any(isinstance(g, dict) for g in groups):  # one type per file: every labelled line has {}
+                raise ValueError(f"{meta}: field 'group' is {{}} (an object naming no attribute) on every labelled "
+                                 "line; DDM needs at least two labelled groups")
             return groups
         parts = (attribute or "").split("+")
         unknown = [a for a in parts if a not in self.attributes]

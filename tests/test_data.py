@@ -122,6 +122,9 @@ def test_image_folder_converts_gray_rgba_and_palette_and_maps_string_groups(tmp_
     ([{"file_name": "a.png", "text": None, "group": 0}], r"line 1: field 'text' must be a string"),
     (["[1, 2]"], r"line 1: expected a JSON object"),
     ([], r"metadata.jsonl: no images listed"),
+    ([{"file_name": "a.png", "text": "t", "group": {}}, {"file_name": "a.png", "text": "t", "group": None}],
+     r"metadata.jsonl: field 'group' is \{\} \(an object naming no attribute\) on every labelled line; DDM needs "
+     r"at least two labelled groups"),  # was a TypeError: unhashable type: 'dict'
 ])
 def test_image_folder_bad_input_names_file_line_and_field(tmp_path, rows, pattern):
     root = _folder(tmp_path, rows, {"a.png": Image.new("RGB", (8, 8))})
