@@ -581,8 +581,9 @@ def parse_args(argv=None):
 
 
 def flag_error(args):
-    """Why the flags cannot be used as given, or None: the CLIP flags without --clip or the digit ones with it,
-    --prompt-groups not one per folder, --batch-size, an --out that cannot be written."""
+    """Why the flags cannot be used as given, or None: the CLIP flags without --clip or the digit ones with it, a
+    text twice in an --attributes list, --prompt-groups not one per folder, --batch-size, an --out that cannot be
+    written."""
     if args.clip is None:
         for name in ("attributes", "reference", "prompt"):
             if getattr(args, name) is not None:
@@ -592,6 +593,9 @@ def flag_error(args):
                 '"a photo of a woman"')
     elif args.groups is not None:
         return "--groups picks digit classes; with --clip the groups are the --attributes"
+    twice = next((t for a in args.attributes or [] for k, t in enumerate(a) if t in a[:k]), None)
+    if twice is not None:
+        return f"--attributes names the text {twice!r} twice; each group of an attribute needs its own text"
     if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
         return (f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image folders; "
                 "give one per folder")
