@@ -276,13 +276,14 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
     return write_folder(out_dir, entries, link=link, overwrite=overwrite)
 
 
-def write_folder(out_dir, entries, *, link=False, overwrite=False):
-    """Copy (or symlink) images into a data folder and write its metadata.jsonl -> out_dir. entries: (source path,
-    file_name inside out_dir, the line's other fields). The metadata file is written last and atomically. An existing
-    metadata.jsonl needs overwrite=True, and even then only files that it lists are replaced: nothing this code did
-    not write is lost."""
-    out_dir = Path(out_dir)
-    for source, name, _ in entries:
+def check_out_folder(out_dir, files, overwrite):
+    """Raise unless the images `files` = [(source path, file_name inside out_dir)] can be written into `out_dir`:
+    each name inside it and not its own source, a previous build's metadata.jsonl only with overwrite, no file there
+    that such a metadata.jsonl does not list. Checked before the work that picks the images, and again by
+    write_folder."""
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; --out names the data folder to write")
+    for source, name in files:
         target = (out_dir / name).parent.resolve() / Path(name).name  # the file itself, not what a link points to
         if not target.is_relative_to(out_dir.resolve()):
             raise ValueError(f"file_name {name!r} would lie outside {out_dir}")
@@ -298,11 +299,20 @@ def write_folder(out_dir, entries, *, link=False, overwrite=False):
                 ours.add(json.loads(line)["file_name"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass
-    taken = [name for _, name, _ in entries if os.path.lexists(out_dir / name) and name not in ours]
+    taken = [name for _, name in files if os.path.lexists(out_dir / name) and name not in ours]
     if taken:
         raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "
                               "choose an empty --out")
-    lines = []
+
+
+def write_folder(out_dir, entries, *, link=False, overwrite=False):
+    """Copy (or symlink) images into a data folder and write its metadata.jsonl -> out_dir. entries: (source path,
+    file_name inside out_dir, the line's other fields). The metadata file is written last and atomically. An existing
+    metadata.jsonl needs overwrite=True, and even then only files that it lists are replaced: nothing this code did
+    not write is lost (`check_out_folder`)."""
+    out_dir = Path(out_dir)
+    check_out_folder(out_dir, [(source, name) for source, name, _ in entries], overwrite)
+    meta_path, lines = out_dir / "metadata.jsonl", []
     for source, name, fields in entries:
         target = out_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +334,7 @@ def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=
     -> (out_dir, cluster sizes (K,)). Each line keeps its caption, and its group, if it had one, as "label" (never
     read by training: it lets you see what the clusters found). Images are copied, or symlinked with link=True."""
     data = ImageFolder(data_dir, resolution, need_groups=False)
+    check_out_folder(Path(out_dir), list(zip(data.files, data.names)), overwrite)  # before minutes of encoding
     vae = load_vae(vae_path)
     z0 = encode_dataset(vae, data, 32, "cpu")[0] * vae.config.scaling_factor  # posterior means; 32 images a batch
     distinct = len(torch.unique(z0.flatten(1), dim=0))

@@ -416,6 +416,25 @@ def test_cluster_folder_gives_unlabelled_images_groups_of_free_size(tmp_path):
                    "--out", str(tmp_path / "k1")])
 
 
+def test_clusters_refuses_an_out_it_cannot_write_before_the_vae_loads_or_encodes_an_image(tmp_path, monkeypatch):
+    """--out was checked only after every image had gone through the VAE (minutes for SD at 512 px): a finished
+    build without --overwrite, a folder holding the user's own files or a file as --out are refused first."""
+    rows = [{"file_name": f"{k}.png", "text": "", "group": None} for k in range(4)]
+    src = _folder(tmp_path / "src", rows, {f"{k}.png": Image.new("RGB", (16, 16), (60 * k, 0, 0)) for k in range(4)})
+    built = _folder(tmp_path / "built", rows[:1])  # a finished build: its metadata.jsonl
+    theirs = _folder(tmp_path / "theirs", [], {"2.png": Image.new("RGB", (16, 16), "white")})
+    (theirs / "metadata.jsonl").unlink()
+    (tmp_path / "file").write_text("mine")
+    monkeypatch.setattr(data, "load_vae", lambda path: pytest.fail("the VAE loaded before --out was checked"))
+    for out, message in ((built, r"metadata.jsonl exists; pass --overwrite"),
+                         (theirs, r"theirs/2.png exists and no metadata.jsonl of a previous build lists it"),
+                         (tmp_path / "file", r"file exists and is not a folder")):
+        with pytest.raises(SystemExit, match=rf"^data\.py: error: .*{message}"):
+            data.main(["clusters", "--data", str(src), "--vae", "none", "--k", "2", "--resolution", "16",
+                       "--out", str(out)])
+    assert (theirs / "2.png").exists() and (tmp_path / "file").read_text() == "mine"
+
+
 def test_folders_built_with_link_are_read_and_clustered_and_a_link_elsewhere_still_is_not(celeba, tmp_path):
     """--link writes symlinks to the sources, outside the folder on purpose; the line's `source` names the target.
     A link whose line names no such source, or another one, still lies outside the folder."""
