@@ -138,9 +138,13 @@ def open_run(args, data, world_size, init_config, device, say):
         raise ValueError(f"{args.data} has {len(data)} images, fewer than --batch-size {args.batch_size} x "
                          f"{world_size} processes")
     run_dir, config = run_dir_of(args.out, args.resume), run_config(args, data, world_size, init_config)
-    return (run_dir, config, *check_run_dir(run_dir, config, data, resume=args.resume is not None, say=say,
-                                            defaults=args.objective_defaults, device=device,
-                                            allow_data_change=args.allow_data_change))
+    ckpt, base = check_run_dir(run_dir, config, data, resume=args.resume is not None, say=say,
+                               defaults=args.objective_defaults, device=device,
+                               allow_data_change=args.allow_data_change)
+    if ckpt and ckpt["step"] > args.max_steps:  # a resume cannot go back: it would end at once (and export this step)
+        raise ValueError(f"--max-steps {args.max_steps} is below step {ckpt['step']}, where the run is "
+                         f"({ckpt['path']}); a resume goes on from there: give --max-steps {ckpt['step']} or more")
+    return run_dir, config, ckpt, base
 
 
 def run_config(args, data, world_size, init_config):

@@ -226,6 +226,20 @@ def test_a_checkpoint_whose_state_json_names_another_step_is_refused_and_the_log
     assert (run / "log.jsonl").read_bytes() == log
 
 
+def test_a_resume_asked_to_end_before_the_step_the_run_is_at_is_refused_and_exports_nothing(lora_run, sd_dir,
+                                                                                            data_dir, tmp_path):
+    """--max-steps 2 over a run at step 4 cannot go back: it used to end at once in silence, and with --export wrote
+    step 4's weights under the name the user gave for step 2."""
+    run, export = tmp_path / "run", tmp_path / "step-2"
+    shutil.copytree(lora_run, run)
+    before = {p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"^--max-steps 2 is below step 4, where the run is \(.*checkpoint-000004\)"):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "2",
+                     "--export", str(export)])
+    assert ({p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes()) == before and not export.exists()
+    train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "4"])
+
+
 @pytest.mark.parametrize("change", ["renamed", "reshaped"])
 def test_an_optimizer_state_that_does_not_fit_the_run_is_refused_naming_the_file(change, two_checkpoints, sd_dir,
                                                                                  data_dir, tmp_path):
