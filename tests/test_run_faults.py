@@ -226,6 +226,26 @@ def test_a_checkpoint_whose_state_json_names_another_step_is_refused_and_the_log
     assert (run / "log.jsonl").read_bytes() == log
 
 
+@pytest.mark.parametrize("target", ["moved", "unmounted"])
+def test_a_checkpoint_that_is_a_symbolic_link_is_refused_and_the_run_and_its_log_are_kept(target, lora_run, sd_dir,
+                                                                                          data_dir, tmp_path):
+    """A checkpoint moved to another disk and linked back (or its disk not mounted: a dangling link) used to be passed
+    over in silence: the resume started again from step 0, cut log.jsonl to nothing, and failed at its first save
+    with "Cannot call rmtree on a symbolic link"; sampling fell back to an older checkpoint or to none."""
+    run, moved = tmp_path / "run", tmp_path / "disk" / "checkpoint-000004"
+    shutil.copytree(lora_run, run)
+    moved.parent.mkdir()
+    shutil.move(run / "checkpoint-000004", moved)
+    (run / "checkpoint-000004").symlink_to(moved if target == "moved" else tmp_path / "unmounted" / moved.name)
+    before = {p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes(), sorted(os.listdir(moved))
+    message = rf"^{re.escape(str(run / 'checkpoint-000004'))} is a symbolic link"
+    with pytest.raises(ValueError, match=message):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "6"])
+    with pytest.raises(ValueError, match=message):
+        loading.load_run(run)
+    assert ({p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes(), sorted(os.listdir(moved))) == before
+
+
 def test_a_resume_asked_to_end_before_the_step_the_run_is_at_is_refused_and_exports_nothing(lora_run, sd_dir,
                                                                                             data_dir, tmp_path):
     """--max-steps 2 over a run at step 4 cannot go back: it used to end at once in silence, and with --export wrote
