@@ -246,6 +246,27 @@ def test_a_checkpoint_that_is_a_symbolic_link_is_refused_and_the_run_and_its_log
     assert ({p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes(), sorted(os.listdir(moved))) == before
 
 
+def test_a_fine_tune_of_a_run_directory_that_trained_on_since_is_refused_naming_both_checkpoints(lora_run, sd_dir,
+                                                                                                 data_dir, tmp_path):
+    """--model RUN loads RUN's newest checkpoint. When RUN trains on, that checkpoint is replaced: a resume (or a
+    sample) of the fine-tune used to put its weights on the newer ones in silence, a model nobody trained."""
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    shutil.copytree(lora_run, parent)
+    tune = ["--model", str(parent), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*tune, "--out", str(child), "--max-steps", "1"])
+    train.train([*tune, "--resume", str(child), "--max-steps", "2"])  # the parent as it was: goes on
+    train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(parent), "--max-steps", "6"])
+    log = (child / "log.jsonl").read_bytes()
+    message = (rf"^{re.escape(str(child / 'run.json'))}: the run fine-tunes {re.escape(str(parent))} at its "
+               rf"checkpoint-000004, but it now holds checkpoint-000006")
+    with pytest.raises(ValueError, match=message):
+        train.train([*tune, "--resume", str(child), "--max-steps", "3"])
+    with pytest.raises(ValueError, match=message):
+        loading.load_run(child)
+    assert (child / "log.jsonl").read_bytes() == log
+    assert checkpoints.latest_checkpoint(child).name == "checkpoint-000002"
+
+
 def test_a_resume_asked_to_end_before_the_step_the_run_is_at_is_refused_and_exports_nothing(lora_run, sd_dir,
                                                                                             data_dir, tmp_path):
     """--max-steps 2 over a run at step 4 cannot go back: it used to end at once in silence, and with --export wrote
