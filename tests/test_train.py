@@ -499,6 +499,13 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
      r"--w-ind must be a number > 0 with --objective plain-indicator .*got 0\.0"),
     (["--objective", "indicator-weighted", "--w-ind", "0"],
      r"--w-ind must be a number > 0 with --objective indicator-weighted .*got 0\.0"),
+    # read by some objectives only: with another, recorded in run.json as the run's configuration but not applied
+    (["--target", "red=0.3,blue=0.7"], r"--target applies only with --objective balanced or indicator-weighted "
+                                       r"\(recorded, it would not be applied\), got --objective ddm"),
+    (["--objective", "balanced", "--w-ind", "0", "--weight-clip", "3"],
+     r"--weight-clip applies only with --objective indicator-weighted .*got --objective balanced"),
+    (["--w-ind", "0", "--indicator-lr", "1e-3"],
+     r"--indicator-lr applies only to a run that trains an indicator .*--objective ddm with --w-ind 0\.0 trains none"),
 ])
 def test_a_flag_that_would_change_the_method_or_fail_later_is_refused_before_anything_loads(flags, message, data_dir,
                                                                                            tmp_path):
