@@ -337,8 +337,13 @@ READ_BY = {"target": ("balanced", "indicator-weighted"), "weight_clip": ("indica
 
 
 def unread_flag_error(args):
-    """Why a new run's flag would be recorded in run.json but not applied by its objective, or None (a resume's
-    flags are compared with its run.json: an older run keeps the values it recorded)."""
+    """Why a flag would not be applied, or None: a validation flag without --validation-prompt (there is no default
+    prompt), or a new run's flag its objective does not read, which run.json would record as the run's configuration
+    (a resume's flags are compared with its run.json: an older run keeps the values it recorded)."""
+    parser = build_parser()
+    for dest in ("validation_every", "validation_n", "validation_steps", "validation_guidance"):
+        if not args.validation_prompt and getattr(args, dest) != parser.get_default(dest):
+            return f"--{dest.replace('_', '-')} needs --validation-prompt (no validation images without one)"
     if args.resume:
         return None
     for dest, objectives in READ_BY.items():

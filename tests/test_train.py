@@ -506,6 +506,9 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
      r"--weight-clip applies only with --objective indicator-weighted .*got --objective balanced"),
     (["--w-ind", "0", "--indicator-lr", "1e-3"],
      r"--indicator-lr applies only to a run that trains an indicator .*--objective ddm with --w-ind 0\.0 trains none"),
+    (["--validation-every", "100"], r"--validation-every needs --validation-prompt \(no validation images without "
+                                    r"one\)"),  # there is no default prompt
+    (["--validation-n", "8"], r"--validation-n needs --validation-prompt"),
 ])
 def test_a_flag_that_would_change_the_method_or_fail_later_is_refused_before_anything_loads(flags, message, data_dir,
                                                                                            tmp_path):
