@@ -607,6 +607,19 @@ def test_cli_refuses_a_device_this_machine_lacks_in_one_line(data_dir, tmp_path)
     assert not (tmp_path / "x").exists()
 
 
+def test_a_cuda_device_index_this_machine_lacks_is_refused_naming_the_flag(monkeypatch, capsys):
+    """--device cuda:2 on a machine (or under a CUDA_VISIBLE_DEVICES) with two GPUs: torch.cuda.set_device used to
+    stop it with a RuntimeError traceback ("invalid device ordinal")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert train.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--device", "cuda:2"])
+    assert e.value.code == 2
+    assert re.search(r"argument --device: cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)",
+                     capsys.readouterr().err)
+
+
 def test_a_loss_term_added_in_ddm_py_alone_trains_and_is_logged(sd_dir, data_dir, tmp_path, monkeypatch):
     """The extension point: a new objective is a function in ddm.OBJECTIVES; train.py needs no edit."""
     def toy(b, indicator, hp):  # the authors' loss + 0.1 * mean(eps_hat^2)
