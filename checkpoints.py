@@ -93,11 +93,16 @@ def fingerprint(tensors):
 def _checkpoint_dirs(run_dir):
     """[(step, folder, finished)] of the folders save_checkpoint writes, oldest first: checkpoint-NNNNNN, and
     checkpoint-NNNNNN.tmp (finished False) that an interrupted save left. No other name: checkpoint-000002-bak/
-    or checkpoint-mine/ is the user's."""
+    or checkpoint-mine/ is the user's. CheckpointError for one of these names that is a symbolic link: passed over,
+    the run would start again from an older step (or step 0); read, it would be replaced and deleted through."""
     found = []
     for p in Path(run_dir).iterdir():
         m = CHECKPOINT_NAME.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink():
+        if m and p.is_symlink():
+            raise weights.CheckpointError(f"{p} is a symbolic link; train.py writes, replaces and deletes its "
+                                          f"checkpoint folders itself: put the folder itself there, or move the link "
+                                          f"away")
+        if m and p.is_dir():
             found.append((int(m[1]), p, m[2] is None))
     return sorted(found)
 

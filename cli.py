@@ -62,6 +62,10 @@ def device_arg(spec):
         raise argparse.ArgumentTypeError(f"{spec}: only cpu and cuda devices run here")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("cuda asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()  # torch.cuda.set_device would stop with "invalid device ordinal"
+        raise argparse.ArgumentTypeError(f"{spec}: this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0"
+                                         f"{f' to cuda:{n - 1}' if n > 1 else ''})")
     return device
 
 

@@ -2,7 +2,8 @@
 
     train.lock           the fcntl lock of the one train.py writing the run (the file holds its pid)
     run.json             the arguments, the configuration a resume must repeat (RESUME_FIELDS and the objective's
-                         flags), the model configs, group names, base model, and the data's fingerprint
+                         flags), the model configs, group names, base model (a run directory's: with its checkpoint),
+                         and the data's fingerprint
     base/                from-scratch runs only: the initial random models as a diffusers folder
     checkpoint-000500/   the latest checkpoint (checkpoints.py writes and reads it)
     log.jsonl            one line per step: step, loss, every part the objective reports, lr, grad_norm, time
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 import weights
-from checkpoints import checkpoint_files, export_diffusers, newest_checkpoint
+from checkpoints import checkpoint_files, export_diffusers, latest_checkpoint, newest_checkpoint
 
 # The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
 # would train a different model.
@@ -138,9 +139,13 @@ def open_run(args, data, world_size, init_config, device, say):
         raise ValueError(f"{args.data} has {len(data)} images, fewer than --batch-size {args.batch_size} x "
                          f"{world_size} processes")
     run_dir, config = run_dir_of(args.out, args.resume), run_config(args, data, world_size, init_config)
-    return (run_dir, config, *check_run_dir(run_dir, config, data, resume=args.resume is not None, say=say,
-                                            defaults=args.objective_defaults, device=device,
-                                            allow_data_change=args.allow_data_change))
+    ckpt, base = check_run_dir(run_dir, config, data, resume=args.resume is not None, say=say,
+                               defaults=args.objective_defaults, device=device,
+                               allow_data_change=args.allow_data_change)
+    if ckpt and ckpt["step"] > args.max_steps:  # a resume cannot go back: it would end at once (and export this step)
+        raise ValueError(f"--max-steps {args.max_steps} is below step {ckpt['step']}, where the run is "
+                         f"({ckpt['path']}); a resume goes on from there: give --max-steps {ckpt['step']} or more")
+    return run_dir, config, ckpt, base
 
 
 def run_config(args, data, world_size, init_config):
@@ -165,9 +170,25 @@ def data_fingerprint(data):
             "images": images.hexdigest(), "contents": contents.hexdigest()}
 
 
+def base_checkpoint(model):
+    """The checkpoint a fine-tune of a train.py run directory starts from (its newest, the one --model loads), by
+    name; None for any other --model."""
+    ckpt = latest_checkpoint(model) if (Path(model) / "run.json").is_file() else None
+    return ckpt and ckpt.name
+
+
 def base_path(run_dir, info):
-    """The model a run started from: its own base/ folder (from scratch) or the --model it fine-tuned."""
-    return Path(run_dir) / "base" if info["base"] == "base" else Path(info["base"])
+    """The model a run started from: its own base/ folder (from scratch) or the --model it fine-tuned. CheckpointError
+    for a run directory that trained on since (its checkpoint replaced: train.py keeps only the newest)."""
+    if info["base"] == "base":
+        return Path(run_dir) / "base"
+    base, started = Path(info["base"]), info.get("base_checkpoint")  # runs before it recorded none
+    now = base_checkpoint(base) if started else None
+    if started and now and now != started:
+        raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {base} at its {started}, "
+                                      f"but it now holds {now}: it trained on since, and the weights this run "
+                                      f"started from are gone; put {started} back there, or fine-tune {base} anew")
+    return base
 
 
 def write_run(run_dir, config, models, latent_shape, args, data):
@@ -181,6 +202,7 @@ def write_run(run_dir, config, models, latent_shape, args, data):
             export_diffusers(models, run_dir / "base")
         weights.write_json(run_dir / "run.json", {
             "format": "ddm-run/1", "config": config, "base": "base" if from_scratch else config["model"],
+            "base_checkpoint": None if from_scratch else base_checkpoint(config["model"]),
             "latent_shape": list(latent_shape), "prediction_type": models.prediction_type, "args": args,
             "model_configs": configs,
             "data": data_fingerprint(data), "versions": {"torch": torch.__version__},

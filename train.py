@@ -332,6 +332,28 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
           "adam_betas": (0.0, 1.0, False, True),  # torch's AdamW: 0 <= beta < 1
           "caption_dropout": (0.0, 1.0),
           "validation_steps": sample.RANGES["steps"], "validation_guidance": sample.RANGES["guidance"]}
+# the objectives that read --target (pi*) and --weight-clip: ddm.balanced, ddm.indicator_weighted
+READ_BY = {"target": ("balanced", "indicator-weighted"), "weight_clip": ("indicator-weighted",)}
+
+
+def unread_flag_error(args):
+    """Why a flag would not be applied, or None: a validation flag without --validation-prompt (there is no default
+    prompt), or a new run's flag its objective does not read, which run.json would record as the run's configuration
+    (a resume's flags are compared with its run.json: an older run keeps the values it recorded)."""
+    parser = build_parser()
+    for dest in ("validation_every", "validation_n", "validation_steps", "validation_guidance"):
+        if not args.validation_prompt and getattr(args, dest) != parser.get_default(dest):
+            return f"--{dest.replace('_', '-')} needs --validation-prompt (no validation images without one)"
+    if args.resume:
+        return None
+    for dest, objectives in READ_BY.items():
+        if getattr(args, dest) != args.objective_defaults[dest] and args.objective not in objectives:
+            return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(objectives)} (recorded, "
+                    f"it would not be applied), got --objective {args.objective}")
+    if args.indicator_lr is not None and not ddm.uses_indicator(args.objective, args.w_ind):
+        return (f"--indicator-lr applies only to a run that trains an indicator (recorded, it would not be "
+                f"applied): --objective {args.objective} with --w-ind {args.w_ind} trains none")
+    return None
 
 
 def check_args(args):
@@ -356,6 +378,9 @@ def check_args(args):
     if ddm.noise_aware(args.objective) and args.w_ind == 0:
         raise ValueError(f"--w-ind must be a number > 0 with --objective {args.objective} (its noise-aware indicator "
                          f"is what it trains), got {args.w_ind}")
+    why = unread_flag_error(args)
+    if why:
+        raise ValueError(why)
 
 
 def setup_distributed(device_arg):

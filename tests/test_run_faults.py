@@ -226,6 +226,61 @@ def test_a_checkpoint_whose_state_json_names_another_step_is_refused_and_the_log
     assert (run / "log.jsonl").read_bytes() == log
 
 
+@pytest.mark.parametrize("target", ["moved", "unmounted"])
+def test_a_checkpoint_that_is_a_symbolic_link_is_refused_and_the_run_and_its_log_are_kept(target, lora_run, sd_dir,
+                                                                                          data_dir, tmp_path):
+    """A checkpoint moved to another disk and linked back (or its disk not mounted: a dangling link) used to be passed
+    over in silence: the resume started again from step 0, cut log.jsonl to nothing, and failed at its first save
+    with "Cannot call rmtree on a symbolic link"; sampling fell back to an older checkpoint or to none."""
+    run, moved = tmp_path / "run", tmp_path / "disk" / "checkpoint-000004"
+    shutil.copytree(lora_run, run)
+    moved.parent.mkdir()
+    shutil.move(run / "checkpoint-000004", moved)
+    (run / "checkpoint-000004").symlink_to(moved if target == "moved" else tmp_path / "unmounted" / moved.name)
+    before = {p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes(), sorted(os.listdir(moved))
+    message = rf"^{re.escape(str(run / 'checkpoint-000004'))} is a symbolic link"
+    with pytest.raises(ValueError, match=message):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "6"])
+    with pytest.raises(ValueError, match=message):
+        loading.load_run(run)
+    assert ({p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes(), sorted(os.listdir(moved))) == before
+
+
+def test_a_fine_tune_of_a_run_directory_that_trained_on_since_is_refused_naming_both_checkpoints(lora_run, sd_dir,
+                                                                                                 data_dir, tmp_path):
+    """--model RUN loads RUN's newest checkpoint. When RUN trains on, that checkpoint is replaced: a resume (or a
+    sample) of the fine-tune used to put its weights on the newer ones in silence, a model nobody trained."""
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    shutil.copytree(lora_run, parent)
+    tune = ["--model", str(parent), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*tune, "--out", str(child), "--max-steps", "1"])
+    train.train([*tune, "--resume", str(child), "--max-steps", "2"])  # the parent as it was: goes on
+    train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(parent), "--max-steps", "6"])
+    log = (child / "log.jsonl").read_bytes()
+    message = (rf"^{re.escape(str(child / 'run.json'))}: the run fine-tunes {re.escape(str(parent))} at its "
+               rf"checkpoint-000004, but it now holds checkpoint-000006")
+    with pytest.raises(ValueError, match=message):
+        train.train([*tune, "--resume", str(child), "--max-steps", "3"])
+    with pytest.raises(ValueError, match=message):
+        loading.load_run(child)
+    assert (child / "log.jsonl").read_bytes() == log
+    assert checkpoints.latest_checkpoint(child).name == "checkpoint-000002"
+
+
+def test_a_resume_asked_to_end_before_the_step_the_run_is_at_is_refused_and_exports_nothing(lora_run, sd_dir,
+                                                                                            data_dir, tmp_path):
+    """--max-steps 2 over a run at step 4 cannot go back: it used to end at once in silence, and with --export wrote
+    step 4's weights under the name the user gave for step 2."""
+    run, export = tmp_path / "run", tmp_path / "step-2"
+    shutil.copytree(lora_run, run)
+    before = {p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"^--max-steps 2 is below step 4, where the run is \(.*checkpoint-000004\)"):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "2",
+                     "--export", str(export)])
+    assert ({p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes()) == before and not export.exists()
+    train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "4"])
+
+
 @pytest.mark.parametrize("change", ["renamed", "reshaped"])
 def test_an_optimizer_state_that_does_not_fit_the_run_is_refused_naming_the_file(change, two_checkpoints, sd_dir,
                                                                                  data_dir, tmp_path):

@@ -499,6 +499,16 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
      r"--w-ind must be a number > 0 with --objective plain-indicator .*got 0\.0"),
     (["--objective", "indicator-weighted", "--w-ind", "0"],
      r"--w-ind must be a number > 0 with --objective indicator-weighted .*got 0\.0"),
+    # read by some objectives only: with another, recorded in run.json as the run's configuration but not applied
+    (["--target", "red=0.3,blue=0.7"], r"--target applies only with --objective balanced or indicator-weighted "
+                                       r"\(recorded, it would not be applied\), got --objective ddm"),
+    (["--objective", "balanced", "--w-ind", "0", "--weight-clip", "3"],
+     r"--weight-clip applies only with --objective indicator-weighted .*got --objective balanced"),
+    (["--w-ind", "0", "--indicator-lr", "1e-3"],
+     r"--indicator-lr applies only to a run that trains an indicator .*--objective ddm with --w-ind 0\.0 trains none"),
+    (["--validation-every", "100"], r"--validation-every needs --validation-prompt \(no validation images without "
+                                    r"one\)"),  # there is no default prompt
+    (["--validation-n", "8"], r"--validation-n needs --validation-prompt"),
 ])
 def test_a_flag_that_would_change_the_method_or_fail_later_is_refused_before_anything_loads(flags, message, data_dir,
                                                                                            tmp_path):
@@ -595,6 +605,19 @@ def test_cli_refuses_a_device_this_machine_lacks_in_one_line(data_dir, tmp_path)
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "argument --device" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_cuda_device_index_this_machine_lacks_is_refused_naming_the_flag(monkeypatch, capsys):
+    """--device cuda:2 on a machine (or under a CUDA_VISIBLE_DEVICES) with two GPUs: torch.cuda.set_device used to
+    stop it with a RuntimeError traceback ("invalid device ordinal")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert train.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--device", "cuda:2"])
+    assert e.value.code == 2
+    assert re.search(r"argument --device: cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)",
+                     capsys.readouterr().err)
 
 
 def test_a_loss_term_added_in_ddm_py_alone_trains_and_is_logged(sd_dir, data_dir, tmp_path, monkeypatch):
