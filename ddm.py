@@ -223,16 +223,21 @@ def accuracies(logits, groups):
 
 @dataclass(frozen=True)
 class Objective:
-    """A training objective: fn(MicroBatch, indicator, hp) -> (loss, parts), and what its indicator reads: None
-    (no indicator), "pred" (ε̂, the authors'), "x0" (x̂₀) or "z_t" ((z_t, t): noise-aware, usable for guidance).
-    A noise-aware indicator is the objective's point: such an objective needs w_ind > 0."""
+    """A training objective: fn(MicroBatch, indicator, hp) -> (loss, parts); what its indicator reads: None
+    (no indicator), "pred" (ε̂, the authors'), "x0" (x̂₀) or "z_t" ((z_t, t): noise-aware, usable for guidance);
+    and the flags it reads beyond --w-rec and --w-ind ("target": b.target_shares, "weight_clip": hp.weight_clip),
+    which train.py refuses for an objective that does not read them. A noise-aware indicator is the objective's
+    point: such an objective needs w_ind > 0."""
     fn: Callable
     reads: str = None
+    flags: tuple = ()
 
 
 OBJECTIVES = {  # --objective NAME
-    "ddm": Objective(ddm, "pred"), "ddm-x0": Objective(ddm_x0, "x0"), "balanced": Objective(balanced),
-    "indicator-weighted": Objective(indicator_weighted, "z_t"), "plain-indicator": Objective(plain_indicator, "z_t"),
+    "ddm": Objective(ddm, "pred"), "ddm-x0": Objective(ddm_x0, "x0"),
+    "balanced": Objective(balanced, flags=("target",)),
+    "indicator-weighted": Objective(indicator_weighted, "z_t", flags=("target", "weight_clip")),
+    "plain-indicator": Objective(plain_indicator, "z_t"),
 }
 TIMESTEP_DIM = 64  # sinusoidal timestep features of a noise-aware indicator
 

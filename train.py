@@ -332,8 +332,6 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
           "adam_betas": (0.0, 1.0, False, True),  # torch's AdamW: 0 <= beta < 1
           "caption_dropout": (0.0, 1.0),
           "validation_steps": sample.RANGES["steps"], "validation_guidance": sample.RANGES["guidance"]}
-# the objectives that read --target (pi*) and --weight-clip: ddm.balanced, ddm.indicator_weighted
-READ_BY = {"target": ("balanced", "indicator-weighted"), "weight_clip": ("indicator-weighted",)}
 
 
 def unread_flag_error(args):
@@ -346,9 +344,10 @@ def unread_flag_error(args):
             return f"--{dest.replace('_', '-')} needs --validation-prompt (no validation images without one)"
     if args.resume:
         return None
-    for dest, objectives in READ_BY.items():
-        if getattr(args, dest) != args.objective_defaults[dest] and args.objective not in objectives:
-            return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(objectives)} (recorded, "
+    for dest in dict.fromkeys(flag for o in ddm.OBJECTIVES.values() for flag in o.flags):  # ddm.Objective.flags
+        readers = [name for name, o in ddm.OBJECTIVES.items() if dest in o.flags]
+        if getattr(args, dest) != args.objective_defaults[dest] and args.objective not in readers:
+            return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(readers)} (recorded, "
                     f"it would not be applied), got --objective {args.objective}")
     if args.indicator_lr is not None and not ddm.uses_indicator(args.objective, args.w_ind):
         return (f"--indicator-lr applies only to a run that trains an indicator (recorded, it would not be "
