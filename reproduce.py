@@ -598,6 +598,10 @@ def selection_error(args, given, groups, counts, methods):
     if len(counts) != len(groups) or not all(1 <= c <= TRAIN_PER_DIGIT for c in counts):
         return (f"--counts must give 1..{TRAIN_PER_DIGIT} images for each of the {len(groups)} groups, "
                 f"got {args.counts!r}")
+    batch = (QUICK if args.quick else FULL).ft_batch  # else train.py refuses the set after stages 1-2
+    if sum(counts) < batch:
+        return (f"--counts must give at least {batch} images in all (one fine-tuning batch"
+                f"{' of --quick' if args.quick else ''}), got {args.counts!r}")
     unknown = [m for m in methods if m not in BY_NAME]
     if unknown or not methods:
         return f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}"

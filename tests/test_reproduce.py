@@ -118,6 +118,8 @@ def test_three_groups_run_end_to_end(tmp_path, cache):
     (["--groups", "7"], "at least two distinct digits"), (["--groups", "7,7"], "at least two distinct digits"),
     (["--groups", "7,8", "--counts", "360"], "for each of the 2 groups"),
     (["--counts", "500,40"], "1..400 images"), (["--methods", "plain,magic"], "unknown ['magic']"),
+    (["--counts", "20,5"], "--counts must give at least 32 images in all"),  # one fine-tuning batch
+    (["--quick", "--counts", "4,3"], "--counts must give at least 8 images in all"),
     (["--groups", "seven,8"], "comma-separated integers"),
     (["--methods", "plain,guided-3,plain"], "--methods names plain twice"),
     (["--methods", ""], "--methods: unknown none given"), (["--groups", ""], "comma-separated integers"),
