@@ -146,7 +146,7 @@ def add_flags(p):
     g.add_argument("--indicator", metavar="RUN_OR_FILE", action="append", default=[],
                    help="a train.py run with a noise-aware indicator (--objective plain-indicator or "
                         "indicator-weighted), or its indicator.safetensors; repeat it for several attributes")
-    g.add_argument("--indicator-guidance", type=scale_arg, default=0.0, metavar="S|auto",
+    g.add_argument("--indicator-guidance", type=scale_arg, default=None, metavar="S|auto",  # None: not given
                    help="guidance scale (0: off), or auto: chosen per prompt on a calibration batch, by the "
                         "indicators alone")
     g.add_argument("--target", action="append", default=[], help="the group shares to aim for, per --indicator in "
@@ -166,6 +166,8 @@ def flag_error(args):
         return why
     if args.indicator_guidance and not args.indicator:
         return "--indicator-guidance needs --indicator RUN_OR_FILE"
+    if args.indicator and args.indicator_guidance is None:  # it would sample unguided without a word
+        return "--indicator needs --indicator-guidance S|auto (0: sample unguided)"
     if args.target and (not args.indicator or len(args.target) not in (1, len(args.indicator))):
         return (f"--target: give one for all indicators or one per --indicator ({len(args.indicator)}), got "
                 f"{len(args.target)}" + ("" if args.indicator else "; it needs --indicator"))
