@@ -192,11 +192,14 @@ def stage_dir(cache, name, settings):
 
 
 def cached(folder, settings, build, label):
-    """Run build(folder) unless folder/done.json exists; returns what done.json records (build's dict)."""
+    """Run build(folder) unless folder/done.json exists; returns what done.json records (build's dict). A build's
+    "path" is a file or folder in `folder`: reused, it is read where `folder` is now (the cache moved, or another
+    working directory reaches it by another relative path)."""
     done = folder / "done.json"
     if done.is_file():
         tqdm.write(f"[cache] {label}: reusing {folder}")
-        return json.loads(done.read_text())["result"]
+        result = json.loads(done.read_text())["result"]
+        return {**result, "path": str(folder / Path(result["path"]).name)} if "path" in result else result
     shutil.rmtree(folder, ignore_errors=True)  # an unfinished build: start it over
     folder.mkdir(parents=True)
     t0 = time.time()

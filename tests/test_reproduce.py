@@ -164,6 +164,25 @@ def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 2}
 
 
+def test_a_cached_stage_reused_from_where_the_cache_is_now_reads_its_files_there(tmp_path, monkeypatch):
+    """A stage records its files' paths as they were when it was built (relative to the working directory, with the
+    default --out): reused from another working directory, or after the cache was moved, they pointed where no
+    file is (or at another cache's), and the run stopped minutes later naming a path no flag gave."""
+    def build(folder):
+        (folder / "vae").mkdir()
+        return {"path": str(folder / "vae"), "n": 1}
+
+    monkeypatch.chdir(tmp_path)
+    reproduce.cached(reproduce.stage_dir("runs/cache", "stage", {"a": 1}), {"a": 1}, build, "s")
+    Path("runs/cache").rename("moved")
+    folder = reproduce.stage_dir("moved", "stage", {"a": 1})
+    assert reproduce.cached(folder, {"a": 1}, build, "s") == {"path": str(folder / "vae"), "n": 1}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    folder = reproduce.stage_dir(tmp_path / "moved", "stage", {"a": 1})
+    assert reproduce.cached(folder, {"a": 1}, build, "s")["path"] == str(folder / "vae")
+
+
 def test_the_attribute_experiment_runs_end_to_end(tmp_path, cache):
     report = quick(["--experiment", "attributes", "--out", str(tmp_path / "attr"), "--cache", str(cache),
                     "--seeds", "1"])
