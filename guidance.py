@@ -146,7 +146,7 @@ def add_flags(p):
     g.add_argument("--indicator", metavar="RUN_OR_FILE", action="append", default=[],
                    help="a train.py run with a noise-aware indicator (--objective plain-indicator or "
                         "indicator-weighted), or its indicator.safetensors; repeat it for several attributes")
-    g.add_argument("--indicator-guidance", type=scale_arg, default=0.0, metavar="S|auto",
+    g.add_argument("--indicator-guidance", type=scale_arg, default=None, metavar="S|auto",  # None: not given
                    help="guidance scale (0: off), or auto: chosen per prompt on a calibration batch, by the "
                         "indicators alone")
     g.add_argument("--target", action="append", default=[], help="the group shares to aim for, per --indicator in "
@@ -166,6 +166,8 @@ def flag_error(args):
         return why
     if args.indicator_guidance and not args.indicator:
         return "--indicator-guidance needs --indicator RUN_OR_FILE"
+    if args.indicator and args.indicator_guidance is None:  # it would sample unguided without a word
+        return "--indicator needs --indicator-guidance S|auto (0: sample unguided)"
     if args.target and (not args.indicator or len(args.target) not in (1, len(args.indicator))):
         return (f"--target: give one for all indicators or one per --indicator ({len(args.indicator)}), got "
                 f"{len(args.target)}" + ("" if args.indicator else "; it needs --indicator"))
@@ -175,14 +177,18 @@ def flag_error(args):
 
 def target_specs(targets, attributes):
     """Each indicator's --target: given in order (one for all), or by attribute as ATTRIBUTE:SPEC; "uniform" for an
-    indicator none names. ValueError for an attribute no indicator guides."""
-    named = {t.partition(":")[0]: t.partition(":")[2] for t in targets if "=" not in t.partition(":")[0] and ":" in t}
+    indicator none names. ValueError for an attribute no indicator guides or one named twice, and for a spec that
+    names none beside one that does."""
+    keys = [t.partition(":")[0] if "=" not in t.partition(":")[0] and ":" in t else None for t in targets]
+    named = {key: t.partition(":")[2] for key, t in zip(keys, targets) if key is not None}
     if not named:
         return [targets[k if len(targets) > 1 else 0] if targets else "uniform" for k in range(len(attributes))]
-    unknown = [a for a in named if a not in attributes]
-    if unknown or len(named) != len(targets):
-        raise ValueError(f"--target {unknown[0] if unknown else targets[0]}: name one of the attributes the "
-                         f"indicators guide ({', '.join(str(a) for a in attributes)}) in every ATTRIBUTE:SPEC")
+    unknown = [a for a in named if a not in attributes] + [t for key, t in zip(keys, targets) if key is None]
+    if unknown:
+        raise ValueError(f"--target {unknown[0]}: name one of the attributes the indicators guide "
+                         f"({', '.join(str(a) for a in attributes)}) in every ATTRIBUTE:SPEC")
+    if len(named) != len(targets):
+        raise ValueError(f"--target names the attribute {next(a for k, a in enumerate(keys) if a in keys[:k])} twice")
     return [named.get(a, "uniform") for a in attributes]
 
 

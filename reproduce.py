@@ -192,11 +192,14 @@ def stage_dir(cache, name, settings):
 
 
 def cached(folder, settings, build, label):
-    """Run build(folder) unless folder/done.json exists; returns what done.json records (build's dict)."""
+    """Run build(folder) unless folder/done.json exists; returns what done.json records (build's dict). A build's
+    "path" is a file or folder in `folder`: reused, it is read where `folder` is now (the cache moved, or another
+    working directory reaches it by another relative path)."""
     done = folder / "done.json"
     if done.is_file():
         tqdm.write(f"[cache] {label}: reusing {folder}")
-        return json.loads(done.read_text())["result"]
+        result = json.loads(done.read_text())["result"]
+        return {**result, "path": str(folder / Path(result["path"]).name)} if "path" in result else result
     shutil.rmtree(folder, ignore_errors=True)  # an unfinished build: start it over
     folder.mkdir(parents=True)
     t0 = time.time()
@@ -598,6 +601,10 @@ def selection_error(args, given, groups, counts, methods):
     if len(counts) != len(groups) or not all(1 <= c <= TRAIN_PER_DIGIT for c in counts):
         return (f"--counts must give 1..{TRAIN_PER_DIGIT} images for each of the {len(groups)} groups, "
                 f"got {args.counts!r}")
+    batch = (QUICK if args.quick else FULL).ft_batch  # else train.py refuses the set after stages 1-2
+    if sum(counts) < batch:
+        return (f"--counts must give at least {batch} images in all (one fine-tuning batch"
+                f"{' of --quick' if args.quick else ''}), got {args.counts!r}")
     unknown = [m for m in methods if m not in BY_NAME]
     if unknown or not methods:
         return f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}"

@@ -155,3 +155,12 @@ def test_targets_by_attribute_name_and_the_refusals(tmp_path):
                                                                                        "thin=0.5,thick=0.5"]
     with pytest.raises(ValueError, match="--target shape: name one of the attributes"):
         guidance.target_specs(["shape:uniform"], ["colour", "width"])
+
+
+def test_a_refused_target_names_the_spec_at_fault():
+    """Beside one ATTRIBUTE:SPEC, a spec naming no attribute is the one named; an attribute named twice is said so
+    (the message named the first spec, which was fine, and asked to name an attribute that it named)."""
+    with pytest.raises(ValueError, match="--target uniform: name one of the attributes"):
+        guidance.target_specs(["colour:red=1,green=0", "uniform"], ["colour", "width"])
+    with pytest.raises(ValueError, match="--target names the attribute colour twice"):
+        guidance.target_specs(["colour:red=1,green=0", "colour:uniform"], ["colour", "width"])

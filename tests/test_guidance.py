@@ -174,6 +174,21 @@ def test_a_target_without_an_indicator_is_refused_before_anything_is_written(run
     assert "--indicator-guidance needs --indicator" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_an_indicator_without_a_guidance_scale_is_refused_and_an_explicit_zero_samples_unguided(runs, tmp_path,
+                                                                                                  capsys):
+    """--indicator (and its --target) guide only with --indicator-guidance: without it they were ignored, the images
+    unguided without a word; --indicator-guidance 0 says so on purpose (a scale sweep's baseline)."""
+    run = runs["noise-aware"]
+    argv = ["--model", str(run), "--prompt", PROMPT, "--steps", "1", "--height", str(RES), "--width", str(RES),
+            "--device", "cpu", "--indicator", str(run), "--target", "red=1,blue=0"]
+    with pytest.raises(SystemExit) as e:
+        sample.main([*argv, "--out", str(tmp_path / "never")])
+    assert e.value.code == 2 and "--indicator needs --indicator-guidance S|auto" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    sample.main([*argv, "--indicator-guidance", "0", "--out", str(tmp_path / "off")])
+    assert json.loads((tmp_path / "off" / "samples.json").read_text())["indicator_guidance"] is None
+
+
 def test_a_repeated_prompt_under_guidance_writes_every_image_of_every_prompt_in_its_own_file(runs, tmp_path):
     """Files follow the rows of the prompts file: a prompt listed twice (its rows apart) is guided once, and the
     other prompt's images are its own (they went into the repeated prompt's files, two files were never written)."""

@@ -118,6 +118,8 @@ def test_three_groups_run_end_to_end(tmp_path, cache):
     (["--groups", "7"], "at least two distinct digits"), (["--groups", "7,7"], "at least two distinct digits"),
     (["--groups", "7,8", "--counts", "360"], "for each of the 2 groups"),
     (["--counts", "500,40"], "1..400 images"), (["--methods", "plain,magic"], "unknown ['magic']"),
+    (["--counts", "20,5"], "--counts must give at least 32 images in all"),  # one fine-tuning batch
+    (["--quick", "--counts", "4,3"], "--counts must give at least 8 images in all"),
     (["--groups", "seven,8"], "comma-separated integers"),
     (["--methods", "plain,guided-3,plain"], "--methods names plain twice"),
     (["--methods", ""], "--methods: unknown none given"), (["--groups", ""], "comma-separated integers"),
@@ -160,6 +162,25 @@ def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 1} and len(calls) == 1
     (folder / "done.json").unlink()  # as if killed before finishing
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 2}
+
+
+def test_a_cached_stage_reused_from_where_the_cache_is_now_reads_its_files_there(tmp_path, monkeypatch):
+    """A stage records its files' paths as they were when it was built (relative to the working directory, with the
+    default --out): reused from another working directory, or after the cache was moved, they pointed where no
+    file is (or at another cache's), and the run stopped minutes later naming a path no flag gave."""
+    def build(folder):
+        (folder / "vae").mkdir()
+        return {"path": str(folder / "vae"), "n": 1}
+
+    monkeypatch.chdir(tmp_path)
+    reproduce.cached(reproduce.stage_dir("runs/cache", "stage", {"a": 1}), {"a": 1}, build, "s")
+    Path("runs/cache").rename("moved")
+    folder = reproduce.stage_dir("moved", "stage", {"a": 1})
+    assert reproduce.cached(folder, {"a": 1}, build, "s") == {"path": str(folder / "vae"), "n": 1}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    folder = reproduce.stage_dir(tmp_path / "moved", "stage", {"a": 1})
+    assert reproduce.cached(folder, {"a": 1}, build, "s")["path"] == str(folder / "vae")
 
 
 def test_the_attribute_experiment_runs_end_to_end(tmp_path, cache):
