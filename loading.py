@@ -47,7 +47,8 @@ class Models:
 def read_schedule(path):
     """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json (its trained_betas, or its
     named schedule); SD v1.x's otherwise. The sampler's own settings stay SD v1.x's whatever the file says:
-    "leading" spacing, steps_offset 1, and ᾱ[0] past the last DDIM step (set_alpha_to_one false)."""
+    "leading" spacing, steps_offset 1, and ᾱ[0] past the last DDIM step (set_alpha_to_one false). A file that
+    asks for another ᾱ than these build (rescale_betas_zero_snr, a β outside (0, 1)) is refused."""
     config = Path(path) / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         return diffusion.sd_schedule(), "epsilon"
@@ -63,12 +64,20 @@ def _schedule_from_config(c):
     if kind not in make or prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "
                          "(scaled_linear or linear; epsilon or v_prediction)")
-    if c.get("trained_betas") is not None:  # listed betas win over the named schedule, as in diffusers
-        betas = torch.tensor(c["trained_betas"], dtype=torch.float64)
-    else:
-        betas = make[kind][0](n, weights.config_value(c, "beta_start", "number", make[kind][1]),
-                              weights.config_value(c, "beta_end", "number", make[kind][2]))
-    return diffusion.alphas_cumprod(betas), prediction_type
+    if weights.config_value(c, "rescale_betas_zero_snr", "bool", False):  # diffusers rescales ᾱ so that ᾱ_T = 0
+        raise ValueError("rescale_betas_zero_snr true (a zero terminal SNR) is not supported")
+    betas = c.get("trained_betas")
+    if betas is not None:  # listed betas win over the named schedule, as in diffusers
+        if not isinstance(betas, list) or len(betas) != n or not all(weights.is_number(b) and 0 < b < 1 for b in betas):
+            raise ValueError(f"field 'trained_betas' must be null or a list of num_train_timesteps ({n}) numbers in "
+                             f"(0, 1)")
+        return diffusion.alphas_cumprod(torch.tensor(betas, dtype=torch.float64)), prediction_type
+    ends = {key: weights.config_value(c, key, "number", default) for key, default in
+            (("beta_start", make[kind][1]), ("beta_end", make[kind][2]))}
+    for key, value in ends.items():
+        if value >= 1:
+            raise ValueError(f"field '{key}' must be below 1 (a β is the variance of one step's noise), got {value}")
+    return diffusion.alphas_cumprod(make[kind][0](n, ends["beta_start"], ends["beta_end"])), prediction_type
 
 
 def side_multiple(unet_config, vae_config):

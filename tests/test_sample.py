@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 import diffusion
 import guidance
+import loading
 import sample
 
 # SD v1.5's scheduler/scheduler_config.json, the fields that matter.
@@ -561,6 +562,32 @@ def test_cli_checks_the_model_configs_and_the_size_multiple_before_loading_weigh
         broken = _model_copy(folder, tmp_path, path.replace("/", "-"), path, text)
         assert message in _refused(_cli_args(broken, tmp_path / "out"), monkeypatch, capsys), path
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"trained_betas": "0.1"}, r"field 'trained_betas' must be null or a list of num_train_timesteps \(1000\) numbers "
+                               r"in \(0, 1\)"),  # a TypeError from torch.tensor before
+    ({"trained_betas": [0.01] * 999 + [2.0]}, r"field 'trained_betas' must be null or a list"),  # complex ᾱ before
+    ({"trained_betas": [[0.01]] * 1000}, r"field 'trained_betas' must be null or a list"),  # ᾱ of shape (1000, 1)
+    ({"num_train_timesteps": 10, "trained_betas": [0.01] * 20},
+     r"field 'trained_betas' must be null or a list of num_train_timesteps \(10\)"),
+    ({"beta_end": 1.5}, r"field 'beta_end' must be below 1 \(a β is the variance of one step's noise\), got 1.5"),
+    ({"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr true \(a zero terminal SNR\) is not supported"),
+])
+def test_a_schedule_that_is_no_schedule_is_refused_naming_the_file_and_field(tmp_path, change, message):
+    """Each once ran to the end with another ᾱ than the file's, or stopped with a traceback."""
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD_SCHEDULER, **change}))
+    with pytest.raises(sample.weights.CheckpointError, match="scheduler_config.json: " + message):
+        loading.read_schedule(tmp_path)
+
+
+def test_listed_betas_give_the_schedule_they_list(tmp_path):
+    (tmp_path / "scheduler").mkdir()
+    betas = diffusion.scaled_linear_betas().tolist()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD_SCHEDULER, "trained_betas": betas}))
+    schedule, prediction_type = loading.read_schedule(tmp_path)
+    assert torch.equal(schedule, diffusion.sd_schedule()) and prediction_type == "epsilon"
 
 
 def test_steps_past_a_shorter_schedule_are_refused_in_one_line_before_anything_is_written(tiny, tmp_path):
