@@ -97,20 +97,31 @@ def size_multiple(path):
     u = weights.read_config(unet_config, unet_config_from_diffusers)
     v = weights.read_config(weights.find_component(path, subfolder="vae", weight_names=VAE_FILES)[1],
                             vae_config_from_diffusers)
-    weights.read_config(weights.find_component(path, subfolder="text_encoder", weight_names=TEXT_ENCODER_FILES)[1],
-                        text_encoder_config_from_hf)
+    t = weights.read_config(weights.find_component(path, subfolder="text_encoder", weight_names=TEXT_ENCODER_FILES)[1],
+                            text_encoder_config_from_hf)
     read_schedule(path)
+    why = fit_error(u, v, t)
+    if why:
+        raise ValueError(why)
     return side_multiple(u, v)
+
+
+def fit_error(u, v, c):
+    """Why a UNet, VAE and text encoder of these configs cannot run together, or None: the UNet reads the text
+    encoder's width and the VAE's latent channels."""
+    if u.context_dim != c.width or u.in_channels != v.z_channels or u.out_channels != v.z_channels:
+        return (f"the models do not fit each other: UNet context_dim {u.context_dim}, in/out channels "
+                f"{u.in_channels}/{u.out_channels}; text encoder width {c.width}; VAE z_channels {v.z_channels}")
+    return None
 
 
 def latent_shape(models, height, width):
     """(C, h, w) of the latents of height x width images; ValueError when the models do not fit each other or the
     size (first SD's 8, then this model's own multiple)."""
     u, v, c = models.unet.config, models.vae_config, models.text_encoder.config
-    if u.context_dim != c.width or u.in_channels != v.z_channels or u.out_channels != v.z_channels:
-        raise ValueError(f"the models do not fit each other: UNet context_dim {u.context_dim}, in/out channels "
-                         f"{u.in_channels}/{u.out_channels}; text encoder width {c.width}; VAE z_channels "
-                         f"{v.z_channels}")
+    why = fit_error(u, v, c)
+    if why:
+        raise ValueError(why)
     for side, why in ((8, ""), (side_multiple(u, v), " for this model")):
         if height <= 0 or width <= 0 or height % side or width % side:
             raise ValueError(f"height and width must be positive multiples of {side}{why}, got {height}x{width}")
@@ -124,8 +135,12 @@ def load_models(path, device="cpu", dtype=torch.float32):
         return load_run(path, device, dtype).models
     vae = load_vae(path, dtype).to(device)
     schedule, prediction_type = read_schedule(path)
-    return Models(unet=load_unet(path, dtype).to(device), vae=vae,
-                  text_encoder=load_text_encoder(path, dtype).to(device), tokenizer=load_tokenizer(path),
+    text_encoder, tokenizer = load_text_encoder(path, dtype).to(device), load_tokenizer(path)
+    top = max(tokenizer.encoder.values())
+    if top >= text_encoder.config.vocab_size:  # the embedding would have no row for it
+        raise ValueError(f"the tokenizer's ids reach {top}, past the text encoder's vocab_size "
+                         f"{text_encoder.config.vocab_size}: they are not one model's")
+    return Models(unet=load_unet(path, dtype).to(device), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                   vae_config=vae.config, alphas_cumprod=schedule, prediction_type=prediction_type)
 
 
