@@ -47,7 +47,8 @@ class Models:
 def read_schedule(path):
     """(ᾱ, prediction_type) from a diffusers folder's scheduler/scheduler_config.json (its trained_betas, or its
     named schedule); SD v1.x's otherwise. The sampler's own settings stay SD v1.x's whatever the file says:
-    "leading" spacing, steps_offset 1, and ᾱ[0] past the last DDIM step (set_alpha_to_one false)."""
+    "leading" spacing, steps_offset 1, and ᾱ[0] past the last DDIM step (set_alpha_to_one false). A file that
+    asks for another ᾱ than these build (rescale_betas_zero_snr, a β outside (0, 1)) is refused."""
     config = Path(path) / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         return diffusion.sd_schedule(), "epsilon"
@@ -63,12 +64,20 @@ def _schedule_from_config(c):
     if kind not in make or prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "
                          "(scaled_linear or linear; epsilon or v_prediction)")
-    if c.get("trained_betas") is not None:  # listed betas win over the named schedule, as in diffusers
-        betas = torch.tensor(c["trained_betas"], dtype=torch.float64)
-    else:
-        betas = make[kind][0](n, weights.config_value(c, "beta_start", "number", make[kind][1]),
-                              weights.config_value(c, "beta_end", "number", make[kind][2]))
-    return diffusion.alphas_cumprod(betas), prediction_type
+    if weights.config_value(c, "rescale_betas_zero_snr", "bool", False):  # diffusers rescales ᾱ so that ᾱ_T = 0
+        raise ValueError("rescale_betas_zero_snr true (a zero terminal SNR) is not supported")
+    betas = c.get("trained_betas")
+    if betas is not None:  # listed betas win over the named schedule, as in diffusers
+        if not isinstance(betas, list) or len(betas) != n or not all(weights.is_number(b) and 0 < b < 1 for b in betas):
+            raise ValueError(f"field 'trained_betas' must be null or a list of num_train_timesteps ({n}) numbers in "
+                             f"(0, 1)")
+        return diffusion.alphas_cumprod(torch.tensor(betas, dtype=torch.float64)), prediction_type
+    ends = {key: weights.config_value(c, key, "number", default) for key, default in
+            (("beta_start", make[kind][1]), ("beta_end", make[kind][2]))}
+    for key, value in ends.items():
+        if value >= 1:
+            raise ValueError(f"field '{key}' must be below 1 (a β is the variance of one step's noise), got {value}")
+    return diffusion.alphas_cumprod(make[kind][0](n, ends["beta_start"], ends["beta_end"])), prediction_type
 
 
 def side_multiple(unet_config, vae_config):
@@ -88,20 +97,31 @@ def size_multiple(path):
     u = weights.read_config(unet_config, unet_config_from_diffusers)
     v = weights.read_config(weights.find_component(path, subfolder="vae", weight_names=VAE_FILES)[1],
                             vae_config_from_diffusers)
-    weights.read_config(weights.find_component(path, subfolder="text_encoder", weight_names=TEXT_ENCODER_FILES)[1],
-                        text_encoder_config_from_hf)
+    t = weights.read_config(weights.find_component(path, subfolder="text_encoder", weight_names=TEXT_ENCODER_FILES)[1],
+                            text_encoder_config_from_hf)
     read_schedule(path)
+    why = fit_error(u, v, t)
+    if why:
+        raise ValueError(why)
     return side_multiple(u, v)
+
+
+def fit_error(u, v, c):
+    """Why a UNet, VAE and text encoder of these configs cannot run together, or None: the UNet reads the text
+    encoder's width and the VAE's latent channels."""
+    if u.context_dim != c.width or u.in_channels != v.z_channels or u.out_channels != v.z_channels:
+        return (f"the models do not fit each other: UNet context_dim {u.context_dim}, in/out channels "
+                f"{u.in_channels}/{u.out_channels}; text encoder width {c.width}; VAE z_channels {v.z_channels}")
+    return None
 
 
 def latent_shape(models, height, width):
     """(C, h, w) of the latents of height x width images; ValueError when the models do not fit each other or the
     size (first SD's 8, then this model's own multiple)."""
     u, v, c = models.unet.config, models.vae_config, models.text_encoder.config
-    if u.context_dim != c.width or u.in_channels != v.z_channels or u.out_channels != v.z_channels:
-        raise ValueError(f"the models do not fit each other: UNet context_dim {u.context_dim}, in/out channels "
-                         f"{u.in_channels}/{u.out_channels}; text encoder width {c.width}; VAE z_channels "
-                         f"{v.z_channels}")
+    why = fit_error(u, v, c)
+    if why:
+        raise ValueError(why)
     for side, why in ((8, ""), (side_multiple(u, v), " for this model")):
         if height <= 0 or width <= 0 or height % side or width % side:
             raise ValueError(f"height and width must be positive multiples of {side}{why}, got {height}x{width}")
@@ -115,8 +135,12 @@ def load_models(path, device="cpu", dtype=torch.float32):
         return load_run(path, device, dtype).models
     vae = load_vae(path, dtype).to(device)
     schedule, prediction_type = read_schedule(path)
-    return Models(unet=load_unet(path, dtype).to(device), vae=vae,
-                  text_encoder=load_text_encoder(path, dtype).to(device), tokenizer=load_tokenizer(path),
+    text_encoder, tokenizer = load_text_encoder(path, dtype).to(device), load_tokenizer(path)
+    top = max(tokenizer.encoder.values())
+    if top >= text_encoder.config.vocab_size:  # the embedding would have no row for it
+        raise ValueError(f"the tokenizer's ids reach {top}, past the text encoder's vocab_size "
+                         f"{text_encoder.config.vocab_size}: they are not one model's")
+    return Models(unet=load_unet(path, dtype).to(device), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                   vae_config=vae.config, alphas_cumprod=schedule, prediction_type=prediction_type)
 
 

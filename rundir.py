@@ -27,6 +27,7 @@ import torch
 
 import weights
 from checkpoints import checkpoint_files, export_diffusers, latest_checkpoint, newest_checkpoint
+from ddm import OBJECTIVES
 
 # The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
 # would train a different model.
@@ -109,7 +110,9 @@ MODEL_FIELDS = {"lora_rank": ("an integer >= 0", lambda v: weights.is_int(v, 0))
                 "train_text_encoder": ("true or false", lambda v: isinstance(v, bool)),
                 "group_names": ("a list", lambda v: isinstance(v, list)), "w_ind": ("a number", weights.is_number),
                 "indicator_hidden": ("a list of integers >= 1",
-                                     lambda v: isinstance(v, list) and all(map(weights.is_int, v)))}
+                                     lambda v: isinstance(v, list) and all(map(weights.is_int, v))),
+                "objective": ("an objective this checkout's ddm.OBJECTIVES defines",  # a reader's own, added elsewhere
+                              lambda v: isinstance(v, str) and v in OBJECTIVES)}
 
 
 def read_run_json(run_dir):

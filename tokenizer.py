@@ -148,7 +148,7 @@ class Tokenizer:
         and CLIP folders carry, or else tokenizer.json alone, which transformers 5 saves."""
         path = Path(path)
         if not (path / "vocab.json").is_file() and (path / "tokenizer.json").is_file():
-            return cls.from_tokenizer_json(path / "tokenizer.json")
+            return without_added_tokens(cls.from_tokenizer_json(path / "tokenizer.json"), path)
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} has no {name}: a CLIP tokenizer folder needs vocab.json and "
@@ -166,7 +166,7 @@ class Tokenizer:
                 if len(pair) != 2:
                     raise ValueError(f"{path / 'merges.txt'} line {n}: expected two symbols, got {line!r}")
                 merges.append(tuple(pair))
-        return cls(vocab, merges)
+        return without_added_tokens(cls(vocab, merges), path)
 
     @classmethod
     def from_tokenizer_json(cls, path):
@@ -279,6 +279,24 @@ class Tokenizer:
         symbols = "".join(self.decoder[i] for i in ids if i not in (self.start_id, self.end_id))
         text = bytearray(self.byte_decoder[c] for c in symbols).decode("utf-8", errors="replace")
         return text.replace("</w>", " ").strip()
+
+
+def without_added_tokens(tokenizer, folder):
+    """`tokenizer`, read from `folder`; ValueError naming the tokens the folder adds to CLIP's vocabulary (textual
+    inversion's "<cat-toy>"), which transformers reads as one id each and the BPE here would split into pieces.
+    transformers lists them in added_tokens.json (its 4.x CLIPTokenizer) or in tokenizer.json's added_tokens."""
+    pairs = []  # (token, id)
+    if (folder / "added_tokens.json").is_file():
+        pairs += weights.read_json(folder / "added_tokens.json").items()
+    if (folder / "tokenizer.json").is_file():
+        listed = weights.read_json(folder / "tokenizer.json").get("added_tokens")
+        pairs += [(e.get("content"), e.get("id")) for e in (listed if isinstance(listed, list) else [])
+                  if isinstance(e, dict)]
+    new = [f"{t!r} (id {i})" for t, i in pairs if tokenizer.encoder.get(t) != i]
+    if new:
+        raise ValueError(f"{folder} adds tokens CLIP's vocabulary lacks: {', '.join(new[:5])}; added tokens "
+                         f"(textual inversion) are not read here, and a prompt using them would ask for another text")
+    return tokenizer
 
 
 def load_tokenizer(path):

@@ -377,7 +377,7 @@ def unet_config_from_diffusers(d):
         context_dim=weights.config_value(d, "cross_attention_dim", "int", 1280),
         transformer_depth=weights.config_value(d, "transformer_layers_per_block", "int", 1),
         use_linear_proj=weights.config_value(d, "use_linear_projection", "bool", False),
-        num_groups=weights.config_value(d, "norm_num_groups", "int", 32),
+        num_groups=weights.norm_groups(d, widths),
         sample_size=64 if sample_size is None else weights.config_value(d, "sample_size", "int"))
     why = config_error(cfg)
     if why:

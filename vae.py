@@ -333,7 +333,7 @@ def vae_config_from_diffusers(d):
         ch_mult=tuple(c // blocks[0] for c in blocks),
         num_res_blocks=weights.config_value(d, "layers_per_block", "int", 1),
         z_channels=weights.config_value(d, "latent_channels", "int", 4),
-        num_groups=weights.config_value(d, "norm_num_groups", "int", 32),
+        num_groups=weights.norm_groups(d, blocks),
         scaling_factor=weights.config_value(d, "scaling_factor", "number", 0.18215))
 
 

@@ -90,6 +90,16 @@ def config_value(config, key, kind, default=REQUIRED):
     return config[key]
 
 
+def norm_groups(config, widths):
+    """A diffusers config's norm_num_groups (32 where absent), checked to split the channels of every level, `widths`;
+    ValueError naming the level otherwise (torch would say only "num_channels must be divisible by num_groups")."""
+    groups = config_value(config, "norm_num_groups", "int", 32)
+    for level, channels in enumerate(widths):
+        if channels % groups:
+            raise ValueError(f"{channels} channels at level {level} do not split into {groups} GroupNorm groups")
+    return groups
+
+
 def read_config(path, convert=None):
     """A model's config.json as a dict, or as `convert(dict)` (e.g. a diffusers config -> our dataclass), with any
     error in it reported as a CheckpointError naming the file."""

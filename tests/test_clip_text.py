@@ -6,6 +6,7 @@ folder from the shipped assets/bpe_simple_vocab_16e6.txt.gz by tools/make_sd_tok
 import json
 import random
 import re
+import shutil
 
 import pytest
 import regex
@@ -214,6 +215,27 @@ def test_tokenizer_json_alone_as_transformers_5_saves_it_gives_identical_ids(ref
     old["model"]["merges"] = [" ".join(m) for m in old["model"]["merges"]]  # older files: one "a b" string each
     (pipe / "tokenizer.json").write_text(json.dumps(old), encoding="utf-8")
     assert Tokenizer.from_folder(pipe).ranks == ours.ranks
+
+
+def test_a_tokenizer_that_adds_tokens_is_refused_naming_them(tok_dir, tmp_path):
+    """Textual inversion adds a token ("<cat-toy>", id 49408) that CLIP's BPE lacks: transformers reads it as one id,
+    ours split it into plain BPE pieces, and a prompt using it asked for something else without a word."""
+    added = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
+    added.add_tokens("<cat-toy>")
+    assert added("a <cat-toy>").input_ids == [49406, 320, 49408, 49407]
+    added.save_pretrained(tmp_path / "v5")  # tokenizer.json alone
+    over = tmp_path / "over"  # saved over an SD tokenizer/ folder: its vocab.json and merges.txt stay beside it
+    shutil.copytree(tok_dir, over)
+    shutil.copy(tmp_path / "v5" / "tokenizer.json", over)
+    v4 = tmp_path / "v4"  # transformers 4's CLIPTokenizer: added_tokens.json beside vocab.json and merges.txt
+    shutil.copytree(tok_dir, v4)
+    (v4 / "added_tokens.json").write_text(json.dumps({"<cat-toy>": 49408}))
+    for folder in (tmp_path / "v5", over, v4):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(folder))} adds tokens CLIP's vocabulary lacks: "
+                                             r"'<cat-toy>' \(id 49408\)"):
+            Tokenizer.from_folder(folder)
+    (v4 / "added_tokens.json").write_text(json.dumps({"<|startoftext|>": 49406, "<|endoftext|>": 49407}))
+    assert Tokenizer.from_folder(v4)("a photo").tolist()[0][:4] == [49406, 320, 1125, 49407]  # CLIP's own: read
 
 
 def test_bad_tokenizer_json_names_the_file_and_the_entry(tmp_path):

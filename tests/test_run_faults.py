@@ -436,6 +436,9 @@ def test_a_full_disk_reads_as_no_space_left_on_the_path():
      r"config field 'train_text_encoder' must be true or false, got 1"),
     (lambda info: info.update(base=info["base"] + "-elsewhere"), r"field 'base' .*-elsewhere is not the model the run "
                                                                  r"fine-tunes, config\.model "),
+    # a run of an objective a reader added to ddm.py in another checkout: a KeyError from ddm.uses_indicator before
+    (lambda info: info["config"].update(objective="toy"),
+     r"config field 'objective' must be an objective this checkout's ddm\.OBJECTIVES defines, got 'toy'"),
 ])
 def test_a_hand_edited_run_json_is_one_line_naming_the_field(edit, message, lora_run, tmp_path):
     run = tmp_path / "run"

@@ -2,6 +2,7 @@
 on a tiny random-weight SD saved as a diffusers folder; seeding, the CLI and its argument checks; indicator
 guidance's targets, one per image from its own seed, kept at any batch size."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 import diffusion
 import guidance
+import loading
 import sample
 
 # SD v1.5's scheduler/scheduler_config.json, the fields that matter.
@@ -560,6 +562,58 @@ def test_cli_checks_the_model_configs_and_the_size_multiple_before_loading_weigh
     ]:
         broken = _model_copy(folder, tmp_path, path.replace("/", "-"), path, text)
         assert message in _refused(_cli_args(broken, tmp_path / "out"), monkeypatch, capsys), path
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"trained_betas": "0.1"}, r"field 'trained_betas' must be null or a list of num_train_timesteps \(1000\) numbers "
+                               r"in \(0, 1\)"),  # a TypeError from torch.tensor before
+    ({"trained_betas": [0.01] * 999 + [2.0]}, r"field 'trained_betas' must be null or a list"),  # complex ᾱ before
+    ({"trained_betas": [[0.01]] * 1000}, r"field 'trained_betas' must be null or a list"),  # ᾱ of shape (1000, 1)
+    ({"num_train_timesteps": 10, "trained_betas": [0.01] * 20},
+     r"field 'trained_betas' must be null or a list of num_train_timesteps \(10\)"),
+    ({"beta_end": 1.5}, r"field 'beta_end' must be below 1 \(a β is the variance of one step's noise\), got 1.5"),
+    ({"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr true \(a zero terminal SNR\) is not supported"),
+])
+def test_a_schedule_that_is_no_schedule_is_refused_naming_the_file_and_field(tmp_path, change, message):
+    """Each once ran to the end with another ᾱ than the file's, or stopped with a traceback."""
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD_SCHEDULER, **change}))
+    with pytest.raises(sample.weights.CheckpointError, match="scheduler_config.json: " + message):
+        loading.read_schedule(tmp_path)
+
+
+def test_listed_betas_give_the_schedule_they_list(tmp_path):
+    (tmp_path / "scheduler").mkdir()
+    betas = diffusion.scaled_linear_betas().tolist()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD_SCHEDULER, "trained_betas": betas}))
+    schedule, prediction_type = loading.read_schedule(tmp_path)
+    assert torch.equal(schedule, diffusion.sd_schedule()) and prediction_type == "epsilon"
+
+
+def test_parts_that_do_not_fit_each_other_are_refused_in_one_line_before_anything_is_written(tiny, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """A text encoder of another width than the UNet reads (another model's text_encoder/ in the folder) stopped
+    generate with a ValueError traceback after samples.json was written; one whose vocabulary is smaller than the
+    tokenizer's ids with an IndexError from the embedding."""
+    import transformers
+    _, _, folder = tiny
+    config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    wide = _model_copy(folder, tmp_path, "wide", "text_encoder/config.json", json.dumps({**config, "hidden_size": 48}))
+    err = _refused(_cli_args(wide, tmp_path / "out"), monkeypatch, capsys)  # from the configs: no weight is read
+    assert f"--model {wide}: the models do not fit each other: UNet context_dim 32" in err
+    assert "text encoder width 48" in err and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    small = tmp_path / "small"
+    shutil.copytree(folder, small)
+    shutil.rmtree(small / "text_encoder")
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=998, eos_token_id=999, pad_token_id=999)).save_pretrained(
+        small / "text_encoder")
+    with pytest.raises(SystemExit, match=rf"cannot load --model {re.escape(str(small))}: the tokenizer's ids reach "
+                                         r"49407, past the text encoder's vocab_size 1000"):
+        sample.main(_cli_args(small, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

@@ -117,6 +117,10 @@ TEXT_OK = {"vocab_size": 1000, "max_position_embeddings": 77, "hidden_size": 32,
      r"text_encoder/config.json: activation must be quick_gelu or gelu, got 'relu'"),
     ("unet", "unet", {**UNET_OK, "block_out_channels": [36, 72], "norm_num_groups": 4},
      r"unet/config.json: 36 channels at level 0 do not split into 8 heads"),
+    ("unet", "unet", {**UNET_OK, "norm_num_groups": 5},
+     r"unet/config.json: 32 channels at level 0 do not split into 5 GroupNorm groups"),
+    ("vae", "vae", {"block_out_channels": [16, 32], "norm_num_groups": 5},
+     r"vae/config.json: 16 channels at level 0 do not split into 5 GroupNorm groups"),
 ])
 def test_bad_config_json_is_named_with_the_file_and_field_before_any_tensor_is_read(tmp_path, load, folder, config,
                                                                                    message):
