@@ -10,6 +10,11 @@ import sys
 import torch
 
 
+def repeated(items):
+    """The first item that an earlier one repeats, or None."""
+    return next((x for k, x in enumerate(items) if x in items[:k]), None)
+
+
 def out_of_range(value, lo=None, hi=None, strict=False, open_hi=False):
     """Why `value` lies outside [lo, hi] ((lo, ... with strict, ..., hi) with open_hi), as "must ...", or None. A
     float must be finite."""

@@ -22,7 +22,7 @@ from PIL import Image
 
 import weights
 from clip_text import (ACTIVATIONS, CLIPTextConfig, CLIPTextModel, EncoderLayer, text_encoder_config_from_hf,
-                       tower_error)
+                       HF_NAMES, tower_error)
 from tokenizer import Tokenizer
 
 # CLIP's per-channel RGB mean and std of its training images, on [0, 1] pixels (OpenAI's release)
@@ -197,7 +197,7 @@ def vision_config_from_hf(v):
     eps, channels = v.get("layer_norm_eps", 1e-5), v.get("num_channels", 3)
     if eps != 1e-5 or channels != 3:
         raise ValueError(f"must have layer_norm_eps 1e-05 and 3 channels, got {eps} and {channels}")
-    why = tower_error(cfg)
+    why = tower_error(cfg, HF_NAMES)
     if why:
         raise ValueError(why)
     if cfg.image_size % cfg.patch_size:

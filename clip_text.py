@@ -128,13 +128,18 @@ WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 TRANSFORMERS5_NAMES = {name: f"text_model.{name}" for name in ("embeddings", "encoder", "final_layer_norm")}
 
 
-def tower_error(cfg):
+HF_NAMES = ("hidden_act", "hidden_size", "num_attention_heads")  # what a transformers config.json calls these
+
+
+def tower_error(cfg, names=("activation", "width", "heads")):
     """Why a CLIP tower of `cfg` (the text one here, or clip_image's vision one) cannot be built, or None: an
-    activation without a function in ACTIVATIONS, or a width its heads do not split."""
+    activation without a function in ACTIVATIONS, or a width its heads do not split. `names`: the fields' names in
+    the file the config came from (HF_NAMES for a config.json)."""
+    activation, width, heads = names
     if cfg.activation not in ACTIVATIONS:
-        return f"activation must be {' or '.join(ACTIVATIONS)}, got {cfg.activation!r}"
+        return f"{activation} must be {' or '.join(ACTIVATIONS)}, got {cfg.activation!r}"
     if cfg.width % cfg.heads:
-        return f"width {cfg.width} must be a multiple of heads {cfg.heads}"
+        return f"{width} {cfg.width} must be a multiple of {heads} {cfg.heads}"
     return None
 
 
@@ -151,7 +156,7 @@ def text_encoder_config_from_hf(d):
                          width=value("hidden_size"), layers=value("num_hidden_layers"),
                          heads=value("num_attention_heads"), mlp=value("intermediate_size"),
                          activation=weights.config_value(d, "hidden_act", "str", "quick_gelu"))
-    why = tower_error(cfg)
+    why = tower_error(cfg, HF_NAMES)
     if why:
         raise ValueError(why)
     return cfg

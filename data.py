@@ -279,8 +279,8 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
 def check_out_folder(out_dir, files, overwrite):
     """Raise unless the images `files` = [(source path, file_name inside out_dir)] can be written into `out_dir`:
     each name inside it and not its own source, a previous build's metadata.jsonl only with overwrite, no file there
-    that such a metadata.jsonl does not list. Checked before the work that picks the images, and again by
-    write_folder."""
+    that such a metadata.jsonl does not list. make_cluster_folder checks before the VAE encodes; write_folder again
+    before it writes."""
     if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; --out names the data folder to write")
     for source, name in files:

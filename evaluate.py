@@ -593,9 +593,9 @@ def flag_error(args):
                 '"a photo of a woman"')
     elif args.groups is not None:
         return "--groups picks digit classes; with --clip the groups are the --attributes"
-    twice = next((t for a in args.attributes or [] for k, t in enumerate(a) if t in a[:k]), None)
-    if twice is not None:
-        return f"--attributes names the text {twice!r} twice; each group of an attribute needs its own text"
+    twice = [t for t in map(cli.repeated, args.attributes or []) if t is not None]
+    if twice:
+        return f"--attributes names the text {twice[0]!r} twice; each group of an attribute needs its own text"
     if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
         return (f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image folders; "
                 "give one per folder")

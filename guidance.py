@@ -147,8 +147,8 @@ def add_flags(p):
                    help="a train.py run with a noise-aware indicator (--objective plain-indicator or "
                         "indicator-weighted), or its indicator.safetensors; repeat it for several attributes")
     g.add_argument("--indicator-guidance", type=scale_arg, default=None, metavar="S|auto",  # None: not given
-                   help="guidance scale (0: off), or auto: chosen per prompt on a calibration batch, by the "
-                        "indicators alone")
+                   help="guidance scale (required with --indicator; 0: off), or auto: chosen per prompt on a "
+                        "calibration batch, by the indicators alone")
     g.add_argument("--target", action="append", default=[], help="the group shares to aim for, per --indicator in "
                    "order (one value: all of them) or by attribute (ATTRIBUTE:SPEC): uniform (the default) or "
                    "NAME=SHARE,...")
@@ -188,7 +188,7 @@ def target_specs(targets, attributes):
         raise ValueError(f"--target {unknown[0]}: name one of the attributes the indicators guide "
                          f"({', '.join(str(a) for a in attributes)}) in every ATTRIBUTE:SPEC")
     if len(named) != len(targets):
-        raise ValueError(f"--target names the attribute {next(a for k, a in enumerate(keys) if a in keys[:k])} twice")
+        raise ValueError(f"--target names the attribute {cli.repeated([k for k in keys if k is not None])} twice")
     return [named.get(a, "uniform") for a in attributes]
 
 

@@ -38,6 +38,7 @@ class Models:
     vae_config: VAEConfig
     alphas_cumprod: torch.Tensor = field(default_factory=diffusion.sd_schedule)
     prediction_type: str = "epsilon"  # "v_prediction" for SD 2.x-v checkpoints
+    checkpoint: str = None  # load_run's: the run's checkpoint folder the weights came from (a fine-tune records it)
 
     def __post_init__(self):
         # texts are padded to the positions the text encoder has: 77 in every SD, fewer in a tiny model (reproduce.py)
@@ -185,6 +186,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
                 lora.merge_lora(m)
             m.requires_grad_(False).to(device, dtype).eval()
     models.vae.to(device, dtype)
+    models.checkpoint = ckpt["path"].name
     return Run(models, indicator, config["group_names"], ckpt["step"], info)
 
 

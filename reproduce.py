@@ -608,8 +608,8 @@ def selection_error(args, given, groups, counts, methods):
     unknown = [m for m in methods if m not in BY_NAME]
     if unknown or not methods:
         return f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}"
-    twice = [m for k, m in enumerate(methods) if m in methods[:k]]
-    return f"--methods names {twice[0]} twice" if twice else None
+    twice = cli.repeated(methods)
+    return None if twice is None else f"--methods names {twice} twice"
 
 
 RESULTS = ("finetune", "report.md", "report.json", "grids")  # what a run writes into OUT besides the cache

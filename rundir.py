@@ -173,23 +173,16 @@ def data_fingerprint(data):
             "images": images.hexdigest(), "contents": contents.hexdigest()}
 
 
-def base_checkpoint(model):
-    """The checkpoint a fine-tune of a train.py run directory starts from (its newest, the one --model loads), by
-    name; None for any other --model."""
-    ckpt = latest_checkpoint(model) if (Path(model) / "run.json").is_file() else None
-    return ckpt and ckpt.name
-
-
 def base_path(run_dir, info):
     """The model a run started from: its own base/ folder (from scratch) or the --model it fine-tuned. CheckpointError
     for a run directory that trained on since (its checkpoint replaced: train.py keeps only the newest)."""
     if info["base"] == "base":
         return Path(run_dir) / "base"
-    base, started = Path(info["base"]), info.get("base_checkpoint")  # runs before it recorded none
-    now = base_checkpoint(base) if started else None
-    if started and now and now != started:
+    base, started = Path(info["base"]), info.get("base_checkpoint")  # None: not a run, or run.json older than this
+    now = latest_checkpoint(base) if started else None
+    if started and now and now.name != started:
         raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {base} at its {started}, "
-                                      f"but it now holds {now}: it trained on since, and the weights this run "
+                                      f"but it now holds {now.name}: it trained on since, and the weights this run "
                                       f"started from are gone; put {started} back there, or fine-tune {base} anew")
     return base
 
@@ -205,7 +198,7 @@ def write_run(run_dir, config, models, latent_shape, args, data):
             export_diffusers(models, run_dir / "base")
         weights.write_json(run_dir / "run.json", {
             "format": "ddm-run/1", "config": config, "base": "base" if from_scratch else config["model"],
-            "base_checkpoint": None if from_scratch else base_checkpoint(config["model"]),
+            "base_checkpoint": models.checkpoint,  # of a run directory's --model: the one its weights came from
             "latent_shape": list(latent_shape), "prediction_type": models.prediction_type, "args": args,
             "model_configs": configs,
             "data": data_fingerprint(data), "versions": {"torch": torch.__version__},

@@ -148,7 +148,7 @@ class Tokenizer:
         and CLIP folders carry, or else tokenizer.json alone, which transformers 5 saves."""
         path = Path(path)
         if not (path / "vocab.json").is_file() and (path / "tokenizer.json").is_file():
-            return without_added_tokens(cls.from_tokenizer_json(path / "tokenizer.json"), path)
+            return check_added_tokens(cls.from_tokenizer_json(path / "tokenizer.json"), path)
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} has no {name}: a CLIP tokenizer folder needs vocab.json and "
@@ -166,7 +166,7 @@ class Tokenizer:
                 if len(pair) != 2:
                     raise ValueError(f"{path / 'merges.txt'} line {n}: expected two symbols, got {line!r}")
                 merges.append(tuple(pair))
-        return without_added_tokens(cls(vocab, merges), path)
+        return check_added_tokens(cls(vocab, merges), path)
 
     @classmethod
     def from_tokenizer_json(cls, path):
@@ -281,9 +281,9 @@ class Tokenizer:
         return text.replace("</w>", " ").strip()
 
 
-def without_added_tokens(tokenizer, folder):
-    """`tokenizer`, read from `folder`; ValueError naming the tokens the folder adds to CLIP's vocabulary (textual
-    inversion's "<cat-toy>"), which transformers reads as one id each and the BPE here would split into pieces.
+def check_added_tokens(tokenizer, folder):
+    """`tokenizer`, read from `folder`, if the folder adds no tokens to its vocabulary; else ValueError naming them
+    (textual inversion's "<cat-toy>"): transformers reads each as one id, the BPE here would split it into pieces.
     transformers lists them in added_tokens.json (its 4.x CLIPTokenizer) or in tokenizer.json's added_tokens."""
     pairs = []  # (token, id)
     if (folder / "added_tokens.json").is_file():
@@ -294,7 +294,7 @@ def without_added_tokens(tokenizer, folder):
                   if isinstance(e, dict)]
     new = [f"{t!r} (id {i})" for t, i in pairs if tokenizer.encoder.get(t) != i]
     if new:
-        raise ValueError(f"{folder} adds tokens CLIP's vocabulary lacks: {', '.join(new[:5])}; added tokens "
+        raise ValueError(f"{folder} adds tokens its vocabulary lacks: {', '.join(new[:5])}; added tokens "
                          f"(textual inversion) are not read here, and a prompt using them would ask for another text")
     return tokenizer
 

@@ -347,11 +347,11 @@ def unread_flag_error(args):
     for dest in dict.fromkeys(flag for o in ddm.OBJECTIVES.values() for flag in o.flags):  # ddm.Objective.flags
         readers = [name for name, o in ddm.OBJECTIVES.items() if dest in o.flags]
         if getattr(args, dest) != args.objective_defaults[dest] and args.objective not in readers:
-            return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(readers)} (recorded, "
-                    f"it would not be applied), got --objective {args.objective}")
+            return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(readers)}; "
+                    f"--objective {args.objective} does not read it")
     if args.indicator_lr is not None and not ddm.uses_indicator(args.objective, args.w_ind):
-        return (f"--indicator-lr applies only to a run that trains an indicator (recorded, it would not be "
-                f"applied): --objective {args.objective} with --w-ind {args.w_ind} trains none")
+        return (f"--indicator-lr applies only to a run that trains an indicator; --objective {args.objective} with "
+                f"--w-ind {args.w_ind} trains none")
     return None
 
 

@@ -381,7 +381,7 @@ def unet_config_from_diffusers(d):
         sample_size=64 if sample_size is None else weights.config_value(d, "sample_size", "int"))
     why = config_error(cfg)
     if why:
-        raise ValueError(why)
+        raise ValueError(f"block_out_channels and {key}: {why}")
     return cfg
 
 

@@ -96,7 +96,8 @@ def norm_groups(config, widths):
     groups = config_value(config, "norm_num_groups", "int", 32)
     for level, channels in enumerate(widths):
         if channels % groups:
-            raise ValueError(f"{channels} channels at level {level} do not split into {groups} GroupNorm groups")
+            raise ValueError(f"field 'norm_num_groups' {groups} does not split the {channels} channels of "
+                             f"block_out_channels[{level}]")
     return groups
 
 

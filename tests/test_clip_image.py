@@ -131,8 +131,8 @@ def test_wrong_checkpoints_name_the_missing_and_unexpected_tensors(tmp_path):
     ({"projection_dim": None}, r"config\.json: field 'projection_dim' must be a positive integer, got null"),
     ({"vision_config": {"hidden_act": None}}, r"config\.json: vision_config: field 'hidden_act' must be a string"),
     ({"text_config": None}, r"config\.json has no 'text_config'"),
-    ({"vision_config": {"num_attention_heads": 5}}, r"config\.json: vision_config: width 48 must be a multiple of "
-                                                    r"heads 5"),
+    ({"vision_config": {"num_attention_heads": 5}}, r"config\.json: vision_config: hidden_size 48 must be a multiple "
+                                                    r"of num_attention_heads 5"),
     ({"vision_config": {"num_channels": 1}}, r"config\.json: vision_config: must have layer_norm_eps 1e-05 and 3 "
                                              r"channels, got 1e-05 and 1$"),
 ])

@@ -231,7 +231,7 @@ def test_a_tokenizer_that_adds_tokens_is_refused_naming_them(tok_dir, tmp_path):
     shutil.copytree(tok_dir, v4)
     (v4 / "added_tokens.json").write_text(json.dumps({"<cat-toy>": 49408}))
     for folder in (tmp_path / "v5", over, v4):
-        with pytest.raises(ValueError, match=rf"^{re.escape(str(folder))} adds tokens CLIP's vocabulary lacks: "
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(folder))} adds tokens its vocabulary lacks: "
                                              r"'<cat-toy>' \(id 49408\)"):
             Tokenizer.from_folder(folder)
     (v4 / "added_tokens.json").write_text(json.dumps({"<|startoftext|>": 49406, "<|endoftext|>": 49407}))

@@ -112,15 +112,16 @@ TEXT_OK = {"vocab_size": 1000, "max_position_embeddings": 77, "hidden_size": 32,
     ("text_encoder", "text_encoder", b'{"hidden_act": "gel\xfc"}', r"text_encoder/config.json: not UTF-8 text"),
     # configs that read but build no network: refused naming the file, not an assert or an error mid-forward
     ("text_encoder", "text_encoder", {**TEXT_OK, "hidden_size": 30},
-     r"text_encoder/config.json: width 30 must be a multiple of heads 4"),
+     r"text_encoder/config.json: hidden_size 30 must be a multiple of num_attention_heads 4"),
     ("text_encoder", "text_encoder", {**TEXT_OK, "hidden_act": "relu"},
-     r"text_encoder/config.json: activation must be quick_gelu or gelu, got 'relu'"),
+     r"text_encoder/config.json: hidden_act must be quick_gelu or gelu, got 'relu'"),
     ("unet", "unet", {**UNET_OK, "block_out_channels": [36, 72], "norm_num_groups": 4},
-     r"unet/config.json: 36 channels at level 0 do not split into 8 heads"),
+     r"unet/config.json: block_out_channels and attention_head_dim: 36 channels at level 0 do not split into 8 "
+     r"heads"),
     ("unet", "unet", {**UNET_OK, "norm_num_groups": 5},
-     r"unet/config.json: 32 channels at level 0 do not split into 5 GroupNorm groups"),
+     r"unet/config.json: field 'norm_num_groups' 5 does not split the 32 channels of block_out_channels\[0\]"),
     ("vae", "vae", {"block_out_channels": [16, 32], "norm_num_groups": 5},
-     r"vae/config.json: 16 channels at level 0 do not split into 5 GroupNorm groups"),
+     r"vae/config.json: field 'norm_num_groups' 5 does not split the 16 channels of block_out_channels\[0\]"),
 ])
 def test_bad_config_json_is_named_with_the_file_and_field_before_any_tensor_is_read(tmp_path, load, folder, config,
                                                                                    message):
