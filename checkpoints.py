@@ -311,7 +311,8 @@ def write_tokenizer(tokenizer, folder):
     end = tokenizer.decoder[tokenizer.end_id]
     weights.write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length, "do_lower_case": True,
-        "bos_token": tokenizer.decoder[tokenizer.start_id], "eos_token": end, "unk_token": end, "pad_token": end})
+        "bos_token": tokenizer.decoder[tokenizer.start_id], "eos_token": end, "unk_token": end,
+        "pad_token": tokenizer.decoder[tokenizer.pad_id]})  # <|endoftext|>, or SD v2.x's "!"
 
 
 def check_export(out_dir):

@@ -1,8 +1,9 @@
 """CLIP's byte-level BPE tokenizer (Radford et al. 2021, Sec. 2.4), id for id equal to transformers' CLIPTokenizer.
 
 Stable Diffusion v1.x's prompts go through it before the text encoder (clip_text.py): lower-cased byte pair
-encoding, [SOS] + at most 75 ids + [EOS], padded with [EOS] to 77. Written with the standard library only: no
-`regex`, no `ftfy`, no `tokenizers`. CLIP's merges ship in assets/bpe_simple_vocab_16e6.txt.gz (MIT).
+encoding, [SOS] + at most 75 ids + [EOS], padded to 77 with the folder's pad token ([EOS]; SD v2.x's folders
+name "!"). Written with the standard library only: no `regex`, no `ftfy`, no `tokenizers`. CLIP's merges ship in
+assets/bpe_simple_vocab_16e6.txt.gz (MIT).
 """
 import functools
 import gzip
@@ -112,8 +113,9 @@ class Tokenizer:
     encode(text): split out the literal special strings; NFC; collapse whitespace runs to one space; lower-case;
     pre-split (pre_split_pattern); each piece -> UTF-8 bytes -> bytes_to_unicode symbols, the last one marked
     `</w>` (end of word); merge adjacent pairs, lowest merge rank first, until no pair has a rank; look up ids.
-    __call__ wraps each text as [start] + ids[:75] + [end] and pads with end to 77; it stops reading the text
-    once it has the 75 ids, and merges a long word over the first bytes that can hold them only (`bpe`).
+    __call__ wraps each text as [start] + ids[:75] + [end] and pads with pad_id (end, or `pad_with`) to 77; it
+    stops reading the text once it has the 75 ids, and merges a long word over the first bytes that can hold them
+    only (`bpe`).
     Unlike OpenAI's original, no ftfy / html.unescape clean-up: the pipelines' reference does none either.
     """
 
@@ -137,18 +139,27 @@ class Tokenizer:
             raise ValueError(f"merge {late[0][0] + 1} {late[0][1]} comes before the merge that makes its parts: "
                              f"not a BPE merge list")
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
+        self.pad_with(END)
         self.max_length = max_length
         self.longest = max((len("".join(m).removesuffix("</w>")) for m in self.ranks), default=1)  # in bytes
         self.pattern, self.bmp_pattern = pre_split_pattern(), pre_split_pattern(astral=False)
         self.cache = {}  # pre-split piece -> ids; prompts reuse few words, so BPE runs once per word
 
+    def pad_with(self, token):
+        """Pad with `token`, a vocabulary entry. transformers adds a pad token to the special strings, which count
+        where written exactly (SD v2.x's "!": a "!" in the prompt is its id 0 too)."""
+        self.pad_id = self.encoder[token]
+        tokens = sorted({START, END, token}, key=len, reverse=True)  # the longest first where one holds another
+        self.special = re.compile(f"({'|'.join(map(re.escape, tokens))})") if token not in (START, END) else SPECIAL
+
     @classmethod
     def from_folder(cls, path):
         """A tokenizer from a tokenizer folder: vocab.json + merges.txt (with a `#version` header), the files hub SD
-        and CLIP folders carry, or else tokenizer.json alone, which transformers 5 saves."""
+        and CLIP folders carry, or else tokenizer.json alone, which transformers 5 saves; padded with the pad token
+        its tokenizer_config.json or special_tokens_map.json names (`with_pad_token`)."""
         path = Path(path)
         if not (path / "vocab.json").is_file() and (path / "tokenizer.json").is_file():
-            return check_added_tokens(cls.from_tokenizer_json(path / "tokenizer.json"), path)
+            return with_pad_token(check_added_tokens(cls.from_tokenizer_json(path / "tokenizer.json"), path), path)
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} has no {name}: a CLIP tokenizer folder needs vocab.json and "
@@ -166,7 +177,7 @@ class Tokenizer:
                 if len(pair) != 2:
                     raise ValueError(f"{path / 'merges.txt'} line {n}: expected two symbols, got {line!r}")
                 merges.append(tuple(pair))
-        return check_added_tokens(cls(vocab, merges), path)
+        return with_pad_token(check_added_tokens(cls(vocab, merges), path), path)
 
     @classmethod
     def from_tokenizer_json(cls, path):
@@ -246,7 +257,7 @@ class Tokenizer:
             parts = chunks(text, 2 * max_bytes)
         ids = []
         for chunk in parts:
-            for i, part in enumerate(SPECIAL.split(chunk)):  # odd parts are the special strings themselves
+            for i, part in enumerate(self.special.split(chunk)):  # odd parts are the special strings themselves
                 if i % 2:
                     ids.append(self.encoder[part])
                     continue
@@ -259,7 +270,7 @@ class Tokenizer:
         return ids
 
     def __call__(self, texts):
-        """LongTensor (B, max_length): [start] + at most max_length-2 text ids + [end], padded with end."""
+        """LongTensor (B, max_length): [start] + at most max_length-2 text ids + [end], padded with pad_id."""
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
@@ -267,15 +278,21 @@ class Tokenizer:
         n, rows = self.max_length, []
         for text in texts:
             ids = [self.start_id, *self.encode(text, n - 2), self.end_id]  # truncate first: end is always kept
-            rows.append(ids + [self.end_id] * (n - len(ids)))
+            rows.append(ids + [self.pad_id] * (n - len(ids)))
         return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), n))  # 10x torch.tensor(rows)
 
     def decode(self, ids):
-        """Text of `ids` (list or 1-D tensor), start/end/padding dropped; words end at `</w>` markers."""
+        """Text of `ids` (list or 1-D tensor), start/end and the padding after the end dropped; words end at `</w>`
+        markers. A pad id elsewhere is text: SD v2.x's pad "!" is also the prompt's "!"."""
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
         bad = [i for i in ids if i not in self.decoder]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are not in the vocabulary (size {len(self.decoder)})")
+        n = len(ids)
+        while n and ids[n - 1] == self.pad_id:
+            n -= 1
+        if n and ids[n - 1] == self.end_id:
+            ids = ids[:n]
         symbols = "".join(self.decoder[i] for i in ids if i not in (self.start_id, self.end_id))
         text = bytearray(self.byte_decoder[c] for c in symbols).decode("utf-8", errors="replace")
         return text.replace("</w>", " ").strip()
@@ -296,6 +313,33 @@ def check_added_tokens(tokenizer, folder):
     if new:
         raise ValueError(f"{folder} adds tokens its vocabulary lacks: {', '.join(new[:5])}; added tokens "
                          f"(textual inversion) are not read here, and a prompt using them would ask for another text")
+    return tokenizer
+
+
+def with_pad_token(tokenizer, folder):
+    """`tokenizer`, read from `folder`, padding with the pad_token the folder names where transformers reads it
+    (a string or an {"content": ...} object): special_tokens_map.json's (transformers 4's file), else
+    tokenizer_config.json's; the first is not read where the second lists added_tokens_decoder. None named:
+    <|endoftext|>, CLIPTokenizer's default and SD v1.x's. SD v2.x's folders name "!" (id 0)."""
+    named = []  # (file, pad_token), the last one wins
+    config = weights.read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    if config.get("pad_token") is not None:
+        named.append((folder / "tokenizer_config.json", config["pad_token"]))
+    if "added_tokens_decoder" not in config and (folder / "special_tokens_map.json").is_file():
+        special_map = weights.read_json(folder / "special_tokens_map.json")
+        if special_map.get("pad_token") is not None:
+            named.append((folder / "special_tokens_map.json", special_map["pad_token"]))
+    if not named:
+        return tokenizer
+    source, token = named[-1]
+    token = token.get("content") if isinstance(token, dict) else token
+    if not isinstance(token, str):
+        raise ValueError(f"{source}: pad_token must be a token (a string, or an object with its \"content\"), "
+                         f"not {named[-1][1]!r}")
+    if token not in tokenizer.encoder:
+        raise ValueError(f"{source}: pad_token {token!r} is not in the vocabulary: transformers would add it as a "
+                         f"new id, which the CLIP text encoder does not have")
+    tokenizer.pad_with(token)
     return tokenizer
 
 

@@ -238,6 +238,68 @@ def test_a_tokenizer_that_adds_tokens_is_refused_naming_them(tok_dir, tmp_path):
     assert Tokenizer.from_folder(v4)("a photo").tolist()[0][:4] == [49406, 320, 1125, 49407]  # CLIP's own: read
 
 
+def added_token(content):
+    """A special token as transformers 4 writes it into special_tokens_map.json."""
+    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+
+def sd2_folders(tok_dir, tmp_path):
+    """Tokenizer folders that declare pad_token "!" (id 0) as SD v2.x's (openclip ViT-H) does, in the layouts
+    transformers reads: what transformers 5 saves (tokenizer.json + tokenizer_config.json), and transformers 4's
+    vocab.json + merges.txt with special_tokens_map.json (which wins over tokenizer_config.json unless that lists
+    added_tokens_decoder) or with tokenizer_config.json alone."""
+    transformers.CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="!").save_pretrained(tmp_path / "v5")
+    assert sorted(p.name for p in (tmp_path / "v5").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    bos = added_token("<|startoftext|>")
+    layouts = {"sd21": ({"pad_token": "!", "bos_token": {"__type": "AddedToken", **bos}, "model_max_length": 77,
+                         "tokenizer_class": "CLIPTokenizer"}, {"pad_token": "!", "bos_token": bos}),
+               "map_wins": ({"pad_token": "<|endoftext|>"}, {"pad_token": added_token("!")}),
+               "config_only": ({"pad_token": {"__type": "AddedToken", **added_token("!")}}, None),
+               "decoder_listed": ({"pad_token": "!", "added_tokens_decoder": {}}, {"pad_token": "<|endoftext|>"})}
+    for name, (config, special_map) in layouts.items():
+        shutil.copytree(tok_dir, tmp_path / name)
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps(config))
+        if special_map is not None:
+            (tmp_path / name / "special_tokens_map.json").write_text(json.dumps(special_map))
+    return [tmp_path / name for name in ["v5", *layouts]]
+
+
+def test_the_folders_pad_token_gives_transformers_ids_for_sd2_and_sd1(tok_dir, tmp_path):
+    """SD v2.x's tokenizer folder pads with "!" (id 0), not <|endoftext|>: padded with 49407 here, the text encoder's
+    states at the padded positions (which the UNet attends to) were another model's, without a word. transformers
+    also reads the pad token as a special token: a "!" in the prompt is id 0, split out before BPE."""
+    texts = HARD + ["wow! great", "!!!", "a!b", "a photo of a cat!"] + random_texts(100, seed=2)
+    for folder in sd2_folders(tok_dir, tmp_path):
+        ref = transformers.CLIPTokenizer.from_pretrained(str(folder))
+        assert ref.pad_token_id == 0, folder.name
+        ours = Tokenizer.from_folder(folder)
+        assert ours(texts).tolist() == ref_ids(ref, texts).tolist() and ours.pad_id == 0, folder.name
+        assert ours("a photo").tolist()[0][:6] == [49406, 320, 1125, 49407, 0, 0]
+        for text in texts:
+            assert ours.encode(text) == ref(text, add_special_tokens=False).input_ids, (folder.name, ascii(text))
+        for text in ["a photo", "wow! great", "!!!"]:  # trailing padding dropped, a "!" of the prompt kept
+            assert ours.decode(ours(text)[0]) == ours.decode(ours.encode(text)), text
+        assert ours.decode(ours("a photo")[0]) == "a photo"
+    v1 = tmp_path / "v1"  # SD v1.x's folder names <|endoftext|>: padded with 49407, a "!" of the prompt is BPE's
+    shutil.copytree(tok_dir, v1)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (v1 / name).write_text(json.dumps({"pad_token": "<|endoftext|>", "bos_token": added_token("<|startoftext|>")}))
+    for folder in (v1, tok_dir):
+        ref = transformers.CLIPTokenizer.from_pretrained(str(folder))
+        ours = Tokenizer.from_folder(folder)
+        assert ours(texts).tolist() == ref_ids(ref, texts).tolist() and ours.pad_id == 49407, folder.name
+        assert ours("wow!").tolist()[0][:6] == [49406, 2781, 256, 49407, 49407, 49407]
+
+
+def test_a_pad_token_outside_the_vocabulary_is_refused_naming_the_file(tok_dir, tmp_path):
+    shutil.copytree(tok_dir, tmp_path, dirs_exist_ok=True)
+    for name, value, problem in [("tokenizer_config.json", "<pad>", "'<pad>' is not in the vocabulary"),
+                                 ("special_tokens_map.json", {"content": 0}, "must be a token")]:
+        (tmp_path / name).write_text(json.dumps({"pad_token": value}))
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: pad_token {problem}"):
+            Tokenizer.from_folder(tmp_path)
+
+
 def test_bad_tokenizer_json_names_the_file_and_the_entry(tmp_path):
     path = tmp_path / "tokenizer.json"
     path.write_text("{not json")

@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -767,6 +768,23 @@ def test_export_writes_the_schedule_and_prediction_type_the_model_trained_with(s
             assert written.get("trained_betas") is None, name
             assert (written["beta_schedule"], written["beta_start"], written["beta_end"],
                     written["num_train_timesteps"]) == ("scaled_linear", 0.00085, 0.012, 1000), name
+
+
+def test_export_keeps_the_pad_token_of_an_sd2_tokenizer_folder(sd_dir, tmp_path):
+    """SD v2.x's tokenizer folder pads with "!" (id 0): the export's tokenizer_config.json names it, so diffusers pads
+    the exported model's prompts as the model was trained, not with <|endoftext|>."""
+    from transformers import CLIPTokenizer
+    base = tmp_path / "sd2"
+    base.mkdir()
+    for part in ("unet", "vae", "text_encoder"):
+        (base / part).symlink_to(sd_dir / part, target_is_directory=True)
+    shutil.copytree(sd_dir / "tokenizer", base / "tokenizer")
+    (base / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+    trained = loading.load_models(base).tokenizer(["a red square!"])
+    assert trained[0, :8].tolist() == [49406, 320, 736, 3999, 0, 49407, 0, 0]
+    export = train.train(["--model", str(base), "--export", str(tmp_path / "export")])
+    assert CLIPTokenizer.from_pretrained(export / "tokenizer").pad_token_id == 0
+    assert torch.equal(loading.load_models(export).tokenizer(["a red square!"]), trained)
 
 
 def test_gradient_checkpointing_recomputes_the_unet_blocks_in_backward(sd_dir, data_dir, tmp_path):
