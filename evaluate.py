@@ -505,6 +505,9 @@ def image_files(directory):
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} does not exist")
+    why = unfinished_error(directory)
+    if why:
+        raise ValueError(why)
     files = sorted(p for p in directory.iterdir() if p.is_file())
     paths = [p for p in files if p.suffix.lower() in data.IMAGE_EXTENSIONS and not p.name.startswith("grid")]
     if not paths:
@@ -512,6 +515,22 @@ def image_files(directory):
         raise ValueError(f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; "
                          f"found {len(files)} other files{': ' + others if files else ''})")
     return paths
+
+
+def unfinished_error(directory):
+    """Why `directory` is the --out of a sample.py run that stopped before its last image, or None: its samples.json
+    says finished: false (written first, true at the end), so images are missing, the last perhaps half-written."""
+    path = directory / "samples.json"
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None  # no record of sample.py's (sample_prompts names a broken one where it needs the prompts)
+    if not isinstance(record, dict) or record.get("finished") is not False:
+        return None
+    files = record.get("files") if isinstance(record.get("files"), list) else []
+    here = sum(isinstance(n, str) and (directory / n).is_file() for n in files)
+    return (f"{path}: the sample.py run that wrote this folder did not finish ({here} of its {len(files)} images are "
+            f"here); run it again with --overwrite before judging it")
 
 
 def read_images(paths):

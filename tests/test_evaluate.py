@@ -232,6 +232,24 @@ def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
             evaluate.load_classifier(tmp_path / "meta.safetensors")
 
 
+def test_the_folder_of_a_sample_run_that_did_not_finish_is_refused_naming_its_record(trained, heldout, tmp_path):
+    """sample.py writes samples.json with finished: false first, and true after its last image: a run stopped
+    half-way (a job's time limit) holds the first prompts' images only, which would be judged as the whole."""
+    model, _ = trained
+    evaluate.save_classifier(model, tmp_path / "c.safetensors")
+    clf = ["--classifier", str(tmp_path / "c.safetensors")]
+    images, _ = heldout
+    stopped = _write_pngs(tmp_path / "stopped", images[:3])
+    record = {"prompts": ["a"] * 6, "files": [f"{k:05d}.png" for k in range(6)], "finished": False}
+    (stopped / "samples.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"stopped.samples.json: the sample.py run that wrote this folder did not "
+                                         r"finish \(3 of its 6 images are here\)"):
+        evaluate.main([str(stopped), *clf])
+    assert not (stopped / "evaluation.json").exists()
+    (stopped / "samples.json").write_text(json.dumps({**record, "files": record["files"][:3], "finished": True}))
+    assert evaluate.main([str(stopped), *clf])["n_images"] == 3
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_the_evaluation(heldout, tmp_path, monkeypatch, capsys):
     images, _ = heldout
     good = _write_pngs(tmp_path / "good", images[:4])
