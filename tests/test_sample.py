@@ -535,6 +535,17 @@ def test_cli_refuses_bad_out_seed_guidance_and_prompts_before_loading_weights(ti
     assert a_file.read_text() == "mine" and not out.exists() and not (read_only / "sub").exists()
 
 
+def test_an_out_that_is_a_link_to_nothing_is_refused_before_loading_weights(tiny, tmp_path, monkeypatch, capsys):
+    """A link to a disk not mounted, or to a folder removed: mkdir stopped on it after the weights had loaded."""
+    _, _, folder = tiny
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "unmounted" / "samples")
+    for out in (dangling, dangling / "doctor"):
+        err = _refused(_cli_args(folder, out), monkeypatch, capsys)
+        assert f"--out {out}: {dangling} is a link to {tmp_path / 'unmounted' / 'samples'}, which does not exist" in err
+    assert not (tmp_path / "unmounted").exists()
+
+
 def _model_copy(folder, tmp_path, name, path, text):
     copy = tmp_path / name
     shutil.copytree(folder, copy)
