@@ -227,6 +227,18 @@ def read_prompts(path):
     return prompts
 
 
+def cut_prompts_warning(tokenizer, texts):
+    """A warning naming the texts longer than the text encoder reads (SD: 75 tokens), or None: the rest of each is
+    cut, as diffusers' pipelines cut it, and changes no image."""
+    n = tokenizer.max_length - 2  # [start] and [end] take two places
+    long = [t for t in dict.fromkeys(texts) if len(tokenizer.encode(t, n + 1)) > n]
+    if not long:
+        return None
+    return (f"warning: {len(long)} prompt{'s are' if len(long) > 1 else ' is'} longer than the {n} tokens the text "
+            f"encoder reads, which cuts the rest; the first, '{long[0][:40].rstrip()}...', is read up to "
+            f"'...{tokenizer.decode(tokenizer.encode(long[0], n))[-40:].strip()}'")
+
+
 def previous_outputs(out, overwrite, files):
     """The files in `out` that the previous run there wrote and listed in its samples.json: what --overwrite may
     delete before `files`, grid.png and samples.json are written. ValueError, before anything is touched, when
@@ -309,6 +321,8 @@ def main(argv=None):
     why = steps_error(args.steps, models)
     if why:
         sys.exit(f"error: --{why}")
+    why = cut_prompts_warning(models.tokenizer, args.prompt_list + [args.negative_prompt])
+    print(why, file=sys.stderr) if why else None
     record = record_of(args, argv, models, prompts, seeds, started)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
                     width=args.width, sampler=args.sampler, eta=args.eta, batch_size=args.batch_size)

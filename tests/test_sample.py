@@ -546,6 +546,24 @@ def test_an_out_that_is_a_link_to_nothing_is_refused_before_loading_weights(tiny
     assert not (tmp_path / "unmounted").exists()
 
 
+def test_prompts_past_the_text_encoders_75_tokens_are_named_in_one_warning(tiny, tmp_path, capsys):
+    """The text encoder reads [start] + 75 ids + [end] (diffusers cuts there too, with a warning): the rest of a longer
+    prompt changes no image, though samples.json records the prompt whole."""
+    _, _, folder = tiny
+    prompts = tmp_path / "prompts.txt"
+    doctor = "a photo of a doctor " * 15 + "in a hospital"  # 75 tokens, then 3 more
+    prompts.write_text("a cat " * 37 + "sitting\n" + doctor + "\n" + "a dog " * 40 + "\n")
+    sample.main(_cli_args(folder, tmp_path / "out", prompt=None, prompts=str(prompts)))
+    err = capsys.readouterr().err
+    assert "warning: 2 prompts are longer than the 75 tokens the text encoder reads, which cuts the rest" in err
+    assert "the first, 'a photo of a doctor a photo" in err
+    assert "is read up to '...a photo of a doctor a photo of a doctor'" in err
+    assert "hospital" not in err
+    assert json.loads((tmp_path / "out" / "samples.json").read_text())["prompts"][1] == doctor
+    sample.main(_cli_args(folder, tmp_path / "short", prompt="a cat " * 37 + "sitting", negative_prompt="dog " * 80))
+    assert "warning: 1 prompt is longer than the 75 tokens" in capsys.readouterr().err  # the negative prompt
+
+
 def _model_copy(folder, tmp_path, name, path, text):
     copy = tmp_path / name
     shutil.copytree(folder, copy)
