@@ -214,6 +214,8 @@ def flag_error(args):
         return f"--negative-prompt is classifier-free guidance's: --guidance {args.guidance} has none"
     if not Path(args.model).exists():
         return f"--model {args.model} does not exist"
+    if not args.out:  # "--out $OUT" with OUT unset: Path("") is the working directory
+        return "--out is empty: name the folder to write the images to"
     return guidance.flag_error(args)
 
 

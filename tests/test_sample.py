@@ -546,6 +546,17 @@ def test_an_out_that_is_a_link_to_nothing_is_refused_before_loading_weights(tiny
     assert not (tmp_path / "unmounted").exists()
 
 
+def test_an_empty_out_is_refused_not_read_as_the_working_directory(tiny, tmp_path, monkeypatch, capsys):
+    """--out "$OUT" with OUT unset: Path("") is ".", and the refusal's own advice (--overwrite) wrote into it."""
+    _, _, folder = tiny
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        err = _refused(_cli_args(folder, "") + extra, monkeypatch, capsys)
+        assert "--out is empty: name the folder to write the images to" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_prompts_past_the_text_encoders_75_tokens_are_named_in_one_warning(tiny, tmp_path, capsys):
     """The text encoder reads [start] + 75 ids + [end] (diffusers cuts there too, with a warning): the rest of a longer
     prompt changes no image, though samples.json records the prompt whole."""
