@@ -405,6 +405,16 @@ def text_lines(path):
     return lines
 
 
+def read_prompts(path):
+    """The non-blank lines of a prompts file, stripped; ValueError naming the file and line otherwise."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path} is not a file")
+    prompts = [line.strip() for _, line in text_lines(path) if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts")
+    return prompts
+
+
 def row_error(row, first):
     """Why the JSON value `row` of a metadata line is not an image's line, or None. first: (line number, group) of
     the first labelled line before it, or None: groups are all ints or all strings."""

@@ -28,7 +28,7 @@ import cli
 import diffusion
 import guidance
 import weights
-from data import text_lines
+from data import read_prompts
 from diffusion import N_TRAIN_TIMESTEPS, SAMPLERS, STEPS_OFFSET, NonFiniteError
 from loading import latent_shape, load_models, size_multiple
 
@@ -219,28 +219,6 @@ def flag_error(args):
     return guidance.flag_error(args)
 
 
-def read_prompts(path):
-    """The non-blank lines of a prompts file, stripped; ValueError naming the file and line otherwise."""
-    if not Path(path).is_file():
-        raise ValueError(f"{path} is not a file")
-    prompts = [line.strip() for _, line in text_lines(path) if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} has no prompts")
-    return prompts
-
-
-def cut_prompts_warning(tokenizer, texts):
-    """A warning naming the texts longer than the text encoder reads (SD: 75 tokens), or None: the rest of each is
-    cut, as diffusers' pipelines cut it, and changes no image."""
-    n = tokenizer.max_length - 2  # [start] and [end] take two places
-    long = [t for t in dict.fromkeys(texts) if len(tokenizer.encode(t, n + 1)) > n]
-    if not long:
-        return None
-    return (f"warning: {len(long)} prompt{'s are' if len(long) > 1 else ' is'} longer than the {n} tokens the text "
-            f"encoder reads, which cuts the rest; the first, '{long[0][:40].rstrip()}...', is read up to "
-            f"'...{tokenizer.decode(tokenizer.encode(long[0], n))[-40:].strip()}'")
-
-
 def previous_outputs(out, overwrite, files):
     """The files in `out` that the previous run there wrote and listed in its samples.json: what --overwrite may
     delete before `files`, grid.png and samples.json are written. ValueError, before anything is touched, when
@@ -323,8 +301,11 @@ def main(argv=None):
     why = steps_error(args.steps, models)
     if why:
         sys.exit(f"error: --{why}")
-    why = cut_prompts_warning(models.tokenizer, args.prompt_list + [args.negative_prompt])
-    print(why, file=sys.stderr) if why else None
+    cut = models.tokenizer.cut(args.prompt_list + [args.negative_prompt])
+    if cut:  # as diffusers' pipelines warn; samples.json keeps each prompt whole
+        print(f"warning: {len(cut)} prompt{'s are' if len(cut) > 1 else ' is'} longer than the "
+              f"{models.tokenizer.max_length - 2} tokens the text encoder reads, which cuts the rest; the first: "
+              f"{cut[0][:40].rstrip()!r}...", file=sys.stderr)
     record = record_of(args, argv, models, prompts, seeds, started)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
                     width=args.width, sampler=args.sampler, eta=args.eta, batch_size=args.batch_size)
@@ -337,11 +318,9 @@ def main(argv=None):
 
     def save(rows, images):  # image j of a batch is row rows[j] of the prompts: its file, its place in the grid
         nonlocal written
-        for k, image in zip(rows, images):
-            Image.fromarray(image.numpy()).save(out / files[k])
-            written += 1
-            if k < GRID_MAX:
-                grid_images[k] = image
+        save_pngs(images, out, [files[k] for k in rows])
+        written += len(images)
+        grid_images.update((k, image) for k, image in zip(rows, images) if k < GRID_MAX)
 
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -281,6 +281,11 @@ class Tokenizer:
             rows.append(ids + [self.pad_id] * (n - len(ids)))
         return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), n))  # 10x torch.tensor(rows)
 
+    def cut(self, texts):
+        """The distinct texts longer than the max_length - 2 ids `__call__` keeps of each: the rest is not read."""
+        n = self.max_length - 2
+        return [t for t in dict.fromkeys(texts) if len(self.encode(t, n + 1)) > n]
+
     def decode(self, ids):
         """Text of `ids` (list or 1-D tensor), start/end and the padding after the end dropped; words end at `</w>`
         markers. A pad id elsewhere is text: SD v2.x's pad "!" is also the prompt's "!"."""
