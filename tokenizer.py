@@ -80,7 +80,9 @@ def pre_split_pattern(astral=True):
         's|'t|'re|'ve|'m|'ll|'d | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+
 
     i.e. English contractions, runs of letters, single digits, runs of other non-space characters. \\p{L} and
-    \\p{N} are built as explicit code point ranges from unicodedata's categories (L*, N*), once per process.
+    \\p{N} are built as explicit code point ranges from unicodedata's categories (L*, N*), once per process: the
+    running Python's Unicode (3.11: 14.0). A reference built on newer tables (tokenizers: 16.0) also counts the
+    letters added since (CJK Extensions H and I, Egyptian Extended-A, ...), so text holding them can split apart.
     With astral=False the classes stop at U+FFFF: it splits any text without astral characters (emoji, CJK
     extensions, math letters) identically, and `re` runs it ~4x faster (a set reaching past U+FFFF loses its
     bitmap and is scanned range by range).
