@@ -579,6 +579,25 @@ def test_an_init_config_field_of_the_wrong_kind_is_one_line_before_anything_is_w
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("key, change, message", [
+    ("unet", {"num_res_blocks": 0}, r"unet: .*field 'layers_per_block' must be a positive integer, got 0"),
+    ("unet", {"transformer_depth": 0}, r"unet: .*field 'transformer_layers_per_block' must be a positive integer"),
+    ("vae", {"num_res_blocks": 0}, r"vae: .*field 'layers_per_block' must be a positive integer, got 0"),
+    ("text_encoder", {"layers": 0}, r"text_encoder: .*field 'num_hidden_layers' must be a positive integer, got 0"),
+])
+def test_an_init_config_its_base_folder_cannot_hold_is_refused_before_anything_is_written(key, change, message,
+                                                                                          data_dir, tmp_path):
+    """A from-scratch run keeps its initial models in base/, a diffusers folder (as --export writes): a config that
+    builds a net here, but whose diffusers folder does not read back, trained to the end and then could not be
+    loaded for the export, sampling or a resume."""
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**TINY, key: {**TINY[key], **change}}))
+    with pytest.raises(ValueError, match=rf"^--init-config {re.escape(str(config))}: {message}"):
+        train.train(["--init-config", str(config), "--data", str(data_dir), "--out", str(tmp_path / "never"), *FAST,
+                     "--max-steps", "1", "--export", str(tmp_path / "export")])
+    assert not (tmp_path / "never").exists() and not (tmp_path / "export").exists()
+
+
 def test_a_from_scratch_run_resumes_on_the_init_config_it_was_started_with_even_one_now_refused(sd_dir, data_dir,
                                                                                                  tmp_path):
     """A resume takes its models from the run's base/: the --init-config is only compared with run.json, so one that
