@@ -507,6 +507,8 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
      r"--weight-clip applies only with --objective indicator-weighted; --objective balanced does not read it"),
     (["--w-ind", "0", "--indicator-lr", "1e-3"],
      r"--indicator-lr applies only to a run that trains an indicator; --objective ddm with --w-ind 0\.0 trains none"),
+    (["--lora-rank", "0", "--lora-alpha", "16"],
+     r"--lora-alpha applies only with LoRA \(--lora-rank > 0\); --lora-rank 0 trains the whole weights"),
     (["--validation-every", "100"], r"--validation-every needs --validation-prompt \(no validation images without "
                                     r"one\)"),  # there is no default prompt
     (["--validation-n", "8"], r"--validation-n needs --validation-prompt"),
