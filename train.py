@@ -237,8 +237,8 @@ class Trainer:
                     bar.update()
                 if (args.checkpoint_every and step % args.checkpoint_every == 0) or final:
                     self.save(final)
-                if args.validation_prompt and ((args.validation_every and step % args.validation_every == 0)
-                                               or final):
+                if args.validation_prompt is not None and (
+                        (args.validation_every and step % args.validation_every == 0) or final):
                     self.validate()
         finally:
             bar.close()
@@ -341,7 +341,7 @@ def unread_flag_error(args):
     recorded)."""
     parser = build_parser()
     for dest in ("validation_every", "validation_n", "validation_steps", "validation_guidance"):
-        if not args.validation_prompt and getattr(args, dest) != parser.get_default(dest):
+        if args.validation_prompt is None and getattr(args, dest) != parser.get_default(dest):
             return f"--{dest.replace('_', '-')} needs --validation-prompt (no validation images without one)"
     if args.resume:
         return None

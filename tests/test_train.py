@@ -381,6 +381,13 @@ def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_di
     assert torch.equal(images[0], images[1])
 
 
+def test_an_empty_validation_prompt_draws_unconditional_validation_images(sd_dir, data_dir, tmp_path):
+    """--validation-prompt "" asks for images of the empty prompt (what --caption-dropout trains), not for none."""
+    run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-steps",
+                       "1", *FAST, "--validation-prompt", "", "--validation-n", "1", "--validation-steps", "2"])
+    assert [p.name for p in (run / "validation" / "step_000001").iterdir()] == ["00.png"]
+
+
 def test_torchrun_two_processes_end_with_equal_weights(sd_dir, data_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
