@@ -19,13 +19,14 @@ import lora
 import rundir
 import weights
 from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
-from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf, tower_error
+from clip_text import (CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf,
+                       text_encoder_hf_config, tower_error)
 from ddm import Indicator, make_indicator, uses_indicator
 from tokenizer import Tokenizer, load_tokenizer
 from unet import WEIGHT_NAMES as UNET_FILES
-from unet import UNet, UNetConfig, config_error, load_unet, unet_config_from_diffusers
+from unet import UNet, UNetConfig, config_error, load_unet, unet_config_from_diffusers, unet_diffusers_config
 from vae import WEIGHT_NAMES as VAE_FILES
-from vae import VAE, VAEConfig, load_vae, vae_config_from_diffusers
+from vae import VAE, VAEConfig, load_vae, vae_config_from_diffusers, vae_diffusers_config
 
 
 @dataclass
@@ -225,6 +226,9 @@ def load_indicator(path, latent_shape):
 
 
 INIT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}  # the parts of an init config
+DIFFUSERS_CONFIGS = {"unet": (unet_diffusers_config, unet_config_from_diffusers),  # (write, read) its config.json
+                     "vae": (vae_diffusers_config, vae_config_from_diffusers),
+                     "text_encoder": (text_encoder_hf_config, text_encoder_config_from_hf)}
 MAY_BE_ZERO = {"num_res_blocks", "transformer_depth", "layers", "attention_levels"}  # 0 or [] builds a valid net
 
 
@@ -274,6 +278,17 @@ def _text_encoder_error(text):
     return tower_error(text)
 
 
+def _diffusers_error(key, cfg):
+    """Why the diffusers folder of this part (a from-scratch run's base/, --export) would not read back, or None: a
+    net that builds here with no layer where diffusers needs one (num_res_blocks 0, ...)."""
+    write, read = DIFFUSERS_CONFIGS[key]
+    try:
+        read(write(cfg))
+    except ValueError as e:
+        return f"a run keeps it as a diffusers folder (base/, --export), whose config.json would not read back: {e}"
+    return None
+
+
 def read_init_config(path):
     """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None}), each
     field of its default's kind, the networks they describe buildable."""
@@ -294,11 +309,16 @@ def read_init_config(path):
 
 
 def _build(path, key, cls, cfg):
-    """cls(cfg), a config torch cannot build (GroupNorm groups that do not divide a width, ...) one line."""
+    """cls(cfg), a config torch cannot build (GroupNorm groups that do not divide a width, ...) or whose diffusers
+    folder would not read back (_diffusers_error) one line."""
     try:
-        return cls(cfg)
+        model = cls(cfg)
     except (ValueError, RuntimeError, TypeError) as e:
         raise ValueError(f"--init-config {path}: {key}: {e}") from None
+    why = _diffusers_error(key, cfg)
+    if why:
+        raise ValueError(f"--init-config {path}: {key}: {why}")
+    return model
 
 
 def models_from_config(init_config, vae_path=None, seed=0):

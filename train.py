@@ -237,8 +237,8 @@ class Trainer:
                     bar.update()
                 if (args.checkpoint_every and step % args.checkpoint_every == 0) or final:
                     self.save(final)
-                if args.validation_prompt and ((args.validation_every and step % args.validation_every == 0)
-                                               or final):
+                if args.validation_prompt is not None and (
+                        (args.validation_every and step % args.validation_every == 0) or final):
                     self.validate()
         finally:
             bar.close()
@@ -336,11 +336,12 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
 
 def unread_flag_error(args):
     """Why a flag would not be applied, or None: a validation flag without --validation-prompt (there is no default
-    prompt), or a new run's flag its objective does not read, which run.json would record as the run's configuration
-    (a resume's flags are compared with its run.json: an older run keeps the values it recorded)."""
+    prompt), or a new run's flag its objective (or --lora-rank 0) does not read, which run.json would record as the
+    run's configuration (a resume's flags are compared with its run.json: an older run keeps the values it
+    recorded)."""
     parser = build_parser()
     for dest in ("validation_every", "validation_n", "validation_steps", "validation_guidance"):
-        if not args.validation_prompt and getattr(args, dest) != parser.get_default(dest):
+        if args.validation_prompt is None and getattr(args, dest) != parser.get_default(dest):
             return f"--{dest.replace('_', '-')} needs --validation-prompt (no validation images without one)"
     if args.resume:
         return None
@@ -349,6 +350,9 @@ def unread_flag_error(args):
         if getattr(args, dest) != args.objective_defaults[dest] and args.objective not in readers:
             return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(readers)}; "
                     f"--objective {args.objective} does not read it")
+    rank = (0 if args.init_config else 8) if args.lora_rank is None else args.lora_rank  # Trainer's default
+    if rank == 0 and args.lora_alpha != parser.get_default("lora_alpha"):
+        return "--lora-alpha applies only with LoRA (--lora-rank > 0); --lora-rank 0 trains the whole weights"
     if args.indicator_lr is not None and not ddm.uses_indicator(args.objective, args.w_ind):
         return (f"--indicator-lr applies only to a run that trains an indicator; --objective {args.objective} with "
                 f"--w-ind {args.w_ind} trains none")

@@ -381,6 +381,13 @@ def test_from_scratch_run_with_validation_images_is_a_base_for_another_run(sd_di
     assert torch.equal(images[0], images[1])
 
 
+def test_an_empty_validation_prompt_draws_unconditional_validation_images(sd_dir, data_dir, tmp_path):
+    """--validation-prompt "" asks for images of the empty prompt (what --caption-dropout trains), not for none."""
+    run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-steps",
+                       "1", *FAST, "--validation-prompt", "", "--validation-n", "1", "--validation-steps", "2"])
+    assert [p.name for p in (run / "validation" / "step_000001").iterdir()] == ["00.png"]
+
+
 def test_torchrun_two_processes_end_with_equal_weights(sd_dir, data_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -507,6 +514,8 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
      r"--weight-clip applies only with --objective indicator-weighted; --objective balanced does not read it"),
     (["--w-ind", "0", "--indicator-lr", "1e-3"],
      r"--indicator-lr applies only to a run that trains an indicator; --objective ddm with --w-ind 0\.0 trains none"),
+    (["--lora-rank", "0", "--lora-alpha", "16"],
+     r"--lora-alpha applies only with LoRA \(--lora-rank > 0\); --lora-rank 0 trains the whole weights"),
     (["--validation-every", "100"], r"--validation-every needs --validation-prompt \(no validation images without "
                                     r"one\)"),  # there is no default prompt
     (["--validation-n", "8"], r"--validation-n needs --validation-prompt"),
@@ -577,6 +586,25 @@ def test_an_init_config_field_of_the_wrong_kind_is_one_line_before_anything_is_w
     with pytest.raises(ValueError, match=rf"^--init-config {re.escape(str(config))}: {message}"):
         train.train(["--init-config", str(config), "--data", str(data_dir), "--out", str(tmp_path / "never"), *FAST])
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("key, change, message", [
+    ("unet", {"num_res_blocks": 0}, r"unet: .*field 'layers_per_block' must be a positive integer, got 0"),
+    ("unet", {"transformer_depth": 0}, r"unet: .*field 'transformer_layers_per_block' must be a positive integer"),
+    ("vae", {"num_res_blocks": 0}, r"vae: .*field 'layers_per_block' must be a positive integer, got 0"),
+    ("text_encoder", {"layers": 0}, r"text_encoder: .*field 'num_hidden_layers' must be a positive integer, got 0"),
+])
+def test_an_init_config_its_base_folder_cannot_hold_is_refused_before_anything_is_written(key, change, message,
+                                                                                          data_dir, tmp_path):
+    """A from-scratch run keeps its initial models in base/, a diffusers folder (as --export writes): a config that
+    builds a net here, but whose diffusers folder does not read back, trained to the end and then could not be
+    loaded for the export, sampling or a resume."""
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**TINY, key: {**TINY[key], **change}}))
+    with pytest.raises(ValueError, match=rf"^--init-config {re.escape(str(config))}: {message}"):
+        train.train(["--init-config", str(config), "--data", str(data_dir), "--out", str(tmp_path / "never"), *FAST,
+                     "--max-steps", "1", "--export", str(tmp_path / "export")])
+    assert not (tmp_path / "never").exists() and not (tmp_path / "export").exists()
 
 
 def test_a_from_scratch_run_resumes_on_the_init_config_it_was_started_with_even_one_now_refused(sd_dir, data_dir,
