@@ -95,7 +95,7 @@ class Trainer:
         self.target_shares = ddm.parse_target(args.target, data.group_names)
         checkpoints.check_export(args.export)  # not only after hours of training
         from_scratch = args.init_config is not None
-        args.lora_rank = (0 if from_scratch else 8) if args.lora_rank is None else args.lora_rank
+        args.lora_rank = lora_rank(args)
         args.train_text_encoder = from_scratch if args.train_text_encoder is None else args.train_text_encoder
         # a resume only compares the JSON with run.json (its models come from base/): what an older version accepted
         read = weights.read_json if args.resume else lambda path: loading.read_init_config(path)[0]
@@ -334,6 +334,11 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
           "validation_steps": sample.RANGES["steps"], "validation_guidance": sample.RANGES["guidance"]}
 
 
+def lora_rank(args):
+    """--lora-rank, or its default: 8 for a fine-tune, 0 (the whole weights) from scratch."""
+    return (0 if args.init_config is not None else 8) if args.lora_rank is None else args.lora_rank
+
+
 def unread_flag_error(args):
     """Why a flag would not be applied, or None: a validation flag without --validation-prompt (there is no default
     prompt), or a new run's flag its objective (or --lora-rank 0) does not read, which run.json would record as the
@@ -350,8 +355,7 @@ def unread_flag_error(args):
         if getattr(args, dest) != args.objective_defaults[dest] and args.objective not in readers:
             return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(readers)}; "
                     f"--objective {args.objective} does not read it")
-    rank = (0 if args.init_config else 8) if args.lora_rank is None else args.lora_rank  # Trainer's default
-    if rank == 0 and args.lora_alpha != parser.get_default("lora_alpha"):
+    if lora_rank(args) == 0 and args.lora_alpha != parser.get_default("lora_alpha"):
         return "--lora-alpha applies only with LoRA (--lora-rank > 0); --lora-rank 0 trains the whole weights"
     if args.indicator_lr is not None and not ddm.uses_indicator(args.objective, args.w_ind):
         return (f"--indicator-lr applies only to a run that trains an indicator; --objective {args.objective} with "
