@@ -27,7 +27,7 @@ import torch
 
 import weights
 from checkpoints import checkpoint_files, export_diffusers, latest_checkpoint, newest_checkpoint
-from ddm import OBJECTIVES
+from ddm import OBJECTIVES, uses_indicator
 
 # The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
 # would train a different model.
@@ -149,6 +149,34 @@ def open_run(args, data, world_size, init_config, device, say):
         raise ValueError(f"--max-steps {args.max_steps} is below step {ckpt['step']}, where the run is "
                          f"({ckpt['path']}); a resume goes on from there: give --max-steps {ckpt['step']} or more")
     return run_dir, config, ckpt, base
+
+
+def lora_rank(args):
+    """--lora-rank, or its default: 8 for a fine-tune, 0 (the whole weights) from scratch."""
+    return (0 if args.init_config is not None else 8) if args.lora_rank is None else args.lora_rank
+
+
+def unread_flag_error(args, defaults):
+    """Why a flag of train.py's `args` would not be applied, or None: a validation flag without --validation-prompt
+    (there is no default prompt), or a new run's flag its objective (or --lora-rank 0) does not read, which run.json
+    would record as the run's configuration (a resume's flags are compared with its run.json: an older run keeps the
+    values it recorded). `defaults`: every flag's default, by dest."""
+    for dest in ("validation_every", "validation_n", "validation_steps", "validation_guidance"):
+        if args.validation_prompt is None and getattr(args, dest) != defaults[dest]:
+            return f"--{dest.replace('_', '-')} needs --validation-prompt (no validation images without one)"
+    if args.resume:
+        return None
+    for dest in dict.fromkeys(flag for o in OBJECTIVES.values() for flag in o.flags):  # ddm.Objective.flags
+        readers = [name for name, o in OBJECTIVES.items() if dest in o.flags]
+        if getattr(args, dest) != defaults[dest] and args.objective not in readers:
+            return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(readers)}; "
+                    f"--objective {args.objective} does not read it")
+    if lora_rank(args) == 0 and args.lora_alpha != defaults["lora_alpha"]:
+        return "--lora-alpha applies only with LoRA (--lora-rank > 0); --lora-rank 0 trains the whole weights"
+    if args.indicator_lr is not None and not uses_indicator(args.objective, args.w_ind):
+        return (f"--indicator-lr applies only to a run that trains an indicator; --objective {args.objective} with "
+                f"--w-ind {args.w_ind} trains none")
+    return None
 
 
 def run_config(args, data, world_size, init_config):

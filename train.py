@@ -95,7 +95,7 @@ class Trainer:
         self.target_shares = ddm.parse_target(args.target, data.group_names)
         checkpoints.check_export(args.export)  # not only after hours of training
         from_scratch = args.init_config is not None
-        args.lora_rank = lora_rank(args)
+        args.lora_rank = rundir.lora_rank(args)
         args.train_text_encoder = from_scratch if args.train_text_encoder is None else args.train_text_encoder
         # a resume only compares the JSON with run.json (its models come from base/): what an older version accepted
         read = weights.read_json if args.resume else lambda path: loading.read_init_config(path)[0]
@@ -334,35 +334,6 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
           "validation_steps": sample.RANGES["steps"], "validation_guidance": sample.RANGES["guidance"]}
 
 
-def lora_rank(args):
-    """--lora-rank, or its default: 8 for a fine-tune, 0 (the whole weights) from scratch."""
-    return (0 if args.init_config is not None else 8) if args.lora_rank is None else args.lora_rank
-
-
-def unread_flag_error(args):
-    """Why a flag would not be applied, or None: a validation flag without --validation-prompt (there is no default
-    prompt), or a new run's flag its objective (or --lora-rank 0) does not read, which run.json would record as the
-    run's configuration (a resume's flags are compared with its run.json: an older run keeps the values it
-    recorded)."""
-    parser = build_parser()
-    for dest in ("validation_every", "validation_n", "validation_steps", "validation_guidance"):
-        if args.validation_prompt is None and getattr(args, dest) != parser.get_default(dest):
-            return f"--{dest.replace('_', '-')} needs --validation-prompt (no validation images without one)"
-    if args.resume:
-        return None
-    for dest in dict.fromkeys(flag for o in ddm.OBJECTIVES.values() for flag in o.flags):  # ddm.Objective.flags
-        readers = [name for name, o in ddm.OBJECTIVES.items() if dest in o.flags]
-        if getattr(args, dest) != args.objective_defaults[dest] and args.objective not in readers:
-            return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(readers)}; "
-                    f"--objective {args.objective} does not read it")
-    if lora_rank(args) == 0 and args.lora_alpha != parser.get_default("lora_alpha"):
-        return "--lora-alpha applies only with LoRA (--lora-rank > 0); --lora-rank 0 trains the whole weights"
-    if args.indicator_lr is not None and not ddm.uses_indicator(args.objective, args.w_ind):
-        return (f"--indicator-lr applies only to a run that trains an indicator; --objective {args.objective} with "
-                f"--w-ind {args.w_ind} trains none")
-    return None
-
-
 def check_args(args):
     """Argument errors that need no file: ValueError naming the flag."""
     if args.data is None:
@@ -374,18 +345,15 @@ def check_args(args):
     if args.vae and not args.init_config:
         raise ValueError("--vae only applies with --init-config")
     rundir.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
-    why = cli.side_error("resolution", args.resolution)
-    if why:
-        raise ValueError(why)
     if not 0 <= args.seed < 2 ** 64:  # torch.Generator's range (--init-config seeds one with it)
         raise ValueError(f"--seed must lie in 0..2**64-1, got {args.seed}")
-    why = cli.range_error(args, RANGES)
+    why = cli.side_error("resolution", args.resolution) or cli.range_error(args, RANGES)
     if why:
         raise ValueError(why)
     if ddm.noise_aware(args.objective) and args.w_ind == 0:
         raise ValueError(f"--w-ind must be a number > 0 with --objective {args.objective} (its noise-aware indicator "
                          f"is what it trains), got {args.w_ind}")
-    why = unread_flag_error(args)
+    why = rundir.unread_flag_error(args, vars(build_parser().parse_args([])))
     if why:
         raise ValueError(why)
 
