@@ -440,8 +440,7 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         result.update(success_rates=rates, spd=statistical_parity_difference(rates))
     if reference_features is not None:
         feats = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-        if len(images) >= 2:  # one image has no covariance: its Frechet distances stay None
-            result.update(frechet_distances(feats, labels, p, groups, reference_features))
+        result.update(frechet_distances(feats, labels, p, groups, reference_features))
         if isinstance(reference_features, dict):
             result.update(diversity(feats, labels, groups, reference_features, m=diversity_subset))
     return result
@@ -450,7 +449,10 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
 def frechet_distances(feats, labels, p, groups, reference_features):
     """{"frechet_distance", "frechet_per_group"} of generated features with group labels and shares p against real
     features: (M, D), or {group: (M_g, D)} mixed in the generated shares (bias alone is not bad quality), then per
-    group the images judged to be g against real g, so a group's broken images cannot hide in the mix."""
+    group the images judged to be g against real g, so a group's broken images cannot hide in the mix. {} for one
+    image, which has no covariance."""
+    if len(feats) < 2:
+        return {}
     if not isinstance(reference_features, dict):
         return {"frechet_distance": frechet_distance(feats, reference_features)}
     assert all(g in reference_features for g in groups), f"reference_features lacks groups of {groups}"

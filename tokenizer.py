@@ -285,7 +285,7 @@ class Tokenizer:
 
     def cut(self, texts):
         """The distinct texts longer than the max_length - 2 ids `__call__` keeps of each: the rest is not read."""
-        n = self.max_length - 2
+        n = self.max_length - 2  # [start] and [end] take two of the places
         return [t for t in dict.fromkeys(texts) if len(self.encode(t, n + 1)) > n]
 
     def decode(self, ids):
