@@ -229,7 +229,9 @@ INIT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextCo
 DIFFUSERS_CONFIGS = {"unet": (unet_diffusers_config, unet_config_from_diffusers),  # (write, read) its config.json
                      "vae": (vae_diffusers_config, vae_config_from_diffusers),
                      "text_encoder": (text_encoder_hf_config, text_encoder_config_from_hf)}
-MAY_BE_ZERO = {"num_res_blocks", "transformer_depth", "layers", "attention_levels"}  # 0 or [] builds a valid net
+# 0 or [] builds a net here, so the field check allows it; but a diffusers folder (base/, --export) keeps only
+# attention_levels [], and _build refuses the others by name. They stay here so that -1 is told ">= 0".
+MAY_BE_ZERO = {"num_res_blocks", "transformer_depth", "layers", "attention_levels"}
 
 
 def _field_error(name, value, default):
