@@ -1,7 +1,7 @@
 """Loading what sampling and training run on: SD v1.x models, a train.py run directory, an indicator.
 
-  load_models(path)    a diffusers folder, a single-file checkpoint, or a run directory -> Models
-  load_run(run_dir)    a run's base model plus its newest checkpoint (LoRA merged), its indicator and groups
+  load_models(path)    a diffusers folder, a single-file checkpoint, a run directory or its checkpoint -> Models
+  load_run(run_dir)    a run's base model plus its newest (or a named) checkpoint, LoRA merged; its indicator, groups
   load_indicator(path) the noise-aware indicator of a run, or of an exported indicator.safetensors
   models_from_config   seeded random models from an --init-config JSON (train.py's from-scratch runs)
 `size_multiple` reads and checks every config file of a model before any weight, so a broken one costs no loading.
@@ -90,9 +90,9 @@ def side_multiple(unet_config, vae_config):
 def size_multiple(path):
     """side_multiple of the model at `path` (a diffusers folder, a single file or a run directory), 64 for SD
     v1.x, read from the config files alone, every one of them checked (UNet, VAE, text encoder, scheduler)."""
-    path = Path(path)
-    if (path / "run.json").is_file():
-        return size_multiple(rundir.base_path(path, rundir.read_run_json(path)))
+    path, run = Path(path), rundir.run_of(path)
+    if run:
+        return size_multiple(rundir.base_path(run[0], rundir.read_run_json(run[0])))
     _, unet_config = weights.find_component(path, subfolder="unet", weight_names=UNET_FILES)
     if unet_config is None:  # a single file: SD v1.x or v2.x
         return side_multiple(UNetConfig(), VAEConfig())
@@ -132,9 +132,11 @@ def latent_shape(models, height, width):
 
 def load_models(path, device="cpu", dtype=torch.float32):
     """UNet, VAE, text encoder and tokenizer from a diffusers SD folder or a single-file checkpoint, in eval mode;
-    or from a train.py run directory: its base model plus the trained weights, LoRA merged (`load_run`)."""
-    if (Path(path) / "run.json").is_file():
-        return load_run(path, device, dtype).models
+    or from a train.py run directory (or one of its checkpoint folders): its base model plus the trained weights,
+    LoRA merged (`load_run`)."""
+    run = rundir.run_of(path)
+    if run:
+        return load_run(run[0], device, dtype, checkpoint=run[1]).models
     vae = load_vae(path, dtype).to(device)
     schedule, prediction_type = read_schedule(path)
     text_encoder, tokenizer = load_text_encoder(path, dtype).to(device), load_tokenizer(path)
@@ -170,13 +172,14 @@ def _run_indicator(info):
             if uses_indicator(c["objective"], c["w_ind"]) else None)
 
 
-def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True):
-    """The models of a run directory's newest checkpoint that reads whole: its base model plus the trained
-    weights."""
+def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True, checkpoint=None):
+    """The models of a run directory's `checkpoint` (a folder name; default: the newest that reads whole): its base
+    model plus the trained weights."""
     run_dir = Path(run_dir)
     info = rundir.read_run_json(run_dir)
     config = info["config"]
-    ckpt = _newest_checkpoint(run_dir, config)
+    ckpt = (_newest_checkpoint(run_dir, config) if checkpoint is None else
+            checkpoints.read_checkpoint(run_dir / checkpoint, checkpoints.checkpoint_files(config)))
     models = load_models(rundir.base_path(run_dir, info))
     checkpoints.setup_trainable(models, config["lora_rank"], config["lora_alpha"], config["train_text_encoder"])
     indicator = _run_indicator(info)

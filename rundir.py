@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import weights
-from checkpoints import checkpoint_files, export_diffusers, latest_checkpoint, newest_checkpoint
+from checkpoints import CHECKPOINT_NAME, checkpoint_files, export_diffusers, latest_checkpoint, newest_checkpoint
 from ddm import OBJECTIVES, uses_indicator
 
 # The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
@@ -201,18 +201,32 @@ def data_fingerprint(data):
             "images": images.hexdigest(), "contents": contents.hexdigest()}
 
 
+def run_of(path):
+    """(run directory, checkpoint folder name or None) when `path` is a train.py run directory or one of its finished
+    checkpoint folders, else None."""
+    path = Path(path)
+    if (path / "run.json").is_file():
+        return path, None
+    m = CHECKPOINT_NAME.fullmatch(path.name)
+    return (path.parent, path.name) if m and not m[2] and (path.parent / "run.json").is_file() else None
+
+
 def base_path(run_dir, info):
-    """The model a run started from: its own base/ folder (from scratch) or the --model it fine-tuned. CheckpointError
-    for a run directory that trained on since (its checkpoint replaced: train.py keeps only the newest)."""
+    """The model a run started from: its own base/ folder (from scratch), the --model it fine-tuned, or, when that
+    was a run directory, the checkpoint folder in it that the run started from (loaded by name). CheckpointError
+    when that one is gone (the run trained on since: train.py keeps only the newest checkpoint)."""
     if info["base"] == "base":
         return Path(run_dir) / "base"
     base, started = Path(info["base"]), info.get("base_checkpoint")  # None: not a run, or run.json older than this
-    now = latest_checkpoint(base) if started else None
-    if started and now and now.name != started:
-        raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {base} at its {started}, "
-                                      f"but it now holds {now.name}: it trained on since, and the weights this run "
-                                      f"started from are gone; put {started} back there, or fine-tune {base} anew")
-    return base
+    if started is None or base.name == started:  # --model named the checkpoint folder itself
+        return base
+    if (base / started).is_dir():
+        return base / started
+    now = latest_checkpoint(base)
+    raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {base} at its {started}, "
+                                  f"but it now holds {now.name if now else 'none'}: it trained on since, and the "
+                                  f"weights this run started from are gone; put {started} back there, or fine-tune "
+                                  f"{base} anew")
 
 
 def write_run(run_dir, config, models, latent_shape, args, data):

@@ -140,7 +140,7 @@ IMAGE_NAME = re.compile(r"[0-9]+\.png")  # the images a run writes, beside grid.
 def build_parser():
     p = argparse.ArgumentParser(description="Generate images from a Stable Diffusion v1.x checkpoint.")
     p.add_argument("--model", required=True, help="diffusers SD folder, single-file .safetensors/.ckpt, or a "
-                                                  "train.py run directory")
+                                                  "train.py run directory or one of its checkpoint folders")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="one prompt")
     prompt.add_argument("--prompts", metavar="FILE", help="text file, one prompt a line (blank lines skipped)")

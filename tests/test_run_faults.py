@@ -267,6 +267,62 @@ def test_a_fine_tune_of_a_run_directory_that_trained_on_since_is_refused_naming_
     assert checkpoints.latest_checkpoint(child).name == "checkpoint-000002"
 
 
+def _unet_weights(models):
+    return {k: v.clone() for k, v in models.unet.state_dict().items()}
+
+
+def test_a_fine_tune_of_a_run_whose_newest_checkpoint_was_broken_keeps_the_one_it_started_from(
+        two_checkpoints, sd_dir, data_dir, tmp_path):
+    """A fine-tune of RUN starts from RUN's newest checkpoint that reads (a broken newer one is passed over). It
+    used to be refused afterwards because RUN's newest folder was not the one it started from, though that one was
+    still there: the recorded checkpoint is what the fine-tune loads, by name."""
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    shutil.copytree(two_checkpoints, parent)
+    truncate(parent / "checkpoint-000004" / "unet_lora.safetensors")
+    tune = ["--model", str(parent), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*tune, "--out", str(child), "--max-steps", "1"])
+    assert json.loads((child / "run.json").read_text())["base_checkpoint"] == "checkpoint-000002"
+    train.train([*tune, "--resume", str(child), "--max-steps", "2"])
+    step2 = loading.load_run(parent).models  # checkpoint-000004 does not read: what the child started on
+    assert loading.load_run(child).step == 2
+    base = loading.load_models(rundir.base_path(child, rundir.read_run_json(child)))
+    assert_same_tensors({"unet": _unet_weights(base)}, {"unet": _unet_weights(step2)})
+
+
+def test_a_fine_tune_whose_starting_checkpoint_breaks_is_refused_naming_the_file_not_put_on_an_older_one(
+        two_checkpoints, sd_dir, data_dir, tmp_path):
+    """The checkpoint a fine-tune started from was read by whatever reads first: once it broke, the fine-tune's
+    weights went onto the older checkpoint beside it, a model nobody trained, with only a note on stderr."""
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    shutil.copytree(two_checkpoints, parent)
+    tune = ["--model", str(parent), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*tune, "--out", str(child), "--max-steps", "1"])
+    broken = parent / "checkpoint-000004" / "unet_lora.safetensors"
+    truncate(broken)
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
+        loading.load_run(child)
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
+        train.train([*tune, "--resume", str(child), "--max-steps", "2"])
+
+
+def test_a_checkpoint_folder_of_a_run_loads_as_that_checkpoint_and_a_fine_tune_of_it_resumes(two_checkpoints,
+                                                                                              data_dir, tmp_path):
+    """--model RUN/checkpoint-N: the model of that checkpoint, not of the run's newest one."""
+    older = loading.load_models(two_checkpoints / "checkpoint-000002")
+    assert older.checkpoint == "checkpoint-000002"
+    newest = loading.load_run(two_checkpoints)
+    assert newest.step == 4 and newest.models.checkpoint == "checkpoint-000004"
+    assert not all(torch.equal(a, b) for a, b in zip(_unet_weights(older).values(),
+                                                      _unet_weights(newest.models).values()))
+    child = tmp_path / "child"
+    tune = ["--model", str(two_checkpoints / "checkpoint-000002"), "--data", str(data_dir), "--lora-rank", "4", *FAST,
+            "--checkpoint-every", "1"]
+    train.train([*tune, "--out", str(child), "--max-steps", "1"])
+    train.train([*tune, "--resume", str(child), "--max-steps", "2"])
+    base = loading.load_models(rundir.base_path(child, rundir.read_run_json(child)))
+    assert loading.load_run(child).step == 2 and base.checkpoint == "checkpoint-000002"
+
+
 def test_a_resume_asked_to_end_before_the_step_the_run_is_at_is_refused_and_exports_nothing(lora_run, sd_dir,
                                                                                             data_dir, tmp_path):
     """--max-steps 2 over a run at step 4 cannot go back: it used to end at once in silence, and with --export wrote
