@@ -158,8 +158,11 @@ class Run:
     info: dict  # run.json
 
 
-def _newest_checkpoint(run_dir, config):
-    ckpt = checkpoints.newest_checkpoint(run_dir, checkpoints.checkpoint_files(config))  # passes over broken ones
+def _read_checkpoint(run_dir, config, name=None):
+    """A run's checkpoint folder `name` read whole, or by default its newest that reads (passing over broken ones)."""
+    files = checkpoints.checkpoint_files(config)
+    ckpt = (checkpoints.read_checkpoint(Path(run_dir) / name, files) if name else
+            checkpoints.newest_checkpoint(run_dir, files))
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} holds no finished checkpoint yet")
     return ckpt
@@ -178,8 +181,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True, checkpoint=
     run_dir = Path(run_dir)
     info = rundir.read_run_json(run_dir)
     config = info["config"]
-    ckpt = (_newest_checkpoint(run_dir, config) if checkpoint is None else
-            checkpoints.read_checkpoint(run_dir / checkpoint, checkpoints.checkpoint_files(config)))
+    ckpt = _read_checkpoint(run_dir, config, checkpoint)
     models = load_models(rundir.base_path(run_dir, info))
     checkpoints.setup_trainable(models, config["lora_rank"], config["lora_alpha"], config["train_text_encoder"])
     indicator = _run_indicator(info)
@@ -196,17 +198,18 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True, checkpoint=
 
 def load_indicator(path, latent_shape):
     """(noise-aware indicator, its group names, its attribute or None) from a train.py run directory (its newest
-    checkpoint, as load_run reads it, without the base model) or from an indicator.safetensors file, which carries
-    what it needs (ddm.indicator_metadata); ValueError naming the path when it is no such indicator, reads eps_hat,
-    or was trained on latents of another shape (another resolution)."""
+    checkpoint, as load_run reads it, without the base model), one of its checkpoint folders, or an exported
+    indicator.safetensors, which carries what it needs (ddm.indicator_metadata); ValueError naming the path when it
+    is no such indicator, reads eps_hat, or was trained on latents of another shape (another resolution)."""
     path, where = Path(path), f"--indicator {path}"
     if path.is_dir():
-        info = rundir.read_run_json(path)
+        run_dir, name = rundir.run_of(path) or (path, None)  # not a run: read_run_json says so
+        info = rundir.read_run_json(run_dir)
         config, indicator = info["config"], _run_indicator(info)
         if indicator is None:
             raise ValueError(f"{where}: this run trained no indicator (objective "
                              f"{config['objective']}, w_ind {config['w_ind']})")
-        ckpt = _newest_checkpoint(path, config)
+        ckpt = _read_checkpoint(run_dir, config, name)
         file = checkpoints.INDICATOR_FILE
         weights.load_strict(indicator, ckpt["tensors"][file], str(ckpt["path"] / file))
         names, attribute = [str(g) for g in config["group_names"]], config.get("attribute")

@@ -2,6 +2,7 @@
 the offsets that make them come out in the asked shares, and the scale chosen by the indicator alone ("auto")."""
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -205,6 +206,22 @@ def test_a_repeated_prompt_under_guidance_writes_every_image_of_every_prompt_in_
     for k in (0, 1):  # images 2 and 3 of the first run: seeds 2 and 3 of the blue prompt
         assert np.array_equal(np.asarray(Image.open(tmp_path / "all" / f"{k + 2:05d}.png")),
                               np.asarray(Image.open(tmp_path / "blue" / f"{k:05d}.png")))
+
+
+def test_a_checkpoint_folder_of_a_run_gives_that_checkpoints_indicator(runs, sd_dir, data_dir, tmp_path):
+    """--indicator RUN/checkpoint-N reads that checkpoint's indicator, as --model RUN/checkpoint-N reads its model."""
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    shutil.copytree(runs["noise-aware"], run)
+    shutil.copytree(run / "checkpoint-000001", kept)
+    train.train(["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--objective",
+                 "plain-indicator", "--w-ind", "1", "--resume", str(run), "--max-steps", "2"])
+    shutil.copytree(kept, run / "checkpoint-000001")  # train.py keeps only the newest: put the older one back
+    older = loading.load_run(run, checkpoint="checkpoint-000001")
+    indicator, names, _ = loading.load_indicator(run / "checkpoint-000001", older.info["latent_shape"])
+    assert names == ["blue", "red"]
+    assert_same_tensors({"indicator": indicator.state_dict()}, {"indicator": older.indicator.state_dict()})
+    newest, _, _ = loading.load_indicator(run, older.info["latent_shape"])
+    assert not all(torch.equal(a, b) for a, b in zip(indicator.state_dict().values(), newest.state_dict().values()))
 
 
 def test_a_runs_indicator_is_read_without_its_base_model(runs, monkeypatch):
