@@ -161,7 +161,7 @@ class Tokenizer:
         its tokenizer_config.json or special_tokens_map.json names (`with_pad_token`)."""
         path = Path(path)
         if not (path / "vocab.json").is_file() and (path / "tokenizer.json").is_file():
-            return with_pad_token(check_added_tokens(cls.from_tokenizer_json(path / "tokenizer.json"), path), path)
+            return with_pad_token(cls.from_tokenizer_json(path / "tokenizer.json"), path)
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} has no {name}: a CLIP tokenizer folder needs vocab.json and "
@@ -184,10 +184,12 @@ class Tokenizer:
     @classmethod
     def from_tokenizer_json(cls, path):
         """A tokenizer from a `tokenizers` library tokenizer.json: its BPE model's vocab and merges (pairs, or
-        "a b" strings in older files). The normalizer and pre-tokenizer it also describes are CLIP's, built in here."""
+        "a b" strings in older files), refused where its folder adds tokens (check_added_tokens). The normalizer and
+        pre-tokenizer it also describes are CLIP's, built in here."""
         path = Path(path)
         try:
-            model = json.loads(path.read_text(encoding="utf-8"))["model"]
+            spec = json.loads(path.read_text(encoding="utf-8"))  # 3.6 MB: read once, for the added tokens too
+            model = spec["model"]
             vocab, merges = model["vocab"], model["merges"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a tokenizer.json with model.vocab and model.merges ({e!r})") from None
@@ -202,7 +204,7 @@ class Tokenizer:
             if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
                 raise ValueError(f"{path}: model.merges[{n}]: expected two symbols, got {m!r}")
             pairs.append(tuple(pair))
-        return cls(vocab, pairs)
+        return check_added_tokens(cls(vocab, pairs), path.parent, spec)
 
     @classmethod
     def default(cls):
@@ -305,15 +307,15 @@ class Tokenizer:
         return text.replace("</w>", " ").strip()
 
 
-def check_added_tokens(tokenizer, folder):
+def check_added_tokens(tokenizer, folder, spec=None):
     """`tokenizer`, read from `folder`, if the folder adds no tokens to its vocabulary; else ValueError naming them
     (textual inversion's "<cat-toy>"): transformers reads each as one id, the BPE here would split it into pieces.
-    transformers lists them in added_tokens.json (its 4.x CLIPTokenizer) or in tokenizer.json's added_tokens."""
+    transformers lists them in added_tokens.json (4.x), or tokenizer.json's added_tokens (`spec`: its JSON if read)."""
     pairs = []  # (token, id)
     if (folder / "added_tokens.json").is_file():
         pairs += weights.read_json(folder / "added_tokens.json").items()
     if (folder / "tokenizer.json").is_file():
-        listed = weights.read_json(folder / "tokenizer.json").get("added_tokens")
+        listed = (spec or weights.read_json(folder / "tokenizer.json")).get("added_tokens")
         pairs += [(e.get("content"), e.get("id")) for e in (listed if isinstance(listed, list) else [])
                   if isinstance(e, dict)]
     new = [f"{t!r} (id {i})" for t, i in pairs if tokenizer.encoder.get(t) != i]
