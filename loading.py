@@ -286,17 +286,6 @@ def _text_encoder_error(text):
     return tower_error(text)
 
 
-def _diffusers_error(key, cfg):
-    """Why the diffusers folder of this part (a from-scratch run's base/, --export) would not read back, or None: a
-    net that builds here with no layer where diffusers needs one (num_res_blocks 0, ...)."""
-    write, read = DIFFUSERS_CONFIGS[key]
-    try:
-        read(write(cfg))
-    except ValueError as e:
-        return f"a run keeps it as a diffusers folder (base/, --export), whose config.json would not read back: {e}"
-    return None
-
-
 def read_init_config(path):
     """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None}), each
     field of its default's kind, the networks they describe buildable."""
@@ -318,14 +307,18 @@ def read_init_config(path):
 
 def _build(path, key, cls, cfg):
     """cls(cfg), a config torch cannot build (GroupNorm groups that do not divide a width, ...) or whose diffusers
-    folder would not read back (_diffusers_error) one line."""
+    folder (a from-scratch run's base/, --export) would not read back one line: a net that builds here with no layer
+    where diffusers needs one (num_res_blocks 0, ...)."""
     try:
         model = cls(cfg)
     except (ValueError, RuntimeError, TypeError) as e:
         raise ValueError(f"--init-config {path}: {key}: {e}") from None
-    why = _diffusers_error(key, cfg)
-    if why:
-        raise ValueError(f"--init-config {path}: {key}: {why}")
+    write, read = DIFFUSERS_CONFIGS[key]
+    try:
+        read(write(cfg))
+    except ValueError as e:
+        raise ValueError(f"--init-config {path}: {key}: a run keeps it as a diffusers folder (base/, --export), whose "
+                         f"config.json would not read back: {e}") from None
     return model
 
 
