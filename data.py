@@ -15,6 +15,7 @@ The shipped digits (assets/digits/, source and licence in its README) are 5,000 
 """
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import json
@@ -295,10 +296,8 @@ def check_out_folder(out_dir, files, overwrite):
         if not overwrite:
             raise FileExistsError(f"{meta_path} exists; pass --overwrite to rebuild the folder")
         for line in meta_path.read_text(encoding="utf-8").splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
                 ours.add(json.loads(line)["file_name"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass
     taken = [name for _, name in files if os.path.lexists(out_dir / name) and name not in ours]
     if taken:
         raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "
