@@ -251,7 +251,7 @@ def write_run(run_dir, config, models, latent_shape, args, data):
         raise
 
 
-def check_run_dir(run_dir, config, data, *, resume, defaults=None, allow_data_change=False, device="cpu", say=True):
+def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change, device, say):
     """(checkpoint to resume, as read_checkpoint returns it, or None; base model) of a run started with this
     configuration and this data (an ImageFolder, compared by data_fingerprint); (None, None) for a new run, whose
     directory must be empty or absent (a train.lock aside). A field an older run did not record takes its value in
@@ -260,7 +260,6 @@ def check_run_dir(run_dir, config, data, *, resume, defaults=None, allow_data_ch
         _check_new(run_dir)
         return None, None
     info = read_run_json(run_dir)
-    defaults = defaults or {}
     older = sorted(f for f in config if f not in info["config"])
     for field, value in config.items():
         stored = info["config"].get(field, defaults.get(field))
