@@ -125,12 +125,9 @@ def read_state_dict(path, prefix="", dtype=None):
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if not path.is_file():
         raise CheckpointError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a checkpoint")
-    try:
-        open(path, "rb").close()  # safetensors reports every failure to open as "No such file or directory"
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)
     try:
+        open(path, "rb").close()  # safetensors reports every failure to open as "No such file or directory"
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 return {k[len(prefix):]: cast(f.get_tensor(k)) for k in f.keys() if k.startswith(prefix)}
@@ -140,8 +137,8 @@ def read_state_dict(path, prefix="", dtype=None):
             if "mmap" not in str(e):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated files, wrong formats, pickles of objects: all name the path
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e:  # unreadable (the system's reason) or truncated files, wrong formats, pickles of objects
+        raise CheckpointError(f"cannot read checkpoint {path}: {getattr(e, 'strerror', None) or e}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # CompVis .ckpt wraps everything
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
