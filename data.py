@@ -253,7 +253,7 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
     with_name, without_name = group_names or (attribute, f"not {attribute}")
     if with_name == without_name:
         raise ValueError(f"the two groups need different names, got {with_name!r} twice")
-    if len(counts) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+    if len(counts) != 2 or not all(map(weights.is_int, counts)):
         raise ValueError(f"counts must be two positive ints (with, without the attribute), got {counts!r}")
     if not images_dir.is_dir():
         raise FileNotFoundError(f"image folder {images_dir} does not exist")
