@@ -152,9 +152,12 @@ def attribute_digit(image, colour, resolution=32):
                             * COLOURS[colour]).round().astype(np.uint8))
 
 
-def digit_images(images, indices, resolution=32):
-    """The shipped digits at `indices` as the folders hold them and generated images look: uint8 (N, R, R, 3)."""
-    return np.stack([np.asarray(digit_image(images[i], resolution)) for i in indices])
+def digit_images(images, indices, resolution=32, colours=None):
+    """The shipped digits at `indices` as the folders hold them and generated images look: uint8 (N, R, R, 3), in
+    white ink, or digit k in the ink colour colours[k] (COLOURS)."""
+    if colours is None:
+        return np.stack([np.asarray(digit_image(images[i], resolution)) for i in indices])
+    return np.stack([np.asarray(attribute_digit(images[i], c, resolution)) for i, c in zip(indices, colours)])
 
 
 def ink_masses(images, indices, resolution=32):

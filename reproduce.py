@@ -230,11 +230,8 @@ def build_classifier(folder, sizes):
 def digit_pixels(indices, coloured=False, seed=0):
     """The shipped digits at `indices` as the folders hold them, float (N,3,32,32) in [-1,1]: white ink, or with
     coloured=True each in an ink colour drawn at random (seeded) from data.COLOURS."""
-    images, _ = data.load_digits()
     colours = np.random.default_rng(seed).choice(sorted(data.COLOURS), len(indices)) if coloured else None
-    return sample.from_uint8(np.stack([np.asarray(data.attribute_digit(images[i], colours[k], RESOLUTION) if coloured
-                                                  else data.digit_image(images[i], RESOLUTION))
-                                       for k, i in enumerate(indices)]))
+    return sample.from_uint8(data.digit_images(data.load_digits()[0], indices, RESOLUTION, colours))
 
 
 def train_vae(folder, sizes, seed=0, progress=True, coloured=False):
@@ -874,7 +871,7 @@ def attribute_judges(classifier, vae_path):
                                      "thin": feats[torch.from_numpy(~thick)]})
         both = evaluate.AttributeJudge("colour+width", classifier, thresholds[d])
         for colour in sorted(data.COLOURS):
-            x = np.stack([np.asarray(data.attribute_digit(images[i], colour, RESOLUTION)) for i in held])
+            x = data.digit_images(images, held, RESOLUTION, [colour] * len(held))
             with torch.no_grad():
                 back = vae.decode(vae.encode(sample.from_uint8(x)).mean)
             truth = [f"{colour}+{'thick' if t else 'thin'}" for t in thick]
