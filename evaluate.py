@@ -666,9 +666,8 @@ def evaluate_digits(args):
     why = request_error(classifier.class_names, groups, len(images), requested, indicator_logits)
     if why:  # before the held-out digits are rendered for groups that are no digits
         raise ValueError(why)
-    reference, reference_labels = heldout_digits(*classifier.split, images.shape[1], groups)
-    reference_features = classifier.features(reference)
-    reference_features = {g: reference_features[torch.from_numpy(reference_labels == g)] for g in groups}
+    reference, labels = heldout_digits(*classifier.split, images.shape[1], groups)
+    reference_features = {g: classifier.features(reference[labels == g]) for g in groups}
     return evaluate_images(images, classifier, groups, requested=requested,
                            indicator_logits=indicator_logits, reference_features=reference_features)
 
