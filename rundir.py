@@ -218,8 +218,10 @@ def base_path(run_dir, info):
     if info["base"] == "base":
         return Path(run_dir) / "base"
     base, started = Path(info["base"]), info.get("base_checkpoint")  # None: not a run, or run.json older than this
-    if started is None or base.name == started:  # --model named the checkpoint folder itself
+    if started is None:
         return base
+    if base.name == started and not (base / "run.json").is_file():  # --model named the checkpoint folder itself
+        base = base.parent
     if (base / started).is_dir():
         return base / started
     now = latest_checkpoint(base)

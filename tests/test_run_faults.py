@@ -323,6 +323,24 @@ def test_a_checkpoint_folder_of_a_run_loads_as_that_checkpoint_and_a_fine_tune_o
     assert loading.load_run(child).step == 2 and base.checkpoint == "checkpoint-000002"
 
 
+def test_a_fine_tune_of_a_checkpoint_folder_that_is_gone_is_refused_as_a_base_that_trained_on(lora_run, sd_dir,
+                                                                                               data_dir, tmp_path):
+    """--model RUN/checkpoint-000004, then RUN trains on and replaces that folder: the fine-tune's resume says so
+    (as for --model RUN), not only that a state.json is missing."""
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    shutil.copytree(lora_run, parent)
+    tune = ["--model", str(parent / "checkpoint-000004"), "--data", str(data_dir), "--lora-rank", "4", *FAST,
+            "--checkpoint-every", "1"]
+    train.train([*tune, "--out", str(child), "--max-steps", "1"])
+    train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(parent), "--max-steps", "6"])
+    message = (rf"^{re.escape(str(child / 'run.json'))}: the run fine-tunes {re.escape(str(parent))} at its "
+               rf"checkpoint-000004, but it now holds checkpoint-000006")
+    with pytest.raises(ValueError, match=message):
+        train.train([*tune, "--resume", str(child), "--max-steps", "2"])
+    with pytest.raises(ValueError, match=message):
+        loading.load_run(child)
+
+
 def test_a_resume_asked_to_end_before_the_step_the_run_is_at_is_refused_and_exports_nothing(lora_run, sd_dir,
                                                                                             data_dir, tmp_path):
     """--max-steps 2 over a run at step 4 cannot go back: it used to end at once in silence, and with --export wrote
