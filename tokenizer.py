@@ -252,6 +252,8 @@ class Tokenizer:
         that before its merges (`bpe`). Merges past a cut changed none of the kept ids in any text tested
         against the reference (tests/test_clip_text.py).
         """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
         if max_tokens is None:
             max_bytes, parts = None, [text]
         else:
