@@ -98,13 +98,24 @@ def _checkpoint_dirs(run_dir):
     found = []
     for p in Path(run_dir).iterdir():
         m = CHECKPOINT_NAME.fullmatch(p.name)
-        if m and p.is_symlink():
-            raise weights.CheckpointError(f"{p} is a symbolic link; train.py writes, replaces and deletes its "
-                                          f"checkpoint folders itself: put the folder itself there, or move the link "
-                                          f"away")
+        if m:
+            refuse_link(p)
         if m and p.is_dir():
             found.append((int(m[1]), p, m[2] is None))
     return sorted(found)
+
+
+def refuse_link(folder):
+    """CheckpointError when a checkpoint folder is a symbolic link (train.py writes, replaces and deletes its own)."""
+    if folder.is_symlink():
+        raise weights.CheckpointError(f"{folder} is a symbolic link; train.py writes, replaces and deletes its "
+                                      f"checkpoint folders itself: put the folder itself there, or move the link away")
+
+
+def finished_name(name):
+    """Whether `name` is a checkpoint folder's name as save_checkpoint leaves it (not an interrupted *.tmp)."""
+    m = CHECKPOINT_NAME.fullmatch(name) if isinstance(name, str) else None
+    return bool(m) and m[2] is None
 
 
 def latest_checkpoint(run_dir):

@@ -145,7 +145,8 @@ def add_flags(p):
     g = p.add_argument_group("indicator guidance (ours): steer each image toward a target group")
     g.add_argument("--indicator", metavar="RUN_OR_FILE", action="append", default=[],
                    help="a train.py run with a noise-aware indicator (--objective plain-indicator or "
-                        "indicator-weighted), or its indicator.safetensors; repeat it for several attributes")
+                        "indicator-weighted), one of its checkpoint folders, or its indicator.safetensors; repeat "
+                        "it for several attributes")
     g.add_argument("--indicator-guidance", type=scale_arg, default=None, metavar="S|auto",  # None: not given
                    help="guidance scale (required with --indicator; 0: off), or auto: chosen per prompt on a "
                         "calibration batch, by the indicators alone")

@@ -2,7 +2,7 @@
 
   load_models(path)    a diffusers folder, a single-file checkpoint, a run directory or its checkpoint -> Models
   load_run(run_dir)    a run's base model plus its newest (or a named) checkpoint, LoRA merged; its indicator, groups
-  load_indicator(path) the noise-aware indicator of a run, or of an exported indicator.safetensors
+  load_indicator(path) the noise-aware indicator of a run (or its checkpoint), or of an indicator.safetensors
   models_from_config   seeded random models from an --init-config JSON (train.py's from-scratch runs)
 `size_multiple` reads and checks every config file of a model before any weight, so a broken one costs no loading.
 """
@@ -88,8 +88,8 @@ def side_multiple(unet_config, vae_config):
 
 
 def size_multiple(path):
-    """side_multiple of the model at `path` (a diffusers folder, a single file or a run directory), 64 for SD
-    v1.x, read from the config files alone, every one of them checked (UNet, VAE, text encoder, scheduler)."""
+    """side_multiple of the model at `path` (a diffusers folder, a single file, a run directory or its checkpoint),
+    64 for SD v1.x, read from the config files alone, every one of them checked (UNet, VAE, text encoder, scheduler)."""
     path, run = Path(path), rundir.run_of(path)
     if run:
         return size_multiple(rundir.base_path(run[0], rundir.read_run_json(run[0])))

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 import weights
-from checkpoints import CHECKPOINT_NAME, checkpoint_files, export_diffusers, latest_checkpoint, newest_checkpoint
+from checkpoints import (checkpoint_files, export_diffusers, finished_name, latest_checkpoint, newest_checkpoint,
+                         refuse_link)
 from ddm import OBJECTIVES, uses_indicator
 
 # The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
@@ -132,6 +133,10 @@ def read_run_json(run_dir):
     if info["base"] != "base" and info["base"] != config.get("model"):  # a fine-tune's base is its --model
         raise weights.CheckpointError(f"{path}: field 'base' {info['base']} is not the model the run fine-tunes, "
                                       f"config.model {config.get('model')}")
+    started = info.get("base_checkpoint")  # joined onto the base run's path by base_path
+    if started is not None and not finished_name(started):
+        raise weights.CheckpointError(f"{path}: field 'base_checkpoint' must be null or a checkpoint folder's name, "
+                                      f"got {started!r}")
     return info
 
 
@@ -202,13 +207,15 @@ def data_fingerprint(data):
 
 
 def run_of(path):
-    """(run directory, checkpoint folder name or None) when `path` is a train.py run directory or one of its finished
-    checkpoint folders, else None."""
+    """(run directory, checkpoint folder name or None) when `path` is a train.py run directory or a finished
+    checkpoint's folder name in one, else None. CheckpointError for such a folder that is a symbolic link."""
     path = Path(path)
     if (path / "run.json").is_file():
         return path, None
-    m = CHECKPOINT_NAME.fullmatch(path.name)
-    return (path.parent, path.name) if m and not m[2] and (path.parent / "run.json").is_file() else None
+    if not (finished_name(path.name) and (path.parent / "run.json").is_file()):
+        return None
+    refuse_link(path)
+    return path.parent, path.name
 
 
 def base_path(run_dir, info):
@@ -224,11 +231,11 @@ def base_path(run_dir, info):
         base = base.parent
     if (base / started).is_dir():
         return base / started
-    now = latest_checkpoint(base)
+    now = latest_checkpoint(base) if base.is_dir() else None
     raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {base} at its {started}, "
-                                  f"but it now holds {now.name if now else 'none'}: it trained on since, and the "
-                                  f"weights this run started from are gone; put {started} back there, or fine-tune "
-                                  f"{base} anew")
+                                  f"but it now holds {now.name if now else 'no checkpoint'}: it trained on since, "
+                                  f"and the weights this run started from are gone; put {started} back there, or "
+                                  f"fine-tune {base} anew")
 
 
 def write_run(run_dir, config, models, latent_shape, args, data):

@@ -339,6 +339,21 @@ def test_a_fine_tune_of_a_checkpoint_folder_that_is_gone_is_refused_as_a_base_th
         train.train([*tune, "--resume", str(child), "--max-steps", "2"])
     with pytest.raises(ValueError, match=message):
         loading.load_run(child)
+    shutil.rmtree(parent)  # the base run deleted whole: the same line, not a bare "No such file or directory"
+    with pytest.raises(ValueError, match=message.replace("checkpoint-000006", "no checkpoint")):
+        loading.load_run(child)
+
+
+def test_a_checkpoint_folder_named_by_path_that_is_a_symbolic_link_is_refused(two_checkpoints, tmp_path):
+    """load_run(RUN) refuses a checkpoint folder that is a link; --model RUN/checkpoint-N read it all the same: the
+    weights of another run put on this run's base."""
+    run, moved = tmp_path / "run", tmp_path / "disk" / "checkpoint-000002"
+    shutil.copytree(two_checkpoints, run)
+    moved.parent.mkdir()
+    shutil.move(run / "checkpoint-000002", moved)
+    (run / "checkpoint-000002").symlink_to(moved)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / 'checkpoint-000002'))} is a symbolic link"):
+        loading.load_models(run / "checkpoint-000002")
 
 
 def test_a_resume_asked_to_end_before_the_step_the_run_is_at_is_refused_and_exports_nothing(lora_run, sd_dir,
@@ -513,6 +528,11 @@ def test_a_full_disk_reads_as_no_space_left_on_the_path():
     # a run of an objective a reader added to ddm.py in another checkout: a KeyError from ddm.uses_indicator before
     (lambda info: info["config"].update(objective="toy"),
      r"config field 'objective' must be an objective this checkout's ddm\.OBJECTIVES defines, got 'toy'"),
+    # joined onto the base run's path: "../x" would load a folder outside it, 5 was a TypeError
+    (lambda info: info.update(base_checkpoint="../elsewhere"),
+     r"field 'base_checkpoint' must be null or a checkpoint folder's name, got '\.\./elsewhere'"),
+    (lambda info: info.update(base_checkpoint=5), r"field 'base_checkpoint' must be null or a checkpoint folder's "
+                                                  r"name, got 5"),
 ])
 def test_a_hand_edited_run_json_is_one_line_naming_the_field(edit, message, lora_run, tmp_path):
     run = tmp_path / "run"
