@@ -246,13 +246,17 @@ def test_a_checkpoint_that_is_a_symbolic_link_is_refused_and_the_run_and_its_log
     assert ({p.name for p in run.iterdir()}, (run / "log.jsonl").read_bytes(), sorted(os.listdir(moved))) == before
 
 
-def test_a_fine_tune_of_a_run_directory_that_trained_on_since_is_refused_naming_both_checkpoints(lora_run, sd_dir,
-                                                                                                 data_dir, tmp_path):
+@pytest.mark.parametrize("named", ["RUN", "RUN/checkpoint-000004"])
+def test_a_fine_tune_of_a_run_directory_that_trained_on_since_is_refused_naming_both_checkpoints(named, lora_run,
+                                                                                                 sd_dir, data_dir,
+                                                                                                 tmp_path):
     """--model RUN loads RUN's newest checkpoint. When RUN trains on, that checkpoint is replaced: a resume (or a
-    sample) of the fine-tune used to put its weights on the newer ones in silence, a model nobody trained."""
+    sample) of the fine-tune used to put its weights on the newer ones in silence, a model nobody trained. The same
+    for --model RUN/checkpoint-000004, whose resume stopped on a bare "No such file or directory"."""
     parent, child = tmp_path / "parent", tmp_path / "child"
     shutil.copytree(lora_run, parent)
-    tune = ["--model", str(parent), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    model = parent if named == "RUN" else parent / "checkpoint-000004"
+    tune = ["--model", str(model), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
     train.train([*tune, "--out", str(child), "--max-steps", "1"])
     train.train([*tune, "--resume", str(child), "--max-steps", "2"])  # the parent as it was: goes on
     train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(parent), "--max-steps", "6"])
@@ -265,6 +269,9 @@ def test_a_fine_tune_of_a_run_directory_that_trained_on_since_is_refused_naming_
         loading.load_run(child)
     assert (child / "log.jsonl").read_bytes() == log
     assert checkpoints.latest_checkpoint(child).name == "checkpoint-000002"
+    shutil.rmtree(parent)  # the base run deleted whole: the same line, not a bare "No such file or directory"
+    with pytest.raises(ValueError, match=message.replace("checkpoint-000006", "no checkpoint")):
+        loading.load_run(child)
 
 
 def _unet_weights(models):
@@ -321,27 +328,6 @@ def test_a_checkpoint_folder_of_a_run_loads_as_that_checkpoint_and_a_fine_tune_o
     train.train([*tune, "--resume", str(child), "--max-steps", "2"])
     base = loading.load_models(rundir.base_path(child, rundir.read_run_json(child)))
     assert loading.load_run(child).step == 2 and base.checkpoint == "checkpoint-000002"
-
-
-def test_a_fine_tune_of_a_checkpoint_folder_that_is_gone_is_refused_as_a_base_that_trained_on(lora_run, sd_dir,
-                                                                                               data_dir, tmp_path):
-    """--model RUN/checkpoint-000004, then RUN trains on and replaces that folder: the fine-tune's resume says so
-    (as for --model RUN), not only that a state.json is missing."""
-    parent, child = tmp_path / "parent", tmp_path / "child"
-    shutil.copytree(lora_run, parent)
-    tune = ["--model", str(parent / "checkpoint-000004"), "--data", str(data_dir), "--lora-rank", "4", *FAST,
-            "--checkpoint-every", "1"]
-    train.train([*tune, "--out", str(child), "--max-steps", "1"])
-    train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(parent), "--max-steps", "6"])
-    message = (rf"^{re.escape(str(child / 'run.json'))}: the run fine-tunes {re.escape(str(parent))} at its "
-               rf"checkpoint-000004, but it now holds checkpoint-000006")
-    with pytest.raises(ValueError, match=message):
-        train.train([*tune, "--resume", str(child), "--max-steps", "2"])
-    with pytest.raises(ValueError, match=message):
-        loading.load_run(child)
-    shutil.rmtree(parent)  # the base run deleted whole: the same line, not a bare "No such file or directory"
-    with pytest.raises(ValueError, match=message.replace("checkpoint-000006", "no checkpoint")):
-        loading.load_run(child)
 
 
 def test_a_checkpoint_folder_named_by_path_that_is_a_symbolic_link_is_refused(two_checkpoints, tmp_path):
