@@ -212,10 +212,11 @@ def run_of(path):
     path = Path(path)
     if (path / "run.json").is_file():
         return path, None
-    if not (finished_name(path.name) and (path.parent / "run.json").is_file()):
+    folder = path.absolute()  # ".": the name of the folder it stands for
+    if not (finished_name(folder.name) and (folder.parent / "run.json").is_file()):
         return None
-    refuse_link(path)
-    return path.parent, path.name
+    refuse_link(folder)
+    return folder.parent, folder.name
 
 
 def base_path(run_dir, info):

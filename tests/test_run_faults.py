@@ -330,6 +330,12 @@ def test_a_checkpoint_folder_of_a_run_loads_as_that_checkpoint_and_a_fine_tune_o
     assert loading.load_run(child).step == 2 and base.checkpoint == "checkpoint-000002"
 
 
+def test_a_checkpoint_folder_named_as_the_working_directory_loads_as_that_checkpoint(two_checkpoints, monkeypatch):
+    """--model . from inside RUN/checkpoint-000002: '.' has no name of its own to recognise a checkpoint by."""
+    monkeypatch.chdir(two_checkpoints / "checkpoint-000002")
+    assert loading.load_models(".").checkpoint == "checkpoint-000002"
+
+
 def test_a_checkpoint_folder_named_by_path_that_is_a_symbolic_link_is_refused(two_checkpoints, tmp_path):
     """load_run(RUN) refuses a checkpoint folder that is a link; --model RUN/checkpoint-N read it all the same: the
     weights of another run put on this run's base."""
