@@ -273,8 +273,7 @@ def add_objective_flags(p):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="diffusers SD folder, single-file checkpoint, a train.py run directory or one of "
-                                   "its checkpoint folders")
+    g.add_argument("--model", help="diffusers SD folder, single-file checkpoint, train.py run or its checkpoint-N/")
     g.add_argument("--init-config", help="JSON {unet, vae, text_encoder} of configs: random init, from scratch")
     g.add_argument("--vae", help="with --init-config: take this trained VAE (any --model layout) instead")
     g.add_argument("--data", help="folder with metadata.jsonl (file_name, text, group) and the images")
