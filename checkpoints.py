@@ -100,8 +100,8 @@ def _checkpoint_dirs(run_dir):
         m = CHECKPOINT_NAME.fullmatch(p.name)
         if m:
             refuse_link(p)
-        if m and p.is_dir():
-            found.append((int(m[1]), p, m[2] is None))
+            if p.is_dir():
+                found.append((int(m[1]), p, m[2] is None))
     return sorted(found)
 
 
@@ -114,7 +114,7 @@ def refuse_link(folder):
 
 def finished_name(name):
     """Whether `name` is a checkpoint folder's name as save_checkpoint leaves it (not an interrupted *.tmp)."""
-    m = CHECKPOINT_NAME.fullmatch(name) if isinstance(name, str) else None
+    m = CHECKPOINT_NAME.fullmatch(name)
     return bool(m) and m[2] is None
 
 

@@ -134,7 +134,7 @@ def read_run_json(run_dir):
         raise weights.CheckpointError(f"{path}: field 'base' {info['base']} is not the model the run fine-tunes, "
                                       f"config.model {config.get('model')}")
     started = info.get("base_checkpoint")  # joined onto the base run's path by base_path
-    if started is not None and not finished_name(started):
+    if started is not None and not (isinstance(started, str) and finished_name(started)):
         raise weights.CheckpointError(f"{path}: field 'base_checkpoint' must be null or a checkpoint folder's name, "
                                       f"got {started!r}")
     return info
