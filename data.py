@@ -123,10 +123,8 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
 def write_pngs(out_dir, rows, render, overwrite=False):
     """Save the image render(row) of each metadata row as 00000.png, 00001.png, ... in `out_dir`, then the rows with
     those file names as metadata.jsonl, last and atomically: a folder without it is an unfinished build -> out_dir.
-    A folder that has its metadata.jsonl (a finished build) is rebuilt only with overwrite=True."""
-    meta_path = out_dir / "metadata.jsonl"
-    if meta_path.exists() and not overwrite:
-        raise FileExistsError(f"{meta_path} exists; pass overwrite=True to rebuild the folder")
+    A finished build is rebuilt only with overwrite=True, and no file of another is replaced (`check_out_folder`)."""
+    check_out_folder(out_dir, [(None, f"{k:05d}.png") for k in range(len(rows))], overwrite, "overwrite=True")
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, row in enumerate(rows):
         render(row).save(out_dir / f"{k:05d}.png")
@@ -280,31 +278,31 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
     return write_folder(out_dir, entries, link=link, overwrite=overwrite)
 
 
-def check_out_folder(out_dir, files, overwrite):
-    """Raise unless the images `files` = [(source path, file_name inside out_dir)] can be written into `out_dir`:
-    each name inside it and not its own source, a previous build's metadata.jsonl only with overwrite, no file there
-    that such a metadata.jsonl does not list. make_cluster_folder checks before the VAE encodes; write_folder again
-    before it writes."""
+def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
+    """Raise unless the images `files` = [(source path or None, file_name inside out_dir)] can be written into
+    `out_dir`: each name inside it and not its own source, a previous build's metadata.jsonl only with overwrite (the
+    `flag` the message names), no file there that such a metadata.jsonl does not list. make_cluster_folder checks
+    before the VAE encodes; write_folder again before it writes."""
     if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; --out names the data folder to write")
     for source, name in files:
         target = (out_dir / name).parent.resolve() / Path(name).name  # the file itself, not what a link points to
         if not target.is_relative_to(out_dir.resolve()):
             raise ValueError(f"file_name {name!r} would lie outside {out_dir}")
-        if target == Path(source).resolve():
+        if source is not None and target == Path(source).resolve():
             raise ValueError(f"{out_dir / name} is its own source: write the folder somewhere else")
     meta_path = out_dir / "metadata.jsonl"
     ours = set()  # files the previous build listed: the only ones this one may replace
     if meta_path.exists():
         if not overwrite:
-            raise FileExistsError(f"{meta_path} exists; pass --overwrite to rebuild the folder")
+            raise FileExistsError(f"{meta_path} exists; pass {flag} to rebuild the folder")
         for line in meta_path.read_text(encoding="utf-8").splitlines():
             with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
                 ours.add(json.loads(line)["file_name"])
     taken = [name for _, name in files if os.path.lexists(out_dir / name) and name not in ours]
     if taken:
         raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "
-                              "choose an empty --out")
+                              "choose an empty folder")
 
 
 def write_folder(out_dir, entries, *, link=False, overwrite=False):

@@ -58,6 +58,22 @@ def test_biased_folder_has_the_asked_ratio_and_no_heldout_image(tmp_path, digits
         data.make_digit_folder(root, images, labels, {7: 1, 8: 1}, indices=train)
 
 
+def test_a_digit_folder_is_not_written_over_files_it_did_not_write(tmp_path, digits):
+    """Nothing the code did not write is lost: a folder holding the user's own 00000.png and no metadata.jsonl of a
+    previous build is refused, naming the file, and the file is untouched; a finished build is rebuilt with
+    overwrite=True."""
+    images, labels = digits
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "00000.png").write_bytes(b"my own picture")
+    with pytest.raises(FileExistsError, match=r"mine/00000.png exists and no metadata.jsonl of a previous build"):
+        data.make_digit_folder(mine, images, labels, {3: 2, 1: 2})
+    assert (mine / "00000.png").read_bytes() == b"my own picture" and not (mine / "metadata.jsonl").exists()
+    built = data.make_digit_folder(tmp_path / "built", images, labels, {3: 2, 1: 2})
+    data.make_digit_folder(built, images, labels, {3: 1, 1: 1}, overwrite=True)
+    assert len((built / "metadata.jsonl").read_text().splitlines()) == 2
+
+
 def test_image_folder_reads_pixels_text_and_group_indices(tmp_path, digits):
     images, labels = digits
     root = data.make_digit_folder(tmp_path / "d", images, labels, {3: 4, 1: 2}, resolution=32, seed=0)
