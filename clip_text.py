@@ -1,4 +1,4 @@
-"""The CLIP ViT-L/14 text encoder and its byte-level BPE tokenizer: Stable Diffusion v1.x's prompt conditioning.
+"""The CLIP ViT-L/14 text encoder: Stable Diffusion v1.x's prompt conditioning.
 
 Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (ICML 2021), Sec. 2.4:
 the text encoder is a GPT-2-style Transformer (pre-LayerNorm, masked i.e. causal self-attention) over a
