@@ -24,7 +24,7 @@ from loading import latent_shape, load_indicator
 
 DECIDE_AT = 801  # a step of SD's spacing at 5, 10, 20, 25 or 50 steps; at 901 the posterior knows too little
 AUTO_SCALES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20)  # at 30 the digits showed artefacts
-AUTO_HIT = 0.9  # 0.95-0.97 bought FD 0.03-0.04 with the minority's recall at 0.88x plain's; 0.9 kept it above 0.9x
+AUTO_HIT = 0.9  # 0.97 bought FD 0.03-0.04 with the minority's recall at 0.88x plain's; 0.9 kept it above 0.9x
 AUTO_READ_AT = 200  # read at t = 0, the indicator believed what the guidance wrote for it alone (FD 0.158 at 97%)
 
 
