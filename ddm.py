@@ -225,9 +225,9 @@ def accuracies(logits, groups):
 class Objective:
     """A training objective: fn(MicroBatch, indicator, hp) -> (loss, parts); what its indicator reads: None
     (no indicator), "pred" (ε̂, the authors'), "x0" (x̂₀) or "z_t" ((z_t, t): noise-aware, usable for guidance);
-    and the flags it reads beyond --w-rec and --w-ind ("target": b.target_shares, "weight_clip": hp.weight_clip),
-    which train.py refuses for an objective that does not read them. A noise-aware indicator is the objective's
-    point: such an objective needs w_ind > 0."""
+    and the flags of train.py's objective group it reads beyond --w-rec and --w-ind, named as hp spells them
+    ("target": b.target_shares, "weight_clip": hp.weight_clip), which train.py refuses for an objective that does
+    not read them. A noise-aware indicator is the objective's point: such an objective needs w_ind > 0."""
     fn: Callable
     reads: str = None
     flags: tuple = ()

@@ -697,6 +697,16 @@ def test_an_objective_whose_part_names_change_between_micro_batches_stops_the_ru
         train.train([*common, "--out", str(tmp_path / "step"), "--objective", "named-step"])
 
 
+def test_a_flag_an_objective_names_that_is_no_flag_of_train_py_is_refused_naming_it(monkeypatch):
+    """README: a knob is named in the entry's `flags`; named as on the command line ("--small-eps-weight") instead
+    of as hp spells it, every run of every objective stopped with an AttributeError traceback."""
+    monkeypatch.setitem(ddm.OBJECTIVES, "knob", ddm.Objective(ddm.ddm, "pred", flags=("small-eps-weight",)))
+    args = train.parse_args(["--model", "m", "--data", "d", "--out", "o", "--objective", "ddm"])
+    with pytest.raises(ValueError, match=r"ddm\.OBJECTIVES\['knob'\]\.flags names 'small-eps-weight', which is no "
+                                         r"flag of train\.py's objective group"):
+        train.check_args(args)
+
+
 def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator_guides_sampling(sd_dir, tmp_path):
     partial = make_data(tmp_path / "partial", groups=["red", None, "blue", None, "red", None, "blue", None])
     common = ["--model", str(sd_dir), "--data", str(partial), "--lora-rank", "4", "--max-steps", "2", *FAST]
