@@ -225,9 +225,9 @@ def accuracies(logits, groups):
 class Objective:
     """A training objective: fn(MicroBatch, indicator, hp) -> (loss, parts); what its indicator reads: None
     (no indicator), "pred" (ε̂, the authors'), "x0" (x̂₀) or "z_t" ((z_t, t): noise-aware, usable for guidance);
-    and the flags it reads beyond --w-rec and --w-ind ("target": b.target_shares, "weight_clip": hp.weight_clip),
-    which train.py refuses for an objective that does not read them. A noise-aware indicator is the objective's
-    point: such an objective needs w_ind > 0."""
+    and the flags of train.py's objective group it reads beyond --w-rec and --w-ind, named as hp spells them
+    ("target": b.target_shares, "weight_clip": hp.weight_clip), which train.py refuses for an objective that does
+    not read them. A noise-aware indicator is the objective's point: such an objective needs w_ind > 0."""
     fn: Callable
     reads: str = None
     flags: tuple = ()
@@ -240,6 +240,27 @@ OBJECTIVES = {  # --objective NAME
     "plain-indicator": Objective(plain_indicator, "z_t"),
 }
 TIMESTEP_DIM = 64  # sinusoidal timestep features of a noise-aware indicator
+
+
+LOGGED = ("step", "loss", "lr", "grad_norm", "time")  # what train.py logs beside an objective's parts
+
+
+def check_parts(parts, first, objective, step):
+    """The names of an objective's parts at a step, checked: each a scalar, none named like a field train.py logs
+    itself, and the same names in the same order as the first micro-batch's (`first`; None at the first): train.py
+    adds the parts up over micro-batches and DDP ranks in that order. ValueError naming the objective and step."""
+    where = f"--objective {objective} at step {step}"
+    for name, value in parts.items():
+        shape = tuple(torch.as_tensor(value).shape)
+        if name in LOGGED or shape:
+            raise ValueError(f"{where}: its part {name!r} " + (f"is not a scalar (shape {shape})" if shape else
+                                                               "has the name of a field train.py logs itself"))
+    names = tuple(parts)
+    if first is not None and names != first:
+        raise ValueError(f"{where} returned the parts {names}, where its first micro-batch returned {first}: an "
+                         f"objective returns the same part names at every step, NaN where not measured (README, "
+                         f"'Change the loss')")
+    return names
 
 
 def uses_indicator(objective, w_ind):

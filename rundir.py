@@ -165,7 +165,8 @@ def unread_flag_error(args, defaults):
     """Why a flag of train.py's `args` would not be applied, or None: a validation flag without --validation-prompt
     (there is no default prompt), or a new run's flag its objective (or --lora-rank 0) does not read, which run.json
     would record as the run's configuration (a resume's flags are compared with its run.json: an older run keeps the
-    values it recorded). `defaults`: every flag's default, by dest."""
+    values it recorded), or a flag an objective names in its `flags` that train.py's objective group does not define.
+    `defaults`: every flag's default, by dest."""
     for dest in ("validation_every", "validation_n", "validation_steps", "validation_guidance"):
         if args.validation_prompt is None and getattr(args, dest) != defaults[dest]:
             return f"--{dest.replace('_', '-')} needs --validation-prompt (no validation images without one)"
@@ -173,6 +174,10 @@ def unread_flag_error(args, defaults):
         return None
     for dest in dict.fromkeys(flag for o in OBJECTIVES.values() for flag in o.flags):  # ddm.Objective.flags
         readers = [name for name, o in OBJECTIVES.items() if dest in o.flags]
+        if dest not in args.objective_fields:
+            return (f"ddm.OBJECTIVES[{readers[0]!r}].flags names {dest!r}, which is no flag of train.py's objective "
+                    f"group ({', '.join(args.objective_fields)}): name a flag there as hp spells it (--small-eps "
+                    f"is 'small_eps')")
         if getattr(args, dest) != defaults[dest] and args.objective not in readers:
             return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(readers)}; "
                     f"--objective {args.objective} does not read it")

@@ -115,7 +115,7 @@ class Trainer:
         self.build(latent_shape)
         self.step_count, elapsed, self.last_saved = checkpoints.load_checkpoint(
             ckpt, models.unet, models.text_encoder, self.indicator, self.config, self.optimizer, self.scaler)
-        self.t_start = time.time() - elapsed
+        self.t_start, self.parts = time.time() - elapsed, None  # parts: the objective's part names (ddm.check_parts)
         indices = MicroBatchIndices(len(data), args.batch_size, args.seed, self.step_count * args.grad_accum, rank,
                                     world)
         cache = encode_dataset(models.vae, data, args.batch_size, device) if args.cache_latents else None
@@ -150,8 +150,7 @@ class Trainer:
 
     def step(self):
         """One optimizer update over grad_accum micro-batches; the mean loss and parts over them (and the ranks)."""
-        args, device, models, ddp = self.args, self.device, self.models, self.ddp
-        sums = {}
+        args, device, models, ddp, sums = self.args, self.device, self.models, self.ddp, {}
         for micro in range(args.grad_accum):
             batch = next(self.batches)
             gen = torch.Generator().manual_seed(derive_seed(args.seed, "noise", self.step_count, micro, self.rank))
@@ -167,6 +166,7 @@ class Trainer:
                 with torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
                     loss, parts = ddp(inputs, batch["group"].to(device))
                 self.scaler.scale(loss / args.grad_accum).backward()
+            self.parts = ddm.check_parts(parts, self.parts, args.objective, self.step_count + 1)
             for name, value in {"loss": loss, **parts}.items():  # a NaN part was not measured: not counted
                 value = torch.as_tensor(value, device=device).detach().float()
                 measured = torch.stack([torch.where(value.isnan(), 0.0, value), ~value.isnan()])  # (sum, count)

@@ -672,6 +672,41 @@ def test_a_loss_term_added_in_ddm_py_alone_trains_and_is_logged(sd_dir, data_dir
         train.train([*common, "--resume", str(runs["toy"]), "--objective", "ddm", "--max-steps", "3"])
 
 
+def test_an_objective_whose_part_names_change_between_micro_batches_stops_the_run_naming_both(sd_dir, data_dir,
+                                                                                            tmp_path, monkeypatch):
+    """README, "Change the loss": the same part names at every step, because the step adds them up over micro-batches
+    and DDP ranks in order. One process used to log whatever came (and torchrun died in gloo, or summed two parts
+    into one); and a part named like a field train.py logs itself ("step") overwrote it in log.jsonl."""
+    def flaky(b, indicator, hp):  # a part only where the first image is labelled "red"
+        loss, parts = ddm.ddm(b, indicator, hp)
+        return loss, {**parts, "red_first": b.t.float().mean()} if b.groups[0] == 0 else parts
+
+    def named_step(b, indicator, hp):
+        loss, parts = ddm.ddm(b, indicator, hp)
+        return loss, {**parts, "step": b.t.float().mean()}
+
+    monkeypatch.setitem(ddm.OBJECTIVES, "flaky", ddm.Objective(flaky, "pred"))
+    monkeypatch.setitem(ddm.OBJECTIVES, "named-step", ddm.Objective(named_step, "pred"))
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "0", "--max-steps", "4", *FAST,
+              "--batch-size", "1"]  # one image per micro-batch: red, blue, ... in the shuffled order
+    with pytest.raises(ValueError, match=r"--objective flaky at step \d+ returned the parts \(.*\), where its first "
+                                         r"micro-batch returned \(.*\): .*same part names"):
+        train.train([*common, "--out", str(tmp_path / "flaky"), "--objective", "flaky"])
+    with pytest.raises(ValueError, match=r"--objective named-step at step 1: its part 'step' has the name of a field "
+                                         r"train\.py logs itself"):
+        train.train([*common, "--out", str(tmp_path / "step"), "--objective", "named-step"])
+
+
+def test_a_flag_an_objective_names_that_is_no_flag_of_train_py_is_refused_naming_it(monkeypatch):
+    """README: a knob is named in the entry's `flags`; named as on the command line ("--small-eps-weight") instead
+    of as hp spells it, every run of every objective stopped with an AttributeError traceback."""
+    monkeypatch.setitem(ddm.OBJECTIVES, "knob", ddm.Objective(ddm.ddm, "pred", flags=("small-eps-weight",)))
+    args = train.parse_args(["--model", "m", "--data", "d", "--out", "o", "--objective", "ddm"])
+    with pytest.raises(ValueError, match=r"ddm\.OBJECTIVES\['knob'\]\.flags names 'small-eps-weight', which is no "
+                                         r"flag of train\.py's objective group"):
+        train.check_args(args)
+
+
 def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator_guides_sampling(sd_dir, tmp_path):
     partial = make_data(tmp_path / "partial", groups=["red", None, "blue", None, "red", None, "blue", None])
     common = ["--model", str(sd_dir), "--data", str(partial), "--lora-rank", "4", "--max-steps", "2", *FAST]
