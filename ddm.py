@@ -246,21 +246,18 @@ LOGGED = ("step", "loss", "lr", "grad_norm", "time")  # what train.py logs besid
 
 
 def check_parts(parts, first, objective, step):
-    """The names of an objective's parts at a step, checked: each a scalar, none named like a field train.py logs
-    itself, and the same names in the same order as the first micro-batch's (`first`; None at the first): train.py
-    adds the parts up over micro-batches and DDP ranks in that order. ValueError naming the objective and step."""
+    """An objective's part names, checked: a new objective's slip stops the run here, not later in DDP's all-reduce
+    or as a log field written over. Each part a scalar, none named like a field train.py logs itself, the same names
+    in the same order as at the first micro-batch (`first`; None there): train.py sums them in that order over
+    micro-batches and ranks."""
     where = f"--objective {objective} at step {step}"
     for name, value in parts.items():
-        shape = tuple(torch.as_tensor(value).shape)
-        if name in LOGGED or shape:
-            raise ValueError(f"{where}: its part {name!r} " + (f"is not a scalar (shape {shape})" if shape else
-                                                               "has the name of a field train.py logs itself"))
-    names = tuple(parts)
-    if first is not None and names != first:
-        raise ValueError(f"{where} returned the parts {names}, where its first micro-batch returned {first}: an "
-                         f"objective returns the same part names at every step, NaN where not measured (README, "
-                         f"'Change the loss')")
-    return names
+        assert name not in LOGGED, f"{where}: its part {name!r} has the name of a field train.py logs itself"
+        assert not torch.as_tensor(value).shape, f"{where}: its part {name!r} is not a scalar"
+    assert first in (None, tuple(parts)), (f"{where} returned the parts {tuple(parts)}, where its first micro-batch "
+                                           f"returned {first}: return the same part names at every step, NaN where "
+                                           "not measured (README, 'Change the loss')")
+    return tuple(parts)
 
 
 def uses_indicator(objective, w_ind):
