@@ -21,7 +21,7 @@ import weights
 from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
 from clip_text import (CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf,
                        text_encoder_hf_config, tower_error)
-from ddm import Indicator, make_indicator, uses_indicator
+from ddm import OBJECTIVES, Indicator, make_indicator, noise_aware, uses_indicator
 from tokenizer import Tokenizer, load_tokenizer
 from unet import WEIGHT_NAMES as UNET_FILES
 from unet import UNet, UNetConfig, config_error, load_unet, unet_config_from_diffusers, unet_diffusers_config
@@ -224,7 +224,7 @@ def load_indicator(path, latent_shape):
         weights.load_strict(indicator, weights.read_state_dict(path), f"indicator from {path}")
     if indicator.timestep_dim == 0:
         raise ValueError(f"{where}: this indicator reads eps_hat, not (z_t, t); guidance needs a noise-aware one "
-                         "(train.py --objective plain-indicator or indicator-weighted)")
+                         f"(train.py --objective {' or '.join(filter(noise_aware, OBJECTIVES))})")
     if indicator.latent_shape != tuple(latent_shape):
         raise ValueError(f"{where}: trained on latents {indicator.latent_shape}, but these images have latents "
                          f"{tuple(latent_shape)} (another resolution: sample at the one it was trained at)")

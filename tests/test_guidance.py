@@ -237,3 +237,16 @@ def test_a_runs_indicator_is_read_without_its_base_model(runs, monkeypatch):
     indicator, names, attribute = loading.load_indicator(run, whole.info["latent_shape"])
     assert names == ["blue", "red"] and attribute is None
     assert_same_tensors({"indicator": indicator.state_dict()}, {"indicator": whole.indicator.state_dict()})
+
+
+def test_an_eps_hat_indicator_is_refused_naming_every_noise_aware_objective_a_reader_registered(tmp_path, monkeypatch):
+    """The refusal names the objectives whose indicators guide, read from ddm.OBJECTIVES: one a reader added too."""
+    import ddm
+    import loading
+    import weights
+    monkeypatch.setitem(ddm.OBJECTIVES, "my-noise-aware", ddm.Objective(ddm.plain_indicator, "z_t"))
+    indicator = ddm.Indicator((4, 8, 8), 2, (16,))  # the authors' form: reads eps_hat
+    path = tmp_path / "indicator.safetensors"
+    weights.save_tensors(indicator.state_dict(), path, ddm.indicator_metadata(indicator, ["a", "b"]))
+    with pytest.raises(ValueError, match=r"reads eps_hat, not \(z_t, t\).*--objective .*my-noise-aware"):
+        loading.load_indicator(path, (4, 8, 8))
