@@ -544,6 +544,8 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"{meta}: the groups name the attributes {', '.join(self.attributes)}; "
                              + (f"no image has the attribute {unknown[0]!r}" if attribute else "choose one")
                              + " (--attribute NAME, or A+B for their intersections)")
+        if cli.repeated(parts):
+            raise ValueError(f"--attribute {attribute} names the attribute {cli.repeated(parts)!r} twice")
         values = [None if g is None or any(g.get(a) is None for a in parts) else [g[a] for a in parts] for g in groups]
         labelled = [v for v in values if v is not None]
         if len(parts) == 1 and len({type(v[0]) for v in labelled}) > 1:  # one attribute's values are sorted: one kind

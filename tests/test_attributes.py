@@ -164,3 +164,10 @@ def test_a_refused_target_names_the_spec_at_fault():
         guidance.target_specs(["colour:red=1,green=0", "uniform"], ["colour", "width"])
     with pytest.raises(ValueError, match="--target names the attribute colour twice"):
         guidance.target_specs(["colour:red=1,green=0", "colour:uniform"], ["colour", "width"])
+
+
+def test_an_attribute_named_twice_in_an_intersection_is_refused(tmp_path):
+    """--attribute colour+colour trained the groups 'blue+blue' and 'red+red' without a word."""
+    folder = attribute_folder(tmp_path / "d", [("red", "big"), ("blue", "small")] * 4)
+    with pytest.raises(ValueError, match=r"--attribute colour\+colour names the attribute 'colour' twice"):
+        data.ImageFolder(folder, RES, attribute="colour+colour")
