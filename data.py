@@ -548,10 +548,12 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"--attribute {attribute} names the attribute {cli.repeated(parts)!r} twice")
         values = [None if g is None or any(g.get(a) is None for a in parts) else [g[a] for a in parts] for g in groups]
         labelled = [v for v in values if v is not None]
-        if len(parts) == 1 and len({type(v[0]) for v in labelled}) > 1:  # one attribute's values are sorted: one kind
-            text, number = (next(v[0] for v in labelled if isinstance(v[0], kind)) for kind in (str, int))
-            raise ValueError(f"{meta}: attribute {parts[0]!r} takes ints and strings ({text!r} and {number!r}); one "
-                             "kind per attribute")
+        # one kind per attribute: one attribute's values are sorted, and in an intersection 1 and "1" would merge
+        mixed = next((k for k in range(len(parts)) if len({type(v[k]) for v in labelled}) > 1), None)
+        if mixed is not None:
+            text, number = (next(v[mixed] for v in labelled if isinstance(v[mixed], kind)) for kind in (str, int))
+            raise ValueError(f"{meta}: attribute {parts[mixed]!r} takes ints and strings ({text!r} and {number!r}); "
+                             "one kind per attribute")
         plus = next(((a, x) for v in labelled for a, x in zip(parts, v) if "+" in str(x)), None)
         if len(parts) > 1 and plus:
             raise ValueError(f"{meta}: attribute {plus[0]!r} has the value {plus[1]!r}, whose '+' could merge "

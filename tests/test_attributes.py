@@ -171,3 +171,12 @@ def test_an_attribute_named_twice_in_an_intersection_is_refused(tmp_path):
     folder = attribute_folder(tmp_path / "d", [("red", "big"), ("blue", "small")] * 4)
     with pytest.raises(ValueError, match=r"--attribute colour\+colour names the attribute 'colour' twice"):
         data.ImageFolder(folder, RES, attribute="colour+colour")
+
+
+def test_an_attribute_taking_ints_and_strings_is_refused_in_an_intersection_too(tmp_path):
+    """--attribute size refused the sizes 1 and "1"; --attribute colour+size merged them into 'red+1' silently."""
+    folder = make_data(tmp_path / "d", [{"colour": c, "size": s} for c, s in
+                                        (("red", 1), ("blue", "1"), ("red", "1"), ("blue", 2))] * 2)
+    for attribute in ("size", "colour+size", "size+colour"):
+        with pytest.raises(ValueError, match=r"attribute 'size' takes ints and strings \('1' and 1\)"):
+            data.ImageFolder(folder, RES, attribute=attribute)
