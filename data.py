@@ -558,6 +558,13 @@ class ImageFolder(torch.utils.data.Dataset):
         if len(parts) > 1 and plus:
             raise ValueError(f"{meta}: attribute {plus[0]!r} has the value {plus[1]!r}, whose '+' could merge "
                              f"intersections in --attribute {attribute}")
+        if not labelled:
+            raise ValueError(f"{meta}: no line gives {' and '.join(parts)} a value{' together' * (len(parts) > 1)}; "
+                             "DDM needs at least two labelled groups")
+        one = next((k for k in range(len(parts)) if len({v[k] for v in labelled}) == 1), None)
+        if one is not None:  # said here of the attribute, not of the field 'group' (objects) of every line
+            raise ValueError(f"{meta}: attribute {parts[one]!r} takes only the value {labelled[0][one]!r} on every "
+                             f"line that labels {attribute}; DDM needs at least two labelled values of each")
         return [v if v is None else v[0] if len(v) == 1 else "+".join(map(str, v)) for v in values]
 
     def __len__(self):

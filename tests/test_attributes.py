@@ -2,6 +2,7 @@
 their judges, groups named by attribute with partial labels, and one guidance term per attribute."""
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -180,3 +181,19 @@ def test_an_attribute_taking_ints_and_strings_is_refused_in_an_intersection_too(
     for attribute in ("size", "colour+size", "size+colour"):
         with pytest.raises(ValueError, match=r"attribute 'size' takes ints and strings \('1' and 1\)"):
             data.ImageFolder(folder, RES, attribute=attribute)
+
+
+def test_an_attribute_of_one_labelled_value_is_named_in_an_intersection_too(tmp_path):
+    """With every blue image's colour unlabelled, --attribute colour said "field 'group' takes only the value 'red'
+    on every line" (the lines hold objects, and blue ones are there), and colour+size trained the groups red+big and
+    red+small: an indicator of the size alone, named as if it read the colour too."""
+    rows = [("red", "big"), (None, "small"), ("red", "small"), (None, "big")] * 2
+    folder = attribute_folder(tmp_path / "d", rows)
+    for attribute in ("colour", "colour+size", "size+colour"):
+        with pytest.raises(ValueError, match=rf"attribute 'colour' takes only the value 'red' on every line that "
+                                             rf"labels {re.escape(attribute)}; DDM needs at least two labelled"):
+            data.ImageFolder(folder, RES, attribute=attribute)
+    apart = attribute_folder(tmp_path / "apart", [("red", None), (None, "small"), ("blue", None), (None, "big")] * 2)
+    assert data.ImageFolder(apart, RES, attribute="colour").group_names == ["blue", "red"]
+    with pytest.raises(ValueError, match=r"no line gives colour and size a value together; DDM needs at least two"):
+        data.ImageFolder(apart, RES, attribute="colour+size")
