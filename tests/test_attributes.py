@@ -197,3 +197,10 @@ def test_an_attribute_of_one_labelled_value_is_named_in_an_intersection_too(tmp_
     assert data.ImageFolder(apart, RES, attribute="colour").group_names == ["blue", "red"]
     with pytest.raises(ValueError, match=r"no line gives colour and size a value together; DDM needs at least two"):
         data.ImageFolder(apart, RES, attribute="colour+size")
+
+
+def test_a_target_by_attribute_for_indicators_that_name_none_says_so():
+    """Indicators of folders whose groups name no attribute: the message listed their attributes as "(None)"."""
+    with pytest.raises(ValueError, match=r"--target gender: the indicators' runs name no attribute \(their groups "
+                                         r"were plain values\); give the SPEC alone"):
+        guidance.target_specs(["gender:uniform"], [None])
