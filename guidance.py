@@ -208,7 +208,11 @@ def from_args(args, models, prompts, seeds, generate, settings):
         if any(n["attribute"] == attribute for n in names):
             raise ValueError(f"--indicator {path} guides the attribute {attribute or '(unnamed)'} that an earlier "
                              f"--indicator guides already: give one indicator per attribute")
-        specs.append((indicator.to(args.device), parse_target(spec, groups)))
+        try:
+            shares = parse_target(spec, groups)
+        except ValueError as e:  # which indicator's groups the spec does not fit: one --target may serve several
+            raise ValueError(f"--indicator {path} (attribute {attribute or '(unnamed)'}): --{e}") from None
+        specs.append((indicator.to(args.device), shares))
         names.append({"indicator": str(Path(path).resolve()), "attribute": attribute, "groups": groups,
                       "target": spec})
     out, per_prompt = [], {}

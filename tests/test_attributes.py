@@ -13,6 +13,7 @@ import diffusion
 import evaluate
 import guidance
 import reproduce
+import sample
 import train
 from ddm import Indicator
 from test_train import FAST, RES, TINY, make_data, one_thread, sd_dir  # noqa: F401 (fixtures)
@@ -197,6 +198,30 @@ def test_an_attribute_of_one_labelled_value_is_named_in_an_intersection_too(tmp_
     assert data.ImageFolder(apart, RES, attribute="colour").group_names == ["blue", "red"]
     with pytest.raises(ValueError, match=r"no line gives colour and size a value together; DDM needs at least two"):
         data.ImageFolder(apart, RES, attribute="colour+size")
+
+
+@pytest.fixture(scope="module")
+def attribute_runs(sd_dir, tmp_path_factory):
+    """Noise-aware indicators of one step on a folder of two attributes: colour, size and colour+size."""
+    tmp = tmp_path_factory.mktemp("attribute_runs")
+    folder = attribute_folder(tmp / "d", [("red", "big"), ("blue", "small"), ("red", "small"), ("blue", "big")] * 2)
+    common = ["--model", str(sd_dir), "--data", str(folder), "--lora-rank", "4", "--max-steps", "1", *FAST,
+              "--objective", "plain-indicator", "--w-ind", "1"]
+    return {a: train.train([*common, "--out", str(tmp / a), "--attribute", a]) for a in ("colour", "size",
+                                                                                        "colour+size")}
+
+
+def test_a_target_no_group_of_an_indicator_fits_names_that_indicator_and_its_attribute(attribute_runs, tmp_path):
+    """--target red=0.5,blue=0.5 given for both indicators said "target 'red=0.5,blue=0.5': 'red' is not a group
+    (groups: big, small)", naming neither the flag nor the indicator whose groups those are."""
+    size = attribute_runs["size"]
+    args = ["--model", str(attribute_runs["colour"]), "--prompt", "a red square", "--n", "2", "--steps", "2",
+            "--height", str(RES), "--width", str(RES), "--indicator", str(attribute_runs["colour"]), "--indicator",
+            str(size), "--indicator-guidance", "1", "--calibration", "2", "--out", str(tmp_path / "never")]
+    with pytest.raises(SystemExit, match=rf"^error: --indicator {re.escape(str(size))} \(attribute size\): --target "
+                                         r"'red=0.5,blue=0.5': 'red' is not a group \(groups: big, small\)$"):
+        sample.main([*args, "--target", "red=0.5,blue=0.5"])
+    assert not (tmp_path / "never").exists()
 
 
 def test_a_target_by_attribute_for_indicators_that_name_none_says_so():
