@@ -205,9 +205,12 @@ def from_args(args, models, prompts, seeds, generate, settings):
     loaded = [(path, *load_indicator(path, latent_shape(models, args.height, args.width))) for path in args.indicator]
     specs, names = [], []
     for (path, indicator, groups, attribute), spec in zip(loaded, target_specs(args.target, [a for *_, a in loaded])):
-        if any(n["attribute"] == attribute for n in names):
-            raise ValueError(f"--indicator {path} guides the attribute {attribute or '(unnamed)'} that an earlier "
-                             f"--indicator guides already: give one indicator per attribute")
+        parts = (attribute or "").split("+")  # an intersection's indicator guides each of its attributes
+        shared = next((a for n in names for a in (n["attribute"] or "").split("+") if a in parts), None)
+        if shared is not None:
+            raise ValueError(f"--indicator {path} guides the attribute {shared or '(unnamed)'} that an earlier "
+                             "--indicator guides already: give one indicator per attribute, or one of their "
+                             "intersections")
         try:
             shares = parse_target(spec, groups)
         except ValueError as e:  # which indicator's groups the spec does not fit: one --target may serve several

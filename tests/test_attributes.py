@@ -224,6 +224,18 @@ def test_a_target_no_group_of_an_indicator_fits_names_that_indicator_and_its_att
     assert not (tmp_path / "never").exists()
 
 
+def test_an_indicator_of_an_intersection_beside_one_of_its_attributes_is_refused(attribute_runs, tmp_path):
+    """An indicator of colour+size beside one of colour guided the colour twice, toward targets of their own."""
+    colour, joint = attribute_runs["colour"], attribute_runs["colour+size"]
+    args = ["--model", str(colour), "--prompt", "a red square", "--n", "2", "--steps", "2", "--height", str(RES),
+            "--width", str(RES), "--indicator-guidance", "1", "--calibration", "2", "--out", str(tmp_path / "never")]
+    for first, second in ((colour, joint), (joint, colour)):
+        with pytest.raises(SystemExit, match=rf"--indicator {re.escape(str(second))} guides the attribute colour "
+                                             r"that an earlier --indicator guides already"):
+            sample.main([*args, "--indicator", str(first), "--indicator", str(second)])
+    assert not (tmp_path / "never").exists()
+
+
 def test_a_target_by_attribute_for_indicators_that_name_none_says_so():
     """Indicators of folders whose groups name no attribute: the message listed their attributes as "(None)"."""
     with pytest.raises(ValueError, match=r"--target gender: the indicators' runs name no attribute \(their groups "
