@@ -766,6 +766,12 @@ def format_result(r):
                   "(classifier features, vs held-out real)")]
     if clip:
         lines.append(f"CLIP score        {r['clip_score']:.2f} (100 cos(image, its prompt), mean)")
+    for k, a in enumerate(r.get("attributes", [])):  # several --attributes lists: each one, then the intersections
+        lines.append(f"attribute {k + 1:<7} {' '.join(f'{p:.3f}' for p in a['proportions'])}   FD {a['fd']:.4f}   "
+                     f"{a['groups']}")
+    if "intersections" in r:
+        lines.append(f"intersections     {' '.join(f'{p:.3f}' for p in r['intersections']['proportions'])}   "
+                     f"FD {r['intersections']['fd']:.4f}")
     return "\n".join(lines)
 
 

@@ -540,3 +540,20 @@ def test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture():
     torch.testing.assert_close(mu, mixture.mean(0), atol=1e-9, rtol=0)
     torch.testing.assert_close(cov, torch.cov(mixture.T), atol=5e-3, rtol=0)  # ddof 1 per group vs overall: O(1/N)
     assert cov[0, 0] > 7.56
+
+
+def test_the_printed_summary_of_several_attributes_gives_each_one_and_the_intersections(tiny_clip, heldout, tmp_path,
+                                                                                        capsys):
+    """With two --attributes lists the summary printed the first one's FD alone, under the plain label "FD"; the
+    second's and the intersections' (the headline) were only in the JSON."""
+    images, _ = heldout
+    d = _write_sample_folder(tmp_path / "doctors", images[:6], ["a photo of a doctor"] * 6)
+    ages = ["a photo of a young person", "a photo of an old person"]
+    r = evaluate.main([str(d), "--clip", str(tiny_clip[0]), "--attributes", *ATTRIBUTES, "--attributes", *ages,
+                       "--device", "cpu"])
+    out = capsys.readouterr().out
+    for k, texts in enumerate([ATTRIBUTES, ages]):
+        shares = " ".join(f"{p:.3f}" for p in r["attributes"][k]["proportions"])
+        assert f"attribute {k + 1}       {shares}   FD {r['attributes'][k]['fd']:.4f}   {texts}" in out
+    shares = " ".join(f"{p:.3f}" for p in r["intersections"]["proportions"])
+    assert f"intersections     {shares}   FD {r['intersections']['fd']:.4f}" in out
