@@ -544,8 +544,9 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"{meta}: the groups name the attributes {', '.join(self.attributes)}; "
                              + (f"no image has the attribute {unknown[0]!r}" if attribute else "choose one")
                              + " (--attribute NAME, or A+B for their intersections)")
-        if cli.repeated(parts):
-            raise ValueError(f"--attribute {attribute} names the attribute {cli.repeated(parts)!r} twice")
+        twice = cli.repeated(parts)
+        if twice is not None:
+            raise ValueError(f"--attribute {attribute} names the attribute {twice!r} twice")
         values = [None if g is None or any(g.get(a) is None for a in parts) else [g[a] for a in parts] for g in groups]
         labelled = [v for v in values if v is not None]
         # one kind per attribute: one attribute's values are sorted, and in an intersection 1 and "1" would merge
