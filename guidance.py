@@ -11,6 +11,7 @@ Measured on the 7-vs-8 digits, with the settings that were tried: docs/reproduct
 """
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -92,12 +93,17 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
     for g, s in zip(guides, scales):
         g.scale = s
     record["scales"] = scales
+    for j in [j for j, met in enumerate(record.get("hit_reached", [])) if not met]:
+        print(f"warning: {prompt!r}: indicator {j + 1} met the hit rate ({AUTO_HIT:.0%} of each group's calibration "
+              f"images end in their target) at no rung up to {AUTO_SCALES[-2]:g}, so it guides at {AUTO_SCALES[-1]:g} "
+              "untried; check that it reads its groups (bacc in its run's log.jsonl)", file=sys.stderr)
     return guides, record
 
 
 def auto_scales(batch, cal_guides, cal_targets, cal, alphas_cumprod, record):
     """Each guide's smallest rung of AUTO_SCALES at which AUTO_HIT of its calibration images targeted at each
-    group end in it (ending_groups), by bisection (hits grow with the scale); every try goes into the record."""
+    group end in it (ending_groups), by bisection (hits grow with the scale); every try goes into the record, and
+    whether a rung met the hit rate: where none below the top did, the top is taken untried."""
     low, high = [-1] * len(cal_guides), [len(AUTO_SCALES) - 1] * len(cal_guides)  # the rung sought: (low, high]
     while any(h - lo > 1 for lo, h in zip(low, high)):
         rungs = [(lo + h) // 2 if h - lo > 1 else h for lo, h in zip(low, high)]
@@ -111,6 +117,7 @@ def auto_scales(batch, cal_guides, cal_targets, cal, alphas_cumprod, record):
         for j, (r, h) in enumerate(zip(rungs, hits)):
             if high[j] - low[j] > 1:
                 low[j], high[j] = (low[j], r) if min(h) >= AUTO_HIT else (r, high[j])
+    record["hit_reached"] = [h < len(AUTO_SCALES) - 1 for h in high]
     return [float(AUTO_SCALES[h]) for h in high]
 
 

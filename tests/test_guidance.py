@@ -91,6 +91,21 @@ def test_auto_scale_is_the_smallest_rung_that_meets_the_targets_and_every_try_is
     assert ind(unguided, 0).argmax(1).float().mean().item() > 0.4
 
 
+def test_an_auto_scale_that_meets_the_hit_rate_at_no_rung_says_so(models, capsys):
+    """The bisection takes the ladder's top rung untried when every rung below it misses: an indicator that cannot
+    read its groups (here a blind one) ended at 20 without a word in samples.json or on the console."""
+    blind = mean_reader(loading.latent_shape(models, RES, RES), strength=0.0)
+    guides, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
+                                         [(blind, torch.tensor([0.5, 0.5]))], "auto", decide_at=None,
+                                         calibration=16, **SETTINGS)  # drawn targets: both groups, one reading
+    assert record["scales"] == [guidance.AUTO_SCALES[-1]] and record["hit_reached"] == [False]
+    err = capsys.readouterr().err
+    assert f"warning: {PROMPT!r}: indicator 1 met the hit rate" in err and "no rung up to 15" in err
+    _, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
+                                    [(mean_reader(loading.latent_shape(models, RES, RES)), torch.tensor([0.8, 0.2]))],
+                                    "auto", calibration=64, **SETTINGS)
+    assert record["hit_reached"] == [True] and "warning" not in capsys.readouterr().err
+
 def test_targets_are_decided_at_the_step_the_sampler_takes_on_a_schedule_of_any_length(models):
     """On a schedule of 500 steps (not SD's 1000) the sampler spaces its timesteps by that length: the offsets are
     set, and the step recorded, where denoise decides the targets, not where a 1000-step spacing would."""
