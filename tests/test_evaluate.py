@@ -540,3 +540,18 @@ def test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture():
     torch.testing.assert_close(mu, mixture.mean(0), atol=1e-9, rtol=0)
     torch.testing.assert_close(cov, torch.cov(mixture.T), atol=5e-3, rtol=0)  # ddof 1 per group vs overall: O(1/N)
     assert cov[0, 0] > 7.56
+
+
+def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(heldout, tmp_path):
+    """data.py --overwrite replaces only the files its previous build listed: a rebuild with other counts or another
+    seed leaves the old build's images beside the new ones, and judging the folder would count them silently."""
+    images, _ = heldout
+    folder = _write_pngs(tmp_path / "faces", images[:3])
+    rows = [{"file_name": f"{k:05d}.png", "text": "a face", "group": "man"} for k in (0, 2)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"faces.metadata.jsonl does not list 1 images of the folder, e.g. 00001.png"):
+        evaluate.main([str(folder)])
+    assert not (folder / "evaluation.json").exists()
+    assert [p.name for p in evaluate.image_files(_write_pngs(tmp_path / "samples", images[:2]))] == \
+        ["00000.png", "00001.png"]  # no metadata.jsonl: every image of the folder
+
