@@ -655,7 +655,18 @@ def out_error(out, default):
         return f"--out {out}: {out.parent} " + ("is a file, not a folder" if out.parent.exists() else "does not exist")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         return f"--out {out}: the folder {out.parent} is not writable"
+    if out.is_file() and not is_result(out):  # samples.json, metadata.jsonl, ...: nothing evaluate.py wrote
+        return f"--out {out}: it exists and is not the result of an earlier evaluate.py run; choose another file"
     return None
+
+
+def is_result(path):
+    """Whether the file `path` holds a result `run` wrote (with its n_images and image_dirs), which --out replaces."""
+    try:
+        result = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and {"n_images", "image_dirs"} <= result.keys()
 
 
 def main(argv=None):

@@ -555,3 +555,19 @@ def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(hel
     assert [p.name for p in evaluate.image_files(_write_pngs(tmp_path / "samples", images[:2]))] == \
         ["00000.png", "00001.png"]  # no metadata.jsonl: every image of the folder
 
+
+
+def test_an_out_that_names_a_file_no_evaluation_wrote_is_refused_and_kept(heldout, tmp_path, capsys):
+    """--out out/man/samples.json (or a data folder's metadata.jsonl) would replace sample.py's record of the prompts
+    with the result; a result of an earlier evaluate.py run may be replaced."""
+    images, _ = heldout
+    folder = _write_pngs(tmp_path / "man", images[:2])
+    record = json.dumps({"files": ["00000.png", "00001.png"], "prompts": ["a", "a"]})
+    (folder / "samples.json").write_text(record)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(folder), "--out", str(folder / "samples.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out {folder / 'samples.json'}: it exists and is not" in err
+    assert (folder / "samples.json").read_text() == record
+    (tmp_path / "e.json").write_text(json.dumps({"n_images": 2, "image_dirs": [str(folder)]}))
+    assert evaluate.out_error(tmp_path / "e.json", default=False) is None
