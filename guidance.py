@@ -185,9 +185,13 @@ def target_specs(targets, attributes):
     if not named:
         return [targets[k if len(targets) > 1 else 0] if targets else "uniform" for k in range(len(attributes))]
     unknown = [a for a in named if a not in attributes] + [t for key, t in zip(keys, targets) if key is None]
+    guided = [a for a in attributes if a is not None]  # None: an indicator trained without --attribute
+    if unknown and not guided:
+        raise ValueError(f"--target {unknown[0]}: the indicators guide no named attribute (trained without "
+                         "train.py --attribute); give the SPEC alone")
     if unknown:
         raise ValueError(f"--target {unknown[0]}: name one of the attributes the indicators guide "
-                         f"({', '.join(str(a) for a in attributes)}) in every ATTRIBUTE:SPEC")
+                         f"({', '.join(guided)}) in every ATTRIBUTE:SPEC")
     if len(named) != len(targets):
         raise ValueError(f"--target names the attribute {cli.repeated([k for k in keys if k is not None])} twice")
     return [named.get(a, "uniform") for a in attributes]

@@ -250,3 +250,12 @@ def test_an_eps_hat_indicator_is_refused_naming_every_noise_aware_objective_a_re
     weights.save_tensors(indicator.state_dict(), path, ddm.indicator_metadata(indicator, ["a", "b"]))
     with pytest.raises(ValueError, match=r"reads eps_hat, not \(z_t, t\).*--objective .*my-noise-aware"):
         loading.load_indicator(path, (4, 8, 8))
+
+
+def test_a_target_by_attribute_for_indicators_that_guide_none_says_so_not_none():
+    """An indicator trained without --attribute guides no named attribute: the refusal said "(None)"."""
+    with pytest.raises(ValueError) as e:
+        guidance.target_specs(["gender:uniform"], [None])
+    assert "None" not in str(e.value) and "no named attribute" in str(e.value) and "--target gender" in str(e.value)
+    with pytest.raises(ValueError, match=r"the indicators guide \(gender\) in every"):
+        guidance.target_specs(["gendr:uniform"], ["gender", None])
