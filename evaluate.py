@@ -17,6 +17,7 @@ Two judges, one interface (`class_names`, `__call__(images) -> logits`, `feature
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -516,7 +517,26 @@ def image_files(directory):
         others = ", ".join(p.name for p in files[:5]) + (" ..." if len(files) > 5 else "")
         raise ValueError(f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; "
                          f"found {len(files)} other files{': ' + others if files else ''})")
+    why = unlisted_error(directory, paths)
+    if why:
+        raise ValueError(why)
     return paths
+
+
+def unlisted_error(directory, paths):
+    """Why the images `paths` of a data folder are not all its own, or None: its metadata.jsonl (data.py's) lists the
+    images of the folder, and one it does not list (an earlier build's, which data.py --overwrite leaves) would be
+    judged with them."""
+    meta = directory / "metadata.jsonl"
+    if not meta.is_file():
+        return None
+    listed = set()
+    for line in meta.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            listed.add(json.loads(line)["file_name"])
+    unlisted = [p.name for p in paths if p.name not in listed]
+    return (f"{meta} does not list {len(unlisted)} images of the folder, e.g. {', '.join(unlisted[:3])}; move them "
+            "away, or build the data folder anew into an empty one") if unlisted else None
 
 
 def unfinished_error(directory):
@@ -635,7 +655,18 @@ def out_error(out, default):
         return f"--out {out}: {out.parent} " + ("is a file, not a folder" if out.parent.exists() else "does not exist")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         return f"--out {out}: the folder {out.parent} is not writable"
+    if out.is_file() and not is_result(out):  # samples.json, metadata.jsonl, ...: nothing evaluate.py wrote
+        return f"--out {out}: it exists and is not the result of an earlier evaluate.py run; choose another file"
     return None
+
+
+def is_result(path):
+    """Whether the file `path` holds a result `run` wrote (with its n_images and image_dirs), which --out replaces."""
+    try:
+        result = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and {"n_images", "image_dirs"} <= result.keys()
 
 
 def main(argv=None):

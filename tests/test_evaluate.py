@@ -557,3 +557,34 @@ def test_the_printed_summary_of_several_attributes_gives_each_one_and_the_inters
         assert f"attribute {k + 1}       {shares}   FD {r['attributes'][k]['fd']:.4f}   {texts}" in out
     shares = " ".join(f"{p:.3f}" for p in r["intersections"]["proportions"])
     assert f"intersections     {shares}   FD {r['intersections']['fd']:.4f}" in out
+
+
+def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(heldout, tmp_path):
+    """data.py --overwrite replaces only the files its previous build listed: a rebuild with other counts or another
+    seed leaves the old build's images beside the new ones, and judging the folder would count them silently."""
+    images, _ = heldout
+    folder = _write_pngs(tmp_path / "faces", images[:3])
+    rows = [{"file_name": f"{k:05d}.png", "text": "a face", "group": "man"} for k in (0, 2)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"faces.metadata.jsonl does not list 1 images of the folder, e.g. 00001.png"):
+        evaluate.main([str(folder)])
+    assert not (folder / "evaluation.json").exists()
+    assert [p.name for p in evaluate.image_files(_write_pngs(tmp_path / "samples", images[:2]))] == \
+        ["00000.png", "00001.png"]  # no metadata.jsonl: every image of the folder
+
+
+
+def test_an_out_that_names_a_file_no_evaluation_wrote_is_refused_and_kept(heldout, tmp_path, capsys):
+    """--out out/man/samples.json (or a data folder's metadata.jsonl) would replace sample.py's record of the prompts
+    with the result; a result of an earlier evaluate.py run may be replaced."""
+    images, _ = heldout
+    folder = _write_pngs(tmp_path / "man", images[:2])
+    record = json.dumps({"files": ["00000.png", "00001.png"], "prompts": ["a", "a"]})
+    (folder / "samples.json").write_text(record)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(folder), "--out", str(folder / "samples.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out {folder / 'samples.json'}: it exists and is not" in err
+    assert (folder / "samples.json").read_text() == record
+    (tmp_path / "e.json").write_text(json.dumps({"n_images": 2, "image_dirs": [str(folder)]}))
+    assert evaluate.out_error(tmp_path / "e.json", default=False) is None
