@@ -17,7 +17,6 @@ Two judges, one interface (`class_names`, `__call__(images) -> logits`, `feature
 """
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -524,16 +523,13 @@ def image_files(directory):
 
 
 def unlisted_error(directory, paths):
-    """Why the images `paths` of a data folder are not all its own, or None: its metadata.jsonl (data.py's) lists the
-    images of the folder, and one it does not list (an earlier build's, which data.py --overwrite leaves) would be
-    judged with them."""
+    """Why the images `paths` of a data folder are not all its own, or None: its metadata.jsonl lists the images of
+    the folder, and one it does not list (put there by hand, or left by a build that stopped) would be judged with
+    them."""
     meta = directory / "metadata.jsonl"
     if not meta.is_file():
         return None
-    listed = set()
-    for line in meta.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-            listed.add(json.loads(line)["file_name"])
+    listed = data.listed_files(meta)
     unlisted = [p.name for p in paths if p.name not in listed]
     return (f"{meta} does not list {len(unlisted)} images of the folder, e.g. {', '.join(unlisted[:3])}; move them "
             "away, or build the data folder anew into an empty one") if unlisted else None

@@ -539,3 +539,23 @@ def test_a_text_file_saved_with_a_byte_order_mark_reads_as_without_it(tmp_path):
     folder = _folder(tmp_path / "f", rows, {"a.png": Image.new("RGB", (16, 16)), "b.png": Image.new("RGB", (16, 16))})
     (folder / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + (folder / "metadata.jsonl").read_bytes())
     assert data.ImageFolder(folder, 16).texts == ["x", "y"]
+
+
+def test_a_rebuild_with_overwrite_leaves_only_its_own_images(tmp_path, digits):
+    """--overwrite rebuilds the folder: the previous build's images that this one does not write again are removed
+    (they were listed by its metadata.jsonl, so written by this code), and nothing else is touched. They stayed, and
+    evaluate.py judged them beside the new ones."""
+    images, labels = digits
+    built = data.make_digit_folder(tmp_path / "digits", images, labels, {3: 3, 1: 3})
+    (built / "notes.txt").write_text("mine")
+    data.make_digit_folder(built, images, labels, {3: 1, 1: 1}, overwrite=True)
+    assert sorted(p.name for p in built.iterdir()) == ["00000.png", "00001.png", "metadata.jsonl", "notes.txt"]
+    sources = tmp_path / "src"
+    sources.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        data.digit_image(images[0]).save(sources / name)
+    out = tmp_path / "copied"
+    data.write_folder(out, [(sources / n, n, {"text": "", "group": 1}) for n in ("a.png", "b.png", "c.png")])
+    data.write_folder(out, [(sources / "b.png", "b.png", {"text": "", "group": 1})], link=True, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["b.png", "metadata.jsonl"] and (out / "b.png").is_symlink()
+    assert sorted(p.name for p in sources.iterdir()) == ["a.png", "b.png", "c.png"]

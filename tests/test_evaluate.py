@@ -560,8 +560,8 @@ def test_the_printed_summary_of_several_attributes_gives_each_one_and_the_inters
 
 
 def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(heldout, tmp_path):
-    """data.py --overwrite replaces only the files its previous build listed: a rebuild with other counts or another
-    seed leaves the old build's images beside the new ones, and judging the folder would count them silently."""
+    """A data folder's metadata.jsonl lists its images: one it does not list (put there by hand, or left by a build
+    that stopped) would be judged with them, silently."""
     images, _ = heldout
     folder = _write_pngs(tmp_path / "faces", images[:3])
     rows = [{"file_name": f"{k:05d}.png", "text": "a face", "group": "man"} for k in (0, 2)]
