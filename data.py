@@ -313,7 +313,8 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
     if meta_path.exists():
         if not overwrite:
             raise FileExistsError(f"{meta_path} exists; pass {flag} to rebuild the folder")
-        ours = {name for name in listed_files(meta_path) if within(out_dir, name)}
+        ours = {name for name in listed_files(meta_path)
+                if within(out_dir, name) not in (None, within(out_dir, "metadata.jsonl"))}
     taken = [name for _, name in files if os.path.lexists(out_dir / name) and name not in ours]
     if taken:
         raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "

@@ -559,3 +559,8 @@ def test_a_rebuild_with_overwrite_leaves_only_its_own_images(tmp_path, digits):
     data.write_folder(out, [(sources / "b.png", "b.png", {"text": "", "group": 1})], link=True, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["b.png", "metadata.jsonl"] and (out / "b.png").is_symlink()
     assert sorted(p.name for p in sources.iterdir()) == ["a.png", "b.png", "c.png"]
+    with open(out / "metadata.jsonl", "a") as f:  # a hand-edited list naming files outside, or the list itself
+        f.write('{"file_name": "./metadata.jsonl"}\n{"file_name": "../src/a.png"}\n')
+    data.write_folder(out, [(sources / "c.png", "c.png", {"text": "", "group": 1})], overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["c.png", "metadata.jsonl"]
+    assert sorted(p.name for p in sources.iterdir()) == ["a.png", "b.png", "c.png"]
