@@ -4,7 +4,7 @@
   load_run(run_dir)    a run's base model plus its newest (or a named) checkpoint, LoRA merged; its indicator, groups
   load_indicator(path) the noise-aware indicator of a run (or its checkpoint), or of an indicator.safetensors
   models_from_config   seeded random models from an --init-config JSON (train.py's from-scratch runs)
-`size_multiple` reads and checks every config file of a model before any weight, so a broken one costs no loading.
+`model_sides` reads and checks every config file of a model before any weight, so a broken one costs no loading.
 """
 import dataclasses
 import json
@@ -87,15 +87,18 @@ def side_multiple(unet_config, vae_config):
     return vae_config.downsample_factor * 2 ** (len(unet_config.channel_mult) - 1)
 
 
-def size_multiple(path):
-    """side_multiple of the model at `path` (a diffusers folder, a single file, a run directory or its checkpoint),
-    64 for SD v1.x, read from the config files alone, every one of them checked (UNet, VAE, text encoder, scheduler)."""
+def model_sides(path):
+    """(side_multiple, the side it was trained at) of the model at `path` (a diffusers folder, a single file, a run
+    directory or its checkpoint): 64 and 512 for SD v1.x, a run's --resolution, a folder's UNet sample_size x the VAE's
+    downsampling. Read from the config files alone, every one of them checked (UNet, VAE, text encoder, scheduler)."""
     path, run = Path(path), rundir.run_of(path)
     if run:
-        return size_multiple(rundir.base_path(run[0], rundir.read_run_json(run[0])))
+        info = rundir.read_run_json(run[0])
+        return model_sides(rundir.base_path(run[0], info))[0], info["config"]["resolution"]
     _, unet_config = weights.find_component(path, subfolder="unet", weight_names=UNET_FILES)
     if unet_config is None:  # a single file: SD v1.x or v2.x
-        return side_multiple(UNetConfig(), VAEConfig())
+        u, v = UNetConfig(), VAEConfig()
+        return side_multiple(u, v), u.sample_size * v.downsample_factor
     u = weights.read_config(unet_config, unet_config_from_diffusers)
     v = weights.read_config(weights.find_component(path, subfolder="vae", weight_names=VAE_FILES)[1],
                             vae_config_from_diffusers)
@@ -105,7 +108,7 @@ def size_multiple(path):
     why = fit_error(u, v, t)
     if why:
         raise ValueError(why)
-    return side_multiple(u, v)
+    return side_multiple(u, v), u.sample_size * v.downsample_factor
 
 
 def fit_error(u, v, c):

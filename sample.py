@@ -30,7 +30,7 @@ import guidance
 import weights
 from data import read_prompts
 from diffusion import N_TRAIN_TIMESTEPS, SAMPLERS, STEPS_OFFSET, NonFiniteError
-from loading import latent_shape, load_models, size_multiple
+from loading import latent_shape, load_models, model_sides
 
 # CFG is used at 1 to 20 (SD: 7.5) and images burn out well before 100: past it a value is a typo (1e30: all inf)
 GUIDANCE_MAX = 100
@@ -150,8 +150,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 disables it")
     p.add_argument("--seed", type=int, default=0, help="image k (counting over all prompts) uses seed + k")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, help="default: the side the model was trained at (512 for SD v1.x)")
+    p.add_argument("--width", type=int, help="default: the side the model was trained at")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ancestral")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
@@ -191,9 +191,10 @@ def parse_args(argv=None):
     if args.device.type == "cpu" and args.dtype != "float32":
         p.error(f"--dtype {args.dtype} is for CUDA; the CPU runs float32")
     try:
-        multiple = size_multiple(args.model)
+        multiple, side = model_sides(args.model)
     except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError
         p.error(f"--model {args.model}: {e}")
+    args.height, args.width = (side if v is None else v for v in (args.height, args.width))
     why = cli.side_error("height", args.height, multiple) or cli.side_error("width", args.width, multiple)
     if why:
         p.error(why)

@@ -265,3 +265,20 @@ def test_an_eps_hat_indicator_is_refused_naming_every_noise_aware_objective_a_re
     weights.save_tensors(indicator.state_dict(), path, ddm.indicator_metadata(indicator, ["a", "b"]))
     with pytest.raises(ValueError, match=r"reads eps_hat, not \(z_t, t\).*--objective .*my-noise-aware"):
         loading.load_indicator(path, (4, 8, 8))
+
+
+def test_sample_py_takes_the_size_the_model_was_trained_at_unless_told(sd_dir, data_dir, tmp_path):
+    """--height / --width default to a train.py run's --resolution, and for a diffusers folder to its UNet's
+    sample_size x the VAE's downsampling (diffusers' default; 512 for SD v1.x): a run trained at 32 px was sampled
+    at 512, slowly and at a size it never saw."""
+    run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "run"), "--w-ind", "0",
+                       "--lora-rank", "4", "--max-steps", "1", *FAST, "--resolution", str(2 * RES)])
+    for model, side in ((run, 2 * RES), (sd_dir, RES)):  # sd_dir: UNet sample_size 8, VAE downsampling 2
+        out = tmp_path / f"out-{side}"
+        sample.main(["--model", str(model), "--prompt", PROMPT, "--steps", "1", "--device", "cpu", "--out", str(out)])
+        record = json.loads((out / "samples.json").read_text())
+        assert (record["height"], record["width"]) == (side, side)
+        assert Image.open(out / "00000.png").size == (side, side)
+    sample.main(["--model", str(run), "--prompt", PROMPT, "--steps", "1", "--device", "cpu", "--height", str(RES),
+                 "--out", str(tmp_path / "told")])
+    assert Image.open(tmp_path / "told" / "00000.png").size == (2 * RES, RES)
