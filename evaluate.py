@@ -393,6 +393,18 @@ def request_error(class_names, groups, n, requested=None, indicator_logits=None)
     return None
 
 
+def prompt_groups_error(groups, prompted, fix):
+    """Why --prompt-groups (the group each folder's prompt asked for; None: not given) does not fit the evaluated
+    groups, or None; `fix` says how to evaluate only the prompted groups."""
+    wrong, never = [g for g in prompted or [] if g not in groups], [g for g in groups if g not in (prompted or groups)]
+    if wrong:
+        return f"--prompt-groups {wrong[0]} is not among the evaluated groups {groups}"
+    if never:
+        return (f"--prompt-groups prompts no folder for the evaluated groups {never}: SPD compares the success of "
+                f"prompting each group, so each needs a folder of its own; or {fix}")
+    return None
+
+
 def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
                     reference_features=None, batch_size=256, diversity_subset=DIVERSITY_SUBSET):
     """Group balance and quality of generated images -> dict of JSON-ready numbers (None where not computed).
@@ -690,7 +702,9 @@ def evaluate_digits(args):
                   else load_classifier(args.classifier))
     groups = args.groups or list(classifier.class_names)
     indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
-    why = request_error(classifier.class_names, groups, len(images), requested, indicator_logits)
+    why = (request_error(classifier.class_names, groups, len(images), indicator_logits=indicator_logits)
+           or prompt_groups_error(groups, args.prompt_groups, f"judge the prompted ones alone with --groups "
+                                                              f"{' '.join(map(str, args.prompt_groups or []))}"))
     if why:  # before the held-out digits are rendered for groups that are no digits
         raise ValueError(why)
     reference, labels = heldout_digits(*classifier.split, images.shape[1], groups)
@@ -715,6 +729,10 @@ def evaluate_clip(args):
         raise ValueError(f"--reference {args.reference} holds 1 image; the Frechet distance needs at least 2 "
                          "(thousands for a stable one)")
     indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
+    why = (request_error(lists[0], lists[0], len(paths), indicator_logits=indicator_logits)
+           or prompt_groups_error(lists[0], asked or None, "leave them out of the first --attributes list"))
+    if why:  # before CLIP embeds every image
+        raise ValueError(why)
     model = clip_image.load_clip(args.clip).to(args.device)
     tokenizer = clip_image.load_clip_tokenizer(args.clip)
     judges = [CLIPZeroShot(model, tokenizer, texts) for texts in lists]

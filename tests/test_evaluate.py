@@ -588,3 +588,45 @@ def test_an_out_that_names_a_file_no_evaluation_wrote_is_refused_and_kept(heldou
     assert (folder / "samples.json").read_text() == record
     (tmp_path / "e.json").write_text(json.dumps({"n_images": 2, "image_dirs": [str(folder)]}))
     assert evaluate.out_error(tmp_path / "e.json", default=False) is None
+
+
+def _random_classifier(path):
+    """An untrained DigitClassifier saved at `path`: for checks that refuse the input before any image is judged."""
+    torch.manual_seed(0)
+    model = evaluate.DigitClassifier()
+    model.heldout_accuracy = 0.1
+    evaluate.save_classifier(model, path)
+    return path
+
+
+def test_digit_prompt_groups_that_do_not_fit_the_groups_are_named_with_the_flag(heldout, tmp_path):
+    """--prompt-groups 7 8 without --groups 7 8 (the docstring's usage line has both) said "requested must name one
+    of the evaluated groups [0, ..., 9] per image", the Python argument's name, not the flag, and not the fix."""
+    images, labels = heldout
+    d7, d8 = _write_pngs(tmp_path / "seven", images[labels == 7][:2]), _write_pngs(tmp_path / "eight", images[:2])
+    clf = ["--classifier", str(_random_classifier(tmp_path / "c.safetensors"))]
+    with pytest.raises(SystemExit, match=r"^evaluate\.py: error: --prompt-groups prompts no folder for the evaluated "
+                                         r"groups \[0, 1, 2, 3, 4, 5, 6, 9\]: .*--groups 7 8$"):
+        evaluate.main([str(d7), str(d8), "--prompt-groups", "7", "8", *clf])
+    with pytest.raises(SystemExit, match=r"^evaluate\.py: error: --prompt-groups 9 is not among the evaluated groups "
+                                         r"\[7, 8\]"):
+        evaluate.main([str(d7), str(d8), "--groups", "7", "8", "--prompt-groups", "7", "9", *clf])
+    assert not (d7 / "evaluation.json").exists()
+
+
+def test_clip_prompt_groups_and_logits_that_cannot_fit_are_refused_before_clip_is_loaded(heldout, tmp_path,
+                                                                                         monkeypatch):
+    """With --clip, --prompt-groups that leave a group unprompted and indicator logits of another shape were found
+    only after CLIP had embedded every image (hours for thousands on a CPU), in words of the Python API."""
+    images, _ = heldout
+    a, b = _write_pngs(tmp_path / "a", images[:2]), _write_pngs(tmp_path / "b", images[2:4])
+    monkeypatch.setattr(evaluate.clip_image, "load_clip", lambda *x, **k: pytest.fail("CLIP loaded before the check"))
+    np.save(tmp_path / "ind.npy", np.zeros((3, 2), np.float32))
+    base = [str(a), str(b), "--clip", str(tmp_path / "clip"), "--attributes", *ATTRIBUTES, "--prompt", "a photo",
+            "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"^evaluate\.py: error: --prompt-groups prompts no folder for the evaluated "
+                                         r"groups \['a photo of a woman'\]"):
+        evaluate.main([*base, "--prompt-groups", "0", "0"])
+    with pytest.raises(SystemExit, match=r"indicator logits have shape \(3, 2\), expected \(N, 2\) with N = 4"):
+        evaluate.main([*base, "--indicator-logits", str(tmp_path / "ind.npy")])
+    assert not (a / "evaluation.json").exists()
