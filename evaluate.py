@@ -805,10 +805,21 @@ def format_result(r):
         lines.append(f"SPD               {num(r['spd'])}   success rates {rates}")
     if r["indicator_entropy"] is not None:
         lines.append(f"indicator entropy {num(r['indicator_entropy'])} nats (max {r['indicator_entropy_max']:.4f})")
+    if r["frechet_distance"] is None:
+        where = "(no --reference)" if clip and not r["n_reference"] else "(one image has no covariance)"
+    else:
+        where = (f"(CLIP image features, vs {r['n_reference']} images in --reference)" if clip else
+                 "(classifier features, vs held-out real)")
     lines += [f"mean confidence   {num(r['mean_confidence'])}   outside groups {num(r['share_outside_groups'])}",
-              f"Frechet distance  {num(r['frechet_distance'], '.3f')} " + (
-                  f"(CLIP image features, vs {r['n_reference']} images in --reference)" if clip else
-                  "(classifier features, vs held-out real)")]
+              f"Frechet distance  {num(r['frechet_distance'], '.3f')} {where}"]
+    if r["frechet_per_group"] is not None:
+        per = ", ".join(f"{g}: {num(v, '.3f')}" for g, v in r["frechet_per_group"].items())
+        lines[-1] += f"   per group {per}   (-: fewer than {MIN_PER_GROUP_FRECHET} images)"
+    if "precision" in r:  # the digit judge: precision and recall on subsets of DIVERSITY_SUBSET images
+        per = ", ".join(f"{g}: {num(v, '.3f')} / {num(r['recall_per_group'][g], '.3f')}"
+                        for g, v in r["precision_per_group"].items())
+        lines.append(f"precision/recall  {num(r['precision'], '.3f')} / {num(r['recall'], '.3f')}   per group {per}   "
+                     f"(-: fewer than {DIVERSITY_SUBSET} images)")
     if clip:
         lines.append(f"CLIP score        {r['clip_score']:.2f} (100 cos(image, its prompt), mean)")
     for k, a in enumerate(r.get("attributes", [])):  # several --attributes lists: each one, then the intersections

@@ -630,3 +630,21 @@ def test_clip_prompt_groups_and_logits_that_cannot_fit_are_refused_before_clip_i
     with pytest.raises(SystemExit, match=r"indicator logits have shape \(3, 2\), expected \(N, 2\) with N = 4"):
         evaluate.main([*base, "--indicator-logits", str(tmp_path / "ind.npy")])
     assert not (a / "evaluation.json").exists()
+
+
+def test_the_printed_summary_gives_precision_recall_and_per_group_frechet_and_says_why_a_number_is_missing():
+    """The summary left out precision / recall and the per-group Frechet distances (README's bar is stated in them),
+    which only evaluation.json held, and printed "-" without saying why."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.tensor([[3.0, 0.0]]).repeat(45, 1), torch.tensor([[0.0, 3.0]]).repeat(5, 1)])
+    clf = FixedClassifier(logits + 0.1 * torch.randn(50, 2, generator=g), [7, 8])
+    reference = {k: torch.randn(60, 2, generator=g) for k in (7, 8)}
+    r = evaluate.evaluate_images(_indices(50), clf, reference_features=reference)
+    out = evaluate.format_result(r)
+    assert r["precision_per_group"]["8"] is None and r["frechet_per_group"]["8"] is None
+    assert (f"precision/recall  {r['precision']:.3f} / {r['recall']:.3f}   per group 7: "
+            f"{r['precision_per_group']['7']:.3f} / {r['recall_per_group']['7']:.3f}, 8: - / -") in out
+    assert f"per group 7: {r['frechet_per_group']['7']:.3f}, 8: -" in out
+    assert "(-: fewer than 40 images)" in out and "(-: fewer than 10 images)" in out
+    one = evaluate.format_result(evaluate.evaluate_images(_indices(1), clf, reference_features=reference))
+    assert "Frechet distance  - (one image has no covariance)" in one and "precision/recall  - / -" in one
