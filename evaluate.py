@@ -518,7 +518,8 @@ def image_files(directory):
     other files (samples.json, metadata.jsonl, ...)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"image folder {directory} does not exist")
+        raise FileNotFoundError(f"image folder {directory} " + ("is a file, not a folder" if directory.exists() else
+                                                               "does not exist"))
     why = unfinished_error(directory)
     if why:
         raise ValueError(why)
@@ -631,8 +632,8 @@ def parse_args(argv=None):
 
 def flag_error(args):
     """Why the flags cannot be used as given, or None: the CLIP flags without --clip or the digit ones with it, a
-    text twice in an --attributes list, --prompt-groups not one per folder, --batch-size, an --out that cannot be
-    written."""
+    text twice in an --attributes list, a folder twice, --prompt-groups not one per folder, --batch-size, an --out that
+    cannot be written."""
     if args.clip is None:
         for name in ("attributes", "reference", "prompt"):
             if getattr(args, name) is not None:
@@ -645,6 +646,11 @@ def flag_error(args):
     twice = [t for t in map(cli.repeated, args.attributes or []) if t is not None]
     if twice:
         return f"--attributes names the text {twice[0]!r} twice; each group of an attribute needs its own text"
+    resolved = [Path(d).resolve() for d in args.image_dirs]
+    again = next((k for k, d in enumerate(resolved) if d in resolved[:k]), None)
+    if again is not None:
+        return (f"IMAGE_DIR {args.image_dirs[again]} is {args.image_dirs[resolved.index(resolved[again])]} again: "
+                "its images would be judged twice; give each folder once")
     if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
         return (f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image folders; "
                 "give one per folder")

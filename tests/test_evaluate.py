@@ -648,3 +648,14 @@ def test_the_printed_summary_gives_precision_recall_and_per_group_frechet_and_sa
     assert "(-: fewer than 40 images)" in out and "(-: fewer than 10 images)" in out
     one = evaluate.format_result(evaluate.evaluate_images(_indices(1), clf, reference_features=reference))
     assert "Frechet distance  - (one image has no covariance)" in one and "precision/recall  - / -" in one
+
+
+def test_a_folder_given_twice_is_refused_and_a_file_given_as_folder_is_named_as_a_file(heldout, tmp_path, capsys):
+    """evaluate.py out/a out/a/ judged every image of out/a twice, silently (FD, SPD and n_images of a folder that
+    does not exist); an image file given as IMAGE_DIR was said not to exist."""
+    folder = _write_pngs(tmp_path / "a", heldout[0][:2])
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(folder), str(folder) + "/", "--groups", "7", "8"])
+    assert e.value.code == 2 and f"IMAGE_DIR {folder}/ is {folder} again" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"image folder .*00000.png is a file, not a folder"):
+        evaluate.main([str(folder / "00000.png")])
