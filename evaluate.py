@@ -601,7 +601,8 @@ def build_parser():
     g.add_argument("--groups", nargs="+", type=_parse_group,
                    help="the classifier classes to judge balance over (default: all)")
     g.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER_PATH,
-                   help="digit classifier (.safetensors); trained (seed 0, ~20 s) and cached if missing")
+                   help="digit classifier (.safetensors) written by save_classifier; the default one is trained "
+                        "(seed 0, ~20 s) and cached if missing, another path must exist")
     g = parser.add_argument_group("CLIP zero-shot classifier, for real Stable Diffusion images")
     g.add_argument("--clip", type=Path, metavar="CLIP_DIR",
                    help="a transformers CLIP folder, e.g. openai/clip-vit-large-patch14 (config.json, "
