@@ -12,7 +12,8 @@ the classes of full-size SD v1.x (VAE, UNet, CLIP text encoder with CLIP's token
     python reproduce.py                      # runs/repro, about 10-16 CPU minutes on one core
     python reproduce.py --quick              # CI's smoke test sizes
 Stages 1-2 and the data folders are cached in OUT/cache/<stage>-<hash of its settings>/ and reused when their
-settings match; results are never overwritten without --overwrite. docs/reproduction.md has the details.
+settings match; results are never overwritten without --overwrite, and files no run wrote never (the run is
+refused). docs/reproduction.md has the details.
 """
 import argparse
 import dataclasses
@@ -615,10 +616,34 @@ def selection_error(args, given, groups, counts, methods):
 
 
 RESULTS = ("finetune", "report.md", "report.json", "grids")  # what a run writes into OUT besides the cache
+GRID_FILES = {"all_seed0.png", f"attributes_{WORDS[ATTR_DIGITS[0]]}_seed0.png",
+              *(f"plain_vs_{name}_seed0.png" for name in BY_NAME)}  # save_grids and run_attributes
+REPORT_TITLES = ("# Which indicators debias?", "# Debias what the prompt does not name")  # how report.md opens
+
+
+def foreign_results(out):
+    """What OUT holds under the names of RESULTS that no run wrote, and --overwrite must not delete: in finetune/
+    anything but fine-tune runs (<run>-seed<k>/), in grids/ anything but the grids, a report.md of another title."""
+    def runs(p):
+        name, _, seed = p.name.rpartition("-seed")
+        return p.is_dir() and seed.isdigit() and (name in BY_NAME or name in ATTR_RUNS)
+
+    found = []
+    for folder, ours in ((out / "finetune", runs), (out / "grids", lambda p: p.is_file() and p.name in GRID_FILES)):
+        found += [p for p in sorted(folder.iterdir()) if not ours(p)] if folder.is_dir() else [folder] * folder.exists()
+    report = out / "report.md"
+    if report.exists() and not (report.is_file() and report.read_text(errors="replace").startswith(REPORT_TITLES)):
+        found.append(report)
+    return found
 
 
 def claim_run_dir(out, overwrite):
-    """Refuse a run directory that holds results, unless overwrite: then delete the results (never the cache)."""
+    """Refuse a run directory that holds results, unless overwrite: then delete the results (never the cache). A
+    folder holding anything under those names that no run wrote (foreign_results) is refused either way."""
+    foreign = [str(p.relative_to(out)) for p in foreign_results(out)]
+    if foreign:
+        raise FileExistsError(f"{out} holds {', '.join(foreign)}, which no reproduce.py run wrote, where a run writes "
+                              f"its results; move them, or choose another --out (--overwrite deletes only a run's own)")
     present = [name for name in RESULTS if (out / name).exists()]
     if present and not overwrite:
         raise FileExistsError(f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace "

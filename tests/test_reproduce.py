@@ -148,6 +148,54 @@ def test_existing_results_are_refused_and_overwrite_keeps_the_cache(quick_run, t
     assert (tmp_path / "cache" / "vae-0").is_dir()
 
 
+def a_runs_results(out, report_md):
+    """What a run leaves in OUT besides the cache: fine-tunes of both experiments, grids, report.json, report.md."""
+    for run in ("plain-seed0", "guided-auto-10-seed1", "colour+width-10-seed2"):
+        (out / "finetune" / run).mkdir(parents=True)
+        (out / "finetune" / run / "run.json").write_text("{}")
+    (out / "grids").mkdir()
+    for png in ("all_seed0.png", "plain_vs_guided-auto_seed0.png", "attributes_zero_seed0.png"):
+        (out / "grids" / png).write_bytes(b"png")
+    (out / "report.json").write_text("{}")
+    (out / "report.md").write_text(report_md)
+    (out / "cache" / "vae-0").mkdir(parents=True)
+
+
+def files_under(folder):
+    return {p.relative_to(folder): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_overwrite_deletes_a_runs_results_and_refuses_a_folder_holding_files_no_run_wrote(tmp_path):
+    """--out at a folder of one's own: a report.md, a figure in grids/, one's own runs in finetune/ were deleted by
+    --overwrite (the refusal before it called them results). They are named and the folder is left as it was."""
+    sizes = dataclasses.asdict(reproduce.QUICK)
+    digits = reproduce.report_markdown({
+        "paper": "p", "groups": [7, 8], "counts": {"7": 9, "8": 1}, "mode": "quick", "sizes": sizes, "seeds": 1,
+        "generic_prompt": "g", "fd_max": 0.7, "classifier_heldout_accuracy": 0.9, "summary": [], "best_method": None,
+        "cfg_rows": [], "rows": [], "grids": [], "timings_s": {}, "threads": 1})
+    attributes = reproduce.attribute_markdown({
+        "digits": reproduce.ATTR_DIGITS, "mode": "quick", "counts_per_digit": {}, "sizes": sizes, "summary": [],
+        "judge_check": {}, "grids": [], "timings_s": {}, "seeds": 1, "threads": 1})
+    for k, report_md in enumerate((digits, attributes)):
+        out = tmp_path / f"run{k}"
+        a_runs_results(out, report_md)
+        reproduce.claim_run_dir(out, overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == ["cache"]
+    mine = {"report.md": "# my report\n", "grids/figure1.svg": "<svg/>", "finetune/my-sd-run/weights.bin": "w"}
+    for name, text in mine.items():
+        out = tmp_path / name.replace("/", "_")
+        a_runs_results(out, digits)
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+        before = files_under(out)
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError) as refused:
+                reproduce.claim_run_dir(out, overwrite=overwrite)
+            named = "/".join(name.split("/")[:2])  # the entry of finetune/ or grids/ that holds it
+            assert named in str(refused.value) and "pass --overwrite" not in str(refused.value)
+            assert files_under(out) == before
+
+
 def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
     calls = []
 
