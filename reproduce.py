@@ -16,10 +16,12 @@ settings match; results are never overwritten without --overwrite, and files no 
 refused). docs/reproduction.md has the details.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -202,18 +204,39 @@ def cached(folder, settings, build, label):
     "path" is a file or folder in `folder`: reused, it is read where `folder` is now (the cache moved, or another
     working directory reaches it by another relative path)."""
     done = folder / "done.json"
-    if done.is_file():
-        tqdm.write(f"[cache] {label}: reusing {folder}")
-        result = json.loads(done.read_text())["result"]
-        return {**result, "path": str(folder / Path(result["path"]).name)} if "path" in result else result
-    shutil.rmtree(folder, ignore_errors=True)  # an unfinished build: start it over
-    folder.mkdir(parents=True)
-    t0 = time.time()
-    result = build(folder)
-    weights.write_atomic(done, json.dumps({"settings": settings, "result": result, "seconds": time.time() - t0},
-                                          indent=1, default=str))
-    tqdm.write(f"[stage] {label}: {time.time() - t0:.0f}s")
-    return result
+    with stage_lock(folder, label):
+        if done.is_file():
+            tqdm.write(f"[cache] {label}: reusing {folder}")
+            result = json.loads(done.read_text())["result"]
+            return {**result, "path": str(folder / Path(result["path"]).name)} if "path" in result else result
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished build: start it over
+        folder.mkdir(parents=True)
+        t0 = time.time()
+        result = build(folder)
+        weights.write_atomic(done, json.dumps({"settings": settings, "result": result, "seconds": time.time() - t0},
+                                              indent=1, default=str))
+        tqdm.write(f"[stage] {label}: {time.time() - t0:.0f}s")
+        return result
+
+
+@contextlib.contextmanager
+def stage_lock(folder, label):
+    """Hold an exclusive lock on cache/.<stage>.lock while a stage is looked up and built: a second run sharing the
+    cache waits for the build and reuses it, instead of deleting the folder under it (a killed holder frees it)."""
+    import fcntl  # POSIX only, as train.py's lock (rundir.locked_run_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.lock"
+    with weights.writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            tqdm.write(f"[cache] {label}: another run is building {folder}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def caption_for(seed):

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import math
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,6 +211,32 @@ def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 1} and len(calls) == 1
     (folder / "done.json").unlink()  # as if killed before finishing
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 2}
+
+
+def test_a_stage_another_run_is_building_in_a_shared_cache_is_waited_for_and_reused(tmp_path):
+    """Two runs sharing a --cache: the second found no done.json while the first was building, deleted its folder
+    and built again beside it (a quick run stopped with '[Errno 17] File exists: .../vae'). It waits and reuses."""
+    started, release, calls, results = threading.Event(), threading.Event(), [], []
+
+    def build(folder):
+        calls.append(folder)
+        (folder / "x").write_text("1")
+        started.set()
+        assert release.wait(10)  # the first build runs on while the second run arrives
+        assert (folder / "x").read_text() == "1"
+        return {"n": len(calls)}
+
+    folder = reproduce.stage_dir(tmp_path, "stage", {"a": 1})
+    threads = [threading.Thread(target=lambda: results.append(reproduce.cached(folder, {"a": 1}, build, "s")))
+               for _ in range(2)]
+    threads[0].start()
+    assert started.wait(10)
+    threads[1].start()
+    threads[1].join(0.5)  # the second run waits for the first's build
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert results == [{"n": 1}, {"n": 1}] and len(calls) == 1
 
 
 def test_a_cached_stage_reused_from_where_the_cache_is_now_reads_its_files_there(tmp_path, monkeypatch):
