@@ -857,6 +857,13 @@ def cluster_lines(rows):
         if lines else ""
 
 
+def cfg_measured(report):
+    """What the CFG check measured: plain, and the best method, each if it ran."""
+    measured = {r["method"] for r in report["cfg_rows"]}
+    return ", and ".join(["plain"] * ("plain" in measured)
+                         + [f"the best method: {report['best_method']}"] * (report["best_method"] in measured))
+
+
 def report_markdown(report):
     sizes, groups = report["sizes"], report["groups"]
     return f"""# Which indicators debias? Handwritten digits {groups} at {report['counts']} ({report['mode']} run)
@@ -882,7 +889,7 @@ most half of plain's, Frechet at most 10% worse, and every group's recall at lea
 
 {verdict_table(report['summary'], groups)}
 
-## Classifier-free guidance scale (plain, and the best method: {report['best_method']})
+## Classifier-free guidance scale ({cfg_measured(report)})
 
 {cfg_table(report['cfg_rows'])}
 

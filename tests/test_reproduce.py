@@ -401,6 +401,20 @@ def test_the_cfg_check_takes_the_lowest_fd_that_meets_the_bar_else_the_lowest_fd
 # ---- the reproduction's data: the VAE's scale, the folders each method trains on, the guided scenarios -------------
 
 
+@pytest.mark.parametrize("methods, best, heading", [
+    (["plain", "guided-auto"], "guided-auto", "(plain, and the best method: guided-auto)"),
+    (["plain"], None, "(plain)"), (["guided-auto"], "guided-auto", "(the best method: guided-auto)")])
+def test_the_cfg_heading_names_only_the_methods_the_check_measured(methods, best, heading):
+    """With --methods plain the heading read 'the best method: None'; without plain it named plain all the same."""
+    cfg_rows = [{"method": m, "label": m, "cfg": 3.0, "fd": 0.1, "frechet_distance": 50.0} for m in methods]
+    text = reproduce.report_markdown({
+        "paper": "p", "groups": [7, 8], "counts": {"7": 9, "8": 1}, "mode": "quick", "seeds": 1,
+        "sizes": dataclasses.asdict(reproduce.QUICK), "generic_prompt": "g", "fd_max": 0.7,
+        "classifier_heldout_accuracy": 0.9, "summary": [], "best_method": best, "cfg_rows": cfg_rows, "rows": [],
+        "grids": [], "timings_s": {}, "threads": 1})
+    assert f"## Classifier-free guidance scale {heading}\n" in text
+
+
 def test_vae_scaling_factor_gives_the_train_latents_unit_std(tmp_path, monkeypatch, one_thread):
     train_idx, held_idx = np.arange(64), np.arange(64, 80)  # a few digits and steps: the rule, not a good VAE
     monkeypatch.setattr(reproduce.data, "split_digits", lambda seed: (train_idx, held_idx))
