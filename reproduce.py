@@ -12,13 +12,16 @@ the classes of full-size SD v1.x (VAE, UNet, CLIP text encoder with CLIP's token
     python reproduce.py                      # runs/repro, about 10-16 CPU minutes on one core
     python reproduce.py --quick              # CI's smoke test sizes
 Stages 1-2 and the data folders are cached in OUT/cache/<stage>-<hash of its settings>/ and reused when their
-settings match; results are never overwritten without --overwrite. docs/reproduction.md has the details.
+settings match; results are never overwritten without --overwrite, and files no run wrote never (the run is
+refused). docs/reproduction.md has the details.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -201,18 +204,39 @@ def cached(folder, settings, build, label):
     "path" is a file or folder in `folder`: reused, it is read where `folder` is now (the cache moved, or another
     working directory reaches it by another relative path)."""
     done = folder / "done.json"
-    if done.is_file():
-        tqdm.write(f"[cache] {label}: reusing {folder}")
-        result = json.loads(done.read_text())["result"]
-        return {**result, "path": str(folder / Path(result["path"]).name)} if "path" in result else result
-    shutil.rmtree(folder, ignore_errors=True)  # an unfinished build: start it over
-    folder.mkdir(parents=True)
-    t0 = time.time()
-    result = build(folder)
-    weights.write_atomic(done, json.dumps({"settings": settings, "result": result, "seconds": time.time() - t0},
-                                          indent=1, default=str))
-    tqdm.write(f"[stage] {label}: {time.time() - t0:.0f}s")
-    return result
+    with stage_lock(folder, label):
+        if done.is_file():
+            tqdm.write(f"[cache] {label}: reusing {folder}")
+            result = json.loads(done.read_text())["result"]
+            return {**result, "path": str(folder / Path(result["path"]).name)} if "path" in result else result
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished build: start it over
+        folder.mkdir(parents=True)
+        t0 = time.time()
+        result = build(folder)
+        weights.write_atomic(done, json.dumps({"settings": settings, "result": result, "seconds": time.time() - t0},
+                                              indent=1, default=str))
+        tqdm.write(f"[stage] {label}: {time.time() - t0:.0f}s")
+        return result
+
+
+@contextlib.contextmanager
+def stage_lock(folder, label):
+    """Hold an exclusive lock on cache/.<stage>.lock while a stage is looked up and built: a second run sharing the
+    cache waits for the build and reuses it, instead of deleting the folder under it (a killed holder frees it)."""
+    import fcntl  # POSIX only, as train.py's lock (rundir.locked_run_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.lock"
+    with weights.writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            tqdm.write(f"[cache] {label}: another run is building {folder}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def caption_for(seed):
@@ -615,10 +639,34 @@ def selection_error(args, given, groups, counts, methods):
 
 
 RESULTS = ("finetune", "report.md", "report.json", "grids")  # what a run writes into OUT besides the cache
+GRID_FILES = {"all_seed0.png", f"attributes_{WORDS[ATTR_DIGITS[0]]}_seed0.png",
+              *(f"plain_vs_{name}_seed0.png" for name in BY_NAME)}  # save_grids and run_attributes
+REPORT_TITLES = ("# Which indicators debias?", "# Debias what the prompt does not name")  # how report.md opens
+
+
+def foreign_results(out):
+    """What OUT holds under the names of RESULTS that no run wrote, and --overwrite must not delete: in finetune/
+    anything but fine-tune runs (<run>-seed<k>/), in grids/ anything but the grids, a report.md of another title."""
+    def runs(p):
+        name, _, seed = p.name.rpartition("-seed")
+        return p.is_dir() and seed.isdigit() and (name in BY_NAME or name in ATTR_RUNS)
+
+    found = []
+    for folder, ours in ((out / "finetune", runs), (out / "grids", lambda p: p.is_file() and p.name in GRID_FILES)):
+        found += [p for p in sorted(folder.iterdir()) if not ours(p)] if folder.is_dir() else [folder] * folder.exists()
+    report = out / "report.md"
+    if report.exists() and not (report.is_file() and report.read_text(errors="replace").startswith(REPORT_TITLES)):
+        found.append(report)
+    return found
 
 
 def claim_run_dir(out, overwrite):
-    """Refuse a run directory that holds results, unless overwrite: then delete the results (never the cache)."""
+    """Refuse a run directory that holds results, unless overwrite: then delete the results (never the cache). A
+    folder holding anything under those names that no run wrote (foreign_results) is refused either way."""
+    foreign = [str(p.relative_to(out)) for p in foreign_results(out)]
+    if foreign:
+        raise FileExistsError(f"{out} holds {', '.join(foreign)}, which no reproduce.py run wrote, where a run writes "
+                              f"its results; move them, or choose another --out (--overwrite deletes only a run's own)")
     present = [name for name in RESULTS if (out / name).exists()]
     if present and not overwrite:
         raise FileExistsError(f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace "
@@ -809,6 +857,13 @@ def cluster_lines(rows):
         if lines else ""
 
 
+def cfg_measured(report):
+    """What the CFG check measured: plain, and the best method, each if it ran."""
+    measured = {r["method"] for r in report["cfg_rows"]}
+    return ", and ".join(["plain"] * ("plain" in measured)
+                         + [f"the best method: {report['best_method']}"] * (report["best_method"] in measured))
+
+
 def report_markdown(report):
     sizes, groups = report["sizes"], report["groups"]
     return f"""# Which indicators debias? Handwritten digits {groups} at {report['counts']} ({report['mode']} run)
@@ -834,7 +889,7 @@ most half of plain's, Frechet at most 10% worse, and every group's recall at lea
 
 {verdict_table(report['summary'], groups)}
 
-## Classifier-free guidance scale (plain, and the best method: {report['best_method']})
+## Classifier-free guidance scale ({cfg_measured(report)})
 
 {cfg_table(report['cfg_rows'])}
 

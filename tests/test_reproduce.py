@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import math
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -148,6 +149,54 @@ def test_existing_results_are_refused_and_overwrite_keeps_the_cache(quick_run, t
     assert (tmp_path / "cache" / "vae-0").is_dir()
 
 
+def a_runs_results(out, report_md):
+    """What a run leaves in OUT besides the cache: fine-tunes of both experiments, grids, report.json, report.md."""
+    for run in ("plain-seed0", "guided-auto-10-seed1", "colour+width-10-seed2"):
+        (out / "finetune" / run).mkdir(parents=True)
+        (out / "finetune" / run / "run.json").write_text("{}")
+    (out / "grids").mkdir()
+    for png in ("all_seed0.png", "plain_vs_guided-auto_seed0.png", "attributes_zero_seed0.png"):
+        (out / "grids" / png).write_bytes(b"png")
+    (out / "report.json").write_text("{}")
+    (out / "report.md").write_text(report_md)
+    (out / "cache" / "vae-0").mkdir(parents=True)
+
+
+def files_under(folder):
+    return {p.relative_to(folder): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_overwrite_deletes_a_runs_results_and_refuses_a_folder_holding_files_no_run_wrote(tmp_path):
+    """--out at a folder of one's own: a report.md, a figure in grids/, one's own runs in finetune/ were deleted by
+    --overwrite (the refusal before it called them results). They are named and the folder is left as it was."""
+    sizes = dataclasses.asdict(reproduce.QUICK)
+    digits = reproduce.report_markdown({
+        "paper": "p", "groups": [7, 8], "counts": {"7": 9, "8": 1}, "mode": "quick", "sizes": sizes, "seeds": 1,
+        "generic_prompt": "g", "fd_max": 0.7, "classifier_heldout_accuracy": 0.9, "summary": [], "best_method": None,
+        "cfg_rows": [], "rows": [], "grids": [], "timings_s": {}, "threads": 1})
+    attributes = reproduce.attribute_markdown({
+        "digits": reproduce.ATTR_DIGITS, "mode": "quick", "counts_per_digit": {}, "sizes": sizes, "summary": [],
+        "judge_check": {}, "grids": [], "timings_s": {}, "seeds": 1, "threads": 1})
+    for k, report_md in enumerate((digits, attributes)):
+        out = tmp_path / f"run{k}"
+        a_runs_results(out, report_md)
+        reproduce.claim_run_dir(out, overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == ["cache"]
+    mine = {"report.md": "# my report\n", "grids/figure1.svg": "<svg/>", "finetune/my-sd-run/weights.bin": "w"}
+    for name, text in mine.items():
+        out = tmp_path / name.replace("/", "_")
+        a_runs_results(out, digits)
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+        before = files_under(out)
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError) as refused:
+                reproduce.claim_run_dir(out, overwrite=overwrite)
+            named = "/".join(name.split("/")[:2])  # the entry of finetune/ or grids/ that holds it
+            assert named in str(refused.value) and "pass --overwrite" not in str(refused.value)
+            assert files_under(out) == before
+
+
 def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
     calls = []
 
@@ -162,6 +211,32 @@ def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 1} and len(calls) == 1
     (folder / "done.json").unlink()  # as if killed before finishing
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 2}
+
+
+def test_a_stage_another_run_is_building_in_a_shared_cache_is_waited_for_and_reused(tmp_path):
+    """Two runs sharing a --cache: the second found no done.json while the first was building, deleted its folder
+    and built again beside it (a quick run stopped with '[Errno 17] File exists: .../vae'). It waits and reuses."""
+    started, release, calls, results = threading.Event(), threading.Event(), [], []
+
+    def build(folder):
+        calls.append(folder)
+        (folder / "x").write_text("1")
+        started.set()
+        assert release.wait(10)  # the first build runs on while the second run arrives
+        assert (folder / "x").read_text() == "1"
+        return {"n": len(calls)}
+
+    folder = reproduce.stage_dir(tmp_path, "stage", {"a": 1})
+    threads = [threading.Thread(target=lambda: results.append(reproduce.cached(folder, {"a": 1}, build, "s")))
+               for _ in range(2)]
+    threads[0].start()
+    assert started.wait(10)
+    threads[1].start()
+    threads[1].join(0.5)  # the second run waits for the first's build
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert results == [{"n": 1}, {"n": 1}] and len(calls) == 1
 
 
 def test_a_cached_stage_reused_from_where_the_cache_is_now_reads_its_files_there(tmp_path, monkeypatch):
@@ -324,6 +399,20 @@ def test_the_cfg_check_takes_the_lowest_fd_that_meets_the_bar_else_the_lowest_fd
 
 
 # ---- the reproduction's data: the VAE's scale, the folders each method trains on, the guided scenarios -------------
+
+
+@pytest.mark.parametrize("methods, best, heading", [
+    (["plain", "guided-auto"], "guided-auto", "(plain, and the best method: guided-auto)"),
+    (["plain"], None, "(plain)"), (["guided-auto"], "guided-auto", "(the best method: guided-auto)")])
+def test_the_cfg_heading_names_only_the_methods_the_check_measured(methods, best, heading):
+    """With --methods plain the heading read 'the best method: None'; without plain it named plain all the same."""
+    cfg_rows = [{"method": m, "label": m, "cfg": 3.0, "fd": 0.1, "frechet_distance": 50.0} for m in methods]
+    text = reproduce.report_markdown({
+        "paper": "p", "groups": [7, 8], "counts": {"7": 9, "8": 1}, "mode": "quick", "seeds": 1,
+        "sizes": dataclasses.asdict(reproduce.QUICK), "generic_prompt": "g", "fd_max": 0.7,
+        "classifier_heldout_accuracy": 0.9, "summary": [], "best_method": best, "cfg_rows": cfg_rows, "rows": [],
+        "grids": [], "timings_s": {}, "threads": 1})
+    assert f"## Classifier-free guidance scale {heading}\n" in text
 
 
 def test_vae_scaling_factor_gives_the_train_latents_unit_std(tmp_path, monkeypatch, one_thread):
