@@ -123,13 +123,14 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
 def write_pngs(out_dir, rows, render, overwrite=False):
     """Save the image render(row) of each metadata row as 00000.png, 00001.png, ... in `out_dir`, then the rows with
     those file names as metadata.jsonl, last and atomically: a folder without it is an unfinished build -> out_dir.
-    A finished build is rebuilt only with overwrite=True, which replaces or deletes its files alone (`finish_build`)."""
-    previous = check_out_folder(out_dir, [(None, f"{k:05d}.png") for k in range(len(rows))], overwrite,
-                                "overwrite=True")
+    A finished build is rebuilt only with overwrite=True, and no file of another is replaced (`check_out_folder`)."""
+    check_out_folder(out_dir, [(None, f"{k:05d}.png") for k in range(len(rows))], overwrite, "overwrite=True")
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, row in enumerate(rows):
         render(row).save(out_dir / f"{k:05d}.png")
-    return finish_build(out_dir, [{"file_name": f"{k:05d}.png", **row} for k, row in enumerate(rows)], previous)
+    lines = [json.dumps({"file_name": f"{k:05d}.png", **row}) for k, row in enumerate(rows)]
+    weights.write_atomic(out_dir / "metadata.jsonl", "\n".join(lines) + "\n")
+    return out_dir
 
 
 # Two attributes the caption never names (ours): ink colour (synthetic: a pixel rule, red > green, tells them apart
@@ -278,12 +279,13 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
 
 
 def listed_files(meta):
-    """The file_names a metadata.jsonl lists (lines without one skipped): the files of the build that wrote it."""
+    """The files a metadata.jsonl lists inside its folder, as `within` gives them (so "./a.png" is "a.png"; lines
+    without a file_name skipped)."""
     names = set()
     for _, line in text_lines(meta):
         with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-            names.add(json.loads(line)["file_name"])
-    return names
+            names.add(within(meta.parent, json.loads(line)["file_name"]))
+    return names - {None}
 
 
 def within(out_dir, name):
@@ -295,11 +297,10 @@ def within(out_dir, name):
 
 
 def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
-    """The files of the previous build in `out_dir` (those its metadata.jsonl lists), after checking that the images
-    `files` = [(source path or None, file_name inside out_dir)] can be written there: each name inside it and not its
-    own source, a previous build's metadata.jsonl only with overwrite (the `flag` the message names), no file there
-    that such a metadata.jsonl does not list. make_cluster_folder checks before the VAE encodes; the writers again
-    before they write."""
+    """Raise unless the images `files` = [(source path or None, file_name inside out_dir)] can be written into
+    `out_dir`: each name inside it and not its own source, a previous build's metadata.jsonl only with overwrite (the
+    `flag` the message names), no file there that such a metadata.jsonl does not list. make_cluster_folder checks
+    before the VAE encodes; write_folder again before it writes."""
     if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; --out names the data folder to write")
     for source, name in files:
@@ -309,38 +310,26 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
         if source is not None and target == Path(source).resolve():
             raise ValueError(f"{out_dir / name} is its own source: write the folder somewhere else")
     meta_path = out_dir / "metadata.jsonl"
-    ours = set()  # files the previous build listed: the only ones this one may replace or delete
+    ours = set()  # files the previous build listed: the only ones this one may replace
     if meta_path.exists():
         if not overwrite:
             raise FileExistsError(f"{meta_path} exists; pass {flag} to rebuild the folder")
-        ours = {name for name in listed_files(meta_path)
-                if within(out_dir, name) not in (None, within(out_dir, "metadata.jsonl"))}
-    taken = [name for _, name in files if os.path.lexists(out_dir / name) and name not in ours]
+        ours = listed_files(meta_path)
+    taken = [name for _, name in files if os.path.lexists(out_dir / name) and within(out_dir, name) not in ours]
     if taken:
         raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "
                               "choose an empty folder")
-    return ours
-
-
-def finish_build(out_dir, rows, previous):
-    """Write metadata.jsonl (`rows`, each with its file_name) last and atomically, which finishes the build, then
-    delete the files of the previous build (`previous`, from check_out_folder) that this one did not write again:
-    the folder holds this build alone -> out_dir."""
-    weights.write_atomic(out_dir / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    for name in previous - {row["file_name"] for row in rows}:
-        if os.path.lexists(out_dir / name) and not (out_dir / name).is_dir():
-            (out_dir / name).unlink()
-    return out_dir
 
 
 def write_folder(out_dir, entries, *, link=False, overwrite=False):
     """Copy (or symlink) images into a data folder and write its metadata.jsonl -> out_dir. entries: (source path,
     file_name inside out_dir, the line's other fields). The metadata file is written last and atomically. An existing
-    metadata.jsonl needs overwrite=True, and even then only files that it lists are replaced or deleted: nothing
-    this code did not write is lost (`check_out_folder`, `finish_build`)."""
+    metadata.jsonl needs overwrite=True, and even then only files that it lists are replaced: nothing this code did
+    not write is lost (`check_out_folder`)."""
     out_dir = Path(out_dir)
-    previous = check_out_folder(out_dir, [(source, name) for source, name, _ in entries], overwrite)
-    for source, name, _ in entries:
+    check_out_folder(out_dir, [(source, name) for source, name, _ in entries], overwrite)
+    meta_path, lines = out_dir / "metadata.jsonl", []
+    for source, name, fields in entries:
         target = out_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(target):
@@ -349,7 +338,9 @@ def write_folder(out_dir, entries, *, link=False, overwrite=False):
             target.symlink_to(Path(source).resolve())
         else:
             shutil.copyfile(source, target)
-    return finish_build(out_dir, [{"file_name": name, **fields} for _, name, fields in entries], previous)
+        lines.append(json.dumps({"file_name": name, **fields}))
+    weights.write_atomic(meta_path, "\n".join(lines) + "\n")
+    return out_dir
 
 
 def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=10, seed=0, link=False,

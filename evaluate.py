@@ -515,7 +515,8 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
 
 def image_files(directory):
     """The image files of one folder, sorted by name; `grid*` files that sample.py writes are skipped, and so are
-    other files (samples.json, metadata.jsonl, ...)."""
+    other files (samples.json, metadata.jsonl, ...). Refused where the folder is a sample.py run that stopped, or a
+    data folder whose metadata.jsonl does not list them all."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} " + ("is a file, not a folder" if directory.exists() else
@@ -537,13 +538,13 @@ def image_files(directory):
 
 def unlisted_error(directory, paths):
     """Why the images `paths` of a data folder are not all its own, or None: its metadata.jsonl lists the images of
-    the folder, and one it does not list (put there by hand, or left by a build that stopped) would be judged with
-    them."""
+    the folder, and one it does not list (put there by hand, or left by an earlier build that --overwrite did not
+    write again) would be judged with them."""
     meta = directory / "metadata.jsonl"
     if not meta.is_file():
         return None
     listed = data.listed_files(meta)
-    unlisted = [p.name for p in paths if p.name not in listed]
+    unlisted = [p.name for p in paths if directory.resolve() / p.name not in listed]
     return (f"{meta} does not list {len(unlisted)} images of the folder, e.g. {', '.join(unlisted[:3])}; move them "
             "away, or build the data folder anew into an empty one") if unlisted else None
 

@@ -560,8 +560,8 @@ def test_the_printed_summary_of_several_attributes_gives_each_one_and_the_inters
 
 
 def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(heldout, tmp_path):
-    """A data folder's metadata.jsonl lists its images: one it does not list (put there by hand, or left by a build
-    that stopped) would be judged with them, silently."""
+    """A data folder's metadata.jsonl lists its images: one it does not list (put there by hand, or left by an
+    earlier build) would be judged with them, silently."""
     images, _ = heldout
     folder = _write_pngs(tmp_path / "faces", images[:3])
     rows = [{"file_name": f"{k:05d}.png", "text": "a face", "group": "man"} for k in (0, 2)]
@@ -571,6 +571,9 @@ def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(hel
     assert not (folder / "evaluation.json").exists()
     assert [p.name for p in evaluate.image_files(_write_pngs(tmp_path / "samples", images[:2]))] == \
         ["00000.png", "00001.png"]  # no metadata.jsonl: every image of the folder
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({**r, "file_name": f"./{r['file_name']}"}) + "\n"
+                                                   for r in [*rows, {"file_name": "00001.png"}]))
+    assert len(evaluate.image_files(folder)) == 3  # "./00001.png" lists 00001.png, as the data folder reads it
 
 
 
