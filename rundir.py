@@ -113,7 +113,8 @@ MODEL_FIELDS = {"lora_rank": ("an integer >= 0", lambda v: weights.is_int(v, 0))
                 "indicator_hidden": ("a list of integers >= 1",
                                      lambda v: isinstance(v, list) and all(map(weights.is_int, v))),
                 "objective": ("an objective this checkout's ddm.OBJECTIVES defines",  # a reader's own, added elsewhere
-                              lambda v: isinstance(v, str) and v in OBJECTIVES)}
+                              lambda v: isinstance(v, str) and v in OBJECTIVES),
+                "resolution": ("an integer >= 8", lambda v: weights.is_int(v, 8))}  # sample.py's default side
 
 
 def read_run_json(run_dir):

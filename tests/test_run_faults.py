@@ -525,6 +525,8 @@ def test_a_full_disk_reads_as_no_space_left_on_the_path():
      r"field 'base_checkpoint' must be null or a checkpoint folder's name, got '\.\./elsewhere'"),
     (lambda info: info.update(base_checkpoint=5), r"field 'base_checkpoint' must be null or a checkpoint folder's "
                                                   r"name, got 5"),
+    # sample.py's default side: a KeyError traceback, or a TypeError in the side check
+    (lambda info: info["config"].pop("resolution"), r"config field 'resolution' must be an integer >= 8, got None"),
 ])
 def test_a_hand_edited_run_json_is_one_line_naming_the_field(edit, message, lora_run, tmp_path):
     run = tmp_path / "run"
