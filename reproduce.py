@@ -223,17 +223,10 @@ def cached(folder, settings, build, label):
 def stage_lock(folder, label):
     """Hold an exclusive lock on cache/.<stage>.lock while a stage is looked up and built: a second run sharing the
     cache waits for the build and reuses it, instead of deleting the folder under it (a killed holder frees it)."""
-    import fcntl  # POSIX only, as train.py's lock (rundir.locked_run_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    path = folder.parent / f".{folder.name}.lock"
-    with weights.writing(path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = weights.lock_file(folder.parent / f".{folder.name}.lock",
+                           wait=lambda: tqdm.write(f"[cache] {label}: another run is building {folder}; waiting"))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            tqdm.write(f"[cache] {label}: another run is building {folder}; waiting for it")
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

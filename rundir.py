@@ -70,17 +70,14 @@ def locked_run_dir(run_dir, new):
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()] if new else []  # deepest first
     with weights.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-    import fcntl  # POSIX only, and only here: sample.py imports this file on any system
     while True:
-        with weights.writing(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link made since: ELOOP
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+        fd = weights.lock_file(path)  # a link made since: ELOOP
+        if fd is None:
+            holder = "unknown"
+            with contextlib.suppress(OSError):  # the holder may end, and remove it, meanwhile
+                holder = path.read_text(errors="replace").strip() or holder
             raise FileExistsError(f"{run_dir} is in use by another train.py (pid {holder}); wait for it to end, "
-                                  f"or choose another directory") from None
+                                  f"or choose another directory")
         if path.exists() and os.path.samestat(os.fstat(fd), path.stat()):
             break
         os.close(fd)  # the holder removed the file as it ended, after we opened it: lock the new one

@@ -292,6 +292,23 @@ def write_atomic(path, content):
         raise
 
 
+def lock_file(path, wait=None):
+    """A descriptor holding an exclusive flock on `path` (created; a symbolic link there is refused, ELOOP). Where
+    another process holds it: None, or with `wait` (a function, told first) the lock once it is free."""
+    import fcntl  # POSIX only, and only here: sample.py imports this file on any system
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if wait is None:
+            os.close(fd)
+            return None
+        wait()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
