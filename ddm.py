@@ -246,10 +246,10 @@ LOGGED = ("step", "loss", "lr", "grad_norm", "time")  # what train.py logs besid
 
 
 def check_parts(parts, first, objective, step):
-    """An objective's part names, checked: a new objective's slip stops the run here, not later in DDP's all-reduce
-    or as a log field written over. Each part a scalar, none named like a field train.py logs itself, the same names
-    in the same order as at the first micro-batch (`first`; None there): train.py sums them in that order over
-    micro-batches and ranks."""
+    """An objective's part names, checked: a slip in a new objective stops the run where it happens, not as a log
+    field written over or a silently mixed sum. Each part a scalar, none named like a field train.py logs itself,
+    the same names in the same order as at this process's first micro-batch (`first`; None there): train.py sums
+    them in that order over micro-batches and DDP ranks."""
     where = f"--objective {objective} at step {step}"
     for name, value in parts.items():
         assert name not in LOGGED, f"{where}: its part {name!r} has the name of a field train.py logs itself"
