@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import cli
 import diffusion
@@ -94,9 +95,10 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
         g.scale = s
     record["scales"] = scales
     for j in [j for j, met in enumerate(record.get("hit_reached", [])) if not met]:
-        print(f"warning: {prompt!r}: indicator {j + 1} met the hit rate ({AUTO_HIT:.0%} of each group's calibration "
-              f"images end in their target) at no rung up to {AUTO_SCALES[-2]:g}, so it guides at {AUTO_SCALES[-1]:g} "
-              "untried; check that it reads its groups (bacc in its run's log.jsonl)", file=sys.stderr)
+        tqdm.write(f"warning: {prompt!r}: indicator {j + 1} met the hit rate ({AUTO_HIT:.0%} of each group's "
+                   f"calibration images end in their target) at no rung up to {AUTO_SCALES[-2]:g}, so it guides at "
+                   f"{AUTO_SCALES[-1]:g} untried; check that it reads its groups (bacc in its run's log.jsonl)",
+                   file=sys.stderr)  # between the bars of reproduce.py's runs
     return guides, record
 
 

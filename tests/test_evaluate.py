@@ -576,7 +576,6 @@ def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(hel
     assert len(evaluate.image_files(folder)) == 3  # "./00001.png" lists 00001.png, as the data folder reads it
 
 
-
 def test_an_out_that_names_a_file_no_evaluation_wrote_is_refused_and_kept(heldout, tmp_path, capsys):
     """--out out/man/samples.json (or a data folder's metadata.jsonl) would replace sample.py's record of the prompts
     with the result; a result of an earlier evaluate.py run may be replaced."""

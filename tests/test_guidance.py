@@ -106,6 +106,7 @@ def test_an_auto_scale_that_meets_the_hit_rate_at_no_rung_says_so(models, capsys
                                     "auto", calibration=64, **SETTINGS)
     assert record["hit_reached"] == [True] and "warning" not in capsys.readouterr().err
 
+
 def test_targets_are_decided_at_the_step_the_sampler_takes_on_a_schedule_of_any_length(models):
     """On a schedule of 500 steps (not SD's 1000) the sampler spaces its timesteps by that length: the offsets are
     set, and the step recorded, where denoise decides the targets, not where a 1000-step spacing would."""
