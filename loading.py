@@ -186,6 +186,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True, checkpoint=
     config = info["config"]
     ckpt = _read_checkpoint(run_dir, config, checkpoint)
     models = load_models(rundir.base_path(run_dir, info))
+    models.unet.config.sample_size = config["resolution"] // models.vae_config.downsample_factor  # trained at it
     checkpoints.setup_trainable(models, config["lora_rank"], config["lora_alpha"], config["train_text_encoder"])
     indicator = _run_indicator(info)
     checkpoints.load_checkpoint_weights(ckpt, models.unet, models.text_encoder, indicator, config)

@@ -36,7 +36,7 @@ class UNetConfig:
     transformer_depth: int = 1
     use_linear_proj: bool = False  # SD v2: proj_in/proj_out are Linear, not 1x1 Conv
     num_groups: int = 32
-    sample_size: int = 64  # the latent size it was trained at (512 px / 8); recorded only, any valid size runs
+    sample_size: int = 64  # the latent size it was trained at (512 px / 8): sample.py's default; any valid size runs
 
     def heads(self, channels):
         if self.head_dim is not None:

@@ -283,3 +283,13 @@ def test_sample_py_takes_the_size_the_model_was_trained_at_unless_told(sd_dir, d
     sample.main(["--model", str(run), "--prompt", PROMPT, "--steps", "1", "--device", "cpu", "--height", str(RES),
                  "--out", str(tmp_path / "told")])
     assert Image.open(tmp_path / "told" / "00000.png").size == (2 * RES, RES)
+
+
+def test_an_export_records_the_size_its_run_trained_at(sd_dir, data_dir, tmp_path):
+    """The exported UNet's sample_size is the run's --resolution over the VAE's downsampling, so sample.py (and
+    diffusers) take the trained size from the export as from the run: it kept the base model's."""
+    run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "run"), "--w-ind", "0",
+                       "--lora-rank", "4", "--max-steps", "1", *FAST, "--resolution", str(2 * RES),
+                       "--export", str(tmp_path / "export")])
+    assert loading.model_sides(tmp_path / "export")[1] == loading.model_sides(run)[1] == 2 * RES
+    assert loading.model_sides(sd_dir)[1] == RES
