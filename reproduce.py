@@ -655,11 +655,13 @@ def foreign_results(out):
 
 def claim_run_dir(out, overwrite):
     """Refuse a run directory that holds results, unless overwrite: then delete the results (never the cache). A
-    folder holding anything under those names that no run wrote (foreign_results) is refused either way."""
+    folder holding anything under those names that this version's runs do not write (foreign_results) is refused
+    either way."""
     foreign = [str(p.relative_to(out)) for p in foreign_results(out)]
     if foreign:
-        raise FileExistsError(f"{out} holds {', '.join(foreign)}, which no reproduce.py run wrote, where a run writes "
-                              f"its results; move them, or choose another --out (--overwrite deletes only a run's own)")
+        raise FileExistsError(f"{out} holds {', '.join(foreign)}, which this reproduce.py does not write, where a run "
+                              "writes its results (yours, or an older version's); move them, or choose another --out "
+                              "(--overwrite deletes only a run's own)")
     present = [name for name in RESULTS if (out / name).exists()]
     if present and not overwrite:
         raise FileExistsError(f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace "
