@@ -328,13 +328,17 @@ def write_tokenizer(tokenizer, folder):
 
 def check_export(out_dir):
     """Refuse an export folder that exists, or whose DIR.tmp does: neither was written by this export (None: no
-    export)."""
+    export); or one that cannot be made, where its nearest existing folder is a file or not writable."""
     if out_dir is None:
         return
     out_dir = Path(out_dir)
     for p in (out_dir, out_dir.with_name(out_dir.name + ".tmp")):
         if p.exists() or p.is_symlink():
             raise FileExistsError(f"--export {out_dir}: {p} exists; choose a new folder, or move it away")
+    existing = next(p for p in out_dir.absolute().parents if os.path.lexists(p))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--export {out_dir}: {existing} is "
+                              + ("not writable" if existing.is_dir() else "a file, not a folder"))
 
 
 def export_diffusers(models, out_dir):

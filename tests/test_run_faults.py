@@ -479,6 +479,26 @@ def test_a_failed_write_names_the_path_and_leaves_nothing_that_blocks_a_retry(sd
     assert checkpoints.latest_checkpoint(out).name == "checkpoint-000001"
 
 
+@pytest.mark.parametrize("where", ["under a file", "read-only"])
+def test_an_export_folder_that_cannot_be_written_is_refused_before_training(where, sd_dir, data_dir, tmp_path,
+                                                                          monkeypatch):
+    """--export under a file, or in a folder that cannot be written, was found only when the trained run came to
+    export (after hours: "cannot write DIR.tmp"); it is refused with the other flags, before the run directory."""
+    parent = tmp_path / "parent"
+    if where == "under a file":
+        parent.write_text("mine")
+    else:
+        parent.mkdir()
+        access = os.access  # the tests may run as root, whom a mode of 555 does not stop
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != parent and access(path, mode, **kw))
+    out, export = tmp_path / "run", parent / "sub" / "export"
+    with pytest.raises(OSError, match=rf"--export {re.escape(str(export))}: {re.escape(str(parent))} is "
+                                      + ("a file" if where == "under a file" else "not writable")):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--max-steps", "1", *FAST,
+                     "--export", str(export)])
+    assert not out.exists() and not export.exists()
+
+
 def test_a_from_scratch_run_whose_run_json_fails_takes_its_base_folder_away(sd_dir, data_dir, tmp_path, monkeypatch):
     """A from-scratch run writes base/ before run.json: when run.json cannot be written, the error names it and
     base/ goes again with the folders made for the run (a retry starts clean)."""
