@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import diffusion
 import lora
 import weights
@@ -335,10 +336,9 @@ def check_export(out_dir):
     for p in (out_dir, out_dir.with_name(out_dir.name + ".tmp")):
         if p.exists() or p.is_symlink():
             raise FileExistsError(f"--export {out_dir}: {p} exists; choose a new folder, or move it away")
-    existing = next(p for p in out_dir.absolute().parents if os.path.lexists(p))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"--export {out_dir}: {existing} is "
-                              + ("not writable" if existing.is_dir() else "a file, not a folder"))
+    why = cli.folder_error(out_dir.absolute())
+    if why:
+        raise weights.WriteError(f"--export {out_dir}: {why}")
 
 
 def export_diffusers(models, out_dir):

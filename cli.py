@@ -5,6 +5,7 @@ value stops it with one line naming the flag (`range_error`). Inside, the code t
 """
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -54,6 +55,19 @@ def side_error(flag, value, multiple=None):
     if multiple and value % multiple:
         return (f"--{flag} must be a multiple of {multiple} for this model (the VAE and the UNet downsample by that "
                 f"much together), got {value}")
+    return None
+
+
+def folder_error(path):
+    """Why files cannot be written at `path`, its missing folders made as needed, or None: the nearest of it and its
+    parents that exists is a link to nothing, a file, or a folder that is not writable."""
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if existing.is_symlink() and not existing.exists():  # mkdir would stop on it, after the weights load
+        return f"{existing} is a link to {os.readlink(existing)}, which does not exist"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
     return None
 
 

@@ -224,14 +224,10 @@ def previous_outputs(out, overwrite, files):
     """The files in `out` that the previous run there wrote and listed in its samples.json: what --overwrite may
     delete before `files`, grid.png and samples.json are written. ValueError, before anything is touched, when
     `out` cannot be written, or when a file the new run writes is there and is not the previous run's."""
-    existing = next(folder for folder in (out, *out.parents) if os.path.lexists(folder))
-    if existing.is_symlink() and not existing.exists():  # mkdir would stop on it, after the weights load
-        raise ValueError(f"{existing} is a link to {os.readlink(existing)}, which does not exist")
-    if not existing.is_dir():
-        raise ValueError(f"{existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{existing} is not writable")
-    if existing != out or not any(out.iterdir()):
+    why = cli.folder_error(out)
+    if why:
+        raise ValueError(why)
+    if not out.exists() or not any(out.iterdir()):
         return []
     if not overwrite:
         raise ValueError("it exists and is not empty; pass --overwrite to replace the images of a previous run there")
