@@ -710,9 +710,9 @@ def evaluate_digits(args):
                   else load_classifier(args.classifier))
     groups = args.groups or list(classifier.class_names)
     indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
+    prompted = " ".join(map(str, dict.fromkeys(args.prompt_groups or [])))
     why = (request_error(classifier.class_names, groups, len(images), indicator_logits=indicator_logits)
-           or prompt_groups_error(groups, args.prompt_groups, f"judge the prompted ones alone with --groups "
-                                                              f"{' '.join(map(str, dict.fromkeys(args.prompt_groups or [])))}"))
+           or prompt_groups_error(groups, args.prompt_groups, f"judge the prompted alone with --groups {prompted}"))
     if why:  # before the held-out digits are rendered for groups that are no digits
         raise ValueError(why)
     reference, labels = heldout_digits(*classifier.split, images.shape[1], groups)
