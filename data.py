@@ -303,8 +303,8 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
     before the VAE encodes; write_folder again before it writes."""
     if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; --out names the data folder to write")
-    for source, name in files:
-        target = within(out_dir, name)
+    targets = [within(out_dir, name) for _, name in files]
+    for (source, name), target in zip(files, targets):
         if target is None:
             raise ValueError(f"file_name {name!r} would lie outside {out_dir}")
         if source is not None and target == Path(source).resolve():
@@ -315,7 +315,7 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
         if not overwrite:
             raise FileExistsError(f"{meta_path} exists; pass {flag} to rebuild the folder")
         ours = listed_files(meta_path)
-    taken = [name for _, name in files if os.path.lexists(out_dir / name) and within(out_dir, name) not in ours]
+    taken = [name for (_, name), t in zip(files, targets) if os.path.lexists(out_dir / name) and t not in ours]
     if taken:
         raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "
                               "choose an empty folder")

@@ -543,8 +543,8 @@ def unlisted_error(directory, paths):
     meta = directory / "metadata.jsonl"
     if not meta.is_file():
         return None
-    listed = data.listed_files(meta)
-    unlisted = [p.name for p in paths if directory.resolve() / p.name not in listed]
+    listed, root = data.listed_files(meta), directory.resolve()
+    unlisted = [p.name for p in paths if root / p.name not in listed]
     return (f"{meta} does not list {len(unlisted)} images of the folder, e.g. {', '.join(unlisted[:3])}; move them "
             "away, or build the data folder anew into an empty one") if unlisted else None
 

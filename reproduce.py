@@ -646,7 +646,10 @@ def foreign_results(out):
 
     found = []
     for folder, ours in ((out / "finetune", runs), (out / "grids", lambda p: p.is_file() and p.name in GRID_FILES)):
-        found += [p for p in sorted(folder.iterdir()) if not ours(p)] if folder.is_dir() else [folder] * folder.exists()
+        if folder.is_dir():
+            found += [p for p in sorted(folder.iterdir()) if not ours(p)]
+        elif folder.exists():  # a file where a run writes a folder
+            found.append(folder)
     report = out / "report.md"
     if report.exists() and not (report.is_file() and report.read_text(errors="replace").startswith(REPORT_TITLES)):
         found.append(report)
