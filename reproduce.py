@@ -485,7 +485,8 @@ def _f(v, fmt=".3f"):
 
 
 def _pm(s, k, fmt=".3f"):
-    return "–" if s[k] is None else f"{s[k]:{fmt}} ± {s[k + '_std']:{fmt}}"
+    """mean ± std over seeds; the mean alone for one model (base, or --seeds 1), which has no spread to show."""
+    return "–" if s[k] is None else f"{s[k]:{fmt}}" + (f" ± {s[k + '_std']:{fmt}}" if len(s["seeds"]) > 1 else "")
 
 
 VERDICT = {None: "–", True: "**yes**", False: "no"}  # meets_goal: not judged, meets the bar, misses it
@@ -878,10 +879,10 @@ images whose best class is none of the groups, confidence. Diversity: precision 
 2019, k = 3) in the judge's features, each group's generic images as judged against its held-out real digits, on
 equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc: its accuracy
 and balanced accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG
-{sizes['guidance']}. Std is the sample std over seeds; "worst seed" is the largest FD of any seed. The bar: FD at
-most half of plain's, Frechet at most 10% worse, and every group's recall at least 0.9x plain's. Guidance auto
-(ours): trajectory-aware targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone
-(guidance.guides_for; the scales chosen are in report.json, rows[].guidance_chosen).
+{sizes['guidance']}. Std is the sample std over seeds (none for one model); "worst seed" is the largest FD of any
+seed. The bar: FD at most half of plain's, Frechet at most 10% worse, and every group's recall at least 0.9x
+plain's. Guidance auto (ours): trajectory-aware targets decided at t = {DECIDE_AT} and the scale chosen per prompt
+by the indicator alone (guidance.guides_for; the scales chosen are in report.json, rows[].guidance_chosen).
 
 ## Verdict (mean ± std over seeds)
 
@@ -996,7 +997,8 @@ def summarize_attributes(rows):
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == name]
-        s = {"method": name, "label": mine[0]["label"], "fd_joint_worst_seed": max(r["fd_joint"] for r in mine)}
+        s = {"method": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine],
+             "fd_joint_worst_seed": max(r["fd_joint"] for r in mine)}
         for k in ATTR_KEYS:
             s[k], s[k + "_std"] = mean_std([r[k] for r in mine])
         out.append(s)
@@ -1063,7 +1065,7 @@ FD of the colour, of the width and of the four intersections (the mean over prom
 accuracy: the share the digit classifier reads as the prompted digit; Frechet distance to held-out real digits of
 the prompt's class, mixed by the generated intersections' shares; recall per group on equal-size subsets of
 {sizes['attr_diversity']}. Guided rows: trajectory-aware targets, the scale chosen per prompt by the indicators
-alone on {sizes['attr_calibration']} calibration images. {report['seeds']} seeds; std is the sample std.
+alone on {sizes['attr_calibration']} calibration images. {report['seeds']} seeds; std: sample std, none for one seed.
 
 ## Verdict (mean ± std over seeds)
 

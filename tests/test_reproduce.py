@@ -337,6 +337,9 @@ def test_summary_is_the_mean_and_sample_std_over_seeds():
     assert ddm["fd_std"] == pytest.approx(0.07 ** 0.5) and ddm["frechet_distance_std"] == pytest.approx(2.0)
     assert ddm["frechet_8"] == pytest.approx(12.0) and ddm["share_7"] == pytest.approx(0.5)
     assert (base["fd"], base["fd_std"]) == (pytest.approx(0.3), 0.0)  # one seed: no spread
+    table = reproduce.verdict_table([base, ddm], [7, 8]).splitlines()
+    assert table[2].startswith("| base label | **0.300** | 0.300 | 0.100 | 5.0 |")  # one model: no "± 0.000"
+    assert table[3].startswith("| ddm label | **0.300 ± 0.265** |")
 
 
 def test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale(tmp_path, monkeypatch):
