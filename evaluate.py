@@ -634,8 +634,8 @@ def parse_args(argv=None):
 
 def flag_error(args):
     """Why the flags cannot be used as given, or None: the CLIP flags without --clip or the digit ones with it, a
-    text twice in an --attributes list, a folder twice, --prompt-groups not one per folder, --batch-size, an --out that
-    cannot be written."""
+    text twice in an --attributes list, a folder twice, --prompt-groups not one per folder, --indicator-logits of
+    another suffix, --batch-size, an --out that cannot be written."""
     if args.clip is None:
         for name in ("attributes", "reference", "prompt"):
             if getattr(args, name) is not None:
@@ -656,6 +656,8 @@ def flag_error(args):
     if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
         return (f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image folders; "
                 "give one per folder")
+    if args.indicator_logits is not None and args.indicator_logits.suffix not in (".npy", ".safetensors"):
+        return f"--indicator-logits {args.indicator_logits}: give a .npy or .safetensors file"
     return (cli.range_error(args, {"batch_size": (1, None)})
             or out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None))
 
@@ -781,7 +783,7 @@ def _read_logits(path):
     try:
         if path.suffix == ".npy":
             logits = torch.from_numpy(np.load(path))  # object arrays (pickles) are refused: allow_pickle=False
-        else:
+        else:  # .safetensors: flag_error refused any other suffix
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
                 if len(keys) != 1:

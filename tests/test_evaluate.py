@@ -291,6 +291,20 @@ def test_indicator_logits_that_do_not_read_are_named(name, trained, heldout, tmp
         evaluate.main([str(good), "--classifier", str(tmp_path / "c.safetensors"), "--indicator-logits", str(path)])
 
 
+@pytest.mark.parametrize("name", ["ind.npz", "ind.pt"])
+def test_indicator_logits_of_another_suffix_are_refused_at_parse_time_naming_the_two_read(name, heldout, tmp_path,
+                                                                                           capsys):
+    """A .npz or .pt file was opened as safetensors, after every image was read: "cannot read the indicator logits
+    (Error while deserializing header: header too large)", not which files --indicator-logits reads."""
+    good, path = _write_pngs(tmp_path / "good", heldout[0][:4]), tmp_path / name
+    np.savez(path, np.zeros((4, 10), np.float32)) if name.endswith(".npz") else torch.save(torch.zeros(4, 10), path)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(good), "--classifier", str(_random_classifier(tmp_path / "c.safetensors")),
+                       "--indicator-logits", str(path)])
+    assert e.value.code == 2
+    assert f"error: --indicator-logits {path}: give a .npy or .safetensors file\n" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("logits, message", [
     (np.zeros((3, 10), np.float32), r"indicator logits have shape \(3, 10\), expected \(N, 10\) with N = 4"),
     (np.full((4, 10), np.nan, np.float32), r"the indicator logits must be real numbers or -inf"),  # NaN in the JSON
