@@ -513,14 +513,14 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
 # ----------------------------------------------------------------------------------------------------------------
 # Folders of generated images
 
-def image_files(directory):
+def image_files(directory, name="image folder"):
     """The image files of one folder, sorted by name; `grid*` files that sample.py writes are skipped, and so are
-    other files (samples.json, metadata.jsonl, ...). Refused where the folder is a sample.py run that stopped, or a
-    data folder whose metadata.jsonl does not list them all."""
+    other files (samples.json, metadata.jsonl, ...). Refused where the folder (called `name`, or the flag that gave
+    it) is missing, a sample.py run that stopped, or a data folder whose metadata.jsonl does not list them all."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"image folder {directory} " + ("is a file, not a folder" if directory.exists() else
-                                                               "does not exist"))
+        raise FileNotFoundError(f"{name} {directory} " + ("is a file, not a folder" if directory.exists() else
+                                                         "does not exist"))
     why = unfinished_error(directory)
     if why:
         raise ValueError(why)
@@ -734,7 +734,7 @@ def evaluate_clip(args):
         paths += files
         prompts += sample_prompts(d, files, args.prompt)
         requested += [asked[k]] * len(files) if asked else []
-    reference = None if args.reference is None else image_files(args.reference)
+    reference = None if args.reference is None else image_files(args.reference, "--reference")
     if reference is not None and len(reference) < 2:
         raise ValueError(f"--reference {args.reference} holds 1 image; the Frechet distance needs at least 2 "
                          "(thousands for a stable one)")

@@ -494,6 +494,16 @@ def test_a_clip_reference_of_one_image_is_refused_naming_the_flag_and_one_genera
     assert r["n_images"] == 1 and r["frechet_distance"] is None and r["n_reference"] == 3
 
 
+def test_a_clip_reference_that_is_no_folder_is_named_with_the_flag(heldout, tmp_path):
+    """--reference REAL_DIR that did not exist was refused as "image folder REAL_DIR does not exist", the words of an
+    IMAGE_DIR, without the flag."""
+    three = _write_pngs(tmp_path / "three", heldout[0][:3])
+    clip = ["--clip", str(tmp_path / "clip"), "--attributes", *ATTRIBUTES, "--device", "cpu", "--prompt", "a photo"]
+    for real, why in ((tmp_path / "real", "does not exist"), (three / "00000.png", "is a file, not a folder")):
+        with pytest.raises(SystemExit, match=rf"^evaluate\.py: error: --reference {re.escape(str(real))} {why}$"):
+            evaluate.main([str(three), *clip, "--reference", str(real)])
+
+
 def test_an_attributes_list_that_names_a_text_twice_is_refused_at_parse_time(tmp_path, capsys):
     """Judged, a second --attributes list "young" "young" would call every image 'young': the second group never
     chosen, its FD and the intersections' at their maximum without a word."""
