@@ -513,14 +513,14 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
 # ----------------------------------------------------------------------------------------------------------------
 # Folders of generated images
 
-def image_files(directory):
+def image_files(directory, name="image folder"):
     """The image files of one folder, sorted by name; `grid*` files that sample.py writes are skipped, and so are
-    other files (samples.json, metadata.jsonl, ...). Refused where the folder is a sample.py run that stopped, or a
-    data folder whose metadata.jsonl does not list them all."""
+    other files (samples.json, metadata.jsonl, ...). Refused where the folder (called `name`, or the flag that gave
+    it) is missing, a sample.py run that stopped, or a data folder whose metadata.jsonl does not list them all."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"image folder {directory} " + ("is a file, not a folder" if directory.exists() else
-                                                               "does not exist"))
+        raise FileNotFoundError(f"{name} {directory} " + ("is a file, not a folder" if directory.exists() else
+                                                         "does not exist"))
     why = unfinished_error(directory)
     if why:
         raise ValueError(why)
@@ -634,8 +634,8 @@ def parse_args(argv=None):
 
 def flag_error(args):
     """Why the flags cannot be used as given, or None: the CLIP flags without --clip or the digit ones with it, a
-    text twice in an --attributes list, a folder twice, --prompt-groups not one per folder, --batch-size, an --out that
-    cannot be written."""
+    text twice in an --attributes list, a folder twice, --prompt-groups not one per folder, --indicator-logits of
+    another suffix, --batch-size, an --out that cannot be written."""
     if args.clip is None:
         for name in ("attributes", "reference", "prompt"):
             if getattr(args, name) is not None:
@@ -656,6 +656,8 @@ def flag_error(args):
     if args.prompt_groups is not None and len(args.prompt_groups) != len(args.image_dirs):
         return (f"--prompt-groups names {len(args.prompt_groups)} groups for {len(args.image_dirs)} image folders; "
                 "give one per folder")
+    if args.indicator_logits is not None and args.indicator_logits.suffix not in (".npy", ".safetensors"):
+        return f"--indicator-logits {args.indicator_logits}: give a .npy or .safetensors file"
     return (cli.range_error(args, {"batch_size": (1, None)})
             or out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None))
 
@@ -732,7 +734,7 @@ def evaluate_clip(args):
         paths += files
         prompts += sample_prompts(d, files, args.prompt)
         requested += [asked[k]] * len(files) if asked else []
-    reference = None if args.reference is None else image_files(args.reference)
+    reference = None if args.reference is None else image_files(args.reference, "--reference")
     if reference is not None and len(reference) < 2:
         raise ValueError(f"--reference {args.reference} holds 1 image; the Frechet distance needs at least 2 "
                          "(thousands for a stable one)")
@@ -781,7 +783,7 @@ def _read_logits(path):
     try:
         if path.suffix == ".npy":
             logits = torch.from_numpy(np.load(path))  # object arrays (pickles) are refused: allow_pickle=False
-        else:
+        else:  # .safetensors: flag_error refused any other suffix
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
                 if len(keys) != 1:

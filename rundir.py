@@ -97,9 +97,11 @@ def locked_run_dir(run_dir, new):
 
 def _check_new(run_dir):
     """FileExistsError unless a new run's directory is absent or empty (but for the lock of a run that never wrote
-    run.json)."""
+    run.json); one inside a run (its checkpoint-N) names that run to --resume, which takes the run directory."""
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume it")
+        inside = not (run_dir / "run.json").exists() and (run_dir.parent / "run.json").exists()
+        raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume "
+                              + (f"{run_dir.parent}, the run it is in" if inside else "it"))
 
 
 # the config fields a run's models and indicator are rebuilt from (loading.load_run): (what it must be, the check)

@@ -291,6 +291,20 @@ def test_indicator_logits_that_do_not_read_are_named(name, trained, heldout, tmp
         evaluate.main([str(good), "--classifier", str(tmp_path / "c.safetensors"), "--indicator-logits", str(path)])
 
 
+@pytest.mark.parametrize("name", ["ind.npz", "ind.pt"])
+def test_indicator_logits_of_another_suffix_are_refused_at_parse_time_naming_the_two_read(name, heldout, tmp_path,
+                                                                                           capsys):
+    """A .npz or .pt file was opened as safetensors, after every image was read: "cannot read the indicator logits
+    (Error while deserializing header: header too large)", not which files --indicator-logits reads."""
+    good, path = _write_pngs(tmp_path / "good", heldout[0][:4]), tmp_path / name
+    np.savez(path, np.zeros((4, 10), np.float32)) if name.endswith(".npz") else torch.save(torch.zeros(4, 10), path)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(good), "--classifier", str(_random_classifier(tmp_path / "c.safetensors")),
+                       "--indicator-logits", str(path)])
+    assert e.value.code == 2
+    assert f"error: --indicator-logits {path}: give a .npy or .safetensors file\n" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("logits, message", [
     (np.zeros((3, 10), np.float32), r"indicator logits have shape \(3, 10\), expected \(N, 10\) with N = 4"),
     (np.full((4, 10), np.nan, np.float32), r"the indicator logits must be real numbers or -inf"),  # NaN in the JSON
@@ -478,6 +492,16 @@ def test_a_clip_reference_of_one_image_is_refused_naming_the_flag_and_one_genera
         evaluate.main([str(three), *clip, "--reference", str(one)])
     r = evaluate.main([str(one), *clip, "--reference", str(three)])
     assert r["n_images"] == 1 and r["frechet_distance"] is None and r["n_reference"] == 3
+
+
+def test_a_clip_reference_that_is_no_folder_is_named_with_the_flag(heldout, tmp_path):
+    """--reference REAL_DIR that did not exist was refused as "image folder REAL_DIR does not exist", the words of an
+    IMAGE_DIR, without the flag."""
+    three = _write_pngs(tmp_path / "three", heldout[0][:3])
+    clip = ["--clip", str(tmp_path / "clip"), "--attributes", *ATTRIBUTES, "--device", "cpu", "--prompt", "a photo"]
+    for real, why in ((tmp_path / "real", "does not exist"), (three / "00000.png", "is a file, not a folder")):
+        with pytest.raises(SystemExit, match=rf"^evaluate\.py: error: --reference {re.escape(str(real))} {why}$"):
+            evaluate.main([str(three), *clip, "--reference", str(real)])
 
 
 def test_an_attributes_list_that_names_a_text_twice_is_refused_at_parse_time(tmp_path, capsys):

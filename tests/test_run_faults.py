@@ -162,6 +162,21 @@ def test_files_in_a_run_directory_that_train_py_did_not_write_are_kept_and_ignor
         assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+def test_out_at_a_folder_inside_a_run_names_the_run_directory_to_resume(tmp_path):
+    """train.py --out RUN/checkpoint-N said "--resume it", but --resume takes the run directory, not its checkpoint;
+    --out RUN itself still says "--resume it"."""
+    run = tmp_path / "run"
+    (run / "checkpoint-000002").mkdir(parents=True)
+    (run / "checkpoint-000002" / "unet.safetensors").write_bytes(b"")
+    (run / "run.json").write_text("{}")
+    common = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), "--out"]
+    for out, hint in ((run / "checkpoint-000002", f"--resume {run}, the run it is in"), (run, "--resume it")):
+        with pytest.raises(FileExistsError, match=rf"^--out {re.escape(str(out))} exists and is not empty; choose a "
+                                                  rf"new directory or {re.escape(hint)}$"):
+            train.train([*common, str(out)])
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoint-000002", "run.json", "unet.safetensors"]
+
+
 # ---- 9. a broken checkpoint
 
 
