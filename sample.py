@@ -30,6 +30,7 @@ import guidance
 import weights
 from data import read_prompts
 from diffusion import N_TRAIN_TIMESTEPS, SAMPLERS, STEPS_OFFSET, NonFiniteError
+from evaluate import is_result
 from loading import latent_shape, load_models, model_sides
 
 # CFG is used at 1 to 20 (SD: 7.5) and images burn out well before 100: past it a value is a typo (1e30: all inf)
@@ -155,7 +156,7 @@ def build_parser():
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ancestral")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run's images in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run's images and their evaluation.json")
     guidance.add_flags(p)
     p.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     # Half-precision weights run as they are, without autocast (as diffusers' fp16 pipelines do; group norms stay
@@ -221,9 +222,9 @@ def flag_error(args):
 
 
 def previous_outputs(out, overwrite, files):
-    """The files in `out` that the previous run there wrote and listed in its samples.json: what --overwrite may
-    delete before `files`, grid.png and samples.json are written. ValueError, before anything is touched, when
-    `out` cannot be written, or when a file the new run writes is there and is not the previous run's."""
+    """The files in `out` the previous run there listed in its samples.json, and evaluate.py's evaluation.json: what
+    --overwrite may delete before `files`, grid.png and samples.json are written. ValueError, before anything is
+    touched, when `out` cannot be written, or when a file the new run writes is there and is not the previous run's."""
     why = cli.folder_error(out)
     if why:
         raise ValueError(why)
@@ -239,6 +240,7 @@ def previous_outputs(out, overwrite, files):
             raise ValueError(f"{out / 'samples.json'} does not list the images of a sample.py run (its 'files' must "
                              f"be names like 00000.png); move it away")
         listed = [n for n in names + ["grid.png"] * ("grid" in record) + ["samples.json"] if (out / n).is_file()]
+    listed += ["evaluation.json"] * is_result(out / "evaluation.json")  # judged the old images: stale beside new
     taken = [n for n in files + ["grid.png", "samples.json"] if os.path.lexists(out / n) and n not in listed]
     if taken:
         raise ValueError(f"{out / taken[0]} would be overwritten, and no samples.json of a previous run here lists "

@@ -711,6 +711,26 @@ def test_overwrite_deletes_only_what_the_previous_run_listed_and_only_after_ever
         (links / name).unlink()
 
 
+def test_overwrite_removes_the_evaluation_of_the_images_it_replaces_and_keeps_a_users_file(tiny, tmp_path,
+                                                                                           monkeypatch):
+    """evaluate.py OUT writes OUT/evaluation.json: left beside new images, it would report on images no longer there."""
+    import evaluate
+    _, _, folder = tiny
+    out, mine = tmp_path / "out", tmp_path / "mine"
+    sample.main(_cli_args(folder, out, n="2"))
+    monkeypatch.setattr(evaluate, "evaluate_digits", lambda args: {"n_images": 2, "fd": 0.5})  # no classifier needed
+    monkeypatch.setattr(evaluate, "format_result", str)
+    evaluate.main([str(out)])
+    assert evaluate.is_result(out / "evaluation.json")
+    sample.main(_cli_args(folder, out, seed="7") + ["--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "grid.png", "samples.json"]
+    # a file of that name that evaluate.py did not write is the user's: kept
+    sample.main(_cli_args(folder, mine))
+    (mine / "evaluation.json").write_text('{"notes": "my own"}')
+    sample.main(_cli_args(folder, mine) + ["--overwrite"])
+    assert (mine / "evaluation.json").read_text() == '{"notes": "my own"}'
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Indicator guidance: each image's target, drawn with its own seed, and kept at any batch size
 
