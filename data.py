@@ -349,7 +349,7 @@ def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=
     cluster under `ddm.fit_clusters` (free sizes) of the clean latents, the VAE's posterior means at `resolution`
     -> (out_dir, cluster sizes (K,)). Each line keeps its caption, and its group, if it had one, as "label" (never
     read by training: it lets you see what the clusters found). Images are copied, or symlinked with link=True."""
-    data = ImageFolder(data_dir, resolution, need_groups=False)
+    data = ImageFolder(data_dir, resolution, need_groups=None)
     check_out_folder(Path(out_dir), list(zip(data.files, data.names)), overwrite)  # before minutes of encoding
     vae = load_vae(vae_path)
     z0 = encode_dataset(vae, data, 32, "cpu")[0] * vae.config.scaling_factor  # posterior means; 32 images a batch
@@ -531,8 +531,9 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"{meta}: no images listed")
         self.labels = [r[3] for r in records]  # each line's group as written
         self.attributes = sorted({a for g in self.labels if isinstance(g, dict) for a in g})
-        # need_groups=False: `make_cluster_folder` reads any folder's images, the groups are what it makes
-        raw = self.groups_of(meta, self.labels, attribute) if need_groups else [None] * len(records)
+        # need_groups=False: a plain fine-tune, blind to the groups, takes any number of them, none too; None:
+        # `make_cluster_folder` reads any folder's images without its groups, which are what it makes
+        raw = self.groups_of(meta, self.labels, attribute) if need_groups is not None else [None] * len(records)
         self.group_names = sorted({g for g in raw if g is not None})
         if need_groups and len(self.group_names) < 2:
             what = f"takes only the value {self.group_names[0]!r}" if self.group_names else "is null"

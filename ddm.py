@@ -265,6 +265,12 @@ def uses_indicator(objective, w_ind):
     return OBJECTIVES[objective].reads is not None and w_ind > 0
 
 
+def reads_groups(objective, w_ind):
+    """Whether a run reads the group labels: all but plain fine-tuning, an objective with an indicator at w_ind = 0
+    (`ddm`'s docstring); one without an indicator, as `balanced`, weights its MSE by group."""
+    return OBJECTIVES[objective].reads is None or w_ind > 0
+
+
 def noise_aware(objective):
     return OBJECTIVES[objective].reads == "z_t"
 
@@ -299,7 +305,7 @@ def parse_target(spec, group_names):
     """pi* (K,) float32 from "uniform" or "NAME=SHARE,NAME=SHARE,..." naming every group once, shares summing to 1."""
     names = [str(g) for g in group_names]
     if spec == "uniform":
-        return torch.full((len(names),), 1 / len(names))
+        return torch.full((len(names),), 1 / max(len(names), 1))  # no groups: a plain fine-tune of unlabelled data
     shares = {}
     for item in spec.split(","):
         name, _, share = (s.strip() for s in item.partition("="))

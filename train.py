@@ -91,7 +91,8 @@ class Trainer:
     def __init__(self, args, rank, world, device):
         self.args, self.rank, self.world, self.device = args, rank, world, device
         # ---- everything that can be wrong is checked before anything is written
-        self.data = data = ImageFolder(args.data, args.resolution, attribute=args.attribute)  # every line and image
+        self.data = data = ImageFolder(args.data, args.resolution, attribute=args.attribute,  # every line and image
+                                       need_groups=ddm.reads_groups(args.objective, args.w_ind))
         self.target_shares = ddm.parse_target(args.target, data.group_names)
         checkpoints.check_export(args.export)  # not only after hours of training
         from_scratch = args.init_config is not None
@@ -103,8 +104,7 @@ class Trainer:
         self.run_dir, self.config, ckpt, base = rundir.open_run(args, data, world, init_config, device, rank == 0)
         self.models = models = (loading.models_from_config(args.init_config, args.vae, args.seed)
                                 if from_scratch and base is None else loading.load_models(base or args.model))
-        multiple = loading.side_multiple(models.unet.config, models.vae_config)
-        why = cli.side_error("resolution", args.resolution, multiple)
+        why = cli.side_error("resolution", args.resolution, loading.side_multiple(models.unet.config, models.vae_config))
         if why:
             raise ValueError(why)
         latent_shape = loading.latent_shape(models, args.resolution, args.resolution)
@@ -131,7 +131,7 @@ class Trainer:
                                                  args.indicator_hidden)
                               if ddm.uses_indicator(args.objective, args.w_ind) else None)
         models.alphas_cumprod = models.alphas_cumprod.to(device)
-        labelled = torch.tensor([g for g in self.data.groups if g >= 0])  # group -1: an image without a label
+        labelled = torch.tensor([g for g in self.data.groups if g >= 0], dtype=torch.long)  # -1: without a label
         counts = torch.bincount(labelled, minlength=len(self.data.group_names))
         constants = {"alphas_cumprod": models.alphas_cumprod, "prediction_type": models.prediction_type,
                      "group_shares": (counts / counts.sum()).float().to(device),

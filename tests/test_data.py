@@ -149,6 +149,15 @@ def test_image_folder_bad_input_names_file_line_and_field(tmp_path, rows, patter
         data.ImageFolder(root, 8)
 
 
+def test_a_folder_of_fewer_than_two_groups_reads_for_a_run_that_needs_none(tmp_path):
+    """need_groups=False, train.py's plain fine-tune: a folder without a label, or of one group, reads as it is."""
+    for groups, names, indices in (([None, None], [], [-1, -1]), ([None, 3], [3], [-1, 0])):
+        rows = [{"file_name": "a.png", "text": "t", "group": g} for g in groups]
+        root = _folder(tmp_path / str(len(names)), rows, {"a.png": Image.new("RGB", (8, 8))})
+        folder = data.ImageFolder(root, 8, need_groups=False)
+        assert folder.group_names == names and folder.groups == indices
+
+
 def test_image_folder_rejects_bad_resolution_and_missing_metadata(tmp_path):
     root = _folder(tmp_path, [{"file_name": "a.png", "text": "t", "group": 0},
                               {"file_name": "a.png", "text": "t", "group": 1}], {"a.png": Image.new("RGB", (8, 8))})

@@ -293,6 +293,28 @@ def test_w_ind_zero_is_plain_fine_tuning_blind_to_the_groups(sd_dir, data_dir, t
     assert all(r["ind"] is not None for r in log_lines(runs["ddm"]))
 
 
+def test_plain_fine_tuning_takes_an_unlabelled_folder_and_its_run_resumes_loads_and_samples(sd_dir, data_dir,
+                                                                                              tmp_path):
+    """w_ind = 0 reads no label, so a folder whose every "group" is null trains it (it was refused: "DDM needs at least
+    two labelled groups"), to the weights the labelled folder gives; run.json records no groups. An objective that
+    reads the groups (an indicator, or weights by group) still refuses that folder, with the same message."""
+    unlabelled = make_data(tmp_path / "unlabelled_data", groups=[None] * 8)
+    common = ["--model", str(sd_dir), "--lora-rank", "0", "--max-steps", "2", *FAST]
+    runs = [train.train([*common, "--data", str(d), "--out", str(tmp_path / name), "--w-ind", "0"])
+            for name, d in (("labelled", data_dir), ("unlabelled", unlabelled))]
+    assert_same_tensors(*map(checkpoint_files, runs))
+    train.train([*common, "--data", str(unlabelled), "--resume", str(runs[1]), "--w-ind", "0", "--max-steps", "3"])
+    run = loading.load_run(runs[1])
+    assert run.step == 3 and run.indicator is None and run.group_names == []
+    images = sample.generate(run.models, ["a red square", "a blue square"], [0, 1], steps=2, height=RES, width=RES,
+                             progress=False)
+    assert_images_have_content(images)
+    for flags in (["--w-ind", "0.05"], ["--objective", "balanced", "--w-ind", "0"]):
+        with pytest.raises(ValueError, match=r"field 'group' is null on every line; DDM needs at least two labelled"):
+            train.train([*common, "--data", str(unlabelled), "--out", str(tmp_path / "refused"), *flags])
+        assert not (tmp_path / "refused").exists()
+
+
 def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
     for run, merge in ((full_run, True), (lora_run, False)):
