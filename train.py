@@ -104,7 +104,8 @@ class Trainer:
         self.run_dir, self.config, ckpt, base = rundir.open_run(args, data, world, init_config, device, rank == 0)
         self.models = models = (loading.models_from_config(args.init_config, args.vae, args.seed)
                                 if from_scratch and base is None else loading.load_models(base or args.model))
-        why = cli.side_error("resolution", args.resolution, loading.side_multiple(models.unet.config, models.vae_config))
+        multiple = loading.side_multiple(models.unet.config, models.vae_config)
+        why = cli.side_error("resolution", args.resolution, multiple)
         if why:
             raise ValueError(why)
         latent_shape = loading.latent_shape(models, args.resolution, args.resolution)
@@ -131,8 +132,7 @@ class Trainer:
                                                  args.indicator_hidden)
                               if ddm.uses_indicator(args.objective, args.w_ind) else None)
         models.alphas_cumprod = models.alphas_cumprod.to(device)
-        labelled = torch.tensor([g for g in self.data.groups if g >= 0], dtype=torch.long)  # -1: without a label
-        counts = torch.bincount(labelled, minlength=len(self.data.group_names))
+        counts = torch.tensor([self.data.groups.count(k) for k in range(len(self.data.group_names))])  # -1: no label
         constants = {"alphas_cumprod": models.alphas_cumprod, "prediction_type": models.prediction_type,
                      "group_shares": (counts / counts.sum()).float().to(device),
                      "target_shares": self.target_shares.to(device)}
