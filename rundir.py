@@ -1,16 +1,17 @@
 """A train.py run directory: one writer, its configuration, its data, its log.
 
     train.lock           the fcntl lock of the one train.py writing the run (the file holds its pid)
-    run.json             the arguments, the configuration a resume must repeat (RESUME_FIELDS and the objective's
-                         flags), the model configs, group names, base model (a run directory's: with its checkpoint),
-                         and the data's fingerprint
+    run.json             the first start's arguments, the configuration a resume must repeat (RESUME_FIELDS and the
+                         objective's flags), the model configs, group names, base model (a run directory's: with its
+                         checkpoint), the data's fingerprint; `resumes`: each resume's step, time, torch and the
+                         flags it changed
     base/                from-scratch runs only: the initial random models as a diffusers folder
     checkpoint-000500/   the latest checkpoint (checkpoints.py writes and reads it)
     log.jsonl            one line per step: step, loss, every part the objective reports, lr, grad_norm, time
     validation/step_000500/00.png …     with --validation-prompt
 
-`open_run` checks a directory for a new run or a resume before anything is written; `write_run` starts one;
-loading.load_run reads one back.
+`open_run` checks a directory for a new run or a resume before anything is written; `write_run` starts one
+(or records a resume); loading.load_run reads one back.
 """
 import contextlib
 import dataclasses
@@ -244,8 +245,17 @@ def base_path(run_dir, info):
                                   f"fine-tune {base} anew")
 
 
-def write_run(run_dir, config, models, latent_shape, args, data):
-    """A new run directory: base/ for a from-scratch run, and run.json. A failed write leaves neither behind."""
+def write_run(run_dir, config, models, latent_shape, args, data, ckpt):
+    """A new run directory: base/ for a from-scratch run, and run.json. A failed write leaves neither behind. A resume
+    (from `ckpt`) appends to run.json's `resumes` instead: the step it goes on from, when, on which torch, and the
+    flags whose values differ from the first start's `args`, with their new values (not --out and --resume, which
+    only name the run)."""
+    if args["resume"]:
+        info = weights.read_json(run_dir / "run.json")  # as written: read_run_json fills in defaults
+        changed = {k: v for k, v in args.items() if k not in ("out", "resume") and info["args"].get(k) != v}
+        info.setdefault("resumes", []).append({"step": ckpt["step"] if ckpt else 0, "torch": torch.__version__,
+                                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed})
+        return weights.write_json(run_dir / "run.json", info)
     from_scratch = config["init_config"] is not None
     configs = {k: dataclasses.asdict(getattr(models, k).config) for k in ("unet", "vae", "text_encoder")}
     with weights.writing(run_dir):

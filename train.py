@@ -110,8 +110,8 @@ class Trainer:
             raise ValueError(why)
         latent_shape = loading.latent_shape(models, args.resolution, args.resolution)
         _barrier(world)  # every rank has checked the run directory before rank 0 creates it
-        if rank == 0 and not args.resume:
-            rundir.write_run(self.run_dir, self.config, self.models, latent_shape, vars(args), data)
+        if rank == 0:  # a new run's directory, or a resume's entry in its run.json
+            rundir.write_run(self.run_dir, self.config, self.models, latent_shape, vars(args), data, ckpt)
         _barrier(world)
         self.build(latent_shape)
         self.step_count, elapsed, self.last_saved = checkpoints.load_checkpoint(

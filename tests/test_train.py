@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -503,6 +504,29 @@ def test_a_knob_an_older_run_did_not_record_takes_its_default_on_resume(lora_run
     err = capsys.readouterr().err
     assert err.count("records no target, weight_clip") == 1 and "taking their defaults" in err
     assert [r["step"] for r in log_lines(run)][-1] == 5
+
+
+def test_each_resume_is_recorded_in_run_json_with_the_flags_it_changed(lora_run, sd_dir, data_dir, tmp_path):
+    """run.json's args are the first start's; each resume appends its step, time, torch version and the flags that
+    differ from the start's (new values), by rank 0 alone, and leaves every other field as it was."""
+    run = tmp_path / "resumed"
+    shutil.copytree(lora_run, run)  # stopped at its checkpoint-000004
+    before = json.loads((run / "run.json").read_text())
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", "--train-text-encoder", *FAST,
+              "--resume", str(run)]
+    args = train.parse_args([*common, "--checkpoint-every", "1", "--max-steps", "5"])
+    train.check_args(args)
+    train.Trainer(args, 1, 1, torch.device("cpu"))  # rank 1 of a (pretended) group writes nothing
+    assert json.loads((run / "run.json").read_text()) == before
+    train.train([*common, "--checkpoint-every", "1", "--max-steps", "5"])
+    train.train([*common, "--checkpoint-every", "2", "--max-steps", "6"])  # back to the start's --checkpoint-every
+    after = json.loads((run / "run.json").read_text())
+    resumes = after.pop("resumes")
+    assert after == before
+    assert [(r["step"], r["torch"], r["args"]) for r in resumes] == [
+        (4, torch.__version__, {"checkpoint_every": 1, "max_steps": 5}), (5, torch.__version__, {"max_steps": 6})]
+    assert all(time.strptime(r["time"], "%Y-%m-%d %H:%M:%S") for r in resumes)
+    assert [r["step"] for r in log_lines(run)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
