@@ -10,8 +10,8 @@
     log.jsonl            one line per step: step, loss, every part the objective reports, lr, grad_norm, time
     validation/step_000500/00.png …     with --validation-prompt
 
-`open_run` checks a directory for a new run or a resume before anything is written; `write_run` starts one
-(or records a resume); loading.load_run reads one back.
+`open_run` checks a directory for a new run or a resume before anything is written; `write_run` starts one;
+`open_log` goes on with its log (and records a resume); loading.load_run reads one back.
 """
 import contextlib
 import dataclasses
@@ -245,17 +245,8 @@ def base_path(run_dir, info):
                                   f"fine-tune {base} anew")
 
 
-def write_run(run_dir, config, models, latent_shape, args, data, ckpt):
-    """A new run directory: base/ for a from-scratch run, and run.json. A failed write leaves neither behind. A resume
-    (from `ckpt`) appends to run.json's `resumes` instead: the step it goes on from, when, on which torch, and the
-    flags whose values differ from the first start's `args`, with their new values (not --out and --resume, which
-    only name the run)."""
-    if args["resume"]:
-        info = weights.read_json(run_dir / "run.json")  # as written: read_run_json fills in defaults
-        changed = {k: v for k, v in args.items() if k not in ("out", "resume") and info["args"].get(k) != v}
-        info.setdefault("resumes", []).append({"step": ckpt["step"] if ckpt else 0, "torch": torch.__version__,
-                                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed})
-        return weights.write_json(run_dir / "run.json", info)
+def write_run(run_dir, config, models, latent_shape, args, data):
+    """A new run directory: base/ for a from-scratch run, and run.json. A failed write leaves neither behind."""
     from_scratch = config["init_config"] is not None
     configs = {k: dataclasses.asdict(getattr(models, k).config) for k in ("unet", "vae", "text_encoder")}
     with weights.writing(run_dir):
@@ -311,8 +302,11 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
     return ckpt, base_path(run_dir, info)
 
 
-def open_log(run_dir, step):
-    """log.jsonl in append mode, without the lines a crash left past the checkpoint at `step` (or cut half-way)."""
+def open_log(run_dir, step, args, config):
+    """log.jsonl in append mode, without the lines a crash left past the checkpoint at `step` (or cut half-way). A
+    resume, which gets here once every check passed and every model is built, is then appended to run.json's
+    `resumes`: the step it goes on from, when, on which torch, and the new values of the flags `args` that differ
+    from the first start's (not the `config` a resume repeats, compared resolved, nor --out and --resume)."""
     path = run_dir / "log.jsonl"
     old = path.read_text().splitlines() if path.exists() else []
     if old and not old[-1].endswith("}"):
@@ -324,6 +318,13 @@ def open_log(run_dir, step):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path}, line {n}: not a log record (a JSON object with a 'step')") from None
+    if args["resume"]:
+        info = weights.read_json(run_dir / "run.json")  # as written: read_run_json fills in defaults
+        skip = {*config, "out", "resume", "objective_fields", "objective_defaults"}  # compared, or the parser's
+        changed = {k: v for k, v in args.items() if k not in skip and info.get("args", {}).get(k, v) != v}
+        info.setdefault("resumes", []).append({"step": step, "torch": torch.__version__,
+                                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed})
+        weights.write_json(run_dir / "run.json", info)
     weights.write_atomic(path, "".join(kept))
     with weights.writing(path):
         return open(path, "a")

@@ -110,8 +110,8 @@ class Trainer:
             raise ValueError(why)
         latent_shape = loading.latent_shape(models, args.resolution, args.resolution)
         _barrier(world)  # every rank has checked the run directory before rank 0 creates it
-        if rank == 0:  # a new run's directory, or a resume's entry in its run.json
-            rundir.write_run(self.run_dir, self.config, self.models, latent_shape, vars(args), data, ckpt)
+        if rank == 0 and not args.resume:
+            rundir.write_run(self.run_dir, self.config, self.models, latent_shape, vars(args), data)
         _barrier(world)
         self.build(latent_shape)
         self.step_count, elapsed, self.last_saved = checkpoints.load_checkpoint(
@@ -223,7 +223,7 @@ class Trainer:
     def run(self):
         args, rank = self.args, self.rank
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        log = rundir.open_log(self.run_dir, self.step_count) if rank == 0 else None
+        log = rundir.open_log(self.run_dir, self.step_count, vars(args), self.config) if rank == 0 else None
         bar = tqdm(total=args.max_steps, initial=self.step_count, desc="train", unit="step",
                    disable=rank != 0 or not args.progress)
         try:

@@ -31,6 +31,7 @@ import guidance
 import loading
 import sample
 import train
+import weights
 from clip_text import CLIPTextModel
 from data import ImageFolder
 from ddm import Indicator
@@ -527,6 +528,29 @@ def test_each_resume_is_recorded_in_run_json_with_the_flags_it_changed(lora_run,
         (4, torch.__version__, {"checkpoint_every": 1, "max_steps": 5}), (5, torch.__version__, {"max_steps": 6})]
     assert all(time.strptime(r["time"], "%Y-%m-%d %H:%M:%S") for r in resumes)
     assert [r["step"] for r in log_lines(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_is_recorded_once_it_trains_and_a_path_spelled_otherwise_is_no_change(lora_run, sd_dir, data_dir,
+                                                                                        tmp_path, monkeypatch):
+    """A resume that fails after its checks (here: reading its checkpoint) adds nothing to run.json, and a retry is
+    recorded once; --data spelled otherwise (the same folder, compared resolved) is not a changed flag."""
+    run = tmp_path / "resumed"
+    shutil.copytree(lora_run, run)
+    before = json.loads((run / "run.json").read_text())
+    argv = ["--model", str(sd_dir), "--data", f"{data_dir}/", "--lora-rank", "4", "--train-text-encoder", *FAST,
+            "--resume", str(run), "--max-steps", "5", "--checkpoint-every", "2"]
+
+    def broken(*args, **kwargs):
+        raise weights.CheckpointError("checkpoint-000004/unet_lora.safetensors: broken")
+
+    with monkeypatch.context() as m:
+        m.setattr(train.checkpoints, "load_checkpoint", broken)
+        with pytest.raises(weights.CheckpointError, match="broken"):
+            train.train(argv)
+    assert json.loads((run / "run.json").read_text()) == before
+    train.train(argv)
+    assert [(r["step"], r["args"]) for r in json.loads((run / "run.json").read_text())["resumes"]] == [
+        (4, {"max_steps": 5})]
 
 
 def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
