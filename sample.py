@@ -222,9 +222,10 @@ def flag_error(args):
 
 
 def previous_outputs(out, overwrite, files):
-    """The files in `out` the previous run there listed in its samples.json, and evaluate.py's evaluation.json: what
-    --overwrite may delete before `files`, grid.png and samples.json are written. ValueError, before anything is
-    touched, when `out` cannot be written, or when a file the new run writes is there and is not the previous run's."""
+    """The files in `out` the previous run there listed in its samples.json, and evaluate.py's evaluation.json of
+    them: what --overwrite may delete before `files`, grid.png and samples.json are written. ValueError, before
+    anything is touched, when `out` cannot be written, or when a file the new run writes is there and is not the
+    previous run's."""
     why = cli.folder_error(out)
     if why:
         raise ValueError(why)
@@ -240,7 +241,7 @@ def previous_outputs(out, overwrite, files):
             raise ValueError(f"{out / 'samples.json'} does not list the images of a sample.py run (its 'files' must "
                              f"be names like 00000.png); move it away")
         listed = [n for n in names + ["grid.png"] * ("grid" in record) + ["samples.json"] if (out / n).is_file()]
-    listed += ["evaluation.json"] * is_result(out / "evaluation.json")  # judged the old images: stale beside new
+        listed += ["evaluation.json"] * is_result(out / "evaluation.json")  # judged the old images: stale beside new
     taken = [n for n in files + ["grid.png", "samples.json"] if os.path.lexists(out / n) and n not in listed]
     if taken:
         raise ValueError(f"{out / taken[0]} would be overwritten, and no samples.json of a previous run here lists "
@@ -323,7 +324,7 @@ def main(argv=None):
 
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in args.previous_outputs:  # only what the previous run's samples.json lists
+        for name in args.previous_outputs:  # only the previous run's files and their evaluation
             (out / name).unlink(missing_ok=True)
         # written first, so that a run stopped half-way still lists its images for the next --overwrite
         weights.write_json(out / "samples.json", record)

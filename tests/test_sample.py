@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from PIL import Image
 
 import diffusion
 import guidance
@@ -729,6 +730,13 @@ def test_overwrite_removes_the_evaluation_of_the_images_it_replaces_and_keeps_a_
     (mine / "evaluation.json").write_text('{"notes": "my own"}')
     sample.main(_cli_args(folder, mine) + ["--overwrite"])
     assert (mine / "evaluation.json").read_text() == '{"notes": "my own"}'
+    # a folder no sample.py run wrote (real images, judged by evaluate.py): its evaluation.json is not of our images
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.new("RGB", (8, 8)).save(real / "photo.png")
+    evaluate.main([str(real)])
+    sample.main(_cli_args(folder, real) + ["--overwrite"])
+    assert evaluate.is_result(real / "evaluation.json") and (real / "photo.png").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------
