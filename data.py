@@ -531,8 +531,8 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"{meta}: no images listed")
         self.labels = [r[3] for r in records]  # each line's group as written
         self.attributes = sorted({a for g in self.labels if isinstance(g, dict) for a in g})
-        # need_groups=False: a plain fine-tune, blind to the groups, takes any number of them, none too; None:
-        # `make_cluster_folder` reads any folder's images without its groups, which are what it makes
+        # need_groups=False: a plain fine-tune, blind to the groups, takes fewer than two, none too (attribute labels
+        # still need --attribute); None: `make_cluster_folder` reads any folder's images, the groups are what it makes
         raw = self.groups_of(meta, self.labels, attribute) if need_groups is not None else [None] * len(records)
         self.group_names = sorted({g for g in raw if g is not None})
         if need_groups and len(self.group_names) < 2:
