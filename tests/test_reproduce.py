@@ -342,6 +342,17 @@ def test_summary_is_the_mean_and_sample_std_over_seeds():
     assert table[3].startswith("| ddm label | **0.300 ± 0.265** |")
 
 
+def test_the_attribute_table_shows_a_spread_only_over_more_than_one_seed():
+    def attr_row(method, seed, fd):
+        return {**dict.fromkeys(reproduce.ATTR_KEYS, 0.5), "method": method, "label": f"{method} label",
+                "seed": seed, "fd_joint": fd}
+
+    summary = reproduce.summarize_attributes([attr_row("plain", 0, 0.4), attr_row("g", 0, 0.1), attr_row("g", 1, 0.3)])
+    plain, guided = reproduce.attribute_table(summary).splitlines()[2:]
+    assert plain.startswith("| plain label | 0.500 | 0.500 | **0.400** |") and "±" not in plain
+    assert guided.startswith("| g label | 0.500 ± 0.000 | 0.500 ± 0.000 | **0.200 ± 0.141** |")
+
+
 def test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale(tmp_path, monkeypatch):
     """run() with every stage stubbed (no training, no sampling): the CFG check takes the method of lowest mean FD
     among those judged (never base or plain), and each of its rows holds what was sampled at that row's scale."""
