@@ -531,9 +531,11 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"{meta}: no images listed")
         self.labels = [r[3] for r in records]  # each line's group as written
         self.attributes = sorted({a for g in self.labels if isinstance(g, dict) for a in g})
-        # need_groups=False: a plain fine-tune, blind to the groups, takes fewer than two, none too (attribute labels
-        # still need --attribute); None: `make_cluster_folder` reads any folder's images, the groups are what it makes
-        raw = self.groups_of(meta, self.labels, attribute) if need_groups is not None else [None] * len(records)
+        # need_groups=False: a plain fine-tune, blind to the groups, takes fewer than two, none too, and attribute
+        # labels without --attribute; None: `make_cluster_folder` reads any folder's images, the groups are its own
+        by_attribute = any(isinstance(g, dict) for g in self.labels)
+        blind = need_groups is None or (need_groups is False and attribute is None and by_attribute)
+        raw = [None] * len(records) if blind else self.groups_of(meta, self.labels, attribute)
         self.group_names = sorted({g for g in raw if g is not None})
         if need_groups and len(self.group_names) < 2:
             what = f"takes only the value {self.group_names[0]!r}" if self.group_names else "is null"

@@ -318,7 +318,7 @@ def open_log(run_dir, step, args, config):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path}, line {n}: not a log record (a JSON object with a 'step')") from None
-    if args["resume"]:
+    if args["resume"] and step < args["max_steps"]:  # a resume with steps to train
         info = weights.read_json(run_dir / "run.json")  # as written: read_run_json fills in defaults
         skip = {*config, "out", "resume", "objective_fields", "objective_defaults"}  # compared, or the parser's
         changed = {k: v for k, v in args.items() if k not in skip and info.get("args", {}).get(k, v) != v}

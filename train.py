@@ -91,8 +91,9 @@ class Trainer:
     def __init__(self, args, rank, world, device):
         self.args, self.rank, self.world, self.device = args, rank, world, device
         # ---- everything that can be wrong is checked before anything is written
+        # a resume reads the labels it finds: its flags are compared with run.json's (a --w-ind 0 forgotten is named)
         self.data = data = ImageFolder(args.data, args.resolution, attribute=args.attribute,  # every line and image
-                                       need_groups=ddm.reads_groups(args.objective, args.w_ind))
+                                       need_groups=ddm.reads_groups(args.objective, args.w_ind) and not args.resume)
         self.target_shares = ddm.parse_target(args.target, data.group_names)
         checkpoints.check_export(args.export)  # not only after hours of training
         from_scratch = args.init_config is not None
@@ -300,13 +301,13 @@ def build_parser():
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradients' global L2 norm; 0 = off")
     g.add_argument("--caption-dropout", type=float, default=0.0, help="share of captions made '' (for CFG)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cache-latents", action="store_true", help="encode every image once; posteriors in memory")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", type=lambda spec: str(cli.device_arg(spec)),  # checked, and kept as text for run.json
                    help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="autocast (default bf16 on CUDA)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument("--cache-latents", action="store_true", help="encode every image once; posteriors in memory")
     g = p.add_argument_group("outputs")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (and at the end)")
     g.add_argument("--validation-prompt", help="generate images from this prompt every --validation-every steps")
@@ -347,13 +348,11 @@ def check_args(args):
     rundir.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
     if not 0 <= args.seed < 2 ** 64:  # torch.Generator's range (--init-config seeds one with it)
         raise ValueError(f"--seed must lie in 0..2**64-1, got {args.seed}")
-    why = cli.side_error("resolution", args.resolution) or cli.range_error(args, RANGES)
-    if why:
-        raise ValueError(why)
     if ddm.noise_aware(args.objective) and args.w_ind == 0:
         raise ValueError(f"--w-ind must be a number > 0 with --objective {args.objective} (its noise-aware indicator "
                          f"is what it trains), got {args.w_ind}")
-    why = rundir.unread_flag_error(args, vars(build_parser().parse_args([])))
+    why = (cli.side_error("resolution", args.resolution) or cli.range_error(args, RANGES)
+           or rundir.unread_flag_error(args, vars(build_parser().parse_args([]))))
     if why:
         raise ValueError(why)
 

@@ -29,6 +29,7 @@ import ddm
 import diffusion
 import guidance
 import loading
+import rundir
 import sample
 import train
 import weights
@@ -315,6 +316,17 @@ def test_plain_fine_tuning_takes_an_unlabelled_folder_and_its_run_resumes_loads_
         with pytest.raises(ValueError, match=r"field 'group' is null on every line; DDM needs at least two labelled"):
             train.train([*common, "--data", str(unlabelled), "--out", str(tmp_path / "refused"), *flags])
         assert not (tmp_path / "refused").exists()
+    # a resume that forgets --w-ind 0 is told so, not that its data lack labels; one that trains nothing is no resume
+    resume = [*common, "--data", str(unlabelled), "--resume", str(runs[1]), "--max-steps", "3"]
+    with pytest.raises(ValueError, match=r"started with w_ind=0\.0, now w_ind=0\.05"):
+        train.train(resume)
+    train.train([*resume, "--w-ind", "0"])
+    assert [r["step"] for r in json.loads((runs[1] / "run.json").read_text())["resumes"]] == [2]
+    # nor does a plain fine-tune need --attribute over labels by attribute, one value each, or none
+    for name, group in (("one_value", {"colour": "red", "size": 1}), ("no_value", {"colour": None})):
+        folder = make_data(tmp_path / name, groups=[group] * 8)
+        run = train.train([*common, "--data", str(folder), "--out", str(tmp_path / f"run_{name}"), "--w-ind", "0"])
+        assert loading.load_run(run).group_names == []
 
 
 def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir, tmp_path):
@@ -551,6 +563,14 @@ def test_a_resume_is_recorded_once_it_trains_and_a_path_spelled_otherwise_is_no_
     train.train(argv)
     assert [(r["step"], r["args"]) for r in json.loads((run / "run.json").read_text())["resumes"]] == [
         (4, {"max_steps": 5})]
+
+
+def test_the_flags_a_resume_may_change_are_those_its_message_names():
+    """'only --max-steps, checkpoint/validation/hardware flags may change': no flag of those help groups is one a
+    resume must repeat (--cache-latents was under hardware, and a resume refused its change)."""
+    groups = {g.title: [a.dest for a in g._group_actions] for g in train.build_parser()._action_groups}
+    free = groups["hardware"] + groups["outputs"] + ["max_steps"]
+    assert not set(free) & set(rundir.RESUME_FIELDS) and "validation_prompt" in free and "device" in free
 
 
 def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
