@@ -277,7 +277,7 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
         return None, None
     info = read_run_json(run_dir)
     older = sorted(f for f in config if f not in info["config"])
-    for field, value in config.items():
+    for field, value in sorted(config.items(), key=lambda kv: kv[0] == "group_names"):  # last: --attribute's, say
         stored = info["config"].get(field, defaults.get(field))
         if stored != value:
             raise ValueError(f"--resume {run_dir}: the run was started with {field}={stored!r}"
@@ -304,7 +304,7 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
 
 def open_log(run_dir, step, args, config):
     """log.jsonl in append mode, without the lines a crash left past the checkpoint at `step` (or cut half-way). A
-    resume, which gets here once every check passed and every model is built, is then appended to run.json's
+    resume with steps to train, here once every check passed and every model is built, is then appended to run.json's
     `resumes`: the step it goes on from, when, on which torch, and the new values of the flags `args` that differ
     from the first start's (not the `config` a resume repeats, compared resolved, nor --out and --resume)."""
     path = run_dir / "log.jsonl"

@@ -104,6 +104,8 @@ def test_groups_named_by_attribute_train_with_labels_missing_for_one_attribute(s
                          ([], r"choose one \(--attribute NAME")):
         with pytest.raises(ValueError, match=message):
             train.train([*common, "--out", str(tmp_path / "never"), *bad])
+    with pytest.raises(ValueError, match=r"started with attribute='size', now attribute=None"):  # not its groups
+        train.train([*common, "--resume", str(run), "--max-steps", "3"])
     with pytest.raises(ValueError, match="name no attributes"):
         train.train([*common[:3], str(make_data(tmp_path / "plain")), *common[4:], "--out", str(tmp_path / "never"),
                      "--attribute", "colour"])
