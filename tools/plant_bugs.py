@@ -102,8 +102,8 @@ BUGS = [  # (name, file, old, new, tests)
      "guides=[g.rows(slice(0, len(generators))) for g in guides]", [BATCH]),
     ("indicator-file-no-timestep", "loading.py", 'int(meta["timestep_dim"])', "0", [FILE]),
     # training with partial labels and on several processes
-    ("pi-hat-unlabelled-as-0", "train.py", "torch.tensor([g for g in self.data.groups if g >= 0])",
-     "torch.tensor([max(g, 0) for g in self.data.groups])", [PI_HAT]),
+    ("pi-hat-unlabelled-as-0", "train.py", "self.data.groups.count(k)",
+     "[max(g, 0) for g in self.data.groups].count(k)", [PI_HAT]),
     ("indicator-lr-ignored", "train.py", '"lr": args.indicator_lr or args.lr', '"lr": args.lr', [IND_LR]),
     ("iw-posterior-at-batch-t", "ddm.py", "q = indicator(b.z0, torch.zeros_like(b.t))", "q = indicator(b.z0, b.t)",
      [IW]),
