@@ -100,9 +100,10 @@ def _check_new(run_dir):
     """FileExistsError unless a new run's directory is absent or empty (but for the lock of a run that never wrote
     run.json); one inside a run (its checkpoint-N) names that run to --resume, which takes the run directory."""
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        inside = not (run_dir / "run.json").exists() and (run_dir.parent / "run.json").exists()
+        parent = Path(os.path.abspath(run_dir)).parent  # of --out . too
+        inside = not (run_dir / "run.json").exists() and (parent / "run.json").exists()
         raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume "
-                              + (f"{run_dir.parent}, the run it is in" if inside else "it"))
+                              + (f"{parent}, the run it is in" if inside else "it"))
 
 
 # the config fields a run's models and indicator are rebuilt from (loading.load_run): (what it must be, the check)

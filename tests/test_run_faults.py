@@ -162,7 +162,7 @@ def test_files_in_a_run_directory_that_train_py_did_not_write_are_kept_and_ignor
         assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
-def test_out_at_a_folder_inside_a_run_names_the_run_directory_to_resume(tmp_path):
+def test_out_at_a_folder_inside_a_run_names_the_run_directory_to_resume(tmp_path, monkeypatch):
     """train.py --out RUN/checkpoint-N said "--resume it", but --resume takes the run directory, not its checkpoint;
     --out RUN itself still says "--resume it"."""
     run = tmp_path / "run"
@@ -174,6 +174,9 @@ def test_out_at_a_folder_inside_a_run_names_the_run_directory_to_resume(tmp_path
         with pytest.raises(FileExistsError, match=rf"^--out {re.escape(str(out))} exists and is not empty; choose a "
                                                   rf"new directory or {re.escape(hint)}$"):
             train.train([*common, str(out)])
+    monkeypatch.chdir(run / "checkpoint-000002")  # --out . from inside the checkpoint folder: its run, by full path
+    with pytest.raises(FileExistsError, match=rf"or --resume {re.escape(str(run.resolve()))}, the run it is in$"):
+        train.train([*common, "."])
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoint-000002", "run.json", "unet.safetensors"]
 
 
