@@ -530,11 +530,11 @@ class ImageFolder(torch.utils.data.Dataset):
         if not records:
             raise ValueError(f"{meta}: no images listed")
         self.labels = [r[3] for r in records]  # each line's group as written
-        self.attributes = sorted({a for g in self.labels if isinstance(g, dict) for a in g})
+        objects = [g for g in self.labels if isinstance(g, dict)]  # labels by attribute
+        self.attributes = sorted({a for g in objects for a in g})
         # need_groups=False (a plain fine-tune, blind to the groups; a resume, checked against run.json): fewer than
         # two, none too; attribute labels unread without --attribute. None: `make_cluster_folder`, its own groups
-        by_attribute = any(isinstance(g, dict) for g in self.labels)
-        blind = need_groups is None or (need_groups is False and attribute is None and by_attribute)
+        blind = need_groups is None or (need_groups is False and attribute is None and bool(objects))
         raw = [None] * len(records) if blind else self.groups_of(meta, self.labels, attribute)
         self.group_names = sorted({g for g in raw if g is not None})
         if need_groups and len(self.group_names) < 2:

@@ -100,7 +100,7 @@ def _check_new(run_dir):
     """FileExistsError unless a new run's directory is absent or empty (but for the lock of a run that never wrote
     run.json); one inside a run (its checkpoint-N) names that run to --resume, which takes the run directory."""
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        parent = Path(os.path.abspath(run_dir)).parent  # of --out . too
+        parent = run_dir.absolute().parent  # of --out . too, as in run_of
         inside = not (run_dir / "run.json").exists() and (parent / "run.json").exists()
         raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume "
                               + (f"{parent}, the run it is in" if inside else "it"))
@@ -278,7 +278,8 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
         return None, None
     info = read_run_json(run_dir)
     older = sorted(f for f in config if f not in info["config"])
-    for field, value in sorted(config.items(), key=lambda kv: kv[0] == "group_names"):  # last: --attribute's, say
+    # group_names last: they follow from the data and flags (--attribute), and a changed flag is the thing to name
+    for field, value in sorted(config.items(), key=lambda kv: kv[0] == "group_names"):
         stored = info["config"].get(field, defaults.get(field))
         if stored != value:
             raise ValueError(f"--resume {run_dir}: the run was started with {field}={stored!r}"
@@ -305,9 +306,7 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
 
 def open_log(run_dir, step, args, config):
     """log.jsonl in append mode, without the lines a crash left past the checkpoint at `step` (or cut half-way). A
-    resume with steps to train, here once every check passed and every model is built, is then appended to run.json's
-    `resumes`: the step it goes on from, when, on which torch, and the new values of the flags `args` that differ
-    from the first start's (not the `config` a resume repeats, compared resolved, nor --out and --resume)."""
+    resume with steps to train gets here once every check passed and every model is built: `record_resume` first."""
     path = run_dir / "log.jsonl"
     old = path.read_text().splitlines() if path.exists() else []
     if old and not old[-1].endswith("}"):
@@ -319,16 +318,24 @@ def open_log(run_dir, step, args, config):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path}, line {n}: not a log record (a JSON object with a 'step')") from None
-    if args["resume"] and step < args["max_steps"]:  # a resume with steps to train
-        info = weights.read_json(run_dir / "run.json")  # as written: read_run_json fills in defaults
-        skip = {*config, "out", "resume", "objective_fields", "objective_defaults"}  # compared, or the parser's
-        changed = {k: v for k, v in args.items() if k not in skip and info.get("args", {}).get(k, v) != v}
-        info.setdefault("resumes", []).append({"step": step, "torch": torch.__version__,
-                                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed})
-        weights.write_json(run_dir / "run.json", info)
+    if args["resume"] and step < args["max_steps"]:
+        record_resume(run_dir, step, args, config)
     weights.write_atomic(path, "".join(kept))
     with weights.writing(path):
         return open(path, "a")
+
+
+def record_resume(run_dir, step, args, config):
+    """Append to run.json's `resumes` the step a resume goes on from, when, on which torch, and the new values of the
+    flags `args` that differ from the first start's. Not listed: the `config` a resume repeats (compared resolved by
+    check_run_dir, so `--data ./d` is no change), --out and --resume, the parser's own objective_fields/defaults, and
+    flags the first start did not record (an older version's)."""
+    info = weights.read_json(run_dir / "run.json")  # as written: read_run_json fills in defaults
+    skip = {*config, "out", "resume", "objective_fields", "objective_defaults"}
+    changed = {k: v for k, v in args.items() if k not in skip and info.get("args", {}).get(k, v) != v}
+    info.setdefault("resumes", []).append({"step": step, "torch": torch.__version__,
+                                           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed})
+    weights.write_json(run_dir / "run.json", info)
 
 
 def log_step(log, record):
