@@ -77,15 +77,16 @@ def device_arg(spec):
         device = torch.device(spec)
     except RuntimeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    n = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type not in ("cpu", "cuda"):  # mps, meta, ...: untested here, and meta holds no numbers
-        raise argparse.ArgumentTypeError(f"{spec}: only cpu and cuda devices run here")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda asked for, but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()  # torch.cuda.set_device would stop with "invalid device ordinal"
-        raise argparse.ArgumentTypeError(f"{spec}: this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0"
-                                         f"{f' to cuda:{n - 1}' if n > 1 else ''})")
-    return device
+        why = f"{spec}: only cpu and cuda devices run here"
+    elif device.type == "cuda" and not torch.cuda.is_available():
+        why = "cuda asked for, but no CUDA device is available"
+    elif device.type == "cuda" and device.index is not None and device.index >= n:  # set_device: "invalid ordinal"
+        why = f"{spec}: this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})"
+    else:
+        return device
+    raise argparse.ArgumentTypeError(why)
 
 
 def one_line_errors(main, prog, errors=(ValueError, OSError)):

@@ -196,12 +196,13 @@ def vision_config_from_hf(v):
                            activation=weights.config_value(v, "hidden_act", "str", "quick_gelu"))
     eps, channels = v.get("layer_norm_eps", 1e-5), v.get("num_channels", 3)
     if eps != 1e-5 or channels != 3:
-        raise ValueError(f"must have layer_norm_eps 1e-05 and 3 channels, got {eps} and {channels}")
-    why = tower_error(cfg, HF_NAMES)
+        why = f"must have layer_norm_eps 1e-05 and 3 channels, got {eps} and {channels}"
+    elif cfg.image_size % cfg.patch_size:
+        why = f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}"
+    else:
+        why = tower_error(cfg, HF_NAMES)
     if why:
         raise ValueError(why)
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
     return cfg
 
 
@@ -213,10 +214,9 @@ def load_clip(path, dtype=torch.float32):
         raise FileNotFoundError(f"no CLIP folder at {path}: expected a transformers CLIPModel folder such as "
                                 "openai/clip-vit-large-patch14 (config.json + model.safetensors)")
     file = next((path / name for name in WEIGHT_NAMES if (path / name).is_file()), None)
-    if file is None:
-        raise FileNotFoundError(f"{path} has neither {' nor '.join(WEIGHT_NAMES)}")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has {file.name} but no config.json")
+    if file is None or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has " + (f"neither {' nor '.join(WEIGHT_NAMES)}" if file is None
+                                                  else f"{file.name} but no config.json"))
     cfg = clip_config_from_hf(weights.read_json(path / "config.json"), path / "config.json")
     sd = weights.rename(weights.read_state_dict(file, "", dtype), TOWER_NAMES)
     with torch.device("meta"):

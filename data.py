@@ -225,14 +225,16 @@ def read_attribute(path, attribute):
         fields = line.split()
         if not fields:
             continue
-        name = fields[0]
+        name, why = fields[0], None
         if len(fields) != len(names) + 1 or fields[column] not in ("1", "-1"):
-            raise ValueError(f"{path}, line {lineno}: expected a file name and {len(names)} values of 1 or -1 "
-                             f"({attribute} the {column}th), got {line[:80]!r}")
-        if Path(name).name != name or "\\" in name or name in (".", ".."):
-            raise ValueError(f"{path}, line {lineno}: {name!r} is not a plain file name")
-        if name in seen:
-            raise ValueError(f"{path}, line {lineno}: {name} is listed twice (first on line {seen[name]})")
+            why = (f"expected a file name and {len(names)} values of 1 or -1 ({attribute} the {column}th), got "
+                   f"{line[:80]!r}")
+        elif Path(name).name != name or "\\" in name or name in (".", ".."):
+            why = f"{name!r} is not a plain file name"
+        elif name in seen:
+            why = f"{name} is listed twice (first on line {seen[name]})"
+        if why:
+            raise ValueError(f"{path}, line {lineno}: {why}")
         seen[name] = lineno
         rows.append((lineno, name, int(fields[column])))
     if len(rows) != int(lines[0]):
@@ -305,10 +307,9 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
         raise FileExistsError(f"{out_dir} exists and is not a folder; --out names the data folder to write")
     targets = [within(out_dir, name) for _, name in files]
     for (source, name), target in zip(files, targets):
-        if target is None:
-            raise ValueError(f"file_name {name!r} would lie outside {out_dir}")
-        if source is not None and target == Path(source).resolve():
-            raise ValueError(f"{out_dir / name} is its own source: write the folder somewhere else")
+        if target is None or source is not None and target == Path(source).resolve():
+            raise ValueError(f"file_name {name!r} would lie outside {out_dir}" if target is None else
+                             f"{out_dir / name} is its own source: write the folder somewhere else")
     meta_path = out_dir / "metadata.jsonl"
     ours = set()  # files the previous build listed: the only ones this one may replace
     if meta_path.exists():
@@ -517,11 +518,10 @@ class ImageFolder(torch.utils.data.Dataset):
         self.center_crop = center_crop
         assert resolution > 0 and resolution % 8 == 0, f"resolution must be a positive multiple of 8, got {resolution}"
         meta = self.root / "metadata.jsonl"
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"data folder {self.root} does not exist")
         if not meta.exists():
-            raise FileNotFoundError(f"{meta} not found: a data folder needs a metadata.jsonl "
-                                    f'(one line per image: {{"file_name": ..., "text": ..., "group": ...}})')
+            raise FileNotFoundError(f"data folder {self.root} does not exist" if not self.root.is_dir() else
+                                    f"{meta} not found: a data folder needs a metadata.jsonl (one line per image: "
+                                    '{"file_name": ..., "text": ..., "group": ...})')
         records = read_metadata(meta)  # (line number, path, text, raw group, name); every path inside (or linked)
         for lineno, path, *_ in records:
             why = image_error(path)
@@ -558,34 +558,35 @@ class ImageFolder(torch.utils.data.Dataset):
                                  "line; DDM needs at least two labelled groups")
             return groups
         parts = (attribute or "").split("+")
-        unknown = [a for a in parts if a not in self.attributes]
-        if unknown:
-            raise ValueError(f"{meta}: the groups name the attributes {', '.join(self.attributes)}; "
-                             + (f"no image has the attribute {unknown[0]!r}" if attribute else "choose one")
-                             + " (--attribute NAME, or A+B for their intersections)")
-        twice = cli.repeated(parts)
-        if twice is not None:
-            raise ValueError(f"--attribute {attribute} names the attribute {twice!r} twice")
+        unknown, twice = [a for a in parts if a not in self.attributes], cli.repeated(parts)
         values = [None if g is None or any(g.get(a) is None for a in parts) else [g[a] for a in parts] for g in groups]
         labelled = [v for v in values if v is not None]
         # one kind per attribute: one attribute's values are sorted, and in an intersection 1 and "1" would merge
         mixed = next((k for k in range(len(parts)) if len({type(v[k]) for v in labelled}) > 1), None)
-        if mixed is not None:
-            text, number = (next(v[mixed] for v in labelled if isinstance(v[mixed], kind)) for kind in (str, int))
-            raise ValueError(f"{meta}: attribute {parts[mixed]!r} takes ints and strings ({text!r} and {number!r}); "
-                             "one kind per attribute")
         plus = next(((a, x) for v in labelled for a, x in zip(parts, v) if "+" in str(x)), None)
-        if len(parts) > 1 and plus:
-            raise ValueError(f"{meta}: attribute {plus[0]!r} has the value {plus[1]!r}, whose '+' could merge "
-                             f"intersections in --attribute {attribute}")
-        if not labelled:
-            raise ValueError(f"{meta}: no line gives {' and '.join(parts)} a value{' together' * (len(parts) > 1)}; "
-                             "DDM needs at least two labelled groups")
         one = next((k for k in range(len(parts)) if len({v[k] for v in labelled}) == 1), None)
-        if one is not None:  # said here of the attribute, not of the field 'group' (objects) of every line
-            raise ValueError(f"{meta}: attribute {parts[one]!r} takes only the value {labelled[0][one]!r} on every "
-                             f"line that labels {attribute}; DDM needs at least two labelled values of each")
-        return [v if v is None else v[0] if len(v) == 1 else "+".join(map(str, v)) for v in values]
+        if unknown:
+            why = (f"{meta}: the groups name the attributes {', '.join(self.attributes)}; "
+                   + (f"no image has the attribute {unknown[0]!r}" if attribute else "choose one")
+                   + " (--attribute NAME, or A+B for their intersections)")
+        elif twice is not None:
+            why = f"--attribute {attribute} names the attribute {twice!r} twice"
+        elif mixed is not None:
+            text, number = (next(v[mixed] for v in labelled if isinstance(v[mixed], kind)) for kind in (str, int))
+            why = (f"{meta}: attribute {parts[mixed]!r} takes ints and strings ({text!r} and {number!r}); one kind "
+                   "per attribute")
+        elif len(parts) > 1 and plus:
+            why = (f"{meta}: attribute {plus[0]!r} has the value {plus[1]!r}, whose '+' could merge intersections "
+                   f"in --attribute {attribute}")
+        elif not labelled:
+            why = (f"{meta}: no line gives {' and '.join(parts)} a value{' together' * (len(parts) > 1)}; DDM needs "
+                   "at least two labelled groups")
+        elif one is not None:  # said here of the attribute, not of the field 'group' (objects) of every line
+            why = (f"{meta}: attribute {parts[one]!r} takes only the value {labelled[0][one]!r} on every line that "
+                   f"labels {attribute}; DDM needs at least two labelled values of each")
+        else:
+            return [v if v is None else v[0] if len(v) == 1 else "+".join(map(str, v)) for v in values]
+        raise ValueError(why)
 
     def __len__(self):
         return len(self.files)

@@ -311,10 +311,10 @@ def sample_prompts(directory, paths, fallback=None):
             raise ValueError(f"{directory} has no samples.json to read the prompts from; pass --prompt TEXT "
                              "(the prompt its images were generated from) for the CLIP score")
         return [fallback] * len(paths)
+    record = weights.read_json(record_path)
     try:
-        record = json.loads(record_path.read_text())
         by_file = dict(zip(record["files"], record["prompts"], strict=True))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{record_path}: expected sample.py's record, with 'files' and 'prompts' lists of one "
                          f"length ({type(e).__name__}: {e})") from None
     unlisted = [p.name for p in paths if not isinstance(by_file.get(p.name), str)]
@@ -521,16 +521,12 @@ def image_files(directory, name="image folder"):
     if not directory.is_dir():
         raise FileNotFoundError(f"{name} {directory} " + ("is a file, not a folder" if directory.exists() else
                                                          "does not exist"))
-    why = unfinished_error(directory)
-    if why:
-        raise ValueError(why)
     files = sorted(p for p in directory.iterdir() if p.is_file())
     paths = [p for p in files if p.suffix.lower() in data.IMAGE_EXTENSIONS and not p.name.startswith("grid")]
-    if not paths:
-        others = ", ".join(p.name for p in files[:5]) + (" ..." if len(files) > 5 else "")
-        raise ValueError(f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; "
-                         f"found {len(files)} other files{': ' + others if files else ''})")
-    why = unlisted_error(directory, paths)
+    others = ", ".join(p.name for p in files[:5]) + (" ..." if len(files) > 5 else "")
+    empty = None if paths else (f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; found "
+                                f"{len(files)} other files{': ' + others if files else ''})")
+    why = unfinished_error(directory) or empty or unlisted_error(directory, paths)
     if why:
         raise ValueError(why)
     return paths

@@ -195,14 +195,16 @@ def target_specs(targets, attributes):
         return [targets[k if len(targets) > 1 else 0] if targets else "uniform" for k in range(len(attributes))]
     unknown = [a for a in named if a not in attributes] + [t for key, t in zip(keys, targets) if key is None]
     if unknown and not any(attributes):
-        raise ValueError(f"--target {unknown[0]}: the indicators' runs name no attribute (their groups were plain "
-                         f"values); give the SPEC alone")
-    if unknown:
-        raise ValueError(f"--target {unknown[0]}: name one of the attributes the indicators guide "
-                         f"({', '.join(a or '(unnamed)' for a in attributes)}) in every ATTRIBUTE:SPEC")
-    if len(named) != len(targets):
-        raise ValueError(f"--target names the attribute {cli.repeated([k for k in keys if k is not None])} twice")
-    return [named.get(a, "uniform") for a in attributes]
+        why = (f"--target {unknown[0]}: the indicators' runs name no attribute (their groups were plain values); "
+               "give the SPEC alone")
+    elif unknown:
+        why = (f"--target {unknown[0]}: name one of the attributes the indicators guide "
+               f"({', '.join(a or '(unnamed)' for a in attributes)}) in every ATTRIBUTE:SPEC")
+    elif len(named) != len(targets):
+        why = f"--target names the attribute {cli.repeated([k for k in keys if k is not None])} twice"
+    else:
+        return [named.get(a, "uniform") for a in attributes]
+    raise ValueError(why)
 
 
 def from_args(args, models, prompts, seeds, generate, settings):

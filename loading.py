@@ -63,11 +63,11 @@ def _schedule_from_config(c):
     make = {"scaled_linear": (diffusion.scaled_linear_betas, diffusion.BETA_START, diffusion.BETA_END),  # kind:
             "linear": (diffusion.linear_betas, diffusion.DDPM_BETA_START, diffusion.DDPM_BETA_END)}  # (β(t), its range)
     prediction_type = weights.config_value(c, "prediction_type", "str", "epsilon")
-    if kind not in make or prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "
+    rescale = weights.config_value(c, "rescale_betas_zero_snr", "bool", False)  # diffusers: ᾱ_T = 0
+    if rescale or kind not in make or prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError("rescale_betas_zero_snr true (a zero terminal SNR) is not supported" if rescale else
+                         f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "
                          "(scaled_linear or linear; epsilon or v_prediction)")
-    if weights.config_value(c, "rescale_betas_zero_snr", "bool", False):  # diffusers rescales ᾱ so that ᾱ_T = 0
-        raise ValueError("rescale_betas_zero_snr true (a zero terminal SNR) is not supported")
     betas = c.get("trained_betas")
     if betas is not None:  # listed betas win over the named schedule, as in diffusers
         if not isinstance(betas, list) or len(betas) != n or not all(weights.is_number(b) and 0 < b < 1 for b in betas):
@@ -227,12 +227,14 @@ def load_indicator(path, latent_shape):
                               int(meta["timestep_dim"]))
         weights.load_strict(indicator, weights.read_state_dict(path), f"indicator from {path}")
     if indicator.timestep_dim == 0:
-        raise ValueError(f"{where}: this indicator reads eps_hat, not (z_t, t); guidance needs a noise-aware one "
-                         f"(train.py --objective {' or '.join(filter(noise_aware, OBJECTIVES))})")
-    if indicator.latent_shape != tuple(latent_shape):
-        raise ValueError(f"{where}: trained on latents {indicator.latent_shape}, but these images have latents "
-                         f"{tuple(latent_shape)} (another resolution: sample at the one it was trained at)")
-    return indicator.float().eval().requires_grad_(False), names, attribute
+        why = (f"this indicator reads eps_hat, not (z_t, t); guidance needs a noise-aware one (train.py --objective "
+               f"{' or '.join(filter(noise_aware, OBJECTIVES))})")
+    elif indicator.latent_shape != tuple(latent_shape):
+        why = (f"trained on latents {indicator.latent_shape}, but these images have latents {tuple(latent_shape)} "
+               "(another resolution: sample at the one it was trained at)")
+    else:
+        return indicator.float().eval().requires_grad_(False), names, attribute
+    raise ValueError(f"{where}: {why}")
 
 
 INIT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}  # the parts of an init config

@@ -340,7 +340,7 @@ def train_stats(run_dir, last=50):
     for key, name in (("acc", "indicator_acc"), ("bacc", "indicator_bacc")):
         values = [r[key] for r in lines if r.get(key) is not None]
         out[name] = float(np.mean(values)) if values else None
-    meta = Path(json.loads((Path(run_dir) / "run.json").read_text())["config"]["data"]) / "metadata.jsonl"
+    meta = Path(weights.read_json(Path(run_dir) / "run.json")["config"]["data"]) / "metadata.jsonl"
     rows = [json.loads(line) for line in meta.read_text().splitlines()]
     if "label" in rows[0]:  # a label-free run: what each of its clusters holds, by the labels training never read
         labels, clusters = sorted({r["label"] for r in rows}, key=str), sorted({r["group"] for r in rows})

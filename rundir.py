@@ -127,19 +127,18 @@ def read_run_json(run_dir):
     for key, kind, what in (("config", dict, "an object"), ("base", str, "a string")):
         if not isinstance(info.get(key), kind):
             raise weights.CheckpointError(f"{path}: field '{key}' must be {what}")
-    config = info["config"]
+    config, started = info["config"], info.get("base_checkpoint")  # started: joined onto the base run's path
     config.setdefault("objective", "ddm")  # runs from before --objective trained the authors' loss
-    for key, (what, ok) in MODEL_FIELDS.items():
-        if not ok(config.get(key)):
-            raise weights.CheckpointError(f"{path}: config field '{key}' must be {what}, got {config.get(key)!r}")
-    if info["base"] != "base" and info["base"] != config.get("model"):  # a fine-tune's base is its --model
-        raise weights.CheckpointError(f"{path}: field 'base' {info['base']} is not the model the run fine-tunes, "
-                                      f"config.model {config.get('model')}")
-    started = info.get("base_checkpoint")  # joined onto the base run's path by base_path
-    if started is not None and not (isinstance(started, str) and finished_name(started)):
-        raise weights.CheckpointError(f"{path}: field 'base_checkpoint' must be null or a checkpoint folder's name, "
-                                      f"got {started!r}")
-    return info
+    bad = next((key for key, (_, ok) in MODEL_FIELDS.items() if not ok(config.get(key))), None)
+    if bad:
+        why = f"config field '{bad}' must be {MODEL_FIELDS[bad][0]}, got {config.get(bad)!r}"
+    elif info["base"] != "base" and info["base"] != config.get("model"):  # a fine-tune's base is its --model
+        why = f"field 'base' {info['base']} is not the model the run fine-tunes, config.model {config.get('model')}"
+    elif started is not None and not (isinstance(started, str) and finished_name(started)):
+        why = f"field 'base_checkpoint' must be null or a checkpoint folder's name, got {started!r}"
+    else:
+        return info
+    raise weights.CheckpointError(f"{path}: {why}")
 
 
 def open_run(args, data, world_size, init_config, device, say):

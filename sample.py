@@ -189,8 +189,6 @@ def parse_args(argv=None):
     except (OSError, ValueError) as e:
         p.error(f"--out {args.out}: {e}")
     args.dtype = args.dtype or ("float16" if args.device.type == "cuda" else "float32")
-    if args.device.type == "cpu" and args.dtype != "float32":
-        p.error(f"--dtype {args.dtype} is for CUDA; the CPU runs float32")
     try:
         multiple, side = model_sides(args.model)
     except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError
@@ -218,6 +216,8 @@ def flag_error(args):
         return f"--model {args.model} does not exist"
     if not args.out:  # "--out $OUT" with OUT unset: Path("") is the working directory
         return "--out is empty: name the folder to write the images to"
+    if args.device.type == "cpu" and args.dtype not in (None, "float32"):
+        return f"--dtype {args.dtype} is for CUDA; the CPU runs float32"
     return guidance.flag_error(args)
 
 

@@ -336,25 +336,26 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
 
 
 def check_args(args):
-    """Argument errors that need no file: ValueError naming the flag."""
+    """Argument errors that need no file: ValueError naming the flag (the first one found)."""
+    if args.data is None and args.export and args.model and not args.resume and args.out is None:
+        return  # --model PATH --export DIR: a conversion only
     if args.data is None:
-        if args.export and args.model and not args.resume and args.out is None:
-            return
-        raise ValueError("--data is required (or --model PATH --export DIR alone, without --out, to convert a model)")
-    if (args.model is None) == (args.init_config is None) and not args.resume:
-        raise ValueError("give exactly one of --model (fine-tune) and --init-config (from scratch)")
-    if args.vae and not args.init_config:
-        raise ValueError("--vae only applies with --init-config")
-    rundir.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
-    if not 0 <= args.seed < 2 ** 64:  # torch.Generator's range (--init-config seeds one with it)
-        raise ValueError(f"--seed must lie in 0..2**64-1, got {args.seed}")
-    if ddm.noise_aware(args.objective) and args.w_ind == 0:
-        raise ValueError(f"--w-ind must be a number > 0 with --objective {args.objective} (its noise-aware indicator "
-                         f"is what it trains), got {args.w_ind}")
-    why = (cli.side_error("resolution", args.resolution) or cli.range_error(args, RANGES)
-           or rundir.unread_flag_error(args, vars(build_parser().parse_args([]))))
+        why = "--data is required (or --model PATH --export DIR alone, without --out, to convert a model)"
+    elif (args.model is None) == (args.init_config is None) and not args.resume:
+        why = "give exactly one of --model (fine-tune) and --init-config (from scratch)"
+    elif args.vae and not args.init_config:
+        why = "--vae only applies with --init-config"
+    elif not 0 <= args.seed < 2 ** 64:  # torch.Generator's range (--init-config seeds one with it)
+        why = f"--seed must lie in 0..2**64-1, got {args.seed}"
+    elif ddm.noise_aware(args.objective) and args.w_ind == 0:
+        why = (f"--w-ind must be a number > 0 with --objective {args.objective} (its noise-aware indicator is what "
+               f"it trains), got {args.w_ind}")
+    else:
+        why = (cli.side_error("resolution", args.resolution) or cli.range_error(args, RANGES)
+               or rundir.unread_flag_error(args, vars(build_parser().parse_args([]))))
     if why:
         raise ValueError(why)
+    rundir.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
 
 
 def setup_distributed(device_arg):

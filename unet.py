@@ -339,33 +339,29 @@ _DIFFUSERS_FIXED = {
 
 
 def unet_config_from_diffusers(d):
-    """UNetConfig from a diffusers UNet2DConditionModel config.json dict; ValueError for what we do not build or a
-    field of the wrong type."""
-    for key, value in _DIFFUSERS_FIXED.items():
-        if d.get(key, value) != value:
-            raise ValueError(f"unsupported diffusers UNet config: {key}={d[key]!r} (this UNet needs {value!r})")
+    """UNetConfig from a diffusers UNet2DConditionModel config.json dict; ValueError listing what we do not build,
+    or naming a field of the wrong type."""
     down = weights.config_value(d, "down_block_types", "strs")
     up = weights.config_value(d, "up_block_types", "strs")
-    if set(down) - {"CrossAttnDownBlock2D", "DownBlock2D"} or [b.replace("Up", "Down") for b in reversed(up)] != down:
-        raise ValueError(f"unsupported diffusers UNet block types: down {down}, up {up}")
     widths = weights.config_value(d, "block_out_channels", "ints")
-    if len(widths) != len(down) or any(w != widths[0] * (w // widths[0]) for w in widths):
-        raise ValueError(f"block_out_channels {widths} must be multiples of the first, one per down block")
-    for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
-        if isinstance(d.get(key), (list, tuple)):
-            raise ValueError(f"unsupported diffusers UNet config: per-level {key}={d[key]}")
     # diffusers' `attention_head_dim` is historically the number of heads (per level or for all); null means unset.
     key = "attention_head_dim" if d.get("num_attention_heads") is None else "num_attention_heads"
     heads = weights.config_value(d, key, "ints" if isinstance(d.get(key), list) else "int", 8)
     heads = list(heads) if isinstance(heads, list) else [heads] * len(widths)
-    if len(heads) != len(widths):
-        raise ValueError(f"{key} {heads} must give one head count per level ({len(widths)})")
-    head_dim = None
-    if len(set(heads)) > 1:  # SD 2.x: a fixed head width, so the head count varies per level
-        dims = {w // h for w, h in zip(widths, heads)}
-        if len(dims) > 1 or any(w % h for w, h in zip(widths, heads)):
-            raise ValueError(f"unsupported per-level attention heads {heads} for widths {widths}")
-        head_dim = dims.pop()
+    varying, dims = len(set(heads)) > 1, {w // h for w, h in zip(widths, heads)}  # SD 2.x: one head width
+    problems = [f"{k}={d[k]!r} (this UNet needs {v!r})" for k, v in _DIFFUSERS_FIXED.items() if d.get(k, v) != v]
+    problems += [f"per-level {k}={d[k]}" for k in ("layers_per_block", "transformer_layers_per_block",
+                                                    "cross_attention_dim") if isinstance(d.get(k), (list, tuple))]
+    if set(down) - {"CrossAttnDownBlock2D", "DownBlock2D"} or [b.replace("Up", "Down") for b in reversed(up)] != down:
+        problems.append(f"block types down {down}, up {up}")
+    if len(widths) != len(down) or any(w != widths[0] * (w // widths[0]) for w in widths):
+        problems.append(f"block_out_channels {widths} (multiples of the first, one per down block)")
+    if len(heads) != len(widths) or varying and (len(dims) > 1 or any(w % h for w, h in zip(widths, heads))):
+        problems.append(f"{key} {heads} for block_out_channels {widths} (one head count per level; where the "
+                        f"counts differ, one head width)")
+    if problems:
+        raise ValueError("unsupported diffusers UNet config: " + "; ".join(problems))
+    head_dim = dims.pop() if varying else None
     sample_size = d.get("sample_size")
     cfg = UNetConfig(
         in_channels=weights.config_value(d, "in_channels", "int", 4),

@@ -41,17 +41,17 @@ def read_json(path):
     where there is one, for a file that cannot be read or holds anything else."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        obj = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+        why = f"cannot read {path}: {e.strerror or e}"
     except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        obj = json.loads(text)
+        why = f"{path}: not UTF-8 text (byte {e.start})"
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got {type(obj).__name__}")
+        why = f"{path}, line {e.lineno}: not valid JSON ({e.msg})"
+    else:
+        why = None if isinstance(obj, dict) else f"{path}: expected a JSON object {{...}}, got {type(obj).__name__}"
+    if why:
+        raise CheckpointError(why)
     return obj
 
 
@@ -166,17 +166,15 @@ def find_component(path, *, subfolder, weight_names):
     path = Path(path)
     if path.is_file():
         return path, None
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint file or folder at {path}")
-    for folder in (path / subfolder, path):
+    for folder in (path / subfolder, path) if path.is_dir() else ():
         for name in weight_names:
             if (folder / name).exists():
                 if not (folder / "config.json").exists():
                     raise FileNotFoundError(f"{folder} has {name} but no config.json")
                 return folder / name, folder / "config.json"
-    raise FileNotFoundError(
-        f"{path} is neither a single-file checkpoint nor a diffusers folder: looked for "
-        f"{subfolder}/{{{','.join(weight_names)}}} and {{{','.join(weight_names)}}} inside it")
+    raise FileNotFoundError(f"no checkpoint file or folder at {path}" if not path.is_dir() else
+                            f"{path} is neither a single-file checkpoint nor a diffusers folder: looked for "
+                            f"{subfolder}/{{{','.join(weight_names)}}} and {{{','.join(weight_names)}}} inside it")
 
 
 def read_component(path, *, subfolder, single_file_prefix, weight_names, dtype=None, convert=None):
