@@ -124,8 +124,9 @@ def read_run_json(run_dir):
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a train.py run directory (no run.json)")
     info = weights.read_json(path)
-    for key, kind, what in (("config", dict, "an object"), ("base", str, "a string")):
-        if not isinstance(info.get(key), kind):
+    for key, kind, what in (("config", dict, "an object"), ("base", str, "a string"), ("args", dict, "an object"),
+                            ("resumes", list, "a list")):  # the last two: where present (record_resume adds them)
+        if (key in info or key in ("config", "base")) and not isinstance(info.get(key), kind):
             raise weights.CheckpointError(f"{path}: field '{key}' must be {what}")
     config, started = info["config"], info.get("base_checkpoint")  # started: joined onto the base run's path
     config.setdefault("objective", "ddm")  # runs from before --objective trained the authors' loss

@@ -576,6 +576,23 @@ def test_a_hand_edited_run_json_is_one_line_naming_the_field(edit, message, lora
         loading.load_run(run)
 
 
+@pytest.mark.parametrize("field, value, what", [("resumes", {}, "a list"), ("args", ["--seed", "1"], "an object")])
+def test_a_hand_edited_resume_record_is_one_line_naming_the_field(field, value, what, lora_run, sd_dir, data_dir,
+                                                                  tmp_path):
+    """run.json's `resumes` (each resume appends to it) and `args` (a resume compares its flags with them) of another
+    type: the resume stops with one line naming the field before it trains or writes, not with an AttributeError
+    from the record of the resume."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    info = json.loads((run / "run.json").read_text())
+    info[field] = value
+    (run / "run.json").write_text(json.dumps(info))
+    before = (run / "run.json").read_bytes()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / 'run.json'))}: field '{field}' must be {what}"):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "5"])
+    assert (run / "run.json").read_bytes() == before and not (run / "checkpoint-000005").exists()
+
+
 def test_a_truncated_run_json_and_a_seed_out_of_range_are_one_line_errors(lora_run, sd_dir, data_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
