@@ -179,15 +179,11 @@ def read_checkpoint(ckpt, files, optimizer_device=None):
     does not."""
     ckpt = Path(ckpt)
     state = weights.read_json(ckpt / "state.json")
-    named = CHECKPOINT_NAME.fullmatch(ckpt.name)
     if not isinstance(state.get("step"), int) or not isinstance(state.get("elapsed"), (int, float)):
-        why = "needs an integer 'step' and a number 'elapsed'"
-    elif named and int(named[1]) != state["step"]:  # the weights of one step, the log and data order of another
-        why = f"step {state['step']}, but the folder is {ckpt.name}"
-    else:
-        why = None
-    if why:
-        raise weights.CheckpointError(f"{ckpt / 'state.json'}: {why}")
+        raise weights.CheckpointError(f"{ckpt / 'state.json'}: needs an integer 'step' and a number 'elapsed'")
+    named = CHECKPOINT_NAME.fullmatch(ckpt.name)
+    if named and int(named[1]) != state["step"]:  # the weights of one step, the log and data order of another
+        raise weights.CheckpointError(f"{ckpt / 'state.json'}: step {state['step']}, but the folder is {ckpt.name}")
     tensors = {file: weights.read_state_dict(ckpt / file) for file in files}
     bad = _non_finite(tensors)
     if bad:

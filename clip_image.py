@@ -214,9 +214,10 @@ def load_clip(path, dtype=torch.float32):
         raise FileNotFoundError(f"no CLIP folder at {path}: expected a transformers CLIPModel folder such as "
                                 "openai/clip-vit-large-patch14 (config.json + model.safetensors)")
     file = next((path / name for name in WEIGHT_NAMES if (path / name).is_file()), None)
-    if file is None or not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has " + (f"neither {' nor '.join(WEIGHT_NAMES)}" if file is None
-                                                  else f"{file.name} but no config.json"))
+    if file is None:
+        raise FileNotFoundError(f"{path} has neither {' nor '.join(WEIGHT_NAMES)}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has {file.name} but no config.json")
     cfg = clip_config_from_hf(weights.read_json(path / "config.json"), path / "config.json")
     sd = weights.rename(weights.read_state_dict(file, "", dtype), TOWER_NAMES)
     with torch.device("meta"):

@@ -146,7 +146,8 @@ def tower_error(cfg, names=("activation", "width", "heads")):
 def text_encoder_config_from_hf(d):
     """CLIPTextConfig from a transformers CLIPTextConfig config.json dict (a diffusers `text_encoder/`); ValueError
     for a variant this file cannot build or a field of the wrong type."""
-    eps = d.get("layer_norm_eps", 1e-5)
+    if d.get("layer_norm_eps", 1e-5) != 1e-5:
+        raise ValueError(f"text encoder config has layer_norm_eps {d['layer_norm_eps']}; only 1e-5 is supported")
     # eos_token_id 2 is transformers' legacy placeholder (SD v1.5's config.json says 2) meaning "the highest id"
     eos = weights.config_value(d, "eos_token_id", "int", 2)
     value = functools.partial(weights.config_value, d, kind="int")  # the sizes below are required
@@ -155,7 +156,7 @@ def text_encoder_config_from_hf(d):
                          width=value("hidden_size"), layers=value("num_hidden_layers"),
                          heads=value("num_attention_heads"), mlp=value("intermediate_size"),
                          activation=weights.config_value(d, "hidden_act", "str", "quick_gelu"))
-    why = tower_error(cfg, HF_NAMES) if eps == 1e-5 else f"layer_norm_eps {eps}: only 1e-5 is supported"
+    why = tower_error(cfg, HF_NAMES)
     if why:
         raise ValueError(why)
     return cfg

@@ -307,9 +307,10 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
         raise FileExistsError(f"{out_dir} exists and is not a folder; --out names the data folder to write")
     targets = [within(out_dir, name) for _, name in files]
     for (source, name), target in zip(files, targets):
-        if target is None or source is not None and target == Path(source).resolve():
-            raise ValueError(f"file_name {name!r} would lie outside {out_dir}" if target is None else
-                             f"{out_dir / name} is its own source: write the folder somewhere else")
+        if target is None:
+            raise ValueError(f"file_name {name!r} would lie outside {out_dir}")
+        if source is not None and target == Path(source).resolve():
+            raise ValueError(f"{out_dir / name} is its own source: write the folder somewhere else")
     meta_path = out_dir / "metadata.jsonl"
     ours = set()  # files the previous build listed: the only ones this one may replace
     if meta_path.exists():
@@ -502,6 +503,37 @@ def image_error(path):
     return None
 
 
+def attribute_error(meta, attributes, attribute, parts, labelled):
+    """Why --attribute (its `parts`: A+B is the intersection of A and B) cannot pick the groups of a folder whose
+    metadata `meta` names `attributes`, from the values of `parts` on each `labelled` line; None if it can."""
+    unknown = [a for a in parts if a not in attributes]
+    if unknown:
+        return (f"{meta}: the groups name the attributes {', '.join(attributes)}; "
+                + (f"no image has the attribute {unknown[0]!r}" if attribute else "choose one")
+                + " (--attribute NAME, or A+B for their intersections)")
+    twice = cli.repeated(parts)
+    if twice is not None:
+        return f"--attribute {attribute} names the attribute {twice!r} twice"
+    # one kind per attribute: one attribute's values are sorted, and in an intersection 1 and "1" would merge
+    mixed = next((k for k in range(len(parts)) if len({type(v[k]) for v in labelled}) > 1), None)
+    if mixed is not None:
+        text, number = (next(v[mixed] for v in labelled if isinstance(v[mixed], kind)) for kind in (str, int))
+        return (f"{meta}: attribute {parts[mixed]!r} takes ints and strings ({text!r} and {number!r}); one kind per "
+                "attribute")
+    plus = next(((a, x) for v in labelled for a, x in zip(parts, v) if "+" in str(x)), None)
+    if len(parts) > 1 and plus:
+        return (f"{meta}: attribute {plus[0]!r} has the value {plus[1]!r}, whose '+' could merge intersections in "
+                f"--attribute {attribute}")
+    if not labelled:
+        return (f"{meta}: no line gives {' and '.join(parts)} a value{' together' * (len(parts) > 1)}; DDM needs at "
+                "least two labelled groups")
+    one = next((k for k in range(len(parts)) if len({v[k] for v in labelled}) == 1), None)
+    if one is not None:  # said here of the attribute, not of the field 'group' (objects) of every line
+        return (f"{meta}: attribute {parts[one]!r} takes only the value {labelled[0][one]!r} on every line that "
+                f"labels {attribute}; DDM needs at least two labelled values of each")
+    return None
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """A folder with `metadata.jsonl` (format in the module docstring) as a torch Dataset.
 
@@ -518,10 +550,11 @@ class ImageFolder(torch.utils.data.Dataset):
         self.center_crop = center_crop
         assert resolution > 0 and resolution % 8 == 0, f"resolution must be a positive multiple of 8, got {resolution}"
         meta = self.root / "metadata.jsonl"
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder {self.root} does not exist")
         if not meta.exists():
-            raise FileNotFoundError(f"data folder {self.root} does not exist" if not self.root.is_dir() else
-                                    f"{meta} not found: a data folder needs a metadata.jsonl (one line per image: "
-                                    '{"file_name": ..., "text": ..., "group": ...})')
+            raise FileNotFoundError(f"{meta} not found: a data folder needs a metadata.jsonl "
+                                    f'(one line per image: {{"file_name": ..., "text": ..., "group": ...}})')
         records = read_metadata(meta)  # (line number, path, text, raw group, name); every path inside (or linked)
         for lineno, path, *_ in records:
             why = image_error(path)
@@ -558,35 +591,11 @@ class ImageFolder(torch.utils.data.Dataset):
                                  "line; DDM needs at least two labelled groups")
             return groups
         parts = (attribute or "").split("+")
-        unknown, twice = [a for a in parts if a not in self.attributes], cli.repeated(parts)
         values = [None if g is None or any(g.get(a) is None for a in parts) else [g[a] for a in parts] for g in groups]
-        labelled = [v for v in values if v is not None]
-        # one kind per attribute: one attribute's values are sorted, and in an intersection 1 and "1" would merge
-        mixed = next((k for k in range(len(parts)) if len({type(v[k]) for v in labelled}) > 1), None)
-        plus = next(((a, x) for v in labelled for a, x in zip(parts, v) if "+" in str(x)), None)
-        one = next((k for k in range(len(parts)) if len({v[k] for v in labelled}) == 1), None)
-        if unknown:
-            why = (f"{meta}: the groups name the attributes {', '.join(self.attributes)}; "
-                   + (f"no image has the attribute {unknown[0]!r}" if attribute else "choose one")
-                   + " (--attribute NAME, or A+B for their intersections)")
-        elif twice is not None:
-            why = f"--attribute {attribute} names the attribute {twice!r} twice"
-        elif mixed is not None:
-            text, number = (next(v[mixed] for v in labelled if isinstance(v[mixed], kind)) for kind in (str, int))
-            why = (f"{meta}: attribute {parts[mixed]!r} takes ints and strings ({text!r} and {number!r}); one kind "
-                   "per attribute")
-        elif len(parts) > 1 and plus:
-            why = (f"{meta}: attribute {plus[0]!r} has the value {plus[1]!r}, whose '+' could merge intersections "
-                   f"in --attribute {attribute}")
-        elif not labelled:
-            why = (f"{meta}: no line gives {' and '.join(parts)} a value{' together' * (len(parts) > 1)}; DDM needs "
-                   "at least two labelled groups")
-        elif one is not None:  # said here of the attribute, not of the field 'group' (objects) of every line
-            why = (f"{meta}: attribute {parts[one]!r} takes only the value {labelled[0][one]!r} on every line that "
-                   f"labels {attribute}; DDM needs at least two labelled values of each")
-        else:
-            return [v if v is None else v[0] if len(v) == 1 else "+".join(map(str, v)) for v in values]
-        raise ValueError(why)
+        why = attribute_error(meta, self.attributes, attribute, parts, [v for v in values if v is not None])
+        if why:
+            raise ValueError(why)
+        return [v if v is None else v[0] if len(v) == 1 else "+".join(map(str, v)) for v in values]
 
     def __len__(self):
         return len(self.files)

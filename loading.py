@@ -63,11 +63,11 @@ def _schedule_from_config(c):
     make = {"scaled_linear": (diffusion.scaled_linear_betas, diffusion.BETA_START, diffusion.BETA_END),  # kind:
             "linear": (diffusion.linear_betas, diffusion.DDPM_BETA_START, diffusion.DDPM_BETA_END)}  # (β(t), its range)
     prediction_type = weights.config_value(c, "prediction_type", "str", "epsilon")
-    rescale = weights.config_value(c, "rescale_betas_zero_snr", "bool", False)  # diffusers: ᾱ_T = 0
-    if rescale or kind not in make or prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError("rescale_betas_zero_snr true (a zero terminal SNR) is not supported" if rescale else
-                         f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "
+    if kind not in make or prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "
                          "(scaled_linear or linear; epsilon or v_prediction)")
+    if weights.config_value(c, "rescale_betas_zero_snr", "bool", False):  # diffusers rescales ᾱ so that ᾱ_T = 0
+        raise ValueError("rescale_betas_zero_snr true (a zero terminal SNR) is not supported")
     betas = c.get("trained_betas")
     if betas is not None:  # listed betas win over the named schedule, as in diffusers
         if not isinstance(betas, list) or len(betas) != n or not all(weights.is_number(b) and 0 < b < 1 for b in betas):

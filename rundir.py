@@ -124,9 +124,8 @@ def read_run_json(run_dir):
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a train.py run directory (no run.json)")
     info = weights.read_json(path)
-    for key, kind, what in (("config", dict, "an object"), ("base", str, "a string"), ("args", dict, "an object"),
-                            ("resumes", list, "a list")):  # the last two: where present (record_resume adds them)
-        if (key in info or key in ("config", "base")) and not isinstance(info.get(key), kind):
+    for key, kind, what in (("config", dict, "an object"), ("base", str, "a string")):
+        if not isinstance(info.get(key), kind):
             raise weights.CheckpointError(f"{path}: field '{key}' must be {what}")
     config, started = info["config"], info.get("base_checkpoint")  # started: joined onto the base run's path
     config.setdefault("objective", "ddm")  # runs from before --objective trained the authors' loss
@@ -277,6 +276,9 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
         _check_new(run_dir)
         return None, None
     info = read_run_json(run_dir)
+    for key, kind, what in (("args", dict, "an object"), ("resumes", list, "a list")):  # what record_resume reads
+        if not isinstance(info.get(key, kind()), kind):
+            raise weights.CheckpointError(f"{run_dir / 'run.json'}: field '{key}' must be {what}")
     older = sorted(f for f in config if f not in info["config"])
     # group_names last: they follow from the data and flags (--attribute), and a changed flag is the thing to name
     for field, value in sorted(config.items(), key=lambda kv: kv[0] == "group_names"):

@@ -134,11 +134,12 @@ class Tokenizer:
         for (a, b), rank in self.ranks.items():
             made[a + b] = min(rank, made.get(a + b, rank))
         late = [(rank, p) for p, rank in self.ranks.items() if max(made.get(p[0], -1), made.get(p[1], -1)) > rank]
-        if missing or late:
-            raise ValueError(f"the vocabulary lacks {len(missing)} tokens the tokenizer needs (byte symbols, merge "
-                             f"results, {START}, {END}), e.g. {missing[:5]}" if missing else
-                             f"merge {late[0][0] + 1} {late[0][1]} comes before the merge that makes its parts: not "
-                             "a BPE merge list")
+        if missing:
+            raise ValueError(f"the vocabulary lacks {len(missing)} tokens the tokenizer needs "
+                             f"(byte symbols, merge results, {START}, {END}), e.g. {missing[:5]}")
+        if late:
+            raise ValueError(f"merge {late[0][0] + 1} {late[0][1]} comes before the merge that makes its parts: "
+                             f"not a BPE merge list")
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
         self.pad_with(END)
         self.max_length = max_length
@@ -193,14 +194,10 @@ class Tokenizer:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a tokenizer.json with model.vocab and model.merges ({e!r})") from None
         if not isinstance(vocab, dict) or not isinstance(merges, list):
-            why = "model.vocab must be an object and model.merges a list"
-        elif model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
-            why = (f"model is {model.get('type')!r} with end_of_word_suffix {model.get('end_of_word_suffix')!r}; a "
-                   "CLIP tokenizer is 'BPE' with '</w>'")
-        else:
-            why = None
-        if why:
-            raise ValueError(f"{path}: {why}")
+            raise ValueError(f"{path}: model.vocab must be an object and model.merges a list")
+        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+            raise ValueError(f"{path}: model is {model.get('type')!r} with end_of_word_suffix "
+                             f"{model.get('end_of_word_suffix')!r}; a CLIP tokenizer is 'BPE' with '</w>'")
         pairs = []
         for n, m in enumerate(merges):
             pair = m.split(" ") if isinstance(m, str) else m
@@ -351,11 +348,9 @@ def with_pad_token(tokenizer, folder):
         why = (f"pad_token {token!r} is not in the vocabulary: transformers would add it as a new id, which the CLIP "
                "text encoder does not have")
     else:
-        why = None
-    if why:
-        raise ValueError(f"{source}: {why}")
-    tokenizer.pad_with(token)
-    return tokenizer
+        tokenizer.pad_with(token)
+        return tokenizer
+    raise ValueError(f"{source}: {why}")
 
 
 def load_tokenizer(path):

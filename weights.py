@@ -166,15 +166,17 @@ def find_component(path, *, subfolder, weight_names):
     path = Path(path)
     if path.is_file():
         return path, None
-    for folder in (path / subfolder, path) if path.is_dir() else ():
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint file or folder at {path}")
+    for folder in (path / subfolder, path):
         for name in weight_names:
             if (folder / name).exists():
                 if not (folder / "config.json").exists():
                     raise FileNotFoundError(f"{folder} has {name} but no config.json")
                 return folder / name, folder / "config.json"
-    raise FileNotFoundError(f"no checkpoint file or folder at {path}" if not path.is_dir() else
-                            f"{path} is neither a single-file checkpoint nor a diffusers folder: looked for "
-                            f"{subfolder}/{{{','.join(weight_names)}}} and {{{','.join(weight_names)}}} inside it")
+    raise FileNotFoundError(
+        f"{path} is neither a single-file checkpoint nor a diffusers folder: looked for "
+        f"{subfolder}/{{{','.join(weight_names)}}} and {{{','.join(weight_names)}}} inside it")
 
 
 def read_component(path, *, subfolder, single_file_prefix, weight_names, dtype=None, convert=None):

@@ -581,16 +581,17 @@ def test_a_hand_edited_resume_record_is_one_line_naming_the_field(field, value, 
                                                                   tmp_path):
     """run.json's `resumes` (each resume appends to it) and `args` (a resume compares its flags with them) of another
     type: the resume stops with one line naming the field before it trains or writes, not with an AttributeError
-    from the record of the resume."""
+    from the record of the resume. Loading the run (sample.py, evaluate.py), which reads neither, still works."""
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
     info = json.loads((run / "run.json").read_text())
     info[field] = value
     (run / "run.json").write_text(json.dumps(info))
     before = (run / "run.json").read_bytes()
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / 'run.json'))}: field '{field}' must be {what}"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / 'run.json'))}: field '{field}' must be {what}$"):
         train.train(["--model", str(sd_dir), "--data", str(data_dir), *LORA, "--resume", str(run), "--max-steps", "5"])
     assert (run / "run.json").read_bytes() == before and not (run / "checkpoint-000005").exists()
+    assert loading.load_run(run).step == 4
 
 
 def test_a_truncated_run_json_and_a_seed_out_of_range_are_one_line_errors(lora_run, sd_dir, data_dir, tmp_path):
