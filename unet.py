@@ -355,10 +355,10 @@ def unet_config_from_diffusers(d):
     if set(down) - {"CrossAttnDownBlock2D", "DownBlock2D"} or [b.replace("Up", "Down") for b in reversed(up)] != down:
         problems.append(f"block types down {down}, up {up}")
     if len(widths) != len(down) or any(w != widths[0] * (w // widths[0]) for w in widths):
-        problems.append(f"block_out_channels {widths} (multiples of the first, one per down block)")
+        problems.append(f"block_out_channels {widths} (must be multiples of the first, one per down block)")
     if len(heads) != len(widths) or varying and (len(dims) > 1 or any(w % h for w, h in zip(widths, heads))):
-        problems.append(f"{key} {heads} for block_out_channels {widths} (one head count per level; where the "
-                        f"counts differ, one head width)")
+        problems.append(f"{key} {heads} for block_out_channels {widths} (must give one head count per level, and "
+                        f"where the counts differ, heads of one width)")
     if problems:
         raise ValueError("unsupported diffusers UNet config: " + "; ".join(problems))
     head_dim = dims.pop() if varying else None
