@@ -209,10 +209,8 @@ def target_specs(targets, attributes):
 
 def from_args(args, models, prompts, seeds, generate, settings):
     """The indicator guidance of every prompt: [(prompt, its images' guides)] and what samples.json records of it;
-    [(None, [])] and None when no indicator guides (a scale of 0 applies nothing, and nothing is recorded).
-    `settings`: generate's keyword arguments for these images."""
-    if not args.indicator_guidance:
-        return [(None, [])], None
+    [(None, [])] and None when no indicator guides (a scale of 0 applies nothing, and nothing is recorded, but its
+    indicators and targets are checked as at any scale). `settings`: generate's keyword arguments for these images."""
     loaded = [(path, *load_indicator(path, latent_shape(models, args.height, args.width))) for path in args.indicator]
     specs, names = [], []
     for (path, indicator, groups, attribute), spec in zip(loaded, target_specs(args.target, [a for *_, a in loaded])):
@@ -229,6 +227,8 @@ def from_args(args, models, prompts, seeds, generate, settings):
         specs.append((indicator.to(args.device), shares))
         names.append({"indicator": str(Path(path).resolve()), "attribute": attribute, "groups": groups,
                       "target": spec})
+    if not args.indicator_guidance:  # no --indicator, or 0: a scale sweep's baseline
+        return [(None, [])], None
     out, per_prompt = [], {}
     for prompt in dict.fromkeys(args.prompt_list):  # a prompt listed twice: guided once, all its images
         mine = [s for p, s in zip(prompts, seeds) if p == prompt]

@@ -293,3 +293,15 @@ def test_an_export_records_the_size_its_run_trained_at(sd_dir, data_dir, tmp_pat
                        "--export", str(tmp_path / "export")])
     assert loading.model_sides(tmp_path / "export")[1] == loading.model_sides(run)[1] == 2 * RES
     assert loading.model_sides(sd_dir)[1] == RES
+
+
+def test_a_zero_guidance_scale_checks_its_indicators_and_targets_as_any_other_scale_does(runs, tmp_path):
+    """--indicator-guidance 0 (a scale sweep's baseline) applies nothing; a --target that names no group of its
+    indicator was still sampled, unguided and without a word, while every other scale of the sweep refused it."""
+    run = runs["noise-aware"]
+    argv = ["--model", str(run), "--prompt", PROMPT, "--steps", "1", "--height", str(RES), "--width", str(RES),
+            "--device", "cpu", "--indicator", str(run), "--target", "green=1", "--out", str(tmp_path / "never")]
+    for scale in ("1", "0"):
+        with pytest.raises(SystemExit, match="'green' is not a group"):
+            sample.main([*argv, "--indicator-guidance", scale])
+        assert not (tmp_path / "never").exists()
