@@ -545,9 +545,7 @@ class ImageFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, resolution, center_crop=True, need_groups=True, attribute=None):
-        self.root = Path(root)
-        self.resolution = resolution
-        self.center_crop = center_crop
+        self.root, self.resolution, self.center_crop = Path(root), resolution, center_crop
         assert resolution > 0 and resolution % 8 == 0, f"resolution must be a positive multiple of 8, got {resolution}"
         meta = self.root / "metadata.jsonl"
         if not self.root.is_dir():

@@ -162,9 +162,7 @@ def train_digit_classifier(seed=0, epochs=8, batch_size=64, lr=3e-3, split_seed=
     model.eval()
     held_images, held_labels = heldout_digits(split_seed, heldout_per_class)
     accuracy = (classify(model, held_images).argmax(1).numpy() == held_labels).mean().item()
-    model.heldout_accuracy = accuracy
-    model.split = (split_seed, heldout_per_class)
-    model.seed = seed
+    model.heldout_accuracy, model.split, model.seed = accuracy, (split_seed, heldout_per_class), seed
     return model, accuracy
 
 
