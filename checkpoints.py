@@ -142,19 +142,27 @@ def _read_optimizer(path, device, mmap=False):
         state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # cut short (no zip directory), another format, ...: all name the file
         raise weights.CheckpointError(f"cannot read {path}: {str(e).split('. ')[0]}") from e
+    why = _optimizer_error(state)
+    if why:
+        raise weights.CheckpointError(f"{path}: {why}")
+    return state
+
+
+def _optimizer_error(state):
+    """Why `state` is not what train.py writes to optimizer.pt (AdamW's state for parameters of its groups), or None."""
     if not isinstance(state, dict) or not {"optimizer", "scaler"} <= state.keys():
-        raise weights.CheckpointError(f"{path}: not a train.py optimizer.pt")
+        return "not a train.py optimizer.pt"
     try:
         saved = state["optimizer"]
         params = {i for group in saved["param_groups"] for i in group["params"]}
         for i, s in saved["state"].items():
             if i not in params:
-                raise weights.CheckpointError(f"{path}: state {i} belongs to no parameter of its groups")
+                return f"state {i} belongs to no parameter of its groups"
             if set(s) != ADAMW_STATE:
-                raise weights.CheckpointError(f"{path}: state {i} holds {sorted(s)}, not AdamW's {sorted(ADAMW_STATE)}")
+                return f"state {i} holds {sorted(s)}, not AdamW's {sorted(ADAMW_STATE)}"
     except (KeyError, TypeError, AttributeError):
-        raise weights.CheckpointError(f"{path}: not a train.py optimizer.pt (no AdamW state dict)") from None
-    return state
+        return "not a train.py optimizer.pt (no AdamW state dict)"
+    return None
 
 
 def _load_optimizer(optimizer, saved, path):

@@ -209,9 +209,7 @@ def read_attribute(path, attribute):
     the number of images, line 2 the attribute names, then one line per image, `file_name` followed by one 1 or -1
     per attribute, separated by any run of spaces. Errors name the file and the line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"attribute file {path} not found")
+    path = weights.existing_file(path, "attribute file")
     lines = [line for _, line in text_lines(path)]
     if len(lines) < 2 or not lines[0].strip().isdigit():
         raise ValueError(f"{path}, line 1: expected the number of images, then a line of attribute names "

@@ -177,9 +177,7 @@ def save_classifier(model, path):
 
 def load_classifier(path):
     """Read a DigitClassifier written by `save_classifier` -> model in eval mode, with `.heldout_accuracy`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier file {path} not found")
+    path = weights.existing_file(path, "classifier file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -772,8 +770,7 @@ def _attribute(group, attributes):
 
 
 def _read_logits(path):
-    if not path.is_file():
-        raise FileNotFoundError(f"indicator logits file {path} not found")
+    path = weights.existing_file(path, "indicator logits file")
     try:
         if path.suffix == ".npy":
             logits = torch.from_numpy(np.load(path))  # object arrays (pickles) are refused: allow_pickle=False

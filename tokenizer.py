@@ -194,17 +194,18 @@ class Tokenizer:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a tokenizer.json with model.vocab and model.merges ({e!r})") from None
         if not isinstance(vocab, dict) or not isinstance(merges, list):
-            raise ValueError(f"{path}: model.vocab must be an object and model.merges a list")
-        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
-            raise ValueError(f"{path}: model is {model.get('type')!r} with end_of_word_suffix "
-                             f"{model.get('end_of_word_suffix')!r}; a CLIP tokenizer is 'BPE' with '</w>'")
-        pairs = []
-        for n, m in enumerate(merges):
-            pair = m.split(" ") if isinstance(m, str) else m
-            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
-                raise ValueError(f"{path}: model.merges[{n}]: expected two symbols, got {m!r}")
-            pairs.append(tuple(pair))
-        return check_added_tokens(cls(vocab, pairs), path.parent, spec)
+            why = "model.vocab must be an object and model.merges a list"
+        elif model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+            why = (f"model is {model.get('type')!r} with end_of_word_suffix {model.get('end_of_word_suffix')!r}; a "
+                   "CLIP tokenizer is 'BPE' with '</w>'")
+        else:
+            pairs = [m.split(" ") if isinstance(m, str) else m for m in merges]
+            bad = next((n for n, p in enumerate(pairs) if not isinstance(p, list) or len(p) != 2
+                        or not all(isinstance(x, str) for x in p)), None)
+            if bad is None:
+                return check_added_tokens(cls(vocab, [tuple(p) for p in pairs]), path.parent, spec)
+            why = f"model.merges[{bad}]: expected two symbols, got {merges[bad]!r}"
+        raise ValueError(f"{path}: {why}")
 
     @classmethod
     def default(cls):

@@ -36,6 +36,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or whose tensors do not match the model."""
 
 
+def existing_file(path, what="file"):
+    """`path` as a Path; FileNotFoundError "WHAT PATH not found" unless it is a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    return path
+
+
 def read_json(path):
     """The JSON object (a dict) in a file such as a config.json; CheckpointError naming the file, and the line
     where there is one, for a file that cannot be read or holds anything else."""
@@ -148,9 +156,7 @@ def read_state_dict(path, prefix="", dtype=None):
 
 def read_metadata(path):
     """The string metadata of a .safetensors file ({} for other formats); CheckpointError naming an unreadable one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file at {path}")
+    path = existing_file(path)
     if path.suffix != ".safetensors":
         return {}
     try:
