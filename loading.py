@@ -292,11 +292,21 @@ def _text_encoder_error(text):
     return tower_error(text)
 
 
-def read_init_config(path):
-    """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig or None}), each
-    field of its default's kind, the networks they describe buildable."""
+def _parts_error(raw, vae_path):
+    """Why an init config and --vae (`vae_path`) do not give one of each model, or None."""
+    if vae_path and raw.get("vae") is not None:
+        return f"a 'vae' config and --vae {vae_path} were both given: choose one"
+    missing = [key for key in ("unet", "text_encoder") + (() if vae_path else ("vae",)) if raw.get(key) is None]
+    if not missing:
+        return None
+    return f"missing the '{missing[0]}' config" + (" (or pass --vae PATH)" if missing[0] == "vae" else "")
+
+
+def read_init_config(path, vae_path=None):
+    """(the file's JSON dict, {"unet": UNetConfig, "vae": VAEConfig or None, "text_encoder": CLIPTextConfig}), each
+    field of its default's kind, the networks they describe buildable; the VAE from the file or --vae, not both."""
     raw = weights.read_json(path)
-    why = _fields_error(raw)
+    why = _fields_error(raw) or _parts_error(raw, vae_path)
     if why is None:
         out = {key: None if raw.get(key) is None else cls(**{k: tuple(v) if isinstance(v, list) else v
                                                                for k, v in raw[key].items()})
@@ -330,14 +340,7 @@ def _build(path, key, cls, cfg):
 
 def models_from_config(init_config, vae_path=None, seed=0):
     """Randomly initialised UNet / text encoder (and VAE unless `vae_path`), seeded, CLIP's tokenizer."""
-    _, cfgs = read_init_config(init_config)
-    if vae_path and cfgs["vae"] is not None:
-        raise ValueError(f"--init-config {init_config} has a 'vae' config and --vae {vae_path} was given: "
-                         "choose one")
-    for key in ("unet", "text_encoder") + (() if vae_path else ("vae",)):
-        if cfgs[key] is None:
-            raise ValueError(f"--init-config {init_config}: missing the '{key}' config"
-                             + (" (or pass --vae PATH)" if key == "vae" else ""))
+    _, cfgs = read_init_config(init_config, vae_path)
     with torch.random.fork_rng(devices=[]):  # seeds the init without touching the caller's global RNG
         torch.manual_seed(seed)
         unet = _build(init_config, "unet", UNet, cfgs["unet"])

@@ -100,7 +100,7 @@ class Trainer:
         args.lora_rank = rundir.lora_rank(args)
         args.train_text_encoder = from_scratch if args.train_text_encoder is None else args.train_text_encoder
         # a resume only compares the JSON with run.json (its models come from base/): what an older version accepted
-        read = weights.read_json if args.resume else lambda path: loading.read_init_config(path)[0]
+        read = weights.read_json if args.resume else lambda path: loading.read_init_config(path, args.vae)[0]
         init_config = read(args.init_config) if from_scratch else None
         self.run_dir, self.config, ckpt, base = rundir.open_run(args, data, world, init_config, device, rank == 0)
         self.models = models = (loading.models_from_config(args.init_config, args.vae, args.seed)

@@ -678,6 +678,23 @@ def test_an_init_config_field_of_the_wrong_kind_is_one_line_before_anything_is_w
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("drop, vae, message", [
+    ("unet", False, r"missing the 'unet' config$"),
+    ("text_encoder", False, r"missing the 'text_encoder' config$"),
+    ("vae", False, r"missing the 'vae' config \(or pass --vae PATH\)$"),
+    (None, True, r"'vae' config and --vae .*: choose one$"),
+])
+def test_an_init_config_missing_a_model_or_giving_the_vae_twice_is_one_line_naming_the_file(drop, vae, message,
+                                                                                             sd_dir, data_dir,
+                                                                                             tmp_path):
+    config = tmp_path / "parts.json"
+    config.write_text(json.dumps({k: v for k, v in TINY.items() if k != drop}))
+    with pytest.raises(ValueError, match=rf"^--init-config {re.escape(str(config))}.*{message}"):
+        train.train(["--init-config", str(config), *(["--vae", str(sd_dir)] if vae else []), "--data", str(data_dir),
+                     "--out", str(tmp_path / "never"), *FAST])
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize("key, change, message", [
     ("unet", {"num_res_blocks": 0}, r"unet: .*field 'layers_per_block' must be a positive integer, got 0"),
     ("unet", {"transformer_depth": 0}, r"unet: .*field 'transformer_layers_per_block' must be a positive integer"),
