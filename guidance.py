@@ -157,8 +157,9 @@ def add_flags(p):
                         "plain-indicator, indicator-weighted), one of its checkpoint folders, or its "
                         "indicator.safetensors; repeat it for several attributes")
     g.add_argument("--indicator-guidance", type=scale_arg, default=None, metavar="S|auto",  # None: not given
-                   help="guidance scale (required with --indicator; 0: off), or auto: chosen per prompt on a "
-                        "calibration batch, by the indicators alone")
+                   help="guidance scale (required with --indicator; 0: none applied, the indicators and targets "
+                        "checked as at any scale), or auto: chosen per prompt on a calibration batch, by the "
+                        "indicators alone")
     g.add_argument("--target", action="append", default=[], help="the group shares to aim for, per --indicator in "
                    "order (one value: all of them) or by attribute (ATTRIBUTE:SPEC): uniform (the default) or "
                    "NAME=SHARE,...")

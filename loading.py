@@ -296,7 +296,7 @@ def _parts_error(raw, vae_path):
     """Why an init config and --vae (`vae_path`) do not give one of each model, or None."""
     if vae_path and raw.get("vae") is not None:
         return f"a 'vae' config and --vae {vae_path} were both given: choose one"
-    missing = [key for key in ("unet", "text_encoder") + (() if vae_path else ("vae",)) if raw.get(key) is None]
+    missing = [key for key in INIT_CONFIGS if raw.get(key) is None and not (key == "vae" and vae_path)]
     if not missing:
         return None
     return f"missing the '{missing[0]}' config" + (" (or pass --vae PATH)" if missing[0] == "vae" else "")

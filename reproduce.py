@@ -100,6 +100,11 @@ QUICK = Sizes(classifier_epochs=1, vae_steps=30, vae_batch=16, base_steps=30, ba
               attr_diversity=4)
 
 
+def sizes_of(args):
+    """The sizes a run uses: QUICK with --quick (a smoke test), else FULL."""
+    return QUICK if args.quick else FULL
+
+
 @dataclasses.dataclass
 class Method:
     """One row of the verdict: what train.py runs (None: sample the `source` method's runs), and how to sample."""
@@ -616,7 +621,7 @@ def selection_error(args, given, groups, counts, methods):
     if len(counts) != len(groups) or not all(1 <= c <= TRAIN_PER_DIGIT for c in counts):
         return (f"--counts must give 1..{TRAIN_PER_DIGIT} images for each of the {len(groups)} groups, "
                 f"got {args.counts!r}")
-    batch = (QUICK if args.quick else FULL).ft_batch  # else train.py refuses the set after stages 1-2
+    batch = sizes_of(args).ft_batch  # else train.py refuses the set after stages 1-2
     if sum(counts) < batch:
         return (f"--counts must give at least {batch} images in all (one fine-tuning batch"
                 f"{' of --quick' if args.quick else ''}), got {args.counts!r}")
@@ -798,8 +803,7 @@ def publish(out, report, markdown, table, timings):
 
 
 def run(args):
-    sizes = QUICK if args.quick else FULL  # --quick: a smoke test
-    t_start, out, groups = time.time(), args.out, args.groups
+    t_start, sizes, out, groups = time.time(), sizes_of(args), args.out, args.groups
     claim_run_dir(out, args.overwrite)
     torch.set_num_threads(args.threads)
     timings = {"finetune": 0.0, "evaluate": 0.0}
@@ -817,7 +821,8 @@ def run(args):
     best = best_method(summary)
     cfg_rows = cfg_check(args, sizes, rows, runs, best, evaluated)
     grids = save_grids(out, grid_images, args.methods, sizes.grid_n)
-    timings.update(total=time.time() - t_start, cpu=time.process_time())  # cpu: ours alone, whatever else runs
+    timings["total"] = time.time() - t_start
+    timings["cpu"] = time.process_time()  # the process's CPU seconds: the budget, whatever else shares the machine
     report = {
         "paper": "Huang, Tsao, Su, Chiang 2025, Debiasing Diffusion Model, arXiv 2503.12536",
         "mode": "quick" if args.quick else "full", "sizes": dataclasses.asdict(sizes), "tiny_configs": TINY,
@@ -1017,7 +1022,7 @@ def attribute_table(summary):
 
 def run_attributes(args):
     """--experiment attributes: the stages of `run` on the attribute data, one table over the ATTR_ROWS."""
-    t_start, sizes, out = time.time(), QUICK if args.quick else FULL, args.out
+    t_start, sizes, out = time.time(), sizes_of(args), args.out
     claim_run_dir(out, args.overwrite)
     torch.set_num_threads(args.threads)
     timings = {"finetune": 0.0, "evaluate": 0.0}

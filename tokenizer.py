@@ -193,18 +193,17 @@ class Tokenizer:
             vocab, merges = model["vocab"], model["merges"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a tokenizer.json with model.vocab and model.merges ({e!r})") from None
+        pairs = [m.split(" ") if isinstance(m, str) else m for m in merges] if isinstance(merges, list) else []
+        two = [isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs]
         if not isinstance(vocab, dict) or not isinstance(merges, list):
             why = "model.vocab must be an object and model.merges a list"
         elif model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
             why = (f"model is {model.get('type')!r} with end_of_word_suffix {model.get('end_of_word_suffix')!r}; a "
                    "CLIP tokenizer is 'BPE' with '</w>'")
+        elif not all(two):
+            why = f"model.merges[{two.index(False)}]: expected two symbols, got {merges[two.index(False)]!r}"
         else:
-            pairs = [m.split(" ") if isinstance(m, str) else m for m in merges]
-            bad = next((n for n, p in enumerate(pairs) if not isinstance(p, list) or len(p) != 2
-                        or not all(isinstance(x, str) for x in p)), None)
-            if bad is None:
-                return check_added_tokens(cls(vocab, [tuple(p) for p in pairs]), path.parent, spec)
-            why = f"model.merges[{bad}]: expected two symbols, got {merges[bad]!r}"
+            return check_added_tokens(cls(vocab, [tuple(p) for p in pairs]), path.parent, spec)
         raise ValueError(f"{path}: {why}")
 
     @classmethod

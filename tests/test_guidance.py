@@ -305,3 +305,6 @@ def test_a_zero_guidance_scale_checks_its_indicators_and_targets_as_any_other_sc
         with pytest.raises(SystemExit, match="'green' is not a group"):
             sample.main([*argv, "--indicator-guidance", scale])
         assert not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit, match="this run trained no indicator"):  # and so is the indicator itself
+        sample.main([*argv[:-6], "--indicator", str(runs["none"]), "--indicator-guidance", "0", "--out",
+                     str(tmp_path / "never")])

@@ -693,6 +693,8 @@ def test_an_init_config_missing_a_model_or_giving_the_vae_twice_is_one_line_nami
         train.train(["--init-config", str(config), *(["--vae", str(sd_dir)] if vae else []), "--data", str(data_dir),
                      "--out", str(tmp_path / "never"), *FAST])
     assert not (tmp_path / "never").exists()
+    with pytest.raises(ValueError, match=message):  # where the file is read, before any run directory is looked at
+        loading.read_init_config(config, sd_dir if vae else None)
 
 
 @pytest.mark.parametrize("key, change, message", [
