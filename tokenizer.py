@@ -130,13 +130,13 @@ class Tokenizer:
         needed = [START, END, *self.byte_encoder.values(), *(s + "</w>" for s in self.byte_encoder.values())]
         needed += ["".join(m) for m in self.ranks]
         missing = [t for t in needed if t not in self.encoder]
+        if missing:
+            raise ValueError(f"the vocabulary lacks {len(missing)} tokens the tokenizer needs "
+                             f"(byte symbols, merge results, {START}, {END}), e.g. {missing[:5]}")
         made = {}  # token -> rank of the first merge that makes it; `bpe` needs every part made before it is used
         for (a, b), rank in self.ranks.items():
             made[a + b] = min(rank, made.get(a + b, rank))
         late = [(rank, p) for p, rank in self.ranks.items() if max(made.get(p[0], -1), made.get(p[1], -1)) > rank]
-        if missing:
-            raise ValueError(f"the vocabulary lacks {len(missing)} tokens the tokenizer needs "
-                             f"(byte symbols, merge results, {START}, {END}), e.g. {missing[:5]}")
         if late:
             raise ValueError(f"merge {late[0][0] + 1} {late[0][1]} comes before the merge that makes its parts: "
                              f"not a BPE merge list")
@@ -194,14 +194,15 @@ class Tokenizer:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a tokenizer.json with model.vocab and model.merges ({e!r})") from None
         pairs = [m.split(" ") if isinstance(m, str) else m for m in merges] if isinstance(merges, list) else []
-        two = [isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs]
+        bad = next((n for n, p in enumerate(pairs)  # "a b" strings in older files, [a, b] pairs in newer ones
+                    if not (isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p))), None)
         if not isinstance(vocab, dict) or not isinstance(merges, list):
             why = "model.vocab must be an object and model.merges a list"
         elif model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
             why = (f"model is {model.get('type')!r} with end_of_word_suffix {model.get('end_of_word_suffix')!r}; a "
                    "CLIP tokenizer is 'BPE' with '</w>'")
-        elif not all(two):
-            why = f"model.merges[{two.index(False)}]: expected two symbols, got {merges[two.index(False)]!r}"
+        elif bad is not None:
+            why = f"model.merges[{bad}]: expected two symbols, got {merges[bad]!r}"
         else:
             return check_added_tokens(cls(vocab, [tuple(p) for p in pairs]), path.parent, spec)
         raise ValueError(f"{path}: {why}")
