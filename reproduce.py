@@ -453,6 +453,18 @@ def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def over_seeds(s, per_seed):
+    """s[k], s[k_std] over the seeds for each number k of the per-seed dicts; s["partial"][k]: how many seeds
+    measured a number that not all of them did (a group no image of a seed fell in has no recall there)."""
+    s["n_seeds"], s["partial"] = len(per_seed), {}
+    for k in per_seed[0]:
+        values = [d[k] for d in per_seed]
+        s[k], s[k + "_std"] = mean_std(values)
+        if 0 < values.count(None) < len(values):
+            s["partial"][k] = len(values) - values.count(None)
+    return s
+
+
 def summarize(rows, groups):
     """Per method (in the order rows first name it): mean ± std (sample std, ddof 1) of every number over seeds,
     the worst seed's FD, and whether it meets the bar against plain: FD at most half of plain's, Frechet at most
@@ -461,9 +473,7 @@ def summarize(rows, groups):
     for name in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == name]
         group = [flatten(r, groups) for r in mine]
-        s = {"method": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine]}
-        for k in group[0]:
-            s[k], s[k + "_std"] = mean_std([g[k] for g in group])
+        s = over_seeds({"method": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine]}, group)
         s["fd_worst"] = max(g["fd"] for g in group)
         out.append(s)
     plain = next((s for s in out if s["method"] == "plain"), None)
@@ -485,8 +495,11 @@ def _f(v, fmt=".3f"):
 
 
 def _pm(s, k, fmt=".3f"):
-    """mean ± std over seeds; the mean alone for one model (base, or --seeds 1), which has no spread to show."""
-    return "–" if s[k] is None else f"{s[k]:{fmt}}" + (f" ± {s[k + '_std']:{fmt}}" if len(s["seeds"]) > 1 else "")
+    """mean ± std over the seeds that measured it; the mean alone from one (base, --seeds 1), which has no spread
+    to show; "(n of N seeds)" where not every seed measured it."""
+    n, of = s["partial"].get(k, s["n_seeds"]), s["n_seeds"]
+    return "–" if s[k] is None else (f"{s[k]:{fmt}}" + (f" ± {s[k + '_std']:{fmt}}" if n > 1 else "")
+                                     + (f" ({n} of {of} seeds)" if n < of else ""))
 
 
 VERDICT = {None: "–", True: "**yes**", False: "no"}  # meets_goal: not judged, meets the bar, misses it
@@ -524,9 +537,8 @@ def cfg_table(cfg_rows):
     for label in dict.fromkeys(r["label"] for r in cfg_rows):
         for scale in sorted({r["cfg"] for r in cfg_rows if r["label"] == label}):
             picked = [r for r in cfg_rows if r["label"] == label and r["cfg"] == scale]
-            fd, fd_std = mean_std([r["fd"] for r in picked])
-            fr, fr_std = mean_std([r["frechet_distance"] for r in picked])
-            lines.append([label, f"{scale:g}", f"{fd:.3f} ± {fd_std:.3f}", f"{fr:.1f} ± {fr_std:.1f}"])
+            s = over_seeds({}, [{"fd": r["fd"], "frechet": r["frechet_distance"]} for r in picked])
+            lines.append([label, f"{scale:g}", _pm(s, "fd"), _pm(s, "frechet", ".1f")])
     return _table(["method", "CFG scale", "FD", "Frechet"], lines)
 
 
@@ -879,10 +891,11 @@ images whose best class is none of the groups, confidence. Diversity: precision 
 2019, k = 3) in the judge's features, each group's generic images as judged against its held-out real digits, on
 equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc: its accuracy
 and balanced accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG
-{sizes['guidance']}. Std is the sample std over seeds (none for one model); "worst seed" is the largest FD of any
-seed. The bar: FD at most half of plain's, Frechet at most 10% worse, and every group's recall at least 0.9x
-plain's. Guidance auto (ours): trajectory-aware targets decided at t = {DECIDE_AT} and the scale chosen per prompt
-by the indicator alone (guidance.guides_for; the scales chosen are in report.json, rows[].guidance_chosen).
+{sizes['guidance']}. Std is the sample std over seeds (none for one model; "n of N seeds": the seeds that measured
+it); "worst seed" is the largest FD of any seed. The bar: FD at most half of plain's, Frechet at most 10% worse,
+and every group's recall at least 0.9x plain's. Guidance auto (ours): trajectory-aware targets decided at
+t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone (guidance.guides_for; the scales chosen are
+in report.json, rows[].guidance_chosen).
 
 ## Verdict (mean ± std over seeds)
 
@@ -999,9 +1012,7 @@ def summarize_attributes(rows):
         mine = [r for r in rows if r["method"] == name]
         s = {"method": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine],
              "fd_joint_worst_seed": max(r["fd_joint"] for r in mine)}
-        for k in ATTR_KEYS:
-            s[k], s[k + "_std"] = mean_std([r[k] for r in mine])
-        out.append(s)
+        out.append(over_seeds(s, [{k: r[k] for k in ATTR_KEYS} for r in mine]))
     plain = next(s for s in out if s["method"] == "plain")
     for s in out:
         s["meets_goal"] = None if s["method"] == "plain" else bool(
@@ -1065,7 +1076,8 @@ FD of the colour, of the width and of the four intersections (the mean over prom
 accuracy: the share the digit classifier reads as the prompted digit; Frechet distance to held-out real digits of
 the prompt's class, mixed by the generated intersections' shares; recall per group on equal-size subsets of
 {sizes['attr_diversity']}. Guided rows: trajectory-aware targets, the scale chosen per prompt by the indicators
-alone on {sizes['attr_calibration']} calibration images. {report['seeds']} seeds; std: sample std, none for one seed.
+alone on {sizes['attr_calibration']} calibration images. {report['seeds']} seeds; std: sample std, none for one seed
+("n of N seeds": the seeds that measured it).
 
 ## Verdict (mean ± std over seeds)
 

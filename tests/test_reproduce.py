@@ -342,6 +342,20 @@ def test_summary_is_the_mean_and_sample_std_over_seeds():
     assert table[3].startswith("| ddm label | **0.300 ± 0.265** |")
 
 
+def test_a_number_not_every_seed_measured_says_over_how_many_and_one_seed_shows_no_spread():
+    """A group none of a seed's images fell in has no recall there. The one seed of three that measured it was
+    shown as "0.60 ± 0.00", a spread never measured; and the CFG check at --seeds 1 showed "± 0.000" too."""
+    rows = [{**row("g", s, 0.1, 10.0), "recall_per_group": {"7": 0.5 + s / 10, "8": 0.6 if s == 0 else None}}
+            for s in range(3)]
+    table = reproduce.verdict_table(reproduce.summarize(rows, [7, 8]), [7, 8])
+    assert "| 0.60 ± 0.10 | 0.60 (1 of 3 seeds) |" in table
+    rows[1]["recall_per_group"]["8"] = 0.8
+    table = reproduce.verdict_table(reproduce.summarize(rows, [7, 8]), [7, 8])
+    assert "| 0.60 ± 0.10 | 0.70 ± 0.14 (2 of 3 seeds) |" in table
+    cfg = reproduce.cfg_table([{"label": "plain", "seed": 0, "cfg": 3.0, "fd": 0.238, "frechet_distance": 41.26}])
+    assert cfg.splitlines()[2] == "| plain | 3 | 0.238 | 41.3 |"
+
+
 def test_the_attribute_table_shows_a_spread_only_over_more_than_one_seed():
     def attr_row(method, seed, fd):
         return {**dict.fromkeys(reproduce.ATTR_KEYS, 0.5), "method": method, "label": f"{method} label",
