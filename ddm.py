@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -248,8 +249,9 @@ LOGGED = ("step", "loss", "lr", "grad_norm", "time")  # what train.py logs besid
 def check_parts(parts, first, objective, step):
     """An objective's part names, checked: a slip in a new objective stops the run where it happens, not as a log
     field written over or a silently mixed sum. Each part a scalar, none named like a field train.py logs itself,
-    the same names in the same order as at this process's first micro-batch (`first`; None there): train.py sums
-    them in that order over micro-batches and DDP ranks."""
+    the same names in the same order as at this process's first micro-batch (`first`; None there), and there on
+    every DDP rank (a collective: each rank calls this at the same point): train.py sums them in that order over
+    micro-batches and ranks."""
     where = f"--objective {objective} at step {step}"
     for name, value in parts.items():
         assert name not in LOGGED, f"{where}: its part {name!r} has the name of a field train.py logs itself"
@@ -257,6 +259,11 @@ def check_parts(parts, first, objective, step):
     assert first in (None, tuple(parts)), (f"{where} returned the parts {tuple(parts)}, where its first micro-batch "
                                            f"returned {first}: return the same part names at every step, NaN where "
                                            "not measured (README, 'Change the loss')")
+    if first is None and dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, tuple(parts))
+        assert len(set(ranks)) == 1, (f"{where}: the ranks returned the parts {ranks}: every rank must return the "
+                                      "same names")
     return tuple(parts)
 
 

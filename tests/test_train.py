@@ -440,6 +440,30 @@ def test_torchrun_two_processes_end_with_equal_weights(sd_dir, data_dir, tmp_pat
     assert [line["step"] for line in log_lines(out)] == [1, 2]
 
 
+def test_torchrun_ranks_whose_objective_names_other_parts_stop_naming_both(sd_dir, data_dir, tmp_path):
+    """README, "Change the loss": every rank sums the same parts in the same order. A part named after the rank
+    used to be added to the other rank's part of another name, and the log showed the mixed sum under rank 0's."""
+    script = tmp_path / "rank_parts.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import ddm, train
+def by_rank(b, indicator, hp):
+    loss, parts = ddm.ddm(b, indicator, hp)
+    return loss, {{**parts, "rank" + os.environ["RANK"]: b.t.float().mean()}}
+ddm.OBJECTIVES["by-rank"] = ddm.Objective(by_rank, "pred")
+train.main()
+""")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--objective", "by-rank",
+           "--lora-rank", "4", "--max-steps", "2", "--cache-latents", *FAST]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and not log_lines(out)
+    assert re.search(r"--objective by-rank at step 1: the ranks returned the parts \[\(.*'rank0'\), \(.*'rank1'\)\]: "
+                     r"every rank must return the same names", r.stderr), r.stderr[-4000:]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(sd_dir, data_dir, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"at step \d+") as e:
