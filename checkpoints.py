@@ -7,7 +7,7 @@
 
 Only these names are touched: a user's checkpoint-000500-bak/ or notes beside them stay as they are. A resume takes
 the newest checkpoint that reads whole, naming any broken one it passes over; no NaN or infinite tensor is ever
-written. `export_diffusers` writes models as a diffusers pipeline folder.
+written. `export_diffusers` writes models as a diffusers pipeline folder, and a run's indicator beside them.
 """
 import hashlib
 import json
@@ -349,8 +349,9 @@ def check_export(out_dir):
         raise weights.WriteError(f"--export {out_dir}: {why}")
 
 
-def export_diffusers(models, out_dir):
-    """Write `models` (LoRA merged) as a diffusers StableDiffusionPipeline folder, atomically (DIR.tmp, rename)."""
+def export_diffusers(models, out_dir, indicator=None, indicator_metadata=None):
+    """Write `models` (LoRA merged) as a diffusers StableDiffusionPipeline folder, atomically (DIR.tmp, rename); a
+    run's `indicator` goes beside them as INDICATOR_FILE with its record (sample.py --indicator reads it back)."""
     out_dir = Path(out_dir)
     check_export(out_dir)
     parts = {"unet": (models.unet, "diffusion_pytorch_model.safetensors"),
@@ -364,6 +365,8 @@ def export_diffusers(models, out_dir):
     try:
         with weights.writing(tmp):  # what is written below without a name of its own (folders) is named by the export's
             _write_diffusers(models, parts, tmp)
+            if indicator is not None:
+                weights.save_tensors(indicator.state_dict(), tmp / INDICATOR_FILE, indicator_metadata)
             os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -154,8 +154,8 @@ def add_flags(p):
     g = p.add_argument_group("indicator guidance (ours): steer each image toward a target group")
     g.add_argument("--indicator", metavar="RUN_OR_FILE", action="append", default=[],
                    help="a train.py run with a noise-aware indicator (an --objective whose indicator reads z_t: "
-                        "plain-indicator, indicator-weighted), one of its checkpoint folders, or its "
-                        "indicator.safetensors; repeat it for several attributes")
+                        "plain-indicator, indicator-weighted), one of its checkpoint folders, its --export, or "
+                        "its indicator.safetensors; repeat it for several attributes")
     g.add_argument("--indicator-guidance", type=scale_arg, default=None, metavar="S|auto",  # None: not given
                    help="guidance scale (required with --indicator; 0: none applied, the indicators and targets "
                         "checked as at any scale), or auto: chosen per prompt on a calibration batch, by the "

@@ -2,7 +2,8 @@
 
   load_models(path)    a diffusers folder, a single-file checkpoint, a run directory or its checkpoint -> Models
   load_run(run_dir)    a run's base model plus its newest (or a named) checkpoint, LoRA merged; its indicator, groups
-  load_indicator(path) the noise-aware indicator of a run (or its checkpoint), or of an indicator.safetensors
+  load_indicator(path) the noise-aware indicator of a run (its checkpoint, its export), or an indicator.safetensors
+  export_model         train.py --export: a model as a diffusers folder, a run's indicator beside it
   models_from_config   seeded random models from an --init-config JSON (train.py's from-scratch runs)
 `model_sides` reads and checks every config file of a model before any weight, so a broken one costs no loading.
 """
@@ -21,7 +22,7 @@ import weights
 from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
 from clip_text import (CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf,
                        text_encoder_hf_config, tower_error)
-from ddm import OBJECTIVES, Indicator, make_indicator, noise_aware, uses_indicator
+from ddm import OBJECTIVES, Indicator, indicator_metadata, make_indicator, noise_aware, uses_indicator
 from tokenizer import Tokenizer, load_tokenizer
 from unet import WEIGHT_NAMES as UNET_FILES
 from unet import UNet, UNetConfig, config_error, load_unet, unet_config_from_diffusers, unet_diffusers_config
@@ -200,12 +201,25 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True, checkpoint=
     return Run(models, indicator, config["group_names"], ckpt["step"], info)
 
 
+def export_model(path, out_dir):
+    """train.py --export: the model at `path` (a run: its newest checkpoint or the one named) as a diffusers folder,
+    with the run's indicator beside it when it trained one."""
+    run = rundir.run_of(path)
+    if run is None:
+        return checkpoints.export_diffusers(load_models(path), out_dir)
+    r = load_run(run[0], checkpoint=run[1])
+    return checkpoints.export_diffusers(r.models, out_dir, r.indicator, r.indicator and indicator_metadata(
+        r.indicator, r.group_names, r.info["config"].get("attribute")))
+
+
 def load_indicator(path, latent_shape):
     """(noise-aware indicator, its group names, its attribute or None) from a train.py run directory (its newest
-    checkpoint, as load_run reads it, without the base model), one of its checkpoint folders, or an exported
+    checkpoint, as load_run reads it, without the base model), one of its checkpoint folders, its export, or an
     indicator.safetensors, which carries what it needs (ddm.indicator_metadata); ValueError naming the path when it
     is no such indicator, reads eps_hat, or was trained on latents of another shape (another resolution)."""
     path, where = Path(path), f"--indicator {path}"
+    if path.is_dir() and not rundir.run_of(path) and (path / checkpoints.INDICATOR_FILE).is_file():
+        path = path / checkpoints.INDICATOR_FILE  # an export (train.py --export) of a run with an indicator
     if path.is_dir():
         run_dir, name = rundir.run_of(path) or (path, None)  # not a run: read_run_json says so
         info = rundir.read_run_json(run_dir)

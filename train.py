@@ -8,7 +8,7 @@ One micro-batch (`micro_batch_inputs`, then `DDMModel`; Huang et al., arXiv 2503
     torchrun --nproc_per_node N train.py ...                  (DistributedDataParallel; same script, same flags)
     python train.py --init-config tiny.json --data DIR --out runs/base      (random init: trains from scratch)
     python train.py ... --resume runs/ddm                     (the same flags again; continues bit-exactly)
-    python train.py --model runs/ddm --export sd-ddm/         (a merged diffusers folder; also after training)
+    python train.py --model runs/ddm --export sd-ddm/         (merged diffusers folder + indicator; also after training)
 
 Defaults follow the authors' script: AdamW (lr 1e-5, wd 1e-2), LoRA rank 8 / alpha 32 on to_q, to_v, gradient
 accumulation 4. Ours: clipping by global norm, K groups from the data. A micro-batch's draws come from a generator
@@ -224,10 +224,10 @@ class Trainer:
     def run(self):
         args, rank = self.args, self.rank
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        log = rundir.open_log(self.run_dir, self.step_count, vars(args), self.config) if rank == 0 else None
+        log = rundir.open_log(self.run_dir, self.step_count, vars(args), self.config) if rank == 0 else nullcontext()
         bar = tqdm(total=args.max_steps, initial=self.step_count, desc="train", unit="step",
                    disable=rank != 0 or not args.progress)
-        try:
+        with log, bar:
             while self.step_count < args.max_steps:
                 means, grad_norm = self.step()
                 step, final = self.step_count, self.step_count == args.max_steps
@@ -241,12 +241,10 @@ class Trainer:
                 if args.validation_prompt is not None and (
                         (args.validation_every and step % args.validation_every == 0) or final):
                     self.validate()
-        finally:
-            bar.close()
-            if log:
-                log.close()
-        if args.export and rank == 0:
-            checkpoints.export_diffusers(loading.load_run(self.run_dir).models, args.export)
+        if rank == 0:
+            print(f"trained to step {self.step_count}: {self.run_dir}")
+            if args.export:
+                print(f"exported {self.run_dir} to {loading.export_model(self.run_dir, args.export)}")
         _barrier(self.world)
         return self.run_dir
 
@@ -280,7 +278,7 @@ def build_parser():
     g.add_argument("--data", help="folder with metadata.jsonl (file_name, text, group) and the images")
     g.add_argument("--out", help="new run directory")
     g.add_argument("--resume", help="continue this run directory (give the same arguments again)")
-    g.add_argument("--export", help="write the merged model here as a diffusers folder (no --data: --model's)")
+    g.add_argument("--export", help="a diffusers folder of the merged model and indicator (no --data: --model's)")
     g.add_argument("--allow-data-change", action="store_true", help="--resume over changed --data (then not exact)")
     add_objective_flags(p)
     g = p.add_argument_group("what is trained")
@@ -382,7 +380,9 @@ def train(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     check_args(args)
     if args.data is None:  # --model PATH --export DIR: conversion only
-        return checkpoints.export_diffusers(loading.load_models(args.model), args.export)
+        out = loading.export_model(args.model, args.export)
+        print(f"exported {args.model} to {out}")
+        return out
     rank, world, device, created_group = setup_distributed(args.device)
     try:
         with rundir.locked_run_dir(args.resume or args.out, new=not args.resume) if rank == 0 else nullcontext():

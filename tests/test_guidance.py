@@ -295,6 +295,21 @@ def test_an_export_records_the_size_its_run_trained_at(sd_dir, data_dir, tmp_pat
     assert loading.model_sides(sd_dir)[1] == RES
 
 
+def test_an_export_keeps_its_runs_indicator_which_guides_as_the_run_does(runs, tmp_path):
+    """An export (train.py --export) wrote the UNet, VAE and text encoder and dropped the indicator: a shared model
+    could not be guided, and --indicator EXPORT said only "no run.json". It is written beside them, with its record."""
+    run, export = runs["noise-aware"], tmp_path / "export"
+    train.train(["--model", str(run), "--export", str(export)])
+    argv = ["--model", str(run), "--prompt", PROMPT, "--steps", "2", "--height", str(RES), "--width", str(RES),
+            "--device", "cpu", "--indicator-guidance", "2"]
+    for name, indicator in (("run", run), ("export", export), ("file", export / "indicator.safetensors")):
+        sample.main([*argv, "--indicator", str(indicator), "--out", str(tmp_path / f"guided-by-{name}")])
+    pngs = {(tmp_path / f"guided-by-{name}" / "00000.png").read_bytes() for name in ("run", "export", "file")}
+    assert len(pngs) == 1
+    train.train(["--model", str(runs["none"]), "--export", str(tmp_path / "plain")])  # no indicator: none written
+    assert not (tmp_path / "plain" / "indicator.safetensors").exists()
+
+
 def test_a_zero_guidance_scale_checks_its_indicators_and_targets_as_any_other_scale_does(runs, tmp_path):
     """--indicator-guidance 0 (a scale sweep's baseline) applies nothing; a --target that names no group of its
     indicator was still sampled, unguided and without a word, while every other scale of the sweep refused it."""

@@ -464,6 +464,16 @@ train.main()
                      r"every rank must return the same names", r.stderr), r.stderr[-4000:]
 
 
+def test_a_finished_run_and_a_conversion_say_where_they_wrote(sd_dir, data_dir, tmp_path, capsys):
+    """With --no-progress (a script, a job's log) train.py ended without a word: not where the run is, nor the
+    step it reached; a conversion (--model RUN --export DIR) wrote its folder in silence too."""
+    out, export = tmp_path / "run", tmp_path / "export"
+    train.main(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--max-steps", "2", *FAST])
+    assert capsys.readouterr().out == f"trained to step 2: {out}\n"
+    train.main(["--model", str(out), "--export", str(export)])
+    assert capsys.readouterr().out == f"exported {out} to {export}\n"
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(sd_dir, data_dir, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"at step \d+") as e:
