@@ -9,6 +9,7 @@ int or a str (one type per file), or null for an image without a label; groups a
     python data.py celeba --images DIR --attributes list_attr_celeba.txt --attribute Male --counts 800,200
                           --prompt "a photo of a face" --out my_data/      (CelebA's attribute-file format)
     python data.py clusters --data my_data/ --vae sd-v1-5/ --k 3 --out my_data_clusters/   (ours: no labels)
+    python data.py digits --counts 7=360,8=40 --out my_digits/     (the shipped digits' training split, 9 : 1)
 
 The shipped digits (assets/digits/, source and licence in its README) are 5,000 real MNIST digits, 500 a class.
 `clusters` gives a folder's images clusters of their VAE latents as groups (ddm.fit_clusters).
@@ -674,14 +675,16 @@ def micro_batches(data, indices, cache=None, num_workers=0, pin_memory=False):
 # Command line
 
 SEED = (0, 2 ** 64 - 1)  # numpy's default_rng takes any seed >= 0, torch.Generator 64 bits
-RANGES = {"celeba": {"seed": SEED}, "clusters": {"dims": (1, None), "seed": SEED}}  # checked by cli.range_error
+RANGES = {"celeba": {"seed": SEED}, "clusters": {"dims": (1, None), "seed": SEED},  # checked by cli.range_error
+          "digits": {"seed": SEED, "labelled": (0.0, 1.0, True)}}
 
 
-def add_folder_flags(c, seeds):
+def add_folder_flags(c, seeds, link=True):
     """The flags of a command that writes a data folder: where, its seed (which seeds `seeds`), link or copy."""
     c.add_argument("--out", required=True, type=Path, help="the data folder to write")
     c.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
-    c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
+    if link:
+        c.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
     c.add_argument("--overwrite", action="store_true", help="rebuild a folder a previous run wrote")
 
 
@@ -716,15 +719,25 @@ def main(argv=None):
     c.add_argument("--resolution", type=int, default=512, help="the resolution train.py will use (default 512)")
     c.add_argument("--dims", type=int, default=10, help="principal components of the latents clustered (default 10)")
     add_folder_flags(c, "the mixture's initial centres")
+    c = commands.add_parser("digits", help="a biased set of the shipped MNIST digits (their training split)",
+                            description="Draw COUNT images of each DIGIT from the shipped digits' training split "
+                                        "(the held-out ones judge, never train) into OUT, beside the metadata.jsonl "
+                                        "that train.py reads; an image's group is its digit.")
+    c.add_argument("--counts", required=True, metavar="DIGIT=COUNT,...", help="e.g. 7=360,8=40 (400 a digit at most)")
+    c.add_argument("--prompt", default="a photo of a digit", help="the caption of every image")
+    c.add_argument("--resolution", type=int, default=32, help="image side in pixels (bicubic from 28; default 32)")
+    c.add_argument("--labelled", type=float, default=1.0, help="share of each digit's images that keep their group")
+    add_folder_flags(c, "which digits are drawn", link=False)
     args = parser.parse_args(argv)
     why = cli.range_error(args, RANGES[args.command]) or (
-        cli.side_error("resolution", args.resolution) if args.command == "clusters" else None)
+        cli.side_error("resolution", args.resolution) if args.command != "celeba" else None)
     if why:
         parser.error(why)
-    return cli.one_line_errors(lambda: celeba(parser, args) if args.command == "celeba" else clusters(args), "data.py")
+    command = {"celeba": celeba, "clusters": clusters, "digits": digits}[args.command]
+    return cli.one_line_errors(lambda: command(parser, args), "data.py")
 
 
-def clusters(args):
+def clusters(parser, args):
     out, sizes = make_cluster_folder(args.out, args.data, args.vae, args.k, resolution=args.resolution,
                                      dims=args.dims, seed=args.seed, link=args.link, overwrite=args.overwrite)
     print(f"wrote {int(sizes.sum())} images in {args.k} clusters (sizes {sizes.tolist()}) and metadata.jsonl to {out}")
@@ -739,6 +752,27 @@ def celeba(parser, args):
                                 group_names=args.group_names, seed=args.seed, link=args.link, overwrite=args.overwrite)
     names = args.group_names or (args.attribute, f"not {args.attribute}")
     print(f"wrote {sum(counts)} images ({names[0]}: {counts[0]}, {names[1]}: {counts[1]}) and metadata.jsonl to {out}")
+    return out
+
+
+def digits(parser, args):
+    pairs = [part.partition("=") for part in args.counts.split(",")]
+    counts = {int(d): int(n) for d, eq, n in pairs if eq and d.strip().isdigit() and n.strip().isdigit()}
+    if len(counts) != len(pairs) or max(counts) > 9 or min(counts.values()) < 1:
+        parser.error(f"--counts must be DIGIT=COUNT pairs, each digit 0-9 once with a COUNT >= 1, e.g. 7=360,8=40; "
+                     f"got {args.counts!r}")
+    images, labels = load_digits()
+    pool = split_digits(0)[0]  # reproduce.py's split: its judge is scored on the held-out digits
+    supply = {d: int((labels[pool] == d).sum()) for d in counts}
+    short = next((d for d in counts if counts[d] > supply[d]), None)
+    if short is not None:
+        parser.error(f"--counts: digit {short} has {supply[short]} images in the training split, {counts[short]} asked")
+    files = [(None, f"{k:05d}.png") for k in range(sum(counts.values()))]
+    check_out_folder(args.out, files, args.overwrite)  # as write_pngs does, but naming the flag
+    out = make_digit_folder(args.out, images, labels, counts, indices=pool, resolution=args.resolution,
+                            prompt=args.prompt, seed=args.seed, overwrite=args.overwrite, labelled=args.labelled)
+    print(f"wrote {sum(counts.values())} images ({', '.join(f'{d}: {n}' for d, n in counts.items())}) and "
+          f"metadata.jsonl to {out}")
     return out
 
 

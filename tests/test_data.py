@@ -58,6 +58,29 @@ def test_biased_folder_has_the_asked_ratio_and_no_heldout_image(tmp_path, digits
         data.make_digit_folder(root, images, labels, {7: 1, 8: 1}, indices=train)
 
 
+def test_the_digits_command_draws_a_biased_folder_from_the_training_split_or_names_the_bad_flag(tmp_path, capsys):
+    """No command built a folder of the shipped digits: train.py met them only inside reproduce.py. It draws from the
+    training split alone (the held-out digits judge, never train), keeps the asked share of labels, says what it
+    wrote, and refuses a bad --counts in one line naming it, before anything is written."""
+    out = tmp_path / "digits"
+    data.main(["digits", "--counts", "7=9,8=1", "--labelled", "0.5", "--resolution", "16", "--out", str(out)])
+    assert capsys.readouterr().out == f"wrote 10 images (7: 9, 8: 1) and metadata.jsonl to {out}\n"
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(r["digit"] for r in rows) == [7] * 9 + [8] and {r["text"] for r in rows} == {"a photo of a digit"}
+    assert [r["group"] for r in rows].count(None) == 5  # round(0.5 x 9) = 4 sevens and the one eight keep theirs
+    assert not set(data.split_digits(0)[1].tolist()) & {r["source_index"] for r in rows}
+    assert Image.open(out / rows[0]["file_name"]).size == (16, 16)
+    for counts, message in (("7=9,eight=1", "--counts must be DIGIT=COUNT pairs"), ("7=1,7=2", "each digit 0-9 once"),
+                            ("10=1", "each digit 0-9 once"), ("7=0", "a COUNT >= 1"),
+                            ("7=401", "--counts: digit 7 has 400 images in the training split, 401 asked")):
+        with pytest.raises(SystemExit) as e:
+            data.main(["digits", "--counts", counts, "--out", str(tmp_path / "never")])
+        assert e.value.code == 2 and message in capsys.readouterr().err, counts
+    with pytest.raises(SystemExit, match="--overwrite"):
+        data.main(["digits", "--counts", "7=2", "--out", str(out)])
+    assert not (tmp_path / "never").exists() and len(list(out.glob("*.png"))) == 10
+
+
 def test_a_digit_folder_is_not_written_over_files_it_did_not_write(tmp_path, digits):
     """Nothing the code did not write is lost: a folder holding the user's own 00000.png and no metadata.jsonl of a
     previous build is refused, naming the file, and the file is untouched; a finished build is rebuilt with
