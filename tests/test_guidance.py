@@ -295,7 +295,7 @@ def test_an_export_records_the_size_its_run_trained_at(sd_dir, data_dir, tmp_pat
     assert loading.model_sides(sd_dir)[1] == RES
 
 
-def test_an_export_keeps_its_runs_indicator_which_guides_as_the_run_does(runs, tmp_path):
+def test_an_export_keeps_its_runs_indicator_which_guides_as_the_run_does(runs, data_dir, tmp_path):
     """An export (train.py --export) wrote the UNet, VAE and text encoder and dropped the indicator: a shared model
     could not be guided, and --indicator EXPORT said only "no run.json". It is written beside them, with its record."""
     run, export = runs["noise-aware"], tmp_path / "export"
@@ -308,6 +308,20 @@ def test_an_export_keeps_its_runs_indicator_which_guides_as_the_run_does(runs, t
     assert len(pngs) == 1
     train.train(["--model", str(runs["none"]), "--export", str(tmp_path / "plain")])  # no indicator: none written
     assert not (tmp_path / "plain" / "indicator.safetensors").exists()
+    # only an export's folder stands for its indicator: not a checkpoint's unfinished or copied folder holding one
+    for name in ("checkpoint-000002.tmp", "checkpoint-000001-bak"):
+        (tmp_path / name).mkdir()
+        shutil.copy(export / "indicator.safetensors", tmp_path / name)
+        with pytest.raises(SystemExit, match=r"is not a train\.py run directory \(no run\.json\)"):
+            sample.main([*argv, "--indicator", str(tmp_path / name), "--out", str(tmp_path / "never")])
+    # the authors' objective trains an indicator of eps_hat: exported too, and refused by guidance as from its run
+    ddm_run = train.train(["--model", str(runs["none"]), "--data", str(data_dir), "--out", str(tmp_path / "ddm"),
+                           "--lora-rank", "4", "--max-steps", "1", *FAST])
+    train.train(["--model", str(ddm_run), "--export", str(tmp_path / "ddm-export")])
+    assert loading.load_models(tmp_path / "ddm-export").unet is not None
+    with pytest.raises(SystemExit, match="reads eps_hat, not"):
+        sample.main([*argv, "--indicator", str(tmp_path / "ddm-export"), "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
 
 
 def test_a_zero_guidance_scale_checks_its_indicators_and_targets_as_any_other_scale_does(runs, tmp_path):
