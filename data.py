@@ -760,7 +760,7 @@ def digits(parser, args):
     pool = split_digits(0)[0]  # reproduce.py's split: its judge is scored on the held-out digits
     most = int(np.bincount(labels[pool]).min())  # 400 of each digit
     pairs = [part.partition("=") for part in args.counts.split(",")]
-    counts = {int(d): int(n) for d, eq, n in pairs if eq and d.strip().isdigit() and n.strip().isdigit()}
+    counts = {int(d): int(n) for d, eq, n in pairs if eq and d.strip().isdecimal() and n.strip().isdecimal()}
     if len(counts) != len(pairs) or max(counts) > 9 or not all(1 <= n <= most for n in counts.values()):
         parser.error(f"--counts must be DIGIT=COUNT pairs, each digit 0-9 once, 1 <= COUNT <= {most} (a digit's "
                      f"images in the training split), e.g. 7=360,8=40; got {args.counts!r}")

@@ -72,7 +72,8 @@ def test_the_digits_command_draws_a_biased_folder_from_the_training_split_or_nam
     assert Image.open(out / rows[0]["file_name"]).size == (16, 16)
     for counts, message in (("7=9,eight=1", "--counts must be DIGIT=COUNT pairs"), ("7=1,7=2", "each digit 0-9 once"),
                             ("10=1", "each digit 0-9 once"), ("7=0", "1 <= COUNT <= 400"),
-                            ("7=401", "1 <= COUNT <= 400 (a digit's images in the training split)")):
+                            ("7=401", "1 <= COUNT <= 400 (a digit's images in the training split)"),
+                            ("\u00b2=1", "--counts must be DIGIT=COUNT pairs")):  # a digit to str.isdigit, not to int
         with pytest.raises(SystemExit) as e:
             data.main(["digits", "--counts", counts, "--out", str(tmp_path / "never")])
         assert e.value.code == 2 and message in capsys.readouterr().err, counts
