@@ -327,6 +327,18 @@ def test_the_bar_also_keeps_every_groups_recall_at_nine_tenths_of_plains_and_the
     assert "| 0.160 |" in reproduce.verdict_table(list(summary.values()), [7, 8])
 
 
+def test_a_recall_only_some_seeds_measured_does_not_meet_the_bar():
+    """A seed with too few images of a group has no recall for it. The mean over the seeds that measured it was
+    judged alone, so a "yes" could rest on one seed of three; now every seed must measure it, as plain did."""
+    def with_recall(r, r8):
+        return {**r, "recall_per_group": {"7": 0.5, "8": r8}}
+
+    rows = [with_recall(row("plain", 0, 0.5, 10.0), 0.5)] + [
+        with_recall(row(name, s, 0.1, 10.0), 0.9 if s == 0 or name == "all" else None)
+        for name in ("one", "all") for s in range(3)]
+    assert verdicts(rows) == {"plain": None, "one": False, "all": True}
+
+
 def test_summary_is_the_mean_and_sample_std_over_seeds():
     rows = [row("base", "-", 0.3, 5.0)] + [row("ddm", s, fd, fr) for s, fd, fr in
                                            ((0, 0.1, 10.0), (1, 0.2, 14.0), (2, 0.6, 12.0))]
