@@ -253,17 +253,17 @@ def check_parts(parts, first, objective, step):
     every DDP rank (a collective: each rank calls this at the same point): train.py sums them in that order over
     micro-batches and ranks."""
     where = f"--objective {objective} at step {step}"
+    if first is None and dist.is_initialized() and dist.get_world_size() > 1:  # before any rank can stop alone
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, tuple(parts))
+        assert len(set(ranks)) == 1, (f"{where}: the ranks returned the parts {ranks}: every rank must return the "
+                                      "same names")
     for name, value in parts.items():
         assert name not in LOGGED, f"{where}: its part {name!r} has the name of a field train.py logs itself"
         assert not torch.as_tensor(value).shape, f"{where}: its part {name!r} is not a scalar"
     assert first in (None, tuple(parts)), (f"{where} returned the parts {tuple(parts)}, where its first micro-batch "
                                            f"returned {first}: return the same part names at every step, NaN where "
                                            "not measured (README, 'Change the loss')")
-    if first is None and dist.is_initialized() and dist.get_world_size() > 1:
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, tuple(parts))
-        assert len(set(ranks)) == 1, (f"{where}: the ranks returned the parts {ranks}: every rank must return the "
-                                      "same names")
     return tuple(parts)
 
 
