@@ -242,9 +242,9 @@ class Trainer:
                         (args.validation_every and step % args.validation_every == 0) or final):
                     self.validate()
         if rank == 0:
-            print(f"trained to step {self.step_count}: {self.run_dir}")
+            tqdm.write(f"trained to step {self.step_count}: {self.run_dir}")  # between the bars of a caller's loop
             if args.export:
-                print(f"exported {self.run_dir} to {loading.export_model(self.run_dir, args.export)}")
+                tqdm.write(f"exported {self.run_dir} to {loading.export_model(self.run_dir, args.export)}")
         _barrier(self.world)
         return self.run_dir
 
