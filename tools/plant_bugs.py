@@ -39,6 +39,8 @@ RANKS = T + "test_each_rank_reads_its_own_shard_with_its_own_noise_seed"
 STRICT = W + "test_missing_tensors_alone_and_unexpected_tensors_alone_are_named"
 RECALL = R + "test_the_bar_also_keeps_every_groups_recall_at_nine_tenths_of_plains_and_the_worst_seed_is_shown"
 HAND = E + "test_precision_and_recall_on_a_hand_computed_case"
+PARTIAL = R + "test_a_number_not_every_seed_measured_says_over_how_many_and_one_seed_shows_no_spread"
+PARTIAL_BAR = R + "test_a_recall_only_some_seeds_measured_does_not_meet_the_bar"
 OFFSETS = "tests/test_guidance.py::test_decision_offsets_pick_the_asked_shares_and_never_a_group_of_share_zero"
 AUTO = "tests/test_guidance.py::test_auto_scale_is_the_smallest_rung_that_meets_the_targets_and_every_try_is_recorded"
 JUDGES = ("tests/test_attributes.py::"
@@ -129,6 +131,8 @@ BUGS = [  # (name, file, old, new, tests)
      [JUDGES]),
     ("only-the-last-guide", "diffusion.py", "for j, g in enumerate(guides):",
      "for j, g in list(enumerate(guides))[-1:]:", [TERMS]),
+    ("spread-of-one-seed", "reproduce.py", "if n > 1 else", "if of > 1 else", [PARTIAL]),
+    ("bar-on-some-seeds", "reproduce.py", ' and f"recall_{g}" not in s["partial"]', "", [PARTIAL_BAR]),
 ]
 
 
