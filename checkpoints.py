@@ -301,6 +301,7 @@ SCHEDULER_CONFIG = {  # SD v1.5's scheduler/scheduler_config.json (PNDM with the
     "trained_betas": None, "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
     "steps_offset": diffusion.STEPS_OFFSET, "clip_sample": False, "timestep_spacing": "leading",
 }
+MODEL_INDEX_FILE = "model_index.json"  # what makes a folder a diffusers pipeline (and a train.py export)
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.21.0",  # informational: loaders read the classes
     "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
@@ -389,4 +390,4 @@ def _write_diffusers(models, parts, tmp):
     write_tokenizer(models.tokenizer, tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
     weights.write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(models))
-    weights.write_json(tmp / "model_index.json", MODEL_INDEX)
+    weights.write_json(tmp / MODEL_INDEX_FILE, MODEL_INDEX)

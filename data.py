@@ -680,7 +680,8 @@ RANGES = {"celeba": {"seed": SEED}, "clusters": {"dims": (1, None), "seed": SEED
 
 
 def add_folder_flags(c, seeds, link=True):
-    """The flags of a command that writes a data folder: where, its seed (which seeds `seeds`), link or copy."""
+    """The flags of a command that writes a data folder: where, its seed (which seeds `seeds`), rebuild, and where
+    `link`, --link to symlink the images instead of copying them."""
     c.add_argument("--out", required=True, type=Path, help="the data folder to write")
     c.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
     if link:

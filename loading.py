@@ -218,7 +218,7 @@ def load_indicator(path, latent_shape):
     indicator.safetensors, which carries what it needs (ddm.indicator_metadata); ValueError naming the path when it
     is no such indicator, reads eps_hat, or was trained on latents of another shape (another resolution)."""
     path, where = Path(path), f"--indicator {path}"
-    if (path / "model_index.json").is_file() and (path / checkpoints.INDICATOR_FILE).is_file():
+    if (path / checkpoints.MODEL_INDEX_FILE).is_file() and (path / checkpoints.INDICATOR_FILE).is_file():
         path = path / checkpoints.INDICATOR_FILE  # an export (train.py --export) of a run with an indicator
     if path.is_dir():
         run_dir, name = rundir.run_of(path) or (path, None)  # not a run: read_run_json says so

@@ -486,7 +486,8 @@ def summarize(rows, groups):
 
 def recall_kept(s, plain, groups):
     """Whether every group's recall is at least 0.9 x plain's, measured in every seed (a seed with too few images
-    of a group has none); a group plain has no recall for is not judged."""
+    of a group has none); plain's is its mean over the seeds that measured it, and a group it has none for is not
+    judged."""
     return all(s[f"recall_{g}"] is not None and f"recall_{g}" not in s["partial"]
                and s[f"recall_{g}"] >= 0.9 * plain[f"recall_{g}"] for g in groups if plain[f"recall_{g}"] is not None)
 

@@ -381,7 +381,7 @@ def train(argv=None):
     check_args(args)
     if args.data is None:  # --model PATH --export DIR: conversion only
         out = loading.export_model(args.model, args.export)
-        print(f"exported {args.model} to {out}")
+        tqdm.write(f"exported {args.model} to {out}")
         return out
     rank, world, device, created_group = setup_distributed(args.device)
     try:

@@ -329,7 +329,7 @@ def test_the_bar_also_keeps_every_groups_recall_at_nine_tenths_of_plains_and_the
 
 def test_a_recall_only_some_seeds_measured_does_not_meet_the_bar():
     """A seed with too few images of a group has no recall for it. The mean over the seeds that measured it was
-    judged alone, so a "yes" could rest on one seed of three; now every seed must measure it, as plain did."""
+    judged alone, so a "yes" could rest on one seed of three; now every seed must measure it."""
     def with_recall(r, r8):
         return {**r, "recall_per_group": {"7": 0.5, "8": r8}}
 
