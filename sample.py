@@ -157,6 +157,7 @@ def build_parser():
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ancestral")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run's images and their evaluation.json")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
     guidance.add_flags(p)
     p.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     # Half-precision weights run as they are, without autocast (as diffusers' fp16 pipelines do; group norms stay
@@ -330,7 +331,7 @@ def main(argv=None):
         weights.write_json(out / "samples.json", record)
         for prompt, guides in per_prompt:  # prompt None: one call for all; else one per prompt, its own guidance
             rows = [k for k, p in enumerate(prompts) if prompt in (None, p)]
-            generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], guides=guides,
+            generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], guides=guides, progress=args.progress,
                      on_batch=lambda start, images: save(rows[start:start + len(images)], images), **settings)
         make_grid(torch.stack([grid_images[k] for k in sorted(grid_images)])).save(out / "grid.png")
         record.update(seconds=round(time.time() - started, 3), finished=True)

@@ -361,6 +361,18 @@ def test_cli_writes_images_grid_and_a_readable_record(tiny, tmp_path):
     assert json.loads((out / "samples.json").read_text())["prompts"] == ["a cat"]
 
 
+def test_cli_takes_no_progress_as_train_and_reproduce_do(tiny, tmp_path, capsys):
+    """train.py and reproduce.py take --no-progress; sample.py refused it ("unrecognized arguments"), so a script that
+    passed it to every step stopped here, and without it a job's log filled with bars."""
+    _, _, folder = tiny
+    argv = ["--model", str(folder), "--prompt", "a cat", "--n", "2", "--steps", "2", "--height", str(H), "--width",
+            str(W)]
+    sample.main([*argv, "--out", str(tmp_path / "bar")])
+    assert "images:" in capsys.readouterr().err
+    sample.main([*argv, "--no-progress", "--out", str(tmp_path / "quiet")])
+    assert "images:" not in capsys.readouterr().err and (tmp_path / "quiet" / "00001.png").is_file()
+
+
 @pytest.mark.parametrize("change,message", [
     ({"--height": "36"}, "--height must be a positive multiple of 8"),
     ({"--width": "0"}, "--width must be a positive multiple of 8"),
