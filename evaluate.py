@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 import cli
 import clip_image
@@ -278,12 +279,12 @@ class CLIPZeroShot:
 
 
 @torch.no_grad()
-def clip_image_embeddings(model, paths, batch_size=32):
+def clip_image_embeddings(model, paths, batch_size=32, progress=True, what="images"):
     """Projected CLIP embeddings of image files, float32 (N, D) on the CPU; each image is preprocessed on its own
     (`clip_image.preprocess`), so one folder may hold several sizes."""
     device, size = model.logit_scale.device, model.config.vision.image_size
     out = []
-    for i in range(0, len(paths), batch_size):
+    for i in tqdm(range(0, len(paths), batch_size), f"CLIP {what}", unit="batch", disable=not progress):
         pixels = clip_image.preprocess([data.open_image(p) for p in paths[i:i + batch_size]], size)
         out.append(model.encode_image(pixels.to(device)).float().cpu())
     return torch.cat(out)
@@ -611,6 +612,8 @@ def build_parser():
     g.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where CLIP runs (default: cuda if available, else cpu)")
     g.add_argument("--batch-size", type=int, default=32, help="images per CLIP forward pass")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a tqdm bar while CLIP embeds the images")
     return parser
 
 
@@ -738,8 +741,9 @@ def evaluate_clip(args):
     model = clip_image.load_clip(args.clip).to(args.device)
     tokenizer = clip_image.load_clip_tokenizer(args.clip)
     judges = [CLIPZeroShot(model, tokenizer, texts) for texts in lists]
-    embeds = clip_image_embeddings(model, paths, args.batch_size)
-    reference_features = None if reference is None else clip_image_embeddings(model, reference, args.batch_size)
+    embeds = clip_image_embeddings(model, paths, args.batch_size, args.progress)
+    reference_features = (None if reference is None else
+                          clip_image_embeddings(model, reference, args.batch_size, args.progress, "--reference"))
     result = evaluate_images(embeds, judges[0], lists[0], requested=requested or None,
                              indicator_logits=indicator_logits, reference_features=reference_features)
     scores = clip_scores(model, tokenizer, embeds, prompts)

@@ -331,8 +331,9 @@ def main(argv=None):
         weights.write_json(out / "samples.json", record)
         for prompt, guides in per_prompt:  # prompt None: one call for all; else one per prompt, its own guidance
             rows = [k for k, p in enumerate(prompts) if prompt in (None, p)]
-            generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], guides=guides, progress=args.progress,
-                     on_batch=lambda start, images: save(rows[start:start + len(images)], images), **settings)
+            generate(models, [prompts[k] for k in rows], [seeds[k] for k in rows], guides=guides,
+                     on_batch=lambda start, images: save(rows[start:start + len(images)], images),
+                     progress=args.progress, **settings)
         make_grid(torch.stack([grid_images[k] for k in sorted(grid_images)])).save(out / "grid.png")
         record.update(seconds=round(time.time() - started, 3), finished=True)
         weights.write_json(out / "samples.json", record)

@@ -385,6 +385,17 @@ def _oracle(tiny_clip, paths, texts):
     return out.logits_per_image.softmax(1), embeds
 
 
+def test_clip_judging_shows_its_progress_and_takes_no_progress(tiny_clip, heldout, tmp_path, capsys):
+    """CLIP judges thousands of images for hours on a CPU: it ran without a word until the end. A bar counts the
+    images it has embedded, and --no-progress (as train.py, sample.py and reproduce.py take it) turns it off."""
+    folder = _write_sample_folder(tmp_path / "s", heldout[0][:4], ["a photo of a doctor"] * 4)
+    argv = [str(folder), "--clip", str(tiny_clip[0]), "--attributes", *ATTRIBUTES, "--device", "cpu"]
+    evaluate.main(argv)
+    assert "CLIP images: 100%" in capsys.readouterr().err
+    evaluate.main([*argv, "--no-progress"])
+    assert "CLIP" not in capsys.readouterr().err
+
+
 def test_clip_cli_equals_transformers_zero_shot_on_sample_folders(tiny_clip, heldout, tmp_path, capsys):
     folder = tiny_clip[0]
     images, labels = heldout
