@@ -455,7 +455,7 @@ def mean_std(values):
 
 def over_seeds(s, per_seed):
     """s[k], s[k_std] over the seeds for each number k of the per-seed dicts; s["partial"][k]: how many seeds
-    measured a number that not all of them did (a group no image of a seed fell in has no recall there)."""
+    measured a number that not all of them did (a seed with too few images of a group has no recall for it)."""
     s["n_seeds"], s["partial"] = len(per_seed), {}
     for k in per_seed[0]:
         values = [d[k] for d in per_seed]
