@@ -218,8 +218,8 @@ def load_indicator(path, latent_shape):
     indicator.safetensors, which carries what it needs (ddm.indicator_metadata); ValueError naming the path when it
     is no such indicator, reads eps_hat, or was trained on latents of another shape (another resolution)."""
     path, where = Path(path), f"--indicator {path}"
-    if (path / checkpoints.MODEL_INDEX_FILE).is_file() and (path / checkpoints.INDICATOR_FILE).is_file():
-        path = path / checkpoints.INDICATOR_FILE  # an export (train.py --export) of a run with an indicator
+    if (path / checkpoints.MODEL_INDEX_FILE).is_file():
+        path = path / checkpoints.INDICATOR_FILE  # an export (train.py --export): its run's indicator, if it had one
     if path.is_dir():
         run_dir, name = rundir.run_of(path) or (path, None)  # not a run: read_run_json says so
         info = rundir.read_run_json(run_dir)

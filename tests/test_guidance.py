@@ -308,6 +308,8 @@ def test_an_export_keeps_its_runs_indicator_which_guides_as_the_run_does(runs, d
     assert len(pngs) == 1
     train.train(["--model", str(runs["none"]), "--export", str(tmp_path / "plain")])  # no indicator: none written
     assert not (tmp_path / "plain" / "indicator.safetensors").exists()
+    with pytest.raises(SystemExit, match=r"plain/indicator\.safetensors not found"):  # not "no run.json"
+        sample.main([*argv, "--indicator", str(tmp_path / "plain"), "--out", str(tmp_path / "never")])
     # only an export's folder stands for its indicator: not a checkpoint's unfinished or copied folder holding one
     for name in ("checkpoint-000002.tmp", "checkpoint-000001-bak"):
         (tmp_path / name).mkdir()
