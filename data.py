@@ -91,7 +91,7 @@ def digit_image(image, resolution=32):
 
 
 def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resolution=32,
-                      prompt="a photo of a digit", seed=0, overwrite=False, labelled=1.0):
+                      prompt="a photo of a digit", seed=0, overwrite=False, labelled=1.0, flag="overwrite=True"):
     """Write an image-folder data set of digits with exactly `counts[digit]` images of each digit -> its path.
 
     images, labels: the arrays of `load_digits()`. indices: the pool to draw from (e.g. the train indices of
@@ -100,7 +100,8 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     supply of that digit is an error. prompt: the caption, a str or a function digit -> str (per-group prompts).
     labelled: the share of each digit's images that keep their group; the others get "group": null (at least one
     image per digit stays labelled). Each line of `metadata.jsonl` also records `source_index` (the row in
-    `load_digits()` order) and the `digit` itself, for auditing.
+    `load_digits()` order) and the `digit` itself, for auditing. flag: what a refusal to rebuild names (a CLI's
+    --overwrite).
     """
     out_dir = Path(out_dir)
     images, labels = np.asarray(images), np.asarray(labels)
@@ -118,14 +119,15 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     caption = prompt if callable(prompt) else lambda digit: prompt
     rows = [{"text": caption(d), "group": d if i in keep else None, "digit": d, "source_index": i}
             for i, d in zip(chosen.tolist(), labels[chosen].tolist())]
-    return write_pngs(out_dir, rows, lambda row: digit_image(images[row["source_index"]], resolution), overwrite)
+    return write_pngs(out_dir, rows, lambda row: digit_image(images[row["source_index"]], resolution), overwrite, flag)
 
 
-def write_pngs(out_dir, rows, render, overwrite=False):
+def write_pngs(out_dir, rows, render, overwrite=False, flag="overwrite=True"):
     """Save the image render(row) of each metadata row as 00000.png, 00001.png, ... in `out_dir`, then the rows with
     those file names as metadata.jsonl, last and atomically: a folder without it is an unfinished build -> out_dir.
-    A finished build is rebuilt only with overwrite=True, and no file of another is replaced (`check_out_folder`)."""
-    check_out_folder(out_dir, [(None, f"{k:05d}.png") for k in range(len(rows))], overwrite, "overwrite=True")
+    A finished build is rebuilt only with overwrite=True (a refusal names `flag`), and no file of another is replaced
+    (`check_out_folder`)."""
+    check_out_folder(out_dir, [(None, f"{k:05d}.png") for k in range(len(rows))], overwrite, flag)
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, row in enumerate(rows):
         render(row).save(out_dir / f"{k:05d}.png")
@@ -765,10 +767,9 @@ def digits(parser, args):
     if len(counts) != len(pairs) or max(counts) > 9 or not all(1 <= n <= most for n in counts.values()):
         parser.error(f"--counts must be DIGIT=COUNT pairs, each digit 0-9 once, 1 <= COUNT <= {most} (a digit's "
                      f"images in the training split), e.g. 7=360,8=40; got {args.counts!r}")
-    files = [(None, f"{k:05d}.png") for k in range(sum(counts.values()))]
-    check_out_folder(args.out, files, args.overwrite)  # as write_pngs does, but naming the flag
     out = make_digit_folder(args.out, images, labels, counts, indices=pool, resolution=args.resolution,
-                            prompt=args.prompt, seed=args.seed, overwrite=args.overwrite, labelled=args.labelled)
+                            prompt=args.prompt, seed=args.seed, overwrite=args.overwrite, labelled=args.labelled,
+                            flag="--overwrite")
     print(f"wrote {sum(counts.values())} images ({', '.join(f'{d}: {n}' for d, n in counts.items())}) and "
           f"metadata.jsonl to {out}")
     return out
