@@ -460,8 +460,9 @@ def over_seeds(s, per_seed):
     for k in per_seed[0]:
         values = [d[k] for d in per_seed]
         s[k], s[k + "_std"] = mean_std(values)
-        if 0 < values.count(None) < len(values):
-            s["partial"][k] = len(values) - values.count(None)
+        measured = len(values) - values.count(None)
+        if 0 < measured < len(values):
+            s["partial"][k] = measured
     return s
 
 
