@@ -339,6 +339,18 @@ def test_a_recall_only_some_seeds_measured_does_not_meet_the_bar():
     assert verdicts(rows) == {"plain": None, "one": False, "all": True}
 
 
+def test_the_attribute_experiment_samples_enough_images_to_measure_every_groups_recall():
+    """Recall is measured on subsets of attr_diversity images of a group. At 150 images a prompt, a model that kept
+    its training share of the rarest group (green, 1 in 10) made 15 of them, fewer than the 20 a subset takes, so
+    its recall went unmeasured: seven of the eight rows of the verdict lacked a recall in some seed. The rarest
+    group at its training share must make at least 1.5 subsets a prompt."""
+    for attribute, values in reproduce.ATTR_GROUPS.items():
+        at = list(reproduce.ATTR_GROUPS).index(attribute)
+        total = sum(reproduce.ATTR_COUNTS.values())
+        rarest = min(sum(n for k, n in reproduce.ATTR_COUNTS.items() if k[at] == v) for v in values) / total
+        assert reproduce.FULL.attr_n * rarest >= 1.5 * reproduce.FULL.attr_diversity, attribute
+
+
 def test_summary_is_the_mean_and_sample_std_over_seeds():
     rows = [row("base", "-", 0.3, 5.0)] + [row("ddm", s, fd, fr) for s, fd, fr in
                                            ((0, 0.1, 10.0), (1, 0.2, 14.0), (2, 0.6, 12.0))]
