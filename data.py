@@ -130,6 +130,7 @@ def write_pngs(out_dir, rows, render, overwrite=False, flag="overwrite=True"):
     check_out_folder(out_dir, [(None, f"{k:05d}.png") for k in range(len(rows))], overwrite, flag)
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, row in enumerate(rows):
+        (out_dir / f"{k:05d}.png").unlink(missing_ok=True)  # a link of the old build: saving onto it writes its source
         render(row).save(out_dir / f"{k:05d}.png")
     lines = [json.dumps({"file_name": f"{k:05d}.png", **row}) for k, row in enumerate(rows)]
     weights.write_atomic(out_dir / "metadata.jsonl", "\n".join(lines) + "\n")
@@ -335,8 +336,7 @@ def write_folder(out_dir, entries, *, link=False, overwrite=False):
     for source, name, fields in entries:
         target = out_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if os.path.lexists(target):
-            target.unlink()  # a link of the old build: copying onto it would write into its source
+        target.unlink(missing_ok=True)  # a link of the old build: copying onto it would write into its source
         if link:
             target.symlink_to(Path(source).resolve())
         else:

@@ -98,6 +98,24 @@ def test_a_digit_folder_is_not_written_over_files_it_did_not_write(tmp_path, dig
     assert len((built / "metadata.jsonl").read_text().splitlines()) == 2
 
 
+def test_rebuilding_a_folder_of_links_writes_new_files_not_into_the_folder_they_point_to(tmp_path, digits):
+    """A folder last built with links (data.py clusters --link) holds symlinks to another data set's images under
+    the names a digit folder writes. Rebuilding it as a digit folder with overwrite saved each PNG through the link,
+    over the other data set's image."""
+    images, labels = digits
+    theirs = data.make_digit_folder(tmp_path / "theirs", images, labels, {3: 2, 1: 2})
+    before = files_of(theirs)
+    linked = data.write_folder(tmp_path / "linked", [(theirs / f"{k:05d}.png", f"{k:05d}.png", {"group": 0})
+                                                     for k in range(4)], link=True)
+    data.make_digit_folder(linked, images, labels, {3: 2, 1: 2}, seed=1, overwrite=True)
+    assert files_of(theirs) == before
+    assert not any(p.is_symlink() for p in linked.iterdir())
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 def test_image_folder_reads_pixels_text_and_group_indices(tmp_path, digits):
     images, labels = digits
     root = data.make_digit_folder(tmp_path / "d", images, labels, {3: 4, 1: 2}, resolution=32, seed=0)
