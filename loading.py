@@ -106,28 +106,24 @@ def model_sides(path):
     t = weights.read_config(weights.find_component(path, subfolder="text_encoder", weight_names=TEXT_ENCODER_FILES)[1],
                             text_encoder_config_from_hf)
     read_schedule(path)
-    why = fit_error(u, v, t)
-    if why:
-        raise ValueError(why)
+    check_fit(u, v, t)
     return side_multiple(u, v), u.sample_size * v.downsample_factor
 
 
-def fit_error(u, v, c):
-    """Why a UNet, VAE and text encoder of these configs cannot run together, or None: the UNet reads the text
+def check_fit(u, v, c):
+    """ValueError unless a UNet, VAE and text encoder of these configs can run together: the UNet reads the text
     encoder's width and the VAE's latent channels."""
     if u.context_dim != c.width or u.in_channels != v.z_channels or u.out_channels != v.z_channels:
-        return (f"the models do not fit each other: UNet context_dim {u.context_dim}, in/out channels "
-                f"{u.in_channels}/{u.out_channels}; text encoder width {c.width}; VAE z_channels {v.z_channels}")
-    return None
+        raise ValueError(f"the models do not fit each other: UNet context_dim {u.context_dim}, in/out channels "
+                         f"{u.in_channels}/{u.out_channels}; text encoder width {c.width}; VAE z_channels "
+                         f"{v.z_channels}")
 
 
 def latent_shape(models, height, width):
     """(C, h, w) of the latents of height x width images; ValueError when the models do not fit each other or the
     size (first SD's 8, then this model's own multiple)."""
     u, v, c = models.unet.config, models.vae_config, models.text_encoder.config
-    why = fit_error(u, v, c)
-    if why:
-        raise ValueError(why)
+    check_fit(u, v, c)
     for side, why in ((8, ""), (side_multiple(u, v), " for this model")):
         if height <= 0 or width <= 0 or height % side or width % side:
             raise ValueError(f"height and width must be positive multiples of {side}{why}, got {height}x{width}")
