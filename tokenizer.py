@@ -331,20 +331,19 @@ def with_pad_token(tokenizer, folder):
     (a string or an {"content": ...} object): special_tokens_map.json's (transformers 4's file), else
     tokenizer_config.json's; the first is not read where the second lists added_tokens_decoder. None named:
     <|endoftext|>, CLIPTokenizer's default and SD v1.x's. SD v2.x's folders name "!" (id 0)."""
-    named = []  # (file, pad_token), the last one wins
+    source = None  # the file that names the pad token; special_tokens_map.json wins over tokenizer_config.json
     config = weights.read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     if config.get("pad_token") is not None:
-        named.append((folder / "tokenizer_config.json", config["pad_token"]))
+        source, named = folder / "tokenizer_config.json", config["pad_token"]
     if "added_tokens_decoder" not in config and (folder / "special_tokens_map.json").is_file():
         special_map = weights.read_json(folder / "special_tokens_map.json")
         if special_map.get("pad_token") is not None:
-            named.append((folder / "special_tokens_map.json", special_map["pad_token"]))
-    if not named:
+            source, named = folder / "special_tokens_map.json", special_map["pad_token"]
+    if source is None:
         return tokenizer
-    source, token = named[-1]
-    token = token.get("content") if isinstance(token, dict) else token
+    token = named.get("content") if isinstance(named, dict) else named
     if not isinstance(token, str):
-        why = f"pad_token must be a token (a string, or an object with its \"content\"), not {named[-1][1]!r}"
+        why = f"pad_token must be a token (a string, or an object with its \"content\"), not {named!r}"
     elif token not in tokenizer.encoder:
         why = (f"pad_token {token!r} is not in the vocabulary: transformers would add it as a new id, which the CLIP "
                "text encoder does not have")
