@@ -47,6 +47,7 @@ JUDGES = ("tests/test_attributes.py::"
           "test_the_colour_rule_is_exact_and_the_width_rule_reproduces_the_split_of_real_digits")
 TERMS = "tests/test_attributes.py::test_two_indicators_add_their_guidance_terms"
 CKPT = W + "test_a_checkpoint_missing_a_tensor_is_named_with_its_file"
+ENOUGH = R + "test_the_attribute_experiment_samples_enough_images_to_measure_every_groups_recall"
 
 BUGS = [  # (name, file, old, new, tests)
     # the verdict and its statistics
@@ -133,6 +134,7 @@ BUGS = [  # (name, file, old, new, tests)
      "for j, g in list(enumerate(guides))[-1:]:", [TERMS]),
     ("spread-of-one-seed", "reproduce.py", "if n > 1 else", "if of > 1 else", [PARTIAL]),
     ("bar-on-some-seeds", "reproduce.py", ' and f"recall_{g}" not in s["partial"]', "", [PARTIAL_BAR]),
+    ("attributes-too-few-for-recall", "reproduce.py", "attr_n: int = 300", "attr_n: int = 150", [ENOUGH]),
 ]
 
 
