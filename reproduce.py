@@ -103,7 +103,6 @@ QUICK = Sizes(classifier_epochs=1, vae_steps=30, vae_batch=16, base_steps=30, ba
 
 
 def sizes_of(args):
-    """The sizes a run uses: QUICK with --quick (a smoke test), else FULL."""
     return QUICK if args.quick else FULL
 
 
