@@ -201,13 +201,13 @@ def load_classifier(path):
     return model.eval()
 
 
-def get_digit_classifier(path=DEFAULT_CLASSIFIER_PATH, seed=0, progress=True):
-    """Load the cached digit classifier at `path`, or train one (seeded) and cache it there."""
+def get_digit_classifier(path, progress=True):
+    """Load the cached digit classifier at `path`, or train one (seed 0) and cache it there."""
     path = Path(path)
     if path.is_file():
         return load_classifier(path)
     t0 = time.time()
-    model, accuracy = train_digit_classifier(seed=seed, progress=progress)
+    model, accuracy = train_digit_classifier(seed=0, progress=progress)
     if progress:
         print(f"trained digit classifier: held-out accuracy {accuracy:.4f} in {time.time() - t0:.1f}s -> {path}",
               file=sys.stderr)
@@ -591,6 +591,9 @@ def build_parser():
     parser.add_argument("--indicator-logits", type=Path,
                         help="(N, K) indicator logits on the generated images, .npy or .safetensors -> entropy")
     parser.add_argument("--out", type=Path, help="JSON result (default: IMAGE_DIR/evaluation.json, first folder)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="a tqdm bar while CLIP embeds the images; the epochs of the default digit classifier "
+                             "when it is trained")
     g = parser.add_argument_group("digit classifier (the default)")
     g.add_argument("--groups", nargs="+", type=_parse_group,
                    help="the classifier classes to judge balance over (default: all)")
@@ -612,8 +615,6 @@ def build_parser():
     g.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where CLIP runs (default: cuda if available, else cpu)")
     g.add_argument("--batch-size", type=int, default=32, help="images per CLIP forward pass")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="a tqdm bar while CLIP embeds the images")
     return parser
 
 
@@ -703,7 +704,7 @@ def evaluate_digits(args):
     files = [image_files(d) for d in args.image_dirs]
     images = read_images([p for paths in files for p in paths])
     requested = [g for g, paths in zip(args.prompt_groups, files) for _ in paths] if args.prompt_groups else None
-    classifier = (get_digit_classifier(args.classifier) if args.classifier == DEFAULT_CLASSIFIER_PATH
+    classifier = (get_digit_classifier(args.classifier, args.progress) if args.classifier == DEFAULT_CLASSIFIER_PATH
                   else load_classifier(args.classifier))
     groups = args.groups or list(classifier.class_names)
     indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)

@@ -696,3 +696,22 @@ def test_a_folder_given_twice_is_refused_and_a_file_given_as_folder_is_named_as_
     assert e.value.code == 2 and f"IMAGE_DIR {folder}/ is {folder} again" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"image folder .*00000.png is a file, not a folder"):
         evaluate.main([str(folder / "00000.png")])
+
+
+def test_no_progress_also_silences_training_the_default_digit_classifier(trained, heldout, tmp_path, monkeypatch,
+                                                                          capsys):
+    """--no-progress was taken and ignored on the digit path: training the missing default classifier still
+    printed its epochs and a line to stderr. The flag reaches it; without the flag the epochs still show."""
+    calls = []
+
+    def train_digit_classifier(seed=0, progress=False):
+        calls.append(progress)
+        return trained
+
+    monkeypatch.setattr(evaluate, "train_digit_classifier", train_digit_classifier)
+    folder = _write_sample_folder(tmp_path / "s", heldout[0][:4], ["a handwritten digit"] * 4)
+    for k, flags in enumerate((["--no-progress"], [])):
+        monkeypatch.setattr(evaluate, "DEFAULT_CLASSIFIER_PATH", tmp_path / f"classifier{k}.safetensors")
+        evaluate.main([str(folder), *flags])
+        assert ("trained digit classifier" in capsys.readouterr().err) == (not flags)
+    assert calls == [False, True]
