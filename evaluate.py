@@ -612,9 +612,8 @@ def build_parser():
                    help="real images -> Frechet distance in CLIP image-feature space (thousands for a stable one)")
     g.add_argument("--prompt", help="for folders without sample.py's samples.json: their prompt, for the CLIP "
                                     "score (folders with one use the prompts it records)")
-    g.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where CLIP runs (default: cuda if available, else cpu)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per CLIP forward pass")
+    g.add_argument("--device", type=cli.device_arg, help="where CLIP runs (default: cuda if available, else cpu)")
+    g.add_argument("--batch-size", type=int, help="images per CLIP forward pass (default 32)")
     return parser
 
 
@@ -625,22 +624,29 @@ def parse_args(argv=None):
     why = flag_error(args)
     if why:
         parser.error(why)
+    args.device = args.device or cli.device_arg("cuda" if torch.cuda.is_available() else "cpu")
+    args.batch_size = args.batch_size or 32
     return args
 
 
 def flag_error(args):
-    """Why the flags cannot be used as given, or None: the CLIP flags without --clip or the digit ones with it, a
-    text twice in an --attributes list, a folder twice, --prompt-groups not one per folder, --indicator-logits of
-    another suffix, --batch-size, an --out that cannot be written."""
-    if args.clip is None:
-        for name in ("attributes", "reference", "prompt"):
+    """Why the flags cannot be used as given, or None: --batch-size, the CLIP flags without --clip or the digit ones
+    with it, a text twice in an --attributes list, a folder twice, --prompt-groups not one per folder,
+    --indicator-logits of another suffix, an --out that cannot be written."""
+    why = cli.range_error(args, {"batch_size": (1, None)})
+    if why:
+        return why
+    if args.clip is None:  # the digit classifier runs on the CPU, at its own batch
+        for name in ("attributes", "reference", "prompt", "device", "batch_size"):
             if getattr(args, name) is not None:
-                return f"--{name} is for the CLIP classifier: give --clip CLIP_DIR too"
+                return f"--{name.replace('_', '-')} is for the CLIP classifier: give --clip CLIP_DIR too"
     elif not args.attributes or any(len(a) < 2 for a in args.attributes):
         return ('--clip needs --attributes with at least two texts, e.g. --attributes "a photo of a man" '
                 '"a photo of a woman"')
     elif args.groups is not None:
         return "--groups picks digit classes; with --clip the groups are the --attributes"
+    elif args.classifier != DEFAULT_CLASSIFIER_PATH:
+        return f"--classifier is the digit judge's; with --clip, CLIP judges (got --classifier {args.classifier})"
     twice = [t for t in map(cli.repeated, args.attributes or []) if t is not None]
     if twice:
         return f"--attributes names the text {twice[0]!r} twice; each group of an attribute needs its own text"
@@ -654,8 +660,7 @@ def flag_error(args):
                 "give one per folder")
     if args.indicator_logits is not None and args.indicator_logits.suffix not in (".npy", ".safetensors"):
         return f"--indicator-logits {args.indicator_logits}: give a .npy or .safetensors file"
-    return (cli.range_error(args, {"batch_size": (1, None)})
-            or out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None))
+    return out_error(args.out or Path(args.image_dirs[0]) / "evaluation.json", default=args.out is None)
 
 
 def out_error(out, default):

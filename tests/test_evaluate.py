@@ -715,3 +715,22 @@ def test_no_progress_also_silences_training_the_default_digit_classifier(trained
         evaluate.main([str(folder), *flags])
         assert ("trained digit classifier" in capsys.readouterr().err) == (not flags)
     assert calls == [False, True]
+
+
+def test_the_flags_of_one_judge_given_to_the_other_are_refused_at_parse_time(tmp_path, capsys):
+    """--device and --batch-size (CLIP's) were taken and ignored on the digit path, which runs its classifier on the
+    CPU at its own batch; --classifier was taken and ignored with --clip. Each is refused naming the flag, before
+    anything is read or written; left out, CLIP's device and batch take their defaults."""
+    folder = _write_pngs(tmp_path / "s", np.zeros((3, 8, 8, 3), np.uint8))
+    clip = ["--clip", str(tmp_path / "clip"), "--attributes", *ATTRIBUTES, "--prompt", "a photo"]
+    for flags, message in ((["--device", "cpu"], "--device is for the CLIP classifier: give --clip CLIP_DIR too"),
+                           (["--batch-size", "5"], "--batch-size is for the CLIP classifier: give --clip CLIP_DIR"),
+                           ([*clip, "--classifier", str(tmp_path / "c.safetensors")],
+                            "--classifier is the digit judge's; with --clip, CLIP judges")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([str(folder), *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
+        assert not (folder / "evaluation.json").exists()
+    args = evaluate.parse_args([str(folder), *clip])
+    assert args.device == torch.device("cuda" if torch.cuda.is_available() else "cpu") and args.batch_size == 32
