@@ -28,6 +28,7 @@ DECIDE_AT = 801  # a step of SD's spacing at 5, 10, 20, 25 or 50 steps; at 901 t
 AUTO_SCALES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20)  # at 30 the digits showed artefacts
 AUTO_HIT = 0.9  # 0.97 bought FD 0.03-0.04 with the minority's recall at 0.88x plain's; 0.9 kept it above 0.9x
 AUTO_READ_AT = 200  # read at t = 0, the indicator believed what the guidance wrote for it alone (FD 0.158 at 97%)
+CALIBRATION = 200  # calibration images per prompt (sample.py's default)
 
 
 def draw_targets(seeds, shares):
@@ -59,8 +60,8 @@ def ending_groups(indicator, z0, seeds, alphas_cumprod, t=AUTO_READ_AT):
     return indicator(diffusion.add_noise(z0, noise, torch.full((len(z0),), t), alphas_cumprod), t).argmax(1).cpu()
 
 
-def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, calibration=200, cal_seed=0,
-               **settings):
+def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, calibration=CALIBRATION,
+               cal_seed=0, **settings):
     """The guidance terms of one prompt's images (`seeds`), one per (indicator, target shares) in `specs`, scale a
     number or "auto" -> (guides, record for samples.json). A calibration batch of the prompt (seeds of its own,
     images by `generate`) runs unguided to the decide step, where its posteriors set the offsets
@@ -166,8 +167,8 @@ def add_flags(p):
     g.add_argument("--decide-at", type=decide_at_arg, default=DECIDE_AT, metavar="T|none",
                    help=f"trajectory-aware targets, decided at the first step with t <= T from each image's own "
                         f"posterior (default {DECIDE_AT}); none: drawn from the shares for each image at the start")
-    g.add_argument("--calibration", type=int, default=200, metavar="N", help="calibration images per prompt for "
-                   "trajectory-aware targets and the auto scale (default 200)")
+    g.add_argument("--calibration", type=int, metavar="N", help="calibration images per prompt for "
+                   f"trajectory-aware targets and the auto scale (default {CALIBRATION})")
 
 
 def flag_error(args):
@@ -179,6 +180,11 @@ def flag_error(args):
         return "--indicator-guidance needs --indicator RUN_OR_FILE"
     if args.indicator and args.indicator_guidance is None:  # it would sample unguided without a word
         return "--indicator needs --indicator-guidance S|auto (0: sample unguided)"
+    if args.calibration is not None and not args.indicator:
+        return "--calibration needs --indicator RUN_OR_FILE"
+    if args.calibration is not None and args.indicator_guidance not in ("auto", 0) and args.decide_at is None:
+        return (f"--calibration: --indicator-guidance {args.indicator_guidance:g} with --decide-at none runs no "
+                "calibration batch (it sets trajectory-aware targets and the auto scale)")
     if args.target and (not args.indicator or len(args.target) not in (1, len(args.indicator))):
         return (f"--target: give one for all indicators or one per --indicator ({len(args.indicator)}), got "
                 f"{len(args.target)}" + ("" if args.indicator else "; it needs --indicator"))

@@ -190,6 +190,7 @@ def parse_args(argv=None):
     except (OSError, ValueError) as e:
         p.error(f"--out {args.out}: {e}")
     args.dtype = args.dtype or ("float16" if args.device.type == "cuda" else "float32")
+    args.calibration = guidance.CALIBRATION if args.calibration is None else args.calibration
     try:
         multiple, side = model_sides(args.model)
     except (OSError, ValueError) as e:  # ValueError covers weights.CheckpointError

@@ -191,6 +191,27 @@ def test_a_target_without_an_indicator_is_refused_before_anything_is_written(run
     assert "--indicator-guidance needs --indicator" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_a_calibration_that_no_calibration_batch_reads_is_refused_before_anything_is_written(runs, tmp_path, capsys):
+    """--calibration N was taken and ignored without --indicator, and with a fixed scale and --decide-at none (drawn
+    targets: no calibration batch runs), where samples.json still recorded it. It is refused there, naming the flag;
+    where a batch runs (auto, trajectory-aware targets) or on a scale sweep's baseline (0) it is taken."""
+    run = runs["noise-aware"]
+    argv = ["--model", str(run), "--prompt", PROMPT, "--steps", "1", "--height", str(RES), "--width", str(RES),
+            "--device", "cpu", "--out", str(tmp_path / "never"), "--calibration", "8"]
+    guided = ["--indicator", str(run), "--indicator-guidance"]
+    for flags, message in (([], "--calibration needs --indicator"),
+                           ([*guided, "2", "--decide-at", "none"], "--calibration: --indicator-guidance 2 with "
+                                                                   "--decide-at none runs no calibration batch")):
+        with pytest.raises(SystemExit) as e:
+            sample.main([*argv, *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
+        assert not (tmp_path / "never").exists()
+    for flags in ([*guided, "2"], [*guided, "auto", "--decide-at", "none"], [*guided, "0", "--decide-at", "none"]):
+        assert sample.parse_args([*argv, *flags]).calibration == 8
+    assert sample.parse_args([*argv[:-2], *guided, "2", "--decide-at", "none"]).calibration == guidance.CALIBRATION
+
+
 def test_an_indicator_without_a_guidance_scale_is_refused_and_an_explicit_zero_samples_unguided(runs, tmp_path,
                                                                                                   capsys):
     """--indicator (and its --target) guide only with --indicator-guidance: without it they were ignored, the images
