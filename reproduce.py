@@ -613,15 +613,17 @@ def parse_args(argv=None):
     except ValueError:
         groups = counts = None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    name = "runs/repro" + "-attributes" * (args.experiment == "attributes") + "-quick" * args.quick
+    args.out = args.out or Path(name)
+    args.cache = args.cache or args.out / "cache"
+    folders = [(flag, path, cli.folder_error(path)) for flag, path in (("out", args.out), ("cache", args.cache))]
     why = (selection_error(args, given, groups, counts, methods)
-           or cli.range_error(args, {"seeds": (1,), "threads": (1,)}))
+           or cli.range_error(args, {"seeds": (1,), "threads": (1,)})
+           or next((f"--{flag} {path}: {e}" for flag, path, e in folders if e), None))
     if why:
         p.error(why)
     args.counts = dict(sorted(zip(groups, counts)))  # groups sorted, as train.py numbers them
     args.groups, args.methods = sorted(groups), methods
-    name = "runs/repro" + "-attributes" * (args.experiment == "attributes") + "-quick" * args.quick
-    args.out = args.out or Path(name)
-    args.cache = args.cache or args.out / "cache"
     return args
 
 

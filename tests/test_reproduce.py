@@ -127,7 +127,10 @@ def test_three_groups_run_end_to_end(tmp_path, cache):
     (["--counts", ""], "comma-separated integers"),
     (["--experiment", "attributes", "--methods", "plain"], "--methods is for --experiment digits"),
     (["--experiment", "attributes", "--groups", "1,2"], "--groups is for --experiment digits"),
-    (["--experiment", "attributes", "--counts", "5,5"], "--counts is for --experiment digits")])
+    (["--experiment", "attributes", "--counts", "5,5"], "--counts is for --experiment digits"),
+    # a file where a folder goes said "[Errno 17] File exists: '/dev/null'" once stages ran, naming no flag
+    (["--out", "/dev/null"], "--out /dev/null: /dev/null is a file, not a folder"),
+    (["--cache", "/dev/null/cache"], "--cache /dev/null/cache: /dev/null is a file, not a folder")])
 def test_bad_arguments_are_refused_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(argv)
