@@ -335,9 +335,13 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
 
 def check_args(args):
     """Argument errors that need no file: ValueError naming the flag (the first one found)."""
+    defaults = vars(build_parser().parse_args([]))
     if args.data is None and args.export and args.model and not args.resume and args.out is None:
-        return  # --model PATH --export DIR: a conversion only
-    if args.data is None:
+        # --model PATH --export DIR: a conversion only, which writes --model as it is and reads no other flag
+        why = next((f"--{k.replace('_', '-')} does not apply to a conversion (--model PATH --export DIR writes "
+                    f"--model as it is)" for k, v in vars(args).items()
+                    if k not in ("model", "export", "progress") and v != defaults.get(k, v)), None)
+    elif args.data is None:
         why = "--data is required (or --model PATH --export DIR alone, without --out, to convert a model)"
     elif (args.model is None) == (args.init_config is None) and not args.resume:
         why = "give exactly one of --model (fine-tune) and --init-config (from scratch)"
@@ -350,10 +354,11 @@ def check_args(args):
                f"it trains), got {args.w_ind}")
     else:
         why = (cli.side_error("resolution", args.resolution) or cli.range_error(args, RANGES)
-               or rundir.unread_flag_error(args, vars(build_parser().parse_args([]))))
+               or rundir.unread_flag_error(args, defaults))
     if why:
         raise ValueError(why)
-    rundir.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
+    if args.data is not None:  # not a conversion
+        rundir.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
 
 
 def setup_distributed(device_arg):

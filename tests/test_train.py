@@ -653,6 +653,22 @@ def test_a_flag_that_would_change_the_method_or_fail_later_is_refused_before_any
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("flags, flag", [
+    (["--vae", "other-vae"], "--vae"),  # the export would keep --model's own VAE
+    (["--mixed-precision", "fp16"], "--mixed-precision"),  # the export is float32
+    (["--lora-rank", "4"], "--lora-rank"),
+    (["--w-ind", "0"], "--w-ind"),  # the run's indicator is exported all the same
+    (["--resolution", "64"], "--resolution"),
+])
+def test_a_conversion_refuses_a_flag_it_would_ignore(flags, flag, tmp_path):
+    """--model PATH --export DIR writes --model as it is: another flag given with it was accepted and not applied (an
+    fp16 or other-VAE export that is neither); it is named before anything loads, as --out is."""
+    with pytest.raises(ValueError, match=rf"^{flag} does not apply to a conversion \(--model PATH --export DIR"):
+        train.train(["--model", str(tmp_path / "no-model"), "--export", str(tmp_path / "export"), "--no-progress",
+                     *flags])
+    assert not (tmp_path / "export").exists()
+
+
 def test_a_resolution_the_model_cannot_halve_often_enough_is_refused_naming_the_flag(sd_dir, data_dir, tmp_path):
     """Three UNet halvings after the VAE's one: sides must be multiples of 16, which 24 is not."""
     config = tmp_path / "deep.json"
