@@ -45,7 +45,7 @@ def micro_batch_inputs(posterior_mean, posterior_std, texts, models, args, gener
     eps_vae = torch.randn(posterior_mean.shape, generator=generator).to(device)
     z0 = (posterior_mean + posterior_std * eps_vae) * models.vae_config.scaling_factor  # posterior sample, scaled
     noise = torch.randn(z0.shape, generator=generator).to(device)
-    t = torch.randint(0, diffusion.N_TRAIN_TIMESTEPS, (z0.shape[0],), generator=generator).to(device)
+    t = torch.randint(0, len(models.alphas_cumprod), (z0.shape[0],), generator=generator).to(device)  # SD: 0..999
     drop = (torch.rand(z0.shape[0], generator=generator) < args.caption_dropout).tolist()
     input_ids = models.tokenizer(["" if d else s for s, d in zip(texts, drop)]).to(device)
     z_t = diffusion.add_noise(z0, noise, t, models.alphas_cumprod)

@@ -992,6 +992,26 @@ def test_export_writes_the_schedule_and_prediction_type_the_model_trained_with(s
                     written["num_train_timesteps"]) == ("scaled_linear", 0.00085, 0.012, 1000), name
 
 
+@pytest.mark.parametrize("n", [500, 2000])
+def test_training_draws_the_timesteps_of_the_models_own_schedule(n, sd_dir, data_dir, tmp_path):
+    """A scheduler_config.json of another num_train_timesteps reads (and sample.py, --export follow it), but training
+    drew t from SD's 0..999: an IndexError traceback at 500 steps, half the schedule never trained at 2000."""
+    from diffusers import DDPMScheduler
+    base = tmp_path / "base"
+    base.mkdir()
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        (base / part).symlink_to(sd_dir / part, target_is_directory=True)
+    DDPMScheduler(num_train_timesteps=n, beta_schedule="scaled_linear", beta_start=0.00085,
+                  beta_end=0.012).save_pretrained(base / "scheduler")
+    models = loading.load_models(base)
+    inputs = train.micro_batch_inputs(torch.zeros(256, 4, 8, 8), torch.ones(256, 4, 8, 8), ["a red square"] * 256,
+                                      models, train.parse_args([]), torch.Generator().manual_seed(0), "cpu")
+    assert 0 <= inputs["t"].min() and inputs["t"].max() < n and inputs["t"].max() >= 0.9 * n
+    run = train.train(["--model", str(base), "--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-steps",
+                       "1", *FAST])
+    assert loading.load_run(run).step == 1
+
+
 def test_export_keeps_the_pad_token_of_an_sd2_tokenizer_folder(sd_dir, tmp_path):
     """SD v2.x's tokenizer folder pads with "!" (id 0): the export's tokenizer_config.json names it, so diffusers pads
     the exported model's prompts as the model was trained, not with <|endoftext|>."""
