@@ -130,8 +130,12 @@ def read_run_json(run_dir):
     config, started = info["config"], info.get("base_checkpoint")  # started: joined onto the base run's path
     config.setdefault("objective", "ddm")  # runs from before --objective trained the authors' loss
     bad = next((key for key, (_, ok) in MODEL_FIELDS.items() if not ok(config.get(key))), None)
+    shape = info.get("latent_shape")  # what a run's indicator is built on (loading._run_indicator)
     if bad:
         why = f"config field '{bad}' must be {MODEL_FIELDS[bad][0]}, got {config.get(bad)!r}"
+    elif not (isinstance(shape, list) and len(shape) == 3 and all(map(weights.is_int, shape))):
+        why = (f"field 'latent_shape' must be a list of 3 integers >= 1 (the latents' channels, height, width), "
+               f"got {shape!r}")
     elif info["base"] != "base" and info["base"] != config.get("model"):  # a fine-tune's base is its --model
         why = f"field 'base' {info['base']} is not the model the run fine-tunes, config.model {config.get('model')}"
     elif started is not None and not (isinstance(started, str) and finished_name(started)):

@@ -565,6 +565,12 @@ def test_a_full_disk_reads_as_no_space_left_on_the_path():
                                                   r"name, got 5"),
     # sample.py's default side: a KeyError traceback, or a TypeError in the side check
     (lambda info: info["config"].pop("resolution"), r"config field 'resolution' must be an integer >= 8, got None"),
+    # the indicator is built on it: a KeyError or TypeError traceback from make_indicator
+    (lambda info: info.pop("latent_shape"), r"field 'latent_shape' must be a list of 3 integers >= 1 \(the latents' "
+                                            r"channels, height, width\), got None"),
+    (lambda info: info.update(latent_shape=[4, 8, 8.5]),
+     r"field 'latent_shape' must be a list of 3 integers >= 1 \(the latents' channels, height, width\), got "
+     r"\[4, 8, 8\.5\]"),
 ])
 def test_a_hand_edited_run_json_is_one_line_naming_the_field(edit, message, lora_run, tmp_path):
     run = tmp_path / "run"
