@@ -168,15 +168,21 @@ def lora_rank(args):
 
 def unread_flag_error(args, defaults):
     """Why a flag of train.py's `args` would not be applied, or None: a validation flag without --validation-prompt
-    (there is no default prompt), or a new run's flag its objective (or --lora-rank 0) does not read, which run.json
-    would record as the run's configuration (a resume's flags are compared with its run.json: an older run keeps the
-    values it recorded), or a flag an objective names in its `flags` that train.py's objective group does not define.
-    `defaults`: every flag's default, by dest."""
+    (there is no default prompt), --num-workers with --cache-latents (no DataLoader reads the cached posteriors),
+    --allow-data-change without --resume, or a new run's flag its objective (or --lora-rank 0) does not read, which
+    run.json would record as the run's configuration (a resume's flags are compared with its run.json: an older run
+    keeps the values it recorded), or a flag an objective names in its `flags` that train.py's objective group does
+    not define. `defaults`: every flag's default, by dest."""
     for dest in ("validation_every", "validation_n", "validation_steps", "validation_guidance"):
         if args.validation_prompt is None and getattr(args, dest) != defaults[dest]:
             return f"--{dest.replace('_', '-')} needs --validation-prompt (no validation images without one)"
+    if args.cache_latents and args.num_workers != defaults["num_workers"]:
+        return ("--num-workers applies only without --cache-latents (the cached posteriors are read from memory, not "
+                "by a DataLoader)")
     if args.resume:
         return None
+    if args.allow_data_change:
+        return "--allow-data-change applies only with --resume (a new run reads its data as it is)"
     for dest in dict.fromkeys(flag for o in OBJECTIVES.values() for flag in o.flags):  # ddm.Objective.flags
         readers = [name for name, o in OBJECTIVES.items() if dest in o.flags]
         if dest not in args.objective_fields:

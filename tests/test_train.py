@@ -643,6 +643,9 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
     (["--validation-every", "100"], r"--validation-every needs --validation-prompt \(no validation images without "
                                     r"one\)"),  # there is no default prompt
     (["--validation-n", "8"], r"--validation-n needs --validation-prompt"),
+    # taken and not applied: the cached posteriors are read from memory by no DataLoader; a new run reads its data
+    (["--cache-latents", "--num-workers", "4"], r"--num-workers applies only without --cache-latents"),
+    (["--allow-data-change"], r"--allow-data-change applies only with --resume"),
 ])
 def test_a_flag_that_would_change_the_method_or_fail_later_is_refused_before_anything_loads(flags, message, data_dir,
                                                                                            tmp_path):
