@@ -286,7 +286,8 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
         _check_new(run_dir)
         return None, None
     info = read_run_json(run_dir)
-    for key, kind, what in (("args", dict, "an object"), ("resumes", list, "a list")):  # what record_resume reads
+    # what record_resume reads, and the data's fingerprint (below)
+    for key, kind, what in (("args", dict, "an object"), ("resumes", list, "a list"), ("data", dict, "an object")):
         if not isinstance(info.get(key, kind()), kind):
             raise weights.CheckpointError(f"{run_dir / 'run.json'}: field '{key}' must be {what}")
     older = sorted(f for f in config if f not in info["config"])

@@ -582,7 +582,8 @@ def test_a_hand_edited_run_json_is_one_line_naming_the_field(edit, message, lora
         loading.load_run(run)
 
 
-@pytest.mark.parametrize("field, value, what", [("resumes", {}, "a list"), ("args", ["--seed", "1"], "an object")])
+@pytest.mark.parametrize("field, value, what", [("resumes", {}, "a list"), ("args", ["--seed", "1"], "an object"),
+                                                ("data", None, "an object")])  # the fingerprint: a TypeError
 def test_a_hand_edited_resume_record_is_one_line_naming_the_field(field, value, what, lora_run, sd_dir, data_dir,
                                                                   tmp_path):
     """run.json's `resumes` (each resume appends to it) and `args` (a resume compares its flags with them) of another
