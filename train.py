@@ -335,18 +335,10 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
 
 def check_args(args):
     """Argument errors that need no file: ValueError naming the flag (the first one found)."""
-    defaults = vars(build_parser().parse_args([]))
-    if args.data is None and args.export and args.model and not args.resume and args.out is None:
-        # --model PATH --export DIR: a conversion only, which writes --model as it is and reads no other flag
-        why = next((f"--{k.replace('_', '-')} does not apply to a conversion (--model PATH --export DIR writes "
-                    f"--model as it is)" for k, v in vars(args).items()
-                    if k not in ("model", "export", "progress") and v != defaults.get(k, v)), None)
-    elif args.data is None:
+    if args.data is None and not (args.export and args.model and not args.resume and args.out is None):
         why = "--data is required (or --model PATH --export DIR alone, without --out, to convert a model)"
     elif (args.model is None) == (args.init_config is None) and not args.resume:
         why = "give exactly one of --model (fine-tune) and --init-config (from scratch)"
-    elif args.vae and not args.init_config:
-        why = "--vae only applies with --init-config"
     elif not 0 <= args.seed < 2 ** 64:  # torch.Generator's range (--init-config seeds one with it)
         why = f"--seed must lie in 0..2**64-1, got {args.seed}"
     elif ddm.noise_aware(args.objective) and args.w_ind == 0:
@@ -354,10 +346,10 @@ def check_args(args):
                f"it trains), got {args.w_ind}")
     else:
         why = (cli.side_error("resolution", args.resolution) or cli.range_error(args, RANGES)
-               or rundir.unread_flag_error(args, defaults))
+               or rundir.unread_flag_error(args, vars(build_parser().parse_args([]))))
     if why:
         raise ValueError(why)
-    if args.data is not None:  # not a conversion
+    if args.data is not None:  # a conversion writes no run directory
         rundir.run_dir_of(args.out, args.resume)  # one of them, or both naming the same directory
 
 
