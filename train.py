@@ -274,7 +274,7 @@ def build_parser():
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="diffusers SD folder, single-file checkpoint, train.py run or its checkpoint-N/")
     g.add_argument("--init-config", help="JSON {unet, vae, text_encoder} of configs: random init, from scratch")
-    g.add_argument("--vae", help="with --init-config: take this trained VAE (any --model layout) instead")
+    g.add_argument("--vae", help="with --init-config: this trained VAE instead (SD folder, its vae/ or one file)")
     g.add_argument("--data", help="folder with metadata.jsonl (file_name, text, group) and the images")
     g.add_argument("--out", help="new run directory")
     g.add_argument("--resume", help="continue this run directory (give the same arguments again)")
