@@ -335,7 +335,10 @@ RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_
 
 def check_args(args):
     """Argument errors that need no file: ValueError naming the flag (the first one found)."""
-    if args.data is None and not (args.export and args.model and not args.resume and args.out is None):
+    defaults = vars(build_parser().parse_args([]))
+    if args.data is None and args.export and args.model and not args.resume and args.out is None:
+        why = rundir.unread_flag_error(args, defaults)  # a conversion: any other flag is named before its value
+    elif args.data is None:
         why = "--data is required (or --model PATH --export DIR alone, without --out, to convert a model)"
     elif (args.model is None) == (args.init_config is None) and not args.resume:
         why = "give exactly one of --model (fine-tune) and --init-config (from scratch)"
@@ -346,7 +349,7 @@ def check_args(args):
                f"it trains), got {args.w_ind}")
     else:
         why = (cli.side_error("resolution", args.resolution) or cli.range_error(args, RANGES)
-               or rundir.unread_flag_error(args, vars(build_parser().parse_args([]))))
+               or rundir.unread_flag_error(args, defaults))
     if why:
         raise ValueError(why)
     if args.data is not None:  # a conversion writes no run directory

@@ -662,6 +662,8 @@ def test_a_flag_that_would_change_the_method_or_fail_later_is_refused_before_any
     (["--lora-rank", "4"], "--lora-rank"),
     (["--w-ind", "0"], "--w-ind"),  # the run's indicator is exported all the same
     (["--resolution", "64"], "--resolution"),
+    (["--resolution", "12"], "--resolution"),  # named as not applying, not as a value to fix
+    (["--seed", "-1"], "--seed"),
 ])
 def test_a_conversion_refuses_a_flag_it_would_ignore(flags, flag, tmp_path):
     """--model PATH --export DIR writes --model as it is: another flag given with it was accepted and not applied (an
