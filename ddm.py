@@ -57,11 +57,11 @@ class MicroBatch:
     """What the training step has at hand for one micro-batch (train.py fills it in; B images)."""
     z0: torch.Tensor  # (B, 4, h, w) clean latents: a VAE posterior sample times the scaling factor
     z_t: torch.Tensor  # (B, 4, h, w) noised latents, sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
-    t: torch.Tensor  # (B,) timesteps in {0, ..., 999}
+    t: torch.Tensor  # (B,) timesteps in {0, ..., T - 1}, T = len(alphas_cumprod) (SD: 1000)
     noise: torch.Tensor  # (B, 4, h, w) eps
     pred: torch.Tensor  # (B, 4, h, w) the UNet's output: eps_hat (v_hat for a v-prediction model)
     target: torch.Tensor  # (B, 4, h, w) what pred regresses to: eps (v for a v-prediction model)
-    alphas_cumprod: torch.Tensor  # (1000,) abar of the model's noise schedule
+    alphas_cumprod: torch.Tensor  # (T,) abar of the model's noise schedule
     groups: torch.Tensor  # (B,) group index of each image, -1 where the image has no label
     group_shares: torch.Tensor  # (K,) pi_hat: the share of each group among the labelled training images
     target_shares: torch.Tensor  # (K,) pi*: the group shares generation should have (--target; uniform)

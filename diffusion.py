@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-N_TRAIN_TIMESTEPS = 1000  # SD's DDPM schedule length: training draws t ~ U{0, ..., 999}
+N_TRAIN_TIMESTEPS = 1000  # SD's DDPM schedule length, t in {0, ..., 999}; a scheduler_config.json may set another
 BETA_START, BETA_END = 0.00085, 0.012  # SD v1.x's β range (CompVis' linear_start, linear_end in v1-inference.yaml)
 DDPM_BETA_START, DDPM_BETA_END = 1e-4, 0.02  # DDPM's linear range (Ho et al. 2020 §4), diffusers' "linear" defaults
 STEPS_OFFSET = 1  # SD's scheduler steps_offset: the sampler's last step lands on t = 1, as SD's own config says

@@ -618,7 +618,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """Every flag checked before anything is read or written; one line naming the flag otherwise (exit 2)."""
+    """Every flag checked before anything is read or written; one line naming the flag otherwise (exit 2). Then the
+    CLIP defaults (--device, --batch-size) are filled in: run() needs args from here."""
     parser = build_parser()
     args = parser.parse_args(argv)
     why = flag_error(args)

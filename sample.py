@@ -170,7 +170,7 @@ def build_parser():
 
 def parse_args(argv=None):
     """Parse and check every argument, the model's config files included, before any weights load and before
-    anything is written or deleted; errors exit with status 2."""
+    anything is written or deleted; errors exit with status 2. Defaults that depend on other flags are set here."""
     p = build_parser()
     args = p.parse_args(argv)
     why = flag_error(args)

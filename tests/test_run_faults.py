@@ -586,9 +586,10 @@ def test_a_hand_edited_run_json_is_one_line_naming_the_field(edit, message, lora
                                                 ("data", None, "an object")])  # the fingerprint: a TypeError
 def test_a_hand_edited_resume_record_is_one_line_naming_the_field(field, value, what, lora_run, sd_dir, data_dir,
                                                                   tmp_path):
-    """run.json's `resumes` (each resume appends to it) and `args` (a resume compares its flags with them) of another
-    type: the resume stops with one line naming the field before it trains or writes, not with an AttributeError
-    from the record of the resume. Loading the run (sample.py, evaluate.py), which reads neither, still works."""
+    """run.json's `resumes` (each resume appends to it), `args` (a resume compares its flags with them) and `data` (the
+    data's fingerprint) of another type: the resume stops with one line naming the field before it trains or writes, not
+    with an AttributeError from the record of the resume or a TypeError from the fingerprint. Loading the run
+    (sample.py, evaluate.py), which reads none of them, still works."""
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
     info = json.loads((run / "run.json").read_text())
