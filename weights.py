@@ -146,12 +146,26 @@ def read_state_dict(path, prefix="", dtype=None):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unreadable (the system's reason) or truncated files, wrong formats, pickles of objects
-        raise CheckpointError(f"cannot read checkpoint {path}: {getattr(e, 'strerror', None) or e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_error(e)}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # CompVis .ckpt wraps everything
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     return {k[len(prefix):]: cast(v) for k, v in obj.items() if k.startswith(prefix) and torch.is_tensor(v)}
+
+
+def _load_error(e):
+    """Why a weight file did not read, in one line: the system's reason, or where torch.load(weights_only=True)
+    refuses it (its message is a page of advice on unpickling the file unsafely), the object the file pickles, or
+    else the unpickler's own reason."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return getattr(e, "strerror", None) or text
+    found = re.search(r"GLOBAL (\S+) (was not an allowed|whose module)", text)
+    if found:  # e.g. the callbacks a Lightning .ckpt keeps beside its state_dict
+        return (f"it pickles a {found[1]}, and only tensors, dicts and lists are unpickled here (torch.load "
+                f"weights_only=True): save its state dict alone, or as .safetensors")
+    return f"not a PyTorch checkpoint ({text.split('Check the documentation')[0].strip().splitlines()[-1]})"
 
 
 def read_metadata(path):

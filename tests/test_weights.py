@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -165,6 +167,26 @@ def test_unreadable_weight_files_report_the_systems_reason(tmp_path, monkeypatch
     monkeypatch.setattr(weights, "safe_open", safetensors_open)
     with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*t.safetensors: Permission denied"):
         read_state_dict(tmp_path / "t.safetensors")
+
+
+class Callback:
+    """Stands in for the objects a training framework pickles beside the weights (Lightning's ModelCheckpoint)."""
+
+
+@pytest.mark.parametrize("content,reason", [
+    ({"state_dict": Tiny().state_dict(), "callbacks": {"c": Callback()}},  # a Lightning .ckpt may keep these
+     r"it pickles a test_weights.Callback, and only tensors, dicts and lists are unpickled here"),
+    (torch.nn.Linear(3, 2), r"it pickles a torch.nn.modules.linear.Linear, and only tensors, dicts and lists"),
+    (b'{"a": 1}\n', r"not a PyTorch checkpoint \(Unsupported operand 123\)"),  # a JSON file named .ckpt
+])
+def test_a_pickle_of_other_objects_is_one_line_naming_the_file_and_what_it_pickles(tmp_path, content, reason):
+    """torch.load(weights_only=True) refuses them with a page of advice on unpickling them unsafely, with ANSI
+    escapes and calls the user of a CLI cannot make."""
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    with pytest.raises(CheckpointError) as e:
+        read_state_dict(path, "model.diffusion_model.")
+    assert re.fullmatch(rf"cannot read checkpoint {re.escape(str(path))}: {reason}[^\n\x1b]*", str(e.value)), e.value
 
 
 def test_write_atomic_never_writes_through_a_link_where_its_tmp_file_goes(tmp_path):
