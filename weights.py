@@ -194,9 +194,11 @@ def find_component(path, *, subfolder, weight_names):
                 if not (folder / "config.json").exists():
                     raise FileNotFoundError(f"{folder} has {name} but no config.json")
                 return folder / name, folder / "config.json"
-    raise FileNotFoundError(
+    held = [p.name for p in (path / subfolder).iterdir()] if (path / subfolder).is_dir() else None
+    raise FileNotFoundError(  # held: a download cut short, or diffusers' variant files (*.fp16.safetensors) alone
         f"{path} is neither a single-file checkpoint nor a diffusers folder: looked for "
-        f"{subfolder}/{{{','.join(weight_names)}}} and {{{','.join(weight_names)}}} inside it")
+        f"{subfolder}/{{{','.join(weight_names)}}} and {{{','.join(weight_names)}}} inside it"
+        + ("" if held is None else f"; {subfolder}/ holds {_examples(held, 6) or 'nothing'}"))
 
 
 def read_component(path, *, subfolder, single_file_prefix, weight_names, dtype=None, convert=None):

@@ -82,6 +82,24 @@ def test_missing_and_truncated_files_name_the_path(tmp_path):
         read_component(tmp_path, subfolder="unet", single_file_prefix="", weight_names=("w.safetensors",))
 
 
+@pytest.mark.parametrize("files,held", [
+    (["config.json", "diffusion_pytorch_model.fp16.safetensors"],  # downloaded with diffusers' variant="fp16"
+     "config.json, diffusion_pytorch_model.fp16.safetensors"),
+    (["config.json"], "config.json"),  # a download cut short
+    ([], "nothing"),
+])
+def test_a_subfolder_without_the_weight_file_says_what_it_holds(tmp_path, files, held):
+    """It said only that the folder is neither a single-file checkpoint nor a diffusers folder, of a folder with
+    unet/ in it."""
+    (tmp_path / "unet").mkdir()
+    for name in files:
+        (tmp_path / "unet" / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=rf"looked for unet/\{{diffusion_pytorch_model.safetensors\}} and .* "
+                                                rf"inside it; unet/ holds {held}$"):
+        read_component(tmp_path, subfolder="unet", single_file_prefix="",
+                       weight_names=("diffusion_pytorch_model.safetensors",))
+
+
 def test_rename_uses_the_longest_prefix_and_inverts():
     table = {"a": "x", "a.b": "y.z"}
     sd = {"a.b.weight": 1, "a.c.weight": 2, "q.weight": 3}
