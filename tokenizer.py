@@ -130,16 +130,24 @@ class Tokenizer:
         needed = [START, END, *self.byte_encoder.values(), *(s + "</w>" for s in self.byte_encoder.values())]
         needed += ["".join(m) for m in self.ranks]
         missing = [t for t in needed if t not in self.encoder]
-        if missing:
-            raise ValueError(f"the vocabulary lacks {len(missing)} tokens the tokenizer needs "
-                             f"(byte symbols, merge results, {START}, {END}), e.g. {missing[:5]}")
         made = {}  # token -> rank of the first merge that makes it; `bpe` needs every part made before it is used
         for (a, b), rank in self.ranks.items():
             made[a + b] = min(rank, made.get(a + b, rank))
         late = [(rank, p) for p, rank in self.ranks.items() if max(made.get(p[0], -1), made.get(p[1], -1)) > rank]
-        if late:
-            raise ValueError(f"merge {late[0][0] + 1} {late[0][1]} comes before the merge that makes its parts: "
-                             f"not a BPE merge list")
+        unmade = sorted(self.encoder.keys() - set(needed))  # a merges.txt cut at a line end reads, with fewer merges
+        if missing:
+            why = (f"the vocabulary lacks {len(missing)} tokens the tokenizer needs (byte symbols, merge results, "
+                   f"{START}, {END}), e.g. {missing[:5]}")
+        elif late:
+            why = (f"merge {late[0][0] + 1} {late[0][1]} comes before the merge that makes its parts: not a BPE "
+                   f"merge list")
+        elif unmade:
+            why = (f"the vocabulary has {len(unmade)} tokens that no merge makes (e.g. {unmade[:3]}): the "
+                   f"merges are cut short, or another vocabulary's")
+        else:
+            why = None
+        if why:
+            raise ValueError(why)
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
         self.pad_with(END)
         self.max_length = max_length

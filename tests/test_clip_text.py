@@ -314,6 +314,18 @@ def test_bad_tokenizer_json_names_the_file_and_the_entry(tmp_path):
         Tokenizer.from_folder(tmp_path)
 
 
+@pytest.mark.parametrize("kept", [0, 1000])
+def test_a_merges_txt_cut_short_at_a_line_end_is_refused_not_read_as_fewer_merges(tok_dir, tmp_path, kept):
+    """An empty merges.txt, or one cut after a whole line, read: every prompt then split into far more, other ids
+    than the text encoder was trained on, without a word."""
+    (tmp_path / "vocab.json").write_bytes((tok_dir / "vocab.json").read_bytes())
+    lines = (tok_dir / "merges.txt").read_text(encoding="utf-8").split("\n")
+    (tmp_path / "merges.txt").write_text("\n".join(lines[:1 + kept]) + "\n" if kept else "", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"the vocabulary has {48894 - kept} tokens that no merge makes \(e.g. "
+                                         r".*\): the merges are cut short, or another vocabulary's"):
+        Tokenizer.from_folder(tmp_path)
+
+
 def test_bad_tokenizer_inputs_raise_clear_errors(tok_dir, tmp_path, ours):
     (tmp_path / "vocab.json").write_bytes((tok_dir / "vocab.json").read_bytes())
     with pytest.raises(FileNotFoundError, match="no merges.txt"):
