@@ -584,7 +584,8 @@ DEFAULT_GROUPS, DEFAULT_COUNTS = "7,8", "360,40"  # the digit experiment: 7 agai
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DDM (arXiv 2503.12536) and its variants on real handwritten digits, "
                                             "on CPU.")
-    p.add_argument("--out", type=Path, help="run directory (default runs/repro, or runs/repro-quick with --quick)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/repro, runs/repro-attributes with "
+                                            "--experiment attributes; -quick added with --quick)")
     p.add_argument("--cache", type=Path, help="cached stages (classifier, VAE, data, base model); default OUT/cache")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the science")
     p.add_argument("--experiment", choices=("digits", "attributes"), default="digits",
