@@ -40,6 +40,7 @@ from ddm import fairness_discrepancy, group_proportions, mean_entropy, statistic
 
 DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent / "runs" / "digit_classifier.safetensors"
 CLASSIFIER_FORMAT = "ddm-digit-classifier-v1"  # bump when the architecture or its training changes
+CLIP_BATCH_SIZE = 32  # images per CLIP forward pass unless --batch-size says otherwise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ class CLIPZeroShot:
 
 
 @torch.no_grad()
-def clip_image_embeddings(model, paths, batch_size=32, progress=True, what="images"):
+def clip_image_embeddings(model, paths, batch_size=CLIP_BATCH_SIZE, progress=True, what="images"):
     """Projected CLIP embeddings of image files, float32 (N, D) on the CPU; each image is preprocessed on its own
     (`clip_image.preprocess`), so one folder may hold several sizes."""
     device, size = model.logit_scale.device, model.config.vision.image_size
@@ -613,7 +614,7 @@ def build_parser():
     g.add_argument("--prompt", help="for folders without sample.py's samples.json: their prompt, for the CLIP "
                                     "score (folders with one use the prompts it records)")
     g.add_argument("--device", type=cli.device_arg, help="where CLIP runs (default: cuda if available, else cpu)")
-    g.add_argument("--batch-size", type=int, help="images per CLIP forward pass (default 32)")
+    g.add_argument("--batch-size", type=int, help=f"images per CLIP forward pass (default {CLIP_BATCH_SIZE})")
     return parser
 
 
@@ -626,7 +627,7 @@ def parse_args(argv=None):
     if why:
         parser.error(why)
     args.device = args.device or cli.device_arg("cuda" if torch.cuda.is_available() else "cpu")
-    args.batch_size = args.batch_size or 32
+    args.batch_size = args.batch_size or CLIP_BATCH_SIZE
     return args
 
 
