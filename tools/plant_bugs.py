@@ -2,7 +2,7 @@
 the numbers the README claims rest on these tests.
 
     python tools/plant_bugs.py                  # every bug: a markdown table, exit status 1 if one is not caught
-    python tools/plant_bugs.py verdict-or cfg-1  # only these bugs
+    python tools/plant_bugs.py verdict-or cfg-rows-at-1  # only these bugs
 
 Each bug is (name, file, old, new, tests): `old` occurs exactly once in `file` and becomes `new`, the tests run
 (pytest, one thread, offline, no bytecode written), and the file gets its bytes and its mtime back, even on an
