@@ -1,7 +1,9 @@
 """Checks at the command-line boundary, shared by every script: number ranges, --device, one-line errors.
 
-Each script checks all of its flags right after parsing, before it reads a weight or writes a file, and a bad
-value stops it with one line naming the flag (`range_error`). Inside, the code trusts what passed here.
+Each script checks its flags right after parsing, before it reads a weight or writes a file, and a bad value stops it
+with one line naming the flag (`range_error`). What only a model or the data can tell is checked once they are read,
+still before anything is written: sample.py's --target against the indicators' groups, train.py's --resolution against
+the model's size multiple, data.py's --k against the number of images. Inside, the code trusts what passed here.
 """
 import argparse
 import math

@@ -4,9 +4,9 @@
 
 `generate` encodes the texts, seeds image k's generator with seeds[k] (its initial noise and every later draw),
 runs `diffusion.denoise` batch by batch and decodes; image k depends on (prompt k, seed k) alone. The CLI checks
-every argument before any weight loads or any file is touched, then writes PNGs, grid.png and samples.json.
-Indicator guidance (ours, guidance.py): `--indicator RUN --indicator-guidance auto` pushes each image toward a
-target group, in `--target`'s shares.
+every argument before any file is touched, and before any weight loads all but the indicators, --target and --steps
+against the model's schedule; then it writes PNGs, grid.png and samples.json. Indicator guidance (ours, guidance.py):
+`--indicator RUN --indicator-guidance auto` pushes each image toward a target group, in `--target`'s shares.
 """
 import argparse
 import math
@@ -169,8 +169,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """Parse and check every argument, the model's config files included, before any weights load and before
-    anything is written or deleted; errors exit with status 2. Defaults that depend on other flags are set here."""
+    """Parse and check every argument the weights do not decide, config files included, before any weights load and
+    before anything is touched; errors exit with status 2. Defaults that depend on other flags are set here."""
     p = build_parser()
     args = p.parse_args(argv)
     why = flag_error(args)
