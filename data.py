@@ -628,7 +628,8 @@ class MicroBatchIndices:
     """Dataset indices of every micro-batch of this rank, from global micro-batch `start` on, forever.
 
     Epoch e is a permutation seeded by (seed, e), cut into world_size·batch_size chunks (the incomplete rest is
-    dropped); rank r takes the r-th batch_size share of each chunk, as DistributedSampler does.
+    dropped); rank r takes the r-th batch_size share of each chunk (DistributedSampler would deal it every
+    world_size-th index of the chunk: the same chunk per step, split another way).
     """
 
     def __init__(self, n, batch_size, seed, start=0, rank=0, world_size=1):
