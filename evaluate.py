@@ -410,7 +410,7 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     groups: the K groups to judge balance over, a subset of `classifier.class_names` (default all of them);
     images are assigned to the most likely of these K classes. requested: per image, the group its prompt asked
     for (conditional scenario) -> success rates and SPD; every group must be requested at least once.
-    indicator_logits: (M, K) logits of the trained indicator on generated images -> mean entropy.
+    indicator_logits: (N, K) logits of the trained indicator, one row per image -> mean entropy.
     reference_features: classifier features of real images -> Frechet distance; either (M, D), or a dict
     {group: (M_g, D)} for every group, whose mixture is weighted by the generated (hard) proportions; with the
     dict also precision and recall, overall and per group (`diversity`, on subsets of `diversity_subset`).
