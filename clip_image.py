@@ -6,8 +6,8 @@ Radford et al., "Learning Transferable Visual Models From Natural Language Super
   (`clip_text.EncoderLayer`, here without the causal mask); the class token's output is the image's feature.
 - Sec. 2.3: each tower's feature is projected (no bias) into a shared 768-d space; the text's is the [EOS]
   token's last hidden state of `clip_text.CLIPTextModel`, the very network SD v1.x conditions on.
-- Sec. 3.1.2, zero-shot: logits_ik = exp(t) · cos(image_i, text_k), t = `logit_scale` (capped at log 100); a
-  softmax over K class texts ("a photo of a man", "a photo of a woman") classifies an image among them.
+- Sec. 3.1.2, zero-shot: logits_ik = exp(t) · cos(image_i, text_k), t = `logit_scale` as loaded (training capped
+  it at log 100); a softmax over K class texts ("a photo of a man", "a photo of a woman") classifies an image.
 
 Module names follow transformers' CLIPModel (the `openai/clip-vit-large-patch14` folder); each tower is one
 module here, so `text_model.` and `vision_model.` gain one level on loading (`TOWER_NAMES`).
