@@ -342,6 +342,24 @@ def test_a_recall_only_some_seeds_measured_does_not_meet_the_bar():
     assert verdicts(rows) == {"plain": None, "one": False, "all": True}
 
 
+def test_the_bar_compares_means_over_seeds_and_the_legend_says_so():
+    """The bar is judged on the means over seeds: a seed whose recall is under 0.9 x that seed's plain can still meet
+    it. The report's legend said "measured in every seed", which reads as a bar met seed by seed; on the shipped run
+    guided-auto's 7s in seed 1 are at 0.88 x plain's seed 1, yet the table says yes, as the means do."""
+    def with_recall(r, r7):
+        return {**r, "recall_per_group": {"7": r7, "8": 0.8}}
+
+    rows = [with_recall(row("plain", s, 0.5, 10.0), r7) for s, r7 in enumerate((0.3, 0.7, 0.5))] + [
+        with_recall(row("g", s, 0.1, 10.0), r7) for s, r7 in enumerate((0.5, 0.5, 0.5))]  # seed 1: 0.71 x plain's
+    assert verdicts(rows) == {"plain": None, "g": True}
+    text = reproduce.report_markdown({
+        "paper": "p", "groups": [7, 8], "counts": {"7": 9, "8": 1}, "mode": "quick", "seeds": 3,
+        "sizes": dataclasses.asdict(reproduce.QUICK), "generic_prompt": "g", "fd_max": 0.7,
+        "classifier_heldout_accuracy": 0.9, "summary": [], "best_method": None, "cfg_rows": [], "rows": [],
+        "grids": [], "timings_s": {}, "threads": 1})
+    assert "The bar, on the means over seeds:" in " ".join(text.split())
+
+
 def test_the_attribute_experiment_samples_enough_images_to_measure_every_groups_recall():
     """Recall is measured on subsets of attr_diversity images of a group. At 150 images a prompt, a model that kept
     its training share of the rarest group (green, 1 in 10) made 15 of them, fewer than the 20 a subset takes, so
