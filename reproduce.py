@@ -898,10 +898,10 @@ images whose best class is none of the groups, confidence. Diversity: precision 
 equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc: its accuracy
 and balanced accuracy on its training batches, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG
 {sizes['guidance']}. Std is the sample std over seeds (none for one model; "n of N seeds": the seeds that measured
-it); "worst seed" is the largest FD of any seed. The bar: FD at most half of plain's, Frechet at most 10% worse,
-and every group's recall at least 0.9x plain's, measured in every seed. Guidance auto (ours): trajectory-aware
-targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone (guidance.guides_for; the
-scales chosen are in report.json, rows[].guidance_chosen).
+it); "worst seed" is the largest FD of any seed. The bar, on the means over seeds: FD at most half of plain's,
+Frechet at most 10% worse, and every group's recall at least 0.9x plain's (a recall some seed could not measure
+fails it). Guidance auto (ours): trajectory-aware targets decided at t = {DECIDE_AT} and the scale chosen per prompt
+by the indicator alone (guidance.guides_for; the scales chosen are in report.json, rows[].guidance_chosen).
 
 ## Verdict (mean ± std over seeds)
 
