@@ -890,7 +890,8 @@ def report_markdown(report):
 FD = ||uniform − shares||₂ over the groups from {sizes['n_generic']} images of
 "{report['generic_prompt']}" (0 balanced, max {report['fd_max']:.3f}); SPD = max − min over groups of the share of
 {sizes['n_per_group']} images per group prompt that the judge assigns to the requested digit. The judge is the
-10-class digit classifier (held-out accuracy {report['classifier_heldout_accuracy']:.4f}), never the indicator.
+10-class digit classifier (held-out accuracy {report['classifier_heldout_accuracy']:.4f}), never the indicator; FD
+and SPD count each image in the most likely of the groups, whatever its best class.
 Quality: Frechet distance to held-out real digits in the judge's features (mixed in the model's own shares, so
 bias alone is not bad quality), the same per group (a group's images against its real ones), the share of generic
 images whose best class is none of the groups, confidence. Diversity: precision and recall (Kynkäänniemi et al.
