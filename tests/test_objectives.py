@@ -285,3 +285,24 @@ def test_indicator_guidance_step_is_its_formula_at_each_t_with_mixed_targets(sam
             x = diffusion.ddim_step(x, eps, t, ([*timesteps[1:], -1])[i], ac)
     assert (x - z.double()).abs().max() > 0.5  # guidance moved the latents
     torch.testing.assert_close(out.double(), x, atol=1e-5, rtol=1e-5)
+
+
+def test_the_noise_aware_objectives_add_w_rec_times_their_mse_and_w_ind_times_their_class_balanced_ce():
+    """L = w_rec · (weighted) MSE + w_ind · class-balanced CE, each computed here from its formula: a planted
+    w_rec/w_ind swap in plain_indicator, or indicator_weighted's CE added without w_ind, passed every other test."""
+    hp = SimpleNamespace(w_rec=0.95, w_ind=0.05, weight_clip=10.0)
+    b = micro_batch([0, -1, 1, 0])
+    rows = torch.tensor([0, 2, 3])  # the labelled images
+    per_image = (b.pred - b.target).pow(2).flatten(1).mean(1)
+
+    def balanced_ce(ind):
+        w = (1 / b.group_shares)[b.groups[rows]]
+        return (w * F.cross_entropy(ind(b.z_t, b.t)[rows], b.groups[rows], reduction="none")).sum() / w.sum()
+
+    torch.manual_seed(0)
+    ind = ddm.make_indicator("plain-indicator", LATENT, 2, (8,))
+    loss, _ = ddm.plain_indicator(b, ind, hp)
+    torch.testing.assert_close(loss, 0.95 * per_image.mean() + 0.05 * balanced_ce(ind))
+    loss, _ = ddm.indicator_weighted(b, ind, hp)
+    raw = ind(b.z0, torch.zeros(4, dtype=torch.long)).softmax(1) @ (b.target_shares / b.group_shares)
+    torch.testing.assert_close(loss, 0.95 * (per_image * raw / raw.mean()).mean() + 0.05 * balanced_ce(ind))
