@@ -306,3 +306,17 @@ def test_the_noise_aware_objectives_add_w_rec_times_their_mse_and_w_ind_times_th
     loss, _ = ddm.indicator_weighted(b, ind, hp)
     raw = ind(b.z0, torch.zeros(4, dtype=torch.long)).softmax(1) @ (b.target_shares / b.group_shares)
     torch.testing.assert_close(loss, 0.95 * (per_image * raw / raw.mean()).mean() + 0.05 * balanced_ce(ind))
+
+
+def test_fit_clusters_finds_the_same_clusters_wherever_the_latents_sit():
+    """The principal components are those of the centred latents. Latents sit far from 0 (SD's have a mean of their
+    own): a planted uncentred SVD spent one of the `dims` directions on that mean and lost the minority's axis."""
+    g = torch.Generator().manual_seed(0)
+    major = torch.randn(360, 16, generator=g) * torch.tensor([4.0] + [1.0] * 15)
+    minor = torch.randn(40, 16, generator=g) + torch.tensor([0.0, 7.0] + [0.0] * 14)
+    z0 = torch.cat([major, minor]).view(400, 4, 2, 2)
+    truth = torch.tensor([0] * 360 + [1] * 40)
+    for offset in (0.0, 30.0):
+        clusters, weights = ddm.fit_clusters(z0 + offset, 2, dims=2)
+        small = int(weights.argmin())
+        assert ((clusters == small) == (truth == 1)).float().mean() >= 0.99, offset

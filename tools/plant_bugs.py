@@ -49,6 +49,7 @@ TERMS = "tests/test_attributes.py::test_two_indicators_add_their_guidance_terms"
 CKPT = W + "test_a_checkpoint_missing_a_tensor_is_named_with_its_file"
 ENOUGH = R + "test_the_attribute_experiment_samples_enough_images_to_measure_every_groups_recall"
 NOISE_AWARE = O + "test_the_noise_aware_objectives_add_w_rec_times_their_mse_and_w_ind_times_their_class_balanced_ce"
+CENTRED = O + "test_fit_clusters_finds_the_same_clusters_wherever_the_latents_sit"
 
 BUGS = [  # (name, file, old, new, tests)
     # the verdict and its statistics
