@@ -57,6 +57,31 @@ def test_decision_offsets_pick_the_asked_shares_and_never_a_group_of_share_zero(
     assert abs(picked.sum().item() - 100) <= 2 and margin[picked].min() > margin[~picked].max()
 
 
+
+def test_the_calibration_batch_stops_at_the_x_t_of_the_step_where_denoise_decides_the_targets():
+    """denoise(until=T) returns the x_t the UNet reads at the first step with t <= T, the step at which a guided
+    run decides its targets (t <= decide_at), so the offsets are set on the posteriors the targets are decided on.
+    A planted t < T went one step further (801 -> 601 here) and passed every test."""
+    class Recorder(torch.nn.Module):  # a 'UNet' predicting 0.1 x_t, keeping what it read at each t
+        def __init__(self):
+            super().__init__()
+            self.p, self.seen = torch.nn.Parameter(torch.zeros(1)), {}
+
+        def forward(self, x, t, context):
+            self.seen[t] = x.clone()
+            return 0.1 * x
+
+    ac, z = diffusion.sd_schedule(), torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    kw = dict(cond=torch.zeros(3, 77, 8), uncond=None, alphas_cumprod=ac, generators=[None] * 3, steps=5,
+              guidance=1.0)
+    full, stopped = Recorder(), Recorder()
+    diffusion.denoise(full, z, **kw)
+    assert list(full.seen) == diffusion.ddim_timesteps(5) == [801, 601, 401, 201, 1]
+    x_t = diffusion.denoise(stopped, z, **kw, until=801)
+    assert list(stopped.seen) == [] and torch.equal(x_t, z)  # 801 is the first step: nothing denoised yet
+    x_t = diffusion.denoise(stopped, z, **kw, until=700)
+    assert list(stopped.seen) == [801] and torch.equal(x_t, full.seen[601])
+
 def test_trajectory_aware_targets_give_the_same_image_for_a_seed_at_any_batch_size(models):
     ind = mean_reader(loading.latent_shape(models, RES, RES))
     seeds = [3, 1, 4, 1000]
