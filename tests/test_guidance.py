@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import diffusion
 import guidance
 import loading
@@ -81,6 +82,25 @@ def test_the_calibration_batch_stops_at_the_x_t_of_the_step_where_denoise_decide
     assert list(stopped.seen) == [] and torch.equal(x_t, z)  # 801 is the first step: nothing denoised yet
     x_t = diffusion.denoise(stopped, z, **kw, until=700)
     assert list(stopped.seen) == [801] and torch.equal(x_t, full.seen[601])
+
+
+def test_the_auto_scale_reads_each_final_latent_renoised_to_its_read_step_at_that_step():
+    """ending_groups: argmax_g p(g | x_t, t) with x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε_k at t = AUTO_READ_AT, ε_k drawn from
+    image k's own seed, the indicator told that t. A planted read at t = 0 (on the re-noised latent) passed every
+    test; with this indicator, whose group-1 logit moves with t, it ends every image in group 0."""
+    class TimeAware(torch.nn.Module):  # logits (0, mean(x) + (t - 200) / 50): at t = 0 the threshold moves by 4
+        def forward(self, x, t):
+            t = torch.as_tensor(t, dtype=x.dtype).expand(len(x))
+            return torch.stack([torch.zeros(len(x)), x.flatten(1).mean(1) + (t - 200) / 50], 1)
+
+    ac, seeds, t = diffusion.sd_schedule().float(), list(range(40)), guidance.AUTO_READ_AT
+    z0 = torch.linspace(-0.5, 0.5, 40)[:, None, None, None].expand(40, 4, 2, 2)  # mean(z0) of either sign
+    noise = torch.stack([torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(data.derive_seed(s, "read")))
+                         for s in seeds])
+    x_t = ac[t].sqrt() * z0 + (1 - ac[t]).sqrt() * noise
+    want = (x_t.flatten(1).mean(1) > 0).long()  # t = AUTO_READ_AT: the time term is 0
+    assert 10 < want.sum() < 30 and not torch.equal(want, (z0.flatten(1).mean(1) > 0).long())  # the noise counts
+    assert torch.equal(guidance.ending_groups(TimeAware(), z0, seeds, ac), want)
 
 def test_trajectory_aware_targets_give_the_same_image_for_a_seed_at_any_batch_size(models):
     ind = mean_reader(loading.latent_shape(models, RES, RES))
