@@ -141,6 +141,20 @@ BUGS = [  # (name, file, old, new, tests)
     ("spread-of-one-seed", "reproduce.py", "if n > 1 else", "if of > 1 else", [PARTIAL]),
     ("bar-on-some-seeds", "reproduce.py", ' and f"recall_{g}" not in s["partial"]', "", [PARTIAL_BAR]),
     ("attributes-too-few-for-recall", "reproduce.py", "attr_n: int = 300", "attr_n: int = 150", [ENOUGH]),
+    # found surviving by a mutation pass over the core math (the tests named here were added for them)
+    ("plain-indicator-weights-swapped", "ddm.py", "(b, indicator)\n    return hp.w_rec * rec + hp.w_ind * ind",
+     "(b, indicator)\n    return hp.w_ind * rec + hp.w_rec * ind", [NOISE_AWARE]),
+    ("iw-ce-without-w-ind", "ddm.py", 'hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups),\n',
+     'ind, {"rec": rec, "ind": logged(ind, b.groups),\n', [NOISE_AWARE]),
+    ("clusters-pca-uncentred", "ddm.py", "    x = x - x.mean(0)\n", "", [CENTRED]),
+    ("indicator-blind-to-t", "ddm.py", "timestep_embedding(t, self.timestep_dim)",
+     "timestep_embedding(t * 0, self.timestep_dim)", [READS_T]),
+    ("calibration-one-step-late", "diffusion.py", "if until is not None and t <= until:",
+     "if until is not None and t < until:", [UNTIL]),
+    ("auto-reads-at-t0", "guidance.py", "torch.full((len(z0),), t), alphas_cumprod), t)",
+     "torch.full((len(z0),), t), alphas_cumprod), 0)", [RENOISED]),
+    ("auto-reads-without-renoising", "guidance.py", "torch.full((len(z0),), t), alphas_cumprod), t)",
+     "torch.full((len(z0),), 0), alphas_cumprod), t)", [RENOISED]),
 ]
 
 
@@ -182,6 +196,7 @@ def main(names):
     for name, file, old, new, tests in bugs:
         result = planted(name, file, old, new, tests)
         missed += result != "yes"
+        old, new = (s.replace("\n", "\\n") for s in (old, new))  # one table row, even for a bug over two lines
         rows.append(f"| {name} | {file}: `{old}` -> `{new}` | {', '.join(t.split('::')[1] for t in tests)} | "
                     f"{result} |")
         print(rows[-1], file=sys.stderr, flush=True)
