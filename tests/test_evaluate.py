@@ -563,6 +563,19 @@ def test_per_group_diversity_uses_equal_size_subsets_so_more_images_earn_nothing
     assert few["recall_per_group"]["7"] is None and few["recall_per_group"]["8"] is not None  # < 40: not measured
 
 
+
+def test_per_group_precision_and_recall_take_the_real_images_as_real_and_the_generated_as_generated():
+    """A collapsed group (its generated images in a tight clump inside the real spread) is realistic but not varied:
+    precision 1, low recall. With m = every image, the subsets are the whole sets and diversity is precision_recall
+    itself. A planted swap of real and generated in the per-group call passed every test: it read 0 and 1."""
+    g = torch.Generator().manual_seed(0)
+    real = {7: torch.randn(40, 2, generator=g), 8: torch.randn(40, 2, generator=g) + 10}
+    feats = torch.cat([0.05 * torch.randn(40, 2, generator=g), torch.randn(40, 2, generator=g) + 10])
+    out = evaluate.diversity(feats, torch.tensor([0] * 40 + [1] * 40), [7, 8], real, m=40, draws=1)
+    precision, recall = evaluate.precision_recall(real[7], feats[:40])
+    assert (out["precision_per_group"]["7"], out["recall_per_group"]["7"]) == (precision, recall)
+    assert precision == 1.0 and recall < 0.1
+
 def test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture():
     """The real reference mixed 30 : 70 from two groups with different means: its covariance holds the spread
     between the group means (0.3 · 0.7 · 6² = 7.56 along the first axis) besides the spread within them."""

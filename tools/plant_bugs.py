@@ -53,6 +53,7 @@ CENTRED = O + "test_fit_clusters_finds_the_same_clusters_wherever_the_latents_si
 UNTIL = ("tests/test_guidance.py::"
          "test_the_calibration_batch_stops_at_the_x_t_of_the_step_where_denoise_decides_the_targets")
 RENOISED = "tests/test_guidance.py::test_the_auto_scale_reads_each_final_latent_renoised_to_its_read_step_at_that_step"
+REAL_AS_REAL = E + "test_per_group_precision_and_recall_take_the_real_images_as_real_and_the_generated_as_generated"
 READS_T = "tests/test_ddm.py::test_a_noise_aware_indicator_reads_its_timestep_as_sinusoidal_features_beside_the_latent"
 
 BUGS = [  # (name, file, old, new, tests)
@@ -155,6 +156,8 @@ BUGS = [  # (name, file, old, new, tests)
      "torch.full((len(z0),), t), alphas_cumprod), 0)", [RENOISED]),
     ("auto-reads-without-renoising", "guidance.py", "torch.full((len(z0),), t), alphas_cumprod), t)",
      "torch.full((len(z0),), 0), alphas_cumprod), t)", [RENOISED]),
+    ("per-group-real-and-generated-swapped", "evaluate.py", "mean_pr(reference_features[g], feats[labels == k])",
+     "mean_pr(feats[labels == k], reference_features[g])", [REAL_AS_REAL]),
 ]
 
 
