@@ -6,6 +6,7 @@ learning rate, each rank's shard and noise seed; sample.py --indicator with a ru
 test_train_parity.py checks the step's loss and gradients against diffusers."""
 import collections
 import json
+import math
 import os
 import re
 import shutil
@@ -860,6 +861,26 @@ def test_an_objective_whose_part_names_change_between_micro_batches_stops_the_ru
                                              r"field train\.py logs itself"):
         train.train([*common, "--out", str(tmp_path / "step"), "--objective", "named-step"])
 
+
+
+def test_a_part_not_measured_in_a_micro_batch_is_logged_as_the_mean_of_the_micro_batches_that_measured_it(
+        sd_dir, data_dir, tmp_path, monkeypatch):
+    """A NaN part (ddm.logged: no labelled image in that micro-batch) is left out of the step's mean, not counted as
+    0: "probe" measured 3.0 in one micro-batch of two logs 3.0, not 1.5 (a planted count of every micro-batch
+    survived), and one measured in none logs NaN (null in log.jsonl)."""
+    values = iter([float("nan"), 3.0, float("nan"), float("nan")])
+
+    def probe(b, indicator, hp):
+        rec = F.mse_loss(b.pred.float(), b.target.float())
+        return rec, {"rec": rec.detach(), "probe": torch.tensor(next(values))}
+
+    monkeypatch.setitem(ddm.OBJECTIVES, "probe", ddm.Objective(probe))
+    t = trainer(sd_dir, data_dir, tmp_path / "run", "--objective", "probe", "--grad-accum", "2")
+    t.ddp = t.model
+    first, _ = t.step()
+    assert first["probe"] == 3.0 and math.isfinite(first["rec"]) and first["loss"] == first["rec"]
+    second, _ = t.step()
+    assert math.isnan(second["probe"])
 
 def test_a_flag_an_objective_names_that_is_no_flag_of_train_py_is_refused_naming_it(monkeypatch):
     """README: a knob is named in the entry's `flags`; named as on the command line ("--small-eps-weight") instead
