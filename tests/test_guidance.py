@@ -136,6 +136,26 @@ def test_auto_scale_is_the_smallest_rung_that_meets_the_targets_and_every_try_is
     assert ind(unguided, 0).argmax(1).float().mean().item() > 0.4
 
 
+
+def test_the_auto_scale_takes_a_rung_whose_hit_rate_is_exactly_the_bar(monkeypatch):
+    """AUTO_HIT of each group's calibration images ending in their target meets the bar: 9 of 10 is enough. Here
+    rungs below 5 end 8 of 10 in their target, rung 5 exactly 9 and rungs above it 10: the scale is 5. The hit
+    rates were float32 means, 9/10 = 0.89999998 < 0.9, so exactly AUTO_HIT never met the bar and the bisection took
+    6 (found when a planted > for >= passed every test)."""
+    targets = torch.tensor([0, 1] * 10)
+    guide = diffusion.Guidance(None, targets, 0.0)
+
+    def ending(indicator, z0, seeds, alphas_cumprod):  # the group each image ends in, by the scale it was guided at
+        misses = 2 if guide.scale < 5 else 1 if guide.scale == 5 else 0
+        ends = targets.clone()
+        ends[:2 * misses] = 1 - ends[:2 * misses]  # `misses` images of each group end in the other one
+        return ends
+
+    monkeypatch.setattr(guidance, "ending_groups", ending)
+    record = {}
+    assert guidance.auto_scales(lambda guides: None, [guide], [targets], list(range(20)), None, record) == [5.0]
+    assert record["hit_reached"] == [True]
+
 def test_an_auto_scale_that_meets_the_hit_rate_at_no_rung_says_so(models, capsys):
     """The bisection takes the ladder's top rung untried when every rung below it misses: an indicator that cannot
     read its groups (here a blind one) ended at 20 without a word in samples.json or on the console."""
