@@ -135,6 +135,31 @@ def test_euler_run_equals_diffusers(steps):
     assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
 
 
+
+@pytest.mark.parametrize("steps", [1, 10])
+def test_a_v_prediction_models_euler_run_through_denoise_equals_diffusers(steps):
+    """denoise turns v̂ into ε at the variance-preserving x_t = x/√(σ²+1) the model read, not at the Euler state x
+    (a planted eps_from_v(x, ...) passed every test: no test ran a v-prediction model under Euler). The 'model' is
+    linear, v̂ = 0.1·x_in + c, so every step counts."""
+    x_T, c, _ = _step_inputs(3)
+    s = EulerDiscreteScheduler(**{**EULER_SCHEDULER, "prediction_type": "v_prediction"})
+    s.set_timesteps(steps)
+    theirs = x_T * s.init_noise_sigma
+    for t in s.timesteps:
+        theirs = s.step(0.1 * s.scale_model_input(theirs, t) + c, t, theirs).prev_sample
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, context):
+            return 0.1 * x + c
+
+    ours = diffusion.denoise(Linear(), x_T, torch.zeros(2, 77, 8), None, diffusion.sd_schedule(), [None] * 2,
+                             steps=steps, guidance=1.0, sampler="euler", prediction_type="v_prediction")
+    assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
+
 def test_add_noise_and_v_target_equal_diffusers():
     g = torch.Generator().manual_seed(4)
     x0, noise = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)

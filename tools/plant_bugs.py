@@ -58,6 +58,7 @@ NOT_MEASURED = (T + "test_a_part_not_measured_in_a_micro_batch_is_logged_as_the_
                      "that_measured_it")
 EVERY_GROUP = E + "test_overall_precision_and_recall_compare_with_the_real_images_of_every_group"
 AT_THE_BAR = "tests/test_guidance.py::test_the_auto_scale_takes_a_rung_whose_hit_rate_is_exactly_the_bar"
+V_EULER = S + "test_a_v_prediction_models_euler_run_through_denoise_equals_diffusers"
 READS_T = "tests/test_ddm.py::test_a_noise_aware_indicator_reads_its_timestep_as_sinusoidal_features_beside_the_latent"
 
 BUGS = [  # (name, file, old, new, tests)
@@ -168,6 +169,8 @@ BUGS = [  # (name, file, old, new, tests)
      "overall = mean_pr(torch.cat([reference_features[g] for g in groups]), feats)",
      "overall = mean_pr(reference_features[groups[0]], feats)", [EVERY_GROUP]),
     ("auto-hit-strictly-above-the-bar", "guidance.py", "if min(h) >= AUTO_HIT", "if min(h) > AUTO_HIT", [AT_THE_BAR]),
+    ("v-to-eps-at-the-euler-state", "diffusion.py", "eps = eps_from_v(x_t, out, t, alphas_cumprod)",
+     "eps = eps_from_v(x, out, t, alphas_cumprod)", [V_EULER]),
 ]
 
 
