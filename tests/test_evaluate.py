@@ -100,6 +100,16 @@ def test_spd_entropy_and_soft_fd_on_hand_made_logits():
         (6 * math.log(2) + 4 * (-p * math.log(p) - (1 - p) * math.log(1 - p))) / 10, rel=1e-12)
 
 
+
+def test_mean_confidence_is_the_classifiers_top_probability_over_all_its_classes():
+    """The judge's confidence in its own call: the mean over images of max_c softmax(logits)_c over every class it
+    knows, not only the evaluated groups. A planted softmax over the groups' columns alone passed every test: it
+    read the image the judge is sure is a "c" (0.99) as 0.5."""
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
+    r = evaluate.evaluate_images(_indices(4), FixedClassifier(logits, ["a", "b", "c"]), groups=["a", "b"])
+    want = sum(math.exp(max(row)) / sum(math.exp(v) for v in row) for row in logits.tolist()) / 4
+    assert r["mean_confidence"] == pytest.approx(want, rel=1e-6)
+
 def test_spd_is_max_minus_min_over_all_k_groups():
     a, b, c = [20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0]
     # requested a for images 0-3 (2 right), b for 4-7 (3 right), c for 8-11 (none right)

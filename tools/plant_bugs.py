@@ -59,6 +59,7 @@ NOT_MEASURED = (T + "test_a_part_not_measured_in_a_micro_batch_is_logged_as_the_
 EVERY_GROUP = E + "test_overall_precision_and_recall_compare_with_the_real_images_of_every_group"
 AT_THE_BAR = "tests/test_guidance.py::test_the_auto_scale_takes_a_rung_whose_hit_rate_is_exactly_the_bar"
 V_EULER = S + "test_a_v_prediction_models_euler_run_through_denoise_equals_diffusers"
+CONFIDENCE = E + "test_mean_confidence_is_the_classifiers_top_probability_over_all_its_classes"
 READS_T = "tests/test_ddm.py::test_a_noise_aware_indicator_reads_its_timestep_as_sinusoidal_features_beside_the_latent"
 
 BUGS = [  # (name, file, old, new, tests)
@@ -171,6 +172,8 @@ BUGS = [  # (name, file, old, new, tests)
     ("auto-hit-strictly-above-the-bar", "guidance.py", "if min(h) >= AUTO_HIT", "if min(h) > AUTO_HIT", [AT_THE_BAR]),
     ("v-to-eps-at-the-euler-state", "diffusion.py", "eps = eps_from_v(x_t, out, t, alphas_cumprod)",
      "eps = eps_from_v(x, out, t, alphas_cumprod)", [V_EULER]),
+    ("confidence-over-the-groups-only", "evaluate.py", '"mean_confidence": probs.max(1).values.mean().item()',
+     '"mean_confidence": group_logits.softmax(1).max(1).values.mean().item()', [CONFIDENCE]),
 ]
 
 
