@@ -40,7 +40,6 @@ def test_indicator_has_the_authors_mlp_shape():
         Indicator(LATENT, 1)
 
 
-
 def test_a_noise_aware_indicator_reads_its_timestep_as_sinusoidal_features_beside_the_latent():
     """p(g | z_t, t): the MLP's input is the flattened latent, then cos(t f_i), sin(t f_i) with f_i = 10000^(-i/h),
     h = timestep_dim / 2, for each image's own t or one t for all. A planted t * 0 (every image read as at t = 0)
@@ -53,6 +52,7 @@ def test_a_noise_aware_indicator_reads_its_timestep_as_sinusoidal_features_besid
     torch.testing.assert_close(ind(x, t), ind.net[1:](features))
     torch.testing.assert_close(ind(x, 500), ind(x, torch.full((4,), 500)))
     assert (ind(x, 999) - ind(x, 0)).abs().max() > 1e-3  # the timestep changes the logits
+
 
 def test_loss_with_w_ind_zero_is_exactly_weighted_mse_and_skips_the_indicator():
     z, noise, groups = batch()
@@ -135,7 +135,6 @@ def test_loss_rejects_mismatched_shapes():
         ddm_loss(z, noise[:, :3], groups, ind)
     with pytest.raises(AssertionError, match="groups"):
         ddm_loss(z, noise, groups[:2], ind)
-
 
 
 def test_indicator_learns_a_separable_toy_problem(one_thread):

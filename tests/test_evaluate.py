@@ -100,7 +100,6 @@ def test_spd_entropy_and_soft_fd_on_hand_made_logits():
         (6 * math.log(2) + 4 * (-p * math.log(p) - (1 - p) * math.log(1 - p))) / 10, rel=1e-12)
 
 
-
 def test_mean_confidence_is_the_classifiers_top_probability_over_all_its_classes():
     """The judge's confidence in its own call: the mean over images of max_c softmax(logits)_c over every class it
     knows, not only the evaluated groups. A planted softmax over the groups' columns alone passed every test: it
@@ -109,6 +108,7 @@ def test_mean_confidence_is_the_classifiers_top_probability_over_all_its_classes
     r = evaluate.evaluate_images(_indices(4), FixedClassifier(logits, ["a", "b", "c"]), groups=["a", "b"])
     want = sum(math.exp(max(row)) / sum(math.exp(v) for v in row) for row in logits.tolist()) / 4
     assert r["mean_confidence"] == pytest.approx(want, rel=1e-6)
+
 
 def test_spd_is_max_minus_min_over_all_k_groups():
     a, b, c = [20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0]
@@ -573,7 +573,6 @@ def test_per_group_diversity_uses_equal_size_subsets_so_more_images_earn_nothing
     assert few["recall_per_group"]["7"] is None and few["recall_per_group"]["8"] is not None  # < 40: not measured
 
 
-
 def test_per_group_precision_and_recall_take_the_real_images_as_real_and_the_generated_as_generated():
     """A collapsed group (its generated images in a tight clump inside the real spread) is realistic but not varied:
     precision 1, low recall. With m = every image, the subsets are the whole sets and diversity is precision_recall
@@ -595,6 +594,7 @@ def test_overall_precision_and_recall_compare_with_the_real_images_of_every_grou
     feats = torch.cat([torch.randn(40, 2, generator=g), torch.randn(40, 2, generator=g) + 10])
     out = evaluate.diversity(feats, torch.tensor([0] * 40 + [1] * 40), [7, 8], real, m=40, draws=5)
     assert out["precision"] > 0.8 and out["recall"] > 0.8, out
+
 
 def test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture():
     """The real reference mixed 30 : 70 from two groups with different means: its covariance holds the spread

@@ -58,7 +58,6 @@ def test_decision_offsets_pick_the_asked_shares_and_never_a_group_of_share_zero(
     assert abs(picked.sum().item() - 100) <= 2 and margin[picked].min() > margin[~picked].max()
 
 
-
 def test_the_calibration_batch_stops_at_the_x_t_of_the_step_where_denoise_decides_the_targets():
     """denoise(until=T) returns the x_t the UNet reads at the first step with t <= T, the step at which a guided
     run decides its targets (t <= decide_at), so the offsets are set on the posteriors the targets are decided on.
@@ -102,6 +101,7 @@ def test_the_auto_scale_reads_each_final_latent_renoised_to_its_read_step_at_tha
     assert 10 < want.sum() < 30 and not torch.equal(want, (z0.flatten(1).mean(1) > 0).long())  # the noise counts
     assert torch.equal(guidance.ending_groups(TimeAware(), z0, seeds, ac), want)
 
+
 def test_trajectory_aware_targets_give_the_same_image_for_a_seed_at_any_batch_size(models):
     ind = mean_reader(loading.latent_shape(models, RES, RES))
     seeds = [3, 1, 4, 1000]
@@ -136,7 +136,6 @@ def test_auto_scale_is_the_smallest_rung_that_meets_the_targets_and_every_try_is
     assert ind(unguided, 0).argmax(1).float().mean().item() > 0.4
 
 
-
 def test_the_auto_scale_takes_a_rung_whose_hit_rate_is_exactly_the_bar(monkeypatch):
     """AUTO_HIT of each group's calibration images ending in their target meets the bar: 9 of 10 is enough. Here
     rungs below 5 end 8 of 10 in their target, rung 5 exactly 9 and rungs above it 10: the scale is 5. The hit
@@ -155,6 +154,7 @@ def test_the_auto_scale_takes_a_rung_whose_hit_rate_is_exactly_the_bar(monkeypat
     record = {}
     assert guidance.auto_scales(lambda guides: None, [guide], [targets], list(range(20)), None, record) == [5.0]
     assert record["hit_reached"] == [True]
+
 
 def test_an_auto_scale_that_meets_the_hit_rate_at_no_rung_says_so(models, capsys):
     """The bisection takes the ladder's top rung untried when every rung below it misses: an indicator that cannot

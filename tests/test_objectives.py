@@ -153,6 +153,7 @@ def test_indicator_weighted_weights_each_image_by_its_clean_latents_posterior_at
     per_image = (b.pred - b.target).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(parts["rec"], (per_image * raw / raw.mean()).mean(), rtol=1e-5, atol=0)
 
+
 def test_balanced_accuracy_does_not_reward_the_majority():
     logits = torch.tensor([[1.0, 0.0]] * 4)  # always group 0
     parts = ddm.accuracies(logits, torch.tensor([0, 0, 0, 1]))

@@ -135,7 +135,6 @@ def test_euler_run_equals_diffusers(steps):
     assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
 
 
-
 @pytest.mark.parametrize("steps", [1, 10])
 def test_a_v_prediction_models_euler_run_through_denoise_equals_diffusers(steps):
     """denoise turns v̂ into ε at the variance-preserving x_t = x/√(σ²+1) the model read, not at the Euler state x
@@ -159,6 +158,7 @@ def test_a_v_prediction_models_euler_run_through_denoise_equals_diffusers(steps)
     ours = diffusion.denoise(Linear(), x_T, torch.zeros(2, 77, 8), None, diffusion.sd_schedule(), [None] * 2,
                              steps=steps, guidance=1.0, sampler="euler", prediction_type="v_prediction")
     assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
+
 
 def test_add_noise_and_v_target_equal_diffusers():
     g = torch.Generator().manual_seed(4)

@@ -862,7 +862,6 @@ def test_an_objective_whose_part_names_change_between_micro_batches_stops_the_ru
         train.train([*common, "--out", str(tmp_path / "step"), "--objective", "named-step"])
 
 
-
 def test_a_part_not_measured_in_a_micro_batch_is_logged_as_the_mean_of_the_micro_batches_that_measured_it(
         sd_dir, data_dir, tmp_path, monkeypatch):
     """A NaN part (ddm.logged: no labelled image in that micro-batch) is left out of the step's mean, not counted as
@@ -881,6 +880,7 @@ def test_a_part_not_measured_in_a_micro_batch_is_logged_as_the_mean_of_the_micro
     assert first["probe"] == 3.0 and math.isfinite(first["rec"]) and first["loss"] == first["rec"]
     second, _ = t.step()
     assert math.isnan(second["probe"])
+
 
 def test_a_flag_an_objective_names_that_is_no_flag_of_train_py_is_refused_naming_it(monkeypatch):
     """README: a knob is named in the entry's `flags`; named as on the command line ("--small-eps-weight") instead
