@@ -553,6 +553,9 @@ def test_a_full_disk_reads_as_no_space_left_on_the_path():
      r"config field 'indicator_hidden' must be a list of integers >= 1, got \[0\]"),
     (lambda info: info["config"].update(train_text_encoder=1),
      r"config field 'train_text_encoder' must be true or false, got 1"),
+    # the indicator is built with one class per name: an AssertionError from ddm.Indicator
+    (lambda info: info["config"].update(group_names=["7"]),
+     r"config field 'group_names' must name at least 2 groups \(the run trained an indicator\), got \['7'\]"),
     (lambda info: info.update(base=info["base"] + "-elsewhere"), r"field 'base' .*-elsewhere is not the model the run "
                                                                  r"fine-tunes, config\.model "),
     # a run of an objective a reader added to ddm.py in another checkout: a KeyError from ddm.uses_indicator before
