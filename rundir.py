@@ -136,6 +136,9 @@ def read_run_json(run_dir):
     elif not (isinstance(shape, list) and len(shape) == 3 and all(map(weights.is_int, shape))):
         why = (f"field 'latent_shape' must be a list of 3 integers >= 1 (the latents' channels, height, width), "
                f"got {shape!r}")
+    elif uses_indicator(config["objective"], config["w_ind"]) and len(config["group_names"]) < 2:  # one logit a group
+        why = (f"config field 'group_names' must name at least 2 groups (the run trained an indicator), got "
+               f"{config['group_names']!r}")
     elif info["base"] != "base" and info["base"] != config.get("model"):  # a fine-tune's base is its --model
         why = f"field 'base' {info['base']} is not the model the run fine-tunes, config.model {config.get('model')}"
     elif started is not None and not (isinstance(started, str) and finished_name(started)):
