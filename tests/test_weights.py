@@ -47,6 +47,15 @@ def test_mismatch_names_missing_unexpected_and_shapes(tmp_path):
         load_strict(Tiny(), sd, "Tiny")
 
 
+@pytest.mark.parametrize("assign", [True, False])
+def test_integer_weights_of_a_quantized_checkpoint_are_named_not_a_torch_runtime_error(assign):
+    """An int8 tensor where the model holds floats: torch refuses it deep inside load_state_dict ("Only Tensors of
+    floating point ... can require gradients"), or copies it in as if it were a float (assign=False)."""
+    sd = {**Tiny().state_dict(), "proj.weight": torch.zeros(2, 3, dtype=torch.int8)}
+    with pytest.raises(CheckpointError, match=r"^Tiny: tensor proj.weight is torch.int8 in the checkpoint, but "
+                                              r"torch.float32 in the model \(quantized: not read here\)$"):
+        load_strict(Tiny(), sd, "Tiny", assign=assign)
+
 
 def test_missing_tensors_alone_and_unexpected_tensors_alone_are_named():
     sd = Tiny().state_dict()
