@@ -243,10 +243,10 @@ def _examples(keys, n=5):
 def load_strict(model, state_dict, name="model", assign=True, only=None):
     """Load `state_dict` into `model`, checking everything: the one strict loader of the codebase.
 
-    Ignored tensors (IGNORED) are dropped; any other missing or unexpected tensor, or a shape mismatch, raises
-    CheckpointError naming the counts and the first few keys, or the tensor and both shapes. assign=True takes the
-    tensors over (a model built on the meta device); False copies them into the model's own, which keeps an
-    optimizer's references. `only(key)`: the part of the model this state dict holds (LoRA adapters).
+    Ignored tensors (IGNORED) are dropped; any other missing or unexpected tensor, a shape mismatch, or integers for
+    floats raises CheckpointError naming the counts and the first few keys, or the tensor and both shapes or dtypes.
+    assign=True takes the tensors over (a model built on the meta device); False copies them into the model's own,
+    which keeps an optimizer's references. `only(key)`: the part of the model this state dict holds (LoRA adapters).
     """
     state_dict = {k: v for k, v in state_dict.items() if not IGNORED.search(k)}
     expected = {k: v for k, v in model.state_dict().items() if only is None or only(k)}
@@ -258,9 +258,15 @@ def load_strict(model, state_dict, name="model", assign=True, only=None):
             + f", {len(unexpected)} unexpected" + (f" ({_examples(unexpected)})" if unexpected else "")
             + f"; the model has {len(expected)} tensors, the checkpoint {len(state_dict)}")
     for k, v in state_dict.items():
-        if v.shape != expected[k].shape:
-            raise CheckpointError(f"{name}: shape mismatch: tensor {k} has shape {tuple(v.shape)} in the checkpoint "
-                                  f"but {tuple(expected[k].shape)} in the model")
+        want = expected[k]
+        if v.shape != want.shape:
+            why = (f"shape mismatch: tensor {k} has shape {tuple(v.shape)} in the checkpoint but {tuple(want.shape)} "
+                   "in the model")
+        elif v.is_floating_point() != want.is_floating_point():  # a quantized checkpoint: torch copies int8 as floats
+            why = f"tensor {k} is {v.dtype} in the checkpoint, but {want.dtype} in the model (quantized: not read here)"
+        else:
+            continue
+        raise CheckpointError(f"{name}: {why}")
     model.load_state_dict(state_dict, strict=only is None, assign=assign)
     return model
 
