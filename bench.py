@@ -14,6 +14,9 @@ import benchmarks  # noqa: E402
 
 def main():
     available = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name != "common")
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(f"{__doc__.strip()}\n\navailable: {', '.join(available)}")
+        return
     names = sys.argv[1:] or available
     for name in names:
         if name not in available:
