@@ -502,6 +502,19 @@ def test_clusters_refuses_an_out_it_cannot_write_before_the_vae_loads_or_encodes
     assert (theirs / "2.png").exists() and (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.parametrize("k", ["1", "5"])
+def test_clusters_refuses_a_k_the_images_cannot_hold_before_the_vae_loads(k, tmp_path, monkeypatch):
+    """--k 1, or more clusters than images, was refused by fit_clusters after every image had gone through the VAE."""
+    rows = [{"file_name": f"{j}.png", "text": "", "group": None} for j in range(4)]
+    src = _folder(tmp_path / "src", rows, {f"{j}.png": Image.new("RGB", (16, 16), (60 * j, 0, 0)) for j in range(4)})
+    monkeypatch.setattr(data, "load_vae", lambda path: pytest.fail("the VAE loaded before --k was checked"))
+    message = rf"^data\.py: error: k must lie in \[2, 4\] \(the number of images\), got {k}$"
+    with pytest.raises(SystemExit, match=message):
+        data.main(["clusters", "--data", str(src), "--vae", "none", "--k", k, "--resolution", "16",
+                   "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_folders_built_with_link_are_read_and_clustered_and_a_link_elsewhere_still_is_not(celeba, tmp_path):
     """--link writes symlinks to the sources, outside the folder on purpose; the line's `source` names the target.
     A link whose line names no such source, or another one, still lies outside the folder."""
