@@ -353,11 +353,13 @@ def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=
     -> (out_dir, cluster sizes (K,)). Each line keeps its caption, and its group, if it had one, as "label" (never
     read by training: it lets you see what the clusters found). Images are copied, or symlinked with link=True."""
     data = ImageFolder(data_dir, resolution, need_groups=None)
-    check_out_folder(Path(out_dir), list(zip(data.files, data.names)), overwrite)  # before minutes of encoding
+    if not 2 <= k <= len(data):  # both checks before minutes of encoding
+        raise ValueError(f"k must lie in [2, {len(data)}] (the number of images), got {k}")
+    check_out_folder(Path(out_dir), list(zip(data.files, data.names)), overwrite)
     vae = load_vae(vae_path)
     z0 = encode_dataset(vae, data, 32, "cpu")[0] * vae.config.scaling_factor  # posterior means; 32 images a batch
     distinct = len(torch.unique(z0.flatten(1), dim=0))
-    if 2 <= k and distinct < k:  # the mixture's covariances would be 0 (k < 2: fit_clusters names k)
+    if distinct < k:  # the mixture's covariances would be 0
         raise ValueError(f"{data_dir}: its {len(z0)} images have {distinct} distinct latent{'s' * (distinct > 1)} at "
                          f"resolution {resolution}, fewer than the {k} clusters asked for")
     clusters, _ = ddm.fit_clusters(z0, k, dims=dims, seed=seed)
