@@ -119,6 +119,14 @@ def test_spd_is_max_minus_min_over_all_k_groups():
     assert r["spd"] == 0.75  # b's 0.75 minus c's 0: the third group sets the minimum
 
 
+def test_frechet_distance_of_one_dimensional_features_is_the_univariate_closed_form():
+    """(mu_a - mu_b)^2 + (s_a - s_b)^2; torch.cov of a single feature is a 0-d tensor, which eigh refused."""
+    a = torch.tensor([[0.0], [1.0], [2.0], [5.0]], dtype=torch.float64)
+    b = 3 * a - 2
+    expected = (a.mean() - b.mean()) ** 2 + (a.std() - b.std()) ** 2
+    assert evaluate.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-12)
+
+
 def test_frechet_distance_closed_form_and_on_real_digits(trained, heldout):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
