@@ -328,7 +328,7 @@ def sample_prompts(directory, paths, fallback=None):
 def _moments(features, name):
     f = torch.as_tensor(features).double()
     assert f.dim() == 2 and len(f) >= 2, f"{name} must be (N, D) with N >= 2 for a covariance, got {tuple(f.shape)}"
-    return f.mean(0), torch.cov(f.T)
+    return f.mean(0), torch.cov(f.T).view(f.shape[1], f.shape[1])  # view: cov of one feature is 0-d
 
 
 def _frechet(mu_a, cov_a, mu_b, cov_b):
