@@ -268,6 +268,21 @@ def test_the_folder_of_a_sample_run_that_did_not_finish_is_refused_naming_its_re
     assert evaluate.main([str(stopped), *clf])["n_images"] == 3
 
 
+def test_images_a_sample_runs_record_does_not_list_are_refused_naming_one(trained, heldout, tmp_path):
+    """sample.py --overwrite into a folder of other images writes its own beside them: the digit judge took them all
+    into FD and Frechet, without a word (the CLIP path refused them: no prompt)."""
+    model, _ = trained
+    evaluate.save_classifier(model, tmp_path / "c.safetensors")
+    images, _ = heldout
+    mixed = _write_pngs(tmp_path / "mixed", images[:3])
+    Image.fromarray(images[3]).save(mixed / "old_7.png")
+    (mixed / "samples.json").write_text(json.dumps({"prompts": ["a"] * 3, "files": [f"{k:05d}.png" for k in range(3)],
+                                                    "finished": True}))
+    with pytest.raises(SystemExit, match=r"mixed.samples.json does not list 1 images of the folder, e.g. old_7.png"):
+        evaluate.main([str(mixed), "--classifier", str(tmp_path / "c.safetensors")])
+    assert not (mixed / "evaluation.json").exists()
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_the_evaluation(heldout, tmp_path, monkeypatch, capsys):
     images, _ = heldout
     good = _write_pngs(tmp_path / "good", images[:4])
