@@ -318,7 +318,7 @@ def sample_prompts(directory, paths, fallback=None):
     unlisted = [p.name for p in paths if not isinstance(by_file.get(p.name), str)]
     if unlisted:
         raise ValueError(f"{record_path} lists no prompt for {len(unlisted)} images of the folder, e.g. "
-                         f"{', '.join(unlisted[:3])}")
+                         f"{', '.join(unlisted[:3])}: not the run's images; move them away")
     return [by_file[p.name] for p in paths]
 
 
@@ -514,7 +514,8 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
 def image_files(directory, name="image folder"):
     """The image files of one folder, sorted by name; `grid*` files that sample.py writes are skipped, and so are
     other files (samples.json, metadata.jsonl, ...). Refused where the folder (called `name`, or the flag that gave
-    it) is missing, a sample.py run that stopped, or a data folder whose metadata.jsonl does not list them all."""
+    it) is missing, a sample.py run that stopped, or a folder whose metadata.jsonl or samples.json does not list them
+    all."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{name} {directory} " + ("is a file, not a folder" if directory.exists() else
@@ -527,6 +528,9 @@ def image_files(directory, name="image folder"):
     why = unfinished_error(directory) or empty or unlisted_error(directory, paths)
     if why:
         raise ValueError(why)
+    files, prompts = (samples_record(directory).get(k) for k in ("files", "prompts"))
+    if isinstance(files, list) and isinstance(prompts, list) and len(files) == len(prompts):
+        sample_prompts(directory, paths)  # sample.py's record: an image it does not list is not its run's
     return paths
 
 
@@ -543,20 +547,26 @@ def unlisted_error(directory, paths):
             "away, or build the data folder anew into an empty one") if unlisted else None
 
 
+def samples_record(directory):
+    """sample.py's samples.json in `directory`, or {} where none reads as a record (sample_prompts names a broken one
+    where it needs the prompts)."""
+    try:
+        record = json.loads((directory / "samples.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def unfinished_error(directory):
     """Why `directory` is the --out of a sample.py run that stopped before its last image, or None: its samples.json
     says finished: false (written first, true at the end), so images are missing, the last perhaps half-written."""
-    path = directory / "samples.json"
-    try:
-        record = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None  # no record of sample.py's (sample_prompts names a broken one where it needs the prompts)
-    if not isinstance(record, dict) or record.get("finished") is not False:
+    record = samples_record(directory)
+    if record.get("finished") is not False:
         return None
     files = record.get("files") if isinstance(record.get("files"), list) else []
     here = sum(isinstance(n, str) and (directory / n).is_file() for n in files)
-    return (f"{path}: the sample.py run that wrote this folder did not finish ({here} of its {len(files)} images are "
-            f"here); run it again with --overwrite before judging it")
+    return (f"{directory / 'samples.json'}: the sample.py run that wrote this folder did not finish ({here} of its "
+            f"{len(files)} images are here); run it again with --overwrite before judging it")
 
 
 def read_images(paths):

@@ -278,7 +278,8 @@ def test_images_a_sample_runs_record_does_not_list_are_refused_naming_one(traine
     Image.fromarray(images[3]).save(mixed / "old_7.png")
     (mixed / "samples.json").write_text(json.dumps({"prompts": ["a"] * 3, "files": [f"{k:05d}.png" for k in range(3)],
                                                     "finished": True}))
-    with pytest.raises(SystemExit, match=r"mixed.samples.json does not list 1 images of the folder, e.g. old_7.png"):
+    with pytest.raises(SystemExit, match=r"mixed.samples.json lists no prompt for 1 images of the folder, e.g. "
+                                         r"old_7.png: not the run's images"):
         evaluate.main([str(mixed), "--classifier", str(tmp_path / "c.safetensors")])
     assert not (mixed / "evaluation.json").exists()
 
