@@ -277,6 +277,17 @@ def test_a_calibration_that_no_calibration_batch_reads_is_refused_before_anythin
     assert sample.parse_args([*argv[:-2], *guided, "2", "--decide-at", "none"]).calibration == guidance.CALIBRATION
 
 
+@pytest.mark.parametrize("value", ["none", "500"])
+def test_a_decide_at_without_an_indicator_is_refused_naming_the_flag(value, runs, tmp_path, capsys):
+    """--decide-at sets how guided images get their targets: without --indicator it was taken and ignored."""
+    argv = ["--model", str(runs["noise-aware"]), "--prompt", PROMPT, "--steps", "1", "--height", str(RES), "--width",
+            str(RES), "--device", "cpu", "--out", str(tmp_path / "never"), "--decide-at", value]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2 and "--decide-at needs --indicator RUN_OR_FILE" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_an_indicator_without_a_guidance_scale_is_refused_and_an_explicit_zero_samples_unguided(runs, tmp_path,
                                                                                                   capsys):
     """--indicator (and its --target) guide only with --indicator-guidance: without it they were ignored, the images
