@@ -180,8 +180,9 @@ def flag_error(args):
         return "--indicator-guidance needs --indicator RUN_OR_FILE"
     if args.indicator and args.indicator_guidance is None:  # it would sample unguided without a word
         return "--indicator needs --indicator-guidance S|auto (0: sample unguided)"
-    if args.calibration is not None and not args.indicator:
-        return "--calibration needs --indicator RUN_OR_FILE"
+    for flag, given in (("--calibration", args.calibration is not None), ("--decide-at", args.decide_at != DECIDE_AT)):
+        if given and not args.indicator:
+            return f"{flag} needs --indicator RUN_OR_FILE"
     if args.calibration is not None and args.indicator_guidance not in ("auto", 0) and args.decide_at is None:
         return (f"--calibration: --indicator-guidance {args.indicator_guidance:g} with --decide-at none runs no "
                 "calibration batch (it sets trajectory-aware targets and the auto scale)")
