@@ -343,6 +343,16 @@ def test_file_names_that_leave_the_data_folder_are_refused_before_any_image_is_o
     assert opened == []
 
 
+@pytest.mark.parametrize("file_name", ["a.png", "./a.png", "sub/../a.png"])
+def test_an_image_listed_twice_is_refused_naming_both_lines(tmp_path, file_name):
+    """Line 2 gives a.png of line 1 another group: one image trained as both 0 and 1, and copied twice by clusters."""
+    root = _two_line_folder(tmp_path, file_name)
+    (root / "sub").mkdir()
+    with pytest.raises(ValueError, match=rf"metadata.jsonl, line 2: field 'file_name' {re.escape(repr(file_name))} "
+                                         r"names the image of line 1 again; list each image once$"):
+        data.ImageFolder(root, 8)
+
+
 def test_file_names_inside_the_folder_through_subfolders_and_symlinks_are_read(tmp_path):
     root = _two_line_folder(tmp_path, "sub/../inner/link.png")
     (root / "inner").mkdir()
