@@ -461,12 +461,13 @@ def row_error(row, first):
 
 def read_metadata(meta):
     """The lines of a `metadata.jsonl` -> [(line number, resolved image path, text, raw group, file_name inside the
-    folder)], every field checked. A `file_name` must stay inside the folder after following `..` and symlinks: it
-    is refused before anything is opened, so a data set cannot read (or probe for) files elsewhere. One exception:
-    the link that `write_folder(link=True)` made, a symlink in a folder inside this one whose target the line's
-    `source` names."""
+    folder)], every field checked; an image listed on several lines (one caption each) has one group. A `file_name`
+    must stay inside the folder after following `..` and symlinks: it is refused before anything is opened, so a
+    data set cannot read (or probe for) files elsewhere. One exception: the link that `write_folder(link=True)` made,
+    a symlink in a folder inside this one whose target the line's `source` names."""
     root = meta.parent.resolve()
     records, first = [], None  # first: (line number, group) of the first labelled line
+    seen = {}  # an image's name inside the folder -> (line number, group) of the first line that labels it
     for lineno, line in text_lines(meta):
         where = f"{meta}, line {lineno}"
         if not line.strip():
@@ -487,9 +488,16 @@ def read_metadata(meta):
             linked = isinstance(row.get("source"), str) and entry.is_symlink() and Path(row["source"]).resolve()
         except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL in source
             raise ValueError(f"{where}: field 'file_name' {name!r} cannot be resolved ({e})") from None
-        if not folder.is_relative_to(root) or not (path.is_relative_to(root) or path == linked):
-            raise ValueError(f"{where}: field 'file_name' {name!r} lies outside the data folder {root}")
-        records.append((lineno, path, row["text"], group, str(folder.relative_to(root) / entry.name)))
+        outside = not folder.is_relative_to(root) or not (path.is_relative_to(root) or path == linked)
+        inside = None if outside else str(folder.relative_to(root) / entry.name)
+        other = seen.get(inside, (None, group))
+        if outside or group not in (None, other[1]):  # an image listed twice (captions of one image): one group
+            raise ValueError(f"{where}: field 'file_name' {name!r} " + (
+                f"lies outside the data folder {root}" if outside else
+                f"has group {group!r} here but {other[1]!r} on line {other[0]}; an image has one group"))
+        if group is not None:
+            seen.setdefault(inside, (lineno, group))
+        records.append((lineno, path, row["text"], group, inside))
     return records
 
 

@@ -156,7 +156,8 @@ def test_image_folder_converts_gray_rgba_and_palette_and_maps_string_groups(tmp_
     wide = np.zeros((8, 24), np.uint8)
     wide[:, 8:16] = 255
     root2 = _folder(tmp_path / "w", [{"file_name": "w.png", "text": "", "group": 0},
-                                     {"file_name": "w.png", "text": "", "group": 1}], {"w.png": Image.fromarray(wide)})
+                                     {"file_name": "w2.png", "text": "", "group": 1}],
+                    {"w.png": Image.fromarray(wide), "w2.png": Image.fromarray(wide)})
     assert data.ImageFolder(root2, 8)[0]["pixels"].min() > 0.9  # only the white middle square survives
     assert data.ImageFolder(root2, 8, center_crop=False)[0]["pixels"].min() < -0.9  # squashed: black sides stay
 
@@ -344,13 +345,21 @@ def test_file_names_that_leave_the_data_folder_are_refused_before_any_image_is_o
 
 
 @pytest.mark.parametrize("file_name", ["a.png", "./a.png", "sub/../a.png"])
-def test_an_image_listed_twice_is_refused_naming_both_lines(tmp_path, file_name):
-    """Line 2 gives a.png of line 1 another group: one image trained as both 0 and 1, and copied twice by clusters."""
+def test_an_image_listed_twice_with_two_groups_is_refused_naming_both_lines(tmp_path, file_name):
+    """Line 2 gives a.png of line 1 another group: one image trained as both 0 and 1. Listed twice with one group,
+    or once without a label (two captions of one image), it reads."""
     root = _two_line_folder(tmp_path, file_name)
     (root / "sub").mkdir()
     with pytest.raises(ValueError, match=rf"metadata.jsonl, line 2: field 'file_name' {re.escape(repr(file_name))} "
-                                         r"names the image of line 1 again; list each image once$"):
+                                         r"has group 1 here but 0 on line 1; an image has one group$"):
         data.ImageFolder(root, 8)
+    rows = [{"file_name": "a.png", "text": "a red square", "group": 0},
+            {"file_name": file_name, "text": "red", "group": 0},
+            {"file_name": file_name, "text": "a square", "group": None},
+            {"file_name": "b.png", "text": "", "group": 1}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Image.new("RGB", (8, 8)).save(root / "b.png")
+    assert data.ImageFolder(root, 8).groups == [0, 0, -1, 1]
 
 
 def test_file_names_inside_the_folder_through_subfolders_and_symlinks_are_read(tmp_path):
