@@ -326,6 +326,32 @@ def test_a_merges_txt_cut_short_at_a_line_end_is_refused_not_read_as_fewer_merge
         Tokenizer.from_folder(tmp_path)
 
 
+@pytest.mark.parametrize("bom, newline", [(b"", b"\r\n"), (b"\xef\xbb\xbf", b"\n")])
+def test_a_merges_txt_with_windows_line_ends_or_a_byte_order_mark_reads_as_the_same_tokenizer(tok_dir, tmp_path, bom,
+                                                                                             newline):
+    """A checkout with CRLF line ends gave every merge a "\r" (a BOM the header): "the vocabulary lacks 48894
+    tokens", naming neither the file nor the cause."""
+    (tmp_path / "vocab.json").write_bytes((tok_dir / "vocab.json").read_bytes())
+    (tmp_path / "merges.txt").write_bytes(bom + (tok_dir / "merges.txt").read_bytes().replace(b"\n", newline))
+    prompts = ["a photo of a doctor", "an astronaut riding a horse"]
+    assert torch.equal(Tokenizer.from_folder(tmp_path)(prompts), Tokenizer.from_folder(tok_dir)(prompts))
+
+
+@pytest.mark.parametrize("token, value, shown", [("a</w>", "320", "'320'"), ("a</w>", -3, "-3"), ("a</w>", 1.5, "1.5"),
+                                                 ("a</w>", True, "True")])
+def test_a_vocab_json_whose_id_is_no_integer_from_0_is_refused_naming_the_file_and_token(tok_dir, tmp_path, token,
+                                                                                          value, shown):
+    """A string id was a TypeError where the largest id is compared with the text encoder's vocab_size; -3 an
+    IndexError in the embedding."""
+    vocab = json.loads((tok_dir / "vocab.json").read_text(encoding="utf-8"))
+    vocab[token] = value
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp_path / "merges.txt").write_bytes((tok_dir / "merges.txt").read_bytes())
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}: token 'a</w>' has the id {re.escape(shown)} "
+                                         r"in the vocabulary; ids are integers >= 0$"):
+        Tokenizer.from_folder(tmp_path)
+
+
 def test_bad_tokenizer_inputs_raise_clear_errors(tok_dir, tmp_path, ours):
     (tmp_path / "vocab.json").write_bytes((tok_dir / "vocab.json").read_bytes())
     with pytest.raises(FileNotFoundError, match="no merges.txt"):
