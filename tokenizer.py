@@ -121,9 +121,9 @@ class Tokenizer:
     Unlike OpenAI's original, no ftfy / html.unescape clean-up: the pipelines' reference does none either.
     """
 
-    def __init__(self, vocab, merges, max_length=77):
+    def __init__(self, vocab, merges, max_length=77, source=None):
+        """ValueError, naming `source` (the folder or file they came from) where vocab and merges are no CLIP BPE."""
         self.encoder = dict(vocab)
-        self.decoder = {i: t for t, i in self.encoder.items()}
         self.ranks = {tuple(m): rank for rank, m in enumerate(merges)}
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
@@ -135,7 +135,10 @@ class Tokenizer:
             made[a + b] = min(rank, made.get(a + b, rank))
         late = [(rank, p) for p, rank in self.ranks.items() if max(made.get(p[0], -1), made.get(p[1], -1)) > rank]
         unmade = sorted(self.encoder.keys() - set(needed))  # a merges.txt cut at a line end reads, with fewer merges
-        if missing:
+        bad_id = next(((t, i) for t, i in self.encoder.items() if not weights.is_int(i, 0)), None)
+        if bad_id:
+            why = f"token {bad_id[0]!r} has the id {bad_id[1]!r} in the vocabulary; ids are integers >= 0"
+        elif missing:
             why = (f"the vocabulary lacks {len(missing)} tokens the tokenizer needs (byte symbols, merge results, "
                    f"{START}, {END}), e.g. {missing[:5]}")
         elif late:
@@ -147,7 +150,8 @@ class Tokenizer:
         else:
             why = None
         if why:
-            raise ValueError(why)
+            raise ValueError(f"{source}: {why}" if source else why)
+        self.decoder = {i: t for t, i in self.encoder.items()}
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
         self.pad_with(END)
         self.max_length = max_length
@@ -176,18 +180,19 @@ class Tokenizer:
                                         "merges.txt, or tokenizer.json")
         vocab = weights.read_json(path / "vocab.json")
         try:
-            lines = (path / "merges.txt").read_bytes().decode("utf-8").split("\n")
+            lines = (path / "merges.txt").read_bytes().decode("utf-8-sig").split("\n")  # -sig: a byte order mark
         except UnicodeDecodeError as e:
             raise ValueError(f"{path / 'merges.txt'}: not UTF-8 text (byte {e.start})") from None
         first = 1 if lines[0].startswith("#version") else 0
         merges = []
         for n, line in enumerate(lines[first:], first + 1):
+            line = line.removesuffix("\r")  # Windows line ends (a checkout's autocrlf)
             if line:
                 pair = line.split(" ")
                 if len(pair) != 2:
                     raise ValueError(f"{path / 'merges.txt'} line {n}: expected two symbols, got {line!r}")
                 merges.append(tuple(pair))
-        return with_pad_token(check_added_tokens(cls(vocab, merges), path), path)
+        return with_pad_token(check_added_tokens(cls(vocab, merges, source=path), path), path)
 
     @classmethod
     def from_tokenizer_json(cls, path):
@@ -212,7 +217,7 @@ class Tokenizer:
         elif bad is not None:
             why = f"model.merges[{bad}]: expected two symbols, got {merges[bad]!r}"
         else:
-            return check_added_tokens(cls(vocab, [tuple(p) for p in pairs]), path.parent, spec)
+            return check_added_tokens(cls(vocab, [tuple(p) for p in pairs], source=path), path.parent, spec)
         raise ValueError(f"{path}: {why}")
 
     @classmethod
