@@ -146,8 +146,9 @@ def tower_error(cfg, names=("activation", "width", "heads")):
 def text_encoder_config_from_hf(d):
     """CLIPTextConfig from a transformers CLIPTextConfig config.json dict (a diffusers `text_encoder/`); ValueError
     for a variant this file cannot build or a field of the wrong type."""
-    if d.get("layer_norm_eps", 1e-5) != 1e-5:
-        raise ValueError(f"text encoder config has layer_norm_eps {d['layer_norm_eps']}; only 1e-5 is supported")
+    eps = weights.config_value(d, "layer_norm_eps", "number", 1e-5)
+    if eps != 1e-5:
+        raise ValueError(f"text encoder config has layer_norm_eps {eps}; only 1e-5 is supported")
     # eos_token_id 2 is transformers' legacy placeholder (SD v1.5's config.json says 2) meaning "the highest id"
     eos = weights.config_value(d, "eos_token_id", "int", 2)
     value = functools.partial(weights.config_value, d, kind="int")  # the sizes below are required

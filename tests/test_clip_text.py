@@ -416,7 +416,7 @@ def test_tiny_text_encoder_equals_transformers_last_hidden_state(activation, tmp
     assert text_encoder_config_from_hf(text_encoder_hf_config(cfg)) == cfg
 
 
-@pytest.mark.parametrize("value, message", [("1e-5", r"field 'layer_norm_eps' must be a number, got \"1e-5\""),
+@pytest.mark.parametrize("value, message", [("1e-5", r"field 'layer_norm_eps' must be a positive number, got \"1e-5\""),
                                             (1e-6, r"has layer_norm_eps 1e-06; only 1e-5 is supported")])
 def test_a_layer_norm_eps_other_than_clips_is_refused_saying_what_it_is(value, message):
     """A string "1e-5" was told "has layer_norm_eps 1e-5; only 1e-5 is supported"."""
