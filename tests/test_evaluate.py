@@ -228,6 +228,8 @@ def test_bad_inputs_give_clear_messages(trained, heldout, tmp_path):
         evaluate.evaluate_images(_indices(4), liar, groups=[7, 8])
     with pytest.raises(ValueError, match="at least two distinct classes"):
         evaluate.evaluate_images(images[:4], model, groups=[7])
+    with pytest.raises(ValueError, match=r"^groups must be at least two distinct classes, got \[7, 7\]$"):
+        evaluate.evaluate_images(images[:4], model, groups=[7, 7])  # it also said "there must be images: 4"
     with pytest.raises(ValueError, match="never requested: \\[8\\]"):
         evaluate.evaluate_images(images[:4], model, groups=[7, 8], requested=[7] * 4)
     with pytest.raises(ValueError, match="no images"):
