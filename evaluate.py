@@ -375,9 +375,10 @@ def request_error(class_names, groups, n, requested=None, indicator_logits=None)
     if unknown:
         return (f"group {unknown[0]!r} is not a class of the classifier whose K={len(class_names)} classes "
                 f"are {class_names}")
-    if len(set(groups)) != len(groups) or len(groups) < 2 or n == 0:
-        return (f"groups must be at least two distinct classes, got {groups}, and there must be images: "
-                f"{n} (no images to evaluate)")
+    if len(set(groups)) != len(groups) or len(groups) < 2:
+        return f"groups must be at least two distinct classes, got {groups}"
+    if n == 0:
+        return "no images to evaluate"
     if requested is not None:
         wrong, never = sorted({str(r) for r in requested if r not in groups}), [g for g in groups if g not in requested]
         if len(requested) != n or wrong or never:
