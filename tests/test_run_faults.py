@@ -441,6 +441,22 @@ def test_resume_over_changed_data_is_refused_unless_allowed(sd_dir, tmp_path):
     assert [r["step"] for r in log_lines(out)] == [1, 2]
 
 
+def test_resume_over_data_with_another_number_of_images_names_the_data_not_the_arguments(sd_dir, tmp_path):
+    """It said "resume with the same arguments", which were the same; --allow-data-change does not help either."""
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    shutil.copy(data / "0.png", data / "8.png")
+    with open(data / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "8.png", "text": "a red square", "group": "red"}) + "\n")
+    for allow in ([], ["--allow-data-change"]):
+        with pytest.raises(ValueError, match=r"the run was started with num_images=8, now num_images=9; the data in "
+                                             r".* changed since the run started: restore it, or fine-tune the run "
+                                             r"on the new data as a new run \(--model .*run\)$"):
+            train.train([*common, "--resume", str(out), "--max-steps", "2", *allow])
+
+
 def test_resume_over_an_image_edited_in_place_with_its_size_and_time_kept_is_refused(sd_dir, tmp_path):
     data = make_data(tmp_path / "data")
     image = data / "3.png"
