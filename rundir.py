@@ -304,11 +304,15 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
     # group_names last: they follow from the data and flags (--attribute), and a changed flag is the thing to name
     for field, value in sorted(config.items(), key=lambda kv: kv[0] == "group_names"):
         stored = info["config"].get(field, defaults.get(field))
-        if stored != value:
-            raise ValueError(f"--resume {run_dir}: the run was started with {field}={stored!r}"
-                             + (" (the default: run.json records none)" if field in older else "")
-                             + f", now {field}={value!r}; resume with the same arguments (only --max-steps, "
-                               "checkpoint/validation/hardware flags may change)")
+        if stored == value:
+            continue
+        fix = (f"the data in {config['data']} changed since the run started: restore it, or fine-tune the run on the "
+               f"new data as a new run (--model {run_dir})" if field in ("num_images", "group_names")  # same flags
+               else "resume with the same arguments (only --max-steps, checkpoint/validation/hardware flags may "
+               "change)")
+        raise ValueError(f"--resume {run_dir}: the run was started with {field}={stored!r}"
+                         + (" (the default: run.json records none)" if field in older else "")
+                         + f", now {field}={value!r}; {fix}")
     if older and say:
         print(f"note: {run_dir / 'run.json'} records no {', '.join(older)} (an older run): taking their defaults",
               file=sys.stderr)
