@@ -282,6 +282,17 @@ def test_celeba_builder_links_names_groups_and_rebuilds_only_its_own_files(celeb
     assert (tmp_path / "theirs" / "000001.jpg").read_bytes() == b"someone else's file"
 
 
+@pytest.mark.parametrize("name", ["a,b", "c=d", "e:f", "g+h"])
+def test_celeba_builder_refuses_a_group_name_that_target_could_not_name(name, celeba, tmp_path):
+    """--target reads NAME=SHARE,... (ATTRIBUTE:SPEC; intersections A+B): a folder of such a group was written, and
+    no --target could name its groups."""
+    folder, attributes = celeba
+    with pytest.raises(SystemExit, match=rf"group name {re.escape(repr(name))} holds one of , = : \+ \(--target "
+                                         r"separates names and shares with them\)$"):
+        _build(folder, attributes, tmp_path / "out", "--counts", "1,1", "--group-names", name, "woman")
+    assert not (tmp_path / "out").exists()
+
+
 def test_celeba_builder_names_the_missing_image_attribute_or_supply(celeba, tmp_path, capsys):
     folder, attributes = celeba
     out = tmp_path / "out"
