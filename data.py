@@ -256,8 +256,10 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
     """
     out_dir, images_dir = Path(out_dir), Path(images_dir)
     with_name, without_name = group_names or (attribute, f"not {attribute}")
-    if with_name == without_name:
-        raise ValueError(f"the two groups need different names, got {with_name!r} twice")
+    bad = next((n for n in (with_name, without_name) if set(n) & set(",=:+")), None)
+    if with_name == without_name or bad:
+        raise ValueError(f"group name {bad!r} holds one of , = : + (--target separates names and shares with them)"
+                         if bad else f"the two groups need different names, got {with_name!r} twice")
     if len(counts) != 2 or not all(map(weights.is_int, counts)):
         raise ValueError(f"counts must be two positive ints (with, without the attribute), got {counts!r}")
     if not images_dir.is_dir():
