@@ -732,6 +732,7 @@ def digit_judge(classifier, groups):
 def fine_tune(args, sizes, method, seed, base, vae):
     """One train.py run of a method on the biased set (cached data folder): its run directory. A label-free method
     reads a copy whose groups are clusters of the images' latents under the VAE (one clustering per seed)."""
+    tqdm.write(f"[fine-tune] {method.name}, seed {seed}")
     if args.experiment == "attributes":
         s = {"attributes": {d: {"+".join(k): n for k, n in ATTR_COUNTS.items()} for d in ATTR_DIGITS},
              "labelled": method.labelled}
@@ -763,7 +764,6 @@ def fine_tune_and_evaluate(args, sizes, base, vae_info, evaluated, timings):
     for seed in range(args.seeds):
         loaded = {}  # each run read once a seed: the guided methods sample their source's
         for name in dict.fromkeys(m.source or m.name for m in methods):
-            tqdm.write(f"[fine-tune] {name}, seed {seed}")
             t0 = time.time()
             runs[name, seed] = fine_tune(args, sizes, BY_NAME[name], seed, base, vae_info)
             timings["finetune"] += time.time() - t0
