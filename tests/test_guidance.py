@@ -102,6 +102,19 @@ def test_the_auto_scale_reads_each_final_latent_renoised_to_its_read_step_at_tha
     assert torch.equal(guidance.ending_groups(TimeAware(), z0, seeds, ac), want)
 
 
+def test_the_auto_scale_reads_a_schedule_of_another_length_at_the_same_share_of_it():
+    """SD's t = 200 of 1000 steps; on a 100-step schedule an IndexError in add_noise: it reads at t = 20 there."""
+    class Reader(torch.nn.Module):
+        def forward(self, x, t):
+            self.t = t
+            return torch.zeros(len(x), 2)
+
+    ac, z0, reader = diffusion.sd_schedule()[::10].contiguous(), torch.zeros(3, 4, 2, 2), Reader()
+    assert guidance.ending_groups(reader, z0, [0, 1, 2], ac).tolist() == [0, 0, 0] and reader.t == 20
+    guidance.ending_groups(reader, z0, [0, 1, 2], diffusion.sd_schedule())
+    assert reader.t == guidance.AUTO_READ_AT == 200
+
+
 def test_trajectory_aware_targets_give_the_same_image_for_a_seed_at_any_batch_size(models):
     ind = mean_reader(loading.latent_shape(models, RES, RES))
     seeds = [3, 1, 4, 1000]
