@@ -52,9 +52,11 @@ def decision_offsets(log_p, shares, temperature=0.02, iters=2000):
 
 
 @torch.no_grad()
-def ending_groups(indicator, z0, seeds, alphas_cumprod, t=AUTO_READ_AT):
+def ending_groups(indicator, z0, seeds, alphas_cumprod):
     """The group each final latent ends in, as the indicator reads it after re-noising it to t (each image its own
-    noise): noise washes out what guidance wrote only for the indicator, and keeps what makes the group."""
+    noise): noise washes out what guidance wrote only for the indicator, and keeps what makes the group. t is
+    AUTO_READ_AT of SD's 1000 steps, the same share of a schedule of another length."""
+    t = AUTO_READ_AT * len(alphas_cumprod) // diffusion.N_TRAIN_TIMESTEPS
     noise = torch.cat([torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(
         derive_seed(s, "read"))) for s in seeds]).to(z0.device)
     return indicator(diffusion.add_noise(z0, noise, torch.full((len(z0),), t), alphas_cumprod), t).argmax(1).cpu()
