@@ -61,6 +61,9 @@ AT_THE_BAR = "tests/test_guidance.py::test_the_auto_scale_takes_a_rung_whose_hit
 V_EULER = S + "test_a_v_prediction_models_euler_run_through_denoise_equals_diffusers"
 CONFIDENCE = E + "test_mean_confidence_is_the_classifiers_top_probability_over_all_its_classes"
 READS_T = "tests/test_ddm.py::test_a_noise_aware_indicator_reads_its_timestep_as_sinusoidal_features_beside_the_latent"
+SHARE_OF_T = "tests/test_guidance.py::test_the_auto_scale_reads_a_schedule_of_another_length_at_the_same_share_of_it"
+UNLISTED = E + "test_images_a_sample_runs_record_does_not_list_are_refused_naming_one"
+ONE_GROUP = "tests/test_data.py::test_an_image_listed_twice_with_two_groups_is_refused_naming_both_lines"
 
 BUGS = [  # (name, file, old, new, tests)
     # the verdict and its statistics
@@ -174,6 +177,13 @@ BUGS = [  # (name, file, old, new, tests)
      "eps = eps_from_v(x, out, t, alphas_cumprod)", [V_EULER]),
     ("confidence-over-the-groups-only", "evaluate.py", '"mean_confidence": probs.max(1).values.mean().item()',
      '"mean_confidence": group_logits.softmax(1).max(1).values.mean().item()', [CONFIDENCE]),
+    # what the judge and the trainer read
+    ("auto-reads-at-sd-t-on-any-schedule", "guidance.py", "t = AUTO_READ_AT * len(alphas_cumprod) // "
+     "diffusion.N_TRAIN_TIMESTEPS", "t = AUTO_READ_AT", [SHARE_OF_T]),
+    ("stray-images-judged-with-a-runs-own", "evaluate.py", "        sample_prompts(directory, paths)  #",
+     "        pass  #", [UNLISTED]),
+    ("an-image-of-two-groups-read", "data.py", "if outside or group not in (None, other[1]):", "if outside:",
+     [ONE_GROUP]),
 ]
 
 
