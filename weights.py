@@ -262,7 +262,7 @@ def load_strict(model, state_dict, name="model", assign=True, only=None):
         if v.shape != want.shape:
             why = (f"shape mismatch: tensor {k} has shape {tuple(v.shape)} in the checkpoint but {tuple(want.shape)} "
                    "in the model")
-        elif v.is_floating_point() != want.is_floating_point():  # a quantized checkpoint: torch copies int8 as floats
+        elif want.is_floating_point() and not v.is_floating_point():  # quantized weights: torch copies int8 as floats
             why = f"tensor {k} is {v.dtype} in the checkpoint, but {want.dtype} in the model (quantized: not read here)"
         else:
             continue
