@@ -490,15 +490,13 @@ def read_metadata(meta):
             linked = isinstance(row.get("source"), str) and entry.is_symlink() and Path(row["source"]).resolve()
         except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL in source
             raise ValueError(f"{where}: field 'file_name' {name!r} cannot be resolved ({e})") from None
-        outside = not folder.is_relative_to(root) or not (path.is_relative_to(root) or path == linked)
-        inside = None if outside else str(folder.relative_to(root) / entry.name)
-        other = seen.get(inside, (None, group))
-        if outside or group not in (None, other[1]):  # an image listed twice (captions of one image): one group
-            raise ValueError(f"{where}: field 'file_name' {name!r} " + (
-                f"lies outside the data folder {root}" if outside else
-                f"has group {group!r} here but {other[1]!r} on line {other[0]}; an image has one group"))
-        if group is not None:
-            seen.setdefault(inside, (lineno, group))
+        if not folder.is_relative_to(root) or not (path.is_relative_to(root) or path == linked):
+            raise ValueError(f"{where}: field 'file_name' {name!r} lies outside the data folder {root}")
+        inside = str(folder.relative_to(root) / entry.name)
+        earlier = seen.setdefault(inside, (lineno, group)) if group is not None else (lineno, group)
+        if earlier[1] != group:  # an image listed on several lines (one caption each) keeps one group
+            raise ValueError(f"{where}: field 'file_name' {name!r} has group {group!r} here but {earlier[1]!r} on line "
+                             f"{earlier[0]}; an image has one group")
         records.append((lineno, path, row["text"], group, inside))
     return records
 
