@@ -339,7 +339,7 @@ def test_a_merges_txt_with_windows_line_ends_or_a_byte_order_mark_reads_as_the_s
 
 @pytest.mark.parametrize("token, value, shown", [("a</w>", "320", "'320'"), ("a</w>", -3, "-3"), ("a</w>", 1.5, "1.5"),
                                                  ("a</w>", True, "True")])
-def test_a_vocab_json_whose_id_is_no_integer_from_0_is_refused_naming_the_file_and_token(tok_dir, tmp_path, token,
+def test_a_vocab_json_whose_id_is_no_integer_from_0_is_refused_naming_the_folder_and_token(tok_dir, tmp_path, token,
                                                                                           value, shown):
     """A string id was a TypeError where the largest id is compared with the text encoder's vocab_size; -3 an
     IndexError in the embedding."""
