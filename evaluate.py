@@ -492,8 +492,9 @@ def precision_recall(real, fake, k=3):
 def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, draws=DIVERSITY_DRAWS, seed=0):
     """{"precision", "recall"} overall and {"precision_per_group", "recall_per_group"}: each group's generated
     images (as judged) against its real ones, both on equal-size random subsets of m (mean over `draws` draws),
-    so that having more images of a group earns nothing. None where a group has fewer than m images."""
-    gen = torch.Generator().manual_seed(seed)
+    so that having more images of a group earns nothing. None where a group has fewer than m images. The subsets
+    are drawn group by group in the order of their names, whatever the order of `groups`."""
+    gen, order = torch.Generator().manual_seed(seed), sorted(range(len(groups)), key=lambda k: str(groups[k]))
 
     def mean_pr(real, fake):
         if min(len(real), len(fake)) < max(m, 4):  # and a 3rd nearest neighbour for each point
@@ -502,8 +503,9 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
                                fake[torch.randperm(len(fake), generator=gen)[:m]]) for _ in range(draws)]
         return tuple(float(np.mean(v)) for v in zip(*pr))
 
-    per_group = {str(g): mean_pr(reference_features[g], feats[labels == k]) for k, g in enumerate(groups)}
-    overall = mean_pr(torch.cat([reference_features[g] for g in groups]), feats)
+    drawn = {k: mean_pr(reference_features[groups[k]], feats[labels == k]) for k in order}
+    per_group = {str(g): drawn[k] for k, g in enumerate(groups)}
+    overall = mean_pr(torch.cat([reference_features[groups[k]] for k in order]), feats)
     return {"precision": overall[0], "recall": overall[1],
             "precision_per_group": {g: v[0] for g, v in per_group.items()},
             "recall_per_group": {g: v[1] for g, v in per_group.items()}}
