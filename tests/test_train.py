@@ -892,6 +892,15 @@ def test_a_flag_an_objective_names_that_is_no_flag_of_train_py_is_refused_naming
         train.check_args(args)
 
 
+def test_samples_json_records_the_checkpoint_of_the_run_it_sampled(lora_run, sd_dir, tmp_path):
+    """A run keeps only its newest checkpoint: once it trained on, "model": the run directory no longer said which
+    weights made the images."""
+    argv = ["--prompt", "a red square", "--n", "1", "--steps", "1", "--height", str(RES), "--width", str(RES)]
+    for model, checkpoint in ((lora_run, "checkpoint-000004"), (sd_dir, None)):
+        sample.main(["--model", str(model), *argv, "--out", str(tmp_path / model.name)])
+        assert json.loads((tmp_path / model.name / "samples.json").read_text())["checkpoint"] == checkpoint
+
+
 def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator_guides_sampling(sd_dir, tmp_path):
     partial = make_data(tmp_path / "partial", groups=["red", None, "blue", None, "red", None, "blue", None])
     common = ["--model", str(sd_dir), "--data", str(partial), "--lora-rank", "4", "--max-steps", "2", *FAST]
