@@ -287,7 +287,7 @@ def record_of(args, argv, models, prompts, seeds, started):
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "pillow": PIL.__version__, "git_commit": _git_commit()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "grid": args.files[:GRID_MAX], "finished": False, "indicator_guidance": None,
+        "grid": args.files[:GRID_MAX], "finished": False, "indicator_guidance": None, "checkpoint": models.checkpoint,
     }
 
 
