@@ -290,6 +290,18 @@ def test_a_calibration_that_no_calibration_batch_reads_is_refused_before_anythin
     assert sample.parse_args([*argv[:-2], *guided, "2", "--decide-at", "none"]).calibration == guidance.CALIBRATION
 
 
+def test_samples_json_records_a_calibration_only_where_one_ran(runs, tmp_path):
+    """A fixed scale with --decide-at none runs no calibration batch, yet samples.json recorded the default 200."""
+    run = runs["noise-aware"]
+    argv = ["--model", str(run), "--prompt", PROMPT, "--n", "2", "--steps", "2", "--height", str(RES), "--width",
+            str(RES), "--device", "cpu", "--indicator", str(run)]
+    for flags, calibration in ((["--indicator-guidance", "2", "--decide-at", "none"], None),
+                               (["--indicator-guidance", "auto", "--calibration", "4"], 4)):
+        sample.main([*argv, *flags, "--out", str(tmp_path / flags[1])])
+        record = json.loads((tmp_path / flags[1] / "samples.json").read_text())
+        assert record["indicator_guidance"]["calibration"] == calibration
+
+
 @pytest.mark.parametrize("value", ["none", "500"])
 def test_a_decide_at_without_an_indicator_is_refused_naming_the_flag(value, runs, tmp_path, capsys):
     """--decide-at sets how guided images get their targets: without --indicator it was taken and ignored."""
