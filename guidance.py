@@ -248,5 +248,6 @@ def from_args(args, models, prompts, seeds, generate, settings):
         if args.decide_at is None:
             per_prompt[prompt]["target_groups"] = [[n["groups"][k] for k in g.targets] for g, n in zip(guides, names)]
         out.append((prompt, guides))
-    return out, {"scale": args.indicator_guidance, "decide_at": args.decide_at, "calibration": args.calibration,
-                 "indicators": names, "prompts": per_prompt}
+    ran = args.indicator_guidance == "auto" or args.decide_at is not None  # else no calibration batch
+    return out, {"scale": args.indicator_guidance, "decide_at": args.decide_at,
+                 "calibration": args.calibration if ran else None, "indicators": names, "prompts": per_prompt}
