@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -484,6 +485,33 @@ def test_a_run_json_from_before_the_content_hash_resumes_on_the_checks_it_record
     assert [r["step"] for r in log_lines(out)] == [1, 2]
 
 
+def test_a_fine_tune_whose_base_model_was_replaced_at_the_same_path_is_refused_not_loaded(sd_dir, data_dir, tmp_path):
+    """run.json named the base model by its path alone: other weights put at that path (another model, a fine-tune
+    saved over it) were loaded under the run's trained weights, by sample.py and by a resume, without a word."""
+    base, run = tmp_path / "sd", tmp_path / "run"
+    shutil.copytree(sd_dir, base)
+    tune = ["--model", str(base), "--data", str(data_dir), *LORA]
+    train.train([*tune, "--out", str(run), "--max-steps", "2"])
+    before = loading.load_run(run).models.unet.state_dict()
+    unet = base / "unet" / "diffusion_pytorch_model.safetensors"
+    original = unet.read_bytes()
+    safetensors.torch.save_file({k: v + 1 for k, v in safetensors.torch.load_file(unet).items()}, unet)
+    message = (rf"^{re.escape(str(run / 'run.json'))}: the run fine-tunes {re.escape(str(base))}, but its weights "
+               rf"changed since the run started \(unet{re.escape(os.sep)}diffusion_pytorch_model\.safetensors "
+               rf"differs\)")
+    with pytest.raises(ValueError, match=message):
+        loading.load_run(run)
+    with pytest.raises(ValueError, match=message):
+        train.train([*tune, "--resume", str(run), "--max-steps", "4"])
+    unet.write_bytes(original)
+    assert_same_tensors({"unet": before}, {"unet": loading.load_run(run).models.unet.state_dict()})  # same: it loads
+    info = json.loads((run / "run.json").read_text())
+    del info["base_fingerprint"]  # a run from before the fingerprint: its base is taken as it is
+    (run / "run.json").write_text(json.dumps(info))
+    safetensors.torch.save_file({k: v + 1 for k, v in safetensors.torch.load_file(unet).items()}, unet)
+    loading.load_run(run)
+
+
 # ---- 11. a failed write
 
 
@@ -582,6 +610,9 @@ def test_a_full_disk_reads_as_no_space_left_on_the_path():
      r"field 'base_checkpoint' must be null or a checkpoint folder's name, got '\.\./elsewhere'"),
     (lambda info: info.update(base_checkpoint=5), r"field 'base_checkpoint' must be null or a checkpoint folder's "
                                                   r"name, got 5"),
+    # compared with the base's files: a list read as other weights, "changed since the run started"
+    (lambda info: info.update(base_fingerprint=["x"]), r"field 'base_fingerprint' must be null or an object, got "
+                                                       r"\['x'\]"),
     # sample.py's default side: a KeyError traceback, or a TypeError in the side check
     (lambda info: info["config"].pop("resolution"), r"config field 'resolution' must be an integer >= 8, got None"),
     # the indicator is built on it: a KeyError or TypeError traceback from make_indicator
