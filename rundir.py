@@ -3,8 +3,8 @@
     train.lock           the fcntl lock of the one train.py writing the run (the file holds its pid)
     run.json             the first start's arguments, the configuration a resume must repeat (RESUME_FIELDS and the
                          objective's flags), the model configs, group names, base model (a run directory's: with its
-                         checkpoint), the data's fingerprint; `resumes`: each resume's step, time, torch and the
-                         flags it changed
+                         checkpoint; a model's: with its weights' fingerprint), the data's fingerprint; `resumes`: each
+                         resume's step, time, torch and the flags it changed
     base/                from-scratch runs only: the initial random models as a diffusers folder
     checkpoint-000500/   the latest checkpoint (checkpoints.py writes and reads it)
     log.jsonl            one line per step: step, loss, every part the objective reports, lr, grad_norm, time
@@ -29,7 +29,10 @@ import torch
 import weights
 from checkpoints import (checkpoint_files, export_diffusers, finished_name, latest_checkpoint, newest_checkpoint,
                          refuse_link)
+from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
 from ddm import OBJECTIVES, uses_indicator
+from unet import WEIGHT_NAMES as UNET_FILES
+from vae import WEIGHT_NAMES as VAE_FILES
 
 # The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
 # would train a different model.
@@ -143,6 +146,8 @@ def read_run_json(run_dir):
         why = f"field 'base' {info['base']} is not the model the run fine-tunes, config.model {config.get('model')}"
     elif started is not None and not (isinstance(started, str) and finished_name(started)):
         why = f"field 'base_checkpoint' must be null or a checkpoint folder's name, got {started!r}"
+    elif not isinstance(info.get("base_fingerprint", {}), (dict, type(None))):
+        why = f"field 'base_fingerprint' must be null or an object, got {info['base_fingerprint']!r}"
     else:
         return info
     raise weights.CheckpointError(f"{path}: {why}")
@@ -248,21 +253,47 @@ def run_of(path):
 def base_path(run_dir, info):
     """The model a run started from: its own base/ folder (from scratch), the --model it fine-tuned, or, when that
     was a run directory, the checkpoint folder in it that the run started from (loaded by name). CheckpointError
-    when that one is gone (the run trained on since: train.py keeps only the newest checkpoint)."""
+    when the weights there are not those the run started on: other weights at --model's path (model_fingerprint),
+    or the checkpoint gone (the run trained on since: train.py keeps only the newest checkpoint)."""
     if info["base"] == "base":
         return Path(run_dir) / "base"
     base, started = Path(info["base"]), info.get("base_checkpoint")  # None: not a run, or run.json older than this
+    stored = info.get("base_fingerprint")  # None: a run of a run, or run.json older than the fingerprint
     if started is None:
-        return base
-    if base.name == started and not (base / "run.json").is_file():  # --model named the checkpoint folder itself
-        base = base.parent
-    if (base / started).is_dir():
-        return base / started
-    now = latest_checkpoint(base) if base.is_dir() else None
-    raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {base} at its {started}, "
-                                  f"but it now holds {now.name if now else 'no checkpoint'}: it trained on since, "
-                                  f"and the weights this run started from are gone; put {started} back there, or "
-                                  f"fine-tune {base} anew")
+        now = stored and model_fingerprint(base)
+        differ = [name for name in sorted({**stored, **now}) if stored.get(name) != now.get(name)] if stored else []
+        if not differ:
+            return base
+        why = (f", but its weights changed since the run started ({', '.join(differ)} differs): put the model it "
+               f"fine-tuned back there, fine-tune {base} anew, or, for the same weights in another file, delete "
+               f"the field 'base_fingerprint'")
+    else:
+        if base.name == started and not (base / "run.json").is_file():  # --model named the checkpoint folder itself
+            base = base.parent
+        if (base / started).is_dir():
+            return base / started
+        now = latest_checkpoint(base) if base.is_dir() else None
+        why = (f" at its {started}, but it now holds {now.name if now else 'no checkpoint'}: it trained on since, "
+               f"and the weights this run started from are gone; put {started} back there, or fine-tune {base} anew")
+    raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {base}{why}")
+
+
+def model_fingerprint(path):
+    """{weight file: its size and the sha256 of 64 pieces of 64 KiB spread evenly over it} of each file a model
+    at `path` loads from (a diffusers folder's UNet, VAE and text encoder, or one single file). Another model or a
+    fine-tune saved over it changes nearly every byte; the pieces cost milliseconds where hashing SD's 4 GB whole
+    would take seconds on every load. A guard against other weights at the same path, not a checksum."""
+    files = {weights.find_component(path, subfolder=sub, weight_names=names)[0] for sub, names in
+             (("unet", UNET_FILES), ("vae", VAE_FILES), ("text_encoder", TEXT_ENCODER_FILES))}
+    out = {}
+    for f in sorted(files):
+        size, h = f.stat().st_size, hashlib.sha256()
+        with open(f, "rb") as file:
+            for i in range(64):
+                file.seek(size * i // 64)
+                h.update(file.read(64 * 1024))
+        out[str(f.relative_to(path)) if Path(path).is_dir() else f.name] = f"{size} {h.hexdigest()}"
+    return out
 
 
 def write_run(run_dir, config, models, latent_shape, args, data):
@@ -277,6 +308,7 @@ def write_run(run_dir, config, models, latent_shape, args, data):
         weights.write_json(run_dir / "run.json", {
             "format": "ddm-run/1", "config": config, "base": "base" if from_scratch else config["model"],
             "base_checkpoint": models.checkpoint,  # of a run directory's --model: the one its weights came from
+            "base_fingerprint": None if from_scratch or models.checkpoint else model_fingerprint(config["model"]),
             "latent_shape": list(latent_shape), "prediction_type": models.prediction_type, "args": args,
             "model_configs": configs,
             "data": data_fingerprint(data), "versions": {"torch": torch.__version__},
