@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
+from unet import Upsample  # nearest x2, then a 3x3 conv: the same module in both
 
 
 @dataclass
@@ -99,17 +100,6 @@ class Downsample(nn.Module):
     def forward(self, x):
         # Pad 0 left/top, 1 right/bottom, as CompVis does; symmetric padding=1 shifts every latent by half a pixel.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest x2, then a 3x3 conv."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
