@@ -119,22 +119,9 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     caption = prompt if callable(prompt) else lambda digit: prompt
     rows = [{"text": caption(d), "group": d if i in keep else None, "digit": d, "source_index": i}
             for i, d in zip(chosen.tolist(), labels[chosen].tolist())]
-    return write_pngs(out_dir, rows, lambda row: digit_image(images[row["source_index"]], resolution), overwrite, flag)
-
-
-def write_pngs(out_dir, rows, render, overwrite=False, flag="overwrite=True"):
-    """Save the image render(row) of each metadata row as 00000.png, 00001.png, ... in `out_dir`, then the rows with
-    those file names as metadata.jsonl, last and atomically: a folder without it is an unfinished build -> out_dir.
-    A finished build is rebuilt only with overwrite=True (a refusal names `flag`), and no file of another is replaced
-    (`check_out_folder`)."""
-    check_out_folder(out_dir, [(None, f"{k:05d}.png") for k in range(len(rows))], overwrite, flag)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for k, row in enumerate(rows):
-        (out_dir / f"{k:05d}.png").unlink(missing_ok=True)  # a link of the old build: saving onto it writes its source
-        render(row).save(out_dir / f"{k:05d}.png")
-    lines = [json.dumps({"file_name": f"{k:05d}.png", **row}) for k, row in enumerate(rows)]
-    weights.write_atomic(out_dir / "metadata.jsonl", "\n".join(lines) + "\n")
-    return out_dir
+    entries = [(lambda i=row["source_index"]: digit_image(images[i], resolution), f"{k:05d}.png", row)
+               for k, row in enumerate(rows)]
+    return write_folder(out_dir, entries, overwrite=overwrite, flag=flag)
 
 
 # Two attributes the caption never names (ours): ink colour (synthetic: a pixel rule, red > green, tells them apart
@@ -199,8 +186,9 @@ def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, r
         for k, r in enumerate(members):
             r["group"] = {a: r[a] for a in ("colour", "width")} if k < n_labelled else {"colour": None, "width": None}
     rows = [{"text": prompt(r["digit"]), **r} for r in rng.permutation(rows).tolist()]  # groups interleaved
-    return write_pngs(out_dir, rows, lambda r: attribute_digit(images[r["source_index"]], r["colour"], resolution),
-                      overwrite)
+    entries = [(lambda r=r: attribute_digit(images[r["source_index"]], r["colour"], resolution), f"{k:05d}.png", r)
+               for k, r in enumerate(rows)]
+    return write_folder(out_dir, entries, overwrite=overwrite, flag="overwrite=True")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,24 +315,28 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
                               "choose an empty folder")
 
 
-def write_folder(out_dir, entries, *, link=False, overwrite=False):
-    """Copy (or symlink) images into a data folder and write its metadata.jsonl -> out_dir. entries: (source path,
-    file_name inside out_dir, the line's other fields). The metadata file is written last and atomically. An existing
-    metadata.jsonl needs overwrite=True, and even then only files that it lists are replaced: nothing this code did
-    not write is lost (`check_out_folder`)."""
+def write_folder(out_dir, entries, *, link=False, overwrite=False, flag="--overwrite"):
+    """Write a data folder -> out_dir. entries: (source, file_name inside out_dir, the line's other fields); a source
+    path is copied (symlinked with link=True), a source function's PIL image saved. metadata.jsonl is written last
+    and atomically: a folder without it is an unfinished build. An existing metadata.jsonl needs overwrite=True (a
+    refusal names `flag`), and even then only files that it lists are replaced: nothing this code did not write is
+    lost (`check_out_folder`)."""
     out_dir = Path(out_dir)
-    check_out_folder(out_dir, [(source, name) for source, name, _ in entries], overwrite)
-    meta_path, lines = out_dir / "metadata.jsonl", []
+    check_out_folder(out_dir, [(None if callable(s) else s, name) for s, name, _ in entries], overwrite, flag)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
     for source, name, fields in entries:
         target = out_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)  # a link of the old build: copying onto it would write into its source
-        if link:
+        target.unlink(missing_ok=True)  # a link of the old build: writing onto it would write into its source
+        if callable(source):
+            source().save(target)
+        elif link:
             target.symlink_to(Path(source).resolve())
         else:
             shutil.copyfile(source, target)
         lines.append(json.dumps({"file_name": name, **fields}))
-    weights.write_atomic(meta_path, "\n".join(lines) + "\n")
+    weights.write_atomic(out_dir / "metadata.jsonl", "\n".join(lines) + "\n")
     return out_dir
 
 
