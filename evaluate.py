@@ -531,7 +531,7 @@ def image_files(directory, name="image folder"):
     why = unfinished_error(directory) or empty or unlisted_error(directory, paths)
     if why:
         raise ValueError(why)
-    files, prompts = (samples_record(directory).get(k) for k in ("files", "prompts"))
+    files, prompts = (json_object(directory / "samples.json").get(k) for k in ("files", "prompts"))
     if isinstance(files, list) and isinstance(prompts, list) and len(files) == len(prompts):
         sample_prompts(directory, paths)  # sample.py's record: an image it does not list is not its run's
     return paths
@@ -550,11 +550,11 @@ def unlisted_error(directory, paths):
             "away, or build the data folder anew into an empty one") if unlisted else None
 
 
-def samples_record(directory):
-    """sample.py's samples.json in `directory`, or {} where none reads as a record (sample_prompts names a broken one
-    where it needs the prompts)."""
+def json_object(path):
+    """The JSON object the file `path` holds, or {} where none reads (missing, unreadable, not JSON, not an object);
+    sample_prompts names a broken samples.json where it needs the prompts."""
     try:
-        record = json.loads((directory / "samples.json").read_bytes())
+        record = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -563,7 +563,7 @@ def samples_record(directory):
 def unfinished_error(directory):
     """Why `directory` is the --out of a sample.py run that stopped before its last image, or None: its samples.json
     says finished: false (written first, true at the end), so images are missing, the last perhaps half-written."""
-    record = samples_record(directory)
+    record = json_object(directory / "samples.json")
     if record.get("finished") is not False:
         return None
     files = record.get("files") if isinstance(record.get("files"), list) else []
@@ -696,11 +696,7 @@ def out_error(out, default):
 
 def is_result(path):
     """Whether the file `path` holds a result `run` wrote (with its n_images and image_dirs), which --out replaces."""
-    try:
-        result = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    return isinstance(result, dict) and {"n_images", "image_dirs"} <= result.keys()
+    return {"n_images", "image_dirs"} <= json_object(path).keys()
 
 
 def main(argv=None):
