@@ -16,7 +16,6 @@ settings match; results are never overwritten without --overwrite, and files no 
 refused). docs/reproduction.md has the details.
 """
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -203,9 +202,14 @@ def stage_dir(cache, name, settings):
 def cached(folder, settings, build, label):
     """Run build(folder) unless folder/done.json exists; returns what done.json records (build's dict). A build's
     "path" is a file or folder in `folder`: reused, it is read where `folder` is now (the cache moved, or another
-    working directory reaches it by another relative path)."""
+    working directory reaches it by another relative path). The lookup and build hold an exclusive lock on
+    cache/.<stage>.lock: a second run sharing the cache waits for the build and reuses it, instead of deleting the
+    folder under it (a killed holder frees it)."""
     done = folder / "done.json"
-    with stage_lock(folder, label):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = weights.lock_file(folder.parent / f".{folder.name}.lock",
+                           wait=lambda: tqdm.write(f"[cache] {label}: another run is building {folder}; waiting"))
+    try:
         if done.is_file():
             tqdm.write(f"[cache] {label}: reusing {folder}")
             result = json.loads(done.read_text())["result"]
@@ -218,17 +222,6 @@ def cached(folder, settings, build, label):
                                               indent=1, default=str))
         tqdm.write(f"[stage] {label}: {time.time() - t0:.0f}s")
         return result
-
-
-@contextlib.contextmanager
-def stage_lock(folder, label):
-    """Hold an exclusive lock on cache/.<stage>.lock while a stage is looked up and built: a second run sharing the
-    cache waits for the build and reuses it, instead of deleting the folder under it (a killed holder frees it)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    fd = weights.lock_file(folder.parent / f".{folder.name}.lock",
-                           wait=lambda: tqdm.write(f"[cache] {label}: another run is building {folder}; waiting"))
-    try:
-        yield
     finally:
         os.close(fd)
 
@@ -467,17 +460,19 @@ def over_seeds(s, per_seed):
     return s
 
 
+def per_method(rows, numbers):
+    """Per method, in the order rows first name it: (its rows, over_seeds of numbers(row) for each of them)."""
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == name]
+        yield mine, over_seeds({"method": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine]},
+                               [numbers(r) for r in mine])
+
+
 def summarize(rows, groups):
     """Per method (in the order rows first name it): mean ± std (sample std, ddof 1) of every number over seeds,
     the worst seed's FD, and whether it meets the bar against plain: FD at most half of plain's, Frechet at most
     10% worse, and every group's recall at least 0.9 x plain's (plain and base are not judged)."""
-    out = []
-    for name in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == name]
-        group = [flatten(r, groups) for r in mine]
-        s = over_seeds({"method": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine]}, group)
-        s["fd_worst"] = max(g["fd"] for g in group)
-        out.append(s)
+    out = [{**s, "fd_worst": max(r["fd"] for r in mine)} for mine, s in per_method(rows, lambda r: flatten(r, groups))]
     plain = next((s for s in out if s["method"] == "plain"), None)
     for s in out:
         s["meets_goal"] = None if plain is None or s["method"] in ("plain", "base") else bool(
@@ -551,14 +546,8 @@ LABEL_HEIGHT = 12  # px: one line of PIL's default bitmap font above each grid b
 
 def save_grid(panels, path, cols=8, per_row=3):
     """Blocks of images, one per model under its label, `per_row` blocks a row: [(label, uint8 (N,R,R,3))]."""
-    blocks = []
-    for label, images in panels:
-        images = np.asarray(images)
-        block = np.full((math.ceil(len(images) / cols) * RESOLUTION, cols * RESOLUTION, 3), 255, np.uint8)
-        for k, im in enumerate(images):
-            r, c = divmod(k, cols)
-            block[r * RESOLUTION:(r + 1) * RESOLUTION, c * RESOLUTION:(c + 1) * RESOLUTION] = im
-        blocks.append((label, Image.fromarray(block)))
+    blocks = [(label, sample.make_grid(torch.as_tensor(np.asarray(images)), cols, (255, 255, 255)))
+              for label, images in panels]
     gap = 6
     w, h = max(b.width for _, b in blocks) + gap, max(b.height for _, b in blocks) + LABEL_HEIGHT + gap
     n_cols = min(per_row, len(blocks))
@@ -1014,12 +1003,8 @@ def summarize_attributes(rows):
     """Per row: mean ± std over seeds, the worst seed's intersectional FD, and the bar against plain: intersectional
     FD <= 0.10 over prompts and <= 0.15 at the worst prompt, content accuracy >= plain's - 1 point, Frechet <= plain
     + 10%, every group's recall >= 0.9 x plain's; and whether FD <= 0.15 (the bar with 10% of the labels)."""
-    out = []
-    for name in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == name]
-        s = {"method": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine],
-             "fd_joint_worst_seed": max(r["fd_joint"] for r in mine)}
-        out.append(over_seeds(s, [{k: r[k] for k in ATTR_KEYS} for r in mine]))
+    out = [{**s, "fd_joint_worst_seed": max(r["fd_joint"] for r in mine)}
+           for mine, s in per_method(rows, lambda r: {k: r[k] for k in ATTR_KEYS})]
     plain = next(s for s in out if s["method"] == "plain")
     for s in out:
         s["meets_goal"] = None if s["method"] == "plain" else bool(

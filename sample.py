@@ -258,11 +258,11 @@ def save_pngs(images, folder, names=None):
         Image.fromarray(image.numpy()).save(folder / (names[k] if names else f"{k:02d}.png"))
 
 
-def make_grid(images):
-    """uint8 (N,H,W,3) -> one PIL image, ⌈√N⌉ columns."""
+def make_grid(images, cols=None, background=(0, 0, 0)):
+    """uint8 (N,H,W,3) -> one PIL image, `cols` columns (default ⌈√N⌉), empty cells in `background`."""
     n, h, w, _ = images.shape
-    cols = math.ceil(math.sqrt(n))
-    grid = Image.new("RGB", (cols * w, math.ceil(n / cols) * h))
+    cols = cols or math.ceil(math.sqrt(n))
+    grid = Image.new("RGB", (cols * w, math.ceil(n / cols) * h), background)
     for k in range(n):
         grid.paste(Image.fromarray(images[k].numpy()), ((k % cols) * w, (k // cols) * h))
     return grid
