@@ -267,6 +267,9 @@ def test_a_target_without_an_indicator_is_refused_before_anything_is_written(run
     with pytest.raises(SystemExit):
         sample.main([*argv, "--indicator-guidance", "auto"])
     assert "--indicator-guidance needs --indicator" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # a scale sweep's baseline that forgot --indicator: taken and ignored
+        sample.main([*argv, "--indicator-guidance", "0"])
+    assert "--indicator-guidance needs --indicator" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_a_calibration_that_no_calibration_batch_reads_is_refused_before_anything_is_written(runs, tmp_path, capsys):
