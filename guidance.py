@@ -178,7 +178,7 @@ def flag_error(args):
     why = cli.range_error(args, {"calibration": (2, None)})
     if why:
         return why
-    if args.indicator_guidance and not args.indicator:
+    if args.indicator_guidance is not None and not args.indicator:
         return "--indicator-guidance needs --indicator RUN_OR_FILE"
     if args.indicator and args.indicator_guidance is None:  # it would sample unguided without a word
         return "--indicator needs --indicator-guidance S|auto (0: sample unguided)"
