@@ -455,42 +455,50 @@ def row_error(row, first):
 
 def read_metadata(meta):
     """The lines of a `metadata.jsonl` -> [(line number, resolved image path, text, raw group, file_name inside the
-    folder)], every field checked; an image listed on several lines (one caption each) has one group. A `file_name`
-    must stay inside the folder after following `..` and symlinks: it is refused before anything is opened, so a
-    data set cannot read (or probe for) files elsewhere. One exception: the link that `write_folder(link=True)` made,
-    a symlink in a folder inside this one whose target the line's `source` names."""
+    folder)], every field checked (`line_record`); an image listed on several lines (one caption each) has one
+    group."""
     root = meta.parent.resolve()
     records, first = [], None  # first: (line number, group) of the first labelled line
     seen = {}  # an image's name inside the folder -> (line number, group) of the first line that labels it
     for lineno, line in text_lines(meta):
-        where = f"{meta}, line {lineno}"
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        why = row_error(row, first)
+        why, record = line_record(line, lineno, root, first, seen)
         if why:
-            raise ValueError(f"{where}: {why}")
-        name, group = row["file_name"], row["group"]
-        if first is None and group is not None:
-            first = (lineno, group)
-        entry = root / name  # an absolute `name` replaces root here, and is caught below
-        try:
-            path, folder = entry.resolve(), entry.parent.resolve()
-            linked = isinstance(row.get("source"), str) and entry.is_symlink() and Path(row["source"]).resolve()
-        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL in source
-            raise ValueError(f"{where}: field 'file_name' {name!r} cannot be resolved ({e})") from None
-        if not folder.is_relative_to(root) or not (path.is_relative_to(root) or path == linked):
-            raise ValueError(f"{where}: field 'file_name' {name!r} lies outside the data folder {root}")
-        inside = str(folder.relative_to(root) / entry.name)
-        earlier = seen.setdefault(inside, (lineno, group)) if group is not None else (lineno, group)
-        if earlier[1] != group:  # an image listed on several lines (one caption each) keeps one group
-            raise ValueError(f"{where}: field 'file_name' {name!r} has group {group!r} here but {earlier[1]!r} on line "
-                             f"{earlier[0]}; an image has one group")
-        records.append((lineno, path, row["text"], group, inside))
+            raise ValueError(f"{meta}, line {lineno}: {why}")
+        if first is None and record[3] is not None:
+            first = (lineno, record[3])
+        records.append(record)
     return records
+
+
+def line_record(line, lineno, root, first, seen):
+    """(why the metadata line cannot be read, or None; its record). A `file_name` must stay inside the folder after
+    following `..` and symlinks: it is refused before anything is opened, so a data set cannot read (or probe for)
+    files elsewhere. One exception: the link that `write_folder(link=True)` made, a symlink in a folder inside this
+    one whose target the line's `source` names."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg})", None
+    why = row_error(row, first)
+    if why:
+        return why, None
+    name, group = row["file_name"], row["group"]
+    entry = root / name  # an absolute `name` replaces root here, and is caught below
+    try:
+        path, folder = entry.resolve(), entry.parent.resolve()
+        linked = isinstance(row.get("source"), str) and entry.is_symlink() and Path(row["source"]).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL in source
+        return f"field 'file_name' {name!r} cannot be resolved ({e})", None
+    if not folder.is_relative_to(root) or not (path.is_relative_to(root) or path == linked):
+        return f"field 'file_name' {name!r} lies outside the data folder {root}", None
+    inside = str(folder.relative_to(root) / entry.name)
+    earlier = seen.setdefault(inside, (lineno, group)) if group is not None else (lineno, group)
+    if earlier[1] != group:  # an image listed on several lines (one caption each) keeps one group
+        return (f"field 'file_name' {name!r} has group {group!r} here but {earlier[1]!r} on line {earlier[0]}; an "
+                f"image has one group"), None
+    return None, (lineno, path, row["text"], group, inside)
 
 
 def image_error(path):
