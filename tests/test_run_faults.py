@@ -163,6 +163,31 @@ def test_files_in_a_run_directory_that_train_py_did_not_write_are_kept_and_ignor
         assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+def test_a_run_or_export_saved_under_a_checkpoint_name_inside_a_run_is_kept_when_the_run_trains_on(sd_dir, data_dir,
+                                                                                                    tmp_path):
+    """train.py --out RUN/checkpoint-000050 (a new folder) and --export RUN/checkpoint-000060 wrote folders with a
+    checkpoint's name; the run, resumed, passed over them as broken checkpoints and deleted both whole at its next
+    save. A checkpoint-named folder that holds anything a checkpoint does not is the user's: kept, and refused as
+    the folder of a step the run is to save."""
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    inner, export = out / "checkpoint-000050", out / "checkpoint-000060"
+    train.train([*common[2:], "--model", str(out), "--out", str(inner), "--max-steps", "1"])
+    train.train(["--model", str(out), "--export", str(export)])
+    theirs = {p: p.read_bytes() for folder in (inner, export) for p in sorted(folder.rglob("*")) if p.is_file()}
+    train.train([*common, "--resume", str(out), "--max-steps", "2"])
+    assert {p: p.read_bytes() for folder in (inner, export) for p in sorted(folder.rglob("*")) if p.is_file()} == theirs
+    assert checkpoints.latest_checkpoint(out).name == "checkpoint-000002"
+    (out / "checkpoint-000003").mkdir()
+    (out / "checkpoint-000003" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out / 'checkpoint-000003'))} holds notes\.txt, which a "
+                                         rf"checkpoint does not"):
+        train.train([*common, "--resume", str(out), "--max-steps", "3"])
+    assert (out / "checkpoint-000003" / "notes.txt").read_text() == "mine"
+    assert checkpoints.latest_checkpoint(out).name == "checkpoint-000002"
+
+
 def test_out_at_a_folder_inside_a_run_names_the_run_directory_to_resume(tmp_path, monkeypatch):
     """train.py --out RUN/checkpoint-N said "--resume it", but --resume takes the run directory, not its checkpoint;
     --out RUN itself still says "--resume it"."""
