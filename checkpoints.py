@@ -32,6 +32,8 @@ UNET_LORA_TARGETS = ("to_q", "to_v")  # the authors' LoRA targets in the UNet at
 TEXT_LORA_TARGETS = ("q_proj", "v_proj")  # ... and in the CLIP text encoder
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})(\.tmp)?")  # exactly what save_checkpoint writes
 INDICATOR_FILE = "indicator.safetensors"  # the indicator of a checkpoint, beside the UNet's file
+CHECKPOINT_FILES = {"state.json", "optimizer.pt", INDICATOR_FILE, "unet.safetensors", "unet_lora.safetensors",
+                    "text_encoder.safetensors", "text_encoder_lora.safetensors"}  # every file checkpoint_parts names
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter, in optimizer.pt (train.make_optimizer: no amsgrad)
 
 
@@ -246,7 +248,11 @@ def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra, metadata=N
         raise FloatingPointError(f"{bad} is not finite at step {step}: no checkpoint written")
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f"checkpoint-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save of this step (the name is ours alone)
+    theirs = next((f for folder in (tmp, final) if folder.is_dir() for f in foreign_files(folder)), None)
+    if theirs:
+        raise weights.CheckpointError(f"{theirs.parent} holds {theirs.name}, which a checkpoint does not: it is not "
+                                      f"train.py's to replace; move it away to save step {step} there")
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save of this step
     with weights.writing(tmp):
         tmp.mkdir()
     try:
@@ -265,9 +271,15 @@ def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra, metadata=N
     os.replace(tmp, final)
     _fsync(run_dir)
     for _, old, _ in _checkpoint_dirs(run_dir):
-        if old != final:
+        if old != final and not foreign_files(old):  # a run or export saved under a checkpoint's name is kept
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def foreign_files(folder):
+    """The entries of a checkpoint-named folder that save_checkpoint does not write (any but its files): such a
+    folder is the user's (a run, an export saved under that name), never deleted as an old or broken checkpoint."""
+    return [p for p in sorted(folder.iterdir()) if p.name not in CHECKPOINT_FILES or not p.is_file() or p.is_symlink()]
 
 
 def load_checkpoint_weights(ckpt, unet, text_encoder, indicator, config):
