@@ -464,3 +464,21 @@ def test_a_zero_guidance_scale_checks_its_indicators_and_targets_as_any_other_sc
     with pytest.raises(SystemExit, match="this run trained no indicator"):  # and so is the indicator itself
         sample.main([*argv[:-6], "--indicator", str(runs["none"]), "--indicator-guidance", "0", "--out",
                      str(tmp_path / "never")])
+
+
+@pytest.mark.parametrize("decide_at", ["500", "none"])
+def test_nan_in_a_calibration_batch_is_one_line_naming_the_prompt_and_nothing_is_written(decide_at, runs, sd_dir,
+                                                                                         tmp_path):
+    """A model gone NaN stopped the calibration batch with a traceback that said "image 0 ... in the decoded
+    pixels": nothing was decoded there, and image 0 was a calibration image, none of those asked for."""
+    from test_sample import _nan_unet_copy
+    out = tmp_path / "out"
+    argv = ["--model", str(_nan_unet_copy(sd_dir, tmp_path)), "--prompt", PROMPT, "--n", "2", "--steps", "4",
+            "--height", str(RES), "--width", str(RES), "--device", "cpu", "--indicator", str(runs["noise-aware"]),
+            "--indicator-guidance", "auto", "--calibration", "4", "--decide-at", decide_at, "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    where = "where the steps stopped (t <= 500)" if decide_at == "500" else "after step 1 of 4"
+    assert str(e.value.code).startswith(f"error: the calibration batch of prompt {PROMPT!r}: calibration image 0: "
+                                        f"NaN or infinite values in the latents {where}"), e.value.code
+    assert not out.exists()
