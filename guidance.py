@@ -242,9 +242,13 @@ def from_args(args, models, prompts, seeds, generate, settings):
     out, per_prompt = [], {}
     for prompt in dict.fromkeys(args.prompt_list):  # a prompt listed twice: guided once, all its images
         mine = [s for p, s in zip(prompts, seeds) if p == prompt]
-        guides, per_prompt[prompt] = guides_for(generate, models, prompt, mine, specs, args.indicator_guidance,
-                                                decide_at=args.decide_at, calibration=args.calibration,
-                                                cal_seed=args.seed, **settings)
+        try:
+            guides, per_prompt[prompt] = guides_for(generate, models, prompt, mine, specs, args.indicator_guidance,
+                                                    decide_at=args.decide_at, calibration=args.calibration,
+                                                    cal_seed=args.seed, **settings)
+        except diffusion.NonFiniteError as e:  # before any image asked for: say which batch, and that none is written
+            raise ValueError(f"the calibration batch of prompt {prompt!r}: calibration {e} (NaN weights, or a model "
+                             "or indicator that overflows at these settings); no image was written") from None
         if args.decide_at is None:
             per_prompt[prompt]["target_groups"] = [[n["groups"][k] for k in g.targets] for g, n in zip(guides, names)]
         out.append((prompt, guides))

@@ -122,7 +122,7 @@ def generate(models, prompts, seeds, *, negative_prompt="", steps=50, guidance=7
                 images = decode_latents(models, z) if pixels else z
                 bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()
                 if len(bad):
-                    raise NonFiniteError(int(bad[0, 0]), "in the decoded pixels")
+                    raise NonFiniteError(int(bad[0, 0]), "in the decoded pixels" if pixels else "in the latents")
             except NonFiniteError as e:
                 raise NonFiniteError(start + e.image, e.where) from None
             images = to_uint8(images) if pixels else images
