@@ -365,6 +365,21 @@ def test_a_checkpoint_folder_of_a_run_gives_that_checkpoints_indicator(runs, sd_
     assert not all(torch.equal(a, b) for a, b in zip(indicator.state_dict().values(), newest.state_dict().values()))
 
 
+def test_samples_json_records_the_checkpoint_each_indicator_came_from(runs, tmp_path):
+    """samples.json named an indicator by its path alone: a run that trains on keeps only its newest checkpoint, so
+    which weights guided a folder of images was recorded nowhere (the model's checkpoint is)."""
+    run, export = runs["noise-aware"], tmp_path / "export"
+    train.train(["--model", str(run), "--export", str(export)])
+    argv = ["--model", str(run), "--prompt", PROMPT, "--steps", "1", "--height", str(RES), "--width", str(RES),
+            "--device", "cpu", "--indicator-guidance", "2", "--decide-at", "none"]
+    for k, (indicator, checkpoint) in enumerate(((run, "checkpoint-000001"), (run / "checkpoint-000001",
+                                                 "checkpoint-000001"), (export, None),
+                                                (export / "indicator.safetensors", None))):
+        sample.main([*argv, "--indicator", str(indicator), "--out", str(tmp_path / str(k))])
+        record = json.loads((tmp_path / str(k) / "samples.json").read_text())["indicator_guidance"]["indicators"]
+        assert record[0]["checkpoint"] == checkpoint, indicator
+
+
 def test_a_runs_indicator_is_read_without_its_base_model(runs, monkeypatch):
     """--indicator RUN reads the indicator of the run's newest checkpoint, the same one load_run gives, without
     loading (and merging) the base model a second time."""
