@@ -223,7 +223,8 @@ def from_args(args, models, prompts, seeds, generate, settings):
     indicators and targets are checked as at any scale). `settings`: generate's keyword arguments for these images."""
     loaded = [(path, *load_indicator(path, latent_shape(models, args.height, args.width))) for path in args.indicator]
     specs, names = [], []
-    for (path, indicator, groups, attribute), spec in zip(loaded, target_specs(args.target, [a for *_, a in loaded])):
+    wanted = target_specs(args.target, [attribute for _, _, _, attribute, _ in loaded])  # each indicator's --target
+    for (path, indicator, groups, attribute, checkpoint), spec in zip(loaded, wanted):
         parts = (attribute or "").split("+")  # an intersection's indicator guides each of its attributes
         shared = next((a for n in names for a in (n["attribute"] or "").split("+") if a in parts), None)
         if shared is not None:
@@ -235,8 +236,8 @@ def from_args(args, models, prompts, seeds, generate, settings):
         except ValueError as e:  # which indicator's groups the spec does not fit: one --target may serve several
             raise ValueError(f"--indicator {path} (attribute {attribute or '(unnamed)'}): --{e}") from None
         specs.append((indicator.to(args.device), shares))
-        names.append({"indicator": str(Path(path).resolve()), "attribute": attribute, "groups": groups,
-                      "target": spec})
+        names.append({"indicator": str(Path(path).resolve()), "checkpoint": checkpoint, "attribute": attribute,
+                      "groups": groups, "target": spec})
     if not args.indicator_guidance:  # no --indicator, or 0: a scale sweep's baseline
         return [(None, [])], None
     out, per_prompt = [], {}

@@ -209,7 +209,8 @@ def export_model(path, out_dir):
 
 
 def load_indicator(path, latent_shape):
-    """(noise-aware indicator, its group names, its attribute or None) from a train.py run directory (its newest
+    """(noise-aware indicator, its group names, its attribute or None, the checkpoint folder it was read from or
+    None) from a train.py run directory (its newest
     checkpoint, as load_run reads it, without the base model), one of its checkpoint folders, its export, or an
     indicator.safetensors, which carries what it needs (ddm.indicator_metadata); ValueError naming the path when it
     is no such indicator, reads eps_hat, or was trained on latents of another shape (another resolution)."""
@@ -224,7 +225,7 @@ def load_indicator(path, latent_shape):
             raise ValueError(f"{where}: this run trained no indicator (objective "
                              f"{config['objective']}, w_ind {config['w_ind']})")
         ckpt = _read_checkpoint(run_dir, config, name)
-        file = checkpoints.INDICATOR_FILE
+        file, checkpoint = checkpoints.INDICATOR_FILE, ckpt["path"].name
         weights.load_strict(indicator, ckpt["tensors"][file], str(ckpt["path"] / file))
         names, attribute = [str(g) for g in config["group_names"]], config.get("attribute")
     else:
@@ -232,7 +233,7 @@ def load_indicator(path, latent_shape):
         if meta.get("ddm_indicator") != "1":
             raise ValueError(f"{where}: not an indicator file written by train.py (no indicator metadata); give "
                              f"the run directory it came from instead")
-        names, attribute = json.loads(meta["groups"]), meta["attribute"] or None
+        names, attribute, checkpoint = json.loads(meta["groups"]), meta["attribute"] or None, None
         indicator = Indicator(json.loads(meta["latent_shape"]), len(names), json.loads(meta["hidden"]),
                               int(meta["timestep_dim"]))
         weights.load_strict(indicator, weights.read_state_dict(path), f"indicator from {path}")
@@ -243,7 +244,7 @@ def load_indicator(path, latent_shape):
         why = (f"trained on latents {indicator.latent_shape}, but these images have latents {tuple(latent_shape)} "
                "(another resolution: sample at the one it was trained at)")
     else:
-        return indicator.float().eval().requires_grad_(False), names, attribute
+        return indicator.float().eval().requires_grad_(False), names, attribute, checkpoint
     raise ValueError(f"{where}: {why}")
 
 

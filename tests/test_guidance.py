@@ -358,10 +358,10 @@ def test_a_checkpoint_folder_of_a_run_gives_that_checkpoints_indicator(runs, sd_
                  "plain-indicator", "--w-ind", "1", "--resume", str(run), "--max-steps", "2"])
     shutil.copytree(kept, run / "checkpoint-000001")  # train.py keeps only the newest: put the older one back
     older = loading.load_run(run, checkpoint="checkpoint-000001")
-    indicator, names, _ = loading.load_indicator(run / "checkpoint-000001", older.info["latent_shape"])
+    indicator, names, _, _ = loading.load_indicator(run / "checkpoint-000001", older.info["latent_shape"])
     assert names == ["blue", "red"]
     assert_same_tensors({"indicator": indicator.state_dict()}, {"indicator": older.indicator.state_dict()})
-    newest, _, _ = loading.load_indicator(run, older.info["latent_shape"])
+    newest, _, _, _ = loading.load_indicator(run, older.info["latent_shape"])
     assert not all(torch.equal(a, b) for a, b in zip(indicator.state_dict().values(), newest.state_dict().values()))
 
 
@@ -390,7 +390,7 @@ def test_a_runs_indicator_is_read_without_its_base_model(runs, monkeypatch):
         raise AssertionError("the base model was loaded")
 
     monkeypatch.setattr(loading, "load_models", no_base_model)
-    indicator, names, attribute = loading.load_indicator(run, whole.info["latent_shape"])
+    indicator, names, attribute, _ = loading.load_indicator(run, whole.info["latent_shape"])
     assert names == ["blue", "red"] and attribute is None
     assert_same_tensors({"indicator": indicator.state_dict()}, {"indicator": whole.indicator.state_dict()})
 
