@@ -637,6 +637,8 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
                                        r"--objective ddm does not read it"),
     (["--objective", "balanced", "--w-ind", "0", "--weight-clip", "3"],
      r"--weight-clip applies only with --objective indicator-weighted; --objective balanced does not read it"),
+    (["--objective", "balanced", "--w-ind", "0.9"],  # no indicator: a balanced run recorded 0.9 and trained alike
+     r"--w-ind applies only to an objective with an indicator; --objective balanced trains none \(--w-ind 0\)"),
     (["--w-ind", "0", "--indicator-lr", "1e-3"],
      r"--indicator-lr applies only to a run that trains an indicator; --objective ddm with --w-ind 0\.0 trains none"),
     (["--lora-rank", "0", "--lora-alpha", "16"],
