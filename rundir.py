@@ -207,6 +207,9 @@ def unread_flag_error(args, defaults):
         if getattr(args, dest) != defaults[dest] and args.objective not in readers:
             return (f"--{dest.replace('_', '-')} applies only with --objective {' or '.join(readers)}; "
                     f"--objective {args.objective} does not read it")
+    if OBJECTIVES[args.objective].reads is None and args.w_ind not in (0, defaults["w_ind"]):
+        return (f"--w-ind applies only to an objective with an indicator; --objective {args.objective} trains none "
+                "(--w-ind 0)")
     if lora_rank(args) == 0 and args.lora_alpha != defaults["lora_alpha"]:
         return "--lora-alpha applies only with LoRA (--lora-rank > 0); --lora-rank 0 trains the whole weights"
     if args.indicator_lr is not None and not uses_indicator(args.objective, args.w_ind):
