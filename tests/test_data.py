@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import numpy as np
@@ -280,6 +281,18 @@ def test_celeba_builder_links_names_groups_and_rebuilds_only_its_own_files(celeb
     with pytest.raises(SystemExit, match=r"theirs/000001.jpg exists and no metadata.jsonl .* lists it"):
         _build(folder, attributes, tmp_path / "theirs", "--counts", "12,18")
     assert (tmp_path / "theirs" / "000001.jpg").read_bytes() == b"someone else's file"
+
+
+def test_a_folder_of_links_rebuilt_onto_itself_is_refused_as_its_own_source_and_kept(celeba, tmp_path):
+    """--images D --out D --overwrite over a --link build of D: each source is D's own link, which the check compared
+    with the file it points to; the rebuild deleted the first link, then failed to copy it, leaving metadata.jsonl
+    listing an image that was gone."""
+    folder, attributes = celeba
+    out = _build(folder, attributes, tmp_path / "d", "--counts", "3,12", "--link")
+    before = {p.name: (os.readlink(p) if p.is_symlink() else p.read_bytes()) for p in out.iterdir()}
+    with pytest.raises(SystemExit, match=r"is its own source"):
+        _build(out, attributes, out, "--counts", "3,12", "--overwrite")
+    assert {p.name: (os.readlink(p) if p.is_symlink() else p.read_bytes()) for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("name", ["a,b", "c=d", "e:f", "g+h"])
