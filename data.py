@@ -301,7 +301,8 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
     for (source, name), target in zip(files, targets):
         if target is None:
             raise ValueError(f"file_name {name!r} would lie outside {out_dir}")
-        if source is not None and target == Path(source).resolve():
+        # the target is where the source points, or the source itself (a --link build rebuilt onto itself: a link)
+        if source is not None and target in (Path(source).resolve(), within(Path(source).parent, Path(source).name)):
             raise ValueError(f"{out_dir / name} is its own source: write the folder somewhere else")
     meta_path = out_dir / "metadata.jsonl"
     ours = set()  # files the previous build listed: the only ones this one may replace
