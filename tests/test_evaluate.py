@@ -432,6 +432,25 @@ def test_clip_judging_shows_its_progress_and_takes_no_progress(tiny_clip, heldou
     assert "CLIP" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("vocab_size, eos, message", [
+    (1000, 999, r"the tokenizer's ids reach 49407, past the text encoder's vocab_size 1000"),
+    (49409, 49408, r"the tokenizer's end token is 49407, but the text encoder pools at eos_token_id 49408")])
+def test_a_clip_folder_whose_tower_does_not_fit_the_tokenizer_is_one_line(vocab_size, eos, message, heldout,
+                                                                          tmp_path):
+    """A CLIP folder without tokenizer files takes the shipped CLIP tokenizer: a text tower with fewer embeddings, or
+    another end token, stopped evaluate.py with an AssertionError (or an index error) after every image was read."""
+    import transformers
+    folder = tmp_path / "clip"
+    transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_hidden_layers=1, eos_token_id=eos, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                           image_size=32, patch_size=8), projection_dim=16)).save_pretrained(folder)
+    images = _write_sample_folder(tmp_path / "s", heldout[0][:2], ["a photo of a doctor"] * 2)
+    with pytest.raises(SystemExit, match=rf"^evaluate\.py: error: {re.escape(str(folder))}: {message}"):
+        evaluate.main([str(images), "--clip", str(folder), "--attributes", *ATTRIBUTES, "--device", "cpu"])
+
+
 def test_clip_cli_equals_transformers_zero_shot_on_sample_folders(tiny_clip, heldout, tmp_path, capsys):
     folder = tiny_clip[0]
     images, labels = heldout
