@@ -756,7 +756,7 @@ def evaluate_clip(args):
     if why:  # before CLIP embeds every image
         raise ValueError(why)
     model = clip_image.load_clip(args.clip).to(args.device)
-    tokenizer = clip_image.load_clip_tokenizer(args.clip)
+    tokenizer = clip_image.load_clip_tokenizer(args.clip, model.config.text)
     judges = [CLIPZeroShot(model, tokenizer, texts) for texts in lists]
     embeds = clip_image_embeddings(model, paths, args.batch_size, args.progress)
     reference_features = (None if reference is None else

@@ -140,10 +140,9 @@ def load_models(path, device="cpu", dtype=torch.float32):
     vae = load_vae(path, dtype).to(device)
     schedule, prediction_type = read_schedule(path)
     text_encoder, tokenizer = load_text_encoder(path, dtype).to(device), load_tokenizer(path)
-    top = max(tokenizer.encoder.values())
-    if top >= text_encoder.config.vocab_size:  # the embedding would have no row for it
-        raise ValueError(f"the tokenizer's ids reach {top}, past the text encoder's vocab_size "
-                         f"{text_encoder.config.vocab_size}: they are not one model's")
+    why = tokenizer.fit_error(text_encoder.config.vocab_size)
+    if why:
+        raise ValueError(why)
     return Models(unet=load_unet(path, dtype).to(device), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                   vae_config=vae.config, alphas_cumprod=schedule, prediction_type=prediction_type)
 

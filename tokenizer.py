@@ -304,6 +304,18 @@ class Tokenizer:
         n = self.max_length - 2  # [start] and [end] take two of the places
         return [t for t in dict.fromkeys(texts) if len(self.encode(t, n + 1)) > n]
 
+    def fit_error(self, vocab_size, eos_token_id=None):
+        """Why a text encoder with `vocab_size` embeddings (pooling at `eos_token_id`, CLIP's) cannot read these ids,
+        or None."""
+        top = max(self.encoder.values())
+        if top >= vocab_size:  # the embedding would have no row for it
+            return (f"the tokenizer's ids reach {top}, past the text encoder's vocab_size {vocab_size}: they are "
+                    "not one model's")
+        if eos_token_id not in (None, self.end_id):  # no row would hold the end token, where CLIP pools
+            return (f"the tokenizer's end token is {self.end_id}, but the text encoder pools at eos_token_id "
+                    f"{eos_token_id}: they are not one model's")
+        return None
+
     def decode(self, ids):
         """Text of `ids` (list or 1-D tensor), start/end and the padding after the end dropped; words end at `</w>`
         markers. A pad id elsewhere is text: SD v2.x's pad "!" is also the prompt's "!"."""
