@@ -536,6 +536,18 @@ def test_a_fine_tune_whose_base_model_was_replaced_at_the_same_path_is_refused_n
     loading.load_run(run)
 
 
+def test_the_base_fingerprint_sees_one_tensor_changed_in_a_large_file(tmp_path):
+    """A LoRA merged into a saved-over base changes only the attention tensors it trained, a few % of the file: 64
+    pieces spread evenly over it could all miss them. Every tensor's first bytes are read."""
+    file = tmp_path / "model.safetensors"
+    tensors = {f"t{k:03d}": torch.full((16384,), float(k)) for k in range(200)}  # 64 KiB each, 12.8 MB
+    safetensors.torch.save_file(tensors, file)
+    before = rundir.model_fingerprint(file)
+    safetensors.torch.save_file({**tensors, "t101": tensors["t101"] + 1}, file)
+    assert os.path.getsize(file) == int(before["model.safetensors"].split()[0])  # the same size: only bytes changed
+    assert rundir.model_fingerprint(file) != before
+
+
 # ---- 11. a failed write
 
 
