@@ -282,21 +282,33 @@ def base_path(run_dir, info):
 
 
 def model_fingerprint(path):
-    """{weight file: its size and the sha256 of 64 pieces of 64 KiB spread evenly over it} of each file a model
-    at `path` loads from (a diffusers folder's UNet, VAE and text encoder, or one single file). Another model or a
-    fine-tune saved over it changes nearly every byte; the pieces cost milliseconds where hashing SD's 4 GB whole
-    would take seconds on every load. A guard against other weights at the same path, not a checksum."""
+    """{weight file: its size and the sha256 of the pieces `sampled` reads} of each file a model at `path` loads from
+    (a diffusers folder's UNet, VAE and text encoder, or one single file): a few MB, where hashing SD's 4 GB whole
+    would take seconds at every load. A guard against other weights at the same path, not a checksum."""
     files = {weights.find_component(path, subfolder=sub, weight_names=names)[0] for sub, names in
              (("unet", UNET_FILES), ("vae", VAE_FILES), ("text_encoder", TEXT_ENCODER_FILES))}
     out = {}
     for f in sorted(files):
         size, h = f.stat().st_size, hashlib.sha256()
         with open(f, "rb") as file:
-            for i in range(64):
-                file.seek(size * i // 64)
-                h.update(file.read(64 * 1024))
+            for offset, length in sampled(file, size):
+                file.seek(offset)
+                h.update(file.read(length))
         out[str(f.relative_to(path)) if Path(path).is_dir() else f.name] = f"{size} {h.hexdigest()}"
     return out
+
+
+def sampled(file, size):
+    """(offset, length) of the pieces model_fingerprint hashes: a safetensors file's header and the first 4 KiB of
+    every tensor (a fine-tune, or a LoRA merged in, changes every element of each tensor it trains); 64 pieces of
+    64 KiB spread evenly over a file of another format, or one whose header does not read."""
+    n = int.from_bytes(file.read(8), "little")
+    with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):  # not a safetensors header
+        if n <= size - 8:
+            header = json.loads(file.read(n))
+            return [(0, 8 + n)] + [(8 + n + a, min(b - a, 4096)) for a, b in
+                                   (t["data_offsets"] for name, t in header.items() if name != "__metadata__")]
+    return [(size * i // 64, 64 * 1024) for i in range(64)]
 
 
 def write_run(run_dir, config, models, latent_shape, args, data):
