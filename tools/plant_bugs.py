@@ -137,7 +137,7 @@ BUGS = [  # (name, file, old, new, tests)
      [CKPT]),
     # diversity, the worst seed, trajectory-aware targets, the auto scale, the attribute judges
     ("bar-ignores-recall", "reproduce.py", "and recall_kept(s, plain, groups))", ")", [RECALL]),
-    ("worst-seed-is-the-best", "reproduce.py", 's["fd_worst"] = max(', 's["fd_worst"] = min(', [RECALL]),
+    ("worst-seed-is-the-best", "reproduce.py", '"fd_worst": max(', '"fd_worst": min(', [RECALL]),
     ("precision-recall-swapped", "evaluate.py", "return precision, recall", "return recall, precision", [HAND]),
     ("offsets-push-the-wrong-way", "guidance.py", "((log_p - c) / temperature)", "((log_p + c) / temperature)",
      [OFFSETS]),
