@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_image
 import data
 import evaluate
 import weights
@@ -449,6 +450,23 @@ def test_a_clip_folder_whose_tower_does_not_fit_the_tokenizer_is_one_line(vocab_
     images = _write_sample_folder(tmp_path / "s", heldout[0][:2], ["a photo of a doctor"] * 2)
     with pytest.raises(SystemExit, match=rf"^evaluate\.py: error: {re.escape(str(folder))}: {message}"):
         evaluate.main([str(images), "--clip", str(folder), "--attributes", *ATTRIBUTES, "--device", "cpu"])
+
+
+def test_a_clip_text_tower_with_fewer_than_77_positions_reads_texts_cut_to_its_length(tiny_clip, heldout, tmp_path):
+    """The tokenizer padded every text to 77 ids whatever the tower's max_position_embeddings: a tower of 16 stopped
+    evaluate.py with an AssertionError; SD's text encoders get their own length (loading.Models)."""
+    import transformers
+    from tools.make_sd_tokenizer import write_sd_tokenizer
+    folder, (_, model, tokenizer, _) = tmp_path / "clip16", tiny_clip
+    config = model.config.to_dict()
+    config["text_config"]["max_position_embeddings"] = 16
+    transformers.CLIPModel(transformers.CLIPConfig(**config)).save_pretrained(folder)
+    write_sd_tokenizer(folder)
+    images = _write_sample_folder(tmp_path / "s", heldout[0][:2], ["a photo of a doctor"] * 2)
+    r = evaluate.main([str(images), "--clip", str(folder), "--attributes", *ATTRIBUTES, "--device", "cpu",
+                       "--no-progress"])
+    assert r["n_images"] == 2 and r["classifier"] == "clip"
+    assert clip_image.load_clip_tokenizer(folder, clip_image.load_clip(folder).config.text)(["a"]).shape == (1, 16)
 
 
 def test_clip_cli_equals_transformers_zero_shot_on_sample_folders(tiny_clip, heldout, tmp_path, capsys):
