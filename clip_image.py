@@ -227,11 +227,12 @@ def load_clip(path, dtype=torch.float32):
 
 def load_clip_tokenizer(path, text_config=CLIPTextConfig()):
     """The CLIP folder's own tokenizer (vocab.json + merges.txt, or tokenizer.json), else the shipped one, which is
-    CLIP's (OpenAI's bpe_simple_vocab_16e6); ValueError naming the folder unless the text tower of `text_config`
-    reads its ids."""
+    CLIP's (OpenAI's bpe_simple_vocab_16e6), padding to the positions of the text tower of `text_config` (77 in
+    CLIP); ValueError naming the folder unless that tower reads its ids."""
     path = Path(path)
     own = any((path / name).is_file() for name in ("vocab.json", "tokenizer.json"))
     tokenizer = Tokenizer.from_folder(path) if own else Tokenizer.default()
+    tokenizer.max_length = text_config.max_position
     why = tokenizer.fit_error(text_config.vocab_size, text_config.eos_token_id)
     if why:
         raise ValueError(f"{path}: {why}" + ("" if own else " (the folder has no tokenizer files: the shipped CLIP "
