@@ -143,7 +143,7 @@ def test_existing_results_are_refused_and_overwrite_keeps_the_cache(quick_run, t
         reproduce.main(["--quick", "--out", str(out)])
     # the same rule on a copy of the layout (no second training run): results go, the cache stays
     (tmp_path / "finetune" / "plain-seed0").mkdir(parents=True)
-    (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "report.json").write_text('{"mode": "quick", "rows": [], "summary": []}')
     (tmp_path / "cache" / "vae-0").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="finetune, report.json"):
         reproduce.claim_run_dir(tmp_path, overwrite=False)
@@ -160,7 +160,7 @@ def a_runs_results(out, report_md):
     (out / "grids").mkdir()
     for png in ("all_seed0.png", "plain_vs_guided-auto_seed0.png", "attributes_zero_seed0.png"):
         (out / "grids" / png).write_bytes(b"png")
-    (out / "report.json").write_text("{}")
+    (out / "report.json").write_text('{"mode": "full", "rows": [], "summary": []}')
     (out / "report.md").write_text(report_md)
     (out / "cache" / "vae-0").mkdir(parents=True)
 
@@ -185,10 +185,13 @@ def test_overwrite_deletes_a_runs_results_and_refuses_a_folder_holding_files_no_
         a_runs_results(out, report_md)
         reproduce.claim_run_dir(out, overwrite=True)
         assert sorted(p.name for p in out.iterdir()) == ["cache"]
-    mine = {"report.md": "# my report\n", "grids/figure1.svg": "<svg/>", "finetune/my-sd-run/weights.bin": "w"}
-    for name, text in mine.items():
-        out = tmp_path / name.replace("/", "_")
+    mine = {"report.md": "# my report\n", "grids/figure1.svg": "<svg/>", "finetune/my-sd-run/weights.bin": "w",
+            "report.json": '{"my": "notes"}', "report.json/notes.txt": "mine"}  # a JSON no run wrote; a folder
+    for k, (name, text) in enumerate(mine.items()):
+        out = tmp_path / f"mine{k}"  # a name of its own: the message must name the entry, not the folder
         a_runs_results(out, digits)
+        if name.startswith("report.json/"):
+            (out / "report.json").unlink()
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
         before = files_under(out)
