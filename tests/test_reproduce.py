@@ -186,12 +186,10 @@ def test_overwrite_deletes_a_runs_results_and_refuses_a_folder_holding_files_no_
         reproduce.claim_run_dir(out, overwrite=True)
         assert sorted(p.name for p in out.iterdir()) == ["cache"]
     mine = {"report.md": "# my report\n", "grids/figure1.svg": "<svg/>", "finetune/my-sd-run/weights.bin": "w",
-            "report.json": '{"my": "notes"}', "report.json/notes.txt": "mine"}  # a JSON no run wrote; a folder
+            "report.json": '{"my": "notes"}'}  # a JSON file no run wrote
     for k, (name, text) in enumerate(mine.items()):
         out = tmp_path / f"mine{k}"  # a name of its own: the message must name the entry, not the folder
         a_runs_results(out, digits)
-        if name.startswith("report.json/"):
-            (out / "report.json").unlink()
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
         before = files_under(out)
@@ -201,6 +199,15 @@ def test_overwrite_deletes_a_runs_results_and_refuses_a_folder_holding_files_no_
             named = "/".join(name.split("/")[:2])  # the entry of finetune/ or grids/ that holds it
             assert named in str(refused.value) and "pass --overwrite" not in str(refused.value)
             assert files_under(out) == before
+    out = tmp_path / "folder"  # a folder where a run writes its report.json
+    a_runs_results(out, digits)
+    (out / "report.json").unlink()
+    (out / "report.json").mkdir()
+    (out / "report.json" / "notes.txt").write_text("mine")
+    before = files_under(out)
+    with pytest.raises(FileExistsError, match=r"folder holds report\.json, which this reproduce\.py does not write"):
+        reproduce.claim_run_dir(out, overwrite=True)
+    assert files_under(out) == before
 
 
 def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
