@@ -648,7 +648,8 @@ REPORT_TITLES = ("# Which indicators debias?", "# Debias what the prompt does no
 
 def foreign_results(out):
     """What OUT holds under the names of RESULTS that no run wrote, and --overwrite must not delete: in finetune/
-    anything but fine-tune runs (<run>-seed<k>/), in grids/ anything but the grids, a report.md of another title."""
+    anything but fine-tune runs (<run>-seed<k>/), in grids/ anything but the grids, a report.md of another title,
+    a report.json that is no JSON report."""
     def runs(p):
         name, _, seed = p.name.rpartition("-seed")
         return p.is_dir() and seed.isdigit() and (name in BY_NAME or name in ATTR_RUNS)
@@ -661,6 +662,9 @@ def foreign_results(out):
             found.append(folder)
     report = out / "report.md"
     if report.exists() and not (report.is_file() and report.read_text(errors="replace").startswith(REPORT_TITLES)):
+        found.append(report)
+    report = out / "report.json"  # both experiments' reports hold these keys
+    if report.exists() and not {"mode", "rows", "summary"} <= evaluate.json_object(report).keys():
         found.append(report)
     return found
 
