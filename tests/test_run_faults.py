@@ -164,11 +164,12 @@ def test_files_in_a_run_directory_that_train_py_did_not_write_are_kept_and_ignor
 
 
 def test_a_run_or_export_saved_under_a_checkpoint_name_inside_a_run_is_kept_when_the_run_trains_on(sd_dir, data_dir,
-                                                                                                    tmp_path):
+                                                                                                    tmp_path, capsys):
     """train.py --out RUN/checkpoint-000050 (a new folder) and --export RUN/checkpoint-000060 wrote folders with a
     checkpoint's name; the run, resumed, passed over them as broken checkpoints and deleted both whole at its next
     save. A checkpoint-named folder that holds anything a checkpoint does not is the user's: kept, and refused as
-    the folder of a step the run is to save."""
+    the folder of a step the run is to save, before any step trains; an old checkpoint the user put a file in is
+    kept with a note."""
     out = tmp_path / "run"
     common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
     train.train([*common, "--out", str(out), "--max-steps", "1"])
@@ -185,6 +186,13 @@ def test_a_run_or_export_saved_under_a_checkpoint_name_inside_a_run_is_kept_when
                                          rf"checkpoint does not"):
         train.train([*common, "--resume", str(out), "--max-steps", "3"])
     assert (out / "checkpoint-000003" / "notes.txt").read_text() == "mine" and loading.load_run(out).step == 2
+    assert log_lines(out)[-1]["step"] == 2  # refused before step 3 trained, not when it was to be saved
+    shutil.rmtree(out / "checkpoint-000003")
+    (out / "checkpoint-000002" / ".DS_Store").write_bytes(b"")
+    capsys.readouterr()
+    train.train([*common, "--resume", str(out), "--max-steps", "3"])
+    assert (out / "checkpoint-000002" / ".DS_Store").exists() and loading.load_run(out).step == 3
+    assert f"note: {out / 'checkpoint-000002'} is kept: it holds .DS_Store" in capsys.readouterr().err
 
 
 def test_out_at_a_folder_inside_a_run_names_the_run_directory_to_resume(tmp_path, monkeypatch):
