@@ -248,10 +248,9 @@ def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra, metadata=N
         raise FloatingPointError(f"{bad} is not finite at step {step}: no checkpoint written")
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f"checkpoint-{step:06d}.tmp"
-    theirs = next((f for folder in (tmp, final) if folder.is_dir() for f in foreign_files(folder)), None)
-    if theirs:
-        raise weights.CheckpointError(f"{theirs.parent} holds {theirs.name}, which a checkpoint does not: it is not "
-                                      f"train.py's to replace; move it away to save step {step} there")
+    why = foreign_error(run_dir, step, step)  # rundir.open_run asked before training; the folder may be new
+    if why:
+        raise weights.CheckpointError(why)
     shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save of this step
     with weights.writing(tmp):
         tmp.mkdir()
@@ -271,7 +270,10 @@ def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra, metadata=N
     os.replace(tmp, final)
     _fsync(run_dir)
     for _, old, _ in _checkpoint_dirs(run_dir):
-        if old != final and not foreign_files(old):  # a run or export saved under a checkpoint's name is kept
+        theirs = foreign_files(old)  # a run or export saved under a checkpoint's name, a file put in a checkpoint
+        if old != final and theirs:
+            print(f"note: {old} is kept: it holds {theirs[0].name}, which a checkpoint does not", file=sys.stderr)
+        elif old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -280,6 +282,17 @@ def foreign_files(folder):
     """The entries of a checkpoint-named folder that save_checkpoint does not write (any but its files): such a
     folder is the user's (a run, an export saved under that name), never deleted as an old or broken checkpoint."""
     return [p for p in sorted(folder.iterdir()) if p.name not in CHECKPOINT_FILES or not p.is_file() or p.is_symlink()]
+
+
+def foreign_error(run_dir, first, last):
+    """Why train.py cannot save the steps first..last in `run_dir`, or None: a checkpoint-named folder of one of
+    them that holds a file no checkpoint does is the user's, not train.py's to replace."""
+    for step, folder, _ in _checkpoint_dirs(run_dir):
+        theirs = foreign_files(folder) if first <= step <= last else []
+        if theirs:
+            return (f"{folder} holds {theirs[0].name}, which a checkpoint does not: it is not train.py's to replace; "
+                    f"move it away to save step {step} there")
+    return None
 
 
 def load_checkpoint_weights(ckpt, unet, text_encoder, indicator, config):

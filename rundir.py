@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import weights
-from checkpoints import (checkpoint_files, export_diffusers, finished_name, latest_checkpoint, newest_checkpoint,
-                         refuse_link)
+from checkpoints import (checkpoint_files, export_diffusers, finished_name, foreign_error, latest_checkpoint,
+                         newest_checkpoint, refuse_link)
 from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
 from ddm import OBJECTIVES, uses_indicator
 from unet import WEIGHT_NAMES as UNET_FILES
@@ -164,8 +164,12 @@ def open_run(args, data, world_size, init_config, device, say):
                                defaults=args.objective_defaults, device=device,
                                allow_data_change=args.allow_data_change)
     if ckpt and ckpt["step"] > args.max_steps:  # a resume cannot go back: it would end at once (and export this step)
-        raise ValueError(f"--max-steps {args.max_steps} is below step {ckpt['step']}, where the run is "
-                         f"({ckpt['path']}); a resume goes on from there: give --max-steps {ckpt['step']} or more")
+        why = (f"--max-steps {args.max_steps} is below step {ckpt['step']}, where the run is ({ckpt['path']}); a "
+               f"resume goes on from there: give --max-steps {ckpt['step']} or more")
+    else:  # a folder of the user's where the run would save a step: said now, not after training up to it
+        why = args.resume and foreign_error(run_dir, ckpt["step"] + 1 if ckpt else 1, args.max_steps)
+    if why:
+        raise ValueError(why)
     return run_dir, config, ckpt, base
 
 
