@@ -558,6 +558,27 @@ def test_clusters_refuses_a_k_the_images_cannot_hold_before_the_vae_loads(k, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_clusters_refuses_more_dims_than_the_latents_have_instead_of_taking_fewer(tmp_path, monkeypatch):
+    """--dims past the principal components the latents have (at most one per image, and per latent number) was
+    cut to that many without a word: more images than dims is checked before the VAE loads, the latent's size
+    when it is known."""
+    rows = [{"file_name": f"{j}.png", "text": "", "group": None} for j in range(70)]
+    images = {f"{j}.png": Image.new("RGB", (8, 8), (3 * j, 255 - 3 * j, j % 7 * 30)) for j in range(70)}
+    src = _folder(tmp_path / "src", rows, images)
+    with monkeypatch.context() as m:
+        m.setattr(data, "load_vae", lambda path: pytest.fail("the VAE loaded before --dims was checked"))
+        with pytest.raises(SystemExit, match=r"^data\.py: error: dims must lie in \[1, 70\] \(the number of images\), "
+                                             r"got 71$"):
+            data.main(["clusters", "--data", str(src), "--vae", "none", "--k", "2", "--dims", "71", "--resolution",
+                       "8", "--out", str(tmp_path / "out")])
+    vae = _tiny_vae(tmp_path / "vae")  # 8 px -> latents of 4 x 4 x 4 = 64 numbers
+    with pytest.raises(SystemExit, match=r"^data\.py: error: dims must be at most 64, the numbers in one latent at "
+                                         r"resolution 8, got 65$"):
+        data.main(["clusters", "--data", str(src), "--vae", str(vae), "--k", "2", "--dims", "65", "--resolution",
+                   "8", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_folders_built_with_link_are_read_and_clustered_and_a_link_elsewhere_still_is_not(celeba, tmp_path):
     """--link writes symlinks to the sources, outside the folder on purpose; the line's `source` names the target.
     A link whose line names no such source, or another one, still lies outside the folder."""
