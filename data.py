@@ -341,23 +341,30 @@ def write_folder(out_dir, entries, *, link=False, overwrite=False, flag="--overw
     return out_dir
 
 
-def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=10, seed=0, link=False,
+def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=None, seed=0, link=False,
                         overwrite=False):
     """Ours, groups without labels: the images of the data folder `data_dir`, with "group": "cluster<j>", their
     cluster under `ddm.fit_clusters` (free sizes) of the clean latents, the VAE's posterior means at `resolution`
     -> (out_dir, cluster sizes (K,)). Each line keeps its caption, and its group, if it had one, as "label" (never
-    read by training: it lets you see what the clusters found). Images are copied, or symlinked with link=True."""
+    read by training: it lets you see what the clusters found). Images are copied, or symlinked with link=True.
+    `dims`: principal components clustered (None: 10, or fewer where the images or a latent have fewer)."""
     data = ImageFolder(data_dir, resolution, need_groups=None)
-    if not 2 <= k <= len(data):  # both checks before minutes of encoding
-        raise ValueError(f"k must lie in [2, {len(data)}] (the number of images), got {k}")
+    n = len(data)  # at most n principal components (fit_clusters): k, dims and the folder checked before encoding
+    why = (f"k must lie in [2, {n}] (the number of images), got {k}" if not 2 <= k <= n else
+           f"dims must lie in [1, {n}] (the number of images), got {dims}" if (dims or 0) > n else None)
+    if why:
+        raise ValueError(why)
     check_out_folder(Path(out_dir), list(zip(data.files, data.names)), overwrite)
     vae = load_vae(vae_path)
     z0 = encode_dataset(vae, data, 32, "cpu")[0] * vae.config.scaling_factor  # posterior means; 32 images a batch
-    distinct = len(torch.unique(z0.flatten(1), dim=0))
-    if distinct < k:  # the mixture's covariances would be 0
-        raise ValueError(f"{data_dir}: its {len(z0)} images have {distinct} distinct latent{'s' * (distinct > 1)} at "
-                         f"resolution {resolution}, fewer than the {k} clusters asked for")
-    clusters, _ = ddm.fit_clusters(z0, k, dims=dims, seed=seed)
+    distinct, size = len(torch.unique(z0.flatten(1), dim=0)), z0[0].numel()  # at most one component per number
+    why = (f"{data_dir}: its {len(z0)} images have {distinct} distinct latent{'s' * (distinct > 1)} at resolution "
+           f"{resolution}, fewer than the {k} clusters asked for" if distinct < k else  # covariances of 0
+           f"dims must be at most {size}, the numbers in one latent at resolution {resolution}, got {dims}"
+           if (dims or 0) > size else None)
+    if why:
+        raise ValueError(why)
+    clusters, _ = ddm.fit_clusters(z0, k, dims=dims or 10, seed=seed)  # the default: fewer where fewer exist
     rows = zip(data.files, data.names, data.texts, data.labels, clusters.tolist())
     entries = [(path, name, {"text": text, "group": f"cluster{c}", "label": label, "source": str(path)})
                for path, name, text, label, c in rows]
@@ -732,7 +739,8 @@ def main(argv=None):
                                                 "or a single-file checkpoint")
     c.add_argument("--k", required=True, type=int, help="number of clusters (>= 2)")
     c.add_argument("--resolution", type=int, default=512, help="the resolution train.py will use (default 512)")
-    c.add_argument("--dims", type=int, default=10, help="principal components of the latents clustered (default 10)")
+    c.add_argument("--dims", type=int, help="principal components of the latents clustered (default 10, or fewer "
+                   "where the images or a latent have fewer)")
     add_folder_flags(c, "the mixture's initial centres")
     c = commands.add_parser("digits", help="a biased set of the shipped MNIST digits (their training split)",
                             description="Draw COUNT images of each DIGIT from the shipped digits' training split "
