@@ -5,7 +5,8 @@
   load_indicator(path) the noise-aware indicator of a run (its checkpoint, its export), or an indicator.safetensors
   export_model         train.py --export: a model as a diffusers folder, a run's indicator beside it
   models_from_config   seeded random models from an --init-config JSON (train.py's from-scratch runs)
-`model_sides` reads and checks every config file of a model before any weight, so a broken one costs no loading.
+`model_sides` reads and checks every config file of a model before any weight loads, so a broken one costs no
+loading (a run's base model is checked against its fingerprint too: a few MB read).
 """
 import dataclasses
 import json
@@ -91,7 +92,8 @@ def side_multiple(unet_config, vae_config):
 def model_sides(path):
     """(side_multiple, the side it was trained at) of the model at `path` (a diffusers folder, a single file, a run
     directory or its checkpoint): 64 and 512 for SD v1.x, a run's --resolution, a folder's UNet sample_size x the VAE's
-    downsampling. Read from the config files alone, every one of them checked (UNet, VAE, text encoder, scheduler)."""
+    downsampling. Read from the config files, every one of them checked (UNet, VAE, text encoder, scheduler), and,
+    for a run, from run.json, its base model's weights fingerprinted (rundir.base_path)."""
     path, run = Path(path), rundir.run_of(path)
     if run:
         info = rundir.read_run_json(run[0])
@@ -209,10 +211,10 @@ def export_model(path, out_dir):
 
 def load_indicator(path, latent_shape):
     """(noise-aware indicator, its group names, its attribute or None, the checkpoint folder it was read from or
-    None) from a train.py run directory (its newest
-    checkpoint, as load_run reads it, without the base model), one of its checkpoint folders, its export, or an
-    indicator.safetensors, which carries what it needs (ddm.indicator_metadata); ValueError naming the path when it
-    is no such indicator, reads eps_hat, or was trained on latents of another shape (another resolution)."""
+    None) from a train.py run directory (its newest checkpoint, as load_run reads it, without the base model), one
+    of its checkpoint folders, its export, or an indicator.safetensors, which carries what it needs
+    (ddm.indicator_metadata); ValueError naming the path when it is no such indicator, reads eps_hat, or was trained
+    on latents of another shape (another resolution)."""
     path, where = Path(path), f"--indicator {path}"
     if (path / checkpoints.MODEL_INDEX_FILE).is_file():
         path = path / checkpoints.INDICATOR_FILE  # an export (train.py --export): its run's indicator, if it had one
