@@ -33,7 +33,7 @@ TEXT_LORA_TARGETS = ("q_proj", "v_proj")  # ... and in the CLIP text encoder
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})(\.tmp)?")  # exactly what save_checkpoint writes
 INDICATOR_FILE = "indicator.safetensors"  # the indicator of a checkpoint, beside the UNet's file
 CHECKPOINT_FILES = {"state.json", "optimizer.pt", INDICATOR_FILE, "unet.safetensors", "unet_lora.safetensors",
-                    "text_encoder.safetensors", "text_encoder_lora.safetensors"}  # every file checkpoint_parts names
+                    "text_encoder.safetensors", "text_encoder_lora.safetensors"}  # save_checkpoint's, in any run
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter, in optimizer.pt (train.make_optimizer: no amsgrad)
 
 
