@@ -195,6 +195,15 @@ def test_a_run_or_export_saved_under_a_checkpoint_name_inside_a_run_is_kept_when
     assert f"note: {out / 'checkpoint-000002'} is kept: it holds .DS_Store" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rank, text_encoder, objective", [(0, False, "ddm"), (4, True, "plain-indicator"),
+                                                          (0, True, "indicator-weighted")])
+def test_every_file_a_checkpoint_holds_is_one_save_checkpoint_may_delete(rank, text_encoder, objective):
+    """A part added to checkpoint_parts but not to CHECKPOINT_FILES would make every checkpoint look like the user's
+    (foreign_files): none would be deleted, and each resume would refuse its own run."""
+    config = {"lora_rank": rank, "train_text_encoder": text_encoder, "objective": objective, "w_ind": 1}
+    assert {*checkpoints.checkpoint_files(config), "state.json", "optimizer.pt"} <= checkpoints.CHECKPOINT_FILES
+
+
 def test_out_at_a_folder_inside_a_run_names_the_run_directory_to_resume(tmp_path, monkeypatch):
     """train.py --out RUN/checkpoint-N said "--resume it", but --resume takes the run directory, not its checkpoint;
     --out RUN itself still says "--resume it"."""
