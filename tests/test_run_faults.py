@@ -199,7 +199,7 @@ def test_a_run_or_export_saved_under_a_checkpoint_name_inside_a_run_is_kept_when
                                                           (0, True, "indicator-weighted")])
 def test_every_file_a_checkpoint_holds_is_one_save_checkpoint_may_delete(rank, text_encoder, objective):
     """A part added to checkpoint_parts but not to CHECKPOINT_FILES would make every checkpoint look like the user's
-    (foreign_files): none would be deleted, and each resume would refuse its own run."""
+    (foreign_files): none would be deleted, every save keeping the older ones with a note."""
     config = {"lora_rank": rank, "train_text_encoder": text_encoder, "objective": objective, "w_ind": 1}
     assert {*checkpoints.checkpoint_files(config), "state.json", "optimizer.pt"} <= checkpoints.CHECKPOINT_FILES
 
