@@ -119,11 +119,11 @@ def ddm_x0(b, indicator, hp):
 
 
 def importance_weights(q, group_shares, target_shares, clip=10.0):
-    """w = sum_g q_g * pi*_g / pi_hat_g per image (q: (B, K) posteriors or one-hot labels), clipped at `clip` and
-    normalised to mean 1 over the batch. Minimising E[w * ||eps_hat - eps||^2] fits the re-balanced data
-    sum_g pi*_g p(x | g) (Choi et al. 2020, importance weighting)."""
-    w = (q.float() @ (target_shares / group_shares).float()).clamp(max=clip)
-    return w / w.mean()
+    """w = sum_g q_g * pi*_g / pi_hat_g per image (q: (B, K) posteriors or one-hot labels), clipped at `clip`.
+    Minimising E[w * ||eps_hat - eps||^2] fits the re-balanced data sum_g pi*_g p(x | g) (Choi et al. 2020,
+    importance weighting). Not normalised per batch: w has mean 1 over the data when q is calibrated, and a
+    micro-batch's own mean would make every weight 1 at batch size 1."""
+    return (q.float() @ (target_shares / group_shares).float()).clamp(max=clip)
 
 
 def weighted_mse(b, w):
