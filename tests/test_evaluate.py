@@ -718,6 +718,23 @@ def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(hel
     assert len(evaluate.image_files(folder)) == 3  # "./00001.png" lists 00001.png, as the data folder reads it
 
 
+def test_a_data_folder_is_judged_on_every_image_it_lists_named_grid_or_in_a_subfolder(heldout, tmp_path):
+    """Every file named grid* was skipped as sample.py's grid, and images listed in a subfolder were never read:
+    evaluate.py judged fewer images than train.py trains on, without a word. Only a sample.py run's grid.png is
+    skipped (beside its samples.json)."""
+    images, _ = heldout
+    folder = _write_pngs(tmp_path / "data", images[:3])
+    (folder / "00000.png").rename(folder / "grid_a.png")
+    (folder / "sub").mkdir()
+    (folder / "00001.png").rename(folder / "sub" / "00001.png")
+    names = ["grid_a.png", "sub/00001.png", "00002.png"]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "", "group": None}) + "\n"
+                                                   for n in names))
+    assert sorted(str(p.relative_to(folder)) for p in evaluate.image_files(folder)) == sorted(names)
+    samples = _write_sample_folder(tmp_path / "samples", images[:2], ["a"] * 2)  # its grid.png is not judged
+    assert [p.name for p in evaluate.image_files(samples)] == ["00000.png", "00001.png"]
+
+
 def test_an_out_that_names_a_file_no_evaluation_wrote_is_refused_and_kept(heldout, tmp_path, capsys):
     """--out out/man/samples.json (or a data folder's metadata.jsonl) would replace sample.py's record of the prompts
     with the result; a result of an earlier evaluate.py run may be replaced."""
