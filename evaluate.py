@@ -515,16 +515,21 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
 # Folders of generated images
 
 def image_files(directory, name="image folder"):
-    """The image files of one folder, sorted by name; `grid*` files that sample.py writes are skipped, and so are
-    other files (samples.json, metadata.jsonl, ...). Refused where the folder (called `name`, or the flag that gave
-    it) is missing, a sample.py run that stopped, or a folder whose metadata.jsonl or samples.json does not list them
-    all."""
+    """The image files of one folder, sorted by name: a sample.py run's images but its grid.png, or every image a
+    data folder's metadata.jsonl lists (in its subfolders too); other files (samples.json, ...) are skipped. Refused
+    where the folder (called `name`, or the flag that gave it) is missing, a sample.py run that stopped, or a folder
+    whose metadata.jsonl or samples.json does not list them all."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{name} {directory} " + ("is a file, not a folder" if directory.exists() else
                                                          "does not exist"))
     files = sorted(p for p in directory.iterdir() if p.is_file())
-    paths = [p for p in files if p.suffix.lower() in data.IMAGE_EXTENSIONS and not p.name.startswith("grid")]
+    grid = "grid.png" if (directory / "samples.json").exists() else None  # sample.py's grid of its own images
+    paths = [p for p in files if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.name != grid]
+    if (directory / "metadata.jsonl").is_file():  # a data folder: the images it lists in subfolders as well
+        root = directory.resolve()
+        listed = [directory / p.relative_to(root) for p in data.listed_files(directory / "metadata.jsonl")]
+        paths = sorted({*paths, *(p for p in listed if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.is_file())})
     others = ", ".join(p.name for p in files[:5]) + (" ..." if len(files) > 5 else "")
     empty = None if paths else (f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; found "
                                 f"{len(files)} other files{': ' + others if files else ''})")
@@ -545,7 +550,7 @@ def unlisted_error(directory, paths):
     if not meta.is_file():
         return None
     listed, root = data.listed_files(meta), directory.resolve()
-    unlisted = [p.name for p in paths if root / p.name not in listed]
+    unlisted = [str(p.relative_to(directory)) for p in paths if root / p.relative_to(directory) not in listed]
     return (f"{meta} does not list {len(unlisted)} images of the folder, e.g. {', '.join(unlisted[:3])}; move them "
             "away, or build the data folder anew into an empty one") if unlisted else None
 
