@@ -424,6 +424,16 @@ def test_a_layer_norm_eps_other_than_clips_is_refused_saying_what_it_is(value, m
         text_encoder_config_from_hf({**text_encoder_hf_config(CLIPTextConfig(**TINY)), "layer_norm_eps": value})
 
 
+@pytest.mark.parametrize("positions", [0, 1])
+def test_a_text_encoder_of_fewer_than_two_positions_is_refused_naming_the_field(positions):
+    """A text is at least its start and end tokens: a tower of one position loaded, and the tokenizer then failed
+    with "cannot reshape array of size 4 into shape (2,1)" at the first prompt."""
+    config = {**text_encoder_hf_config(CLIPTextConfig(**TINY)), "max_position_embeddings": positions}
+    with pytest.raises(ValueError, match=rf"^max_position_embeddings must be at least 2 \(a text's start and end "
+                                         rf"tokens\), got {positions}$"):
+        text_encoder_config_from_hf(config)
+
+
 def test_text_encoder_refuses_bad_inputs():
     """Token ids come from the tokenizer, which only makes valid ones: the forward asserts what a caller can get
     wrong (too many positions) and lets torch's embedding refuse ids out of range or not integers (no GPU sync)."""

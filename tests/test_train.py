@@ -726,6 +726,8 @@ def test_an_init_config_that_builds_no_model_is_one_line_naming_the_file_and_the
      r"text_encoder: vocab_size must be at least 49408 \(the ids of CLIP's tokenizer\), got 10"),
     (lambda c: {**c, "text_encoder": {**c["text_encoder"], "use_bias": True}},
      r"text_encoder has unknown fields \['use_bias'\]"),
+    (lambda c: {**c, "text_encoder": {**c["text_encoder"], "max_position": 1}},  # train.py then failed in the tokenizer
+     r"text_encoder: max_position must be at least 2 \(a text's start and end tokens\), got 1"),
 ])
 def test_an_init_config_field_of_the_wrong_kind_is_one_line_before_anything_is_written(edit, message, data_dir,
                                                                                       tmp_path):
