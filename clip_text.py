@@ -128,14 +128,18 @@ WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 TRANSFORMERS5_NAMES = {name: f"text_model.{name}" for name in ("embeddings", "encoder", "final_layer_norm")}
 
 
-HF_NAMES = ("hidden_act", "hidden_size", "num_attention_heads")  # what a transformers config.json calls these
+# what a transformers config.json calls these
+HF_NAMES = ("hidden_act", "hidden_size", "num_attention_heads", "max_position_embeddings")
 
 
-def tower_error(cfg, names=("activation", "width", "heads")):
+def tower_error(cfg, names=("activation", "width", "heads", "max_position")):
     """Why a CLIP tower of `cfg` (the text one here, or clip_image's vision one) cannot be built, or None: an
-    activation without a function in ACTIVATIONS, or a width its heads do not split. `names`: the fields' names in
-    the file the config came from (HF_NAMES for a config.json)."""
-    activation, width, heads = names
+    activation without a function in ACTIVATIONS, a width its heads do not split, or a text tower of fewer positions
+    than a text's start and end tokens. `names`: the fields' names in the file the config came from (HF_NAMES for a
+    config.json)."""
+    activation, width, heads, positions = names
+    if getattr(cfg, "max_position", 2) < 2:
+        return f"{positions} must be at least 2 (a text's start and end tokens), got {cfg.max_position}"
     if cfg.activation not in ACTIVATIONS:
         return f"{activation} must be {' or '.join(ACTIVATIONS)}, got {cfg.activation!r}"
     if cfg.width % cfg.heads:
