@@ -226,6 +226,24 @@ def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
     assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 2}
 
 
+@pytest.mark.parametrize("done", ["{}", '{"result": {"path": 5}}', '{"settings": {"a": 1}, "resu', "[1]"])
+def test_a_cached_stage_whose_done_json_does_not_read_is_built_again(done, tmp_path):
+    """A done.json cut short or edited by hand stopped the run with a KeyError or TypeError traceback, or a JSON
+    error naming no file: the stage's record does not read, so the stage is unfinished, and its folder is the
+    cache's own."""
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        return {"n": len(calls), "path": str(folder / "x")}
+
+    folder = reproduce.stage_dir(tmp_path, "stage", {"a": 1})
+    reproduce.cached(folder, {"a": 1}, build, "s")
+    (folder / "done.json").write_text(done)
+    assert reproduce.cached(folder, {"a": 1}, build, "s") == {"n": 2, "path": str(folder / "x")}
+    assert reproduce.cached(folder, {"a": 1}, build, "s")["n"] == 2  # and the new record reads
+
+
 def test_a_stage_another_run_is_building_in_a_shared_cache_is_waited_for_and_reused(tmp_path):
     """Two runs sharing a --cache: the second found no done.json while the first was building, deleted its folder
     and built again beside it (a quick run stopped with '[Errno 17] File exists: .../vae'). It waits and reuses."""
