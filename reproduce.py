@@ -200,7 +200,7 @@ def stage_dir(cache, name, settings):
 
 
 def cached(folder, settings, build, label):
-    """Run build(folder) unless folder/done.json exists; returns what done.json records (build's dict). A build's
+    """Run build(folder) unless folder/done.json records its result; returns that record (build's dict). A build's
     "path" is a file or folder in `folder`: reused, it is read where `folder` is now (the cache moved, or another
     working directory reaches it by another relative path). The lookup and build hold an exclusive lock on
     cache/.<stage>.lock: a second run sharing the cache waits for the build and reuses it, instead of deleting the
@@ -210,9 +210,9 @@ def cached(folder, settings, build, label):
     fd = weights.lock_file(folder.parent / f".{folder.name}.lock",
                            wait=lambda: tqdm.write(f"[cache] {label}: another run is building {folder}; waiting"))
     try:
-        if done.is_file():
+        result = evaluate.json_object(done).get("result")  # None: no record that reads (killed, cut short, edited)
+        if isinstance(result, dict) and isinstance(result.get("path", ""), str):
             tqdm.write(f"[cache] {label}: reusing {folder}")
-            result = json.loads(done.read_text())["result"]
             return {**result, "path": str(folder / Path(result["path"]).name)} if "path" in result else result
         shutil.rmtree(folder, ignore_errors=True)  # an unfinished build: start it over
         folder.mkdir(parents=True)
