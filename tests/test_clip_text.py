@@ -236,6 +236,10 @@ def test_a_tokenizer_that_adds_tokens_is_refused_naming_them(tok_dir, tmp_path):
             Tokenizer.from_folder(folder)
     (v4 / "added_tokens.json").write_text(json.dumps({"<|startoftext|>": 49406, "<|endoftext|>": 49407}))
     assert Tokenizer.from_folder(v4)("a photo").tolist()[0][:4] == [49406, 320, 1125, 49407]  # CLIP's own: read
+    (over / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"content": ["x"], "id": 1}]}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(over))} adds tokens its vocabulary lacks: \['x'\] "
+                                         r"\(id 1\)"):  # not a string: a TypeError traceback
+        Tokenizer.from_folder(over)
 
 
 def added_token(content):
@@ -303,6 +307,9 @@ def test_a_pad_token_outside_the_vocabulary_is_refused_naming_the_file(tok_dir, 
 def test_bad_tokenizer_json_names_the_file_and_the_entry(tmp_path):
     path = tmp_path / "tokenizer.json"
     path.write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer.json"):
+        Tokenizer.from_folder(tmp_path)
+    path.write_bytes(b'{"model": "\xff"}')  # not UTF-8: the message named no file
     with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer.json"):
         Tokenizer.from_folder(tmp_path)
     path.write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}, "merges": []}}))

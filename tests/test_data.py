@@ -325,6 +325,9 @@ def test_celeba_builder_names_the_missing_image_attribute_or_supply(celeba, tmp_
     with pytest.raises(SystemExit) as e:
         _build(folder, attributes, out, "--counts", "800")
     assert e.value.code == 2 and "--counts must be two integers WITH,WITHOUT" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a superscript two is a digit to isdigit, not to int()
+        _build(folder, attributes, out, "--counts", "²,1")
+    assert e.value.code == 2 and "--counts must be two integers WITH,WITHOUT" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"counts must be two positive ints"):
         _build(folder, attributes, out, "--counts", "800,0")
     with pytest.raises(SystemExit):

@@ -228,3 +228,12 @@ def test_write_atomic_never_writes_through_a_link_where_its_tmp_file_goes(tmp_pa
     assert outside.read_text() == "not ours"
     assert not (tmp_path / "out" / "samples.json").is_symlink()
     assert (tmp_path / "out" / "samples.json").read_text() == "{}\n"
+
+
+def test_a_json_number_python_will_not_read_is_one_line_naming_the_file(tmp_path):
+    """An integer of over 4300 digits: json raises a plain ValueError (Python's limit on int conversion), and the
+    message named no file."""
+    path = tmp_path / "config.json"
+    path.write_text('{"sample_size": ' + "9" * 5000 + "}")
+    with pytest.raises(weights.CheckpointError, match=rf"^{re.escape(str(path))}: not valid JSON \(Exceeds the limit"):
+        weights.read_json(path)
