@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from weights import CheckpointError, load_strict, read_component, read_state_dict, rename
+from weights import CheckpointError, load_strict, read_component, read_json, read_state_dict, rename
 
 
 class Tiny(torch.nn.Module):
@@ -235,5 +235,5 @@ def test_a_json_number_python_will_not_read_is_one_line_naming_the_file(tmp_path
     message named no file."""
     path = tmp_path / "config.json"
     path.write_text('{"sample_size": ' + "9" * 5000 + "}")
-    with pytest.raises(weights.CheckpointError, match=rf"^{re.escape(str(path))}: not valid JSON \(Exceeds the limit"):
-        weights.read_json(path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: not valid JSON \(Exceeds the limit"):
+        read_json(path)
