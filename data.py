@@ -203,7 +203,7 @@ def read_attribute(path, attribute):
     """
     path = weights.existing_file(path, "attribute file")
     lines = [line for _, line in text_lines(path)]
-    if len(lines) < 2 or not lines[0].strip().isdigit():
+    if len(lines) < 2 or not lines[0].strip().isdecimal():
         raise ValueError(f"{path}, line 1: expected the number of images, then a line of attribute names "
                          f"(CelebA's list_attr_celeba.txt format), got {lines[0][:60] if lines else ''!r}")
     names = lines[1].split()
@@ -768,7 +768,7 @@ def clusters(parser, args):
 
 
 def celeba(parser, args):
-    counts = tuple(int(n) for n in args.counts.split(",") if n.strip().lstrip("-").isdigit())
+    counts = tuple(int(n) for n in args.counts.split(",") if n.strip().lstrip("-").isdecimal())  # int() reads these
     if len(counts) != 2 or len(args.counts.split(",")) != 2:
         parser.error(f"--counts must be two integers WITH,WITHOUT, e.g. 800,200, got {args.counts!r}")
     out = make_attribute_folder(args.out, args.images, args.attributes, args.attribute, counts, args.prompt,

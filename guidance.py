@@ -147,7 +147,7 @@ def decide_at_arg(text):
     """argparse type of --decide-at: "none", or a timestep 1..999 (every spacing's last step is t = 1)."""
     if text == "none":
         return None
-    if not text.isdigit() or not 1 <= int(text) < diffusion.N_TRAIN_TIMESTEPS:
+    if not text.isdecimal() or not 1 <= int(text) < diffusion.N_TRAIN_TIMESTEPS:
         raise argparse.ArgumentTypeError(f"must be none or a timestep 1..{diffusion.N_TRAIN_TIMESTEPS - 1}, "
                                          f"got {text!r}")
     return int(text)

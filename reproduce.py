@@ -652,7 +652,7 @@ def foreign_results(out):
     a report.json that is no JSON report."""
     def runs(p):
         name, _, seed = p.name.rpartition("-seed")
-        return p.is_dir() and seed.isdigit() and (name in BY_NAME or name in ATTR_RUNS)
+        return p.is_dir() and seed.isdecimal() and (name in BY_NAME or name in ATTR_RUNS)
 
     found = []
     for folder, ours in ((out / "finetune", runs), (out / "grids", lambda p: p.is_file() and p.name in GRID_FILES)):

@@ -204,7 +204,7 @@ class Tokenizer:
             spec = json.loads(path.read_text(encoding="utf-8"))  # 3.6 MB: read once, for the added tokens too
             model = spec["model"]
             vocab, merges = model["vocab"], model["merges"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, not UTF-8
             raise ValueError(f"{path}: not a tokenizer.json with model.vocab and model.merges ({e!r})") from None
         pairs = [m.split(" ") if isinstance(m, str) else m for m in merges] if isinstance(merges, list) else []
         bad = next((n for n, p in enumerate(pairs)  # "a b" strings in older files, [a, b] pairs in newer ones
@@ -344,7 +344,7 @@ def check_added_tokens(tokenizer, folder, spec=None):
         listed = (spec or weights.read_json(folder / "tokenizer.json")).get("added_tokens")
         pairs += [(e.get("content"), e.get("id")) for e in (listed if isinstance(listed, list) else [])
                   if isinstance(e, dict)]
-    new = [f"{t!r} (id {i})" for t, i in pairs if tokenizer.encoder.get(t) != i]
+    new = [f"{t!r} (id {i})" for t, i in pairs if not (isinstance(t, str) and tokenizer.encoder.get(t) == i)]
     if new:
         raise ValueError(f"{folder} adds tokens its vocabulary lacks: {', '.join(new[:5])}; added tokens "
                          f"(textual inversion) are not read here, and a prompt using them would ask for another text")

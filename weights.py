@@ -56,6 +56,8 @@ def read_json(path):
         why = f"{path}: not UTF-8 text (byte {e.start})"
     except json.JSONDecodeError as e:
         why = f"{path}, line {e.lineno}: not valid JSON ({e.msg})"
+    except ValueError as e:  # a number Python will not convert: an integer of over 4300 digits
+        why = f"{path}: not valid JSON ({e})"
     else:
         why = None if isinstance(obj, dict) else f"{path}: expected a JSON object {{...}}, got {type(obj).__name__}"
     if why:
