@@ -166,6 +166,8 @@ def test_image_folder_converts_gray_rgba_and_palette_and_maps_string_groups(tmp_
 @pytest.mark.parametrize("rows, pattern", [
     (['{"file_name": "a.png", "text": "t", "group": 0}', '{"file_name": "b.png", "text": '],
      r"metadata.jsonl, line 2: not valid JSON"),
+    (['{"file_name": "a.png", "text": "t", "group": ' + "9" * 5000 + "}"],  # past Python's int digits: no file named
+     r"metadata.jsonl, line 1: not valid JSON \(Exceeds the limit"),
     ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "b.png", "text": "t"}],
      r"metadata.jsonl, line 2: missing field 'group'"),
     ([{"text": "t", "group": 0}], r"metadata.jsonl, line 1: missing field 'file_name'"),
