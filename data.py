@@ -487,8 +487,8 @@ def line_record(line, lineno, root, first, seen):
     one whose target the line's `source` names."""
     try:
         row = json.loads(line)
-    except json.JSONDecodeError as e:
-        return f"not valid JSON ({e.msg})", None
+    except ValueError as e:  # JSONDecodeError, or a number Python will not convert (over 4300 digits)
+        return f"not valid JSON ({getattr(e, 'msg', e)})", None
     why = row_error(row, first)
     if why:
         return why, None
