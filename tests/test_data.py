@@ -59,6 +59,37 @@ def test_biased_folder_has_the_asked_ratio_and_no_heldout_image(tmp_path, digits
         data.make_digit_folder(root, images, labels, {7: 1, 8: 1}, indices=train)
 
 
+def test_an_interrupted_build_is_rebuilt_over_its_own_files_and_still_keeps_anyone_elses(digits, tmp_path,
+                                                                                        monkeypatch):
+    """A build stopped half-way (Ctrl-C) left its images without a metadata.jsonl, and every rebuild, --overwrite
+    or not, refused them as no build's files: the folder had to be deleted by hand. The build records its files
+    first (metadata.unfinished.jsonl), so a rebuild replaces them; a file no build wrote is still refused."""
+    images, labels = digits
+    out, calls = tmp_path / "d", []
+    render = data.digit_image
+
+    def stop_at_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return render(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "digit_image", stop_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            data.make_digit_folder(out, images, labels, {7: 3, 8: 2})
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "metadata.unfinished.jsonl"]
+    data.make_digit_folder(out, images, labels, {7: 3, 8: 2})
+    assert sorted(p.name for p in out.iterdir()) == [f"{k:05d}.png" for k in range(5)] + ["metadata.jsonl"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "00000.png").write_bytes(b"mine")
+    (mine / "metadata.unfinished.jsonl").write_text(json.dumps({"file_name": "00001.png"}) + "\n")
+    with pytest.raises(FileExistsError, match=r"00000.png exists and no metadata.jsonl of a previous build lists it"):
+        data.make_digit_folder(mine, images, labels, {7: 3, 8: 2})
+    assert (mine / "00000.png").read_bytes() == b"mine"
+
+
 def test_the_digits_command_draws_a_biased_folder_from_the_training_split_or_names_the_bad_flag(tmp_path, capsys):
     """No command built a folder of the shipped digits: train.py met them only inside reproduce.py. It draws from the
     training split alone (the held-out digits judge, never train), keeps the asked share of labels, says what it
