@@ -290,6 +290,9 @@ def within(out_dir, name):
         return target if target.is_relative_to(out_dir.resolve()) else None
 
 
+UNFINISHED = "metadata.unfinished.jsonl"  # a build's metadata.jsonl lines, written before its files (write_folder)
+
+
 def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
     """Raise unless the images `files` = [(source path or None, file_name inside out_dir)] can be written into
     `out_dir`: each name inside it and not its own source, a previous build's metadata.jsonl only with overwrite (the
@@ -304,12 +307,13 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
         # the target is where the source points, or the source itself (a --link build rebuilt onto itself: a link)
         if source is not None and target in (Path(source).resolve(), within(Path(source).parent, Path(source).name)):
             raise ValueError(f"{out_dir / name} is its own source: write the folder somewhere else")
-    meta_path = out_dir / "metadata.jsonl"
-    ours = set()  # files the previous build listed: the only ones this one may replace
+    meta_path, unfinished = out_dir / "metadata.jsonl", out_dir / UNFINISHED
+    # files the previous build listed, or an interrupted build was writing: the only ones this one may replace
+    ours = listed_files(unfinished) if unfinished.is_file() else set()
     if meta_path.exists():
         if not overwrite:
             raise FileExistsError(f"{meta_path} exists; pass {flag} to rebuild the folder")
-        ours = listed_files(meta_path)
+        ours |= listed_files(meta_path)
     taken = [name for (_, name), t in zip(files, targets) if os.path.lexists(out_dir / name) and t not in ours]
     if taken:
         raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "
@@ -319,14 +323,15 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
 def write_folder(out_dir, entries, *, link=False, overwrite=False, flag="--overwrite"):
     """Write a data folder -> out_dir. entries: (source, file_name inside out_dir, the line's other fields); a source
     path is copied (symlinked with link=True), a source function's PIL image saved. metadata.jsonl is written last
-    and atomically: a folder without it is an unfinished build. An existing metadata.jsonl needs overwrite=True (a
-    refusal names `flag`), and even then only files that it lists are replaced: nothing this code did not write is
-    lost (`check_out_folder`)."""
+    and atomically: a folder without it is an unfinished build, whose files UNFINISHED lists (written first, so a
+    rebuild may replace them). An existing metadata.jsonl needs overwrite=True (a refusal names `flag`), and even
+    then only files that it lists are replaced: nothing this code did not write is lost (`check_out_folder`)."""
     out_dir = Path(out_dir)
     check_out_folder(out_dir, [(None if callable(s) else s, name) for s, name, _ in entries], overwrite, flag)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for source, name, fields in entries:
+    lines = "".join(json.dumps({"file_name": name, **fields}) + "\n" for _, name, fields in entries)
+    weights.write_atomic(out_dir / UNFINISHED, lines)
+    for source, name, _ in entries:
         target = out_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.unlink(missing_ok=True)  # a link of the old build: writing onto it would write into its source
@@ -336,8 +341,8 @@ def write_folder(out_dir, entries, *, link=False, overwrite=False, flag="--overw
             target.symlink_to(Path(source).resolve())
         else:
             shutil.copyfile(source, target)
-        lines.append(json.dumps({"file_name": name, **fields}))
-    weights.write_atomic(out_dir / "metadata.jsonl", "\n".join(lines) + "\n")
+    weights.write_atomic(out_dir / "metadata.jsonl", lines)
+    (out_dir / UNFINISHED).unlink()
     return out_dir
 
 
