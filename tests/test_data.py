@@ -81,6 +81,13 @@ def test_an_interrupted_build_is_rebuilt_over_its_own_files_and_still_keeps_anyo
     assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "metadata.unfinished.jsonl"]
     data.make_digit_folder(out, images, labels, {7: 3, 8: 2})
     assert sorted(p.name for p in out.iterdir()) == [f"{k:05d}.png" for k in range(5)] + ["metadata.jsonl"]
+    calls.clear()
+    with monkeypatch.context() as m:  # a rebuild with other counts, stopped: the old metadata.jsonl, new images
+        m.setattr(data, "digit_image", stop_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            data.make_digit_folder(out, images, labels, {7: 1, 8: 4}, overwrite=True)
+    with pytest.raises(ValueError, match=r"metadata.jsonl: a build of this folder was interrupted"):
+        data.ImageFolder(out, 32)  # its labels would not be its images'
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "00000.png").write_bytes(b"mine")
