@@ -578,12 +578,15 @@ class ImageFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{meta} not found: a data folder needs a metadata.jsonl "
                                     f'(one line per image: {{"file_name": ..., "text": ..., "group": ...}})')
         records = read_metadata(meta)  # (line number, path, text, raw group, name); every path inside (or linked)
+        unfinished = (self.root / UNFINISHED).is_file()  # write_folder's record of a build that did not end
+        if unfinished or not records:
+            raise ValueError(f"{meta}: " + ("a build of this folder was interrupted, so its images may not be the "
+                                            f"ones this file describes ({UNFINISHED} lists them): build it again"
+                                            if unfinished else "no images listed"))
         for lineno, path, *_ in records:
             why = image_error(path)
             if why:
                 raise ValueError(f"{meta}, line {lineno}: field 'file_name': {why}")
-        if not records:
-            raise ValueError(f"{meta}: no images listed")
         self.labels = [r[3] for r in records]  # each line's group as written
         objects = [g for g in self.labels if isinstance(g, dict)]  # labels by attribute
         self.attributes = sorted({a for g in objects for a in g})
