@@ -193,6 +193,10 @@ def test_a_run_or_export_saved_under_a_checkpoint_name_inside_a_run_is_kept_when
     train.train([*common, "--resume", str(out), "--max-steps", "3"])
     assert (out / "checkpoint-000002" / ".DS_Store").exists() and loading.load_run(out).step == 3
     assert f"note: {out / 'checkpoint-000002'} is kept: it holds .DS_Store" in capsys.readouterr().err
+    (out / "checkpoint-000005").mkdir()  # a step this resume does not save (every 2, and the last, 6): no refusal
+    (out / "checkpoint-000005" / "notes.txt").write_text("mine")
+    train.train([*common[:-1], "2", "--resume", str(out), "--max-steps", "6"])
+    assert loading.load_run(out).step == 6 and (out / "checkpoint-000005" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("rank, text_encoder, objective", [(0, False, "ddm"), (4, True, "plain-indicator"),
