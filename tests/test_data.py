@@ -88,6 +88,8 @@ def test_an_interrupted_build_is_rebuilt_over_its_own_files_and_still_keeps_anyo
             data.make_digit_folder(out, images, labels, {7: 1, 8: 4}, overwrite=True)
     with pytest.raises(ValueError, match=r"metadata.jsonl: a build of this folder was interrupted"):
         data.ImageFolder(out, 32)  # its labels would not be its images'
+    data.make_digit_folder(out, images, labels, {7: 1}, overwrite=True)  # the interrupted build's other files go
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "metadata.jsonl"]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "00000.png").write_bytes(b"mine")
