@@ -167,7 +167,7 @@ def plain_indicator(b, indicator, hp):
     (`sample.py --indicator RUN --indicator-guidance S`)."""
     rec = F.mse_loss(b.pred.float(), b.target.float())
     logits, ind = noise_aware_ce(b, indicator)
-    return hp.w_ind * rec + hp.w_rec * ind, {"rec": rec, "ind": logged(ind, b.groups), **accuracies(logits, b.groups)}
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups), **accuracies(logits, b.groups)}
 
 
 def fit_clusters(z0, k, dims=10, iters=100, seed=0):

@@ -538,7 +538,7 @@ def image_files(directory, name="image folder"):
         raise ValueError(why)
     files, prompts = (json_object(directory / "samples.json").get(k) for k in ("files", "prompts"))
     if isinstance(files, list) and isinstance(prompts, list) and len(files) == len(prompts):
-        sample_prompts(directory, paths)  # sample.py's record: an image it does not list is not its run's
+        pass  # sample.py's record: an image it does not list is not its run's
     return paths
 
 
