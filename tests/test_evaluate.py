@@ -733,6 +733,18 @@ def test_a_data_folder_is_judged_on_every_image_it_lists_named_grid_or_in_a_subf
     assert sorted(str(p.relative_to(folder)) for p in evaluate.image_files(folder)) == sorted(names)
     samples = _write_sample_folder(tmp_path / "samples", images[:2], ["a"] * 2)  # its grid.png is not judged
     assert [p.name for p in evaluate.image_files(samples)] == ["00000.png", "00001.png"]
+    (folder / "00002.png").rename(folder / "00002.jfif")  # any file PIL opens, as train.py reads it
+    names[2] = "00002.jfif"
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "", "group": None}) + "\n"
+                                                   for n in [*names, "gone.png"]))
+    with pytest.raises(ValueError, match=r"metadata.jsonl lists gone.png, which is not there"):
+        evaluate.image_files(folder)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "", "group": None}) + "\n"
+                                                   for n in names))
+    assert sorted(str(p.relative_to(folder)) for p in evaluate.image_files(folder)) == sorted(names)
+    (folder / data.UNFINISHED).write_text("")  # a rebuild stopped half-way: the images may be another build's
+    with pytest.raises(ValueError, match=r"metadata.jsonl: a build of this folder was interrupted"):
+        evaluate.image_files(folder)
 
 
 def test_an_out_that_names_a_file_no_evaluation_wrote_is_refused_and_kept(heldout, tmp_path, capsys):
