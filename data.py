@@ -293,6 +293,15 @@ def within(out_dir, name):
 UNFINISHED = "metadata.unfinished.jsonl"  # a build's metadata.jsonl lines, written before its files (write_folder)
 
 
+def interrupted_error(root):
+    """Why the data folder `root` cannot be read as it stands, or None: a build of it stopped half-way (write_folder's
+    UNFINISHED record is there), so its images may not be the ones its metadata.jsonl describes."""
+    if not (Path(root) / UNFINISHED).is_file():
+        return None
+    return (f"{Path(root) / 'metadata.jsonl'}: a build of this folder was interrupted, so its images may not be the "
+            f"ones this file describes ({UNFINISHED} lists them): build it again")
+
+
 def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
     """Raise unless the images `files` = [(source path or None, file_name inside out_dir)] can be written into
     `out_dir`: each name inside it and not its own source, a previous build's metadata.jsonl only with overwrite (the
@@ -581,11 +590,9 @@ class ImageFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{meta} not found: a data folder needs a metadata.jsonl "
                                     f'(one line per image: {{"file_name": ..., "text": ..., "group": ...}})')
         records = read_metadata(meta)  # (line number, path, text, raw group, name); every path inside (or linked)
-        unfinished = (self.root / UNFINISHED).is_file()  # write_folder's record of a build that did not end
-        if unfinished or not records:
-            raise ValueError(f"{meta}: " + ("a build of this folder was interrupted, so its images may not be the "
-                                            f"ones this file describes ({UNFINISHED} lists them): build it again"
-                                            if unfinished else "no images listed"))
+        why = interrupted_error(self.root) or (None if records else f"{meta}: no images listed")
+        if why:
+            raise ValueError(why)
         for lineno, path, *_ in records:
             why = image_error(path)
             if why:

@@ -526,10 +526,10 @@ def image_files(directory, name="image folder"):
     files = sorted(p for p in directory.iterdir() if p.is_file())
     grid = "grid.png" if (directory / "samples.json").exists() else None  # sample.py's grid of its own images
     paths = [p for p in files if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.name != grid]
-    if (directory / "metadata.jsonl").is_file():  # a data folder: the images it lists in subfolders as well
+    meta = directory / "metadata.jsonl"
+    if meta.is_file():  # a data folder: every file it lists, in subfolders too (train.py reads them all)
         root = directory.resolve()
-        listed = [directory / p.relative_to(root) for p in data.listed_files(directory / "metadata.jsonl")]
-        paths = sorted({*paths, *(p for p in listed if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.is_file())})
+        paths = sorted({*paths, *(directory / p.relative_to(root) for p in data.listed_files(meta))})
     others = ", ".join(p.name for p in files[:5]) + (" ..." if len(files) > 5 else "")
     empty = None if paths else (f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; found "
                                 f"{len(files)} other files{': ' + others if files else ''})")
@@ -538,17 +538,20 @@ def image_files(directory, name="image folder"):
         raise ValueError(why)
     files, prompts = (json_object(directory / "samples.json").get(k) for k in ("files", "prompts"))
     if isinstance(files, list) and isinstance(prompts, list) and len(files) == len(prompts):
-        pass  # sample.py's record: an image it does not list is not its run's
+        sample_prompts(directory, paths)  # sample.py's record: an image it does not list is not its run's
     return paths
 
 
 def unlisted_error(directory, paths):
     """Why the images `paths` of a data folder are not all its own, or None: its metadata.jsonl lists the images of
     the folder, and one it does not list (put there by hand, or left by an earlier build that --overwrite did not
-    write again) would be judged with them."""
+    write again) would be judged with them; one it lists is gone; or a build of the folder stopped half-way."""
     meta = directory / "metadata.jsonl"
     if not meta.is_file():
         return None
+    why, gone = data.interrupted_error(directory), next((p for p in paths if not p.is_file()), None)
+    if why or gone:
+        return why or f"{meta} lists {gone.relative_to(directory)}, which is not there"
     listed, root = data.listed_files(meta), directory.resolve()
     unlisted = [str(p.relative_to(directory)) for p in paths if root / p.relative_to(directory) not in listed]
     return (f"{meta} does not list {len(unlisted)} images of the folder, e.g. {', '.join(unlisted[:3])}; move them "
