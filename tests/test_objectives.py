@@ -96,7 +96,7 @@ def test_importance_weights_on_a_toy_posterior_equal_the_formula():
 
 def test_importance_weights_do_not_depend_on_how_images_are_split_into_micro_batches():
     """Normalised to mean 1 over each micro-batch, every weight was 1 at --batch-size 1 (train.py's default): the
-    objective trained as plain fine-tuning; at 4 images of 9 : 1 data the minority got 0.36 of its share. The weight
+    objective trained as plain fine-tuning; at 4 images of 9 : 1 data the minority got about half its share. The weight
     is pi*_g / pi_hat_g itself (mean 1 over the data), as in `balanced`, and the clip caps it."""
     q = F.one_hot(torch.tensor([0, 0, 0, 1]), 2).float()
     pi_hat, pi_star = torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.5])
