@@ -381,7 +381,7 @@ def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=
            if (dims or 0) > size else None)
     if why:
         raise ValueError(why)
-    clusters, _ = ddm.fit_clusters(z0, k, dims=dims or 10, seed=seed)  # the default: fewer where fewer exist
+    clusters, _ = ddm.fit_clusters(z0, k, dims=10 if dims is None else dims, seed=seed)  # 10: fewer where fewer exist
     rows = zip(data.files, data.names, data.texts, data.labels, clusters.tolist())
     entries = [(path, name, {"text": text, "group": f"cluster{c}", "label": label, "source": str(path)})
                for path, name, text, label, c in rows]

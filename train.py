@@ -324,8 +324,8 @@ def parse_args(argv=None):
 RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_n"), (1, None)),
           **dict.fromkeys(("lr", "weight_decay", "max_grad_norm", "w_rec", "w_ind", "checkpoint_every",
                            "validation_every", "num_workers", "lora_rank"), (0, None)),
-          # > 0: each read another method below (--indicator-lr 0 became --lr, --weight-clip -1 made every importance
-          # weight 1, --lora-alpha 0 scales the LoRA update to 0, --adam-eps 0 divides by 0 where a gradient is 0)
+          # > 0: each read another method below (--indicator-lr 0 became --lr, --weight-clip -1 makes every importance
+          # weight -1, --lora-alpha 0 scales the LoRA update to 0, --adam-eps 0 divides by 0 where a gradient is 0)
           **dict.fromkeys(("indicator_lr", "lora_alpha", "weight_clip", "adam_eps"), (0, None, True)),
           "indicator_hidden": (1, None),  # a width 0 is a constant indicator
           "adam_betas": (0.0, 1.0, False, True),  # torch's AdamW: 0 <= beta < 1
