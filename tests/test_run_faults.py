@@ -567,6 +567,9 @@ def test_the_base_fingerprint_sees_one_tensor_changed_in_a_large_file(tmp_path):
     safetensors.torch.save_file({**tensors, "t101": tensors["t101"] + 1}, file)
     assert os.path.getsize(file) == int(before["model.safetensors"].split()[0])  # the same size: only bytes changed
     assert rundir.model_fingerprint(file) != before
+    header = json.dumps({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}).encode()  # reversed
+    file.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))  # a traceback from the seek or read
+    assert rundir.model_fingerprint(file)["model.safetensors"].startswith(f"{8 + len(header) + 8} ")
 
 
 # ---- 11. a failed write
