@@ -308,12 +308,12 @@ def sampled(file, size):
     """(offset, length) of the pieces model_fingerprint hashes: a safetensors file's header and the first 4 KiB of
     every tensor (a fine-tune, or a LoRA merged in, changes every element of each tensor it trains); 64 pieces of
     64 KiB spread evenly over a file of another format, or one whose header does not read."""
-    n = int.from_bytes(file.read(8), "little")
-    with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):  # not a safetensors header
-        if n <= size - 8:
-            header = json.loads(file.read(n))
-            return [(0, 8 + n)] + [(8 + n + a, min(b - a, 4096)) for a, b in
-                                   (t["data_offsets"] for name, t in header.items() if name != "__metadata__")]
+    n, spans = int.from_bytes(file.read(8), "little"), None
+    if n <= size - 8:
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):  # not a safetensors header
+            spans = [tuple(t["data_offsets"]) for name, t in json.loads(file.read(n)).items() if name != "__metadata__"]
+    if spans is not None and all(len(s) == 2 and all(type(v) is int for v in s) and 0 <= s[0] <= s[1] for s in spans):
+        return [(0, 8 + n)] + [(8 + n + a, min(b - a, 4096)) for a, b in spans]
     return [(size * i // 64, 64 * 1024) for i in range(64)]
 
 
