@@ -287,8 +287,11 @@ def base_path(run_dir, info):
     raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {base}{why}")
 
 
+FINGERPRINT = "sampled-1"  # names what `sampled` reads: a change to it takes a new name, so older runs can be told
+
+
 def model_fingerprint(path):
-    """{weight file: its size and the sha256 of the pieces `sampled` reads} of each file a model at `path` loads from
+    """{weight file: "size scheme sha256" of the pieces `sampled` reads} of each file a model at `path` loads from
     (a diffusers folder's UNet, VAE and text encoder, or one single file): a few MB, where hashing SD's 4 GB whole
     would take seconds at every load. A guard against other weights at the same path, not a checksum."""
     files = {weights.find_component(path, subfolder=sub, weight_names=names)[0] for sub, names in
@@ -300,7 +303,7 @@ def model_fingerprint(path):
             for offset, length in sampled(file, size):
                 file.seek(offset)
                 h.update(file.read(length))
-        out[str(f.relative_to(path)) if Path(path).is_dir() else f.name] = f"{size} {h.hexdigest()}"
+        out[str(f.relative_to(path)) if Path(path).is_dir() else f.name] = f"{size} {FINGERPRINT} {h.hexdigest()}"
     return out
 
 
