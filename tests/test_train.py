@@ -362,6 +362,11 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir
         train.train(["--model", str(lora_run), "--data", str(data_dir), "--out",
                      str(tmp_path / "never-written"), "--export", str(tmp_path / lora_run.name)])
     assert not (tmp_path / "never-written").exists()
+    around = tmp_path / "nothere" / ".." / lora_run.name  # the folder, through one that does not exist yet
+    with pytest.raises(FileExistsError, match="exists"):  # was taken, and failed once training was done
+        train.train(["--model", str(lora_run), "--data", str(data_dir), "--out", str(tmp_path / "never-written"),
+                     "--max-steps", "1", *FAST, "--export", str(around)])
+    assert not (tmp_path / "never-written").exists()
     with pytest.raises(ValueError, match=r"--data is required \(or --model PATH --export DIR alone, without --out"):
         train.train(["--model", str(lora_run), "--export", str(tmp_path / "e2"), "--out", str(tmp_path / "o2")])
     assert not (tmp_path / "e2").exists() and not (tmp_path / "o2").exists()  # a conversion would have ignored --out
