@@ -366,7 +366,7 @@ def check_export(out_dir):
     export); or one that cannot be made, where its nearest existing folder is a file or not writable."""
     if out_dir is None:
         return
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.normpath(out_dir))  # "new/../x" is x: the export makes "new" first, then writes x
     for p in (out_dir, out_dir.with_name(out_dir.name + ".tmp")):
         if p.exists() or p.is_symlink():
             raise FileExistsError(f"--export {out_dir}: {p} exists; choose a new folder, or move it away")
