@@ -339,8 +339,9 @@ def write_folder(out_dir, entries, *, link=False, overwrite=False, flag="--overw
     check_out_folder(out_dir, [(None if callable(s) else s, name) for s, name, _ in entries], overwrite, flag)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"file_name": name, **fields}) + "\n" for _, name, fields in entries)
-    interrupted = listed_files(out_dir / UNFINISHED) if (out_dir / UNFINISHED).is_file() else set()
-    weights.write_atomic(out_dir / UNFINISHED, lines)
+    unfinished = out_dir / UNFINISHED
+    interrupted = listed_files(unfinished) if unfinished.is_file() else set()
+    weights.write_atomic(unfinished, lines)
     for source, name, _ in entries:
         target = out_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -354,7 +355,7 @@ def write_folder(out_dir, entries, *, link=False, overwrite=False, flag="--overw
     weights.write_atomic(out_dir / "metadata.jsonl", lines)
     for path in interrupted - {within(out_dir, name) for _, name, _ in entries}:  # that build's, not written again
         path.unlink(missing_ok=True)
-    (out_dir / UNFINISHED).unlink()
+    unfinished.unlink()
     return out_dir
 
 
