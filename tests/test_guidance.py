@@ -305,7 +305,7 @@ def test_samples_json_records_a_calibration_only_where_one_ran(runs, tmp_path):
         assert record["indicator_guidance"]["calibration"] == calibration
 
 
-@pytest.mark.parametrize("value", ["none", "500"])
+@pytest.mark.parametrize("value", ["none", "500", str(guidance.DECIDE_AT)])
 def test_a_decide_at_without_an_indicator_is_refused_naming_the_flag(value, runs, tmp_path, capsys):
     """--decide-at sets how guided images get their targets: without --indicator it was taken and ignored."""
     argv = ["--model", str(runs["noise-aware"]), "--prompt", PROMPT, "--steps", "1", "--height", str(RES), "--width",
