@@ -166,7 +166,7 @@ def add_flags(p):
     g.add_argument("--target", action="append", default=[], help="the group shares to aim for, per --indicator in "
                    "order (one value: all of them) or by attribute (ATTRIBUTE:SPEC): uniform (the default) or "
                    "NAME=SHARE,...")
-    g.add_argument("--decide-at", type=decide_at_arg, default=DECIDE_AT, metavar="T|none",
+    g.add_argument("--decide-at", type=decide_at_arg, default=argparse.SUPPRESS, metavar="T|none",
                    help=f"trajectory-aware targets, decided at the first step with t <= T from each image's own "
                         f"posterior (default {DECIDE_AT}); none: drawn from the shares for each image at the start")
     g.add_argument("--calibration", type=int, metavar="N", help="calibration images per prompt for "
@@ -182,10 +182,11 @@ def flag_error(args):
         return "--indicator-guidance needs --indicator RUN_OR_FILE"
     if args.indicator and args.indicator_guidance is None:  # it would sample unguided without a word
         return "--indicator needs --indicator-guidance S|auto (0: sample unguided)"
-    for flag, given in (("--calibration", args.calibration is not None), ("--decide-at", args.decide_at != DECIDE_AT)):
+    for flag, given in (("--calibration", args.calibration is not None), ("--decide-at", "decide_at" in args)):
         if given and not args.indicator:
             return f"{flag} needs --indicator RUN_OR_FILE"
-    if args.calibration is not None and args.indicator_guidance not in ("auto", 0) and args.decide_at is None:
+    drawn = "decide_at" in args and args.decide_at is None  # --decide-at none: targets drawn, no calibration batch
+    if args.calibration is not None and args.indicator_guidance not in ("auto", 0) and drawn:
         return (f"--calibration: --indicator-guidance {args.indicator_guidance:g} with --decide-at none runs no "
                 "calibration batch (it sets trajectory-aware targets and the auto scale)")
     if args.target and (not args.indicator or len(args.target) not in (1, len(args.indicator))):
@@ -241,18 +242,19 @@ def from_args(args, models, prompts, seeds, generate, settings):
     if not args.indicator_guidance:  # no --indicator, or 0: a scale sweep's baseline
         return [(None, [])], None
     out, per_prompt = [], {}
+    decide_at = vars(args).get("decide_at", DECIDE_AT)  # absent: --decide-at not given
     for prompt in dict.fromkeys(args.prompt_list):  # a prompt listed twice: guided once, all its images
         mine = [s for p, s in zip(prompts, seeds) if p == prompt]
         try:
             guides, per_prompt[prompt] = guides_for(generate, models, prompt, mine, specs, args.indicator_guidance,
-                                                    decide_at=args.decide_at, calibration=args.calibration,
+                                                    decide_at=decide_at, calibration=args.calibration,
                                                     cal_seed=args.seed, **settings)
         except diffusion.NonFiniteError as e:  # before any image asked for: say which batch, and that none is written
             raise ValueError(f"the calibration batch of prompt {prompt!r}: calibration {e} (NaN weights, or a model "
                              "or indicator that overflows at these settings); no image was written") from None
-        if args.decide_at is None:
+        if decide_at is None:
             per_prompt[prompt]["target_groups"] = [[n["groups"][k] for k in g.targets] for g, n in zip(guides, names)]
         out.append((prompt, guides))
-    ran = args.indicator_guidance == "auto" or args.decide_at is not None  # else no calibration batch
-    return out, {"scale": args.indicator_guidance, "decide_at": args.decide_at,
+    ran = args.indicator_guidance == "auto" or decide_at is not None  # else no calibration batch
+    return out, {"scale": args.indicator_guidance, "decide_at": decide_at,
                  "calibration": args.calibration if ran else None, "indicators": names, "prompts": per_prompt}
