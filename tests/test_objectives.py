@@ -1,6 +1,7 @@
 """ddm.py's objectives (ours beside the authors'), their arithmetic against closed forms, partial labels, and
 indicator guidance at sampling on a tiny model; the guidance step against its formula on a toy indicator with a
 closed-form gradient, under DDIM and Euler."""
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -15,7 +16,8 @@ import diffusion
 LATENT = (4, 2, 2)
 
 
-def micro_batch(groups, t=None, pred=None, seed=0, shares=(0.75, 0.25), target=(0.5, 0.5)):
+def micro_batch(groups, t=None, pred=None, seed=0, shares=(0.75, 0.25), target=(0.5, 0.5), labelled=None):
+    """A micro-batch of len(groups) images; `labelled`: the data's labelled share (default: the batch's, 1 if none)."""
     g = torch.Generator().manual_seed(seed)
     B = len(groups)
     z0, noise = torch.randn(B, *LATENT, generator=g), torch.randn(B, *LATENT, generator=g)
@@ -25,7 +27,8 @@ def micro_batch(groups, t=None, pred=None, seed=0, shares=(0.75, 0.25), target=(
     pred = noise + 0.1 * torch.randn(B, *LATENT, generator=g) if pred is None else pred
     return ddm.MicroBatch(z0=z0, z_t=z_t, t=t, noise=noise, pred=pred, target=noise, alphas_cumprod=ac,
                           groups=torch.tensor(groups), group_shares=torch.tensor(shares),
-                          target_shares=torch.tensor(target))
+                          target_shares=torch.tensor(target),
+                          labelled_share=labelled or (sum(k >= 0 for k in groups) / B or 1.0))
 
 
 HP = SimpleNamespace(w_rec=1.0, w_ind=0.5, weight_clip=10.0)
@@ -86,6 +89,35 @@ def test_ddm_x0_averages_its_ce_over_the_labelled_images_only():
     torch.testing.assert_close(parts["ind"], (b.alphas_cumprod[b.t][rows] * ce).mean().float())
 
 
+def rows_of(b, start, stop):
+    """Images start..stop-1 of a micro-batch, as train.py would have drawn them as a micro-batch of their own."""
+    per_image = ("z0", "z_t", "t", "noise", "pred", "target", "groups")
+    return dataclasses.replace(b, **{k: getattr(b, k)[start:stop] for k in per_image})
+
+
+@pytest.mark.parametrize("objective", ["ddm", "ddm-x0", "indicator-weighted", "plain-indicator"])
+def test_micro_batches_of_partly_labelled_images_add_up_to_one_big_batch(objective):
+    """train.py backpropagates loss / grad_accum per micro-batch, and DDP averages the ranks. A CE divided by the
+    micro-batch's own labelled count (or class-weight sum) gave an image the weight 1 / (grad_accum x its
+    micro-batch's count), an unlabelled micro-batch its full share, and a lone image's class weight cancelled: at
+    --batch-size 1 (the default) the class-balanced CE was plain CE, and the indicator's gradient over 8 images was
+    12-65% off one batch's. Divided by B times the data's labelled share, the terms add up exactly."""
+    b = micro_batch([0, -1, -1, -1, 1, 1, 1, -1], shares=(0.25, 0.75), labelled=0.5)
+    b.pred = b.pred.clone().requires_grad_(True)
+    torch.manual_seed(0)
+    ind = ddm.make_indicator(objective, LATENT, 2, (8,))
+    hp = SimpleNamespace(**vars(HP), objective=objective)
+
+    def grads(size):
+        losses = [ddm.loss(rows_of(b, k, k + size), ind, hp)[0] for k in range(0, 8, size)]
+        return torch.autograd.grad(sum(losses) / len(losses), [b.pred, *ind.parameters()])
+
+    whole = grads(8)
+    for size in (4, 2, 1):
+        for split, one in zip(grads(size), whole):
+            torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-7)
+
+
 def test_importance_weights_on_a_toy_posterior_equal_the_formula():
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.9, 0.1]])
     pi_hat, pi_star = torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.5])
@@ -113,11 +145,11 @@ def test_indicator_weighted_trains_its_indicator_on_labelled_images_only_and_wei
     b = micro_batch([0, -1, 1, -1])
     loss, parts = ddm.indicator_weighted(b, ind, HP)
     grads = torch.autograd.grad(ddm.noise_aware_ce(b, ind)[1], ind.net[1].weight)[0]  # the CE term of the loss
-    # the CE is the class-balanced CE over rows 0 and 2 alone
+    # the CE is the class-balanced CE over rows 0 and 2 alone, each weighted by 1 / (K pi_hat) of its group
     logits = ind(b.z_t, b.t)
-    weight = 1 / b.group_shares
+    weight = 1 / (2 * b.group_shares)
     want = (weight[0] * F.cross_entropy(logits[0:1], b.groups[0:1]) + weight[1] * F.cross_entropy(
-        logits[2:3], b.groups[2:3])) / (weight[0] + weight[1])
+        logits[2:3], b.groups[2:3])) / 2  # logged over the batch's 2 labelled images
     torch.testing.assert_close(parts["ind"], want.detach())
     b2 = micro_batch([0, -1, 1, -1])
     b2.z_t = b2.z_t.clone()
@@ -307,9 +339,10 @@ def test_the_noise_aware_objectives_add_w_rec_times_their_mse_and_w_ind_times_th
     rows = torch.tensor([0, 2, 3])  # the labelled images
     per_image = (b.pred - b.target).pow(2).flatten(1).mean(1)
 
-    def balanced_ce(ind):
-        w = (1 / b.group_shares)[b.groups[rows]]
-        return (w * F.cross_entropy(ind(b.z_t, b.t)[rows], b.groups[rows], reduction="none")).sum() / w.sum()
+    def balanced_ce(ind):  # over the labelled rows, divided by B times the data's labelled share (a constant)
+        w = (1 / (2 * b.group_shares))[b.groups[rows]]
+        ce = F.cross_entropy(ind(b.z_t, b.t)[rows], b.groups[rows], reduction="none")
+        return (w * ce).sum() / (4 * b.labelled_share)
 
     torch.manual_seed(0)
     ind = ddm.make_indicator("plain-indicator", LATENT, 2, (8,))
