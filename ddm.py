@@ -65,16 +65,18 @@ class MicroBatch:
     groups: torch.Tensor  # (B,) group index of each image, -1 where the image has no label
     group_shares: torch.Tensor  # (K,) pi_hat: the share of each group among the labelled training images
     target_shares: torch.Tensor  # (K,) pi*: the group shares generation should have (--target; uniform)
+    labelled_share: float  # the share of the training images that carry a group label (cross_entropy)
     prediction_type: str = "epsilon"  # or "v_prediction"
 
 
-def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
+def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05, labelled_share=1.0):
     """L = w_rec * MSE(eps_hat, eps) + w_ind * CE(indicator(eps_hat), groups). Returns (L, parts).
 
     Both terms are computed in float32 whatever the autocast dtype. The CE gradient reaches the UNet through
-    eps_hat, which is the point of DDM. parts = {"rec": MSE, "ind": CE (detached tensors), "acc", "bacc": the
-    indicator's accuracy and balanced accuracy on this batch}. With w_ind == 0 the indicator is not run at all, L is
-    exactly w_rec * MSE, and parts["ind"], parts["acc"] are NaN (not measured), as they are for a batch without a
+    eps_hat, which is the point of DDM. With every image labelled (the paper's setting) the CE is the batch mean;
+    otherwise `cross_entropy` says how it counts. parts = {"rec": MSE, "ind": CE (detached tensors), "acc", "bacc":
+    the indicator's accuracy and balanced accuracy on this batch}. With w_ind == 0 the indicator is not run at all, L
+    is exactly w_rec * MSE, and parts["ind"], parts["acc"] are NaN (not measured), as they are for a batch without a
     labelled image.
     """
     assert eps_hat.shape == noise.shape and groups.shape == eps_hat.shape[:1], "eps_hat, noise, groups differ in shape"
@@ -83,14 +85,15 @@ def ddm_loss(eps_hat, noise, groups, indicator, w_rec=0.95, w_ind=0.05):
         nan = torch.tensor(float("nan"), device=rec.device)
         return w_rec * rec, {"rec": rec.detach(), "ind": nan, "acc": nan}
     logits = indicator(eps_hat).float()
-    ind = cross_entropy(logits, groups)  # over the labelled images (group -1: none)
-    return w_rec * rec + w_ind * ind, {"rec": rec.detach(), "ind": logged(ind, groups), **accuracies(logits, groups)}
+    ind, logged = cross_entropy(logits, groups, labelled_share)  # over the labelled images (group -1: none)
+    return w_rec * rec + w_ind * ind, {"rec": rec.detach(), "ind": logged, **accuracies(logits, groups)}
 
 
 def ddm(b, indicator, hp):
     """The authors' objective, `ddm_loss` on the UNet's prediction: the indicator reads eps_hat (v_hat for a
     v-prediction model). Without an indicator (w_ind = 0) it is plain fine-tuning, w_rec * MSE."""
-    return ddm_loss(b.pred, b.target, b.groups, indicator, hp.w_rec, hp.w_ind if indicator is not None else 0)
+    return ddm_loss(b.pred, b.target, b.groups, indicator, hp.w_rec, hp.w_ind if indicator is not None else 0,
+                    b.labelled_share)
 
 
 # ---- Our variants. Each is labelled "ours": the paper's objective is `ddm` above. Why they are built this way,
@@ -104,7 +107,7 @@ def predicted_x0(b):
 def ddm_x0(b, indicator, hp):
     """The paper's figure (ours to build): the indicator reads the denoised latent x0_hat instead of eps_hat.
 
-        L = w_rec * MSE + w_ind * mean_i( abar_t_i * CE(I(x0_hat_i), g_i) )    (i: the labelled images)
+        L = w_rec * MSE + w_ind * mean_i( abar_t_i * CE(I(x0_hat_i), g_i) )    (i: the labelled images; cross_entropy)
 
     x0_hat divides by sqrt(abar_t) (about 15 at t = 999), where it is mostly noise. Weighting each image's CE by
     abar_t, the share of signal in z_t's variance, keeps the CE gradient through x0_hat bounded (it scales as
@@ -113,9 +116,8 @@ def ddm_x0(b, indicator, hp):
     if indicator is None:
         return hp.w_rec * rec, {"rec": rec}
     logits = indicator(predicted_x0(b)).float()
-    ce = cross_entropy(logits, b.groups, reduction="none")  # 0 where an image has no label: not counted below
-    ind = (b.alphas_cumprod[b.t].float() * ce).sum() / (b.groups >= 0).sum().clamp(min=1)
-    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups), **accuracies(logits, b.groups)}
+    ind, logged = cross_entropy(logits, b.groups, b.labelled_share, weight=b.alphas_cumprod[b.t])
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged, **accuracies(logits, b.groups)}
 
 
 def importance_weights(q, group_shares, target_shares, clip=10.0):
@@ -144,30 +146,32 @@ def balanced(b, indicator, hp):
 
 def noise_aware_ce(b, indicator):
     """Class-balanced CE of a noise-aware indicator on (z_t, t), detached from the UNet: it learns p(g | z_t, t)
-    from the labelled images and teaches the UNet nothing. (logits, CE)."""
+    from the labelled images and teaches the UNet nothing. Each image's CE is weighted by 1 / (K pi_hat_g) of its
+    group (mean 1 over the labelled data): every group counts alike. (logits, CE, its logged value)."""
     logits = indicator(b.z_t.detach(), b.t).float()
-    return logits, cross_entropy(logits, b.groups, weight=1 / b.group_shares.float())
+    balance = 1 / (len(b.group_shares) * b.group_shares.float())
+    return (logits, *cross_entropy(logits, b.groups, b.labelled_share, weight=balance[b.groups.clamp(min=0)]))
 
 
 def indicator_weighted(b, indicator, hp):
     """Ours: DDM's indicator made to balance. It learns p(g | z_t, t) on the labelled images (noise_aware_ce), and
     its posterior on the clean latent, q = p(. | z0, t = 0), weights every image's MSE by importance_weights.
     Images without a label are weighted all the same, which is what makes 10% labels enough."""
-    logits, ind = noise_aware_ce(b, indicator)
+    logits, ind, logged = noise_aware_ce(b, indicator)
     with torch.no_grad():
         q = indicator(b.z0, torch.zeros_like(b.t)).float().softmax(1)
         w = importance_weights(q, b.group_shares, b.target_shares, hp.weight_clip)
     rec = weighted_mse(b, w)
-    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups),
-                                             **accuracies(logits, b.groups), "w_max": w.max()}
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged, **accuracies(logits, b.groups),
+                                             "w_max": w.max()}
 
 
 def plain_indicator(b, indicator, hp):
     """Ours: plain fine-tuning, plus a noise-aware indicator trained beside it (detached) for guidance at sampling
     (`sample.py --indicator RUN --indicator-guidance S`)."""
     rec = F.mse_loss(b.pred.float(), b.target.float())
-    logits, ind = noise_aware_ce(b, indicator)
-    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups), **accuracies(logits, b.groups)}
+    logits, ind, logged = noise_aware_ce(b, indicator)
+    return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged, **accuracies(logits, b.groups)}
 
 
 def fit_clusters(z0, k, dims=10, iters=100, seed=0):
@@ -198,16 +202,20 @@ def fit_clusters(z0, k, dims=10, iters=100, seed=0):
     return r.argmax(1), r.mean(0)
 
 
-def logged(value, groups):
-    """A part for the log: NaN (not measured, left out of the step's mean) when the batch has no labelled image."""
-    return value.detach() if (groups >= 0).any() else torch.full_like(value, float("nan"))
+def cross_entropy(logits, groups, labelled_share, weight=None):
+    """(CE term, its logged value) of a micro-batch of B images, ℓ = labelled_share of the training data:
 
+        term = Σ_i w_i CE_i / (B ℓ)   over its labelled rows i (group -1: none; w_i = weight[i], else 1)
 
-def cross_entropy(logits, groups, weight=None, reduction="mean"):
-    """CE over the labelled rows (group -1: no label); 0 with a gradient path when a batch has none."""
-    if reduction == "mean" and not (groups >= 0).any():
-        return logits.sum() * 0
-    return F.cross_entropy(logits, groups, weight=weight, ignore_index=-1, reduction=reduction)
+    an unbiased estimate of the mean of w CE over the labelled data, whose denominator is a constant: micro-batches
+    and DDP ranks add up to one big batch exactly, at any batch size (a batch's own count or weight sum would give a
+    lone image's weight back as 1). With every image labelled it is the batch mean. Logged: Σ_i w_i CE_i over this
+    batch's labelled count, NaN (not measured, left out of the step's mean) when it has none."""
+    keep = groups >= 0
+    w = keep.float() if weight is None else torch.where(keep, weight.float(), 0.0)
+    total = (w * F.cross_entropy(logits, groups, ignore_index=-1, reduction="none")).sum()
+    logged = total.detach() / keep.sum() if keep.any() else torch.full_like(total, float("nan"))
+    return total / (len(groups) * labelled_share), logged
 
 
 def accuracies(logits, groups):

@@ -390,7 +390,7 @@ def indicator_logits(models, indicator, objective, images, seed=0):
     hp = SimpleNamespace(objective=objective, caption_dropout=0.0, train_text_encoder=False)
     model = train.DDMModel(models.unet, models.text_encoder, indicator, hp, dict(
         alphas_cumprod=models.alphas_cumprod, prediction_type=models.prediction_type, group_shares=None,
-        target_shares=None))
+        target_shares=None, labelled_share=None))
     out = []
     for i in range(0, len(x), 100):
         posterior = models.vae.encode(x[i:i + 100])

@@ -55,7 +55,7 @@ def micro_batch_inputs(posterior_mean, posterior_std, texts, models, args, gener
 
 class DDMModel(nn.Module):
     """The networks that are trained (what DistributedDataParallel wraps); forward = one micro-batch's loss.
-    `constants` are the MicroBatch fields that never change: ᾱ, the group shares π̂ and π*, the prediction type."""
+    `constants`: the MicroBatch fields that never change (ᾱ, the shares π̂, π* and ℓ, the prediction type)."""
 
     def __init__(self, unet, text_encoder, indicator, args, constants):
         super().__init__()
@@ -94,7 +94,7 @@ class Trainer:
         # a resume reads the labels it finds: its flags are compared with run.json's (a --w-ind 0 forgotten is named)
         self.data = data = ImageFolder(args.data, args.resolution, attribute=args.attribute,  # every line and image
                                        need_groups=ddm.reads_groups(args.objective, args.w_ind) and not args.resume)
-        self.target_shares = ddm.parse_target(args.target, data.group_names)
+        self.target_shares = ddm.parse_target(args.target, data.group_names).to(device)
         checkpoints.check_export(args.export)  # not only after hours of training
         from_scratch = args.init_config is not None
         args.lora_rank = rundir.lora_rank(args)
@@ -136,7 +136,7 @@ class Trainer:
         counts = torch.tensor([self.data.groups.count(k) for k in range(len(self.data.group_names))])  # -1: no label
         constants = {"alphas_cumprod": models.alphas_cumprod, "prediction_type": models.prediction_type,
                      "group_shares": (counts / counts.sum()).float().to(device),
-                     "target_shares": self.target_shares.to(device)}
+                     "labelled_share": counts.sum().item() / len(self.data), "target_shares": self.target_shares}
         self.model = DDMModel(models.unet, models.text_encoder, self.indicator, args, constants).to(device)
         models.vae.to(device).eval(), models.unet.train(), models.text_encoder.train(args.train_text_encoder)
         models.unet.gradient_checkpointing = args.gradient_checkpointing
