@@ -3,6 +3,7 @@ the offsets that make them come out in the asked shares, and the scale chosen by
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -56,6 +57,27 @@ def test_decision_offsets_pick_the_asked_shares_and_never_a_group_of_share_zero(
     picked = (two - guidance.decision_offsets(two, torch.tensor([0.1, 0.9]))).argmax(1) == 0
     margin = two[:, 0] - two[:, 1]
     assert abs(picked.sum().item() - 100) <= 2 and margin[picked].min() > margin[~picked].max()
+
+
+def test_decision_offsets_stay_finite_when_every_row_prefers_one_group_by_many_nats():
+    """log(mean(softmax(x / 0.02))) underflowed to -inf once every row preferred a group by more than ~15 nats (a
+    prompt naming the attribute, a late decide step): the offsets became NaN, recorded as "never targeted", and every
+    image aimed at group 0 whatever the shares asked."""
+    log_p = torch.stack([torch.zeros(200), 16 + torch.linspace(0, 5, 200)], 1).log_softmax(1)  # group 1 by 16-21
+    offsets = guidance.decision_offsets(log_p, torch.tensor([0.5, 0.5]))
+    assert offsets.isfinite().all(), offsets
+    assert torch.bincount((log_p - offsets).argmax(1), minlength=2).tolist() == [100, 100]
+
+
+def test_two_indicators_with_drawn_targets_draw_each_image_s_targets_independently():
+    """--decide-at none with one indicator per attribute: every indicator's draw took the same seed, so with equal
+    shares the two targets were always alike (no image aimed at green+thick or red+thin)."""
+    half = torch.tensor([0.5, 0.5])
+    models = SimpleNamespace(alphas_cumprod=diffusion.sd_schedule())
+    guides, _ = guidance.guides_for(None, models, "p", list(range(400)), [(None, half), (None, half)], 3.0,
+                                    decide_at=None, steps=4)
+    mixed = (guides[0].targets != guides[1].targets).double().mean().item()  # about half when independent
+    assert 0.4 < mixed < 0.6, mixed
 
 
 def test_the_calibration_batch_stops_at_the_x_t_of_the_step_where_denoise_decides_the_targets():
