@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 
 import data
+import ddm
 import diffusion
 import guidance
 import loading
 import sample
 import train
+import weights
 from ddm import Indicator
 from test_train import (FAST, RES, TINY, assert_same_tensors, data_dir, make_data, one_thread,  # noqa: F401
                         sd_dir)  # (fixtures)
@@ -325,6 +327,23 @@ def test_samples_json_records_a_calibration_only_where_one_ran(runs, tmp_path):
         sample.main([*argv, *flags, "--out", str(tmp_path / flags[1])])
         record = json.loads((tmp_path / flags[1] / "samples.json").read_text())
         assert record["indicator_guidance"]["calibration"] == calibration
+
+
+def test_a_guided_image_is_the_same_for_its_prompt_and_seed_whatever_seed_the_run_starts_at(sd_dir, tmp_path):
+    """Image k depends on (prompt k, seed k) and the settings: the calibration batch took its seeds from the run's
+    --seed, so its offsets and auto scale, and every guided image, changed with the run's first seed."""
+    indicator = mean_reader((4, RES // 2, RES // 2))
+    weights.save_tensors(indicator.state_dict(), tmp_path / "ind.safetensors",
+                         ddm.indicator_metadata(indicator, ["g0", "g1"]))
+    argv = ["--model", str(sd_dir), "--prompt", PROMPT, "--steps", "4", "--guidance", "1", "--device", "cpu",
+            "--indicator", str(tmp_path / "ind.safetensors"), "--indicator-guidance", "auto", "--calibration", "32",
+            "--target", "g0=0.8,g1=0.2", "--no-progress"]
+    sample.main([*argv, "--seed", "0", "--n", "24", "--out", str(tmp_path / "a")])
+    sample.main([*argv, "--seed", "12", "--n", "12", "--out", str(tmp_path / "b")])
+    for k in range(12):  # seed 12 + k: image 12 + k of run a, image k of run b
+        a, b = (np.asarray(Image.open(tmp_path / run / f"{j:05d}.png")).astype(int)
+                for run, j in (("a", 12 + k), ("b", k)))
+        assert np.abs(a - b).max() <= 1, f"seed {12 + k}"
 
 
 @pytest.mark.parametrize("value", ["none", "500", str(guidance.DECIDE_AT)])
