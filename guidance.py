@@ -31,11 +31,11 @@ AUTO_READ_AT = 200  # read at t = 0, the indicator believed what the guidance wr
 CALIBRATION = 200  # calibration images per prompt (sample.py's default)
 
 
-def draw_targets(seeds, shares):
-    """Image k's target group: a draw from `shares` (K,) with its own seed, so it does not depend on the other
-    images (and leaves image k's noise stream alone)."""
+def draw_targets(seeds, shares, j=0):
+    """Image k's target group for indicator j: a draw from `shares` (K,) with a seed of its own, so it does not
+    depend on the other images or on indicator j's other draws (and leaves image k's noise stream alone)."""
     return torch.tensor([torch.multinomial(shares.double(), 1, generator=torch.Generator().manual_seed(
-        derive_seed(s, "target"))).item() for s in seeds])
+        derive_seed(s, "target", j))).item() for s in seeds])
 
 
 def decision_offsets(log_p, shares, temperature=0.02, iters=2000):
@@ -47,7 +47,8 @@ def decision_offsets(log_p, shares, temperature=0.02, iters=2000):
     keep = shares > 0  # a group of share 0 is never a target: an infinite offset
     c, log_p = torch.zeros(int(keep.sum()), dtype=torch.float64), log_p[:, keep].double().cpu()
     for _ in range(iters):  # raise a group's offset while the soft assignment gives it more than its share
-        c += temperature * (((log_p - c) / temperature).softmax(1).mean(0) / shares[keep].double()).log()
+        soft = torch.logsumexp(((log_p - c) / temperature).log_softmax(1), 0) - math.log(len(log_p))  # log mean
+        c += temperature * (soft - shares[keep].double().log())  # in logs: a share under 1e-323 is no -inf
     return torch.full(shares.shape, float("inf")).masked_scatter(keep, c.float())
 
 
@@ -78,10 +79,10 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
 
     x_t = None if t is None else batch(until=decide_at)
     guides, cal_guides, cal_targets = [], [], []
-    for indicator, shares in specs:
+    for j, (indicator, shares) in enumerate(specs):
         if t is None:
-            guides.append(Guidance(indicator, draw_targets(seeds, shares), 0.0))
-            cal_guides.append(Guidance(indicator, draw_targets(cal, shares), 0.0))
+            guides.append(Guidance(indicator, draw_targets(seeds, shares, j), 0.0))
+            cal_guides.append(Guidance(indicator, draw_targets(cal, shares, j), 0.0))
             cal_targets.append(cal_guides[-1].targets)
             continue
         with torch.no_grad():
@@ -246,9 +247,9 @@ def from_args(args, models, prompts, seeds, generate, settings):
     for prompt in dict.fromkeys(args.prompt_list):  # a prompt listed twice: guided once, all its images
         mine = [s for p, s in zip(prompts, seeds) if p == prompt]
         try:
+            # calibration seeds of their own, not from --seed: image k depends on (prompt k, seed k) and the settings
             guides, per_prompt[prompt] = guides_for(generate, models, prompt, mine, specs, args.indicator_guidance,
-                                                    decide_at=decide_at, calibration=args.calibration,
-                                                    cal_seed=args.seed, **settings)
+                                                    decide_at=decide_at, calibration=args.calibration, **settings)
         except diffusion.NonFiniteError as e:  # before any image asked for: say which batch, and that none is written
             raise ValueError(f"the calibration batch of prompt {prompt!r}: calibration {e} (NaN weights, or a model "
                              "or indicator that overflows at these settings); no image was written") from None
