@@ -23,10 +23,13 @@ import cli
 import diffusion
 import lora
 import weights
-from clip_text import text_encoder_hf_config
+from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
+from clip_text import text_encoder_config_from_hf, text_encoder_hf_config
 from ddm import uses_indicator
-from unet import unet_diffusers_config, unet_diffusers_names
-from vae import vae_diffusers_config, vae_to_diffusers
+from unet import WEIGHT_NAMES as UNET_FILES
+from unet import unet_config_from_diffusers, unet_diffusers_config, unet_diffusers_names
+from vae import WEIGHT_NAMES as VAE_FILES
+from vae import vae_config_from_diffusers, vae_diffusers_config, vae_to_diffusers
 
 UNET_LORA_TARGETS = ("to_q", "to_v")  # the authors' LoRA targets in the UNet attention
 TEXT_LORA_TARGETS = ("q_proj", "v_proj")  # ... and in the CLIP text encoder
@@ -35,6 +38,15 @@ INDICATOR_FILE = "indicator.safetensors"  # the indicator of a checkpoint, besid
 CHECKPOINT_FILES = {"state.json", "optimizer.pt", INDICATOR_FILE, "unet.safetensors", "unet_lora.safetensors",
                     "text_encoder.safetensors", "text_encoder_lora.safetensors"}  # save_checkpoint's, in any run
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter, in optimizer.pt (train.make_optimizer: no amsgrad)
+# the three models of a diffusers folder, each in its subfolder: (weight file names, config -> its config.json, back)
+COMPONENTS = {"unet": (UNET_FILES, unet_diffusers_config, unet_config_from_diffusers),
+              "vae": (VAE_FILES, vae_diffusers_config, vae_config_from_diffusers),
+              "text_encoder": (TEXT_ENCODER_FILES, text_encoder_hf_config, text_encoder_config_from_hf)}
+
+
+def find_components(path):
+    """{subfolder: weights.find_component of it} of the model at `path`: a diffusers folder, or one single file."""
+    return {sub: weights.find_component(path, subfolder=sub, weight_names=c[0]) for sub, c in COMPONENTS.items()}
 
 
 def _fsync(path):
@@ -380,17 +392,14 @@ def export_diffusers(models, out_dir, indicator=None, indicator_metadata=None):
     run's `indicator` goes beside them as INDICATOR_FILE with its record (sample.py --indicator reads it back)."""
     out_dir = Path(out_dir)
     check_export(out_dir)
-    parts = {"unet": (models.unet, "diffusion_pytorch_model.safetensors"),
-             "vae": (models.vae, "diffusion_pytorch_model.safetensors"),
-             "text_encoder": (models.text_encoder, "model.safetensors")}
-    assert not any(isinstance(m, lora.LoRALinear) for model, _ in parts.values() for m in model.modules()), \
+    assert not any(isinstance(m, lora.LoRALinear) for name in COMPONENTS for m in getattr(models, name).modules()), \
         "export needs merged models (lora.merge_lora)"
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     with weights.writing(tmp):
         tmp.mkdir(parents=True)  # fails if it appeared since check_export: then it is not ours to delete
     try:
         with weights.writing(tmp):  # what is written below without a name of its own (folders) is named by the export's
-            _write_diffusers(models, parts, tmp)
+            _write_diffusers(models, tmp)
             if indicator is not None:
                 weights.save_tensors(indicator.state_dict(), tmp / INDICATOR_FILE, indicator_metadata)
             os.replace(tmp, out_dir)
@@ -400,18 +409,17 @@ def export_diffusers(models, out_dir, indicator=None, indicator_metadata=None):
     return out_dir
 
 
-def _write_diffusers(models, parts, tmp):
-    for name, (model, filename) in parts.items():
+def _write_diffusers(models, tmp):
+    for name, (files, write_config, _) in COMPONENTS.items():
+        model = getattr(models, name)
         sd, cfg = {k: v.float() for k, v in model.state_dict().items()}, model.config
         if name == "unet":
-            sd, config = weights.rename(sd, unet_diffusers_names(cfg)), unet_diffusers_config(cfg)
+            sd = weights.rename(sd, unet_diffusers_names(cfg))
         elif name == "vae":
-            sd, config = vae_to_diffusers(sd, cfg), vae_diffusers_config(cfg)
-        else:
-            config = text_encoder_hf_config(cfg)
+            sd = vae_to_diffusers(sd, cfg)
         (tmp / name).mkdir()
-        weights.save_tensors(sd, tmp / name / filename)
-        weights.write_json(tmp / name / "config.json", config)
+        weights.save_tensors(sd, tmp / name / files[0])
+        weights.write_json(tmp / name / "config.json", write_config(cfg))
     write_tokenizer(models.tokenizer, tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
     weights.write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(models))

@@ -20,15 +20,11 @@ import diffusion
 import lora
 import rundir
 import weights
-from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
-from clip_text import (CLIPTextConfig, CLIPTextModel, load_text_encoder, text_encoder_config_from_hf,
-                       text_encoder_hf_config, tower_error)
+from clip_text import CLIPTextConfig, CLIPTextModel, load_text_encoder, tower_error
 from ddm import OBJECTIVES, Indicator, indicator_metadata, make_indicator, noise_aware, uses_indicator
 from tokenizer import Tokenizer, load_tokenizer
-from unet import WEIGHT_NAMES as UNET_FILES
-from unet import UNet, UNetConfig, config_error, load_unet, unet_config_from_diffusers, unet_diffusers_config
-from vae import WEIGHT_NAMES as VAE_FILES
-from vae import VAE, VAEConfig, load_vae, vae_config_from_diffusers, vae_diffusers_config
+from unet import UNet, UNetConfig, config_error, load_unet
+from vae import VAE, VAEConfig, load_vae
 
 
 @dataclass
@@ -98,15 +94,11 @@ def model_sides(path):
     if run:
         info = rundir.read_run_json(run[0])
         return model_sides(rundir.base_path(run[0], info))[0], info["config"]["resolution"]
-    _, unet_config = weights.find_component(path, subfolder="unet", weight_names=UNET_FILES)
-    if unet_config is None:  # a single file: SD v1.x or v2.x
+    found = checkpoints.find_components(path)
+    if found["unet"][1] is None:  # a single file: SD v1.x or v2.x
         u, v = UNetConfig(), VAEConfig()
         return side_multiple(u, v), u.sample_size * v.downsample_factor
-    u = weights.read_config(unet_config, unet_config_from_diffusers)
-    v = weights.read_config(weights.find_component(path, subfolder="vae", weight_names=VAE_FILES)[1],
-                            vae_config_from_diffusers)
-    t = weights.read_config(weights.find_component(path, subfolder="text_encoder", weight_names=TEXT_ENCODER_FILES)[1],
-                            text_encoder_config_from_hf)
+    u, v, t = (weights.read_config(found[sub][1], read) for sub, (_, _, read) in checkpoints.COMPONENTS.items())
     read_schedule(path)
     check_fit(u, v, t)
     return side_multiple(u, v), u.sample_size * v.downsample_factor
@@ -250,9 +242,6 @@ def load_indicator(path, latent_shape):
 
 
 INIT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}  # the parts of an init config
-DIFFUSERS_CONFIGS = {"unet": (unet_diffusers_config, unet_config_from_diffusers),  # (write, read) its config.json
-                     "vae": (vae_diffusers_config, vae_config_from_diffusers),
-                     "text_encoder": (text_encoder_hf_config, text_encoder_config_from_hf)}
 # 0 or [] builds a net here, so the field check allows it; but a diffusers folder (base/, --export) keeps only
 # attention_levels [], and _build refuses the others by name. They stay here so that -1 is told ">= 0".
 MAY_BE_ZERO = {"num_res_blocks", "transformer_depth", "layers", "attention_levels"}
@@ -341,7 +330,7 @@ def _build(path, key, cls, cfg):
         model = cls(cfg)
     except (ValueError, RuntimeError, TypeError) as e:
         raise ValueError(f"--init-config {path}: {key}: {e}") from None
-    write, read = DIFFUSERS_CONFIGS[key]
+    _, write, read = checkpoints.COMPONENTS[key]
     try:
         read(write(cfg))
     except ValueError as e:

@@ -27,12 +27,9 @@ from pathlib import Path
 import torch
 
 import weights
-from checkpoints import (checkpoint_files, export_diffusers, finished_name, foreign_error, latest_checkpoint,
-                         newest_checkpoint, refuse_link)
-from clip_text import WEIGHT_NAMES as TEXT_ENCODER_FILES
+from checkpoints import (checkpoint_files, export_diffusers, find_components, finished_name, foreign_error,
+                         latest_checkpoint, newest_checkpoint, refuse_link)
 from ddm import OBJECTIVES, uses_indicator
-from unet import WEIGHT_NAMES as UNET_FILES
-from vae import WEIGHT_NAMES as VAE_FILES
 
 # The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
 # would train a different model.
@@ -294,8 +291,7 @@ def model_fingerprint(path):
     """{weight file: "size scheme sha256" of the pieces `sampled` reads} of each file a model at `path` loads from
     (a diffusers folder's UNet, VAE and text encoder, or one single file): a few MB, where hashing SD's 4 GB whole
     would take seconds at every load. A guard against other weights at the same path, not a checksum."""
-    files = {weights.find_component(path, subfolder=sub, weight_names=names)[0] for sub, names in
-             (("unet", UNET_FILES), ("vae", VAE_FILES), ("text_encoder", TEXT_ENCODER_FILES))}
+    files = {file for file, _ in find_components(path).values()}
     out = {}
     for f in sorted(files):
         size, h = f.stat().st_size, hashlib.sha256()
