@@ -398,33 +398,29 @@ def make_cluster_folder(out_dir, data_dir, vae_path, k, *, resolution=512, dims=
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def load_rgb(path):
-    """Open an image file as 8-bit RGB; grayscale/palette are expanded, 16-bit grey is scaled by 255/65535,
-    transparency is composited over white. ValueError naming the mode for float or out-of-range images."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in SIXTEEN_BIT_MODES:
-            values = np.asarray(img).astype(np.int64)
-            if values.size and (values.min() < 0 or values.max() > 65535):
-                raise ValueError(f"mode {img.mode} image with values from {values.min()} to {values.max()}: "
-                                 f"only 0..65535 (16-bit) is understood")
-            return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
-        if img.mode == "F":
-            raise ValueError("mode F (32-bit floating point) images have no agreed pixel range; "
-                             "save it as an 8- or 16-bit image")
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA"):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("RGB")
-
-
 def open_image(path):
-    """`load_rgb`, with any failure to read the file a ValueError naming it."""
+    """Open an image file as 8-bit RGB; grayscale/palette are expanded, 16-bit grey is scaled by 255/65535,
+    transparency is composited over white. ValueError naming the file (and the mode, for float or out-of-range
+    images) when it does not read."""
     try:
-        return load_rgb(path)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in SIXTEEN_BIT_MODES:
+                values = np.asarray(img).astype(np.int64)
+                if values.size and (values.min() < 0 or values.max() > 65535):
+                    raise ValueError(f"mode {img.mode} image with values from {values.min()} to {values.max()}: "
+                                     f"only 0..65535 (16-bit) is understood")
+                return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+            if img.mode == "F":
+                raise ValueError("mode F (32-bit floating point) images have no agreed pixel range; "
+                                 "save it as an 8- or 16-bit image")
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            if img.mode in ("RGBA", "LA", "PA"):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return img.convert("RGB")
     except Exception as e:  # PIL raises several types for bad files; all mean the same here
         raise ValueError(f"cannot read image {path} ({e})") from None
 
@@ -637,7 +633,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        img = load_rgb(self.files[i])
+        img = open_image(self.files[i])
         R = self.resolution
         if self.center_crop:
             scale = R / min(img.size)

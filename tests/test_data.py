@@ -481,20 +481,20 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
     grey16 = Image.fromarray(np.full((4, 4), 40000, np.uint16))
     assert grey16.mode == "I;16"
     for name in ("g.png", "g.tif"):
-        got = np.asarray(data.load_rgb(_saved(tmp_path, grey16, name)))
+        got = np.asarray(data.open_image(_saved(tmp_path, grey16, name)))
         assert got.shape == (4, 4, 3) and (got == 156).all(), name
     big = Image.fromarray(np.full((4, 4), 40000, np.int32))  # mode I: what 32-bit integer TIFFs open as
     assert big.mode == "I"
-    assert (np.asarray(data.load_rgb(_saved(tmp_path, big, "i.tif"))) == 156).all()
-    assert (np.asarray(data.load_rgb(_saved(tmp_path, Image.fromarray(np.full((4, 4), 65535, np.uint16)),
+    assert (np.asarray(data.open_image(_saved(tmp_path, big, "i.tif"))) == 156).all()
+    assert (np.asarray(data.open_image(_saved(tmp_path, Image.fromarray(np.full((4, 4), 65535, np.uint16)),
                                             "w.png"))) == 255).all()
 
 
 def test_modes_without_a_known_range_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"mode I .*values from -5 to 70000.*0\.\.65535"):
-        data.load_rgb(_saved(tmp_path, Image.fromarray(np.array([[-5, 70000]], np.int32)), "i.tif"))
+        data.open_image(_saved(tmp_path, Image.fromarray(np.array([[-5, 70000]], np.int32)), "i.tif"))
     with pytest.raises(ValueError, match=r"mode F \(32-bit floating point\)"):
-        data.load_rgb(_saved(tmp_path, Image.fromarray(np.full((4, 4), 0.5, np.float32)), "f.tif"))
+        data.open_image(_saved(tmp_path, Image.fromarray(np.full((4, 4), 0.5, np.float32)), "f.tif"))
     # and in a data folder, with its line
     root = _two_line_folder(tmp_path, "f.tif")
     Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(root / "f.tif")
@@ -506,15 +506,15 @@ def test_alpha_palette_and_cmyk_images_convert_to_the_expected_rgb(tmp_path):
     la = Image.new("LA", (2, 1))
     la.putpixel((0, 0), (100, 255))  # opaque grey
     la.putpixel((1, 0), (100, 0))  # transparent: the white background
-    assert np.asarray(data.load_rgb(_saved(tmp_path, la, "la.png"))).tolist() == [[[100] * 3, [255] * 3]]
+    assert np.asarray(data.open_image(_saved(tmp_path, la, "la.png"))).tolist() == [[[100] * 3, [255] * 3]]
     pal = Image.new("P", (2, 1))
     pal.putpalette([0, 0, 255, 255, 0, 0])
     pal.putpixel((1, 0), 1)
     pal.info["transparency"] = 0  # index 0 (blue) is transparent
-    assert np.asarray(data.load_rgb(_saved(tmp_path, pal, "p.png"))).tolist() == [[[255] * 3, [255, 0, 0]]]
+    assert np.asarray(data.open_image(_saved(tmp_path, pal, "p.png"))).tolist() == [[[255] * 3, [255, 0, 0]]]
     cmyk = Image.new("CMYK", (2, 1), (0, 0, 0, 0))  # no ink: white
     cmyk.putpixel((1, 0), (255, 0, 0, 0))  # full cyan
-    assert np.asarray(data.load_rgb(_saved(tmp_path, cmyk, "c.tif"))).tolist() == [[[255] * 3, [0, 255, 255]]]
+    assert np.asarray(data.open_image(_saved(tmp_path, cmyk, "c.tif"))).tolist() == [[[255] * 3, [0, 255, 255]]]
 
 
 def _tiny_vae(folder):

@@ -414,7 +414,7 @@ def _write_sample_folder(folder, images, prompts):
 def _oracle(tiny_clip, paths, texts):
     """transformers' zero-shot probabilities (N, K) and projected image embeddings of image files."""
     _, model, tokenizer, processor = tiny_clip
-    pixels = processor(images=[data.load_rgb(p) for p in paths], return_tensors="pt").pixel_values
+    pixels = processor(images=[data.open_image(p) for p in paths], return_tensors="pt").pixel_values
     ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels)
