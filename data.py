@@ -82,12 +82,15 @@ def split_digits(seed=0, heldout_per_class=100, labels=None):
     return train, heldout
 
 
-def digit_image(image, resolution=32):
-    """One 28x28 uint8 digit -> an RGB PIL image of `resolution` px (bicubic), the form generated images take."""
+def digit_image(image, resolution=32, colour=None):
+    """One 28x28 uint8 digit -> an RGB PIL image of `resolution` px (bicubic), the form generated images take: in
+    white ink, or in the ink colour `colour` (COLOURS) on black."""
     img = Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L")
     if resolution != img.width:
         img = img.resize((resolution, resolution), Image.BICUBIC)
-    return img.convert("RGB")
+    if colour is None:
+        return img.convert("RGB")
+    return Image.fromarray((np.asarray(img.convert("RGB"), np.float64) * COLOURS[colour]).round().astype(np.uint8))
 
 
 def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resolution=32,
@@ -135,18 +138,11 @@ def ink_mass(images):
     return np.asarray(images, dtype=np.float64).max(-1).sum((1, 2)) / 255
 
 
-def attribute_digit(image, colour, resolution=32):
-    """One 28x28 digit as an RGB image of `resolution` px in the ink colour `colour` (COLOURS) on black."""
-    return Image.fromarray((np.asarray(digit_image(image, resolution), np.float64)
-                            * COLOURS[colour]).round().astype(np.uint8))
-
-
 def digit_images(images, indices, resolution=32, colours=None):
     """The shipped digits at `indices` as the folders hold them and generated images look: uint8 (N, R, R, 3), in
     white ink, or digit k in the ink colour colours[k] (COLOURS)."""
-    if colours is None:
-        return np.stack([np.asarray(digit_image(images[i], resolution)) for i in indices])
-    return np.stack([np.asarray(attribute_digit(images[i], c, resolution)) for i, c in zip(indices, colours)])
+    colours = [None] * len(indices) if colours is None else colours
+    return np.stack([np.asarray(digit_image(images[i], resolution, c)) for i, c in zip(indices, colours)])
 
 
 def ink_masses(images, indices, resolution=32):
@@ -186,7 +182,7 @@ def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, r
         for k, r in enumerate(members):
             r["group"] = {a: r[a] for a in ("colour", "width")} if k < n_labelled else {"colour": None, "width": None}
     rows = [{"text": prompt(r["digit"]), **r} for r in rng.permutation(rows).tolist()]  # groups interleaved
-    entries = [(lambda r=r: attribute_digit(images[r["source_index"]], r["colour"], resolution), f"{k:05d}.png", r)
+    entries = [(lambda r=r: digit_image(images[r["source_index"]], resolution, r["colour"]), f"{k:05d}.png", r)
                for k, r in enumerate(rows)]
     return write_folder(out_dir, entries, overwrite=overwrite, flag="overwrite=True")
 

@@ -36,7 +36,7 @@ def test_the_colour_rule_is_exact_and_the_width_rule_reproduces_the_split_of_rea
         thick = data.ink_mass(white) > thresholds[d]
         assert thick.mean() == pytest.approx(0.5, abs=0.01)  # the median splits the class in two
         for colour in ("green", "red"):
-            painted = np.stack([np.asarray(data.attribute_digit(images[i], colour, 32)) for i in mine])
+            painted = np.stack([np.asarray(data.digit_image(images[i], 32, colour)) for i in mine])
             judge = evaluate.AttributeJudge("colour+width", None, thresholds[d])
             truth = [f"{colour}+{'thick' if t else 'thin'}" for t in thick]
             assert judge.names(painted) == truth  # colour exactly, and the width of the painted digit is its own
