@@ -106,7 +106,6 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     `load_digits()` order) and the `digit` itself, for auditing. flag: what a refusal to rebuild names (a CLI's
     --overwrite).
     """
-    out_dir = Path(out_dir)
     images, labels = np.asarray(images), np.asarray(labels)
     assert images.ndim == 3 and len(images) == len(labels) and counts, "images (N,H,W), one label each, counts"
     pool = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -163,7 +162,7 @@ def make_attribute_digits(out_dir, images, labels, counts, prompt, *, indices, r
     {"colour", "width"} on a `labelled` share of the images of every intersection of every digit (at least one),
     null values on the others; the true "digit", "colour", "width" and "source_index" beside it for auditing; the
     caption prompt(digit)."""
-    out_dir, rng = Path(out_dir), np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     masses = ink_masses(images, indices, resolution)
     thresholds, mass = width_thresholds(masses, labels[indices]), dict(zip(indices.tolist(), masses))
     rows = []
@@ -238,7 +237,7 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
     copies them (or links, link=True; overwrite as there) under their own names, and each metadata line records its
     image's source path and attribute-file line.
     """
-    out_dir, images_dir = Path(out_dir), Path(images_dir)
+    images_dir = Path(images_dir)
     with_name, without_name = group_names or (attribute, f"not {attribute}")
     bad = next((n for n in (with_name, without_name) if set(n) & set(",=:+")), None)
     if with_name == without_name or bad:
