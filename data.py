@@ -300,8 +300,8 @@ def interrupted_error(root):
 def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
     """Raise unless the images `files` = [(source path or None, file_name inside out_dir)] can be written into
     `out_dir`: each name inside it and not its own source, a previous build's metadata.jsonl only with overwrite (the
-    `flag` the message names), no file there that such a metadata.jsonl does not list. make_cluster_folder checks
-    before the VAE encodes; write_folder again before it writes."""
+    `flag` the message names), no file there that such a metadata.jsonl does not list -> the files an interrupted
+    build wrote (UNFINISHED). make_cluster_folder checks before the VAE encodes; write_folder again before it writes."""
     if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; --out names the data folder to write")
     targets = [within(out_dir, name) for _, name in files]
@@ -313,15 +313,15 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
             raise ValueError(f"{out_dir / name} is its own source: write the folder somewhere else")
     meta_path, unfinished = out_dir / "metadata.jsonl", out_dir / UNFINISHED
     # files the previous build listed, or an interrupted build was writing: the only ones this one may replace
-    ours = listed_files(unfinished) if unfinished.is_file() else set()
-    if meta_path.exists():
-        if not overwrite:
-            raise FileExistsError(f"{meta_path} exists; pass {flag} to rebuild the folder")
-        ours |= listed_files(meta_path)
+    interrupted = listed_files(unfinished) if unfinished.is_file() else set()
+    if meta_path.exists() and not overwrite:
+        raise FileExistsError(f"{meta_path} exists; pass {flag} to rebuild the folder")
+    ours = interrupted | (listed_files(meta_path) if meta_path.exists() else set())
     taken = [name for (_, name), t in zip(files, targets) if os.path.lexists(out_dir / name) and t not in ours]
     if taken:
         raise FileExistsError(f"{out_dir / taken[0]} exists and no metadata.jsonl of a previous build lists it; "
                               "choose an empty folder")
+    return interrupted
 
 
 def write_folder(out_dir, entries, *, link=False, overwrite=False, flag="--overwrite"):
@@ -331,11 +331,11 @@ def write_folder(out_dir, entries, *, link=False, overwrite=False, flag="--overw
     rebuild may replace them). An existing metadata.jsonl needs overwrite=True (a refusal names `flag`), and even
     then only files that it lists are replaced: nothing this code did not write is lost (`check_out_folder`)."""
     out_dir = Path(out_dir)
-    check_out_folder(out_dir, [(None if callable(s) else s, name) for s, name, _ in entries], overwrite, flag)
+    interrupted = check_out_folder(out_dir, [(None if callable(s) else s, name) for s, name, _ in entries], overwrite,
+                                   flag)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"file_name": name, **fields}) + "\n" for _, name, fields in entries)
     unfinished = out_dir / UNFINISHED
-    interrupted = listed_files(unfinished) if unfinished.is_file() else set()
     weights.write_atomic(unfinished, lines)
     for source, name, _ in entries:
         target = out_dir / name
