@@ -178,13 +178,9 @@ def lora_rank(args):
 
 
 def unread_flag_error(args, defaults):
-    """Why a flag of train.py's `args` would not be applied, or None: in a conversion any flag but --model, --export and
-    --progress; --vae without --init-config; a validation flag without --validation-prompt (there is no default prompt);
-    --num-workers with --cache-latents (no DataLoader reads the cached posteriors); --allow-data-change without
-    --resume; a new run's flag its objective (or --lora-rank 0) does not read, which run.json would record as the run's
-    configuration (a resume's flags are compared with its run.json: an older run keeps the values it recorded); a flag
-    an objective names in its `flags` that train.py's objective group does not define. `defaults`: every flag's default,
-    by dest."""
+    """Why a flag of train.py's `args` would not be applied, or None (each message says why). A new run's flag that
+    its objective does not read is refused too: run.json would record it as the run's configuration (a resume's flags
+    are compared with its run.json instead). `defaults`: every flag's default, by dest."""
     if args.data is None:  # --model PATH --export DIR (train.check_args): writes --model as it is, reads no other flag
         return next((f"--{k.replace('_', '-')} does not apply to a conversion (--model PATH --export DIR writes "
                      "--model as it is)" for k, v in vars(args).items()
