@@ -219,16 +219,15 @@ def newest_checkpoint(run_dir, files, optimizer_device=None, say=True):
     """read_checkpoint of the newest checkpoint that reads, passing over broken ones and naming them on stderr;
     None for a run without checkpoints; CheckpointError naming every broken file when none reads."""
     broken = []
-    for _, path, finished in reversed(_checkpoint_dirs(run_dir)):
-        if finished:
-            try:
-                ckpt = read_checkpoint(path, files, optimizer_device)
-            except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-                broken.append(str(e))
-                continue
-            if broken and say:
-                print(f"warning: {'; '.join(broken)}; falling back to {path.name}", file=sys.stderr)
-            return ckpt
+    for path in reversed([p for _, p, finished in _checkpoint_dirs(run_dir) if finished]):
+        try:
+            ckpt = read_checkpoint(path, files, optimizer_device)
+        except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+            broken.append(str(e))
+            continue
+        if broken and say:
+            print(f"warning: {'; '.join(broken)}; falling back to {path.name}", file=sys.stderr)
+        return ckpt
     if broken:
         raise weights.CheckpointError(f"{'; '.join(broken)}; no checkpoint of {run_dir} reads (move the broken one "
                                       f"away to start again from step 0)")
