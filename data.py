@@ -589,7 +589,7 @@ class ImageFolder(torch.utils.data.Dataset):
             why = image_error(path)
             if why:
                 raise ValueError(f"{meta}, line {lineno}: field 'file_name': {why}")
-        self.labels = [r[3] for r in records]  # each line's group as written
+        _, self.files, self.texts, self.labels, self.names = map(list, zip(*records))  # labels: groups as written
         objects = [g for g in self.labels if isinstance(g, dict)]  # labels by attribute
         self.attributes = sorted({a for g in objects for a in g})
         # need_groups=False (a plain fine-tune, blind to the groups; a resume, checked against run.json): fewer than
@@ -602,9 +602,6 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"{meta}: field 'group' {what} on every line; DDM needs at least two "
                              f"{'groups' if self.group_names else 'labelled groups'}")
         index = {g: k for k, g in enumerate(self.group_names)}
-        self.files = [r[1] for r in records]  # resolved: what is read
-        self.names = [r[4] for r in records]  # the file_names, with the folders inside this one resolved
-        self.texts = [r[2] for r in records]
         self.groups = [index.get(g, -1) for g in raw]  # group index of every item; -1: no label (null)
 
     def groups_of(self, meta, groups, attribute):
