@@ -111,12 +111,10 @@ def norm_groups(config, widths):
     return groups
 
 
-def read_config(path, convert=None):
-    """A model's config.json as a dict, or as `convert(dict)` (e.g. a diffusers config -> our dataclass), with any
-    error in it reported as a CheckpointError naming the file."""
+def read_config(path, convert):
+    """A model's config.json as `convert(dict)` (e.g. a diffusers config -> our dataclass), with any error in it
+    reported as a CheckpointError naming the file."""
     config = read_json(path)
-    if convert is None:
-        return config
     try:
         return convert(config)
     except ValueError as e:
@@ -203,12 +201,11 @@ def find_component(path, *, subfolder, weight_names):
         + ("" if held is None else f"; {subfolder}/ holds {_examples(held, 6) or 'nothing'}"))
 
 
-def read_component(path, *, subfolder, single_file_prefix, weight_names, dtype=None, convert=None):
+def read_component(path, *, subfolder, single_file_prefix, weight_names, convert, dtype=None):
     """One model's tensors from a single file, a diffusers pipeline folder, or that folder's `subfolder`.
 
-    Returns (state_dict, config): `config` is the diffusers/transformers config.json (a dict, or `convert(dict)`),
-    read before the tensors, or None for a single-file checkpoint (whose names are CompVis names, stripped of
-    `single_file_prefix`).
+    Returns (state_dict, config): `config` is `convert` of the diffusers/transformers config.json, read before the
+    tensors, or None for a single-file checkpoint (whose names are CompVis names, stripped of `single_file_prefix`).
     """
     weight_file, config_file = find_component(path, subfolder=subfolder, weight_names=weight_names)
     if config_file is None:

@@ -20,7 +20,7 @@ def test_single_file_prefix_is_stripped_and_schedule_buffers_are_ignored(tmp_pat
     sd["model.diffusion_model.betas"] = torch.zeros(10)  # never loaded
     sd["first_stage_model.other"] = torch.zeros(1)  # another model's tensor: not read
     save_file(sd, tmp_path / "m.safetensors")
-    got, config = read_component(tmp_path / "m.safetensors", subfolder="unet",
+    got, config = read_component(tmp_path / "m.safetensors", subfolder="unet", convert=dict,
                                  single_file_prefix="model.diffusion_model.", weight_names=("x.safetensors",))
     assert config is None and "other" not in got
     with torch.device("meta"):
@@ -88,7 +88,7 @@ def test_missing_and_truncated_files_name_the_path(tmp_path):
     with pytest.raises(CheckpointError, match="t.safetensors"):
         read_state_dict(tmp_path / "t.safetensors")
     with pytest.raises(FileNotFoundError, match="neither a single-file checkpoint nor a diffusers folder"):
-        read_component(tmp_path, subfolder="unet", single_file_prefix="", weight_names=("w.safetensors",))
+        read_component(tmp_path, subfolder="unet", single_file_prefix="", weight_names=("w.safetensors",), convert=dict)
 
 
 @pytest.mark.parametrize("files,held", [
@@ -106,7 +106,7 @@ def test_a_subfolder_without_the_weight_file_says_what_it_holds(tmp_path, files,
     with pytest.raises(FileNotFoundError, match=rf"looked for unet/\{{diffusion_pytorch_model.safetensors\}} and .* "
                                                 rf"inside it; unet/ holds {held}$"):
         read_component(tmp_path, subfolder="unet", single_file_prefix="",
-                       weight_names=("diffusion_pytorch_model.safetensors",))
+                       weight_names=("diffusion_pytorch_model.safetensors",), convert=dict)
 
 
 def test_rename_uses_the_longest_prefix_and_inverts():
