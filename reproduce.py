@@ -777,8 +777,6 @@ def same_unet(run_dir, plain_dir):
     """Whether a run's UNet is bit for bit the plain fine-tune's (None without a plain run)."""
     if plain_dir is None:
         return None
-    if run_dir == plain_dir:
-        return True  # plain itself
     files = [checkpoints.latest_checkpoint(d) / "unet.safetensors" for d in (run_dir, plain_dir)]
     return files[0].read_bytes() == files[1].read_bytes()
 
