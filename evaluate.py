@@ -748,12 +748,10 @@ def evaluate_clip(args):
     CLIP-feature Frechet distance, CLIP score."""
     lists = [list(a) for a in args.attributes]
     asked = [_attribute(g, lists[0]) for g in args.prompt_groups or []]
-    paths, prompts, requested = [], [], []
-    for k, d in enumerate(args.image_dirs):
-        files = image_files(d)
-        paths += files
-        prompts += sample_prompts(d, files, args.prompt)
-        requested += [asked[k]] * len(files) if asked else []
+    files = [image_files(d) for d in args.image_dirs]
+    paths = [p for found in files for p in found]
+    prompts = [t for d, found in zip(args.image_dirs, files) for t in sample_prompts(d, found, args.prompt)]
+    requested = [g for g, found in zip(asked, files) for _ in found]
     reference = None if args.reference is None else image_files(args.reference, "--reference")
     if reference is not None and len(reference) < 2:
         raise ValueError(f"--reference {args.reference} holds 1 image; the Frechet distance needs at least 2 "
