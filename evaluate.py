@@ -126,11 +126,8 @@ def heldout_digits(split_seed=0, heldout_per_class=100, resolution=32, groups=No
 
 def train_digit_classifier(seed=0, epochs=8, batch_size=64, lr=3e-3, split_seed=0, heldout_per_class=100,
                            progress=False):
-    """Train `DigitClassifier` on the balanced train split -> (model in eval mode, held-out accuracy).
-
-    Seeded and self-contained (the caller's torch RNG is left untouched). The accuracy is measured on the held-out
-    digits rendered at 32 px RGB, the path generated images take, and stored on the model.
-    """
+    """Train `DigitClassifier` on the balanced train split, seeded, the caller's torch RNG left untouched -> (model
+    in eval mode, held-out accuracy on digits rendered as generated images are, also stored on the model)."""
     images, labels = data.load_digits()
     train, _ = data.split_digits(split_seed, heldout_per_class, labels)
     x = torch.from_numpy(images[train]).float().unsqueeze(1) / 127.5 - 1.0  # (N,1,28,28) in [-1,1]
@@ -351,11 +348,7 @@ def frechet_distance(features_a, features_b):
 
 
 def mixture_moments(features_by_group, weights):
-    """Mean and covariance of the mixture sum_g w_g N(mu_g, S_g) of per-group feature sets -> (mu, cov).
-
-    Used to re-weight a balanced real reference set to the generated images' own group proportions, so that the
-    Frechet distance measures how real each group looks, not how balanced the groups are (FD's job).
-    """
+    """Mean and covariance of the mixture sum_g w_g N(mu_g, S_g) of per-group feature sets -> (mu, cov)."""
     mu, second = 0, 0
     for f, w in zip(features_by_group, weights):
         mu_g, cov_g = _moments(f, "reference features of every group")
@@ -653,9 +646,7 @@ def parse_args(argv=None):
 
 
 def flag_error(args):
-    """Why the flags cannot be used as given, or None: --batch-size, the CLIP flags without --clip or the digit ones
-    with it, a text twice in an --attributes list, a folder twice, --prompt-groups not one per folder,
-    --indicator-logits of another suffix, an --out that cannot be written."""
+    """Why the flags cannot be used as given, or None."""
     why = cli.range_error(args, {"batch_size": (1, None)})
     if why:
         return why
