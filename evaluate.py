@@ -200,9 +200,9 @@ def load_classifier(path):
 
 
 def get_digit_classifier(path, progress=True):
-    """Load the cached digit classifier at `path`, or train one (seed 0) and cache it there."""
+    """Load the digit classifier at `path`; the default one, where missing, is trained (seed 0) and cached there."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or path != DEFAULT_CLASSIFIER_PATH:
         return load_classifier(path)
     t0 = time.time()
     model, accuracy = train_digit_classifier(seed=0, progress=progress)
@@ -719,8 +719,7 @@ def evaluate_digits(args):
     files = [image_files(d) for d in args.image_dirs]
     images = read_images([p for paths in files for p in paths])
     requested = [g for g, paths in zip(args.prompt_groups, files) for _ in paths] if args.prompt_groups else None
-    classifier = (get_digit_classifier(args.classifier, args.progress) if args.classifier == DEFAULT_CLASSIFIER_PATH
-                  else load_classifier(args.classifier))
+    classifier = get_digit_classifier(args.classifier, args.progress)
     groups = args.groups or list(classifier.class_names)
     indicator_logits = None if args.indicator_logits is None else _read_logits(args.indicator_logits)
     prompted = " ".join(map(str, dict.fromkeys(args.prompt_groups or [])))
