@@ -497,11 +497,10 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
         return tuple(float(np.mean(v)) for v in zip(*pr))
 
     drawn = {k: mean_pr(reference_features[groups[k]], feats[labels == k]) for k in order}
-    per_group = {str(g): drawn[k] for k, g in enumerate(groups)}
     overall = mean_pr(torch.cat([reference_features[groups[k]] for k in order]), feats)
     return {"precision": overall[0], "recall": overall[1],
-            "precision_per_group": {g: v[0] for g, v in per_group.items()},
-            "recall_per_group": {g: v[1] for g, v in per_group.items()}}
+            "precision_per_group": {str(g): drawn[k][0] for k, g in enumerate(groups)},
+            "recall_per_group": {str(g): drawn[k][1] for k, g in enumerate(groups)}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
