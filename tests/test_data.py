@@ -571,6 +571,17 @@ def test_cluster_folder_gives_unlabelled_images_groups_of_free_size(tmp_path):
                    "--out", str(tmp_path / "k1")])
 
 
+def test_an_out_through_a_missing_folder_and_dotdot_is_refused_before_it_can_overwrite(tmp_path):
+    """--out missing/../built: its metadata.jsonl and images looked absent (missing is not there), so a finished
+    build was rebuilt without --overwrite."""
+    built = tmp_path / "built"
+    data.main(["digits", "--counts", "7=2", "--resolution", "16", "--out", str(built)])
+    before = {p.name: p.read_bytes() for p in built.iterdir()}
+    with pytest.raises(SystemExit, match=rf"{tmp_path / 'missing'} does not exist, so '\.\.' after it"):
+        data.main(["digits", "--counts", "7=3", "--resolution", "16", "--out", str(tmp_path / "missing/../built")])
+    assert {p.name: p.read_bytes() for p in built.iterdir()} == before and not (tmp_path / "missing").exists()
+
+
 def test_clusters_refuses_an_out_it_cannot_write_before_the_vae_loads_or_encodes_an_image(tmp_path, monkeypatch):
     """--out was checked only after every image had gone through the VAE (minutes for SD at 512 px): a finished
     build without --overwrite, a folder holding the user's own files or a file as --out are refused first."""

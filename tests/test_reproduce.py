@@ -130,7 +130,9 @@ def test_three_groups_run_end_to_end(tmp_path, cache):
     (["--experiment", "attributes", "--counts", "5,5"], "--counts is for --experiment digits"),
     # a file where a folder goes said "[Errno 17] File exists: '/dev/null'" once stages ran, naming no flag
     (["--out", "/dev/null"], "--out /dev/null: /dev/null is a file, not a folder"),
-    (["--cache", "/dev/null/cache"], "--cache /dev/null/cache: /dev/null is a file, not a folder")])
+    (["--cache", "/dev/null/cache"], "--cache /dev/null/cache: /dev/null is a file, not a folder"),
+    # a missing folder, then "..": Path.exists() saw no results there to refuse, and mkdir wrote over them
+    (["--out", "/no-such-folder/../tmp"], "--out /no-such-folder/../tmp: /no-such-folder does not exist, so '..'")])
 def test_bad_arguments_are_refused_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(argv)

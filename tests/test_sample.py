@@ -749,6 +749,20 @@ def test_overwrite_deletes_only_what_the_previous_run_listed_and_only_after_ever
         (links / name).unlink()
 
 
+def test_an_out_through_a_missing_folder_and_dotdot_is_refused_before_it_can_overwrite(tiny, tmp_path, monkeypatch,
+                                                                                          capsys):
+    """--out missing/../mine: Path.exists() says no to it (missing is not there), so the refusal of a non-empty
+    folder never ran, and mkdir made missing/ and wrote the images over the user's files in mine/."""
+    _, _, folder = tiny
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "grid.png").write_bytes(b"the user's own grid")
+    for out in (tmp_path / "missing" / ".." / "mine", tmp_path / "missing" / ".."):
+        err = _refused(_cli_args(folder, out) + ["--overwrite"], monkeypatch, capsys)
+        assert f"{tmp_path / 'missing'} does not exist, so '..' after it" in err
+    assert (mine / "grid.png").read_bytes() == b"the user's own grid" and not (tmp_path / "missing").exists()
+
+
 def test_overwrite_removes_the_evaluation_of_the_images_it_replaces_and_keeps_a_users_file(tiny, tmp_path,
                                                                                            monkeypatch):
     """evaluate.py OUT writes OUT/evaluation.json: left beside new images, it would report on images no longer there."""

@@ -654,6 +654,8 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
     # taken and not applied: the cached posteriors are read from memory by no DataLoader; a new run reads its data
     (["--cache-latents", "--num-workers", "4"], r"--num-workers applies only without --cache-latents"),
     (["--allow-data-change"], r"--allow-data-change applies only with --resume"),
+    # a missing folder, then "..": the refusal of a non-empty --out saw nothing there, and the run wrote over it
+    (["--out", "/no-such-folder/../tmp"], r"--out /no-such-folder/\.\./tmp: /no-such-folder does not exist, so '\.\.'"),
 ])
 def test_a_flag_that_would_change_the_method_or_fail_later_is_refused_before_anything_loads(flags, message, data_dir,
                                                                                            tmp_path):
