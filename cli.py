@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -60,9 +61,23 @@ def side_error(flag, value, multiple=None):
     return None
 
 
+def dotdot_error(path):
+    """Why `path` cannot be checked before files are written there, or None: a '..' after a folder that does not
+    exist. Nothing through a missing folder exists for Path.exists(), yet once mkdir has made it, '..' leads back
+    to a folder that may hold files, which every check of what is there would have missed."""
+    parts = Path(path).parts
+    missing = next((Path(*parts[:k]) for k, part in enumerate(parts) if part == ".." and not os.path.lexists(
+        Path(*parts[:k]))), None)
+    return missing and f"{missing} does not exist, so '..' after it cannot be followed: name the folder without it"
+
+
 def folder_error(path):
-    """Why files cannot be written at `path`, its missing folders made as needed, or None: the nearest of it and its
-    parents that exists is a link to nothing, a file, or a folder that is not writable."""
+    """Why files cannot be written at `path`, its missing folders made as needed, or None: a '..' after a missing
+    folder (dotdot_error), or the nearest of it and its parents that exists is a link to nothing, a file, or a folder
+    that is not writable."""
+    why = dotdot_error(path)
+    if why:
+        return why
     existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
     if existing.is_symlink() and not existing.exists():  # mkdir would stop on it, after the weights load
         return f"{existing} is a link to {os.readlink(existing)}, which does not exist"

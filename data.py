@@ -302,6 +302,9 @@ def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):
     `out_dir`: each name inside it and not its own source, a previous build's metadata.jsonl only with overwrite (the
     `flag` the message names), no file there that such a metadata.jsonl does not list -> the files an interrupted
     build wrote (UNFINISHED). make_cluster_folder checks before the VAE encodes; write_folder again before it writes."""
+    why = cli.dotdot_error(out_dir)
+    if why:
+        raise ValueError(why)
     if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; --out names the data folder to write")
     targets = [within(out_dir, name) for _, name in files]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import weights
 from checkpoints import (checkpoint_files, export_diffusers, find_components, finished_name, foreign_error,
                          latest_checkpoint, newest_checkpoint, refuse_link)
@@ -49,6 +50,9 @@ def run_dir_of(out, resume):
         raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR)")
     if out and resume and Path(out).resolve() != Path(resume).resolve():
         raise ValueError(f"--out {out} and --resume {resume} name different run directories")
+    why = cli.dotdot_error(resume or out)
+    if why:
+        raise ValueError(f"--{'resume' if resume else 'out'} {resume or out}: {why}")
     return Path(resume or out)
 
 
