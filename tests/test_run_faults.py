@@ -226,6 +226,21 @@ def test_out_at_a_folder_inside_a_run_names_the_run_directory_to_resume(tmp_path
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoint-000002", "run.json", "unet.safetensors"]
 
 
+def test_out_at_a_run_that_saved_no_checkpoint_says_it_can_be_deleted_to_start_again(tmp_path):
+    """A new run that stopped before its first checkpoint (a non-finite step 1, out of memory) leaves run.json and
+    log.jsonl: "--resume it" then failed on the flag the user had changed to fix it, and nothing said that deleting
+    it loses no checkpoint."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "log.jsonl").write_text("")
+    with pytest.raises(FileExistsError, match=rf"^--out {re.escape(str(run))} holds a run that saved no checkpoint: "
+                                              r"--resume it with the flags it started with, or delete it to start "
+                                              r"again with others$"):
+        train.train(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), "--out", str(run)])
+    assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "run.json"]
+
+
 # ---- 9. a broken checkpoint
 
 
