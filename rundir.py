@@ -102,8 +102,12 @@ def locked_run_dir(run_dir, new):
 
 def _check_new(run_dir):
     """FileExistsError unless a new run's directory is absent or empty (but for the lock of a run that never wrote
-    run.json); one inside a run (its checkpoint-N) names that run to --resume, which takes the run directory."""
+    run.json); one inside a run (its checkpoint-N) names that run to --resume, which takes the run directory; a run
+    that saved no checkpoint is said to be one a user may delete."""
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        if (run_dir / "run.json").exists() and latest_checkpoint(run_dir) is None:  # it stopped before its first
+            raise FileExistsError(f"--out {run_dir} holds a run that saved no checkpoint: --resume it with the flags "
+                                  "it started with, or delete it to start again with others")
         parent = run_dir.absolute().parent  # of --out . too, as in run_of
         inside = not (run_dir / "run.json").exists() and (parent / "run.json").exists()
         raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume "
