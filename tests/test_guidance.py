@@ -282,6 +282,23 @@ def test_an_indicator_reads_unambiguously_or_is_refused_in_one_line_before_anyth
     assert meta["groups"] == ["blue", "red"] and meta["attribute"] is None
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("attribute", None, r"no field 'attribute'"),  # a KeyError traceback
+    ("hidden", '"x"', r"field 'hidden' must be a list of integers >= 1, got 'x'"),  # a TypeError from torch.empty
+    ("timestep_dim", "x", r"field 'timestep_dim' must be an integer >= 0, got 'x'"),  # a ValueError naming no file
+    ("groups", '"ab"', r"field 'groups' must be a list of at least 2 distinct names, got 'ab'"),  # read as a, b
+    ("latent_shape", "[4, 8]", r"field 'latent_shape' must be a list of 3 integers >= 1, got \[4, 8\]"),
+    ("groups", "[", r"field 'groups' must be a list of at least 2 distinct names, got '\['"),  # not JSON
+])
+def test_an_indicator_file_with_a_broken_record_is_refused_in_one_line_naming_it(field, value, message, tmp_path):
+    indicator = mean_reader((4, RES // 2, RES // 2))
+    record = {**ddm.indicator_metadata(indicator, ["g0", "g1"]), field: value}
+    path = tmp_path / "ind.safetensors"
+    weights.save_tensors(indicator.state_dict(), path, {k: v for k, v in record.items() if v is not None})
+    with pytest.raises(ValueError, match=rf"^--indicator {path}: {message}"):
+        loading.load_indicator(path, (4, RES // 2, RES // 2))
+
+
 def test_a_target_without_an_indicator_is_refused_before_anything_is_written(runs, tmp_path, capsys):
     argv = ["--model", str(runs["noise-aware"]), "--prompt", PROMPT, "--steps", "1", "--height", str(RES), "--width",
             str(RES), "--device", "cpu", "--out", str(tmp_path / "out")]
