@@ -201,6 +201,30 @@ def export_model(path, out_dir):
         r.indicator, r.group_names, r.info["config"].get("attribute")))
 
 
+def indicator_record(meta, where):
+    """The record of an indicator file (ddm.indicator_metadata), checked -> (latent shape, group names, widths,
+    timestep_dim, attribute or None); ValueError naming the field a hand-edited or foreign file gets wrong."""
+    def field(key, what, ok):
+        if key not in meta:
+            raise ValueError(f"{where}: no field {key!r} in its indicator record")
+        try:
+            value = json.loads(meta[key])
+        except ValueError:
+            value = meta[key]  # said as the text it is
+        if not ok(value):
+            raise ValueError(f"{where}: field {key!r} must be {what}, got {value!r}")
+        return value
+
+    ints = lambda v, n=None: isinstance(v, list) and all(map(weights.is_int, v)) and n in (None, len(v))  # noqa: E731
+    names = field("groups", "a list of at least 2 distinct names", lambda v: isinstance(v, list) and len(v) >= 2
+                  and all(isinstance(g, str) for g in v) and len(set(v)) == len(v))
+    if "attribute" not in meta:
+        raise ValueError(f"{where}: no field 'attribute' in its indicator record")
+    return (field("latent_shape", "a list of 3 integers >= 1", lambda v: ints(v, 3)), names,
+            field("hidden", "a list of integers >= 1", ints),
+            field("timestep_dim", "an integer >= 0", lambda v: weights.is_int(v, 0)), meta["attribute"] or None)
+
+
 def load_indicator(path, latent_shape):
     """(noise-aware indicator, its group names, its attribute or None, the checkpoint folder it was read from or
     None) from a train.py run directory (its newest checkpoint, as load_run reads it, without the base model), one
@@ -226,9 +250,8 @@ def load_indicator(path, latent_shape):
         if meta.get("ddm_indicator") != "1":
             raise ValueError(f"{where}: not an indicator file written by train.py (no indicator metadata); give "
                              f"the run directory it came from instead")
-        names, attribute, checkpoint = json.loads(meta["groups"]), meta["attribute"] or None, None
-        indicator = Indicator(json.loads(meta["latent_shape"]), len(names), json.loads(meta["hidden"]),
-                              int(meta["timestep_dim"]))
+        shape, names, hidden, timestep_dim, attribute = indicator_record(meta, where)
+        indicator, checkpoint = Indicator(shape, len(names), hidden, timestep_dim), None
         weights.load_strict(indicator, weights.read_state_dict(path), f"indicator from {path}")
     if indicator.timestep_dim == 0:
         why = (f"this indicator reads eps_hat, not (z_t, t); guidance needs a noise-aware one (train.py --objective "
