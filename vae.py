@@ -264,9 +264,14 @@ def vae_from_diffusers(state_dict, cfg):
     """diffusers AutoencoderKL state dict (new or old attention names) -> CompVis names and 1x1-conv shapes."""
     table = {new: old for old, new in vae_diffusers_names(cfg, ATTN_OLD).items()}
     table.update({new: old for old, new in vae_diffusers_names(cfg, ATTN_NEW).items()})
-    out = weights.rename(state_dict, table)
+    return conv_attention(weights.rename(state_dict, table))
+
+
+def conv_attention(state_dict):
+    """Attention projections as the 1x1 convs of CompVis's layout: diffusers stores them as (C, C) linear weights, in
+    its folders and in the single files its conversion writes."""
     return {k: (v.reshape(*v.shape, 1, 1) if _is_attention_projection(k) and v.ndim == 2 else v)
-            for k, v in out.items()}
+            for k, v in state_dict.items()}
 
 
 def vae_to_diffusers(state_dict, cfg):
@@ -332,7 +337,7 @@ def load_vae(path, dtype=torch.float32):
     sd, cfg = weights.read_component(path, subfolder="vae", single_file_prefix="first_stage_model.",
                                      weight_names=WEIGHT_NAMES, dtype=dtype, convert=vae_config_from_diffusers)
     if cfg is None:
-        cfg = VAEConfig()  # every SD v1.x/v2.x single file carries this VAE
+        cfg, sd = VAEConfig(), conv_attention(sd)  # every SD v1.x/v2.x single file carries this VAE
     else:
         sd = vae_from_diffusers(sd, cfg)
     with torch.device("meta"):
