@@ -299,6 +299,30 @@ def test_an_indicator_file_with_a_broken_record_is_refused_in_one_line_naming_it
         loading.load_indicator(path, (4, RES // 2, RES // 2))
 
 
+def test_a_non_finite_image_of_a_guided_run_of_several_prompts_is_named_by_its_number_in_the_run(sd_dir, tmp_path,
+                                                                                                  monkeypatch):
+    """A guided run generates prompt by prompt: the stop named the image by its number within its prompt's call
+    (image 1 for the run's 00003.png)."""
+    indicator = mean_reader((4, RES // 2, RES // 2))
+    weights.save_tensors(indicator.state_dict(), tmp_path / "ind.safetensors",
+                         ddm.indicator_metadata(indicator, ["g0", "g1"]))
+    (tmp_path / "prompts.txt").write_text("a red square\na blue square\n")
+    decode, calls = sample.decode_latents, []
+
+    def infinite_in_the_second_call(models, z):  # image 1 of the second prompt: image 3 of the run
+        out = decode(models, z).clone()
+        calls.append(1)
+        if len(calls) == 2:
+            out[1] = float("inf")
+        return out
+
+    monkeypatch.setattr(sample, "decode_latents", infinite_in_the_second_call)
+    with pytest.raises(SystemExit, match=r"^error: image 3: NaN or infinite values in the decoded pixels"):
+        sample.main(["--model", str(sd_dir), "--prompts", str(tmp_path / "prompts.txt"), "--n", "2", "--steps", "2",
+                     "--no-progress", "--indicator", str(tmp_path / "ind.safetensors"), "--indicator-guidance", "3",
+                     "--decide-at", "none", "--out", str(tmp_path / "out")])
+
+
 def test_a_target_without_an_indicator_is_refused_before_anything_is_written(runs, tmp_path, capsys):
     argv = ["--model", str(runs["noise-aware"]), "--prompt", PROMPT, "--steps", "1", "--height", str(RES), "--width",
             str(RES), "--device", "cpu", "--out", str(tmp_path / "out")]
