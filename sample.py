@@ -338,9 +338,9 @@ def main(argv=None):
         make_grid(torch.stack([grid_images[k] for k in sorted(grid_images)])).save(out / "grid.png")
         record.update(seconds=round(time.time() - started, 3), finished=True)
         weights.write_json(out / "samples.json", record)
-    except NonFiniteError as e:
-        sys.exit(f"error: {e}: it would be an all-black PNG, so the run stops (NaN weights, or a model that "
-                 f"overflows at these settings); {written} images were written to {out}")
+    except NonFiniteError as e:  # e.image counts within the call of the prompt being generated: rows maps it back
+        sys.exit(f"error: image {rows[e.image]}: NaN or infinite values {e.where}: it would be an all-black PNG, so "
+                 f"the run stops (NaN weights, or an overflow at these settings); {written} images written to {out}")
     except OSError as e:
         sys.exit(f"error: cannot write to --out {out}: {e}")
     print(f"wrote {len(files)} images, grid.png and samples.json to {out}")
