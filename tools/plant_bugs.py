@@ -50,6 +50,8 @@ CKPT = W + "test_a_checkpoint_missing_a_tensor_is_named_with_its_file"
 ENOUGH = R + "test_the_attribute_experiment_samples_enough_images_to_measure_every_groups_recall"
 NOISE_AWARE = O + "test_the_noise_aware_objectives_add_w_rec_times_their_mse_and_w_ind_times_their_class_balanced_ce"
 CENTRED = O + "test_fit_clusters_finds_the_same_clusters_wherever_the_latents_sit"
+ADD_UP = O + "test_micro_batches_of_partly_labelled_images_add_up_to_one_big_batch"
+G = "tests/test_guidance.py::"
 UNTIL = ("tests/test_guidance.py::"
          "test_the_calibration_batch_stops_at_the_x_t_of_the_step_where_denoise_decides_the_targets")
 RENOISED = "tests/test_guidance.py::test_the_auto_scale_reads_each_final_latent_renoised_to_its_read_step_at_that_step"
@@ -113,13 +115,20 @@ BUGS = [  # (name, file, old, new, tests)
      [STEP]),
     ("guidance-every-target", "diffusion.py", "log_p[torch.arange(len(x)), groups].sum()", "log_p[:, groups].sum()",
      [STEP]),
-    ("targets-depend-on-batch", "guidance.py", 'derive_seed(s, "target"))).item() for s in seeds])',
-     'derive_seed(seeds[0], "target") + k)).item() for k, s in enumerate(seeds)])', [DRAW]),
-    ("targets-all-same", "guidance.py", 'derive_seed(s, "target")', 'derive_seed(seeds[0], "target")', [DRAW]),
+    ("targets-depend-on-batch", "guidance.py", 'derive_seed(s, "target", j))).item() for s in seeds])',
+     'derive_seed(seeds[0], "target", j) + k)).item() for k, s in enumerate(seeds)])', [DRAW]),
+    ("targets-all-same", "guidance.py", 'derive_seed(s, "target", j)', 'derive_seed(seeds[0], "target", j)', [DRAW]),
+    ("targets-same-stream-per-indicator", "guidance.py", 'derive_seed(s, "target", j)', 'derive_seed(s, "target")',
+     [G + "test_two_indicators_with_drawn_targets_draw_each_image_s_targets_independently"]),
+    ("offsets-underflow", "guidance.py",
+     "torch.logsumexp(((log_p - c) / temperature).log_softmax(1), 0) - math.log(len(log_p))",
+     "((log_p - c) / temperature).softmax(1).mean(0).log()",
+     [G + "test_decision_offsets_stay_finite_when_every_row_prefers_one_group_by_many_nats"]),
     ("targets-ignore-shares", "guidance.py", "parse_target(spec, groups)", 'parse_target("uniform", groups)', [SHARES]),
     ("targets-first-rows-each-batch", "sample.py", "guides=[g.rows(rows) for g in guides]",
      "guides=[g.rows(slice(0, len(generators))) for g in guides]", [BATCH]),
-    ("indicator-file-no-timestep", "loading.py", 'int(meta["timestep_dim"])', "0", [FILE]),
+    ("indicator-file-no-timestep", "loading.py", "Indicator(shape, len(names), hidden, timestep_dim)",
+     "Indicator(shape, len(names), hidden, 0)", [FILE]),
     # training with partial labels and on several processes
     ("pi-hat-unlabelled-as-0", "train.py", "self.data.groups.count(k)",
      "[max(g, 0) for g in self.data.groups].count(k)", [PI_HAT]),
@@ -154,8 +163,21 @@ BUGS = [  # (name, file, old, new, tests)
     # found surviving by a mutation pass over the core math (the tests named here were added for them)
     ("plain-indicator-weights-swapped", "ddm.py", "(b, indicator)\n    return hp.w_rec * rec + hp.w_ind * ind",
      "(b, indicator)\n    return hp.w_ind * rec + hp.w_rec * ind", [NOISE_AWARE]),
-    ("iw-ce-without-w-ind", "ddm.py", 'hp.w_ind * ind, {"rec": rec, "ind": logged(ind, b.groups),\n',
-     'ind, {"rec": rec, "ind": logged(ind, b.groups),\n', [NOISE_AWARE]),
+    ("iw-ce-without-w-ind", "ddm.py", 'hp.w_ind * ind, {"rec": rec, "ind": logged, **accuracies(logits, b.groups),\n',
+     'ind, {"rec": rec, "ind": logged, **accuracies(logits, b.groups),\n', [NOISE_AWARE]),
+    ("ce-over-the-batch-count", "ddm.py", "return total / (len(groups) * labelled_share), logged",
+     "return total / keep.sum().clamp(min=1), logged", [ADD_UP]),
+    ("dotdot-unchecked", "cli.py", 'return missing and f"{missing} does not exist',
+     'return None and f"{missing} does not exist',
+     [S + "test_an_out_through_a_missing_folder_and_dotdot_is_refused_before_it_can_overwrite"]),
+    ("indicator-record-groups-unchecked", "loading.py",
+     "and all(isinstance(g, str) for g in v) and len(set(v)) == len(v))", "or True)",
+     [G + "test_an_indicator_file_with_a_broken_record_is_refused_in_one_line_naming_it"]),
+    ("calibration-seeds-from-seed", "guidance.py", "decide_at=decide_at, calibration=args.calibration, **settings)",
+     "decide_at=decide_at, calibration=args.calibration, cal_seed=args.seed, **settings)",
+     [G + "test_a_guided_image_is_the_same_for_its_prompt_and_seed_whatever_seed_the_run_starts_at"]),
+    ("ce-unbalanced", "ddm.py", "balance = 1 / (len(b.group_shares) * b.group_shares.float())",
+     "balance = torch.ones_like(b.group_shares.float())", [NOISE_AWARE]),
     ("clusters-pca-uncentred", "ddm.py", "    x = x - x.mean(0)\n", "", [CENTRED]),
     ("indicator-blind-to-t", "ddm.py", "timestep_embedding(t, self.timestep_dim)",
      "timestep_embedding(t * 0, self.timestep_dim)", [READS_T]),
