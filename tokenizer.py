@@ -279,6 +279,8 @@ class Tokenizer:
                 if i % 2:
                     ids.append(self.encoder[part])
                     continue
+                # NFC by this Python's tables: about 50 combining marks of Unicode 10-14 compose here and block in
+                # the reference's (tokenizers), so text holding them gets other ids, as with the letters above
                 part = lower(WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", part)))
                 pattern = self.pattern if part and max(part) > "\uffff" else self.bmp_pattern
                 for piece in pattern.findall(part):
