@@ -201,28 +201,33 @@ def export_model(path, out_dir):
         r.indicator, r.group_names, r.info["config"].get("attribute")))
 
 
-def indicator_record(meta, where):
-    """The record of an indicator file (ddm.indicator_metadata), checked -> (latent shape, group names, widths,
-    timestep_dim, attribute or None); ValueError naming the field a hand-edited or foreign file gets wrong."""
-    def field(key, what, ok):
-        if key not in meta:
-            raise ValueError(f"{where}: no field {key!r} in its indicator record")
-        try:
-            value = json.loads(meta[key])
-        except ValueError:
-            value = meta[key]  # said as the text it is
-        if not ok(value):
-            raise ValueError(f"{where}: field {key!r} must be {what}, got {value!r}")
-        return value
+def _widths(v):
+    return isinstance(v, list) and all(map(weights.is_int, v))
 
-    ints = lambda v, n=None: isinstance(v, list) and all(map(weights.is_int, v)) and n in (None, len(v))  # noqa: E731
-    names = field("groups", "a list of at least 2 distinct names", lambda v: isinstance(v, list) and len(v) >= 2
-                  and all(isinstance(g, str) for g in v) and len(set(v)) == len(v))
-    if "attribute" not in meta:
-        raise ValueError(f"{where}: no field 'attribute' in its indicator record")
-    return (field("latent_shape", "a list of 3 integers >= 1", lambda v: ints(v, 3)), names,
-            field("hidden", "a list of integers >= 1", ints),
-            field("timestep_dim", "an integer >= 0", lambda v: weights.is_int(v, 0)), meta["attribute"] or None)
+
+INDICATOR_RECORD = {  # an indicator file's record (ddm.indicator_metadata), JSON but the attribute: what each must be
+    "latent_shape": ("a list of 3 integers >= 1", lambda v: _widths(v) and len(v) == 3),
+    "groups": ("a list of at least 2 distinct names", lambda v: isinstance(v, list) and len(v) >= 2
+               and all(isinstance(g, str) for g in v) and len(set(v)) == len(v)),
+    "hidden": ("a list of integers >= 1", _widths),
+    "timestep_dim": ("an integer >= 0", lambda v: weights.is_int(v, 0)),
+    "attribute": ("the name of an attribute, or empty", lambda v: isinstance(v, str))}
+
+
+def indicator_record(meta, where):
+    """The record of an indicator file, each field checked -> {field: value}; ValueError naming the field a
+    hand-edited or foreign file lacks or gets wrong."""
+    record = {}
+    for key, (what, ok) in INDICATOR_RECORD.items():
+        text = meta.get(key)
+        try:
+            record[key] = text if key == "attribute" else json.loads(text)
+        except (TypeError, ValueError):  # missing, or not JSON: said as the text it is
+            record[key] = text
+        if text is None or not ok(record[key]):
+            raise ValueError(f"{where}: " + (f"no field {key!r} in its indicator record" if text is None else
+                                             f"field {key!r} must be {what}, got {record[key]!r}"))
+    return record
 
 
 def load_indicator(path, latent_shape):
@@ -250,8 +255,9 @@ def load_indicator(path, latent_shape):
         if meta.get("ddm_indicator") != "1":
             raise ValueError(f"{where}: not an indicator file written by train.py (no indicator metadata); give "
                              f"the run directory it came from instead")
-        shape, names, hidden, timestep_dim, attribute = indicator_record(meta, where)
-        indicator, checkpoint = Indicator(shape, len(names), hidden, timestep_dim), None
+        r = indicator_record(meta, where)
+        names, attribute, checkpoint = r["groups"], r["attribute"] or None, None
+        indicator = Indicator(r["latent_shape"], len(names), r["hidden"], r["timestep_dim"])
         weights.load_strict(indicator, weights.read_state_dict(path), f"indicator from {path}")
     if indicator.timestep_dim == 0:
         why = (f"this indicator reads eps_hat, not (z_t, t); guidance needs a noise-aware one (train.py --objective "

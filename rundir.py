@@ -45,15 +45,17 @@ DATA_CHANGES = {"metadata.jsonl": "metadata.jsonl differs",  # data_fingerprint'
 
 
 def run_dir_of(out, resume):
-    """The run directory that --out (a new run) or --resume names; ValueError for neither, or two different ones."""
-    if not out and not resume:
-        raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR)")
-    if out and resume and Path(out).resolve() != Path(resume).resolve():
-        raise ValueError(f"--out {out} and --resume {resume} name different run directories")
-    why = cli.dotdot_error(resume or out)
+    """The run directory that --out (a new run) or --resume names; ValueError for neither, two different ones, or a
+    '..' after a missing folder (cli.dotdot_error)."""
+    path = resume or out
+    dotdot = path and cli.dotdot_error(path)
+    why = ("--out RUN_DIR is required (or --resume RUN_DIR)" if not path else
+           f"--out {out} and --resume {resume} name different run directories"
+           if out and resume and Path(out).resolve() != Path(resume).resolve() else
+           dotdot and f"--{'resume' if resume else 'out'} {path}: {dotdot}")
     if why:
-        raise ValueError(f"--{'resume' if resume else 'out'} {resume or out}: {why}")
-    return Path(resume or out)
+        raise ValueError(why)
+    return Path(path)
 
 
 @contextlib.contextmanager
@@ -105,12 +107,12 @@ def _check_new(run_dir):
     run.json); one inside a run (its checkpoint-N) names that run to --resume, which takes the run directory; a run
     that saved no checkpoint is said to be one a user may delete."""
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        if (run_dir / "run.json").exists() and latest_checkpoint(run_dir) is None:  # it stopped before its first
-            raise FileExistsError(f"--out {run_dir} holds a run that saved no checkpoint: --resume it with the flags "
-                                  "it started with, or delete it to start again with others")
         parent = run_dir.absolute().parent  # of --out . too, as in run_of
         inside = not (run_dir / "run.json").exists() and (parent / "run.json").exists()
-        raise FileExistsError(f"--out {run_dir} exists and is not empty; choose a new directory or --resume "
+        unsaved = (run_dir / "run.json").exists() and latest_checkpoint(run_dir) is None  # stopped before its first
+        raise FileExistsError(f"--out {run_dir} holds a run that saved no checkpoint: --resume it with the flags it "
+                              "started with, or delete it to start again with others" if unsaved else
+                              f"--out {run_dir} exists and is not empty; choose a new directory or --resume "
                               + (f"{parent}, the run it is in" if inside else "it"))
 
 

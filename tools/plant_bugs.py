@@ -127,8 +127,7 @@ BUGS = [  # (name, file, old, new, tests)
     ("targets-ignore-shares", "guidance.py", "parse_target(spec, groups)", 'parse_target("uniform", groups)', [SHARES]),
     ("targets-first-rows-each-batch", "sample.py", "guides=[g.rows(rows) for g in guides]",
      "guides=[g.rows(slice(0, len(generators))) for g in guides]", [BATCH]),
-    ("indicator-file-no-timestep", "loading.py", "Indicator(shape, len(names), hidden, timestep_dim)",
-     "Indicator(shape, len(names), hidden, 0)", [FILE]),
+    ("indicator-file-no-timestep", "loading.py", 'r["hidden"], r["timestep_dim"])', 'r["hidden"], 0)', [FILE]),
     # training with partial labels and on several processes
     ("pi-hat-unlabelled-as-0", "train.py", "self.data.groups.count(k)",
      "[max(g, 0) for g in self.data.groups].count(k)", [PI_HAT]),
@@ -171,7 +170,7 @@ BUGS = [  # (name, file, old, new, tests)
      'return None and f"{missing} does not exist',
      [S + "test_an_out_through_a_missing_folder_and_dotdot_is_refused_before_it_can_overwrite"]),
     ("indicator-record-groups-unchecked", "loading.py",
-     "and all(isinstance(g, str) for g in v) and len(set(v)) == len(v))", "or True)",
+     "and all(isinstance(g, str) for g in v) and len(set(v)) == len(v)),", "or True),",
      [G + "test_an_indicator_file_with_a_broken_record_is_refused_in_one_line_naming_it"]),
     ("calibration-seeds-from-seed", "guidance.py", "decide_at=decide_at, calibration=args.calibration, **settings)",
      "decide_at=decide_at, calibration=args.calibration, cal_seed=args.seed, **settings)",
