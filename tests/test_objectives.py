@@ -203,6 +203,19 @@ def test_balanced_accuracy_does_not_reward_the_majority():
     assert parts["acc"].item() == 0.75 and parts["bacc"].item() == 0.5
 
 
+def test_balanced_accuracy_is_not_measured_on_a_batch_that_lacks_a_group():
+    """bacc was the mean recall over the groups present: a batch of one image (train.py's default) or of one group's
+    labelled images (few labels) read as the accuracy. At 10% labels the log said 0.85 where the batches holding
+    both groups said 0.50: the indicator answered the majority. Measured where every group is present (an unbiased
+    estimate of the mean recall there), NaN (not measured) elsewhere."""
+    always_0 = torch.tensor([[1.0, 0.0]] * 3)
+    for groups in ([0, 0, -1], [1], [0, -1, 0]):
+        parts = ddm.accuracies(always_0[:len(groups)], torch.tensor(groups))
+        assert math.isnan(parts["bacc"].item()) and not math.isnan(parts["acc"].item()), groups
+    three = ddm.accuracies(torch.eye(3)[[0, 1, 1]], torch.tensor([0, 1, 1]))  # group 2 absent: its recall unknown
+    assert three["acc"].item() == 1.0 and math.isnan(three["bacc"].item())
+
+
 @pytest.mark.parametrize("spec, message", [
     ("a=0.5,c=0.5", "'c' is not a group"), ("a=0.7,b=0.7", "summing to 1"), ("a=1", "summing to 1"),
     ("a=x,b=1", "not NAME=SHARE"), ("a=-0.5,b=1.5", "share >= 0")])

@@ -912,14 +912,25 @@ def test_samples_json_records_the_checkpoint_of_the_run_it_sampled(lora_run, sd_
         assert json.loads((tmp_path / model.name / "samples.json").read_text())["checkpoint"] == checkpoint
 
 
+def test_at_one_image_a_micro_batch_the_log_has_no_balanced_accuracy_rather_than_the_accuracy(sd_dir, data_dir,
+                                                                                                 tmp_path):
+    """At --batch-size 1 (the default) each micro-batch's balanced accuracy over the groups present was its one
+    image's hit: the log's bacc equalled acc on every line."""
+    run = train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "r"), "--lora-rank",
+                       "4", "--max-steps", "2", *FAST, "--batch-size", "1"])
+    assert all(r["bacc"] is None and r["acc"] is not None for r in log_lines(run))
+
+
 def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator_guides_sampling(sd_dir, tmp_path):
     partial = make_data(tmp_path / "partial", groups=["red", None, "blue", None, "red", None, "blue", None])
     common = ["--model", str(sd_dir), "--data", str(partial), "--lora-rank", "4", "--max-steps", "2", *FAST]
     run = train.train([*common, "--out", str(tmp_path / "iw"), "--objective", "indicator-weighted"])
     log = log_lines(run)
     # equal labelled shares and a uniform target: every weight is sum_g q_g * 1 = 1 (it was >= 1 as a batch's max
-    # of weights normalised to mean 1; now the value itself, up to float rounding)
-    assert all(r["w_max"] == pytest.approx(1, abs=1e-6) and 0 <= r["bacc"] <= 1 and r["ind"] > 0 for r in log)
+    # of weights normalised to mean 1; now the value itself, up to float rounding); bacc is measured only on
+    # micro-batches that hold both groups (null on a step with none)
+    assert all(r["w_max"] == pytest.approx(1, abs=1e-6) and r["ind"] > 0 for r in log)
+    assert all(r["bacc"] is None or 0 <= r["bacc"] <= 1 for r in log)
     assert checkpoints.latest_checkpoint(run).joinpath("indicator.safetensors").is_file()
     out = tmp_path / "guided"
     sample_args = ["--model", str(run), "--prompt", "a red square", "--n", "4", "--steps", "2", "--height", str(RES),
