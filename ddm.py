@@ -220,14 +220,14 @@ def cross_entropy(logits, groups, labelled_share, weight=None):
 
 def accuracies(logits, groups):
     """{"acc", "bacc"} of the arg-max on the labelled rows: accuracy, and balanced accuracy (the mean per-group
-    recall over the groups present), which unlike accuracy does not reward answering the majority group."""
-    keep = groups >= 0
-    hit = (logits.argmax(1) == groups)[keep].float()
-    if not keep.any():
-        nan = torch.tensor(float("nan"), device=logits.device)
-        return {"acc": nan, "bacc": nan}
-    recalls = [hit[groups[keep] == g].mean() for g in groups[keep].unique()]
-    return {"acc": hit.mean().detach(), "bacc": torch.stack(recalls).mean().detach()}
+    recall), which unlike accuracy does not reward answering the majority group. bacc is measured on a batch that
+    holds every group (there an unbiased estimate); over the groups present, a batch of one image or of one group
+    would give the accuracy. NaN: not measured."""
+    keep, nan = groups >= 0, torch.tensor(float("nan"), device=logits.device)
+    hit, present = (logits.argmax(1) == groups)[keep].float(), groups[keep].unique()
+    recalls = [hit[groups[keep] == g].mean() for g in present]
+    return {"acc": hit.mean().detach() if keep.any() else nan,
+            "bacc": torch.stack(recalls).mean().detach() if len(present) == logits.shape[1] else nan}
 
 
 @dataclass(frozen=True)
