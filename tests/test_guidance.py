@@ -235,7 +235,9 @@ def test_the_cli_checks_auto_guidance_and_records_what_it_chose(runs, tmp_path, 
     for bad, message in ((["--calibration", "1"], "--calibration must be >= 2"),
                          (["--decide-at", "1000"], "must be none or a timestep"),
                          (["--decide-at", "0"], "must be none or a timestep 1..999"),
-                         (["--indicator-guidance", "lots"], "must be auto or a number >= 0")):
+                         (["--indicator-guidance", "lots"], "must be auto or a number >= 0"),
+                         # 1e308 ran the calibration batches, then stopped on NaN images: a typo, as CFG's 1e30
+                         (["--indicator-guidance", "1e308"], "must be auto or a number >= 0 (at most 100)")):
         with pytest.raises(SystemExit):
             sample.main([*argv, *bad, "--out", str(tmp_path / "never")])
         assert message in capsys.readouterr().err
