@@ -29,6 +29,7 @@ AUTO_SCALES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20)  # at 30 the digits showe
 AUTO_HIT = 0.9  # 0.97 bought FD 0.03-0.04 with the minority's recall at 0.88x plain's; 0.9 kept it above 0.9x
 AUTO_READ_AT = 200  # read at t = 0, the indicator believed what the guidance wrote for it alone (FD 0.158 at 97%)
 CALIBRATION = 200  # calibration images per prompt (sample.py's default)
+SCALE_MAX = 100  # the auto ladder stops at 20, the digits broke at 30: past 100 a scale is a typo (as sample.py's CFG)
 
 
 def draw_targets(seeds, shares, j=0):
@@ -132,15 +133,15 @@ def auto_scales(batch, cal_guides, cal_targets, cal, alphas_cumprod, record):
 
 
 def scale_arg(text):
-    """argparse type of --indicator-guidance: "auto", or a finite number >= 0."""
+    """argparse type of --indicator-guidance: "auto", or a number in [0, SCALE_MAX]."""
     if text == "auto":
         return text
     try:
         value = float(text)
     except ValueError:
         value = None
-    if value is None or cli.out_of_range(value, 0, None):
-        raise argparse.ArgumentTypeError(f"must be auto or a number >= 0, got {text!r}")
+    if value is None or cli.out_of_range(value, 0, SCALE_MAX):
+        raise argparse.ArgumentTypeError(f"must be auto or a number >= 0 (at most {SCALE_MAX}), got {text!r}")
     return value
 
 
