@@ -358,7 +358,6 @@ def mixture_moments(features_by_group, weights):
 
 
 DIVERSITY_SUBSET, DIVERSITY_DRAWS = 40, 20  # images per set and group, and random draws averaged
-MIN_PER_GROUP_FRECHET = 10  # images of a group below which its own Frechet distance is not reported (None)
 
 
 def request_error(class_names, groups, n, requested=None, indicator_logits=None):
@@ -407,7 +406,8 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     indicator_logits: (N, K) logits of the trained indicator, one row per image -> mean entropy.
     reference_features: classifier features of real images -> Frechet distance; either (M, D), or a dict
     {group: (M_g, D)} for every group, whose mixture is weighted by the generated (hard) proportions; with the
-    dict also precision and recall, overall and per group (`diversity`, on subsets of `diversity_subset`).
+    dict also precision and recall, overall and per group (`diversity`), the per-group ones and the per-group
+    Frechet distances on equal-size subsets of `diversity_subset`.
     """
     class_names = list(classifier.class_names)
     groups = class_names if groups is None else list(groups)
@@ -444,16 +444,18 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         result.update(success_rates=rates, spd=statistical_parity_difference(rates))
     if reference_features is not None:
         feats = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-        result.update(frechet_distances(feats, labels, p, groups, reference_features))
+        result.update(frechet_distances(feats, labels, p, groups, reference_features, m=diversity_subset))
         if isinstance(reference_features, dict):
             result.update(diversity(feats, labels, groups, reference_features, m=diversity_subset))
     return result
 
 
-def frechet_distances(feats, labels, p, groups, reference_features):
+def frechet_distances(feats, labels, p, groups, reference_features, m=DIVERSITY_SUBSET, draws=DIVERSITY_DRAWS,
+                      seed=0):
     """{"frechet_distance", "frechet_per_group"} of generated features with group labels and shares p against real
     features: (M, D), or {group: (M_g, D)} mixed in the generated shares (bias alone is not bad quality), then per
-    group the images judged to be g against real g, so a group's broken images cannot hide in the mix. {} for one
+    group the images judged to be g against real g, so a group's broken images cannot hide in the mix: on
+    equal_subsets, as the Frechet distance falls with the number of images (None for fewer than m). {} for one
     image, which has no covariance."""
     if len(feats) < 2:
         return {}
@@ -462,9 +464,23 @@ def frechet_distances(feats, labels, p, groups, reference_features):
     assert all(g in reference_features for g in groups), f"reference_features lacks groups of {groups}"
     mu_ref, cov_ref = mixture_moments([reference_features[g] for g in groups], p.tolist())
     mu, cov = _moments(feats, "features of the generated images")
+    gen = torch.Generator().manual_seed(seed)
+
+    def mean_fd(real, fake):
+        pairs = equal_subsets(real, fake, m, draws, gen)
+        return None if pairs is None else float(np.mean([frechet_distance(f, r) for r, f in pairs]))
+
     return {"frechet_distance": _frechet(mu, cov, mu_ref, cov_ref), "frechet_per_group": {
-        str(g): frechet_distance(feats[labels == k], reference_features[g])
-        if (labels == k).sum() >= MIN_PER_GROUP_FRECHET else None for k, g in enumerate(groups)}}
+        str(g): mean_fd(reference_features[g], feats[labels == k]) for k, g in enumerate(groups)}}
+
+
+def equal_subsets(real, fake, m, draws, gen):
+    """`draws` pairs of random subsets of m points of each set, or None where either holds fewer: compared on one
+    size, a group with more images earns nothing (its Frechet distance falls with the number, its recall grows)."""
+    if min(len(real), len(fake)) < m:
+        return None
+    return [(real[torch.randperm(len(real), generator=gen)[:m]], fake[torch.randperm(len(fake), generator=gen)[:m]])
+            for _ in range(draws)]
 
 
 def precision_recall(real, fake, k=3):
@@ -490,11 +506,9 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
     gen, order = torch.Generator().manual_seed(seed), sorted(range(len(groups)), key=lambda k: str(groups[k]))
 
     def mean_pr(real, fake):
-        if min(len(real), len(fake)) < max(m, 4):  # and a 3rd nearest neighbour for each point
-            return None, None
-        pr = [precision_recall(real[torch.randperm(len(real), generator=gen)[:m]],
-                               fake[torch.randperm(len(fake), generator=gen)[:m]]) for _ in range(draws)]
-        return tuple(float(np.mean(v)) for v in zip(*pr))
+        pairs = equal_subsets(real, fake, m, draws, gen) if m >= 4 else None  # a 3rd nearest neighbour in a subset
+        return (None, None) if pairs is None else tuple(float(np.mean(v)) for v in zip(*(precision_recall(r, f)
+                                                                                       for r, f in pairs)))
 
     drawn = {k: mean_pr(reference_features[groups[k]], feats[labels == k]) for k in order}
     overall = mean_pr(torch.cat([reference_features[groups[k]] for k in order]), feats)
@@ -831,7 +845,7 @@ def format_result(r):
               f"Frechet distance  {num(r['frechet_distance'], '.3f')} {where}"]
     if r["frechet_per_group"] is not None:
         per = ", ".join(f"{g}: {num(v, '.3f')}" for g, v in r["frechet_per_group"].items())
-        lines[-1] += f"   per group {per}   (-: fewer than {MIN_PER_GROUP_FRECHET} images)"
+        lines[-1] += f"   per group {per}   (-: fewer than {DIVERSITY_SUBSET} images)"
     if "precision" in r:  # the digit judge: precision and recall on subsets of DIVERSITY_SUBSET images
         per = ", ".join(f"{g}: {num(v, '.3f')} / {num(r['recall_per_group'][g], '.3f')}"
                         for g, v in r["precision_per_group"].items())

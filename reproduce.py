@@ -884,16 +884,17 @@ FD = ||uniform − shares||₂ over the groups from {sizes['n_generic']} images 
 10-class digit classifier (held-out accuracy {report['classifier_heldout_accuracy']:.4f}), never the indicator; FD
 and SPD count each image in the most likely of the groups, whatever its best class.
 Quality: Frechet distance to held-out real digits in the judge's features (mixed in the model's own shares, so bias
-alone is not bad quality), the same per group (a group's images against its real ones), the share of generic images
-whose best class is none of the groups, confidence. Diversity: precision and recall (Kynkäänniemi et al. 2019, k = 3) in
-the judge's features, each group's generic images as judged against its held-out real digits, on equal-size random
-subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc: its accuracy on its training
-batches and balanced accuracy on those holding every group, last 50 steps. DDIM {sizes['sample_steps']} steps, CFG
-{sizes['guidance']}. Std is the sample std over seeds (none for one model; "n of N seeds": the seeds that measured it);
-"worst seed" is the largest FD of any seed. The bar, on the means over seeds: FD at most half of plain's, Frechet at
-most 10% worse, and every group's recall at least 0.9x plain's (a recall some seed could not measure fails it). Guidance
-auto (ours): trajectory-aware targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone
-(guidance.guides_for; the scales chosen are in report.json, rows[].guidance_chosen).
+alone is not bad quality), the same per group (a group's images against its real ones, on equal-size subsets as below),
+the share of generic images whose best class is none of the groups, confidence. Diversity: precision and recall
+(Kynkäänniemi et al. 2019, k = 3) in the judge's features, each group's generic images as judged against its held-out
+real digits, on equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc:
+its accuracy on its training batches and balanced accuracy on those holding every group, last 50 steps. DDIM
+{sizes['sample_steps']} steps, CFG {sizes['guidance']}. Std is the sample std over seeds (none for one model; "n of N
+seeds": the seeds that measured it); "worst seed" is the largest FD of any seed. The bar, on the means over seeds: FD at
+most half of plain's, Frechet at most 10% worse, and every group's recall at least 0.9x plain's (a recall some seed
+could not measure fails it). Guidance auto (ours): trajectory-aware targets decided at t = {DECIDE_AT} and the scale
+chosen per prompt by the indicator alone (guidance.guides_for; the scales chosen are in report.json,
+rows[].guidance_chosen).
 
 ## Verdict (mean ± std over seeds)
 
