@@ -80,6 +80,9 @@ def test_two_indicators_with_drawn_targets_draw_each_image_s_targets_independent
                                     decide_at=None, steps=4)
     mixed = (guides[0].targets != guides[1].targets).double().mean().item()  # about half when independent
     assert 0.4 < mixed < 0.6, mixed
+    first = [torch.multinomial(half.double(), 1, generator=torch.Generator().manual_seed(data.derive_seed(
+        s, "target"))).item() for s in range(400)]
+    assert guides[0].targets.tolist() == first  # the first indicator draws as it did alone: the same images
 
 
 def test_the_calibration_batch_stops_at_the_x_t_of_the_step_where_denoise_decides_the_targets():
