@@ -34,9 +34,10 @@ SCALE_MAX = 100  # the auto ladder stops at 20, the digits broke at 30: past 100
 
 def draw_targets(seeds, shares, j=0):
     """Image k's target group for indicator j: a draw from `shares` (K,) with a seed of its own, so it does not
-    depend on the other images or on indicator j's other draws (and leaves image k's noise stream alone)."""
+    depend on the other images or on the other indicators' draws (and leaves image k's noise stream alone)."""
+    key = ("target",) if j == 0 else ("target", j)  # the first indicator's as when one was all there could be
     return torch.tensor([torch.multinomial(shares.double(), 1, generator=torch.Generator().manual_seed(
-        derive_seed(s, "target", j))).item() for s in seeds])
+        derive_seed(s, *key))).item() for s in seeds])
 
 
 def decision_offsets(log_p, shares, temperature=0.02, iters=2000):
