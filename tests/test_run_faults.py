@@ -239,6 +239,10 @@ def test_out_at_a_run_that_saved_no_checkpoint_says_it_can_be_deleted_to_start_a
                                               r"again with others$"):
         train.train(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), "--out", str(run)])
     assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "run.json"]
+    (tmp_path / "elsewhere").mkdir()  # a checkpoint's name as a link: a run's folder all the same, occupied
+    (run / "checkpoint-000002").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError, match=rf"^--out {re.escape(str(run))} exists and is not empty"):
+        train.train(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), "--out", str(run)])
 
 
 # ---- 9. a broken checkpoint
