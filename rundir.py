@@ -109,7 +109,7 @@ def _check_new(run_dir):
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         parent = run_dir.absolute().parent  # of --out . too, as in run_of
         inside = not (run_dir / "run.json").exists() and (parent / "run.json").exists()
-        unsaved = (run_dir / "run.json").exists() and latest_checkpoint(run_dir) is None  # stopped before its first
+        unsaved = (run_dir / "run.json").exists() and not any(finished_name(p.name) for p in run_dir.iterdir())
         raise FileExistsError(f"--out {run_dir} holds a run that saved no checkpoint: --resume it with the flags it "
                               "started with, or delete it to start again with others" if unsaved else
                               f"--out {run_dir} exists and is not empty; choose a new directory or --resume "
