@@ -875,9 +875,9 @@ def test_an_objective_whose_part_names_change_between_micro_batches_stops_the_ru
 
 def test_a_part_not_measured_in_a_micro_batch_is_logged_as_the_mean_of_the_micro_batches_that_measured_it(
         sd_dir, data_dir, tmp_path, monkeypatch):
-    """A NaN part (ddm.logged: no labelled image in that micro-batch) is left out of the step's mean, not counted as
-    0: "probe" measured 3.0 in one micro-batch of two logs 3.0, not 1.5 (a planted count of every micro-batch
-    survived), and one measured in none logs NaN (null in log.jsonl)."""
+    """A NaN part (ddm.cross_entropy's logged value: no labelled image in that micro-batch) is left out of the
+    step's mean, not counted as 0: "probe" measured 3.0 in one micro-batch of two logs 3.0, not 1.5 (a planted count
+    of every micro-batch survived), and one measured in none logs NaN (null in log.jsonl)."""
     values = iter([float("nan"), 3.0, float("nan"), float("nan")])
 
     def probe(b, indicator, hp):
