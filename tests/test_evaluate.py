@@ -591,7 +591,9 @@ def test_a_clip_reference_that_is_no_folder_is_named_with_the_flag(heldout, tmp_
 def test_an_attributes_list_that_names_a_text_twice_is_refused_at_parse_time(tmp_path, capsys):
     """Judged, a second --attributes list "young" "young" would call every image 'young': the second group never
     chosen, its FD and the intersections' at their maximum without a word."""
-    for lists, text in (([ATTRIBUTES, ["young", "young"]], "young"), ([["a man", "a woman", "a man"]], "a man")):
+    for lists, text in (([ATTRIBUTES, ["young", "young"]], "young"), ([["a man", "a woman", "a man"]], "a man"),
+                        # CLIP's tokenizer lowers the case and folds whitespace: one text to it, under two names
+                        ([["a photo of a man", "A photo of a  Man "]], "a photo of a man")):
         argv = [str(tmp_path), "--clip", str(tmp_path / "clip"), "--prompt", "x"]
         for texts in lists:
             argv += ["--attributes", *texts]
