@@ -674,7 +674,8 @@ def flag_error(args):
         return "--groups picks digit classes; with --clip the groups are the --attributes"
     elif args.classifier != DEFAULT_CLASSIFIER_PATH:
         return f"--classifier is the digit judge's; with --clip, CLIP judges (got --classifier {args.classifier})"
-    twice = [t for t in map(cli.repeated, args.attributes or []) if t is not None]
+    folded = [[" ".join(t.lower().split()) for t in texts] for texts in args.attributes or []]  # as CLIP reads them
+    twice = [t for t in map(cli.repeated, folded) if t is not None]
     if twice:
         return f"--attributes names the text {twice[0]!r} twice; each group of an attribute needs its own text"
     resolved = [Path(d).resolve() for d in args.image_dirs]
