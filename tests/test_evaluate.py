@@ -615,6 +615,21 @@ def test_per_group_frechet_compares_each_group_with_its_own_real_images():
     assert out["frechet_per_group"]["7"] < 1 < evaluate.frechet_distance(feats[:50], real[8])  # its own group is near
 
 
+def test_features_are_taken_in_eval_mode_as_the_logits_are(heldout):
+    """classify() puts a classifier in training mode into eval mode; its features did not: batch norm's batch
+    statistics gave another Frechet distance, and the model's running statistics were overwritten."""
+    torch.manual_seed(0)
+    model = evaluate.DigitClassifier().eval()
+    images, labels = heldout
+    images, labels = images[np.isin(labels, [7, 8])], labels[np.isin(labels, [7, 8])]
+    ref = {g: model.features(images[labels == g]) for g in (7, 8)}
+    want = evaluate.evaluate_images(images[::2], model, [7, 8], reference_features=ref)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = evaluate.evaluate_images(images[::2], model.train(), [7, 8], reference_features=ref)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "running statistics changed"
+    assert got["frechet_distance"] == pytest.approx(want["frechet_distance"]) and model.training
+
+
 def test_per_group_frechet_does_not_reward_a_group_for_having_more_images():
     """Over all the images judged to be a group, the Frechet distance fell with their number (its bias does, in 128
     dimensions): a perfect 9 : 1 generator's minority read 25 against the majority's 6, so the minority column tracked
