@@ -103,13 +103,14 @@ def _augment(x, generator):
 
 
 @torch.no_grad()
-def classify(classifier, images, batch_size=256):
-    """Logits of a batch of images, computed in chunks in eval mode -> (N, K)."""
+def classify(classifier, images, batch_size=256, features=False):
+    """Logits (N, K) of a batch of images, or with features=True the features the judge compares them by, computed
+    in chunks in eval mode (batch norm then reads, and keeps, its running statistics), the mode left as it was."""
     was_training = getattr(classifier, "training", False)
     if was_training:
         classifier.eval()
-    images = torch.as_tensor(images)
-    out = torch.cat([classifier(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    images, forward = torch.as_tensor(images), classifier.features if features else classifier
+    out = torch.cat([forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
     if was_training:
         classifier.train()
     return out
@@ -443,7 +444,7 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         rates = {str(g): (labels[asked == k] == k).double().mean().item() for k, g in enumerate(groups)}
         result.update(success_rates=rates, spd=statistical_parity_difference(rates))
     if reference_features is not None:
-        feats = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        feats = classify(classifier, images, batch_size, features=True)
         result.update(frechet_distances(feats, labels, p, groups, reference_features, m=diversity_subset))
         if isinstance(reference_features, dict):
             result.update(diversity(feats, labels, groups, reference_features, m=diversity_subset))
