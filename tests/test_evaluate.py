@@ -433,6 +433,19 @@ def test_clip_judging_shows_its_progress_and_takes_no_progress(tiny_clip, heldou
     assert "CLIP" not in capsys.readouterr().err
 
 
+def test_clip_score_prompts_go_through_the_text_tower_batch_size_at_a_time(tiny_clip, tmp_path, monkeypatch):
+    """--batch-size is what a CLIP forward pass holds: the CLIP score sent every distinct prompt at once (a folder of
+    30,000 captions, ~28 GB of one MLP activation in SD's text tower, after every image had been embedded)."""
+    prompts = [f"a photo {i}" for i in range(10)]
+    folder = _write_sample_folder(tmp_path / "s", np.zeros((10, 32, 32, 3), np.uint8), prompts)
+    sizes, encode = [], clip_image.CLIPModel.encode_text
+    monkeypatch.setattr(clip_image.CLIPModel, "encode_text",
+                        lambda self, ids: sizes.append(len(ids)) or encode(self, ids))
+    evaluate.main([str(folder), "--clip", str(tiny_clip[0]), "--attributes", *ATTRIBUTES, "--device", "cpu",
+                   "--batch-size", "4", "--no-progress"])
+    assert max(sizes) <= 4 and sum(sizes) == 10 + len(ATTRIBUTES), sizes
+
+
 @pytest.mark.parametrize("vocab_size, eos, message", [
     (1000, 999, r"the tokenizer's ids reach 49407, past the text encoder's vocab_size 1000"),
     (49409, 49408, r"the tokenizer's end token is 49407, but the text encoder pools at eos_token_id 49408")])
