@@ -290,11 +290,14 @@ def clip_image_embeddings(model, paths, batch_size=CLIP_BATCH_SIZE, progress=Tru
 
 
 @torch.no_grad()
-def clip_scores(model, tokenizer, image_embeds, prompts):
-    """CLIP score of each image against its prompt: 100 * max(cos(image, prompt), 0), float (N,)."""
+def clip_scores(model, tokenizer, image_embeds, prompts, batch_size=CLIP_BATCH_SIZE):
+    """CLIP score of each image against its prompt: 100 * max(cos(image, prompt), 0), float (N,); the distinct
+    prompts go through the text tower `batch_size` at a time (a folder may hold thousands of captions)."""
     unique = sorted(set(prompts))
-    text = model.encode_text(tokenizer(unique).to(model.logit_scale.device)).float().cpu()
-    text = F.normalize(text, dim=-1)[[unique.index(p) for p in prompts]]
+    text = torch.cat([model.encode_text(tokenizer(unique[i:i + batch_size]).to(model.logit_scale.device)).float().cpu()
+                      for i in range(0, len(unique), batch_size)])
+    row = {p: k for k, p in enumerate(unique)}
+    text = F.normalize(text, dim=-1)[[row[p] for p in prompts]]
     return (100 * (F.normalize(image_embeds, dim=-1) * text).sum(1)).clamp(min=0)
 
 
@@ -774,7 +777,7 @@ def evaluate_clip(args):
                           clip_image_embeddings(model, reference, args.batch_size, args.progress, "--reference"))
     result = evaluate_images(embeds, judges[0], lists[0], requested=requested or None,
                              indicator_logits=indicator_logits, reference_features=reference_features)
-    scores = clip_scores(model, tokenizer, embeds, prompts)
+    scores = clip_scores(model, tokenizer, embeds, prompts, args.batch_size)
     probs = [classify(j, embeds).softmax(1) for j in judges]
     result.update(classifier="clip", clip=str(args.clip), clip_score=scores.mean().item(),
                   reference=None if reference is None else str(args.reference), n_reference=len(reference or ()))
