@@ -511,8 +511,10 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
 
     def mean_pr(real, fake):
         pairs = equal_subsets(real, fake, m, draws, gen) if m >= 4 else None  # a 3rd nearest neighbour in a subset
-        return (None, None) if pairs is None else tuple(float(np.mean(v)) for v in zip(*(precision_recall(r, f)
-                                                                                       for r, f in pairs)))
+        if pairs is None:
+            return None, None
+        precision, recall = zip(*[precision_recall(r, f) for r, f in pairs])
+        return float(np.mean(precision)), float(np.mean(recall))
 
     drawn = {k: mean_pr(reference_features[groups[k]], feats[labels == k]) for k in order}
     overall = mean_pr(torch.cat([reference_features[groups[k]] for k in order]), feats)
