@@ -921,6 +921,24 @@ def test_at_one_image_a_micro_batch_the_log_has_no_balanced_accuracy_rather_than
     assert all(r["bacc"] is None and r["acc"] is not None for r in log_lines(run))
 
 
+def test_the_logged_largest_importance_weight_is_the_steps_largest_not_a_mean_over_micro_batches(sd_dir, tmp_path,
+                                                                                                 monkeypatch):
+    """w_max was each micro-batch's largest weight averaged over the step: at one image a micro-batch, the mean
+    weight, so a weight at --weight-clip in one micro-batch of four showed as a quarter of it."""
+    calls = []
+
+    def counted(q, *args):  # the k-th micro-batch's weights are all k
+        calls.append(1)
+        return torch.full((len(q),), float(len(calls)))
+
+    monkeypatch.setattr(ddm, "importance_weights", counted)
+    labelled = make_data(tmp_path / "d", groups=["red", "blue"] * 4)
+    run = train.train(["--model", str(sd_dir), "--data", str(labelled), "--out", str(tmp_path / "iw"),
+                       "--objective", "indicator-weighted", "--lora-rank", "4", "--max-steps", "1", *FAST,
+                       "--batch-size", "1", "--grad-accum", "4"])
+    assert [r["w_max"] for r in log_lines(run)] == [4.0]
+
+
 def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator_guides_sampling(sd_dir, tmp_path):
     partial = make_data(tmp_path / "partial", groups=["red", None, "blue", None, "red", None, "blue", None])
     common = ["--model", str(sd_dir), "--data", str(partial), "--lora-rank", "4", "--max-steps", "2", *FAST]
