@@ -474,8 +474,15 @@ def frechet_distances(feats, labels, p, groups, reference_features, m=DIVERSITY_
         pairs = equal_subsets(real, fake, m, draws, gen)
         return None if pairs is None else float(np.mean([frechet_distance(f, r) for r, f in pairs]))
 
-    return {"frechet_distance": _frechet(mu, cov, mu_ref, cov_ref), "frechet_per_group": {
-        str(g): mean_fd(reference_features[g], feats[labels == k]) for k, g in enumerate(groups)}}
+    drawn = {k: mean_fd(reference_features[groups[k]], feats[labels == k]) for k in name_order(groups)}
+    return {"frechet_distance": _frechet(mu, cov, mu_ref, cov_ref),
+            "frechet_per_group": {str(g): drawn[k] for k, g in enumerate(groups)}}
+
+
+def name_order(groups):
+    """The indices of `groups` in the order of their names: random subsets are drawn group by group in this order,
+    so a group's numbers do not depend on where --groups lists it."""
+    return sorted(range(len(groups)), key=lambda k: str(groups[k]))
 
 
 def equal_subsets(real, fake, m, draws, gen):
@@ -506,8 +513,8 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
     """{"precision", "recall"} overall and {"precision_per_group", "recall_per_group"}: each group's generated
     images (as judged) against its real ones, both on equal-size random subsets of m (mean over `draws` draws),
     so that having more images of a group earns nothing. None where a group has fewer than m images. The subsets
-    are drawn group by group in the order of their names, whatever the order of `groups`."""
-    gen, order = torch.Generator().manual_seed(seed), sorted(range(len(groups)), key=lambda k: str(groups[k]))
+    are drawn group by group in name_order."""
+    gen, order = torch.Generator().manual_seed(seed), name_order(groups)
 
     def mean_pr(real, fake):
         pairs = equal_subsets(real, fake, m, draws, gen) if m >= 4 else None  # a 3rd nearest neighbour in a subset
