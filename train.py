@@ -150,8 +150,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)  # off: a no-op
 
     def step(self):
-        """One optimizer update over grad_accum micro-batches; the mean loss and parts over them (and the ranks)."""
-        args, device, models, ddp, sums = self.args, self.device, self.models, self.ddp, {}
+        """One optimizer update over grad_accum micro-batches; the mean loss and parts over them (and the ranks), and
+        the largest of a part named *_max."""
+        args, device, models, ddp, sums, maxima = self.args, self.device, self.models, self.ddp, {}, {}
         for micro in range(args.grad_accum):
             batch = next(self.batches)
             gen = torch.Generator().manual_seed(derive_seed(args.seed, "noise", self.step_count, micro, self.rank))
@@ -170,12 +171,17 @@ class Trainer:
             self.parts = ddm.check_parts(parts, self.parts, args.objective, self.step_count + 1)
             for name, value in {"loss": loss, **parts}.items():  # a NaN part was not measured: not counted
                 value = torch.as_tensor(value, device=device).detach().float()
+                if name.endswith("_max"):  # a maximum: the step's is the largest of its micro-batches'
+                    maxima[name] = torch.fmax(maxima.get(name, value), value)
+                    continue
                 measured = torch.stack([torch.where(value.isnan(), 0.0, value), ~value.isnan()])  # (sum, count)
                 sums[name] = sums.get(name, 0) + measured
         totals = torch.stack(list(sums.values()))  # (parts, 2): sum and count; the same parts in order on every rank
+        peaks = torch.stack(list(maxima.values())) if maxima else torch.zeros(0, device=device)
         if self.world > 1:
-            dist.all_reduce(totals)
+            dist.all_reduce(totals), dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
         means = dict(zip(sums, (totals[:, 0] / totals[:, 1]).tolist()))  # 0/0: NaN, logged as null
+        means.update(zip(maxima, peaks.tolist()))
         if not math.isfinite(means["loss"]):
             self.stop(f"loss is {means['loss']}", "before applying it")
         self.scaler.unscale_(self.optimizer)
