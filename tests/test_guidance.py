@@ -223,6 +223,20 @@ def test_targets_are_decided_at_the_step_the_sampler_takes_on_a_schedule_of_any_
     assert record["decide_step"] == next(t for t in taken if t <= guidance.DECIDE_AT) == 376
 
 
+def test_the_decide_step_is_the_same_share_of_a_schedule_of_any_length(models):
+    """--decide-at counts SD's 1000 steps, as AUTO_READ_AT does: on 500 steps the decision came at the first step (t =
+    451 <= 801, pure noise to the posterior), on 2000 at 40% of the way down instead of 20%."""
+    ind = mean_reader(loading.latent_shape(models, RES, RES))
+    steps = []
+    for n in (500, 1000, 2000):
+        schedule = dataclasses.replace(models, alphas_cumprod=diffusion.alphas_cumprod(diffusion.scaled_linear_betas(n)))
+        _, record = guidance.guides_for(sample.generate, schedule, PROMPT, list(range(4)),
+                                        [(ind, torch.tensor([0.5, 0.5]))], 1.0, calibration=4,
+                                        **{**SETTINGS, "steps": 10})
+        steps.append(diffusion.ddim_timesteps(10, n).index(record["decide_step"]))
+    assert steps == [1, 1, 1]  # SD at 10 steps: 901, then 801
+
+
 @pytest.fixture(scope="module")
 def runs(sd_dir, data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("guided-runs")
