@@ -71,8 +71,10 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
     number or "auto" -> (guides, record for samples.json). A calibration batch of the prompt (seeds of its own,
     images by `generate`) runs unguided to the decide step, where its posteriors set the offsets
     (decision_offsets); with "auto" each guide's scale is found on it by bisection."""
-    cal = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)]
-    taken = diffusion.ddim_timesteps(settings["steps"], len(models.alphas_cumprod))  # the steps denoise takes
+    cal, n = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)], len(models.alphas_cumprod)
+    taken = diffusion.ddim_timesteps(settings["steps"], n)  # the steps denoise takes
+    if decide_at is not None:  # of SD's 1000 steps: the same share of a schedule of another length (rounded up)
+        decide_at = -(-decide_at * n // diffusion.N_TRAIN_TIMESTEPS)
     t = None if decide_at is None else next(t for t in taken if t <= decide_at)
 
     def batch(guides=(), until=None):
@@ -147,7 +149,7 @@ def scale_arg(text):
 
 
 def decide_at_arg(text):
-    """argparse type of --decide-at: "none", or a timestep 1..999 (every spacing's last step is t = 1)."""
+    """argparse type of --decide-at: "none", or a timestep 1..999 of SD's 1000 (every spacing's last step is t = 1)."""
     if text == "none":
         return None
     if not text.isdecimal() or not 1 <= int(text) < diffusion.N_TRAIN_TIMESTEPS:
@@ -170,8 +172,9 @@ def add_flags(p):
                    "order (one value: all of them) or by attribute (ATTRIBUTE:SPEC): uniform (the default) or "
                    "NAME=SHARE,...")
     g.add_argument("--decide-at", type=decide_at_arg, default=argparse.SUPPRESS, metavar="T|none",
-                   help=f"trajectory-aware targets, decided at the first step with t <= T from each image's own "
-                        f"posterior (default {DECIDE_AT}); none: drawn from the shares for each image at the start")
+                   help=f"trajectory-aware targets, decided at the first step with t <= T (of 1000; the same share "
+                        f"of another schedule) from each image's own posterior (default {DECIDE_AT}); none: drawn "
+                        "from the shares for each image at the start")
     g.add_argument("--calibration", type=int, metavar="N", help="calibration images per prompt for "
                    f"trajectory-aware targets and the auto scale (default {CALIBRATION})")
 
