@@ -430,11 +430,12 @@ def test_an_empty_validation_prompt_draws_unconditional_validation_images(sd_dir
     assert [p.name for p in (run / "validation" / "step_000001").iterdir()] == ["00.png"]
 
 
-def test_torchrun_two_processes_end_with_equal_weights(sd_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("objective", ["ddm", "indicator-weighted"])  # the second logs a maximum (w_max)
+def test_torchrun_two_processes_end_with_equal_weights(objective, sd_dir, data_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), "--model", str(sd_dir), "--data", str(data_dir), "--out", str(out),
-           "--lora-rank", "4", "--max-steps", "2", "--cache-latents", *FAST]
+           "--lora-rank", "4", "--max-steps", "2", "--cache-latents", "--objective", objective, *FAST]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -444,6 +445,7 @@ def test_torchrun_two_processes_end_with_equal_weights(sd_dir, data_dir, tmp_pat
     assert len(ranks) == 2 and ranks[0] == ranks[1]  # each rank hashed its own weights
     assert ranks[0] == checkpoints.fingerprint(checkpoint_files(out))  # ... and they are the saved ones
     assert [line["step"] for line in log_lines(out)] == [1, 2]
+    assert all(line.get("w_max", 1) == pytest.approx(1, abs=1e-6) for line in log_lines(out))  # equal shares: w = 1
 
 
 def test_torchrun_ranks_whose_objective_names_other_parts_stop_naming_both(sd_dir, data_dir, tmp_path):
