@@ -177,11 +177,12 @@ class Trainer:
                 measured = torch.stack([torch.where(value.isnan(), 0.0, value), ~value.isnan()])  # (sum, count)
                 sums[name] = sums.get(name, 0) + measured
         totals = torch.stack(list(sums.values()))  # (parts, 2): sum and count; the same parts in order on every rank
-        peaks = torch.stack(list(maxima.values())) if maxima else torch.zeros(0, device=device)
         if self.world > 1:
-            dist.all_reduce(totals), dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+            dist.all_reduce(totals)
+            for peak in maxima.values():  # the same parts in order on every rank, as above
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         means = dict(zip(sums, (totals[:, 0] / totals[:, 1]).tolist()))  # 0/0: NaN, logged as null
-        means.update(zip(maxima, peaks.tolist()))
+        means.update({name: peak.item() for name, peak in maxima.items()})
         if not math.isfinite(means["loss"]):
             self.stop(f"loss is {means['loss']}", "before applying it")
         self.scaler.unscale_(self.optimizer)
