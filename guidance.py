@@ -105,7 +105,8 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
     for j in [j for j, met in enumerate(record.get("hit_reached", [])) if not met]:
         tqdm.write(f"warning: {prompt!r}: indicator {j + 1} met the hit rate ({AUTO_HIT:.0%} of each group's "
                    f"calibration images end in their target) at no rung up to {AUTO_SCALES[-2]:g}, so it guides at "
-                   f"{AUTO_SCALES[-1]:g} untried; check that it reads its groups (bacc in its run's log.jsonl)",
+                   f"{AUTO_SCALES[-1]:g} untried; check that it reads its groups (bacc in its run's log.jsonl, "
+                   "measured on batches that hold every group)",
                    file=sys.stderr)  # between the bars of reproduce.py's runs
     return guides, record
 
