@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -652,30 +653,21 @@ def derive_seed(*key):
     return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
 
 
-class MicroBatchIndices:
+def micro_batch_indices(n, batch_size, seed, start=0, rank=0, world_size=1):
     """Dataset indices of every micro-batch of this rank, from global micro-batch `start` on, forever.
 
     Epoch e is a permutation seeded by (seed, e), cut into world_size·batch_size chunks (the incomplete rest is
     dropped); rank r takes the r-th batch_size share of each chunk (DistributedSampler would deal it every
     world_size-th index of the chunk: the same chunk per step, split another way).
     """
-
-    def __init__(self, n, batch_size, seed, start=0, rank=0, world_size=1):
-        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.rank, self.world_size = rank, world_size
-        self.per_epoch = n // (batch_size * world_size)
-
-    def __iter__(self):
-        m, epoch, perm = self.start, None, None
-        while True:
-            e, k = divmod(m, self.per_epoch)
-            if e != epoch:
-                epoch = e
-                order = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", e))
-                perm = torch.randperm(self.n, generator=order)
-            first = (k * self.world_size + self.rank) * self.batch_size
-            yield perm[first:first + self.batch_size].tolist()
-            m += 1
+    per_epoch, epoch = n // (batch_size * world_size), None
+    for m in itertools.count(start):
+        e, k = divmod(m, per_epoch)
+        if e != epoch:
+            epoch, order = e, torch.Generator().manual_seed(derive_seed(seed, "epoch", e))
+            perm = torch.randperm(n, generator=order)
+        first = (k * world_size + rank) * batch_size
+        yield perm[first:first + batch_size].tolist()
 
 
 def encode_dataset(vae, data, batch_size, device):
@@ -691,7 +683,7 @@ def encode_dataset(vae, data, batch_size, device):
 
 
 def micro_batches(data, indices, cache=None, num_workers=0, pin_memory=False):
-    """Each micro-batch of `indices` (a MicroBatchIndices): {"pixels", "text", "group"} read by a DataLoader, or
+    """Each micro-batch of `indices` (micro_batch_indices): {"pixels", "text", "group"} read by a DataLoader, or
     {"mean", "std", "text", "group"} from `cache`, the posteriors encode_dataset computed once."""
     if cache is None:
         yield from torch.utils.data.DataLoader(data, batch_sampler=indices, num_workers=num_workers,

@@ -33,7 +33,7 @@ import loading
 import rundir
 import sample
 import weights
-from data import ImageFolder, MicroBatchIndices, derive_seed, encode_dataset, micro_batches
+from data import ImageFolder, derive_seed, encode_dataset, micro_batch_indices, micro_batches
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,8 +118,8 @@ class Trainer:
         self.step_count, elapsed, self.last_saved = checkpoints.load_checkpoint(
             ckpt, models.unet, models.text_encoder, self.indicator, self.config, self.optimizer, self.scaler)
         self.t_start, self.parts = time.time() - elapsed, None  # parts: the objective's part names (ddm.check_parts)
-        indices = MicroBatchIndices(len(data), args.batch_size, args.seed, self.step_count * args.grad_accum, rank,
-                                    world)
+        indices = micro_batch_indices(len(data), args.batch_size, args.seed, self.step_count * args.grad_accum, rank,
+                                      world)
         cache = encode_dataset(models.vae, data, args.batch_size, device) if args.cache_latents else None
         self.batches = micro_batches(data, indices, cache, args.num_workers, pin_memory=device.type == "cuda")
 

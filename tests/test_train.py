@@ -997,7 +997,7 @@ def test_plain_indicator_trains_the_unet_exactly_as_plain_fine_tuning(sd_dir, da
 def data_order(n, batch_size, seed, rank, world, count):
     """The one call into train.py's data order (re-point it when that moves): the dataset indices of this rank's
     first `count` micro-batches."""
-    it = iter(data.MicroBatchIndices(n, batch_size, seed, 0, rank, world))
+    it = iter(data.micro_batch_indices(n, batch_size, seed, 0, rank, world))
     return [next(it) for _ in range(count)]
 
 
@@ -1195,7 +1195,7 @@ def test_indicator_lr_reaches_the_indicators_parameter_group(partial_trainer):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_rank_reads_its_own_shard_with_its_own_noise_seed(sd_dir, tmp_path, monkeypatch, rank):
     """Rank r of 2, built and stepped in this process (no process group: the barrier and the all-reduce of the
-    logged means are stubbed), reads the images data.MicroBatchIndices gives rank r and draws its noise from
+    logged means are stubbed), reads the images data.micro_batch_indices gives rank r and draws its noise from
     derive_seed(seed, "noise", step, micro, r). Captions name the images, so the batch read is visible."""
     folder = make_data(tmp_path / "data")
     lines = [{**json.loads(line), "text": f"image {i}"}
@@ -1215,7 +1215,7 @@ def test_each_rank_reads_its_own_shard_with_its_own_noise_seed(sd_dir, tmp_path,
     t.ddp = t.model
     for _ in range(2):
         t.step()
-    shard = iter(data.MicroBatchIndices(8, 2, 3, 0, rank, 2))
+    shard = iter(data.micro_batch_indices(8, 2, 3, 0, rank, 2))
     assert seen == [([f"image {i}" for i in next(shard)], data.derive_seed(3, "noise", step, 0, rank))
                     for step in range(2)]
 

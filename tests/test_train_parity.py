@@ -57,7 +57,7 @@ def loop_draws(n_images, step, micro):
     of (step, micro) in a one-process run, and the generator its posterior sample, noise, timesteps and caption
     dropout are drawn from, in that order."""
     m = step * ACCUM + micro
-    it = iter(data.MicroBatchIndices(n_images, BATCH, SEED))
+    it = iter(data.micro_batch_indices(n_images, BATCH, SEED))
     indices = [next(it) for _ in range(m + 1)][m]
     return indices, torch.Generator().manual_seed(data.derive_seed(SEED, "noise", step, micro, 0))
 
