@@ -201,15 +201,11 @@ def export_model(path, out_dir):
         r.indicator, r.group_names, r.info["config"].get("attribute")))
 
 
-def _widths(v):
-    return isinstance(v, list) and all(map(weights.is_int, v))
-
-
 INDICATOR_RECORD = {  # an indicator file's record (ddm.indicator_metadata), JSON but the attribute: what each must be
-    "latent_shape": ("a list of 3 integers >= 1", lambda v: _widths(v) and len(v) == 3),
+    "latent_shape": ("a list of 3 integers >= 1", lambda v: weights.is_ints(v) and len(v) == 3),
     "groups": ("a list of at least 2 distinct names", lambda v: isinstance(v, list) and len(v) >= 2
                and all(isinstance(g, str) for g in v) and len(set(v)) == len(v)),
-    "hidden": ("a list of integers >= 1", _widths),
+    "hidden": ("a list of integers >= 1", weights.is_ints),
     "timestep_dim": ("an integer >= 0", lambda v: weights.is_int(v, 0)),
     "attribute": ("the name of an attribute, or empty", lambda v: isinstance(v, str))}
 
@@ -280,14 +276,13 @@ def _field_error(name, value, default):
     """Why `value` cannot stand for a config field whose default is `default`, or None: the default's kind, and a
     size >= 1 (>= 0 in MAY_BE_ZERO); a tuple field a list (non-empty unless it may be empty)."""
     low = 0 if name in MAY_BE_ZERO else 1
-    is_int = lambda v: weights.is_int(v, low)  # noqa: E731
-    if isinstance(default, tuple) and not (isinstance(value, list) and all(map(is_int, value)) and (value or not low)):
+    if isinstance(default, tuple) and not (weights.is_ints(value, low) and (value or not low)):
         return f"must be a {'non-empty ' * low}list of integers >= {low}"
     if isinstance(default, float) and not weights.is_number(value, positive=True):
         return "must be a number > 0"
-    if isinstance(default, int) and not isinstance(default, bool) and not is_int(value):
+    if isinstance(default, int) and not isinstance(default, bool) and not weights.is_int(value, low):
         return f"must be an integer >= {low}"
-    if default is None and value is not None and not is_int(value):
+    if default is None and value is not None and not weights.is_int(value, low):
         return "must be null or an integer >= 1"
     if isinstance(default, (str, bool)) and type(value) is not type(default):
         return f"must be a {type(default).__name__}"

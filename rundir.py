@@ -121,8 +121,7 @@ MODEL_FIELDS = {"lora_rank": ("an integer >= 0", lambda v: weights.is_int(v, 0))
                 "lora_alpha": ("a number", weights.is_number),
                 "train_text_encoder": ("true or false", lambda v: isinstance(v, bool)),
                 "group_names": ("a list", lambda v: isinstance(v, list)), "w_ind": ("a number", weights.is_number),
-                "indicator_hidden": ("a list of integers >= 1",
-                                     lambda v: isinstance(v, list) and all(map(weights.is_int, v))),
+                "indicator_hidden": ("a list of integers >= 1", weights.is_ints),
                 "objective": ("an objective this checkout's ddm.OBJECTIVES defines",  # a reader's own, added elsewhere
                               lambda v: isinstance(v, str) and v in OBJECTIVES),
                 "resolution": ("an integer >= 8", lambda v: weights.is_int(v, 8))}  # sample.py's default side
@@ -143,7 +142,7 @@ def read_run_json(run_dir):
     shape = info.get("latent_shape")  # what a run's indicator is built on (loading._run_indicator)
     if bad:
         why = f"config field '{bad}' must be {MODEL_FIELDS[bad][0]}, got {config.get(bad)!r}"
-    elif not (isinstance(shape, list) and len(shape) == 3 and all(map(weights.is_int, shape))):
+    elif not (weights.is_ints(shape) and len(shape) == 3):
         why = (f"field 'latent_shape' must be a list of 3 integers >= 1 (the latents' channels, height, width), "
                f"got {shape!r}")
     elif uses_indicator(config["objective"], config["w_ind"]) and len(config["group_names"]) < 2:  # one logit a group

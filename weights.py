@@ -75,13 +75,18 @@ def is_number(v, positive=False):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and (not positive or math.isfinite(v) and v > 0)
 
 
+def is_ints(v, low=1):
+    """A list of integers >= low (`is_int`); an empty one too."""
+    return isinstance(v, list) and all(is_int(x, low) for x in v)
+
+
 # The kinds of value a model's config.json field may hold: (what the error says, the check).
 KINDS = {
     "int": ("a positive integer", is_int),
     "number": ("a positive number", lambda v: is_number(v, positive=True)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str)),
-    "ints": ("a non-empty list of positive integers", lambda v: isinstance(v, list) and v and all(map(is_int, v))),
+    "ints": ("a non-empty list of positive integers", lambda v: is_ints(v) and len(v) > 0),
     "strs": ("a non-empty list of strings", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
 }
 REQUIRED = object()
