@@ -166,9 +166,7 @@ def open_run(args, data, world_size, init_config, device, say):
         raise ValueError(f"{args.data} has {len(data)} images, fewer than --batch-size {args.batch_size} x "
                          f"{world_size} processes")
     run_dir, config = run_dir_of(args.out, args.resume), run_config(args, data, world_size, init_config)
-    ckpt, base = check_run_dir(run_dir, config, data, resume=args.resume is not None, say=say,
-                               defaults=args.objective_defaults, device=device,
-                               allow_data_change=args.allow_data_change)
+    ckpt, base = check_run_dir(run_dir, config, data, args, device, say)
     if ckpt and ckpt["step"] > args.max_steps:  # a resume cannot go back: it would end at once (and export this step)
         why = (f"--max-steps {args.max_steps} is below step {ckpt['step']}, where the run is ({ckpt['path']}); a "
                f"resume goes on from there: give --max-steps {ckpt['step']} or more")
@@ -344,12 +342,12 @@ def write_run(run_dir, config, models, latent_shape, args, data):
         raise
 
 
-def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change, device, say):
+def check_run_dir(run_dir, config, data, args, device, say):
     """(checkpoint to resume, as read_checkpoint returns it, or None; base model) of a run started with this
     configuration and this data (an ImageFolder, compared by data_fingerprint); (None, None) for a new run, whose
     directory must be empty or absent (a train.lock aside). A field an older run did not record takes its value in
-    `defaults` (the parser's: what that run trained with before the flag existed)."""
-    if not resume:
+    args.objective_defaults (the parser's: what that run trained with before the flag existed)."""
+    if args.resume is None:
         _check_new(run_dir)
         return None, None
     info = read_run_json(run_dir)
@@ -360,7 +358,7 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
     older = sorted(f for f in config if f not in info["config"])
     # group_names last: they follow from the data and flags (--attribute), and a changed flag is the thing to name
     for field, value in sorted(config.items(), key=lambda kv: kv[0] == "group_names"):
-        stored = info["config"].get(field, defaults.get(field))
+        stored = info["config"].get(field, args.objective_defaults.get(field))
         if stored == value:
             continue
         fix = (f"the data in {config['data']} changed since the run started: restore it, or fine-tune the run on the "
@@ -377,7 +375,7 @@ def check_run_dir(run_dir, config, data, *, resume, defaults, allow_data_change,
     stored = info.get("data", now)  # runs before the fingerprint have none, runs before "contents" no such key
     differ = [k for k in DATA_CHANGES if k in stored and stored[k] != now[k]]
     changed = " and ".join(DATA_CHANGES[k] for k in differ if not (k == "contents" and "images" in differ))
-    if changed and not allow_data_change:
+    if changed and not args.allow_data_change:
         raise ValueError(f"--resume {run_dir}: the data in {config['data']} changed since the run started "
                          f"({changed}); an exact resume needs the same data: restore it, or pass "
                          f"--allow-data-change to go on with the data as it is now")
