@@ -97,10 +97,10 @@ def model_sides(path):
     found = checkpoints.find_components(path)
     if found["unet"][1] is None:  # a single file: SD v1.x or v2.x
         u, v = UNetConfig(), VAEConfig()
-        return side_multiple(u, v), u.sample_size * v.downsample_factor
-    u, v, t = (weights.read_config(found[sub][1], read) for sub, (_, _, read) in checkpoints.COMPONENTS.items())
-    read_schedule(path)
-    check_fit(u, v, t)
+    else:
+        u, v, t = (weights.read_config(found[sub][1], read) for sub, (_, _, read) in checkpoints.COMPONENTS.items())
+        read_schedule(path)
+        check_fit(u, v, t)
     return side_multiple(u, v), u.sample_size * v.downsample_factor
 
 
