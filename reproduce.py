@@ -802,8 +802,24 @@ def cfg_check(args, sizes, rows, runs, best, evaluated):
     return cfg_rows
 
 
-def publish(out, report, markdown, table, timings):
-    """report.json and report.md written, the verdict table and the wall time printed -> the report."""
+def run(args):
+    """The experiment: stages 1-2 (prepare), then its own stages 3-4 (run_digits or run_attributes); report.json
+    and report.md written, the verdict table and the wall time printed -> the report."""
+    t_start, sizes, out = time.time(), sizes_of(args), args.out
+    claim_run_dir(out, args.overwrite)
+    torch.set_num_threads(args.threads)
+    timings = {"finetune": 0.0, "evaluate": 0.0}
+    classifier, vae_info, base = prepare(args, sizes, timings)
+    experiment = run_attributes if args.experiment == "attributes" else run_digits
+    own, grids = experiment(args, sizes, classifier, vae_info, base, timings)
+    timings.update(total=time.time() - t_start, cpu=time.process_time())  # cpu: ours alone, whatever else runs
+    report = {"mode": "quick" if args.quick else "full", "sizes": dataclasses.asdict(sizes), **own, "vae": vae_info,
+              "base": base, "seeds": args.seeds, "grids": [str(g.relative_to(out)) for g in grids],
+              "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": args.threads}
+    if args.experiment == "attributes":
+        markdown, table = attribute_markdown(report), attribute_table(report["summary"])
+    else:
+        markdown, table = report_markdown(report), verdict_table(report["summary"], report["groups"])
     weights.write_json(out / "report.json", report)
     weights.write_atomic(out / "report.md", markdown)
     print(table)
@@ -812,12 +828,10 @@ def publish(out, report, markdown, table, timings):
     return report
 
 
-def run(args):
-    t_start, sizes, out, groups = time.time(), sizes_of(args), args.out, args.groups
-    claim_run_dir(out, args.overwrite)
-    torch.set_num_threads(args.threads)
-    timings = {"finetune": 0.0, "evaluate": 0.0}
-    classifier, vae_info, base = prepare(args, sizes, timings)
+def run_digits(args, sizes, classifier, vae_info, base, timings):
+    """--experiment digits, stages 3-4: every method's fine-tunes evaluated, the CFG check, the grids -> (this
+    experiment's part of the report, the grids' paths)."""
+    groups = args.groups
     judge = digit_judge(classifier, groups)
 
     def evaluated(models, indicator, method, **kw):
@@ -830,20 +844,16 @@ def run(args):
     summary = summarize(rows, groups)
     best = best_method(summary)
     cfg_rows = cfg_check(args, sizes, rows, runs, best, evaluated)
-    grids = save_grids(out, grid_images, args.methods, sizes.grid_n)
-    timings.update(total=time.time() - t_start, cpu=time.process_time())  # cpu: ours alone, whatever else runs
-    report = {
-        "paper": "Huang, Tsao, Su, Chiang 2025, Debiasing Diffusion Model, arXiv 2503.12536",
-        "mode": "quick" if args.quick else "full", "sizes": dataclasses.asdict(sizes), "tiny_configs": TINY,
+    grids = save_grids(args.out, grid_images, args.methods, sizes.grid_n)
+    return {
+        "paper": "Huang, Tsao, Su, Chiang 2025, Debiasing Diffusion Model, arXiv 2503.12536", "tiny_configs": TINY,
         "groups": groups, "counts": {str(k): v for k, v in args.counts.items()}, "generic_prompt": GENERIC_PROMPT,
         "group_prompts": [group_prompt(g) for g in groups],
-        "methods": [dataclasses.asdict(BY_NAME[n]) for n in args.methods], "vae": vae_info, "base": base,
+        "methods": [dataclasses.asdict(BY_NAME[n]) for n in args.methods],
         "classifier_heldout_accuracy": judge[0].heldout_accuracy, "fd_max": math.sqrt((len(groups) - 1) / len(groups)),
-        "rows": rows, "summary": summary, "seeds": args.seeds, "best_method": best, "cfg_rows": cfg_rows,
-        "grids": [str(g.relative_to(out)) for g in grids], "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "threads": args.threads, "versions": {"torch": torch.__version__},
-    }
-    return publish(out, report, report_markdown(report), verdict_table(summary, groups), timings)
+        "rows": rows, "summary": summary, "best_method": best, "cfg_rows": cfg_rows,
+        "versions": {"torch": torch.__version__},
+    }, grids
 
 
 def save_grids(out, grid_images, methods, n):
@@ -1026,13 +1036,9 @@ def attribute_table(summary):
                          + [VERDICT[s["meets_goal"]]] for s in summary])
 
 
-def run_attributes(args):
-    """--experiment attributes: the stages of `run` on the attribute data, one table over the ATTR_ROWS."""
-    t_start, sizes, out = time.time(), sizes_of(args), args.out
-    claim_run_dir(out, args.overwrite)
-    torch.set_num_threads(args.threads)
-    timings = {"finetune": 0.0, "evaluate": 0.0}
-    classifier, vae_info, base = prepare(args, sizes, timings)
+def run_attributes(args, sizes, classifier, vae_info, base, timings):
+    """--experiment attributes, stages 3-4 on the attribute data: one table over the ATTR_ROWS -> (this
+    experiment's part of the report, the grids' paths)."""
     judges, check = attribute_judges(classifier, vae_info["path"])
     rows, grids = [], {}
     for seed in range(args.seeds):
@@ -1050,15 +1056,10 @@ def run_attributes(args):
                          "unet_as_plain": same_unet(runs[r.unet], runs["colour"]), **row})
             grids.setdefault(r.name, images[:sizes.grid_n])
         timings["evaluate"] += time.time() - t0
-    summary = summarize_attributes(rows)
-    grid = save_grid(list(grids.items()), out / "grids" / f"attributes_{WORDS[ATTR_DIGITS[0]]}_seed0.png")
-    timings.update(total=time.time() - t_start, cpu=time.process_time())
-    report = {"experiment": "attributes", "mode": "quick" if args.quick else "full", "digits": ATTR_DIGITS,
-              "counts_per_digit": {"+".join(k): n for k, n in ATTR_COUNTS.items()}, "sizes": dataclasses.asdict(sizes),
-              "judge_check": check, "vae": vae_info, "base": base, "rows": rows, "summary": summary,
-              "grids": [str(grid.relative_to(out))], "timings_s": {k: round(v, 1) for k, v in timings.items()},
-              "seeds": args.seeds, "threads": args.threads}
-    return publish(out, report, attribute_markdown(report), attribute_table(summary), timings)
+    grid = save_grid(list(grids.items()), args.out / "grids" / f"attributes_{WORDS[ATTR_DIGITS[0]]}_seed0.png")
+    return {"experiment": "attributes", "digits": ATTR_DIGITS,
+            "counts_per_digit": {"+".join(k): n for k, n in ATTR_COUNTS.items()}, "judge_check": check, "rows": rows,
+            "summary": summarize_attributes(rows)}, [grid]
 
 
 def attribute_markdown(report):
@@ -1092,8 +1093,7 @@ Wall time: {report['timings_s']} s on {report['threads']} thread(s).
 
 def main(argv=None):
     args = parse_args(argv)
-    return cli.one_line_errors(lambda: (run_attributes if args.experiment == "attributes" else run)(args),
-                               "reproduce.py")
+    return cli.one_line_errors(lambda: run(args), "reproduce.py")
 
 
 if __name__ == "__main__":
