@@ -472,6 +472,31 @@ train.main()
                      r"every rank must return the same names", r.stderr), r.stderr[-4000:]
 
 
+@pytest.mark.parametrize("rank0, rank1, logged", [("5.0", "2.0", 5.0), ("nan", "2.0", 2.0)])
+def test_torchrun_logs_a_maximum_part_as_the_largest_any_rank_measured(rank0, rank1, logged, sd_dir, data_dir,
+                                                                        tmp_path):
+    """A part named *_max is the largest over ranks (a mean would log 3.5), and a rank that did not measure it (NaN)
+    is left out: gloo's MAX kept rank 0's NaN, so the log said null or 2.0 by which rank had measured it."""
+    script = tmp_path / "rank_max.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import ddm, torch, train
+def rank_max(b, indicator, hp):
+    loss, parts = ddm.ddm(b, indicator, hp)
+    return loss, {{**parts, "probe_max": torch.tensor(float({rank0!r} if os.environ["RANK"] == "0" else {rank1!r}))}}
+ddm.OBJECTIVES["rank-max"] = ddm.Objective(rank_max, "pred")
+train.main()
+""")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--objective", "rank-max",
+           "--lora-rank", "4", "--max-steps", "1", "--cache-latents", *FAST]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert [line["probe_max"] for line in log_lines(out)] == [logged]
+
+
 def test_a_finished_run_and_a_conversion_say_where_they_wrote(sd_dir, data_dir, tmp_path, capsys):
     """With --no-progress (a script, a job's log) train.py ended without a word: not where the run is, nor the
     step it reached; a conversion (--model RUN --export DIR) wrote its folder in silence too."""
