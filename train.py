@@ -179,8 +179,10 @@ class Trainer:
         totals = torch.stack(list(sums.values()))  # (parts, 2): sum and count; the same parts in order on every rank
         if self.world > 1:
             dist.all_reduce(totals)
-            for peak in maxima.values():  # the same parts in order on every rank, as above
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            for name, peak in maxima.items():  # the same parts in order on every rank, as above
+                peak = torch.where(peak.isnan(), -math.inf, peak)  # not measured: below any value (gloo's MAX keeps
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # a NaN on rank 0), and NaN again if no rank measured it
+                maxima[name] = torch.where(peak == -math.inf, math.nan, peak)
         means = dict(zip(sums, (totals[:, 0] / totals[:, 1]).tolist()))  # 0/0: NaN, logged as null
         means.update({name: peak.item() for name, peak in maxima.items()})
         if not math.isfinite(means["loss"]):
