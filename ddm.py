@@ -259,7 +259,7 @@ def check_parts(parts, first, objective, step):
     field written over or a silently mixed sum. Each part a scalar, none named like a field train.py logs itself,
     the same names in the same order as at this process's first micro-batch (`first`; None there), and there on
     every DDP rank (a collective: each rank calls this at the same point): train.py sums them in that order over
-    micro-batches and ranks."""
+    micro-batches and ranks (of a *_max part, takes the largest)."""
     where = f"--objective {objective} at step {step}"
     if first is None and dist.is_initialized() and dist.get_world_size() > 1:  # before any rank can stop alone
         ranks = [None] * dist.get_world_size()

@@ -1075,7 +1075,8 @@ the prompt's class, mixed by the generated intersections' shares; recall per gro
 alone on {sizes['attr_calibration']} calibration images. {report['seeds']} seeds; std: sample std, none for one seed
 ("n of N seeds": the seeds that measured it). The bar, on the means over seeds: intersectional FD at most 0.10 over
 prompts and 0.15 at the worst prompt, content accuracy at least plain's minus 1 point, Frechet at most 10% worse, and
-every group's recall at least 0.9x plain's (as in the digits' report).
+every group's recall at least 0.9x plain's (a recall some seed could not measure fails it; a group whose recall
+plain could not measure is not judged).
 
 ## Verdict (mean ± std over seeds)
 

@@ -229,7 +229,8 @@ def test_the_decide_step_is_the_same_share_of_a_schedule_of_any_length(models):
     ind = mean_reader(loading.latent_shape(models, RES, RES))
     steps = []
     for n in (500, 1000, 2000):
-        schedule = dataclasses.replace(models, alphas_cumprod=diffusion.alphas_cumprod(diffusion.scaled_linear_betas(n)))
+        alphas_cumprod = diffusion.alphas_cumprod(diffusion.scaled_linear_betas(n))
+        schedule = dataclasses.replace(models, alphas_cumprod=alphas_cumprod)
         _, record = guidance.guides_for(sample.generate, schedule, PROMPT, list(range(4)),
                                         [(ind, torch.tensor([0.5, 0.5]))], 1.0, calibration=4,
                                         **{**SETTINGS, "steps": 10})
