@@ -454,6 +454,28 @@ def test_the_attribute_table_shows_a_spread_only_over_more_than_one_seed():
     assert guided.startswith("| g label | 0.500 ± 0.000 | 0.500 ± 0.000 | **0.200 ± 0.141** |")
 
 
+def run_stubbed(tmp_path, monkeypatch, evaluate_model, argv):
+    """reproduce.run(--quick ARGV) with every stage stubbed (no training, no sampling) -> its report."""
+    classifier = type("Judge", (), {"heldout_accuracy": 0.99})()
+    monkeypatch.setattr(reproduce, "prepare", lambda args, sizes, timings: (classifier, {"path": "vae"},
+                                                                            {"path": "base"}))
+    monkeypatch.setattr(reproduce, "digit_judge", lambda classifier, groups: (classifier, None))
+    monkeypatch.setattr(reproduce, "same_unet", lambda run, plain: None)
+    monkeypatch.setattr(reproduce, "fine_tune",
+                        lambda args, sizes, m, seed, base, vae: tmp_path / f"{m.name}-seed{seed}")
+    monkeypatch.setattr(reproduce, "load_models", lambda path: "base-seed0")
+    monkeypatch.setattr(reproduce, "load_run", lambda path: type("Run", (), {"models": str(path), "indicator": None}))
+    monkeypatch.setattr(reproduce, "train_stats", lambda run: {"rec": 0.1})
+    monkeypatch.setattr(reproduce, "evaluate_model", evaluate_model)
+    args = reproduce.parse_args(["--quick", "--out", str(tmp_path / "run"), *argv, "--no-progress"])
+    n = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return reproduce.run(args)
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale(tmp_path, monkeypatch):
     """run() with every stage stubbed (no training, no sampling): the CFG check takes the method of lowest mean FD
     among those judged (never base or plain), and each of its rows holds what was sampled at that row's scale."""
@@ -472,25 +494,7 @@ def test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale(tmp_pat
         return measured, torch.zeros(8, reproduce.RESOLUTION, reproduce.RESOLUTION, 3,
                                                         dtype=torch.uint8)
 
-    classifier = type("Judge", (), {"heldout_accuracy": 0.99})()
-    monkeypatch.setattr(reproduce, "prepare", lambda args, sizes, timings: (classifier, {"path": "vae"},
-                                                                            {"path": "base"}))
-    monkeypatch.setattr(reproduce, "digit_judge", lambda classifier, groups: (classifier, None))
-    monkeypatch.setattr(reproduce, "same_unet", lambda run, plain: None)
-    monkeypatch.setattr(reproduce, "fine_tune",
-                        lambda args, sizes, m, seed, base, vae: tmp_path / f"{m.name}-seed{seed}")
-    monkeypatch.setattr(reproduce, "load_models", lambda path: "base-seed0")
-    monkeypatch.setattr(reproduce, "load_run", lambda path: type("Run", (), {"models": str(path), "indicator": None}))
-    monkeypatch.setattr(reproduce, "train_stats", lambda run: {"rec": 0.1})
-    monkeypatch.setattr(reproduce, "evaluate_model", evaluate_model)
-    args = reproduce.parse_args(["--quick", "--out", str(tmp_path / "run"), "--methods", ",".join(list(fds)[1:]),
-                                 "--seeds", "2", "--no-progress"])
-    n = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            report = reproduce.run(args)
-    finally:
-        torch.set_num_threads(n)
+    report = run_stubbed(tmp_path, monkeypatch, evaluate_model, ["--methods", ",".join(list(fds)[1:]), "--seeds", "2"])
     assert report["best_method"] == "balanced"
     scales = reproduce.QUICK.cfg_check
     assert sorted(c[2] for c in calls if c[3]) == sorted(scales * 4)  # plain and balanced, two seeds each
@@ -500,6 +504,19 @@ def test_cfg_check_measures_plain_and_the_lowest_fd_method_at_each_scale(tmp_pat
     assert sorted((r["method"], r["seed"], r["cfg"]) for r in report["cfg_rows"]) == sorted(
         (m, s, c) for m in ("plain", "balanced") for s in (0, 1) for c in (reproduce.QUICK.guidance, *scales))
     assert "plain, and the best method: balanced" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_the_rows_list_each_methods_seeds_in_the_order_they_ran(tmp_path, monkeypatch):
+    """The rows were sorted by their seed as text: from 11 seeds on, seed 10 came before seed 2 in the per-seed
+    table and in summary[].seeds."""
+    def evaluate_model(models, indicator, method, judge, groups, sizes, **kw):
+        measured = {k: v for k, v in row("plain", None, 0.5, 10.0).items() if k not in ("method", "label", "seed",
+                                                                                         "train")}
+        return measured, torch.zeros(8, reproduce.RESOLUTION, reproduce.RESOLUTION, 3, dtype=torch.uint8)
+
+    report = run_stubbed(tmp_path, monkeypatch, evaluate_model, ["--methods", "plain", "--seeds", "11"])
+    assert [r["seed"] for r in report["rows"] if r["method"] == "plain"] == list(range(11))
+    assert report["summary"][1]["seeds"] == list(range(11))
 
 
 def test_the_cfg_check_takes_the_lowest_fd_that_meets_the_bar_else_the_lowest_fd_never_base_or_plain():
