@@ -813,8 +813,9 @@ def run(args):
     experiment = run_attributes if args.experiment == "attributes" else run_digits
     own, grids = experiment(args, sizes, classifier, vae_info, base, timings)
     timings.update(total=time.time() - t_start, cpu=time.process_time())  # cpu: ours alone, whatever else runs
-    report = {"mode": "quick" if args.quick else "full", "sizes": dataclasses.asdict(sizes), **own, "vae": vae_info,
-              "base": base, "seeds": args.seeds, "grids": [str(g.relative_to(out)) for g in grids],
+    report = {"experiment": args.experiment, "mode": "quick" if args.quick else "full",
+              "sizes": dataclasses.asdict(sizes), **own, "vae": vae_info, "base": base, "seeds": args.seeds,
+              "grids": [str(g.relative_to(out)) for g in grids],
               "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": args.threads}
     if args.experiment == "attributes":
         markdown, table = attribute_markdown(report), attribute_table(report["summary"])
@@ -1057,9 +1058,8 @@ def run_attributes(args, sizes, classifier, vae_info, base, timings):
             grids.setdefault(r.name, images[:sizes.grid_n])
         timings["evaluate"] += time.time() - t0
     grid = save_grid(list(grids.items()), args.out / "grids" / f"attributes_{WORDS[ATTR_DIGITS[0]]}_seed0.png")
-    return {"experiment": "attributes", "digits": ATTR_DIGITS,
-            "counts_per_digit": {"+".join(k): n for k, n in ATTR_COUNTS.items()}, "judge_check": check, "rows": rows,
-            "summary": summarize_attributes(rows)}, [grid]
+    return {"digits": ATTR_DIGITS, "counts_per_digit": {"+".join(k): n for k, n in ATTR_COUNTS.items()},
+            "judge_check": check, "rows": rows, "summary": summarize_attributes(rows)}, [grid]
 
 
 def attribute_markdown(report):
