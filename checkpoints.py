@@ -37,7 +37,7 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6,})(\.tmp)?")  # exactly what sav
 INDICATOR_FILE = "indicator.safetensors"  # the indicator of a checkpoint, beside the UNet's file
 CHECKPOINT_FILES = {"state.json", "optimizer.pt", INDICATOR_FILE, "unet.safetensors", "unet_lora.safetensors",
                     "text_encoder.safetensors", "text_encoder_lora.safetensors"}  # save_checkpoint's, in any run
-ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter, in optimizer.pt (train.make_optimizer: no amsgrad)
+ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter, in optimizer.pt (train.py's AdamW: no amsgrad)
 # the three models of a diffusers folder, each in its subfolder: (weight file names, config -> its config.json, back)
 COMPONENTS = {"unet": (UNET_FILES, unet_diffusers_config, unet_config_from_diffusers),
               "vae": (VAE_FILES, vae_diffusers_config, vae_config_from_diffusers),

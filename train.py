@@ -78,13 +78,6 @@ class DDMModel(nn.Module):
 # The loop
 
 
-def make_optimizer(params, args):
-    """AdamW with the authors' settings (from args). fused=True: one kernel for all parameters instead of a Python
-    loop over them (PyTorch's CPU default), ~20% of a tiny model's LoRA step; the same update rule."""
-    return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
-                             weight_decay=args.weight_decay, fused=True)
-
-
 class Trainer:
     """One training run: everything is checked and built in __init__, then `run` loops over `step`."""
 
@@ -144,14 +137,16 @@ class Trainer:
         ind = list(self.indicator.parameters()) if self.indicator is not None else []
         self.params, self.networks = net + ind, (net, ind)  # clipped apart; the indicator at its own --indicator-lr
         groups = [{"params": net}] + [{"params": ind, "lr": args.indicator_lr or args.lr}] * bool(ind)
-        self.optimizer = make_optimizer(groups, args)
+        # the authors' AdamW; fused: one kernel for all parameters, not a Python loop over them (PyTorch's CPU default),
+        # ~20% of a tiny model's LoRA step, the same update rule
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
+                                           weight_decay=args.weight_decay, fused=True)
         precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
         self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)  # off: a no-op
 
     def step(self):
-        """One optimizer update over grad_accum micro-batches; the mean loss and parts over them (and the ranks), and
-        the largest of a part named *_max."""
+        """One optimizer update over grad_accum micro-batches; the loss and parts, means over them and the ranks."""
         args, device, models, ddp, sums, maxima = self.args, self.device, self.models, self.ddp, {}, {}
         for micro in range(args.grad_accum):
             batch = next(self.batches)
@@ -171,20 +166,18 @@ class Trainer:
             self.parts = ddm.check_parts(parts, self.parts, args.objective, self.step_count + 1)
             for name, value in {"loss": loss, **parts}.items():  # a NaN part was not measured: not counted
                 value = torch.as_tensor(value, device=device).detach().float()
-                if name.endswith("_max"):  # a maximum: the step's is the largest of its micro-batches'
-                    maxima[name] = torch.fmax(maxima.get(name, value), value)
+                if name.endswith("_max"):  # a maximum: the step's largest; not measured (NaN): -inf, below any value
+                    maxima[name] = torch.fmax(maxima.get(name, value.new_tensor(-math.inf)), value)
                     continue
                 measured = torch.stack([torch.where(value.isnan(), 0.0, value), ~value.isnan()])  # (sum, count)
                 sums[name] = sums.get(name, 0) + measured
         totals = torch.stack(list(sums.values()))  # (parts, 2): sum and count; the same parts in order on every rank
         if self.world > 1:
             dist.all_reduce(totals)
-            for name, peak in maxima.items():  # the same parts in order on every rank, as above
-                peak = torch.where(peak.isnan(), -math.inf, peak)  # not measured: below any value (gloo's MAX keeps
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # a NaN on rank 0), and NaN again if no rank measured it
-                maxima[name] = torch.where(peak == -math.inf, math.nan, peak)
+            for peak in maxima.values():  # the same parts in order on every rank, as above
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         means = dict(zip(sums, (totals[:, 0] / totals[:, 1]).tolist()))  # 0/0: NaN, logged as null
-        means.update({name: peak.item() for name, peak in maxima.items()})
+        means.update({name: peak.item() if peak > -math.inf else math.nan for name, peak in maxima.items()})
         if not math.isfinite(means["loss"]):
             self.stop(f"loss is {means['loss']}", "before applying it")
         self.scaler.unscale_(self.optimizer)
@@ -326,10 +319,6 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
-
-
 RANGES = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "validation_n"), (1, None)),
           **dict.fromkeys(("lr", "weight_decay", "max_grad_norm", "w_rec", "w_ind", "checkpoint_every",
                            "validation_every", "num_workers", "lora_rank"), (0, None)),
@@ -386,7 +375,7 @@ def _barrier(world):
 
 def train(argv=None):
     """Run train.py with these command-line arguments (a list of str, or parsed args); returns the run directory."""
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
     check_args(args)
     if args.data is None:  # --model PATH --export DIR: conversion only
         out = loading.export_model(args.model, args.export)

@@ -594,7 +594,7 @@ def test_each_resume_is_recorded_in_run_json_with_the_flags_it_changed(lora_run,
     before = json.loads((run / "run.json").read_text())
     common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", "--train-text-encoder", *FAST,
               "--resume", str(run)]
-    args = train.parse_args([*common, "--checkpoint-every", "1", "--max-steps", "5"])
+    args = train.build_parser().parse_args([*common, "--checkpoint-every", "1", "--max-steps", "5"])
     train.check_args(args)
     train.Trainer(args, 1, 1, torch.device("cpu"))  # rank 1 of a (pretended) group writes nothing
     assert json.loads((run / "run.json").read_text()) == before
@@ -844,9 +844,9 @@ def test_a_cuda_device_index_this_machine_lacks_is_refused_naming_the_flag(monke
     stop it with a RuntimeError traceback ("invalid device ordinal")."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert train.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    assert train.build_parser().parse_args(["--device", "cuda:1"]).device == "cuda:1"
     with pytest.raises(SystemExit) as e:
-        train.parse_args(["--device", "cuda:2"])
+        train.build_parser().parse_args(["--device", "cuda:2"])
     assert e.value.code == 2
     assert re.search(r"argument --device: cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)",
                      capsys.readouterr().err)
@@ -924,7 +924,7 @@ def test_a_flag_an_objective_names_that_is_no_flag_of_train_py_is_refused_naming
     """README: a knob is named in the entry's `flags`; named as on the command line ("--small-eps-weight") instead
     of as hp spells it, every run of every objective stopped with an AttributeError traceback."""
     monkeypatch.setitem(ddm.OBJECTIVES, "knob", ddm.Objective(ddm.ddm, "pred", flags=("small-eps-weight",)))
-    args = train.parse_args(["--model", "m", "--data", "d", "--out", "o", "--objective", "ddm"])
+    args = train.build_parser().parse_args(["--model", "m", "--data", "d", "--out", "o", "--objective", "ddm"])
     with pytest.raises(ValueError, match=r"ddm\.OBJECTIVES\['knob'\]\.flags names 'small-eps-weight', which is no "
                                          r"flag of train\.py's objective group"):
         train.check_args(args)
@@ -1002,7 +1002,7 @@ def test_partial_labels_train_the_indicator_weighted_objective_and_its_indicator
         sample.main([*sample_args[:-4], "--indicator", str(ddm_run), "--indicator-guidance", "1",
                      "--out", str(tmp_path / "never2")])
     with pytest.raises(SystemExit):
-        train.parse_args(["--objective", "no-such-objective"])
+        train.build_parser().parse_args(["--objective", "no-such-objective"])
 
 
 def test_plain_indicator_trains_the_unet_exactly_as_plain_fine_tuning(sd_dir, data_dir, tmp_path):
@@ -1108,8 +1108,9 @@ def test_training_draws_the_timesteps_of_the_models_own_schedule(n, sd_dir, data
     DDPMScheduler(num_train_timesteps=n, beta_schedule="scaled_linear", beta_start=0.00085,
                   beta_end=0.012).save_pretrained(base / "scheduler")
     models = loading.load_models(base)
+    args = train.build_parser().parse_args([])
     inputs = train.micro_batch_inputs(torch.zeros(256, 4, 8, 8), torch.ones(256, 4, 8, 8), ["a red square"] * 256,
-                                      models, train.parse_args([]), torch.Generator().manual_seed(0), "cpu")
+                                      models, args, torch.Generator().manual_seed(0), "cpu")
     assert 0 <= inputs["t"].min() and inputs["t"].max() < n and inputs["t"].max() >= 0.9 * n
     run = train.train(["--model", str(base), "--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-steps",
                        "1", *FAST])
@@ -1190,8 +1191,8 @@ def test_clipping_and_weight_decay_each_change_one_step_as_adamw_says(sd_dir, da
 
 
 def trainer(sd_dir, folder, out, *extra, rank=0, world=1):
-    args = train.parse_args(["--model", str(sd_dir), "--data", str(folder), "--out", str(out), "--lora-rank", "4",
-                             *FAST, *extra])
+    args = train.build_parser().parse_args(["--model", str(sd_dir), "--data", str(folder), "--out", str(out),
+                                            "--lora-rank", "4", *FAST, *extra])
     train.check_args(args)
     return train.Trainer(args, rank, world, torch.device("cpu"))
 
