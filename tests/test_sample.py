@@ -790,6 +790,20 @@ def test_overwrite_removes_the_evaluation_of_the_images_it_replaces_and_keeps_a_
     assert evaluate.is_result(real / "evaluation.json") and (real / "photo.png").is_file()
 
 
+def test_overwrite_keeps_an_evaluation_of_other_images_written_into_its_folder(tiny, tmp_path, monkeypatch):
+    """`evaluate.py k2 --out k1/evaluation.json` judged k2's images; sample.py --out k1 --overwrite deleted it as the
+    evaluation of k1's old images: the only copy of k2's result."""
+    import evaluate
+    _, _, folder = tiny
+    k1, k2 = tmp_path / "k1", tmp_path / "k2"
+    sample.main(_cli_args(folder, k1)), sample.main(_cli_args(folder, k2))
+    monkeypatch.setattr(evaluate, "evaluate_digits", lambda args: {"n_images": 1, "fd": 0.5})  # no classifier needed
+    monkeypatch.setattr(evaluate, "format_result", str)
+    evaluate.main([str(k2), "--out", str(k1 / "evaluation.json")])
+    sample.main(_cli_args(folder, k1, seed="7") + ["--overwrite"])
+    assert json.loads((k1 / "evaluation.json").read_text())["image_dirs"] == [str(k2)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Indicator guidance: each image's target, drawn with its own seed, and kept at any batch size
 
