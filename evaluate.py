@@ -725,6 +725,13 @@ def is_result(path):
     return {"n_images", "image_dirs"} <= json_object(path).keys()
 
 
+def judged(path, folder):
+    """Whether the file `path` holds a result `run` wrote about the images in `folder`: one of its image_dirs (as
+    typed, resolved from the current folder) is `folder`."""
+    dirs = json_object(path).get("image_dirs") if is_result(path) else None
+    return isinstance(dirs, list) and Path(folder).resolve() in [Path(d).resolve() for d in dirs if isinstance(d, str)]
+
+
 def main(argv=None):
     args = parse_args(argv)
     return cli.one_line_errors(lambda: run(args), "evaluate.py")  # ValueError covers weights.CheckpointError

@@ -30,7 +30,7 @@ import guidance
 import weights
 from data import read_prompts
 from diffusion import N_TRAIN_TIMESTEPS, SAMPLERS, STEPS_OFFSET, NonFiniteError
-from evaluate import is_result
+from evaluate import judged
 from loading import latent_shape, load_models, model_sides
 
 # CFG is used at 1 to 20 (SD: 7.5) and images burn out well before 100: past it a value is a typo (1e30: all inf)
@@ -243,7 +243,7 @@ def previous_outputs(out, overwrite, files):
             raise ValueError(f"{out / 'samples.json'} does not list the images of a sample.py run (its 'files' must "
                              f"be names like 00000.png); move it away")
         listed = [n for n in names + ["grid.png"] * ("grid" in record) + ["samples.json"] if (out / n).is_file()]
-        listed += ["evaluation.json"] * is_result(out / "evaluation.json")  # judged the old images: stale beside new
+        listed += ["evaluation.json"] * judged(out / "evaluation.json", out)  # of the old images: stale beside new
     taken = [n for n in files + ["grid.png", "samples.json"] if os.path.lexists(out / n) and n not in listed]
     if taken:
         raise ValueError(f"{out / taken[0]} would be overwritten, and no samples.json of a previous run here lists "
