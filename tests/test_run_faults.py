@@ -576,6 +576,26 @@ def test_a_fine_tune_whose_base_model_was_replaced_at_the_same_path_is_refused_n
     loading.load_run(run)
 
 
+def test_a_run_of_a_run_whose_parent_was_trained_anew_at_the_same_path_is_refused_not_loaded(sd_dir, data_dir,
+                                                                                            tmp_path):
+    """A run fine-tuned from another run named the parent's checkpoint by its folder name alone: the parent deleted
+    and trained again (another seed, the same steps) gave the child the new parent's weights under its own, in
+    sample.py, --export and a resume, without a word."""
+    parent, child = tmp_path / "A", tmp_path / "B"
+    steps = [*LORA, "--data", str(data_dir), "--max-steps", "2"]
+    train.train(["--model", str(sd_dir), "--out", str(parent), *steps])
+    train.train(["--model", str(parent), "--out", str(child), *steps])
+    loading.load_run(child)
+    shutil.rmtree(parent)
+    train.train(["--model", str(sd_dir), "--out", str(parent), *steps, "--seed", "7"])
+    message = (rf"^{re.escape(str(child / 'run.json'))}: the run fine-tunes {re.escape(str(parent))} at its "
+               rf"checkpoint-000002, but its weights changed since the run started \(.*unet_lora\.safetensors")
+    with pytest.raises(ValueError, match=message):
+        loading.load_run(child)
+    with pytest.raises(ValueError, match=message):
+        train.train(["--model", str(parent), "--resume", str(child), *steps[:-1], "4"])
+
+
 def test_the_base_fingerprint_sees_one_tensor_changed_in_a_large_file(tmp_path):
     """A LoRA merged into a saved-over base changes only the attention tensors it trained, a few % of the file: 64
     pieces spread evenly over it could all miss them. Every tensor's first bytes are read."""
