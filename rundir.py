@@ -262,29 +262,34 @@ def run_of(path):
 def base_path(run_dir, info):
     """The model a run started from: its own base/ folder (from scratch), the --model it fine-tuned, or, when that
     was a run directory, the checkpoint folder in it that the run started from (loaded by name). CheckpointError
-    when the weights there are not those the run started on: other weights at --model's path (model_fingerprint),
-    or the checkpoint gone (the run trained on since: train.py keeps only the newest checkpoint)."""
+    when the weights there are not those the run started on: other weights at that path (model_fingerprint), or
+    the checkpoint gone (the run trained on since: train.py keeps only the newest checkpoint)."""
     if info["base"] == "base":
         return Path(run_dir) / "base"
     base, started = Path(info["base"]), info.get("base_checkpoint")  # None: not a run, or run.json older than this
-    stored = info.get("base_fingerprint")  # None: a run of a run, or run.json older than the fingerprint
-    if started is None:
-        now = stored and model_fingerprint(base)
-        differ = [name for name in sorted({**stored, **now}) if stored.get(name) != now.get(name)] if stored else []
-        if not differ:
-            return base
-        why = (f", but its weights changed since the run started ({', '.join(differ)} differs): put the model it "
-               f"fine-tuned back there, fine-tune {base} anew, or, for the same weights in another file, delete "
-               f"the field 'base_fingerprint'")
-    else:
-        if base.name == started and not (base / "run.json").is_file():  # --model named the checkpoint folder itself
-            base = base.parent
-        if (base / started).is_dir():
-            return base / started
-        now = latest_checkpoint(base) if base.is_dir() else None
-        why = (f" at its {started}, but it now holds {now.name if now else 'no checkpoint'}: it trained on since, "
-               f"and the weights this run started from are gone; put {started} back there, or fine-tune {base} anew")
-    raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {base}{why}")
+    stored = info.get("base_fingerprint")  # None: run.json older than the fingerprint (of a run's checkpoint)
+    folder = base if started is None else checkpoint_folder(base, started)
+    model, at = (base, "") if started is None else (folder.parent, f" at its {started}")  # what --model named
+    if not folder.is_dir() and started is not None:
+        now = latest_checkpoint(model) if model.is_dir() else None
+        why = (f"{at}, but it now holds {now.name if now else 'no checkpoint'}: it trained on since, and the weights "
+               f"this run started from are gone; put {started} back there, or fine-tune {model} anew")
+        raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {model}{why}")
+    now = stored and model_fingerprint(folder)
+    differ = [name for name in sorted({**stored, **now}) if stored.get(name) != now.get(name)] if stored else []
+    if differ:
+        files = differ if started is None else [str(folder / name) for name in differ]  # a checkpoint's: by path
+        raise weights.CheckpointError(
+            f"{Path(run_dir) / 'run.json'}: the run fine-tunes {model}{at}, but its weights changed since the run "
+            f"started ({', '.join(files)} differs): put the model it fine-tuned back there, fine-tune {model} anew, "
+            "or, for the same weights in another file, delete the field 'base_fingerprint'")
+    return folder
+
+
+def checkpoint_folder(model, name):
+    """The checkpoint folder `name` of the run --model named: the run directory, or that checkpoint folder itself."""
+    model = Path(model)
+    return model if model.name == name and not (model / "run.json").is_file() else model / name
 
 
 FINGERPRINT = "sampled-1"  # names what `sampled` reads: a change to it takes a new name, so older runs can be told
@@ -292,9 +297,11 @@ FINGERPRINT = "sampled-1"  # names what `sampled` reads: a change to it takes a 
 
 def model_fingerprint(path):
     """{weight file: "size scheme sha256" of the pieces `sampled` reads} of each file a model at `path` loads from
-    (a diffusers folder's UNet, VAE and text encoder, or one single file): a few MB, where hashing SD's 4 GB whole
-    would take seconds at every load. A guard against other weights at the same path, not a checksum."""
-    files = {file for file, _ in find_components(path).values()}
+    (a diffusers folder's UNet, VAE and text encoder, one single file, or a run's checkpoint folder's weights): a
+    few MB, where hashing SD's 4 GB whole would take seconds at every load. A guard against other weights at the
+    same path, not a checksum."""
+    files = (Path(path).glob("*.safetensors") if finished_name(Path(path).name) else
+             {file for file, _ in find_components(path).values()})
     out = {}
     for f in sorted(files):
         size, h = f.stat().st_size, hashlib.sha256()
@@ -331,7 +338,8 @@ def write_run(run_dir, config, models, latent_shape, args, data):
         weights.write_json(run_dir / "run.json", {
             "format": "ddm-run/1", "config": config, "base": "base" if from_scratch else config["model"],
             "base_checkpoint": models.checkpoint,  # of a run directory's --model: the one its weights came from
-            "base_fingerprint": None if from_scratch or models.checkpoint else model_fingerprint(config["model"]),
+            "base_fingerprint": None if from_scratch else model_fingerprint(
+                checkpoint_folder(config["model"], models.checkpoint) if models.checkpoint else config["model"]),
             "latent_shape": list(latent_shape), "prediction_type": models.prediction_type, "args": args,
             "model_configs": configs,
             "data": data_fingerprint(data), "versions": {"torch": torch.__version__},
