@@ -725,6 +725,16 @@ def test_the_per_group_frechet_distance_does_not_depend_on_the_order_of_the_grou
     assert forward["frechet_per_group"] == backward["frechet_per_group"]
 
 
+def test_an_image_folder_given_after_attributes_is_refused_not_judged_as_a_text(tmp_path, capsys):
+    """`evaluate.py g1 --attributes "a man" "a woman" g2`: --attributes took g2 as a third text, so g2's images
+    were never judged and FD was taken over three groups, without a word."""
+    g1, g2 = tmp_path / "g1", tmp_path / "g2"
+    g1.mkdir(), g2.mkdir()
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([str(g1), "--clip", str(tmp_path / "clip"), "--attributes", "a man", "a woman", str(g2)])
+    assert f"--attributes {str(g2)!r} is a folder" in capsys.readouterr().err
+
+
 def test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture():
     """The real reference mixed 30 : 70 from two groups with different means: its covariance holds the spread
     between the group means (0.3 · 0.7 · 6² = 7.56 along the first axis) besides the spread within them."""
