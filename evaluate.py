@@ -691,6 +691,10 @@ def flag_error(args):
     twice = [t for t in map(cli.repeated, folded) if t is not None]
     if twice:
         return f"--attributes names the text {twice[0]!r} twice; each group of an attribute needs its own text"
+    folder = next((t for texts in args.attributes or [] for t in texts if Path(t).is_dir()), None)
+    if folder is not None:  # nargs="+" takes every word after --attributes: a folder put there became a text
+        return (f"--attributes {folder!r} is a folder: give the image folders before --attributes (and a text "
+                "that is not also a folder's name)")
     resolved = [Path(d).resolve() for d in args.image_dirs]
     again = next((k for k, d in enumerate(resolved) if d in resolved[:k]), None)
     if again is not None:
