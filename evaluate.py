@@ -779,6 +779,9 @@ def evaluate_clip(args):
     files = [image_files(d) for d in args.image_dirs]
     paths = [p for found in files for p in found]
     prompts = [t for d, found in zip(args.image_dirs, files) for t in sample_prompts(d, found, args.prompt)]
+    if args.prompt is not None and all((Path(d) / "samples.json").is_file() for d in args.image_dirs):
+        raise ValueError("--prompt: every folder has a samples.json, whose prompts the CLIP score reads; leave "
+                         "--prompt out (it is for folders without one)")
     requested = [g for g, found in zip(asked, files) for _ in found]
     reference = None if args.reference is None else image_files(args.reference, "--reference")
     if reference is not None and len(reference) < 2:
