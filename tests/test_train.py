@@ -796,6 +796,9 @@ def test_an_init_config_missing_a_model_or_giving_the_vae_twice_is_one_line_nami
     ("unet", {"transformer_depth": 0}, r"unet: .*field 'transformer_layers_per_block' must be a positive integer"),
     ("vae", {"num_res_blocks": 0}, r"vae: .*field 'layers_per_block' must be a positive integer, got 0"),
     ("text_encoder", {"layers": 0}, r"text_encoder: .*field 'num_hidden_layers' must be a positive integer, got 0"),
+    # diffusers' widths start at the first level's: another net read back, and the run could not load its base/
+    ("unet", {"channel_mult": [2, 4]}, r"unet: .*would read back another net: .*channel_mult \(2, 4\) as \(1, 2\)"),
+    ("vae", {"ch_mult": [2, 4]}, r"vae: .*would read back another net: .*ch_mult \(2, 4\) as \(1, 2\)"),
 ])
 def test_an_init_config_its_base_folder_cannot_hold_is_refused_before_anything_is_written(key, change, message,
                                                                                           data_dir, tmp_path):
