@@ -349,17 +349,23 @@ def read_init_config(path, vae_path=None):
 def _build(path, key, cls, cfg):
     """cls(cfg), a config torch cannot build (GroupNorm groups that do not divide a width, ...) or whose diffusers
     folder (a from-scratch run's base/, --export) would not read back one line: a net that builds here with no layer
-    where diffusers needs one (num_res_blocks 0, ...)."""
+    where diffusers needs one (num_res_blocks 0, ...), or one that diffusers cannot say (a first level wider than
+    model_channels), which would read back as another net."""
     try:
         model = cls(cfg)
     except (ValueError, RuntimeError, TypeError) as e:
         raise ValueError(f"--init-config {path}: {key}: {e}") from None
     _, write, read = checkpoints.COMPONENTS[key]
     try:
-        read(write(cfg))
+        back = read(write(cfg))
     except ValueError as e:
         raise ValueError(f"--init-config {path}: {key}: a run keeps it as a diffusers folder (base/, --export), whose "
                          f"config.json would not read back: {e}") from None
+    other = [f"{f.name} {getattr(cfg, f.name)} as {getattr(back, f.name)}" for f in dataclasses.fields(cfg)
+             if getattr(back, f.name) != getattr(cfg, f.name)]  # diffusers' widths start at the first level's
+    if other:
+        raise ValueError(f"--init-config {path}: {key}: a run keeps it as a diffusers folder (base/, --export), which "
+                         f"would read back another net: {', '.join(other)}")
     return model
 
 
