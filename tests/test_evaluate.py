@@ -746,6 +746,16 @@ def test_an_image_folder_given_after_attributes_is_refused_not_judged_as_a_text(
     assert f"--attributes {str(g2)!r} is a folder" in capsys.readouterr().err
 
 
+def test_a_grid_png_copied_without_its_samples_json_is_refused_not_judged_as_an_image(heldout, tmp_path):
+    """sample.py's grid.png was skipped only beside its samples.json: the PNGs copied into another folder made the
+    grid one more image, counted in the shares, FD, Frechet and the CLIP score."""
+    images, _ = heldout
+    folder = _write_pngs(tmp_path / "sel", images[:4])
+    Image.fromarray(np.concatenate(list(images[:4]), axis=1)).save(folder / "grid.png")
+    with pytest.raises(ValueError, match=r"sel.grid\.png: .*sample.py's grid.*no samples.json"):
+        evaluate.image_files(folder)
+
+
 def test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture():
     """The real reference mixed 30 : 70 from two groups with different means: its covariance holds the spread
     between the group means (0.3 · 0.7 · 6² = 7.56 along the first axis) besides the spread within them."""
