@@ -552,7 +552,10 @@ def image_files(directory, name="image folder"):
     others = ", ".join(p.name for p in files[:5]) + (" ..." if len(files) > 5 else "")
     empty = None if paths else (f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; found "
                                 f"{len(files)} other files{': ' + others if files else ''})")
-    why = unfinished_error(directory) or empty or unlisted_error(directory, paths)
+    copied = directory / "grid.png" in paths and not meta.is_file()  # the images of a run, copied without its record
+    grid_error = (f"{directory / 'grid.png'}: named as sample.py's grid of the images beside it, with no samples.json "
+                  "to say which: move it away (or put the run's samples.json back)") if copied else None
+    why = unfinished_error(directory) or empty or grid_error or unlisted_error(directory, paths)
     if why:
         raise ValueError(why)
     files, prompts = (json_object(directory / "samples.json").get(k) for k in ("files", "prompts"))
