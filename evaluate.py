@@ -536,8 +536,8 @@ def diversity(feats, labels, groups, reference_features, m=DIVERSITY_SUBSET, dra
 def image_files(directory, name="image folder"):
     """The image files of one folder, sorted by name: a sample.py run's images but its grid.png, or every image a
     data folder's metadata.jsonl lists (in its subfolders too); other files (samples.json, ...) are skipped. Refused
-    where the folder (called `name`, or the flag that gave it) is missing, a sample.py run that stopped, or a folder
-    whose metadata.jsonl or samples.json does not list them all."""
+    where the folder (called `name`, or the flag that gave it) is missing, a sample.py run that stopped, a grid.png
+    without its samples.json, or a folder whose metadata.jsonl or samples.json does not list them all."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{name} {directory} " + ("is a file, not a folder" if directory.exists() else
