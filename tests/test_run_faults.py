@@ -596,6 +596,15 @@ def test_a_run_of_a_run_whose_parent_was_trained_anew_at_the_same_path_is_refuse
         train.train(["--model", str(parent), "--resume", str(child), *steps[:-1], "4"])
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "sd.ckpt"])
+def test_an_export_named_like_one_weight_file_is_refused_before_training(name, sd_dir, data_dir, tmp_path):
+    """--export model.safetensors wrote a diffusers folder of that name, where a single file was expected."""
+    with pytest.raises(ValueError, match=rf"^--export .*{re.escape(name)}: .*a diffusers folder, not one file"):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "never"), *FAST,
+                     "--max-steps", "1", "--export", str(tmp_path / name)])
+    assert not (tmp_path / "never").exists() and not (tmp_path / name).exists()
+
+
 def test_the_base_fingerprint_sees_one_tensor_changed_in_a_large_file(tmp_path):
     """A LoRA merged into a saved-over base changes only the attention tensors it trained, a few % of the file: 64
     pieces spread evenly over it could all miss them. Every tensor's first bytes are read."""
