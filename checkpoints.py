@@ -374,10 +374,13 @@ def write_tokenizer(tokenizer, folder):
 
 def check_export(out_dir):
     """Refuse an export folder that exists, or whose DIR.tmp does: neither was written by this export (None: no
-    export); or one that cannot be made, where its nearest existing folder is a file or not writable."""
+    export); one named like a weight file; or one that cannot be made, where its nearest existing folder is a file
+    or not writable."""
     if out_dir is None:
         return
     out_dir = Path(os.path.normpath(out_dir))  # "new/../x" is x: the export makes "new" first, then writes x
+    if out_dir.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        raise ValueError(f"--export {out_dir}: writes a diffusers folder, not one file; give a folder name")
     for p in (out_dir, out_dir.with_name(out_dir.name + ".tmp")):
         if p.exists() or p.is_symlink():
             raise FileExistsError(f"--export {out_dir}: {p} exists; choose a new folder, or move it away")
