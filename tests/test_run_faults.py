@@ -605,6 +605,30 @@ def test_an_export_named_like_one_weight_file_is_refused_before_training(name, s
     assert not (tmp_path / "never").exists() and not (tmp_path / name).exists()
 
 
+def test_a_fine_tune_whose_base_schedule_changed_is_refused_not_sampled_or_resumed_on_other_targets(sd_dir, data_dir,
+                                                                                                     tmp_path):
+    """The fingerprint covers the weight files: a scheduler_config.json edited since (v_prediction, another length)
+    had sample.py and --export use it for a model trained on epsilon, and a resume train on v targets after epsilon
+    ones, without a word."""
+    base, run = tmp_path / "sd", tmp_path / "run"
+    shutil.copytree(sd_dir, base)
+    tune = ["--model", str(base), "--data", str(data_dir), *LORA]
+    train.train([*tune, "--out", str(run), "--max-steps", "2"])
+    schedule = base / "scheduler" / "scheduler_config.json"  # none: SD's, as the run trained on
+    schedule.parent.mkdir()
+    sd = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+          "prediction_type": "epsilon"}
+    for change in ({"prediction_type": "v_prediction"}, {"num_train_timesteps": 500}):
+        schedule.write_text(json.dumps({**sd, **change}))
+        message = rf"^{re.escape(str(run / 'run.json'))}: the run trained on epsilon targets over 1000 timesteps, but"
+        with pytest.raises(ValueError, match=message):
+            loading.load_run(run)
+        with pytest.raises(ValueError, match=message):
+            train.train([*tune, "--resume", str(run), "--max-steps", "4"])
+    schedule.write_text(json.dumps(sd))  # the same schedule, said in a file
+    loading.load_run(run)
+
+
 def test_the_base_fingerprint_sees_one_tensor_changed_in_a_large_file(tmp_path):
     """A LoRA merged into a saved-over base changes only the attention tensors it trained, a few % of the file: 64
     pieces spread evenly over it could all miss them. Every tensor's first bytes are read."""
