@@ -176,6 +176,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True, checkpoint=
     config = info["config"]
     ckpt = _read_checkpoint(run_dir, config, checkpoint)
     models = load_models(rundir.base_path(run_dir, info))
+    check_schedule(models, run_dir, info)
     models.unet.config.sample_size = config["resolution"] // models.vae_config.downsample_factor  # trained at it
     checkpoints.setup_trainable(models, config["lora_rank"], config["lora_alpha"], config["train_text_encoder"])
     indicator = _run_indicator(info)
@@ -188,6 +189,19 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True, checkpoint=
     models.vae.to(device, dtype)
     models.checkpoint = ckpt["path"].name
     return Run(models, indicator, config["group_names"], ckpt["step"], info)
+
+
+def check_schedule(models, run_dir, info):
+    """CheckpointError where the base model's schedule is not the one the run trained on (read from run.json; a field
+    an older run did not record is not compared): its scheduler_config.json changed since. The weights' fingerprint
+    does not cover it."""
+    trained = info.get("prediction_type"), info.get("train_timesteps")
+    now = models.prediction_type, len(models.alphas_cumprod)
+    if any(t is not None and t != n for t, n in zip(trained, now)):
+        raise weights.CheckpointError(
+            f"{Path(run_dir) / 'run.json'}: the run trained on {trained[0]} targets over {trained[1]} timesteps, but "
+            f"its base model's schedule now gives {now[0]} over {now[1]}: its scheduler/scheduler_config.json changed "
+            "since the run started; put the one it trained with back")
 
 
 def export_model(path, out_dir):

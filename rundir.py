@@ -340,7 +340,8 @@ def write_run(run_dir, config, models, latent_shape, args, data):
             "base_checkpoint": models.checkpoint,  # of a run directory's --model: the one its weights came from
             "base_fingerprint": None if from_scratch else model_fingerprint(
                 checkpoint_folder(config["model"], models.checkpoint) if models.checkpoint else config["model"]),
-            "latent_shape": list(latent_shape), "prediction_type": models.prediction_type, "args": args,
+            "latent_shape": list(latent_shape), "prediction_type": models.prediction_type,
+            "train_timesteps": len(models.alphas_cumprod), "args": args,
             "model_configs": configs,
             "data": data_fingerprint(data), "versions": {"torch": torch.__version__},
             "created": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -98,8 +98,10 @@ class Trainer:
         self.run_dir, self.config, ckpt, base = rundir.open_run(args, data, world, init_config, device, rank == 0)
         self.models = models = (loading.models_from_config(args.init_config, args.vae, args.seed)
                                 if from_scratch and base is None else loading.load_models(base or args.model))
-        multiple = loading.side_multiple(models.unet.config, models.vae_config)
-        why = cli.side_error("resolution", args.resolution, multiple)
+        if args.resume:  # a resume trains on from the run's base: on the schedule the run started with
+            loading.check_schedule(models, self.run_dir, rundir.read_run_json(self.run_dir))
+        why = cli.side_error("resolution", args.resolution,
+                             loading.side_multiple(models.unet.config, models.vae_config))
         if why:
             raise ValueError(why)
         latent_shape = loading.latent_shape(models, args.resolution, args.resolution)
