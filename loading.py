@@ -372,14 +372,13 @@ def _build(path, key, cls, cfg):
     _, write, read = checkpoints.COMPONENTS[key]
     try:
         back = read(write(cfg))
+        other = [f"{f.name} {getattr(cfg, f.name)} as {getattr(back, f.name)}" for f in dataclasses.fields(cfg)
+                 if getattr(back, f.name) != getattr(cfg, f.name)]  # diffusers' widths start at the first level's
+        why = f"which would read back another net: {', '.join(other)}" if other else None
     except ValueError as e:
-        raise ValueError(f"--init-config {path}: {key}: a run keeps it as a diffusers folder (base/, --export), whose "
-                         f"config.json would not read back: {e}") from None
-    other = [f"{f.name} {getattr(cfg, f.name)} as {getattr(back, f.name)}" for f in dataclasses.fields(cfg)
-             if getattr(back, f.name) != getattr(cfg, f.name)]  # diffusers' widths start at the first level's
-    if other:
-        raise ValueError(f"--init-config {path}: {key}: a run keeps it as a diffusers folder (base/, --export), which "
-                         f"would read back another net: {', '.join(other)}")
+        why = f"whose config.json would not read back: {e}"
+    if why:
+        raise ValueError(f"--init-config {path}: {key}: a run keeps it as a diffusers folder (base/, --export), {why}")
     return model
 
 

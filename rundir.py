@@ -272,18 +272,18 @@ def base_path(run_dir, info):
     model, at = (base, "") if started is None else (folder.parent, f" at its {started}")  # what --model named
     if not folder.is_dir() and started is not None:
         now = latest_checkpoint(model) if model.is_dir() else None
-        why = (f"{at}, but it now holds {now.name if now else 'no checkpoint'}: it trained on since, and the weights "
-               f"this run started from are gone; put {started} back there, or fine-tune {model} anew")
-        raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {model}{why}")
-    now = stored and model_fingerprint(folder)
-    differ = [name for name in sorted({**stored, **now}) if stored.get(name) != now.get(name)] if stored else []
-    if differ:
+        why = (f"it now holds {now.name if now else 'no checkpoint'}: it trained on since, and the weights this run "
+               f"started from are gone; put {started} back there, or fine-tune {model} anew")
+    else:
+        now = stored and model_fingerprint(folder)
+        differ = [name for name in sorted({**stored, **now}) if stored.get(name) != now.get(name)] if stored else []
+        if not differ:
+            return folder
         files = differ if started is None else [str(folder / name) for name in differ]  # a checkpoint's: by path
-        raise weights.CheckpointError(
-            f"{Path(run_dir) / 'run.json'}: the run fine-tunes {model}{at}, but its weights changed since the run "
-            f"started ({', '.join(files)} differs): put the model it fine-tuned back there, fine-tune {model} anew, "
-            "or, for the same weights in another file, delete the field 'base_fingerprint'")
-    return folder
+        why = (f"its weights changed since the run started ({', '.join(files)} differs): put the model it fine-tuned "
+               f"back there, fine-tune {model} anew, or, for the same weights in another file, delete the field "
+               "'base_fingerprint'")
+    raise weights.CheckpointError(f"{Path(run_dir) / 'run.json'}: the run fine-tunes {model}{at}, but {why}")
 
 
 def checkpoint_folder(model, name):
