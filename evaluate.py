@@ -698,6 +698,9 @@ def flag_error(args):
     if folder is not None:  # nargs="+" takes every word after --attributes: a folder put there became a text
         return (f"--attributes {folder!r} is a folder: give the image folders before --attributes (and a text "
                 "that is not also a folder's name)")
+    if args.prompt is not None and all((Path(d) / "samples.json").is_file() for d in args.image_dirs):
+        return ("--prompt: every folder has a samples.json, whose prompts the CLIP score reads; leave --prompt out "
+                "(it is for folders without one)")
     resolved = [Path(d).resolve() for d in args.image_dirs]
     again = next((k for k, d in enumerate(resolved) if d in resolved[:k]), None)
     if again is not None:
@@ -782,9 +785,6 @@ def evaluate_clip(args):
     files = [image_files(d) for d in args.image_dirs]
     paths = [p for found in files for p in found]
     prompts = [t for d, found in zip(args.image_dirs, files) for t in sample_prompts(d, found, args.prompt)]
-    if args.prompt is not None and all((Path(d) / "samples.json").is_file() for d in args.image_dirs):
-        raise ValueError("--prompt: every folder has a samples.json, whose prompts the CLIP score reads; leave "
-                         "--prompt out (it is for folders without one)")
     requested = [g for g, found in zip(asked, files) for _ in found]
     reference = None if args.reference is None else image_files(args.reference, "--reference")
     if reference is not None and len(reference) < 2:
