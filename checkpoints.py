@@ -379,12 +379,12 @@ def check_export(out_dir):
     if out_dir is None:
         return
     out_dir = Path(os.path.normpath(out_dir))  # "new/../x" is x: the export makes "new" first, then writes x
-    if out_dir.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        raise ValueError(f"--export {out_dir}: writes a diffusers folder, not one file; give a folder name")
     for p in (out_dir, out_dir.with_name(out_dir.name + ".tmp")):
         if p.exists() or p.is_symlink():
             raise FileExistsError(f"--export {out_dir}: {p} exists; choose a new folder, or move it away")
-    why = cli.folder_error(out_dir.absolute())
+    single = out_dir.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # what other tools read
+    why = ("it writes a diffusers folder, not one file; give a folder name" if single
+           else cli.folder_error(out_dir.absolute()))
     if why:
         raise weights.WriteError(f"--export {out_dir}: {why}")
 

@@ -599,7 +599,7 @@ def test_a_run_of_a_run_whose_parent_was_trained_anew_at_the_same_path_is_refuse
 @pytest.mark.parametrize("name", ["model.safetensors", "sd.ckpt"])
 def test_an_export_named_like_one_weight_file_is_refused_before_training(name, sd_dir, data_dir, tmp_path):
     """--export model.safetensors wrote a diffusers folder of that name, where a single file was expected."""
-    with pytest.raises(ValueError, match=rf"^--export .*{re.escape(name)}: .*a diffusers folder, not one file"):
+    with pytest.raises(OSError, match=rf"^--export .*{re.escape(name)}: .*a diffusers folder, not one file"):
         train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(tmp_path / "never"), *FAST,
                      "--max-steps", "1", "--export", str(tmp_path / name)])
     assert not (tmp_path / "never").exists() and not (tmp_path / name).exists()
