@@ -210,14 +210,16 @@ def load_clip(path, dtype=torch.float32):
     """CLIPModel from a transformers folder (config.json + model.safetensors or pytorch_model.bin, the layout of
     `openai/clip-vit-large-patch14`); strict (names, count and shapes checked), in eval mode."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no CLIP folder at {path}: expected a transformers CLIPModel folder such as "
-                                "openai/clip-vit-large-patch14 (config.json + model.safetensors)")
     file = next((path / name for name in WEIGHT_NAMES if (path / name).is_file()), None)
-    if file is None:
-        raise FileNotFoundError(f"{path} has neither {' nor '.join(WEIGHT_NAMES)}")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has {file.name} but no config.json")
+    if not path.is_dir():
+        why = (f"no CLIP folder at {path}: expected a transformers CLIPModel folder such as "
+               "openai/clip-vit-large-patch14 (config.json + model.safetensors)")
+    elif file is None:
+        why = f"{path} has neither {' nor '.join(WEIGHT_NAMES)}"
+    else:
+        why = None if (path / "config.json").is_file() else f"{path} has {file.name} but no config.json"
+    if why:
+        raise FileNotFoundError(why)
     cfg = clip_config_from_hf(weights.read_json(path / "config.json"), path / "config.json")
     sd = weights.rename(weights.read_state_dict(file, "", dtype), TOWER_NAMES)
     with torch.device("meta"):
