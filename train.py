@@ -139,10 +139,7 @@ class Trainer:
         ind = list(self.indicator.parameters()) if self.indicator is not None else []
         self.params, self.networks = net + ind, (net, ind)  # clipped apart; the indicator at its own --indicator-lr
         groups = [{"params": net}] + [{"params": ind, "lr": args.indicator_lr or args.lr}] * bool(ind)
-        # the authors' AdamW; fused: one kernel for all parameters, not a Python loop over them (PyTorch's CPU default),
-        # ~20% of a tiny model's LoRA step, the same update rule
-        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
-                                           weight_decay=args.weight_decay, fused=True)
+        self.optimizer = checkpoints.make_optimizer(groups, args)
         precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
         self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)  # off: a no-op

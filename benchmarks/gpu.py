@@ -28,7 +28,7 @@ from benchmarks import unet as unet_bench
 from benchmarks.common import fill_random_
 from ddm import Indicator, ddm_loss
 
-ARGS = train.parse_args(["--data", "-", "--out", "-"])  # train.py's optimizer defaults
+ARGS = train.build_parser().parse_args(["--data", "-", "--out", "-"])  # train.py's optimizer defaults
 CUDA = torch.device("cuda")
 
 
@@ -166,7 +166,7 @@ def training(ours, ref):
 
         def make_step(unet, ind):
             params = [p for p in unet.parameters() if p.requires_grad] + list(ind.parameters())
-            opt = train.make_optimizer(params, ARGS) if unet is ours else torch.optim.AdamW(
+            opt = checkpoints.make_optimizer(params, ARGS) if unet is ours else torch.optim.AdamW(
                 params, lr=ARGS.lr, betas=tuple(ARGS.adam_betas), eps=ARGS.adam_eps, weight_decay=ARGS.weight_decay)
 
             def step():

@@ -1,5 +1,5 @@
 """One DDM training step — forward, backward, gradient-norm clip, AdamW — with LoRA rank 8 (alpha 32) on the UNet's
-to_q/to_v, batch 8, CPU fp32: ours (unet.py + lora.py + ddm.ddm_loss + train.make_optimizer, the step train.py
+to_q/to_v, batch 8, CPU fp32: ours (unet.py + lora.py + ddm.ddm_loss + checkpoints.make_optimizer, the step train.py
 takes) against diffusers' UNet2DConditionModel with a peft adapter (`unet.add_adapter`, as the authors' script
 does) and the same indicator, loss and optimizer. Both UNets share one set of random base weights. Two sizes: a tiny
 config and full-size SD v1.5, at an 8x8 latent (64 px). Prints median ratios ours/ref and peak memory per step."""
@@ -27,7 +27,7 @@ CONFIGS = {  # tiny: the shape tests/test_train.py and a CPU reproduction train;
     "SD v1.5": UNetConfig(),
 }
 BATCH, LATENT = 8, 8
-ARGS = train.parse_args(["--data", "-", "--out", "-"])  # train.py's defaults: lr, betas, eps, weight decay, clip
+ARGS = train.build_parser().parse_args(["--data", "-", "--out", "-"])  # train.py's lr, betas, eps, weight decay, clip
 
 
 def models(cfg):
@@ -55,7 +55,7 @@ def step_fns(cfg):
 
     def make_step(unet, indicator, predict, loss_fn):
         params = [p for p in unet.parameters() if p.requires_grad] + list(indicator.parameters())
-        optimizer = train.make_optimizer(params, ARGS) if unet is ours else torch.optim.AdamW(
+        optimizer = checkpoints.make_optimizer(params, ARGS) if unet is ours else torch.optim.AdamW(
             params, lr=ARGS.lr, betas=tuple(ARGS.adam_betas), eps=ARGS.adam_eps, weight_decay=ARGS.weight_decay)
 
         def step():
