@@ -629,6 +629,14 @@ def test_a_fine_tune_whose_base_schedule_changed_is_refused_not_sampled_or_resum
     loading.load_run(run)
 
 
+def test_a_model_folder_named_like_a_checkpoint_is_fingerprinted_as_a_model(sd_dir, tmp_path):
+    """A diffusers folder named checkpoint-000100 was taken for a run's checkpoint folder by its name alone: no
+    top-level weight files, so an empty fingerprint, and other weights put there were never noticed."""
+    base = tmp_path / "checkpoint-000100"
+    shutil.copytree(sd_dir, base)
+    assert rundir.model_fingerprint(base) == rundir.model_fingerprint(sd_dir) != {}
+
+
 def test_the_base_fingerprint_sees_one_tensor_changed_in_a_large_file(tmp_path):
     """A LoRA merged into a saved-over base changes only the attention tensors it trained, a few % of the file: 64
     pieces spread evenly over it could all miss them. Every tensor's first bytes are read."""
