@@ -300,8 +300,8 @@ def model_fingerprint(path):
     (a diffusers folder's UNet, VAE and text encoder, one single file, or a run's checkpoint folder's weights): a
     few MB, where hashing SD's 4 GB whole would take seconds at every load. A guard against other weights at the
     same path, not a checksum."""
-    files = (Path(path).glob("*.safetensors") if finished_name(Path(path).name) else
-             {file for file, _ in find_components(path).values()})
+    checkpoint = finished_name(Path(path).name) and (Path(path) / "state.json").is_file()  # as save_checkpoint wrote
+    files = Path(path).glob("*.safetensors") if checkpoint else {file for file, _ in find_components(path).values()}
     out = {}
     for f in sorted(files):
         size, h = f.stat().st_size, hashlib.sha256()
