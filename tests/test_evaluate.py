@@ -737,7 +737,7 @@ def test_the_per_group_frechet_distance_does_not_depend_on_the_order_of_the_grou
     assert forward["frechet_per_group"] == backward["frechet_per_group"]
 
 
-def test_an_image_folder_given_after_attributes_is_refused_not_judged_as_a_text(tmp_path, capsys):
+def test_an_image_folder_given_after_attributes_is_refused_not_judged_as_a_text(tmp_path, capsys, monkeypatch):
     """`evaluate.py g1 --attributes "a man" "a woman" g2`: --attributes took g2 as a third text, so g2's images
     were never judged and FD was taken over three groups, without a word."""
     g1, g2 = tmp_path / "g1", tmp_path / "g2"
@@ -745,6 +745,9 @@ def test_an_image_folder_given_after_attributes_is_refused_not_judged_as_a_text(
     with pytest.raises(SystemExit):
         evaluate.parse_args([str(g1), "--clip", str(tmp_path / "clip"), "--attributes", "a man", "a woman", str(g2)])
     assert f"--attributes {str(g2)!r} is a folder" in capsys.readouterr().err
+    # texts that name the image folders themselves (or "", which names ".") are texts
+    monkeypatch.chdir(tmp_path)
+    evaluate.parse_args(["g1", "g2", "--clip", "clip", "--attributes", "g1", "g2", "--attributes", "", "old"])
 
 
 def test_a_grid_png_copied_without_its_samples_json_is_refused_not_judged_as_an_image(heldout, tmp_path):
