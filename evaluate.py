@@ -694,14 +694,15 @@ def flag_error(args):
     twice = [t for t in map(cli.repeated, folded) if t is not None]
     if twice:
         return f"--attributes names the text {twice[0]!r} twice; each group of an attribute needs its own text"
-    folder = next((t for texts in args.attributes or [] for t in texts if Path(t).is_dir()), None)
+    resolved = [Path(d).resolve() for d in args.image_dirs]
+    folder = next((t for texts in args.attributes or [] for t in texts
+                   if t and Path(t).is_dir() and Path(t).resolve() not in resolved), None)
     if folder is not None:  # nargs="+" takes every word after --attributes: a folder put there became a text
-        return (f"--attributes {folder!r} is a folder: give the image folders before --attributes (and a text "
-                "that is not also a folder's name)")
+        return (f"--attributes {folder!r} is a folder, not among the image folders: give them all before "
+                "--attributes (and texts that are not also the names of other folders)")
     if args.prompt is not None and all((Path(d) / "samples.json").is_file() for d in args.image_dirs):
         return ("--prompt: every folder has a samples.json, whose prompts the CLIP score reads; leave --prompt out "
                 "(it is for folders without one)")
-    resolved = [Path(d).resolve() for d in args.image_dirs]
     again = next((k for k, d in enumerate(resolved) if d in resolved[:k]), None)
     if again is not None:
         return (f"IMAGE_DIR {args.image_dirs[again]} is {args.image_dirs[resolved.index(resolved[again])]} again: "
