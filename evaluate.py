@@ -553,8 +553,8 @@ def image_files(directory, name="image folder"):
     empty = None if paths else (f"no images in {directory} (looked for {', '.join(data.IMAGE_EXTENSIONS)}; found "
                                 f"{len(files)} other files{': ' + others if files else ''})")
     copied = directory / "grid.png" in paths and not meta.is_file()  # the images of a run, copied without its record
-    grid_error = (f"{directory / 'grid.png'}: named as sample.py's grid of the images beside it, with no samples.json "
-                  "to say which: move it away (or put the run's samples.json back)") if copied else None
+    grid_error = (f"{directory / 'grid.png'}: no samples.json beside it to tell sample.py's grid of these images from "
+                  "an image: move it away (or put the run's samples.json back)") if copied else None
     why = unfinished_error(directory) or empty or grid_error or unlisted_error(directory, paths)
     if why:
         raise ValueError(why)
