@@ -813,6 +813,16 @@ def test_an_init_config_its_base_folder_cannot_hold_is_refused_before_anything_i
     assert not (tmp_path / "never").exists() and not (tmp_path / "export").exists()
 
 
+@pytest.mark.parametrize("change", [{"head_dim": 8}, {"attention_levels": [1, 1]}, {"channel_mult": [1, 2],
+                                                                                   "attention_levels": [1, 0]}])
+def test_an_init_config_that_reads_back_as_the_same_net_in_other_words_is_taken(change, tmp_path):
+    """The read-back check compared the configs field by field: a head_dim (which makes num_heads unread), levels
+    listed twice or out of order were refused though base/ reads back the same net."""
+    config = tmp_path / "same.json"
+    config.write_text(json.dumps({**TINY, "unet": {**TINY["unet"], **change}}))
+    loading.models_from_config(config)
+
+
 def test_a_from_scratch_run_resumes_on_the_init_config_it_was_started_with_even_one_now_refused(sd_dir, data_dir,
                                                                                                  tmp_path):
     """A resume takes its models from the run's base/: the --init-config is only compared with run.json, so one that
