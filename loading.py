@@ -372,9 +372,12 @@ def _build(path, key, cls, cfg):
     _, write, read = checkpoints.COMPONENTS[key]
     try:
         back = read(write(cfg))
+        with torch.device("meta"):  # the same tensors, or another net (diffusers' widths start at the first level's)
+            same = {k: v.shape for k, v in cls(back).state_dict().items()} == {
+                k: v.shape for k, v in model.state_dict().items()}
         other = [f"{f.name} {getattr(cfg, f.name)} as {getattr(back, f.name)}" for f in dataclasses.fields(cfg)
-                 if getattr(back, f.name) != getattr(cfg, f.name)]  # diffusers' widths start at the first level's
-        why = f"which would read back another net: {', '.join(other)}" if other else None
+                 if getattr(back, f.name) != getattr(cfg, f.name)]
+        why = None if same else f"which would read back another net: {', '.join(other)}"
     except ValueError as e:
         why = f"whose config.json would not read back: {e}"
     if why:
