@@ -618,9 +618,12 @@ def test_a_fine_tune_whose_base_schedule_changed_is_refused_not_sampled_or_resum
     schedule.parent.mkdir()
     sd = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
           "prediction_type": "epsilon"}
-    for change in ({"prediction_type": "v_prediction"}, {"num_train_timesteps": 500}):
+    for change, was in (({"prediction_type": "v_prediction"}, "prediction type epsilon, now v_prediction"),
+                        ({"num_train_timesteps": 500}, "1000 timesteps, now 500"),
+                        ({"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}, "another")):
         schedule.write_text(json.dumps({**sd, **change}))
-        message = rf"^{re.escape(str(run / 'run.json'))}: the run trained on epsilon targets over 1000 timesteps, but"
+        message = (rf"^{re.escape(str(run / 'run.json'))}: the base model's schedule changed since the run started "
+                   rf"\(.*{was}")
         with pytest.raises(ValueError, match=message):
             loading.load_run(run)
         with pytest.raises(ValueError, match=message):
