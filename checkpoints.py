@@ -365,6 +365,13 @@ def scheduler_config(models):
     return config
 
 
+def schedule_record(alphas_cumprod):
+    """What run.json records of the schedule a run trains on: its length and ᾱ at every tenth of it (to 9 digits,
+    which every machine rounds alike), enough to tell another schedule (loading.check_schedule)."""
+    ac = alphas_cumprod.detach().double().cpu()
+    return {"timesteps": len(ac), "alphas_cumprod": [float(f"{a:.9g}") for a in ac[::max(len(ac) // 10, 1)].tolist()]}
+
+
 def write_tokenizer(tokenizer, folder):
     """An SD tokenizer/ folder (vocab.json, merges.txt, tokenizer_config.json) that CLIPTokenizer reads."""
     folder.mkdir(parents=True)

@@ -192,16 +192,21 @@ def load_run(run_dir, device="cpu", dtype=torch.float32, merge=True, checkpoint=
 
 
 def check_schedule(models, run_dir, info):
-    """CheckpointError where the base model's schedule is not the one the run trained on (read from run.json; a field
-    an older run did not record is not compared): its scheduler_config.json changed since. The weights' fingerprint
-    does not cover it."""
-    trained = info.get("prediction_type"), info.get("train_timesteps")
-    now = models.prediction_type, len(models.alphas_cumprod)
-    if any(t is not None and t != n for t, n in zip(trained, now)):
+    """CheckpointError where the base model's schedule is not the one the run trained on, as run.json recorded it
+    (a field an older run did not record is not compared): its scheduler_config.json changed since. The weights'
+    fingerprint does not cover it."""
+    was, now, differ = info.get("schedule"), checkpoints.schedule_record(models.alphas_cumprod), []
+    if info.get("prediction_type", models.prediction_type) != models.prediction_type:
+        differ.append(f"prediction type {info['prediction_type']}, now {models.prediction_type}")
+    if was is not None and was != now:  # JSON keeps a float to the last bit
+        length = was.get("timesteps") if isinstance(was, dict) else was
+        differ.append(f"{length} timesteps, now {now['timesteps']}" if length != now["timesteps"]
+                      else "another ᾱ over as many timesteps")
+    if differ:
         raise weights.CheckpointError(
-            f"{Path(run_dir) / 'run.json'}: the run trained on {trained[0]} targets over {trained[1]} timesteps, but "
-            f"its base model's schedule now gives {now[0]} over {now[1]}: its scheduler/scheduler_config.json changed "
-            "since the run started; put the one it trained with back")
+            f"{Path(run_dir) / 'run.json'}: the base model's schedule changed since the run started "
+            f"({'; '.join(differ)}): its scheduler/scheduler_config.json is not the one the run trained with; put "
+            "that one back")
 
 
 def export_model(path, out_dir):

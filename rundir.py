@@ -29,7 +29,7 @@ import torch
 import cli
 import weights
 from checkpoints import (checkpoint_files, export_diffusers, find_components, finished_name, foreign_error,
-                         latest_checkpoint, newest_checkpoint, refuse_link)
+                         latest_checkpoint, newest_checkpoint, refuse_link, schedule_record)
 from ddm import OBJECTIVES, uses_indicator
 
 # The configuration a --resume must repeat (with every flag of the objective group): changing any of these mid-run
@@ -341,7 +341,7 @@ def write_run(run_dir, config, models, latent_shape, args, data):
             "base_fingerprint": None if from_scratch else model_fingerprint(
                 checkpoint_folder(config["model"], models.checkpoint) if models.checkpoint else config["model"]),
             "latent_shape": list(latent_shape), "prediction_type": models.prediction_type,
-            "train_timesteps": len(models.alphas_cumprod), "args": args,
+            "schedule": schedule_record(models.alphas_cumprod), "args": args,
             "model_configs": configs,
             "data": data_fingerprint(data), "versions": {"torch": torch.__version__},
             "created": time.strftime("%Y-%m-%d %H:%M:%S")})
