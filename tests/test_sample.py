@@ -802,6 +802,14 @@ def test_overwrite_keeps_an_evaluation_of_other_images_written_into_its_folder(t
     evaluate.main([str(k2), "--out", str(k1 / "evaluation.json")])
     sample.main(_cli_args(folder, k1, seed="7") + ["--overwrite"])
     assert json.loads((k1 / "evaluation.json").read_text())["image_dirs"] == [str(k2)]
+    # k2's own evaluation, written from one folder by a relative path, then k2 moved and sampled anew from another
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["k2"])
+    k2.rename(tmp_path / "moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    sample.main(_cli_args(folder, tmp_path / "moved", seed="7") + ["--overwrite"])
+    assert not (tmp_path / "moved" / "evaluation.json").exists()  # it judged the images replaced: stale, removed
 
 
 # ---------------------------------------------------------------------------------------------------------------
