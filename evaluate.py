@@ -17,6 +17,7 @@ Two judges, one interface (`class_names`, `__call__(images) -> logits`, `feature
 """
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -737,10 +738,20 @@ def is_result(path):
 
 
 def judged(path, folder):
-    """Whether the file `path` holds a result `run` wrote about the images in `folder`: one of its image_dirs (as
+    """Whether the file `path` holds a result `run` wrote about the images in `folder`: the sample.py run whose
+    samples.json it recorded, wherever either was moved since; in a result without those, one of its image_dirs (as
     typed, resolved from the current folder) is `folder`."""
-    dirs = json_object(path).get("image_dirs") if is_result(path) else None
+    record = json_object(path) if is_result(path) else {}
+    hashes, dirs = record.get("samples_sha256"), record.get("image_dirs")
+    if isinstance(hashes, list):
+        return samples_hash(folder) in [h for h in hashes if h is not None]
     return isinstance(dirs, list) and Path(folder).resolve() in [Path(d).resolve() for d in dirs if isinstance(d, str)]
+
+
+def samples_hash(folder):
+    """The sha256 of the folder's samples.json (sample.py's record of its images), or None without one."""
+    record = Path(folder) / "samples.json"
+    return hashlib.sha256(record.read_bytes()).hexdigest() if record.is_file() else None
 
 
 def main(argv=None):
@@ -752,6 +763,7 @@ def run(args):
     """Judge the folders, write the result (write_atomic names the file if the disk filled meanwhile), print it."""
     result = evaluate_clip(args) if args.clip is not None else evaluate_digits(args)
     result["image_dirs"] = [str(d) for d in args.image_dirs]
+    result["samples_sha256"] = [samples_hash(d) for d in args.image_dirs]  # which runs' images: judged() reads it
     out = args.out or Path(args.image_dirs[0]) / "evaluation.json"
     weights.write_json(out, result)
     print(format_result(result))
