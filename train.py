@@ -145,7 +145,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)  # off: a no-op
 
     def step(self):
-        """One optimizer update over grad_accum micro-batches; the loss and parts, means over them and the ranks."""
+        """One optimizer update over grad_accum micro-batches; the loss and parts, means over them and the ranks (of a
+        part named *_max, the largest)."""
         args, device, models, ddp, sums, maxima = self.args, self.device, self.models, self.ddp, {}, {}
         for micro in range(args.grad_accum):
             batch = next(self.batches)
