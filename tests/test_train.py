@@ -448,25 +448,32 @@ def test_torchrun_two_processes_end_with_equal_weights(objective, sd_dir, data_d
     assert all(line.get("w_max", 1) == pytest.approx(1, abs=1e-6) for line in log_lines(out))  # equal shares: w = 1
 
 
-def test_torchrun_ranks_whose_objective_names_other_parts_stop_naming_both(sd_dir, data_dir, tmp_path):
-    """README, "Change the loss": every rank sums the same parts in the same order. A part named after the rank
-    used to be added to the other rank's part of another name, and the log showed the mixed sum under rank 0's."""
-    script = tmp_path / "rank_parts.py"
+def torchrun_with_part(name, part, sd_dir, data_dir, tmp_path, steps):
+    """train.py on two torchrun ranks under --objective `name`: the authors' parts plus `part` (a dict entry, source
+    run on each rank, RANK set) -> (the finished process, the run directory)."""
+    script = tmp_path / "objective.py"
     script.write_text(f"""import os, sys
 sys.path.insert(0, {str(ROOT)!r})
-import ddm, train
-def by_rank(b, indicator, hp):
+import ddm, torch, train
+def objective(b, indicator, hp):
     loss, parts = ddm.ddm(b, indicator, hp)
-    return loss, {{**parts, "rank" + os.environ["RANK"]: b.t.float().mean()}}
-ddm.OBJECTIVES["by-rank"] = ddm.Objective(by_rank, "pred")
+    return loss, {{**parts, {part}}}
+ddm.OBJECTIVES[{name!r}] = ddm.Objective(objective, "pred")
 train.main()
 """)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--objective", "by-rank",
-           "--lora-rank", "4", "--max-steps", "2", "--cache-latents", *FAST]
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300)
+           "--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--objective", name,
+           "--lora-rank", "4", "--max-steps", str(steps), "--cache-latents", *FAST]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300), out
+
+
+def test_torchrun_ranks_whose_objective_names_other_parts_stop_naming_both(sd_dir, data_dir, tmp_path):
+    """README, "Change the loss": every rank sums the same parts in the same order. A part named after the rank
+    used to be added to the other rank's part of another name, and the log showed the mixed sum under rank 0's."""
+    r, out = torchrun_with_part("by-rank", '"rank" + os.environ["RANK"]: b.t.float().mean()', sd_dir, data_dir,
+                                tmp_path, steps=2)
     assert r.returncode != 0 and not log_lines(out)
     assert re.search(r"--objective by-rank at step 1: the ranks returned the parts \[\(.*'rank0'\), \(.*'rank1'\)\]: "
                      r"every rank must return the same names", r.stderr), r.stderr[-4000:]
@@ -477,22 +484,8 @@ def test_torchrun_logs_a_maximum_part_as_the_largest_any_rank_measured(rank0, ra
                                                                         tmp_path):
     """A part named *_max is the largest over ranks (a mean would log 3.5), and a rank that did not measure it (NaN)
     is left out: gloo's MAX kept rank 0's NaN, so the log said null or 2.0 by which rank had measured it."""
-    script = tmp_path / "rank_max.py"
-    script.write_text(f"""import os, sys
-sys.path.insert(0, {str(ROOT)!r})
-import ddm, torch, train
-def rank_max(b, indicator, hp):
-    loss, parts = ddm.ddm(b, indicator, hp)
-    return loss, {{**parts, "probe_max": torch.tensor(float({rank0!r} if os.environ["RANK"] == "0" else {rank1!r}))}}
-ddm.OBJECTIVES["rank-max"] = ddm.Objective(rank_max, "pred")
-train.main()
-""")
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--objective", "rank-max",
-           "--lora-rank", "4", "--max-steps", "1", "--cache-latents", *FAST]
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300)
+    part = f'"probe_max": torch.tensor(float({rank0!r} if os.environ["RANK"] == "0" else {rank1!r}))'
+    r, out = torchrun_with_part("rank-max", part, sd_dir, data_dir, tmp_path, steps=1)
     assert r.returncode == 0, r.stderr[-4000:]
     assert [line["probe_max"] for line in log_lines(out)] == [logged]
 
