@@ -537,6 +537,14 @@ def test_an_export_records_the_size_its_run_trained_at(sd_dir, data_dir, tmp_pat
     assert loading.model_sides(sd_dir)[1] == RES
 
 
+def test_an_indicator_named_by_a_model_folder_without_one_says_what_the_folder_is(tmp_path):
+    """--indicator EXPORT of a run that trained no indicator (or a pipeline folder) said only "file
+    EXPORT/indicator.safetensors not found", as if a path were mistyped."""
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"indicator\.safetensors not found: a model folder without an indicator"):
+        loading.load_indicator(tmp_path, (4, 2, 2))
+
+
 def test_an_export_keeps_its_runs_indicator_which_guides_as_the_run_does(runs, data_dir, tmp_path):
     """An export (train.py --export) wrote the UNet, VAE and text encoder and dropped the indicator: a shared model
     could not be guided, and --indicator EXPORT said only "no run.json". It is written beside them, with its record."""
