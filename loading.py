@@ -254,6 +254,9 @@ def load_indicator(path, latent_shape):
     path, where = Path(path), f"--indicator {path}"
     if (path / checkpoints.MODEL_INDEX_FILE).is_file():
         path = path / checkpoints.INDICATOR_FILE  # an export (train.py --export): its run's indicator, if it had one
+        if not path.is_file():
+            raise ValueError(f"{where}: {path} not found: a model folder without an indicator (a pipeline, or the "
+                             "export of a run that trained none); give a run with a noise-aware indicator")
     if path.is_dir():
         run_dir, name = rundir.run_of(path) or (path, None)  # not a run: read_run_json says so
         info = rundir.read_run_json(run_dir)
