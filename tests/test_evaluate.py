@@ -760,6 +760,15 @@ def test_a_grid_png_copied_without_its_samples_json_is_refused_not_judged_as_an_
         evaluate.image_files(folder)
 
 
+def test_a_samples_json_whose_prompt_is_not_a_text_is_called_broken_not_the_images_foreign(tmp_path):
+    """A null prompt in samples.json was reported as an image it does not list, "not the run's images; move them
+    away": the images are the run's, and the record is what broke."""
+    (tmp_path / "samples.json").write_text(json.dumps({"files": ["00000.png", "00001.png"], "prompts": ["a", None]}))
+    paths = [tmp_path / "00000.png", tmp_path / "00001.png"]
+    with pytest.raises(ValueError, match=r"samples.json: the prompt of 00001.png is None, not a text"):
+        evaluate.sample_prompts(tmp_path, paths)
+
+
 def test_mixture_moments_equal_the_moments_of_an_explicitly_drawn_mixture():
     """The real reference mixed 30 : 70 from two groups with different means: its covariance holds the spread
     between the group means (0.3 · 0.7 · 6² = 7.56 along the first axis) besides the spread within them."""
