@@ -317,10 +317,13 @@ def sample_prompts(directory, paths, fallback=None):
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{record_path}: expected sample.py's record, with 'files' and 'prompts' lists of one "
                          f"length ({type(e).__name__}: {e})") from None
-    unlisted = [p.name for p in paths if not isinstance(by_file.get(p.name), str)]
-    if unlisted:
+    unlisted = [p.name for p in paths if p.name not in by_file]
+    broken = [p.name for p in paths if p.name in by_file and not isinstance(by_file[p.name], str)]
+    if unlisted or broken:
         raise ValueError(f"{record_path} lists no prompt for {len(unlisted)} images of the folder, e.g. "
-                         f"{', '.join(unlisted[:3])}: not the run's images; move them away")
+                         f"{', '.join(unlisted[:3])}: not the run's images; move them away" if unlisted else
+                         f"{record_path}: the prompt of {broken[0]} is {by_file[broken[0]]!r}, not a text: the "
+                         "record is broken; write the image's prompt there")
     return [by_file[p.name] for p in paths]
 
 
