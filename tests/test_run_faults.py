@@ -640,6 +640,17 @@ def test_a_model_folder_named_like_a_checkpoint_is_fingerprinted_as_a_model(sd_d
     assert rundir.model_fingerprint(base) == rundir.model_fingerprint(sd_dir) != {}
 
 
+def test_a_fine_tune_whose_base_model_was_moved_names_its_run_json_and_the_field_to_mend(sd_dir, data_dir, tmp_path):
+    """A base model moved away gave "no checkpoint file or folder at SD", as if --model had been mistyped just now."""
+    base, run = tmp_path / "sd", tmp_path / "run"
+    shutil.copytree(sd_dir, base)
+    train.train(["--model", str(base), "--data", str(data_dir), *LORA, "--out", str(run), "--max-steps", "2"])
+    base.rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / 'run.json'))}: the run fine-tunes "
+                                         rf"{re.escape(str(base))}, but it does not exist .*the field 'base'"):
+        loading.load_run(run)
+
+
 def test_the_base_fingerprint_sees_one_tensor_changed_in_a_large_file(tmp_path):
     """A LoRA merged into a saved-over base changes only the attention tensors it trained, a few % of the file: 64
     pieces spread evenly over it could all miss them. Every tensor's first bytes are read."""
