@@ -274,6 +274,8 @@ def base_path(run_dir, info):
         now = latest_checkpoint(model) if model.is_dir() else None
         why = (f"it now holds {now.name if now else 'no checkpoint'}: it trained on since, and the weights this run "
                f"started from are gone; put {started} back there, or fine-tune {model} anew")
+    elif not os.path.lexists(folder):
+        why = "it does not exist (moved or deleted): put it back there, or write where it is now in the field 'base'"
     else:
         now = stored and model_fingerprint(folder)
         differ = [name for name in sorted({**stored, **now}) if stored.get(name) != now.get(name)] if stored else []
