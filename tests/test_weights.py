@@ -237,3 +237,11 @@ def test_a_json_number_python_will_not_read_is_one_line_naming_the_file(tmp_path
     path.write_text('{"sample_size": ' + "9" * 5000 + "}")
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: not valid JSON \(Exceeds the limit"):
         read_json(path)
+
+
+def test_a_json_file_that_is_not_utf8_names_the_byte_and_where_it_is(tmp_path):
+    """"not UTF-8 text (byte 0)" gave an offset that read like the byte's value; data.py's files name both."""
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(CheckpointError, match=r"config.json: not UTF-8 text \(byte 0xff at offset 7\)"):
+        read_json(path)
