@@ -182,7 +182,8 @@ class Tokenizer:
         try:
             lines = (path / "merges.txt").read_bytes().decode("utf-8-sig").split("\n")  # -sig: a byte order mark
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path / 'merges.txt'}: not UTF-8 text (byte {e.start})") from None
+            raise ValueError(f"{path / 'merges.txt'}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                             f"{e.start})") from None
         first = 1 if lines[0].startswith("#version") else 0
         merges = []
         for n, line in enumerate(lines[first:], first + 1):

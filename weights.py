@@ -53,7 +53,7 @@ def read_json(path):
     except OSError as e:
         why = f"cannot read {path}: {e.strerror or e}"
     except UnicodeDecodeError as e:
-        why = f"{path}: not UTF-8 text (byte {e.start})"
+        why = f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
     except json.JSONDecodeError as e:
         why = f"{path}, line {e.lineno}: not valid JSON ({e.msg})"
     except ValueError as e:  # a number Python will not convert: an integer of over 4300 digits
