@@ -199,6 +199,22 @@ def test_a_run_or_export_saved_under_a_checkpoint_name_inside_a_run_is_kept_when
     assert loading.load_run(out).step == 6 and (out / "checkpoint-000005" / "notes.txt").read_text() == "mine"
 
 
+def test_a_resume_to_a_far_max_steps_checks_the_steps_it_saves_by_rule_not_by_listing_them(sd_dir, data_dir,
+                                                                                             tmp_path):
+    """--max-steps 10**15 ("train until I stop it") made the resume list every step it would save, a set of up to
+    10**15 integers, before the check of the user's checkpoint-named folders: minutes, then out of memory."""
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "2"]
+    train.train([*common, "--out", str(out), "--max-steps", "2"])
+    (out / "checkpoint-000004").mkdir()
+    (out / "checkpoint-000004" / "notes.txt").write_text("mine")
+    (out / "checkpoint-000005").mkdir()  # a step this resume does not save: no refusal for it
+    (out / "checkpoint-000005" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"checkpoint-000004 holds notes\.txt, which a checkpoint does not"):
+        train.train([*common, "--resume", str(out), "--max-steps", str(10**15)])
+    assert (out / "checkpoint-000004" / "notes.txt").read_text() == "mine" and loading.load_run(out).step == 2
+
+
 @pytest.mark.parametrize("rank, text_encoder, objective", [(0, False, "ddm"), (4, True, "plain-indicator"),
                                                           (0, True, "indicator-weighted")])
 def test_every_file_a_checkpoint_holds_is_one_save_checkpoint_may_delete(rank, text_encoder, objective):
