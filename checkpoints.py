@@ -266,7 +266,7 @@ def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra, metadata=N
         raise FloatingPointError(f"{bad} is not finite at step {step}: no checkpoint written")
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f"checkpoint-{step:06d}.tmp"
-    why = foreign_error(run_dir, {step})  # rundir.open_run asked before training; the folder may be new
+    why = foreign_error(run_dir, lambda s: s == step)  # rundir.open_run asked before training; the folder may be new
     if why:
         raise weights.CheckpointError(why)
     shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save of this step
@@ -302,11 +302,11 @@ def foreign_files(folder):
     return [p for p in sorted(folder.iterdir()) if p.name not in CHECKPOINT_FILES or not p.is_file() or p.is_symlink()]
 
 
-def foreign_error(run_dir, steps):
-    """Why train.py cannot save the `steps` in `run_dir`, or None: a checkpoint-named folder of one of them that
-    holds a file no checkpoint does is the user's, not train.py's to replace."""
+def foreign_error(run_dir, saves):
+    """Why train.py cannot save its steps in `run_dir`, or None: a checkpoint-named folder of a step it saves
+    (`saves(step)` is true) that holds a file no checkpoint does is the user's, not train.py's to replace."""
     for step, folder, _ in _checkpoint_dirs(run_dir):
-        theirs = foreign_files(folder) if step in steps else []
+        theirs = foreign_files(folder) if saves(step) else []
         if theirs:
             return (f"{folder} holds {theirs[0].name}, which a checkpoint does not: it is not train.py's to replace; "
                     f"move it away to save step {step} there")

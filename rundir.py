@@ -172,8 +172,8 @@ def open_run(args, data, world_size, init_config, device, say):
                f"resume goes on from there: give --max-steps {ckpt['step']} or more")
     else:  # a folder of the user's where the run would save a step: said now, not after training up to it
         every, start = args.checkpoint_every, ckpt["step"] if ckpt else 0
-        saved = {s for s in range(start + 1, args.max_steps + 1) if every and s % every == 0 or s == args.max_steps}
-        why = args.resume and foreign_error(run_dir, saved)
+        why = args.resume and foreign_error(run_dir, lambda s: start < s <= args.max_steps and (
+            every and s % every == 0 or s == args.max_steps))
     if why:
         raise ValueError(why)
     return run_dir, config, ckpt, base
