@@ -372,6 +372,19 @@ def test_export_loads_in_diffusers_with_our_outputs(full_run, lora_run, data_dir
     assert not (tmp_path / "e2").exists() and not (tmp_path / "o2").exists()  # a conversion would have ignored --out
 
 
+def test_an_export_records_the_model_and_step_it_was_written_from(lora_run, sd_dir, tmp_path):
+    """A diffusers folder said nothing of where it came from: which run, which of its checkpoints, which step. Its
+    export.json names them (a plain model: its path alone)."""
+    train.train(["--model", str(lora_run), "--export", str(tmp_path / "newest")])
+    train.train(["--model", str(lora_run / "checkpoint-000004"), "--export", str(tmp_path / "named")])
+    train.train(["--model", str(sd_dir), "--export", str(tmp_path / "plain")])
+    assert json.loads((tmp_path / "newest" / "export.json").read_text()) == json.loads(
+        (tmp_path / "named" / "export.json").read_text()) == {
+        "model": str(lora_run.resolve()), "checkpoint": "checkpoint-000004", "step": 4}
+    assert json.loads((tmp_path / "plain" / "export.json").read_text()) == {
+        "model": str(sd_dir.resolve()), "checkpoint": None, "step": None}
+
+
 def test_a_text_encoder_with_fewer_positions_trains_samples_and_exports_at_its_length(sd_dir, data_dir, tmp_path):
     """reproduce.py's tiny text encoder has 16 positions, not SD's 77: texts are padded to the positions the text
     encoder has, in training, sampling and the export (whose tokenizer_config diffusers reads)."""
