@@ -403,9 +403,10 @@ def check_export(out_dir):
         raise weights.WriteError(f"--export {out_dir}: {why}")
 
 
-def export_diffusers(models, out_dir, indicator=None, indicator_metadata=None):
+def export_diffusers(models, out_dir, source=None, indicator=None, indicator_metadata=None):
     """Write `models` (LoRA merged) as a diffusers StableDiffusionPipeline folder, atomically (DIR.tmp, rename); a
-    run's `indicator` goes beside them as INDICATOR_FILE with its record (sample.py --indicator reads it back)."""
+    run's `indicator` goes beside them as INDICATOR_FILE with its record (sample.py --indicator reads it back), and
+    `source` (the model, checkpoint and step it was written from) as export.json (a run's base/: its run.json)."""
     out_dir = Path(out_dir)
     check_export(out_dir)
     assert not any(isinstance(m, lora.LoRALinear) for name in COMPONENTS for m in getattr(models, name).modules()), \
@@ -416,6 +417,8 @@ def export_diffusers(models, out_dir, indicator=None, indicator_metadata=None):
     try:
         with weights.writing(tmp):  # what is written below without a name of its own (folders) is named by the export's
             _write_diffusers(models, tmp)
+            if source is not None:
+                weights.write_json(tmp / "export.json", source)
             if indicator is not None:
                 weights.save_tensors(indicator.state_dict(), tmp / INDICATOR_FILE, indicator_metadata)
             os.replace(tmp, out_dir)

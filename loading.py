@@ -211,12 +211,14 @@ def check_schedule(models, run_dir, info):
 
 def export_model(path, out_dir):
     """train.py --export: the model at `path` (a run: its newest checkpoint or the one named) as a diffusers folder,
-    with the run's indicator beside it when it trained one."""
+    with the run's indicator beside it when it trained one, and what it was written from in export.json."""
     run = rundir.run_of(path)
     if run is None:
-        return checkpoints.export_diffusers(load_models(path), out_dir)
+        source = {"model": str(Path(path).resolve()), "checkpoint": None, "step": None}
+        return checkpoints.export_diffusers(load_models(path), out_dir, source)
     r = load_run(run[0], checkpoint=run[1])
-    return checkpoints.export_diffusers(r.models, out_dir, r.indicator, r.indicator and indicator_metadata(
+    source = {"model": str(Path(run[0]).resolve()), "checkpoint": r.models.checkpoint, "step": r.step}
+    return checkpoints.export_diffusers(r.models, out_dir, source, r.indicator, r.indicator and indicator_metadata(
         r.indicator, r.group_names, r.info["config"].get("attribute")))
 
 
