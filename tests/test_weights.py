@@ -109,6 +109,24 @@ def test_a_subfolder_without_the_weight_file_says_what_it_holds(tmp_path, files,
                        weight_names=("diffusion_pytorch_model.safetensors",), convert=dict)
 
 
+def test_one_model_of_a_diffusers_folder_given_as_the_whole_model_is_named_as_such(tmp_path):
+    """--model PIPE/vae or PIPE/unet/diffusion_pytorch_model.safetensors said the folder lacks text_encoder/, or that
+    the file has no tensors under 'first_stage_model.', not that it is one model where the whole one was asked."""
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    save_file(Tiny().state_dict(), tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(FileNotFoundError, match=rf"inside it; {re.escape(str(tmp_path / 'vae'))} holds a config\.json "
+                                                r"of its own: it is one model's folder; give the folder of the whole "
+                                                r"model \(a diffusers folder or a single file\)$"):
+        read_component(tmp_path / "vae", subfolder="text_encoder", single_file_prefix="",
+                       weight_names=("model.safetensors",), convert=dict)
+    file = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(file))} has no tensors under 'first_stage_model\.': "
+                                              r"not a single-file checkpoint of a whole SD v1\.x model$"):
+        read_component(file, subfolder="vae", single_file_prefix="first_stage_model.",
+                       weight_names=("diffusion_pytorch_model.safetensors",), convert=dict)
+
+
 def test_rename_uses_the_longest_prefix_and_inverts():
     table = {"a": "x", "a.b": "y.z"}
     sd = {"a.b.weight": 1, "a.c.weight": 2, "q.weight": 3}
