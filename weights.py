@@ -203,7 +203,9 @@ def find_component(path, *, subfolder, weight_names):
     raise FileNotFoundError(  # held: a download cut short, or diffusers' variant files (*.fp16.safetensors) alone
         f"{path} is neither a single-file checkpoint nor a diffusers folder: looked for "
         f"{subfolder}/{{{','.join(weight_names)}}} and {{{','.join(weight_names)}}} inside it"
-        + ("" if held is None else f"; {subfolder}/ holds {_examples(held, 6) or 'nothing'}"))
+        + (f"; {subfolder}/ holds {_examples(held, 6) or 'nothing'}" if held is not None else
+           f"; {path} holds a config.json of its own: it is one model's folder; give the folder of the whole model "
+           "(a diffusers folder or a single file)" if (path / "config.json").is_file() else ""))
 
 
 def read_component(path, *, subfolder, single_file_prefix, weight_names, convert, dtype=None):
@@ -216,7 +218,8 @@ def read_component(path, *, subfolder, single_file_prefix, weight_names, convert
     if config_file is None:
         sd = read_state_dict(weight_file, single_file_prefix, dtype)
         if not sd:
-            raise CheckpointError(f"{weight_file} has no tensors under '{single_file_prefix}'")
+            raise CheckpointError(f"{weight_file} has no tensors under '{single_file_prefix}': not a single-file "
+                                  "checkpoint of a whole SD v1.x model")
         return sd, None
     config = read_config(config_file, convert)
     return read_state_dict(weight_file, "", dtype), config
