@@ -491,11 +491,21 @@ def name_order(groups):
 
 def equal_subsets(real, fake, m, draws, gen):
     """`draws` pairs of random subsets of m points of each set, or None where either holds fewer: compared on one
-    size, a group with more images earns nothing (its Frechet distance falls with the number, its recall grows)."""
+    size, a group with more images earns nothing (its Frechet distance falls with the number, its recall grows).
+    Drawn from each set in the order of its points' values (canonical), so the same images give the same subsets in
+    any order: the folders in another order on the command line, or a folder's files renamed."""
     if min(len(real), len(fake)) < m:
         return None
+    real, fake = canonical(real), canonical(fake)
     return [(real[torch.randperm(len(real), generator=gen)[:m]], fake[torch.randperm(len(fake), generator=gen)[:m]])
             for _ in range(draws)]
+
+
+def canonical(points):
+    """The rows of (N, D) `points` sorted by their values (the first column first, ties by the next): an order that
+    does not depend on the one they came in. Equal rows are interchangeable."""
+    points = torch.as_tensor(points)
+    return points[torch.from_numpy(np.lexsort(points.double().cpu().numpy().T[::-1]).copy())]
 
 
 def precision_recall(real, fake, k=3):
