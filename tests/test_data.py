@@ -517,6 +517,37 @@ def test_alpha_palette_and_cmyk_images_convert_to_the_expected_rgb(tmp_path):
     assert np.asarray(data.open_image(_saved(tmp_path, cmyk, "c.tif"))).tolist() == [[[255] * 3, [0, 255, 255]]]
 
 
+
+@pytest.mark.parametrize("name", ["photo.png", "photo.jpg"])
+def test_a_photo_with_an_exif_orientation_is_read_upright_as_viewers_show_it(tmp_path, name):
+    """Cameras store a portrait photo as landscape pixels and an EXIF Orientation tag; every viewer shows it turned.
+    Read without the tag, the model trained on (and the judge scored) the photo on its side."""
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :16, 0] = 255  # left half red, right half blue, as stored
+    stored[:, 16:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: turn 90 degrees clockwise to show: red on top, blue below
+    root = _two_line_folder(tmp_path, name)
+    Image.fromarray(stored).save(root / name, exif=exif)
+    got = np.asarray(data.open_image(root / name), np.float64)
+    assert got.shape == (32, 16, 3)  # portrait, as shown
+    assert got[:14, :, 0].min() > 200 and got[:14, :, 2].max() < 60  # top: red
+    assert got[18:, :, 2].min() > 200 and got[18:, :, 0].max() < 60  # bottom: blue
+    square = (data.ImageFolder(root, 8)[1]["pixels"] + 1) * 127.5  # train.py's centre square: red above blue
+    assert square[0, :3].min() > 200 and square[2, :3].max() < 60 and square[2, 5:].min() > 200
+
+
+def test_a_grey_or_rgb_png_with_a_transparent_colour_is_composited_over_white(tmp_path):
+    """A tRNS chunk makes one grey level or one RGB colour transparent, as a palette's index can be: over white too."""
+    grey = Image.new("L", (2, 1), 0)
+    grey.putpixel((1, 0), 100)
+    grey.save(tmp_path / "g.png", transparency=0)
+    assert np.asarray(data.open_image(tmp_path / "g.png")).tolist() == [[[255] * 3, [100] * 3]]
+    rgb = Image.new("RGB", (2, 1), (0, 0, 0))
+    rgb.putpixel((1, 0), (10, 20, 30))
+    rgb.save(tmp_path / "c.png", transparency=(0, 0, 0))
+    assert np.asarray(data.open_image(tmp_path / "c.png")).tolist() == [[[255] * 3, [10, 20, 30]]]
+
 def _tiny_vae(folder):
     """A random tiny VAE written as a diffusers vae/ folder (random weights still map dark and bright apart)."""
     from safetensors.torch import save_file
