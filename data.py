@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import cli
 import ddm
@@ -398,12 +398,14 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def open_image(path):
-    """Open an image file as 8-bit RGB; grayscale/palette are expanded, 16-bit grey is scaled by 255/65535,
-    transparency is composited over white. ValueError naming the file (and the mode, for float or out-of-range
-    images) when it does not read."""
+    """Open an image file as 8-bit RGB, upright as viewers show it (a camera's EXIF orientation applied);
+    grayscale/palette are expanded, 16-bit grey is scaled by 255/65535, transparency (an alpha channel, or a
+    palette's, grey level's or colour's tRNS) is composited over white. ValueError naming the file (and the mode,
+    for float or out-of-range images) when it does not read."""
     try:
         with Image.open(path) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)  # a portrait photo: stored landscape, with the turn to apply in EXIF
             if img.mode in SIXTEEN_BIT_MODES:
                 values = np.asarray(img).astype(np.int64)
                 if values.size and (values.min() < 0 or values.max() > 65535):
@@ -413,7 +415,7 @@ def open_image(path):
             if img.mode == "F":
                 raise ValueError("mode F (32-bit floating point) images have no agreed pixel range; "
                                  "save it as an 8- or 16-bit image")
-            if img.mode == "P" and "transparency" in img.info:
+            if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
                 img = img.convert("RGBA")
             if img.mode in ("RGBA", "LA", "PA"):
                 rgba = img.convert("RGBA")
