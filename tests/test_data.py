@@ -221,6 +221,14 @@ def test_image_folder_converts_gray_rgba_and_palette_and_maps_string_groups(tmp_
     ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "a.png", "text": "t", "group": "1"}],
      r"metadata.jsonl, line 2: field 'group' is '1' but line 1 has 0"),
     ([{"file_name": "a.png", "text": "t", "group": 0.5}], r"line 1: field 'group' must be an int, a string or null"),
+    # a label with a space at an end, or a blank one, is a group apart that --target cannot name (it strips names)
+    ([{"file_name": "a.png", "text": "t", "group": "woman"}, {"file_name": "a.png", "text": "t", "group": "woman "}],
+     r"metadata.jsonl, line 2: field 'group' 'woman ': the group name 'woman ' has spaces at its ends"),
+    ([{"file_name": "a.png", "text": "t", "group": {"gender": " man", "age": None}}],
+     r"metadata.jsonl, line 1: field 'group' .*: the group name ' man' has spaces at its ends"),
+    ([{"file_name": "a.png", "text": "t", "group": " "}],
+     r"metadata.jsonl, line 1: field 'group' ' ': the group name ' ' is blank; an image without a label has null"),
+    ([{"file_name": "a.png", "text": "t", "group": ""}], r"metadata.jsonl, line 1: field 'group' '': .* is blank"),
     ([{"file_name": "a.png", "text": None, "group": 0}], r"line 1: field 'text' must be a string"),
     (["[1, 2]"], r"line 1: expected a JSON object"),
     ([], r"metadata.jsonl: no images listed"),
@@ -347,6 +355,14 @@ def test_celeba_builder_refuses_a_group_name_that_target_could_not_name(name, ce
         _build(folder, attributes, tmp_path / "out", "--counts", "1,1", "--group-names", name, "woman")
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize("name", [" man", "man ", " ", ""])
+def test_celeba_builder_refuses_a_blank_group_name_or_one_with_spaces_at_its_ends(name, celeba, tmp_path):
+    """train.py refuses such a folder (--target strips names, so it could not name the group): refused here first."""
+    folder, attributes = celeba
+    with pytest.raises(SystemExit, match=rf"group name {re.escape(repr(name))} is blank or has spaces at its ends"):
+        _build(folder, attributes, tmp_path / "out", "--counts", "1,1", "--group-names", name, "woman")
+    assert not (tmp_path / "out").exists()
 
 def test_celeba_builder_names_the_missing_image_attribute_or_supply(celeba, tmp_path, capsys):
     folder, attributes = celeba
