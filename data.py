@@ -3,8 +3,9 @@
 A data set is a folder of images with a `metadata.jsonl`, one JSON object a line (the Hugging Face imagefolder
 convention): {"file_name": "00000.png", "text": "a photo of a digit", "group": 7}. `file_name` stays inside the
 folder (`--link` symlinks point to the line's `source`); `text` is the caption ("" the empty prompt); `group` an
-int or a str (one type per file), or null for an image without a label; groups are sorted and numbered 0..K-1
-(`ImageFolder.group_names`), null is -1. Other fields are ignored. Groups label images, never prompt words.
+int or a str (one type per file; not blank, no space at either end), or null for an image without a label; groups
+are sorted and numbered 0..K-1 (`ImageFolder.group_names`), null is -1. Other fields are ignored. Groups label
+images, never prompt words.
 
     python data.py celeba --images DIR --attributes list_attr_celeba.txt --attribute Male --counts 800,200
                           --prompt "a photo of a face" --out my_data/      (CelebA's attribute-file format)
@@ -241,9 +242,12 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
     images_dir = Path(images_dir)
     with_name, without_name = group_names or (attribute, f"not {attribute}")
     bad = next((n for n in (with_name, without_name) if set(n) & set(",=:+")), None)
-    if with_name == without_name or bad:
+    blank = next((n for n in (with_name, without_name) if not n.strip() or n != n.strip()), None)
+    if with_name == without_name or bad or blank is not None:
         raise ValueError(f"group name {bad!r} holds one of , = : + (--target separates names and shares with them)"
-                         if bad else f"the two groups need different names, got {with_name!r} twice")
+                         if bad else f"group name {blank!r} is blank or has spaces at its ends (--target strips the "
+                         "names it reads, so it could not name this group)" if blank is not None else
+                         f"the two groups need different names, got {with_name!r} twice")
     if len(counts) != 2 or not all(map(weights.is_int, counts)):
         raise ValueError(f"counts must be two positive ints (with, without the attribute), got {counts!r}")
     if not images_dir.is_dir():
@@ -470,6 +474,11 @@ def row_error(row, first):
     if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, str))) for v in values):
         return (f"field 'group' must be an int, a string or null (or an object of those by attribute name), "
                 f"got {group!r}")
+    odd = next((v for v in values if isinstance(v, str) and (not v.strip() or v != v.strip())), None)
+    if odd is not None:  # "woman " beside "woman" would be a third group, one that --target (it strips) cannot name
+        return f"field 'group' {group!r}: the group name {odd!r} " + (
+            "is blank; an image without a label has null" if not odd.strip() else
+            f"has spaces at its ends, which would make it a group apart from {odd.strip()!r}: remove them")
     if group is not None and first and type(group) is not type(first[1]):
         return (f"field 'group' is {group!r} but line {first[0]} has {first[1]!r}; groups must be all ints or all "
                 "strings")
