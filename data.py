@@ -241,13 +241,12 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
     """
     images_dir = Path(images_dir)
     with_name, without_name = group_names or (attribute, f"not {attribute}")
-    bad = next((n for n in (with_name, without_name) if set(n) & set(",=:+")), None)
-    blank = next((n for n in (with_name, without_name) if not n.strip() or n != n.strip()), None)
-    if with_name == without_name or bad or blank is not None:
-        raise ValueError(f"group name {bad!r} holds one of , = : + (--target separates names and shares with them)"
-                         if bad else f"group name {blank!r} is blank or has spaces at its ends (--target strips the "
-                         "names it reads, so it could not name this group)" if blank is not None else
-                         f"the two groups need different names, got {with_name!r} twice")
+    why = next((f"group name {n!r} " + ("holds one of , = : + (--target separates names and shares with them)"
+                                         if set(n) & set(",=:+") else "is blank or has spaces at its ends (--target "
+                                         "strips the names it reads, so it could not name this group)")
+                for n in (with_name, without_name) if set(n) & set(",=:+") or n != n.strip() or not n), None)
+    if why or with_name == without_name:
+        raise ValueError(why or f"the two groups need different names, got {with_name!r} twice")
     if len(counts) != 2 or not all(map(weights.is_int, counts)):
         raise ValueError(f"counts must be two positive ints (with, without the attribute), got {counts!r}")
     if not images_dir.is_dir():

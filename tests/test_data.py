@@ -364,6 +364,7 @@ def test_celeba_builder_refuses_a_blank_group_name_or_one_with_spaces_at_its_end
         _build(folder, attributes, tmp_path / "out", "--counts", "1,1", "--group-names", name, "woman")
     assert not (tmp_path / "out").exists()
 
+
 def test_celeba_builder_names_the_missing_image_attribute_or_supply(celeba, tmp_path, capsys):
     folder, attributes = celeba
     out = tmp_path / "out"
