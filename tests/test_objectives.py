@@ -64,6 +64,28 @@ def test_predicted_x0_matches_the_ddim_step_x0():
     torch.testing.assert_close(ddm.predicted_x0(v), v.z0, atol=1e-5, rtol=1e-5)
 
 
+def test_predicted_x0_of_a_half_precision_prediction_keeps_the_schedule_exact():
+    """Under train.py's bf16 autocast the UNet's ε̂ is bf16, and predicted_x0 cast ᾱ_t to it before taking √(1−ᾱ_t):
+    ᾱ_0 = 0.99915 rounded to 1, so x̂_0 = z_t at t = 0 (an error of 0.03 ε̂ where the exact ε̂ gives x_0 back), 25% off
+    at t = 5. Only ε̂'s own rounding may show."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, *LATENT, generator=g), torch.randn(6, *LATENT, generator=g)
+    t = torch.tensor([0, 1, 5, 10, 500, 999])
+    ac = diffusion.sd_schedule()
+    z_t = diffusion.add_noise(x0, eps, t, ac)
+    for dtype, tol in ((torch.bfloat16, 4e-3), (torch.float16, 5e-4)):
+        rounded = eps.to(dtype)  # the prediction as the UNet returns it: exact but for its own rounding
+        want = diffusion.predicted_x0(z_t, rounded.float(), t, ac)
+        got = diffusion.predicted_x0(z_t, rounded, t, ac).float()
+        for k in range(len(t)):
+            err = (got[k] - want[k]).abs().max().item()
+            assert err <= tol * max(1.0, want[k].abs().max().item()), (dtype, t[k].item(), err)
+        v = diffusion.v_target(x0, eps, t, ac).to(dtype)
+        got_v = diffusion.predicted_x0(z_t, v, t, ac, "v_prediction").float()
+        want_v = diffusion.predicted_x0(z_t, v.float(), t, ac, "v_prediction")
+        assert (got_v - want_v).abs().max() <= tol * max(1.0, want_v.abs().max().item()), dtype
+
+
 def test_ddm_x0_weights_the_ce_by_alpha_bar_so_its_gradient_stays_bounded_at_large_t():
     torch.manual_seed(0)
     ind = ddm.Indicator(LATENT, 2, (8,))
