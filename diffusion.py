@@ -71,11 +71,14 @@ def eps_from_v(x_t, v, t, alphas_cumprod):
 
 def predicted_x0(x_t, pred, t, alphas_cumprod, prediction_type="epsilon"):
     """x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (DDPM eq. 15), or √ᾱ_t x_t − √(1−ᾱ_t) v̂ for a v-prediction; t (B,),
-    computed in the prediction's dtype."""
-    a = alphas_cumprod[t].to(pred.dtype).view(-1, *[1] * (pred.dim() - 1))
+    in the dtype of x_t and the prediction together (float32 for an autocast UNet's bfloat16 ε̂ and float32 x_t). The
+    roots are taken in ᾱ's own precision and rounded to that dtype, never to the prediction's alone: ᾱ_0 = 0.99915 in
+    bfloat16 is 1, which made √(1−ᾱ_0) 0 instead of 0.029 (x̂_0 = x_t at t = 0)."""
+    a, dtype = alphas_cumprod[t].view(-1, *[1] * (pred.dim() - 1)), torch.promote_types(x_t.dtype, pred.dtype)
+    sa, s1a = a.sqrt().to(dtype), (1 - a).sqrt().to(dtype)
     if prediction_type == "v_prediction":
-        return a.sqrt() * x_t - (1 - a).sqrt() * pred
-    return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+        return sa * x_t - s1a * pred
+    return (x_t - s1a * pred) / sa
 
 
 # ----------------------------------------------------------------------------------------------------------------
