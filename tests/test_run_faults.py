@@ -522,6 +522,33 @@ def test_resume_over_changed_data_is_refused_unless_allowed(sd_dir, tmp_path):
     assert [r["step"] for r in log_lines(out)] == [1, 2]
 
 
+def test_a_data_folder_moved_or_copied_with_its_files_unchanged_resumes_and_the_resume_records_where(sd_dir, tmp_path,
+                                                                                                     capsys):
+    """A data folder moved elsewhere was refused as "started with data=OLD, now data=NEW; resume with the same
+    arguments", which a path that is gone cannot be, and --allow-data-change did not help; a copy made in place (new
+    modification times) needed --allow-data-change, recorded as a change of data that never happened. With
+    metadata.jsonl and every image's bytes the same it is the same data: the resume goes on and says where it is
+    now. Moved and changed, it is changed data."""
+    data = make_data(tmp_path / "data")
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    common = ["--model", str(sd_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--data", str(data), "--out", str(out), "--max-steps", "1"])
+    shutil.copytree(data, moved, copy_function=shutil.copy)  # new modification times
+    shutil.rmtree(data)
+    capsys.readouterr()
+    train.train([*common, "--data", str(moved), "--resume", str(out), "--max-steps", "2"])
+    assert (f"note: the run started on the data in {data.resolve()}; it is in {moved.resolve()} now, its files the "
+            "same") in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["resumes"][-1]["args"]["data"] == str(moved.resolve())
+    Image.fromarray(255 - np.asarray(Image.open(moved / "3.png"))).save(moved / "3.png")
+    with pytest.raises(ValueError, match=rf"the data in {re.escape(str(moved.resolve()))} changed since the run "
+                                         rf"started \(moved from {re.escape(str(data.resolve()))}; the images' "
+                                         r"contents differ\).*--allow-data-change"):
+        train.train([*common, "--data", str(moved), "--resume", str(out), "--max-steps", "3"])
+    train.train([*common, "--data", str(moved), "--resume", str(out), "--max-steps", "3", "--allow-data-change"])
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
 def test_resume_over_data_with_another_number_of_images_names_the_data_not_the_arguments(sd_dir, tmp_path):
     """It said "resume with the same arguments", which were the same; --allow-data-change does not help either."""
     data = make_data(tmp_path / "data")
