@@ -355,9 +355,10 @@ def write_run(run_dir, config, models, latent_shape, args, data):
 
 def check_run_dir(run_dir, config, data, args, device, say):
     """(checkpoint to resume, as read_checkpoint returns it, or None; base model) of a run started with this
-    configuration and this data (an ImageFolder, compared by data_fingerprint); (None, None) for a new run, whose
-    directory must be empty or absent (a train.lock aside). A field an older run did not record takes its value in
-    args.objective_defaults (the parser's: what that run trained with before the flag existed)."""
+    configuration and this data (an ImageFolder, compared by data_fingerprint: moved or copied with the same bytes,
+    it is the same data); (None, None) for a new run, whose directory must be empty or absent (a train.lock aside).
+    A field an older run did not record takes its value in args.objective_defaults (the parser's: what that run
+    trained with before the flag existed)."""
     if args.resume is None:
         _check_new(run_dir)
         return None, None
@@ -370,7 +371,7 @@ def check_run_dir(run_dir, config, data, args, device, say):
     # group_names last: they follow from the data and flags (--attribute), and a changed flag is the thing to name
     for field, value in sorted(config.items(), key=lambda kv: kv[0] == "group_names"):
         stored = info["config"].get(field, args.objective_defaults.get(field))
-        if stored == value:
+        if stored == value or field == "data":  # a folder moved: its files are compared below
             continue
         fix = (f"the data in {config['data']} changed since the run started: restore it, or fine-tune the run on the "
                f"new data as a new run (--model {run_dir})" if field in ("num_images", "group_names")  # same flags
@@ -382,16 +383,22 @@ def check_run_dir(run_dir, config, data, args, device, say):
     if older and say:
         print(f"note: {run_dir / 'run.json'} records no {', '.join(older)} (an older run): taking their defaults",
               file=sys.stderr)
-    now = data_fingerprint(data)
+    now, was = data_fingerprint(data), info["config"].get("data")
     stored = info.get("data", now)  # runs before the fingerprint have none, runs before "contents" no such key
-    differ = [k for k in DATA_CHANGES if k in stored and stored[k] != now[k]]
+    same = "contents" in stored and all(stored[k] == now[k] for k in ("metadata.jsonl", "contents"))  # byte for byte
+    moved = was != config["data"] and "contents" in stored  # its images' paths differ: their bytes tell
+    differ = [] if same else [k for k in DATA_CHANGES if k in stored and stored[k] != now[k]
+                              and not (k == "images" and moved)]
     changed = " and ".join(DATA_CHANGES[k] for k in differ if not (k == "contents" and "images" in differ))
+    if changed and was != config["data"]:
+        changed = f"moved from {was}; {changed}"
     if changed and not args.allow_data_change:
         raise ValueError(f"--resume {run_dir}: the data in {config['data']} changed since the run started "
                          f"({changed}); an exact resume needs the same data: restore it, or pass "
                          f"--allow-data-change to go on with the data as it is now")
-    if changed and say:
-        print(f"warning: the data changed since the run started ({changed}); going on with it",
+    if say and (changed or was != config["data"]):
+        print(f"warning: the data changed since the run started ({changed}); going on with it" if changed else
+              f"note: the run started on the data in {was}; it is in {config['data']} now, its files the same",
               file=sys.stderr)
     ckpt = newest_checkpoint(run_dir, checkpoint_files(config), optimizer_device=device, say=say)
     return ckpt, base_path(run_dir, info)
@@ -426,6 +433,8 @@ def record_resume(run_dir, step, args, config):
     info = weights.read_json(run_dir / "run.json")  # as written: read_run_json fills in defaults
     skip = {*config, "out", "resume", "objective_fields", "objective_defaults"}
     changed = {k: v for k, v in args.items() if k not in skip and info.get("args", {}).get(k, v) != v}
+    if config["data"] != info["config"]["data"]:  # moved (check_run_dir): where this resume read it
+        changed["data"] = config["data"]
     info.setdefault("resumes", []).append({"step": step, "torch": torch.__version__,
                                            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed})
     weights.write_json(run_dir / "run.json", info)
