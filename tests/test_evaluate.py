@@ -111,6 +111,20 @@ def test_mean_confidence_is_the_classifiers_top_probability_over_all_its_classes
     assert r["mean_confidence"] == pytest.approx(want, rel=1e-6)
 
 
+def test_the_share_outside_the_groups_is_not_measured_where_the_groups_are_all_the_classes():
+    """With --clip (the attributes are the classes) or every digit as a group, no image can fall outside the groups:
+    the share was 0 by construction, written and printed as a measured 0.0000. It is None there, printed "-" with
+    the reason; where the judge has classes besides the groups (digits 7 and 8 of ten) it is still measured."""
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
+    clf = FixedClassifier(logits, ["a", "b", "c"])
+    for groups in (None, ["c", "b", "a"]):
+        r = evaluate.evaluate_images(_indices(4), clf, groups=groups)
+        assert r["share_outside_groups"] is None
+        assert "outside groups - (every class is a group)" in evaluate.format_result(r)
+    r = evaluate.evaluate_images(_indices(4), clf, groups=["a", "b"])
+    assert r["share_outside_groups"] == 0.25 and "outside groups 0.2500\n" in evaluate.format_result(r) + "\n"
+
+
 def test_spd_is_max_minus_min_over_all_k_groups():
     a, b, c = [20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0]
     # requested a for images 0-3 (2 right), b for 4-7 (3 right), c for 8-11 (none right)
@@ -512,6 +526,7 @@ def test_clip_cli_equals_transformers_zero_shot_on_sample_folders(tiny_clip, hel
     assert saved["spd"] == pytest.approx(statistical_parity_difference(rates))
     assert saved["mean_confidence"] == pytest.approx(probs.max(1).values.mean().item(), abs=1e-6)
     assert saved["indicator_entropy"] == pytest.approx(math.log(2))
+    assert saved["share_outside_groups"] is None  # the two attributes are all of CLIP's classes
 
     prompts = ["a photo of a male doctor"] * 6 + ["a photo of a doctor"] * 3 + ["a photo"] * 3
     assert [im["prompt"] for im in saved["images"]] == prompts
@@ -528,6 +543,7 @@ def test_clip_cli_equals_transformers_zero_shot_on_sample_folders(tiny_clip, hel
     assert saved["frechet_distance"] == pytest.approx(evaluate.frechet_distance(embeds, real_embeds), rel=1e-4)
     out = capsys.readouterr().out
     assert "CLIP zero-shot" in out and "CLIP score" in out and "SPD" in out and "evaluation.json" in out
+    assert "outside groups - (every class is a group)" in out
 
 
 def test_clip_cli_judges_several_attributes_and_their_intersections(tiny_clip, heldout, tmp_path):
