@@ -3,7 +3,8 @@
 Balance (formulas in ddm.py): FD = ||u − p||₂ of the groups an attribute classifier assigns (hard: argmax; soft:
 mean softmax); SPD over the success rates of prompting each group; the indicator's mean entropy (the authors'
 signal). Quality, so that "fair" cannot mean "broken": confidence, the share of images outside the evaluated
-groups, and the Fréchet distance to real images in the classifier's features (FID's formula, our features).
+groups (None where they are all the classifier's classes, as with --clip: none can be outside), and the Fréchet
+distance to real images in the classifier's features (FID's formula, our features).
 The classifier's held-out accuracy is reported beside every number: its errors distort FD.
 
 Two judges, one interface (`class_names`, `__call__(images) -> logits`, `features(images)`, `heldout_accuracy`):
@@ -409,8 +410,10 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     """Group balance and quality of generated images -> dict of JSON-ready numbers (None where not computed).
 
     groups: the K groups to judge balance over, a subset of `classifier.class_names` (default all of them);
-    images are assigned to the most likely of these K classes. requested: per image, the group its prompt asked
-    for (conditional scenario) -> success rates and SPD; every group must be requested at least once.
+    images are assigned to the most likely of these K classes; share_outside_groups is the share whose most likely
+    class of all is none of them (None where they are all the classes: 0 by construction). requested: per image,
+    the group its prompt asked for (conditional scenario) -> success rates and SPD; every group must be requested at
+    least once.
     indicator_logits: (N, K) logits of the trained indicator, one row per image -> mean entropy.
     reference_features: classifier features of real images -> Frechet distance; either (M, D), or a dict
     {group: (M_g, D)} for every group, whose mixture is weighted by the generated (hard) proportions; with the
@@ -434,6 +437,8 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     labels = group_logits.argmax(1)
     p = group_proportions(labels, K)
     p_soft = group_proportions(group_logits.softmax(1), K)
+    share_outside = (None if len(columns) == len(class_names) else  # every class a group: none can be outside
+                     (~torch.isin(probs.argmax(1), torch.tensor(columns))).double().mean().item())
     result = {
         "n_images": len(images), "groups": groups,
         "classifier_heldout_accuracy": getattr(classifier, "heldout_accuracy", None),
@@ -443,7 +448,7 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         "indicator_entropy": None if indicator_logits is None else mean_entropy(indicator_logits),
         "indicator_entropy_max": math.log(K),
         "mean_confidence": probs.max(1).values.mean().item(),
-        "share_outside_groups": (~torch.isin(probs.argmax(1), torch.tensor(columns))).double().mean().item(),
+        "share_outside_groups": share_outside,
         "frechet_distance": None, "frechet_per_group": None,
     }
     if requested is not None:
@@ -898,7 +903,9 @@ def format_result(r):
     else:
         where = (f"(CLIP image features, vs {r['n_reference']} images in --reference)" if clip else
                  "(classifier features, vs held-out real)")
-    lines += [f"mean confidence   {num(r['mean_confidence'])}   outside groups {num(r['share_outside_groups'])}",
+    outside = r["share_outside_groups"]
+    lines += [f"mean confidence   {num(r['mean_confidence'])}   outside groups {num(outside)}"
+              + (" (every class is a group)" if outside is None else ""),
               f"Frechet distance  {num(r['frechet_distance'], '.3f')} {where}"]
     if r["frechet_per_group"] is not None:
         per = ", ".join(f"{g}: {num(v, '.3f')}" for g, v in r["frechet_per_group"].items())
