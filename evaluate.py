@@ -11,7 +11,9 @@ Two judges, one interface (`class_names`, `__call__(images) -> logits`, `feature
 - `DigitClassifier`, a small CNN trained on the shipped MNIST train split, tested on the held-out split rendered
   as generated images are (32 px RGB, read back to 28 px gray);
 - `CLIPZeroShot` for real SD images: CLIP ViT-L/14 (clip_image.py) picks the most similar of K texts; quality is a
-  CLIP-feature Fréchet distance to --reference and the CLIP score (100 · max(cos, 0), torchmetrics' convention).
+  CLIP-feature Fréchet distance to --reference and the CLIP score: 100 · max(cos(image, its prompt), 0) per image
+  (Hessel et al. 2021's CLIP-S with w = 100 for their 2.5), then the mean over images. torchmetrics' CLIPScore clamps
+  the mean instead of each image, so the two agree wherever no image's cosine is negative.
 
     python evaluate.py IMAGE_DIR [...] [--groups 7 8] [--prompt-groups 7 8] [--classifier PATH]
     python evaluate.py IMAGE_DIR [...] --clip CLIP_DIR --attributes "a photo of a man" "a photo of a woman"
@@ -293,8 +295,9 @@ def clip_image_embeddings(model, paths, batch_size=CLIP_BATCH_SIZE, progress=Tru
 
 @torch.no_grad()
 def clip_scores(model, tokenizer, image_embeds, prompts, batch_size=CLIP_BATCH_SIZE):
-    """CLIP score of each image against its prompt: 100 * max(cos(image, prompt), 0), float (N,); the distinct
-    prompts go through the text tower `batch_size` at a time (a folder may hold thousands of captions)."""
+    """CLIP score of each image against its prompt: 100 * max(cos(image, prompt), 0), float (N,), clamped per image
+    (CLIP-S of Hessel et al. 2021 with w = 100; the result's clip_score is their mean); the distinct prompts go
+    through the text tower `batch_size` at a time (a folder may hold thousands of captions)."""
     unique = sorted(set(prompts))
     text = torch.cat([model.encode_text(tokenizer(unique[i:i + batch_size]).to(model.logit_scale.device)).float().cpu()
                       for i in range(0, len(unique), batch_size)])
@@ -916,7 +919,7 @@ def format_result(r):
         lines.append(f"precision/recall  {num(r['precision'], '.3f')} / {num(r['recall'], '.3f')}   per group {per}   "
                      f"(-: fewer than {DIVERSITY_SUBSET} images)")
     if clip:
-        lines.append(f"CLIP score        {r['clip_score']:.2f} (100 cos(image, its prompt), mean)")
+        lines.append(f"CLIP score        {r['clip_score']:.2f} (mean of 100 max(cos(image, its prompt), 0))")
     for k, a in enumerate(r.get("attributes", [])):  # several --attributes lists: each one, then the intersections
         lines.append(f"attribute {k + 1:<7} {' '.join(f'{p:.3f}' for p in a['proportions'])}   FD {a['fd']:.4f}   "
                      f"{a['groups']}")
