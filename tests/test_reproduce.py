@@ -391,7 +391,17 @@ def test_the_bar_compares_means_over_seeds_and_the_legend_says_so():
     rows = [with_recall(row("plain", s, 0.5, 10.0), r7) for s, r7 in enumerate((0.3, 0.7, 0.5))] + [
         with_recall(row("g", s, 0.1, 10.0), r7) for s, r7 in enumerate((0.5, 0.5, 0.5))]  # seed 1: 0.71 x plain's
     assert verdicts(rows) == {"plain": None, "g": True}
-    assert "The bar, on the means over seeds:" in legend_of_an_empty_report()
+    assert "The bar, on the unrounded means over seeds:" in legend_of_an_empty_report()
+
+
+def test_the_attribute_legend_too_says_the_bar_is_judged_on_the_unrounded_means():
+    """The tables round the means (FD to 3 places, Frechet to 1); the bar compares the unrounded ones, so a row may
+    read as on the bar in the table and miss it, or the other way round. Both legends say which (the digits' above)."""
+    legend = " ".join(reproduce.attribute_markdown({
+        "digits": reproduce.ATTR_DIGITS, "mode": "quick", "counts_per_digit": {}, "sizes":
+        dataclasses.asdict(reproduce.QUICK), "summary": [], "judge_check": {}, "grids": [], "timings_s": {},
+        "seeds": 3, "threads": 1}).split())
+    assert "The bar, on the unrounded means over seeds:" in legend
 
 
 def test_the_legend_says_fd_and_spd_count_each_image_in_the_most_likely_of_the_groups():
