@@ -901,11 +901,11 @@ the share of generic images whose best class is none of the groups, confidence. 
 real digits, on equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc:
 its accuracy on its training batches and balanced accuracy on those holding every group, last 50 steps. DDIM
 {sizes['sample_steps']} steps, CFG {sizes['guidance']}. Std is the sample std over seeds (none for one model; "n of N
-seeds": the seeds that measured it); "worst seed" is the largest FD of any seed. The bar, on the means over seeds: FD at
-most half of plain's, Frechet at most 10% worse, and every group's recall at least 0.9x plain's (a recall some seed
-could not measure fails it; a group whose recall plain could not measure is not judged). Guidance auto (ours):
-trajectory-aware targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator alone
-(guidance.guides_for; the scales chosen are in report.json, rows[].guidance_chosen).
+seeds": the seeds that measured it); "worst seed" is the largest FD of any seed. The bar, on the unrounded means over
+seeds: FD at most half of plain's, Frechet at most 10% worse, and every group's recall at least 0.9x plain's (a
+recall some seed could not measure fails it; a group whose recall plain could not measure is not judged). Guidance
+auto (ours): trajectory-aware targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator
+alone (guidance.guides_for; the scales chosen are in report.json, rows[].guidance_chosen).
 
 ## Verdict (mean ± std over seeds)
 
@@ -1073,10 +1073,10 @@ accuracy: the share the digit classifier reads as the prompted digit; Frechet di
 the prompt's class, mixed by the generated intersections' shares; recall per group on equal-size subsets of
 {sizes['attr_diversity']}. Guided rows: trajectory-aware targets, the scale chosen per prompt by the indicators
 alone on {sizes['attr_calibration']} calibration images. {report['seeds']} seeds; std: sample std, none for one seed
-("n of N seeds": the seeds that measured it). The bar, on the means over seeds: intersectional FD at most 0.10 over
-prompts and 0.15 at the worst prompt, content accuracy at least plain's minus 1 point, Frechet at most 10% worse, and
-every group's recall at least 0.9x plain's (a recall some seed could not measure fails it; a group whose recall
-plain could not measure is not judged).
+("n of N seeds": the seeds that measured it). The bar, on the unrounded means over seeds: intersectional FD at most
+0.10 over prompts and 0.15 at the worst prompt, content accuracy at least plain's minus 1 point, Frechet at most 10%
+worse, and every group's recall at least 0.9x plain's (a recall some seed could not measure fails it; a group whose
+recall plain could not measure is not judged).
 
 ## Verdict (mean ± std over seeds)
 
