@@ -660,6 +660,20 @@ def test_a_schedule_that_is_no_schedule_is_refused_naming_the_file_and_field(tmp
         loading.read_schedule(tmp_path)
 
 
+@pytest.mark.parametrize("config", [{"_class_name": "DDIMScheduler"}, {"beta_schedule": "scaled_linear"},
+                                    {"beta_schedule": "linear", "beta_end": 0.012}])
+def test_a_field_the_scheduler_file_omits_takes_the_default_diffusers_reads_it_with(tmp_path, config):
+    """A hand-written scheduler_config.json without beta_schedule, beta_start or beta_end got SD's scaled_linear
+    0.00085 .. 0.012 here and diffusers' linear 1e-4 .. 0.02 there: from one folder, ᾱ differing by up to 0.23."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    ours, _ = loading.read_schedule(tmp_path)
+    for kind in (DDIMScheduler, PNDMScheduler):  # SD v1.x's folders name PNDM; every such class has these defaults
+        theirs = kind.from_config(config).alphas_cumprod.double()  # float32 products: 1e-5 apart at t = 999
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=0), (kind.__name__, (ours - theirs).abs().max().item())
+
+
 def test_listed_betas_give_the_schedule_they_list(tmp_path):
     (tmp_path / "scheduler").mkdir()
     betas = diffusion.scaled_linear_betas().tolist()
