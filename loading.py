@@ -56,10 +56,11 @@ def read_schedule(path):
 
 
 def _schedule_from_config(c):
+    """A field the file omits takes the default diffusers' schedulers read it with (DDPM's linear 1e-4 .. 0.02), not
+    SD's: every SD folder names its own, and the same folder must give the same ᾱ in both."""
     n = weights.config_value(c, "num_train_timesteps", "int", diffusion.N_TRAIN_TIMESTEPS)
-    kind = weights.config_value(c, "beta_schedule", "str", "scaled_linear")
-    make = {"scaled_linear": (diffusion.scaled_linear_betas, diffusion.BETA_START, diffusion.BETA_END),  # kind:
-            "linear": (diffusion.linear_betas, diffusion.DDPM_BETA_START, diffusion.DDPM_BETA_END)}  # (β(t), its range)
+    kind = weights.config_value(c, "beta_schedule", "str", "linear")
+    make = {"scaled_linear": diffusion.scaled_linear_betas, "linear": diffusion.linear_betas}
     prediction_type = weights.config_value(c, "prediction_type", "str", "epsilon")
     if kind not in make or prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"beta_schedule {kind!r} with prediction_type {prediction_type!r} is not supported "
@@ -73,11 +74,11 @@ def _schedule_from_config(c):
                              f"(0, 1)")
         return diffusion.alphas_cumprod(torch.tensor(betas, dtype=torch.float64)), prediction_type
     ends = {key: weights.config_value(c, key, "number", default) for key, default in
-            (("beta_start", make[kind][1]), ("beta_end", make[kind][2]))}
+            (("beta_start", diffusion.DDPM_BETA_START), ("beta_end", diffusion.DDPM_BETA_END))}
     for key, value in ends.items():
         if value >= 1:
             raise ValueError(f"field '{key}' must be below 1 (a β is the variance of one step's noise), got {value}")
-    return diffusion.alphas_cumprod(make[kind][0](n, ends["beta_start"], ends["beta_end"])), prediction_type
+    return diffusion.alphas_cumprod(make[kind](n, ends["beta_start"], ends["beta_end"])), prediction_type
 
 
 def side_multiple(unet_config, vae_config):
