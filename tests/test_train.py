@@ -563,8 +563,10 @@ def test_resume_with_another_configuration_is_refused_naming_the_field(lora_run,
     common = ["--model", str(sd_dir), "--train-text-encoder", *FAST, "--checkpoint-every", "2", "--max-steps", "6"]
     with pytest.raises(ValueError, match=r"started with lora_rank=4, now lora_rank=8"):
         train.train([*common, "--data", str(data_dir), "--resume", str(lora_run), "--lora-rank", "8"])
-    other = make_data(tmp_path / "other")
-    with pytest.raises(ValueError, match=r"started with data="):
+    other = make_data(tmp_path / "other")  # a copy of the data elsewhere is the same data; with one image changed:
+    Image.fromarray(255 - np.asarray(Image.open(other / "0.png"))).save(other / "0.png")
+    with pytest.raises(ValueError, match=r"the data in .*other changed since the run started \(moved from .*; the "
+                                         r"images' contents differ\)"):
         train.train([*common, "--data", str(other), "--resume", str(lora_run), "--lora-rank", "4"])
     assert sorted(p.name for p in lora_run.iterdir()) == before
     with pytest.raises(FileExistsError, match="not empty"):
