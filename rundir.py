@@ -7,7 +7,8 @@
                          resume's step, time, torch and the flags it changed
     base/                from-scratch runs only: the initial random models as a diffusers folder
     checkpoint-000500/   the latest checkpoint (checkpoints.py writes and reads it)
-    log.jsonl            one line per step: step, loss, every part the objective reports, lr, grad_norm, time
+    log.jsonl            one line per step: step, loss, every part the objective reports, lr (--lr), grad_norm
+                         (the UNet's and trained text encoder's, before clipping; not the indicator's), time
     validation/step_000500/00.png …     with --validation-prompt
 
 `open_run` checks a directory for a new run or a resume before anything is written; `write_run` starts one;

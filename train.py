@@ -11,8 +11,9 @@ One micro-batch (`micro_batch_inputs`, then `DDMModel`; Huang et al., arXiv 2503
     python train.py --model runs/ddm --export sd-ddm/         (merged diffusers folder + indicator; also after training)
 
 Defaults follow the authors' script: AdamW (lr 1e-5, wd 1e-2), LoRA rank 8 / alpha 32 on to_q, to_v, gradient
-accumulation 4. Ours: clipping by global norm, K groups from the data. A micro-batch's draws come from a generator
-seeded by (seed, step, micro, rank), so on CPU a killed and resumed run ends bit for bit where one run does.
+accumulation 4. Ours: clipping by global norm (the UNet's and text encoder's gradients together, the
+indicator's apart), K groups from the data. A micro-batch's draws come from a generator seeded by (seed, step,
+micro, rank), so on CPU a killed and resumed run ends bit for bit where one run does.
 """
 import argparse
 import math
@@ -298,7 +299,9 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
     g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradients' global L2 norm; 0 = off")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the gradients' global L2 norm, the UNet's (and text encoder's) and the indicator's each "
+                        "on its own (log.jsonl's grad_norm: the first, before clipping); 0 = off")
     g.add_argument("--caption-dropout", type=float, default=0.0, help="share of captions made '' (for CFG)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cache-latents", action="store_true", help="encode every image once; posteriors in memory")
