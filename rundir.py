@@ -2,9 +2,9 @@
 
     train.lock           the fcntl lock of the one train.py writing the run (the file holds its pid)
     run.json             the first start's arguments, the configuration a resume must repeat (RESUME_FIELDS and the
-                         objective's flags), the model configs, group names, base model (a run directory's: with its
-                         checkpoint; a model's: with its weights' fingerprint), the data's fingerprint; `resumes`: each
-                         resume's step, time, torch and the flags it changed
+                         objective's flags), the model configs, group names, base model (a run directory's: with the
+                         checkpoint it started from; either: with its weights' fingerprint), the data's fingerprint;
+                         `resumes`: each resume's step, time, torch and the flags it changed
     base/                from-scratch runs only: the initial random models as a diffusers folder
     checkpoint-000500/   the latest checkpoint (checkpoints.py writes and reads it)
     log.jsonl            one line per step: step, loss, every part the objective reports, lr (--lr), grad_norm
