@@ -654,6 +654,15 @@ def test_cli_reports_bad_arguments_without_a_traceback(data_dir, tmp_path):
     assert r.returncode != 0 and "give exactly one of --model" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_resume_without_the_runs_arguments_is_told_to_give_them_again(tmp_path):
+    """docs/real-sd.md: "--resume alone is refused: give the same arguments again". It was refused as "--data is
+    required (or --model PATH --export DIR alone, ... to convert a model)", which named no resume."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"^--resume {re.escape(str(run))}: give the arguments the run started with "
+                                         r"again \(--data is missing"):
+        train.train(["--resume", str(run)])
+    assert not run.exists()
+
 @pytest.mark.parametrize("flags, message", [
     (["--weight-clip", "-1"], r"--weight-clip must be a number > 0, got -1\.0"),  # every weight 1: plain fine-tuning
     (["--weight-clip", "0"], r"--weight-clip must be a number > 0, got 0\.0"),
