@@ -339,6 +339,9 @@ def check_args(args):
     defaults = vars(build_parser().parse_args([]))
     if args.data is None and args.export and args.model and not args.resume and args.out is None:
         why = rundir.unread_flag_error(args, defaults)  # a conversion: any other flag is named before its value
+    elif args.data is None and args.resume:
+        why = (f"--resume {args.resume}: give the arguments the run started with again (--data is missing; its "
+               "run.json's 'args' holds them): only --max-steps, checkpoint/validation/hardware flags may change")
     elif args.data is None:
         why = "--data is required (or --model PATH --export DIR alone, without --out, to convert a model)"
     elif (args.model is None) == (args.init_config is None) and not args.resume:
