@@ -160,9 +160,8 @@ def build_parser():
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
     guidance.add_flags(p)
     p.add_argument("--device", type=cli.device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    # Half-precision weights run as they are, without autocast (as diffusers' fp16 pipelines do; the UNet's res-block
-    # and output group norms stay float32, as CompVis' GroupNorm32; its transformers' and the VAE's run in the
-    # weights' dtype, as in CompVis): autocast cost ~10% per UNet call on an H200 (docs/speed.md).
+    # Half-precision weights run as they are, without autocast (as diffusers' fp16 pipelines do; CompVis' GroupNorm32
+    # keeps the UNet's res-block norms float32): autocast cost ~10% per UNet call on an H200 (docs/speed.md).
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="precision of the weights and the computation on CUDA (default float16); the CPU runs "
                         "float32")

@@ -11,9 +11,8 @@ One micro-batch (`micro_batch_inputs`, then `DDMModel`; Huang et al., arXiv 2503
     python train.py --model runs/ddm --export sd-ddm/         (merged diffusers folder + indicator; also after training)
 
 Defaults follow the authors' script: AdamW (lr 1e-5, wd 1e-2), LoRA rank 8 / alpha 32 on to_q, to_v, gradient
-accumulation 4. Ours: clipping by global norm (the UNet's and text encoder's gradients together, the
-indicator's apart), K groups from the data. A micro-batch's draws come from a generator seeded by (seed, step,
-micro, rank), so on CPU a killed and resumed run ends bit for bit where one run does.
+accumulation 4. Ours: global-norm clipping (UNet with text encoder; the indicator apart), K groups from the data,
+draws seeded by (seed, step, micro, rank): on CPU a killed and resumed run ends bit for bit where one run does.
 """
 import argparse
 import math
@@ -299,9 +298,7 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
     g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--max-grad-norm", type=float, default=1.0,
-                   help="clip the gradients' global L2 norm, the UNet's (and text encoder's) and the indicator's each "
-                        "on its own (log.jsonl's grad_norm: the first, before clipping); 0 = off")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip each network's gradient L2 norm; 0 = off")
     g.add_argument("--caption-dropout", type=float, default=0.0, help="share of captions made '' (for CFG)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cache-latents", action="store_true", help="encode every image once; posteriors in memory")
@@ -339,11 +336,10 @@ def check_args(args):
     defaults = vars(build_parser().parse_args([]))
     if args.data is None and args.export and args.model and not args.resume and args.out is None:
         why = rundir.unread_flag_error(args, defaults)  # a conversion: any other flag is named before its value
-    elif args.data is None and args.resume:
-        why = (f"--resume {args.resume}: give the arguments the run started with again (--data is missing; its "
-               "run.json's 'args' holds them): only --max-steps, checkpoint/validation/hardware flags may change")
     elif args.data is None:
-        why = "--data is required (or --model PATH --export DIR alone, without --out, to convert a model)"
+        why = (f"--resume {args.resume}: give the arguments the run started with again (--data is missing; its "
+               "run.json's 'args' holds them)" if args.resume else
+               "--data is required (or --model PATH --export DIR alone, without --out, to convert a model)")
     elif (args.model is None) == (args.init_config is None) and not args.resume:
         why = "give exactly one of --model (fine-tune) and --init-config (from scratch)"
     elif not 0 <= args.seed < 2 ** 64:  # torch.Generator's range (--init-config seeds one with it)
