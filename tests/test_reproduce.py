@@ -529,6 +529,35 @@ def test_the_rows_list_each_methods_seeds_in_the_order_they_ran(tmp_path, monkey
     assert report["summary"][1]["seeds"] == list(range(11))
 
 
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path, monkeypatch):
+    """Two runs on one --out (the default runs/repro, e.g. the default run and `--methods plain,clusters,clusters-2x`
+    in two terminals): the second found no results yet, ran to the end and wrote its report, and the first, ending
+    later, replaced it; both exited 0, and finetune/ held a run no report named. The second is refused at once."""
+    second = []
+
+    def evaluate_model(models, indicator, method, judge, groups, sizes, **kw):
+        if not second:  # the first run is evaluating its base: a second run starts on the same --out
+            second.append(None)
+            args = reproduce.parse_args(["--quick", "--out", str(tmp_path / "run"), "--methods", "balanced",
+                                         "--seeds", "1", "--no-progress"])
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    second[0] = reproduce.run(args)
+            except FileExistsError as e:
+                second[0] = e
+        measured = {k: v for k, v in row("plain", None, 0.5, 10.0).items() if k not in ("method", "label", "seed",
+                                                                                         "train")}
+        return measured, torch.zeros(8, reproduce.RESOLUTION, reproduce.RESOLUTION, 3, dtype=torch.uint8)
+
+    report = run_stubbed(tmp_path, monkeypatch, evaluate_model, ["--methods", "plain", "--seeds", "1"])
+    assert isinstance(second[0], FileExistsError), "the second run on the same --out was not refused"
+    assert "in use by another reproduce.py" in str(second[0]) and str(tmp_path / "run") in str(second[0])
+    assert [r["method"] for r in report["rows"]] == ["base", "plain"]
+    stored = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [r["method"] for r in stored["rows"]] == ["base", "plain"]
+    run_stubbed(tmp_path, monkeypatch, evaluate_model, ["--methods", "plain", "--seeds", "1", "--overwrite"])  # freed
+
+
 def test_the_cfg_check_takes_the_lowest_fd_that_meets_the_bar_else_the_lowest_fd_never_base_or_plain():
     def s(method, fd, meets):
         return {"method": method, "fd": fd, "meets_goal": meets}
