@@ -13,9 +13,10 @@ the classes of full-size SD v1.x (VAE, UNet, CLIP text encoder with CLIP's token
     python reproduce.py --quick              # CI's smoke test sizes
 Stages 1-2 and the data folders are cached in OUT/cache/<stage>-<hash of its settings>/ and reused when their
 settings match; results are never overwritten without --overwrite, and files no run wrote never (the run is
-refused). docs/reproduction.md has the details.
+refused); a second run on an OUT in use is refused.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -669,6 +670,21 @@ def foreign_results(out):
     return found
 
 
+@contextlib.contextmanager
+def own_run_dir(out):
+    """OUT held by this run alone until it ends (an exclusive lock on OUT/.reproduce.lock, freed when a run is
+    killed): a second run on the same --out found no results yet, ran to the end, and its report replaced one."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = weights.lock_file(out / ".reproduce.lock")
+    if fd is None:
+        raise FileExistsError(f"{out} is in use by another reproduce.py run; wait for it to end, or choose another "
+                              "--out")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def claim_run_dir(out, overwrite):
     """Refuse a run directory that holds results, unless overwrite: then delete the results (never the cache). A
     folder holding anything under those names that this version's runs do not write (foreign_results) is refused
@@ -806,27 +822,28 @@ def run(args):
     """The experiment: stages 1-2 (prepare), then its own stages 3-4 (run_digits or run_attributes); report.json
     and report.md written, the verdict table and the wall time printed -> the report."""
     t_start, sizes, out = time.time(), sizes_of(args), args.out
-    claim_run_dir(out, args.overwrite)
-    torch.set_num_threads(args.threads)
-    timings = {"finetune": 0.0, "evaluate": 0.0}
-    classifier, vae_info, base = prepare(args, sizes, timings)
-    experiment = run_attributes if args.experiment == "attributes" else run_digits
-    own, grids = experiment(args, sizes, classifier, vae_info, base, timings)
-    timings.update(total=time.time() - t_start, cpu=time.process_time())  # cpu: ours alone, whatever else runs
-    report = {"experiment": args.experiment, "mode": "quick" if args.quick else "full",
-              "sizes": dataclasses.asdict(sizes), **own, "vae": vae_info, "base": base, "seeds": args.seeds,
-              "grids": [str(g.relative_to(out)) for g in grids],
-              "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": args.threads}
-    if args.experiment == "attributes":
-        markdown, table = attribute_markdown(report), attribute_table(report["summary"])
-    else:
-        markdown, table = report_markdown(report), verdict_table(report["summary"], report["groups"])
-    weights.write_json(out / "report.json", report)
-    weights.write_atomic(out / "report.md", markdown)
-    print(table)
-    print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
-          f"report: {out / 'report.md'}")
-    return report
+    with own_run_dir(out):  # held to the end: no other run writes its report here meanwhile
+        claim_run_dir(out, args.overwrite)
+        torch.set_num_threads(args.threads)
+        timings = {"finetune": 0.0, "evaluate": 0.0}
+        classifier, vae_info, base = prepare(args, sizes, timings)
+        experiment = run_attributes if args.experiment == "attributes" else run_digits
+        own, grids = experiment(args, sizes, classifier, vae_info, base, timings)
+        timings.update(total=time.time() - t_start, cpu=time.process_time())  # cpu: ours alone, whatever else runs
+        report = {"experiment": args.experiment, "mode": "quick" if args.quick else "full",
+                  "sizes": dataclasses.asdict(sizes), **own, "vae": vae_info, "base": base, "seeds": args.seeds,
+                  "grids": [str(g.relative_to(out)) for g in grids],
+                  "timings_s": {k: round(v, 1) for k, v in timings.items()}, "threads": args.threads}
+        if args.experiment == "attributes":
+            markdown, table = attribute_markdown(report), attribute_table(report["summary"])
+        else:
+            markdown, table = report_markdown(report), verdict_table(report["summary"], report["groups"])
+        weights.write_json(out / "report.json", report)
+        weights.write_atomic(out / "report.md", markdown)
+        print(table)
+        print(f"\nwall time {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
+              f"report: {out / 'report.md'}")
+        return report
 
 
 def run_digits(args, sizes, classifier, vae_info, base, timings):
