@@ -6,9 +6,11 @@ seeds, the CFG check's choice and scales, the VAE's scaling factor, the folder e
 and captions, and the guidance targets of the scenarios. tools/plant_bugs.py checks that each of them bites."""
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import math
+import shutil
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,6 +212,26 @@ def test_overwrite_deletes_a_runs_results_and_refuses_a_folder_holding_files_no_
     with pytest.raises(FileExistsError, match=r"folder holds report\.json, which this reproduce\.py does not write"):
         reproduce.claim_run_dir(out, overwrite=True)
     assert files_under(out) == before
+
+
+def test_overwrite_keeps_a_report_md_edited_since_the_run_wrote_it(quick_run, tmp_path):
+    """--overwrite took any report.md that opens with a run's title as the run's own: notes added to it were deleted.
+    report.json records the sha256 of the report.md written beside it; one that differs is the user's now."""
+    out, _ = quick_run
+    stored = json.loads((out / "report.json").read_text())
+    assert stored["report_md_sha256"] == hashlib.sha256((out / "report.md").read_bytes()).hexdigest()
+    for name in ("report.json", "report.md"):
+        shutil.copy(out / name, tmp_path / name)
+    reproduce.claim_run_dir(tmp_path, overwrite=True)  # as written: the run's own
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    for name in ("report.json", "report.md"):
+        shutil.copy(out / name, tmp_path / name)
+    with open(tmp_path / "report.md", "a") as f:
+        f.write("\n## My notes\n\nseed 2 looks odd\n")
+    before = files_under(tmp_path)
+    with pytest.raises(FileExistsError, match=r"holds report\.md, which this reproduce\.py does not write"):
+        reproduce.claim_run_dir(tmp_path, overwrite=True)
+    assert files_under(tmp_path) == before
 
 
 def test_cached_stage_is_reused_and_unfinished_one_rebuilt(tmp_path):
