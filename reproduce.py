@@ -649,8 +649,8 @@ REPORT_TITLES = ("# Which indicators debias?", "# Debias what the prompt does no
 
 def foreign_results(out):
     """What OUT holds under the names of RESULTS that no run wrote, and --overwrite must not delete: in finetune/
-    anything but fine-tune runs (<run>-seed<k>/), in grids/ anything but the grids, a report.md of another title,
-    a report.json that is no JSON report."""
+    anything but fine-tune runs (<run>-seed<k>/), in grids/ anything but the grids, a report.md of another title or
+    (where report.json records its sha256) other bytes than the run wrote, a report.json that is no JSON report."""
     def runs(p):
         name, _, seed = p.name.rpartition("-seed")
         return p.is_dir() and seed.isdecimal() and (name in BY_NAME or name in ATTR_RUNS)
@@ -661,11 +661,13 @@ def foreign_results(out):
             found += [p for p in sorted(folder.iterdir()) if not ours(p)]
         elif folder.exists():  # a file where a run writes a folder
             found.append(folder)
-    report = out / "report.md"
-    if report.exists() and not (report.is_file() and report.read_text(errors="replace").startswith(REPORT_TITLES)):
+    stored, report = evaluate.json_object(out / "report.json"), out / "report.md"  # {}: no report.json that reads
+    sha = report.is_file() and hashlib.sha256(report.read_bytes()).hexdigest()
+    if report.exists() and not (sha and stored.get("report_md_sha256") in (None, sha)  # None: written before the hash
+                                and report.read_text(errors="replace").startswith(REPORT_TITLES)):
         found.append(report)
     report = out / "report.json"  # both experiments' reports hold these keys
-    if report.exists() and not {"mode", "rows", "summary"} <= evaluate.json_object(report).keys():
+    if report.exists() and not {"mode", "rows", "summary"} <= stored.keys():
         found.append(report)
     return found
 
@@ -838,6 +840,7 @@ def run(args):
             markdown, table = attribute_markdown(report), attribute_table(report["summary"])
         else:
             markdown, table = report_markdown(report), verdict_table(report["summary"], report["groups"])
+        report["report_md_sha256"] = hashlib.sha256(markdown.encode()).hexdigest()  # an edited report.md: the user's
         weights.write_json(out / "report.json", report)
         weights.write_atomic(out / "report.md", markdown)
         print(table)
