@@ -61,6 +61,21 @@ def test_decision_offsets_pick_the_asked_shares_and_never_a_group_of_share_zero(
     assert abs(picked.sum().item() - 100) <= 2 and margin[picked].min() > margin[~picked].max()
 
 
+def test_decision_offsets_pick_the_asked_shares_when_the_posteriors_differ_by_hundredths_of_a_nat():
+    """At the decide step a weakly reading indicator's posteriors barely differ between images (the tiny
+    plain-indicator run's margins at t = 751: std 0.08 nats). Solved at a fixed 0.02 nats, the soft assignment met
+    the shares while the arg-max sent the ambiguous rows to the larger group: 0.75 / 0.25 gave 155 / 45 of 200 at
+    margins of std 0.1 nats, 198 / 2 at 0.01, 200 / 0 at 0.001 (no image aimed at the minority, and the auto scale
+    never checked it). The arg-max does not change when log p and the offsets scale together: neither may the picks."""
+    noise = torch.randn(200, generator=torch.Generator().manual_seed(0))
+    for spread in (1e-3, 1e-2, 1e-1, 1.0):
+        log_p = torch.stack([spread * noise / 2, -spread * noise / 2], 1).log_softmax(1)
+        for shares in ([0.75, 0.25], [0.5, 0.5], [0.05, 0.95]):
+            picked = (log_p - guidance.decision_offsets(log_p, torch.tensor(shares))).argmax(1)
+            counts = torch.bincount(picked, minlength=2).tolist()
+            assert abs(counts[0] - 200 * shares[0]) <= 1, (spread, shares, counts)
+
+
 def test_decision_offsets_stay_finite_when_every_row_prefers_one_group_by_many_nats():
     """log(mean(softmax(x / 0.02))) underflowed to -inf once every row preferred a group by more than ~15 nats (a
     prompt naming the attribute, a late decide step): the offsets became NaN, recorded as "never targeted", and every

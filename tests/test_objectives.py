@@ -240,7 +240,10 @@ def test_balanced_accuracy_is_not_measured_on_a_batch_that_lacks_a_group():
 
 @pytest.mark.parametrize("spec, message", [
     ("a=0.5,c=0.5", "'c' is not a group"), ("a=0.7,b=0.7", "summing to 1"), ("a=1", "summing to 1"),
-    ("a=x,b=1", "not NAME=SHARE"), ("a=-0.5,b=1.5", "share >= 0")])
+    ("a=x,b=1", "not NAME=SHARE"), ("a=-0.5,b=1.5", "share >= 0"),
+    # a group given twice took its last share without a word: a = 0.5 here, in training's pi* and guidance's shares
+    ("a=0.9,b=0.5,a=0.5", "must give each of the groups a, b one share"),
+    (" a=0.5,b=0.5,a =0.5", "must give each of the groups a, b one share")])
 def test_a_bad_target_is_refused_naming_it(spec, message):
     with pytest.raises(ValueError, match=message):
         ddm.parse_target(spec, ["a", "b"])
