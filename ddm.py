@@ -321,8 +321,8 @@ def parse_target(spec, group_names):
     names = [str(g) for g in group_names]
     if spec == "uniform":
         return torch.full((len(names),), 1 / max(len(names), 1))  # no groups: a plain fine-tune of unlabelled data
-    shares = {}
-    for item in spec.split(","):
+    shares, items = {}, spec.split(",")
+    for item in items:
         name, _, share = (s.strip() for s in item.partition("="))
         if name not in names:
             raise ValueError(f"target {spec!r}: {name!r} is not a group (groups: {', '.join(names)})")
@@ -331,8 +331,9 @@ def parse_target(spec, group_names):
         except ValueError:
             raise ValueError(f"target {spec!r}: {item!r} is not NAME=SHARE") from None
     p = torch.tensor([shares.get(n, 0.0) for n in names], dtype=torch.float64)
-    if len(shares) != len(names) or (p < 0).any() or not p.isfinite().all() or abs(p.sum().item() - 1) > 1e-6:
-        raise ValueError(f"target {spec!r} must give each of the groups {', '.join(names)} a share >= 0, the shares "
+    once = len(items) == len(shares) == len(names)  # a group named twice: which of its shares was meant?
+    if not once or (p < 0).any() or not p.isfinite().all() or abs(p.sum().item() - 1) > 1e-6:
+        raise ValueError(f"target {spec!r} must give each of the groups {', '.join(names)} one share >= 0, the shares "
                          f"summing to 1")
     return p.float()
 
