@@ -227,6 +227,26 @@ def test_an_auto_scale_that_meets_the_hit_rate_at_no_rung_says_so(models, capsys
     assert record["hit_reached"] == [True] and "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("decide_at", [guidance.DECIDE_AT, None])
+def test_an_auto_scale_that_checked_no_image_of_a_group_says_so(decide_at, models, capsys):
+    """The hit rate is taken over the groups the calibration images aim at: at 5% and 8 calibration images none aims
+    at the minority, so the scale was chosen on the majority alone (hit_reached true, no word), while 4-5 of 64
+    images aimed at the minority at that scale."""
+    ind = mean_reader(loading.latent_shape(models, RES, RES))
+    guides, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
+                                         [(ind, torch.tensor([0.95, 0.05]))], "auto", decide_at=decide_at,
+                                         calibration=8, **SETTINGS)
+    assert all(len(r["hit_rates"][0]) == 1 for r in record["calibration"])  # group 0's alone
+    assert record["unchecked_groups"] == [[1]]
+    err = capsys.readouterr().err
+    assert f"warning: {PROMPT!r}: indicator 1: no calibration image aimed at its group 2" in err, err
+    assert "--calibration" in err
+    _, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
+                                    [(ind, torch.tensor([0.5, 0.5]))], "auto", decide_at=decide_at,
+                                    calibration=8, **SETTINGS)
+    assert record["unchecked_groups"] == [[]] and "no calibration image" not in capsys.readouterr().err
+
+
 def test_targets_are_decided_at_the_step_the_sampler_takes_on_a_schedule_of_any_length(models):
     """On a schedule of 500 steps (not SD's 1000) the sampler spaces its timesteps by that length: the offsets are
     set, and the step recorded, where denoise decides the targets, not where a 1000-step spacing would."""
