@@ -77,12 +77,12 @@ def ending_groups(indicator, z0, seeds, alphas_cumprod):
 
 
 def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, calibration=CALIBRATION,
-               cal_seed=0, **settings):
+               cal_seed=0, group_names=None, **settings):
     """The guidance terms of one prompt's images (`seeds`), one per (indicator, target shares) in `specs`, scale a
     number or "auto" -> (guides, record for samples.json). A calibration batch of the prompt (seeds of its own,
     images by `generate`) runs unguided to the decide step (the first with t <= decide_at, of SD's 1000 steps),
     where its posteriors set the offsets (decision_offsets); with "auto" each guide's scale is found on it by
-    bisection."""
+    bisection. `group_names`: each spec's, for the warnings (else numbers from 1)."""
     cal, n = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)], len(models.alphas_cumprod)
     taken = diffusion.ddim_timesteps(settings["steps"], n)  # the steps denoise takes
     if decide_at is not None:  # of SD's 1000 steps: the same share of a schedule of another length (rounded up)
@@ -114,6 +114,15 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
     for g, s in zip(guides, scales):
         g.scale = s
     record["scales"] = scales
+    if scale == "auto":  # the hit rate is each targeted group's: one no calibration image aims at went unchecked
+        record["unchecked_groups"] = [[k for k in range(len(shares)) if shares[k] > 0 and not (targets == k).any()]
+                                      for (_, shares), targets in zip(specs, cal_targets)]
+        for j, missed in enumerate(record["unchecked_groups"]):
+            if missed:
+                named = [str(group_names[j][k]) if group_names else str(k + 1) for k in missed]
+                tqdm.write(f"warning: {prompt!r}: indicator {j + 1}: no calibration image aimed at its group "
+                           f"{', '.join(named)} (of {len(specs[j][1])}), so the auto scale was chosen without it; "
+                           f"raise --calibration (now {calibration})", file=sys.stderr)
     for j in [j for j, met in enumerate(record.get("hit_reached", [])) if not met]:
         tqdm.write(f"warning: {prompt!r}: indicator {j + 1} met the hit rate ({AUTO_HIT:.0%} of each group's "
                    f"calibration images end in their target) at no rung up to {AUTO_SCALES[-2]:g}, so it guides at "
@@ -267,7 +276,8 @@ def from_args(args, models, prompts, seeds, generate, settings):
         try:
             # calibration seeds of their own, not from --seed: image k depends on (prompt k, seed k) and the settings
             guides, per_prompt[prompt] = guides_for(generate, models, prompt, mine, specs, args.indicator_guidance,
-                                                    decide_at=decide_at, calibration=args.calibration, **settings)
+                                                    decide_at=decide_at, calibration=args.calibration,
+                                                    group_names=[n["groups"] for n in names], **settings)
         except diffusion.NonFiniteError as e:  # before any image asked for: say which batch, and that none is written
             raise ValueError(f"the calibration batch of prompt {prompt!r}: calibration {e} (NaN weights, or a model "
                              "or indicator that overflows at these settings); no image was written") from None
