@@ -122,7 +122,7 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
                 named = [str(group_names[j][k]) if group_names else str(k + 1) for k in missed]
                 tqdm.write(f"warning: {prompt!r}: indicator {j + 1}: no calibration image aimed at its group "
                            f"{', '.join(named)} (of {len(specs[j][1])}), so the auto scale was chosen without it; "
-                           f"raise --calibration (now {calibration})", file=sys.stderr)
+                           f"use a larger --calibration (now {calibration})", file=sys.stderr)
     for j in [j for j, met in enumerate(record.get("hit_reached", [])) if not met]:
         tqdm.write(f"warning: {prompt!r}: indicator {j + 1} met the hit rate ({AUTO_HIT:.0%} of each group's "
                    f"calibration images end in their target) at no rung up to {AUTO_SCALES[-2]:g}, so it guides at "

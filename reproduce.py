@@ -692,13 +692,12 @@ def claim_run_dir(out, overwrite):
     folder holding anything under those names that this version's runs do not write (foreign_results) is refused
     either way."""
     foreign = [str(p.relative_to(out)) for p in foreign_results(out)]
-    if foreign:
+    present = [name for name in RESULTS if (out / name).exists()]
+    if foreign or present and not overwrite:
         raise FileExistsError(f"{out} holds {', '.join(foreign)}, which this reproduce.py does not write, where a run "
                               "writes its results (yours, or an older version's); move them, or choose another --out "
-                              "(--overwrite deletes only a run's own)")
-    present = [name for name in RESULTS if (out / name).exists()]
-    if present and not overwrite:
-        raise FileExistsError(f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace "
+                              "(--overwrite deletes only a run's own)" if foreign else
+                              f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace "
                               f"them (cached stages in it are reused), or choose another --out")
     for name in present:
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
