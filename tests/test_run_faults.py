@@ -592,6 +592,30 @@ def test_a_run_json_from_before_the_content_hash_resumes_on_the_checks_it_record
     assert [r["step"] for r in log_lines(out)] == [1, 2]
 
 
+def test_a_run_json_from_before_the_data_fingerprint_resumes_on_another_folder_only_when_allowed(sd_dir, tmp_path,
+                                                                                                  capsys):
+    """A run.json without the data's fingerprint has no bytes to compare a folder elsewhere with: other images under
+    the same names, count and groups were taken, and the note said "its files the same". Refused unless
+    --allow-data-change, which warns; the same folder resumes as before."""
+    data, other, out = make_data(tmp_path / "data"), make_data(tmp_path / "other"), tmp_path / "run"
+    for p in other.glob("*.png"):
+        Image.fromarray(255 - np.asarray(Image.open(p))).save(p)
+    common = ["--model", str(sd_dir), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--data", str(data), "--out", str(out), "--max-steps", "1"])
+    info = json.loads((out / "run.json").read_text())
+    del info["data"]
+    (out / "run.json").write_text(json.dumps(info))
+    refused = (rf"changed since the run started \(moved from {re.escape(str(data.resolve()))}; run\.json records no "
+               r"fingerprint of its files to compare\).*--allow-data-change")
+    with pytest.raises(ValueError, match=refused):
+        train.train([*common, "--data", str(other), "--resume", str(out), "--max-steps", "2"])
+    train.train([*common, "--data", str(data), "--resume", str(out), "--max-steps", "2"])
+    capsys.readouterr()
+    train.train([*common, "--data", str(other), "--resume", str(out), "--max-steps", "3", "--allow-data-change"])
+    assert "warning: the data changed since the run started (moved from" in capsys.readouterr().err
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
 def test_a_fine_tune_whose_base_model_was_replaced_at_the_same_path_is_refused_not_loaded(sd_dir, data_dir, tmp_path):
     """run.json named the base model by its path alone: other weights put at that path (another model, a fine-tune
     saved over it) were loaded under the run's trained weights, by sample.py and by a resume, without a word."""
