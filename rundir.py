@@ -384,15 +384,8 @@ def check_run_dir(run_dir, config, data, args, device, say):
     if older and say:
         print(f"note: {run_dir / 'run.json'} records no {', '.join(older)} (an older run): taking their defaults",
               file=sys.stderr)
-    now, was = data_fingerprint(data), info["config"].get("data")
-    stored = info.get("data", now)  # runs before the fingerprint have none, runs before "contents" no such key
-    same = "contents" in stored and all(stored[k] == now[k] for k in ("metadata.jsonl", "contents"))  # byte for byte
-    moved = was != config["data"] and "contents" in stored  # its images' paths differ: their bytes tell
-    differ = [] if same else [k for k in DATA_CHANGES if k in stored and stored[k] != now[k]
-                              and not (k == "images" and moved)]
-    changed = " and ".join(DATA_CHANGES[k] for k in differ if not (k == "contents" and "images" in differ))
-    if changed and was != config["data"]:
-        changed = f"moved from {was}; {changed}"
+    was = info["config"].get("data")
+    changed = data_change(info.get("data"), data_fingerprint(data), was, config["data"])
     if changed and not args.allow_data_change:
         raise ValueError(f"--resume {run_dir}: the data in {config['data']} changed since the run started "
                          f"({changed}); an exact resume needs the same data: restore it, or pass "
@@ -403,6 +396,22 @@ def check_run_dir(run_dir, config, data, args, device, say):
               file=sys.stderr)
     ckpt = newest_checkpoint(run_dir, checkpoint_files(config), optimizer_device=device, say=say)
     return ckpt, base_path(run_dir, info)
+
+
+def data_change(stored, now, was, where):
+    """What changed in the data since the run started, or "": `stored` and `now` its data_fingerprint then (None: a
+    run before the fingerprint; without "contents": before the content hash) and now, `was` and `where` its folder
+    then and now. With metadata.jsonl and every image's bytes the same it is the same data, wherever it is now; a
+    folder elsewhere whose bytes were not recorded cannot be told from other data."""
+    moved = f"moved from {was}; " if was != where else ""
+    if not stored:
+        return moved and f"{moved}run.json records no fingerprint of its files to compare"
+    if "contents" in stored and all(stored[k] == now[k] for k in ("metadata.jsonl", "contents")):
+        return ""
+    differ = [k for k in DATA_CHANGES if k in stored and stored[k] != now[k]
+              and not (k == "images" and moved and "contents" in stored)]  # its paths differ: its bytes tell
+    said = " and ".join(DATA_CHANGES[k] for k in differ if not (k == "contents" and "images" in differ))
+    return said and moved + said
 
 
 def open_log(run_dir, step, args, config):
