@@ -693,12 +693,17 @@ def claim_run_dir(out, overwrite):
     either way."""
     foreign = [str(p.relative_to(out)) for p in foreign_results(out)]
     present = [name for name in RESULTS if (out / name).exists()]
-    if foreign or present and not overwrite:
-        raise FileExistsError(f"{out} holds {', '.join(foreign)}, which this reproduce.py does not write, where a run "
-                              "writes its results (yours, or an older version's); move them, or choose another --out "
-                              "(--overwrite deletes only a run's own)" if foreign else
-                              f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace "
-                              f"them (cached stages in it are reused), or choose another --out")
+    if foreign:
+        why = (f"{out} holds {', '.join(foreign)}, which this reproduce.py does not write, where a run writes its "
+               "results (yours, or an older version's); move them, or choose another --out (--overwrite deletes only "
+               "a run's own)")
+    elif present and not overwrite:
+        why = (f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace them (cached stages "
+               "in it are reused), or choose another --out")
+    else:
+        why = None
+    if why:
+        raise FileExistsError(why)
     for name in present:
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
