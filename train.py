@@ -298,7 +298,7 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
     g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip each network's gradient L2 norm; 0 = off")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradient norms (indicator apart); 0 = off")
     g.add_argument("--caption-dropout", type=float, default=0.0, help="share of captions made '' (for CFG)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cache-latents", action="store_true", help="encode every image once; posteriors in memory")
