@@ -564,6 +564,11 @@ def test_a_grey_or_rgb_png_with_a_transparent_colour_is_composited_over_white(tm
     rgb.putpixel((1, 0), (10, 20, 30))
     rgb.save(tmp_path / "c.png", transparency=(0, 0, 0))
     assert np.asarray(data.open_image(tmp_path / "c.png")).tolist() == [[[255] * 3, [10, 20, 30]]]
+    bits = Image.new("1", (2, 1), 0)  # a 1-bit PNG's black made transparent: it stayed black
+    bits.putpixel((1, 0), 1)
+    bits.save(tmp_path / "b.png", transparency=0)
+    assert np.asarray(data.open_image(tmp_path / "b.png")).tolist() == [[[255] * 3, [255] * 3]]
+
 
 def _tiny_vae(folder):
     """A random tiny VAE written as a diffusers vae/ folder (random weights still map dark and bright apart)."""
