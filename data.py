@@ -418,7 +418,7 @@ def open_image(path):
             if img.mode == "F":
                 raise ValueError("mode F (32-bit floating point) images have no agreed pixel range; "
                                  "save it as an 8- or 16-bit image")
-            if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+            if img.mode in ("P", "1", "L", "RGB") and "transparency" in img.info:
                 img = img.convert("RGBA")
             if img.mode in ("RGBA", "LA", "PA"):
                 rgba = img.convert("RGBA")
