@@ -241,10 +241,7 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
     """
     images_dir = Path(images_dir)
     with_name, without_name = group_names or (attribute, f"not {attribute}")
-    why = next((f"group name {n!r} " + ("holds one of , = : + (--target separates names and shares with them)"
-                                         if set(n) & set(",=:+") else "is blank or has spaces at its ends (--target "
-                                         "strips the names it reads, so it could not name this group)")
-                for n in (with_name, without_name) if set(n) & set(",=:+") or n != n.strip() or not n), None)
+    why = next(filter(None, (group_name_error(n, ",=:+") for n in (with_name, without_name))), None)
     if why or with_name == without_name:
         raise ValueError(why or f"the two groups need different names, got {with_name!r} twice")
     if len(counts) != 2 or not all(map(weights.is_int, counts)):
@@ -456,6 +453,19 @@ def read_prompts(path):
     return prompts
 
 
+def group_name_error(name, separators=""):
+    """Why `name` cannot be a group that --target (which strips the names it reads) names, or None: blank, spaces at
+    its ends ("woman " beside "woman" would be a group apart), or one of `separators` in it (a folder we write)."""
+    if not name.strip():
+        return f"group name {name!r} is blank"
+    if name != name.strip():
+        return f"group name {name!r} has spaces at its ends, which would make it a group apart from {name.strip()!r}"
+    if set(name) & set(separators):
+        return (f"group name {name!r} holds one of {' '.join(separators)} (--target separates names and shares "
+                "with them)")
+    return None
+
+
 def row_error(row, first):
     """Why the JSON value `row` of a metadata line is not an image's line, or None. first: (line number, group) of
     the first labelled line before it, or None: groups are all ints or all strings."""
@@ -473,11 +483,10 @@ def row_error(row, first):
     if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, str))) for v in values):
         return (f"field 'group' must be an int, a string or null (or an object of those by attribute name), "
                 f"got {group!r}")
-    odd = next((v for v in values if isinstance(v, str) and (not v.strip() or v != v.strip())), None)
-    if odd is not None:  # "woman " beside "woman" would be a third group, one that --target (it strips) cannot name
-        return f"field 'group' {group!r}: the group name {odd!r} " + (
-            "is blank; an image without a label has null" if not odd.strip() else
-            f"has spaces at its ends, which would make it a group apart from {odd.strip()!r}: remove them")
+    why = next(filter(None, (group_name_error(v) for v in values if isinstance(v, str))), None)
+    if why:
+        return f"field 'group' {group!r}: the {why}" + ("; an image without a label has null" if why.endswith("blank")
+                                                        else "")
     if group is not None and first and type(group) is not type(first[1]):
         return (f"field 'group' is {group!r} but line {first[0]} has {first[1]!r}; groups must be all ints or all "
                 "strings")
