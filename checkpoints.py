@@ -406,7 +406,8 @@ def check_export(out_dir):
 def export_diffusers(models, out_dir, source=None, indicator=None, indicator_metadata=None):
     """Write `models` (LoRA merged) as a diffusers StableDiffusionPipeline folder, atomically (DIR.tmp, rename); a
     run's `indicator` goes beside them as INDICATOR_FILE with its record (sample.py --indicator reads it back), and
-    `source` (the model, checkpoint and step it was written from) as export.json (a run's base/: its run.json)."""
+    `source` (the model, checkpoint and step it was written from) as export.json (None for a run's base/, which
+    run.json describes)."""
     out_dir = Path(out_dir)
     check_export(out_dir)
     assert not any(isinstance(m, lora.LoRALinear) for name in COMPONENTS for m in getattr(models, name).modules()), \

@@ -199,13 +199,15 @@ def find_component(path, *, subfolder, weight_names):
                 if not (folder / "config.json").exists():
                     raise FileNotFoundError(f"{folder} has {name} but no config.json")
                 return folder / name, folder / "config.json"
-    held = [p.name for p in (path / subfolder).iterdir()] if (path / subfolder).is_dir() else None
-    raise FileNotFoundError(  # held: a download cut short, or diffusers' variant files (*.fp16.safetensors) alone
-        f"{path} is neither a single-file checkpoint nor a diffusers folder: looked for "
-        f"{subfolder}/{{{','.join(weight_names)}}} and {{{','.join(weight_names)}}} inside it"
-        + (f"; {subfolder}/ holds {_examples(held, 6) or 'nothing'}" if held is not None else
-           f"; {path} holds a config.json of its own: it is one model's folder; give the folder of the whole model "
-           "(a diffusers folder or a single file)" if (path / "config.json").is_file() else ""))
+    hint = ""
+    if (path / subfolder).is_dir():  # a download cut short, or diffusers' variant files (*.fp16.safetensors) alone
+        hint = f"; {subfolder}/ holds {_examples([p.name for p in (path / subfolder).iterdir()], 6) or 'nothing'}"
+    elif (path / "config.json").is_file():
+        hint = (f"; {path} holds a config.json of its own: it is one model's folder; give the folder of the whole "
+                "model (a diffusers folder or a single file)")
+    names = ",".join(weight_names)
+    raise FileNotFoundError(f"{path} is neither a single-file checkpoint nor a diffusers folder: looked for "
+                            f"{subfolder}/{{{names}}} and {{{names}}} inside it{hint}")
 
 
 def read_component(path, *, subfolder, single_file_prefix, weight_names, convert, dtype=None):
