@@ -82,7 +82,7 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
     number or "auto" -> (guides, record for samples.json). A calibration batch of the prompt (seeds of its own,
     images by `generate`) runs unguided to the decide step (the first with t <= decide_at, of SD's 1000 steps),
     where its posteriors set the offsets (decision_offsets); with "auto" each guide's scale is found on it by
-    bisection. `group_names`: each spec's, for the warnings (else numbers from 1)."""
+    bisection. `group_names`: each spec's, naming the unchecked groups (else their indices)."""
     cal, n = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)], len(models.alphas_cumprod)
     taken = diffusion.ddim_timesteps(settings["steps"], n)  # the steps denoise takes
     if decide_at is not None:  # of SD's 1000 steps: the same share of a schedule of another length (rounded up)
@@ -115,14 +115,14 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
         g.scale = s
     record["scales"] = scales
     if scale == "auto":  # the hit rate is each targeted group's: one no calibration image aims at went unchecked
-        record["unchecked_groups"] = [[k for k in range(len(shares)) if shares[k] > 0 and not (targets == k).any()]
-                                      for (_, shares), targets in zip(specs, cal_targets)]
+        names = group_names or [list(range(len(shares))) for _, shares in specs]  # by name, else by index
+        record["unchecked_groups"] = [[names[j][k] for k in range(len(shares)) if shares[k] > 0 and not (t == k).any()]
+                                      for j, ((_, shares), t) in enumerate(zip(specs, cal_targets))]
         for j, missed in enumerate(record["unchecked_groups"]):
             if missed:
-                named = [str(group_names[j][k]) if group_names else str(k + 1) for k in missed]
                 tqdm.write(f"warning: {prompt!r}: indicator {j + 1}: no calibration image aimed at its group "
-                           f"{', '.join(named)} (of {len(specs[j][1])}), so the auto scale was chosen without it; "
-                           f"use a larger --calibration (now {calibration})", file=sys.stderr)
+                           f"{', '.join(map(str, missed))} (of {len(specs[j][1])}), so the auto scale was chosen "
+                           f"without it; use a larger --calibration (now {calibration})", file=sys.stderr)
     for j in [j for j, met in enumerate(record.get("hit_reached", [])) if not met]:
         tqdm.write(f"warning: {prompt!r}: indicator {j + 1} met the hit rate ({AUTO_HIT:.0%} of each group's "
                    f"calibration images end in their target) at no rung up to {AUTO_SCALES[-2]:g}, so it guides at "

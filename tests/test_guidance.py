@@ -239,7 +239,7 @@ def test_an_auto_scale_that_checked_no_image_of_a_group_says_so(decide_at, model
     assert all(len(r["hit_rates"][0]) == 1 for r in record["calibration"])  # group 0's alone
     assert record["unchecked_groups"] == [[1]]
     err = capsys.readouterr().err
-    assert f"warning: {PROMPT!r}: indicator 1: no calibration image aimed at its group 2" in err, err
+    assert f"warning: {PROMPT!r}: indicator 1: no calibration image aimed at its group 1" in err, err
     assert "--calibration" in err
     _, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
                                     [(ind, torch.tensor([0.5, 0.5]))], "auto", decide_at=decide_at,

@@ -127,7 +127,7 @@ BUGS = [  # (name, file, old, new, tests)
      [G + "test_decision_offsets_stay_finite_when_every_row_prefers_one_group_by_many_nats"]),
     ("offsets-at-one-temperature", "guidance.py", "<= 1 or not spread or", "<= len(log_p) or not spread or",
      [G + "test_decision_offsets_pick_the_asked_shares_when_the_posteriors_differ_by_hundredths_of_a_nat"]),
-    ("auto-unchecked-group-silent", "guidance.py", "shares[k] > 0 and not (targets == k).any()", "False",
+    ("auto-unchecked-group-silent", "guidance.py", "shares[k] > 0 and not (t == k).any()", "False",
      [G + "test_an_auto_scale_that_checked_no_image_of_a_group_says_so"]),
     ("target-group-twice-last-wins", "ddm.py", "once = len(items) == len(shares) == len(names)",
      "once = len(shares) == len(names)",
