@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -134,7 +135,9 @@ def test_three_groups_run_end_to_end(tmp_path, cache):
     (["--out", "/dev/null"], "--out /dev/null: /dev/null is a file, not a folder"),
     (["--cache", "/dev/null/cache"], "--cache /dev/null/cache: /dev/null is a file, not a folder"),
     # a missing folder, then "..": Path.exists() saw no results there to refuse, and mkdir wrote over them
-    (["--out", "/no-such-folder/../tmp"], "--out /no-such-folder/../tmp: /no-such-folder does not exist, so '..'")])
+    (["--out", "/no-such-folder/../tmp"], "--out /no-such-folder/../tmp: /no-such-folder does not exist, so '..'"),
+    # past the cores: libgomp failed to make the threads (16384), or the process crashed (100000)
+    (["--threads", str(os.cpu_count() + 1)], f"--threads must be between 1 and {os.cpu_count()}")])
 def test_bad_arguments_are_refused_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(argv)
