@@ -609,7 +609,7 @@ def parse_args(argv=None):
     args.cache = args.cache or args.out / "cache"
     folders = [(flag, path, cli.folder_error(path)) for flag, path in (("out", args.out), ("cache", args.cache))]
     why = (selection_error(args, given, groups, counts, methods)
-           or cli.range_error(args, {"seeds": (1,), "threads": (1,)})
+           or cli.range_error(args, {"seeds": (1,), "threads": (1, os.cpu_count())})
            or next((f"--{flag} {path}: {e}" for flag, path, e in folders if e), None))
     if why:
         p.error(why)
