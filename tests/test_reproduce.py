@@ -124,6 +124,9 @@ def test_three_groups_run_end_to_end(tmp_path, cache):
     (["--counts", "500,40"], "1..400 images"), (["--methods", "plain,magic"], "unknown ['magic']"),
     (["--counts", "20,5"], "--counts must give at least 32 images in all"),  # one fine-tuning batch
     (["--quick", "--counts", "4,3"], "--counts must give at least 8 images in all"),
+    # clusters-2x's k = 2 x 5 groups > 8 images: refused by data.py clusters after plain had trained
+    (["--quick", "--methods", "plain,clusters-2x", "--groups", "3,4,5,6,7", "--counts", "4,1,1,1,1"],
+     "--counts must give at least 10 images in all (the 10 clusters of clusters-2x)"),
     (["--groups", "seven,8"], "comma-separated integers"),
     (["--methods", "plain,guided-3,plain"], "--methods names plain twice"),
     (["--methods", ""], "--methods: unknown none given"), (["--groups", ""], "comma-separated integers"),
