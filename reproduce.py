@@ -630,13 +630,15 @@ def selection_error(args, given, groups, counts, methods):
     if len(counts) != len(groups) or not all(1 <= c <= TRAIN_PER_DIGIT for c in counts):
         return (f"--counts must give 1..{TRAIN_PER_DIGIT} images for each of the {len(groups)} groups, "
                 f"got {args.counts!r}")
-    batch = sizes_of(args).ft_batch  # else train.py refuses the set after stages 1-2
-    if sum(counts) < batch:
-        return (f"--counts must give at least {batch} images in all (one fine-tuning batch"
-                f"{' of --quick' if args.quick else ''}), got {args.counts!r}")
     unknown = [m for m in methods if m not in BY_NAME]
     if unknown or not methods:
         return f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}"
+    # else train.py refuses the set after stages 1-2, or data.py clusters finds fewer images than clusters
+    need = max([(sizes_of(args).ft_batch, f"one fine-tuning batch{' of --quick' if args.quick else ''}")]
+               + [(BY_NAME[m].clusters * len(groups), f"the {BY_NAME[m].clusters * len(groups)} clusters of {m}")
+                  for m in methods if BY_NAME[m].clusters], key=lambda n: n[0])
+    if sum(counts) < need[0]:
+        return f"--counts must give at least {need[0]} images in all ({need[1]}), got {args.counts!r}"
     twice = cli.repeated(methods)
     return None if twice is None else f"--methods names {twice} twice"
 
