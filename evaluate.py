@@ -2,18 +2,15 @@
 
 Balance (formulas in ddm.py): FD = ||u − p||₂ of the groups an attribute classifier assigns (hard: argmax; soft:
 mean softmax); SPD over the success rates of prompting each group; the indicator's mean entropy (the authors'
-signal). Quality, so that "fair" cannot mean "broken": confidence, the share of images outside the evaluated
-groups (None where they are all the classifier's classes, as with --clip: none can be outside), and the Fréchet
-distance to real images in the classifier's features (FID's formula, our features).
-The classifier's held-out accuracy is reported beside every number: its errors distort FD.
+signal). Quality, so that "fair" cannot mean "broken": confidence, the share of images outside the evaluated groups
+(None where they are all the classes), the Fréchet distance to real images in the classifier's features (FID's
+formula, our features). The classifier's held-out accuracy is reported beside every number: its errors distort FD.
 
 Two judges, one interface (`class_names`, `__call__(images) -> logits`, `features(images)`, `heldout_accuracy`):
-- `DigitClassifier`, a small CNN trained on the shipped MNIST train split, tested on the held-out split rendered
-  as generated images are (32 px RGB, read back to 28 px gray);
+- `DigitClassifier`, a small CNN on the shipped MNIST train split, tested on the held-out one rendered as generated;
 - `CLIPZeroShot` for real SD images: CLIP ViT-L/14 (clip_image.py) picks the most similar of K texts; quality is a
-  CLIP-feature Fréchet distance to --reference and the CLIP score: 100 · max(cos(image, its prompt), 0) per image
-  (Hessel et al. 2021's CLIP-S with w = 100 for their 2.5), then the mean over images. torchmetrics' CLIPScore clamps
-  the mean instead of each image, so the two agree wherever no image's cosine is negative.
+  CLIP-feature Fréchet distance to --reference and the CLIP score, the mean of 100 · max(cos(image, its prompt), 0)
+  (Hessel et al. 2021's CLIP-S with w = 100; torchmetrics clamps the mean instead: equal unless a cosine is < 0).
 
     python evaluate.py IMAGE_DIR [...] [--groups 7 8] [--prompt-groups 7 8] [--classifier PATH]
     python evaluate.py IMAGE_DIR [...] --clip CLIP_DIR --attributes "a photo of a man" "a photo of a woman"
