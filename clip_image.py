@@ -133,7 +133,8 @@ def preprocess(images, size=224):
     OpenAI's torchvision transform both call, so it does not differ from PIL's. (torch's
     interpolate(mode="bicubic") would: a = -0.75 instead of PIL's -0.5, and no widening of the kernel when
     shrinking unless antialias=True.) The crop offset is (excess) // 2 as in transformers; torchvision's CenterCrop
-    rounds excess / 2 to the nearest integer instead, one pixel further for some odd excesses.
+    rounds excess / 2 to the nearest integer instead, one pixel further for some odd excesses. A folder's
+    preprocessor_config.json is not read: these are the constants of OpenAI's folders, not of a model made otherwise.
     """
     if isinstance(images, Image.Image):
         images = [images]

@@ -118,7 +118,8 @@ class Tokenizer:
     __call__ wraps each text as [start] + ids[:75] + [end] and pads with pad_id (end, or `pad_with`) to 77; it
     stops reading the text once it has the 75 ids, and merges a long word over the first bytes that can hold them
     only (`bpe`).
-    Unlike OpenAI's original, no ftfy / html.unescape clean-up: the pipelines' reference does none either.
+    Unlike OpenAI's original, no ftfy / html.unescape clean-up, as transformers 5's CLIPTokenizer (4.x without ftfy
+    split CJK characters apart and dropped control characters first: other ids for such text).
     """
 
     def __init__(self, vocab, merges, max_length=77, source=None):
