@@ -218,6 +218,8 @@ def test_image_folder_converts_gray_rgba_and_palette_and_maps_string_groups(tmp_
      r"metadata.jsonl, line 2: field 'file_name': cannot read image .*bad.png"),
     ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "a.png", "text": "t", "group": 0}],
      r"metadata.jsonl: field 'group' takes only the value 0 on every line; DDM needs at least two groups"),
+    ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "a.png", "text": "u", "group": None}],
+     r"metadata.jsonl: field 'group' takes only the value 0 on every labelled line; DDM needs at least two groups"),
     ([{"file_name": "a.png", "text": "t", "group": 0}, {"file_name": "a.png", "text": "t", "group": "1"}],
      r"metadata.jsonl, line 2: field 'group' is '1' but line 1 has 0"),
     ([{"file_name": "a.png", "text": "t", "group": 0.5}], r"line 1: field 'group' must be an int, a string or null"),
