@@ -621,8 +621,11 @@ class ImageFolder(torch.utils.data.Dataset):
         raw = [None] * len(records) if blind else self.groups_of(meta, self.labels, attribute)
         self.group_names = sorted({g for g in raw if g is not None})
         if need_groups and len(self.group_names) < 2:
-            what = f"takes only the value {self.group_names[0]!r}" if self.group_names else "is null"
-            raise ValueError(f"{meta}: field 'group' {what} on every line; DDM needs at least two "
+            what = "is null on every line"
+            if self.group_names:  # with null lines beside it: the labelled ones
+                lines = "every labelled line" if None in raw else "every line"
+                what = f"takes only the value {self.group_names[0]!r} on {lines}"
+            raise ValueError(f"{meta}: field 'group' {what}; DDM needs at least two "
                              f"{'groups' if self.group_names else 'labelled groups'}")
         index = {g: k for k, g in enumerate(self.group_names)}
         self.groups = [index.get(g, -1) for g in raw]  # group index of every item; -1: no label (null)
