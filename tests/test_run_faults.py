@@ -242,6 +242,18 @@ def test_out_at_a_folder_inside_a_run_names_the_run_directory_to_resume(tmp_path
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoint-000002", "run.json", "unet.safetensors"]
 
 
+def test_out_at_a_folder_that_is_no_run_is_not_offered_to_resume(tmp_path):
+    """--out at a non-empty folder of one's own said "choose a new directory or --resume it", and --resume then failed:
+    it is no run directory."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=rf"^--out {re.escape(str(mine))} exists and is not empty and is no run "
+                                              r"directory; choose a new directory$"):
+        train.train(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), "--out", str(mine)])
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 def test_out_at_a_run_that_saved_no_checkpoint_says_it_can_be_deleted_to_start_again(tmp_path):
     """A new run that stopped before its first checkpoint (a non-finite step 1, out of memory) leaves run.json and
     log.jsonl: "--resume it" then failed on the flag the user had changed to fix it, and nothing said that deleting
