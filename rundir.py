@@ -108,13 +108,16 @@ def _check_new(run_dir):
     run.json); one inside a run (its checkpoint-N) names that run to --resume, which takes the run directory; a run
     that saved no checkpoint is said to be one a user may delete."""
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        parent = run_dir.absolute().parent  # of --out . too, as in run_of
-        inside = not (run_dir / "run.json").exists() and (parent / "run.json").exists()
-        unsaved = (run_dir / "run.json").exists() and not any(finished_name(p.name) for p in run_dir.iterdir())
-        raise FileExistsError(f"--out {run_dir} holds a run that saved no checkpoint: --resume it with the flags it "
-                              "started with, or delete it to start again with others" if unsaved else
-                              f"--out {run_dir} exists and is not empty; choose a new directory or --resume "
-                              + (f"{parent}, the run it is in" if inside else "it"))
+        parent, run = run_dir.absolute().parent, (run_dir / "run.json").exists()  # parent of --out . too, as in run_of
+        if run and not any(finished_name(p.name) for p in run_dir.iterdir()):
+            why = ("holds a run that saved no checkpoint: --resume it with the flags it started with, or delete it to "
+                   "start again with others")
+        elif run or (parent / "run.json").exists():
+            why = "exists and is not empty; choose a new directory or --resume " + (
+                "it" if run else f"{parent}, the run it is in")
+        else:  # the user's own folder: nothing to resume
+            why = "exists and is not empty and is no run directory; choose a new directory"
+        raise FileExistsError(f"--out {run_dir} {why}")
 
 
 # the config fields a run's models and indicator are rebuilt from (loading.load_run): (what it must be, the check)
