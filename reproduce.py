@@ -634,11 +634,12 @@ def selection_error(args, given, groups, counts, methods):
     if unknown or not methods:
         return f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}"
     # else train.py refuses the set after stages 1-2, or data.py clusters finds fewer images than clusters
-    need = max([(sizes_of(args).ft_batch, f"one fine-tuning batch{' of --quick' if args.quick else ''}")]
-               + [(BY_NAME[m].clusters * len(groups), f"the {BY_NAME[m].clusters * len(groups)} clusters of {m}")
-                  for m in methods if BY_NAME[m].clusters], key=lambda n: n[0])
-    if sum(counts) < need[0]:
-        return f"--counts must give at least {need[0]} images in all ({need[1]}), got {args.counts!r}"
+    need, what = sizes_of(args).ft_batch, f"one fine-tuning batch{' of --quick' if args.quick else ''}"
+    for m in methods:  # a label-free method: clusters x groups of them
+        if BY_NAME[m].clusters * len(groups) > need:
+            need, what = BY_NAME[m].clusters * len(groups), f"the {BY_NAME[m].clusters * len(groups)} clusters of {m}"
+    if sum(counts) < need:
+        return f"--counts must give at least {need} images in all ({what}), got {args.counts!r}"
     twice = cli.repeated(methods)
     return None if twice is None else f"--methods names {twice} twice"
 
