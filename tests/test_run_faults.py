@@ -561,6 +561,21 @@ def test_a_data_folder_moved_or_copied_with_its_files_unchanged_resumes_and_the_
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
 
 
+def test_a_data_folder_copied_over_itself_resumes_without_allow_data_change(sd_dir, tmp_path, capsys):
+    """Every file written again with the same bytes (a copy over itself: new modification times) is the same data:
+    it needed --allow-data-change, recorded as a change of data that never happened."""
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    for f in sorted(data.iterdir()):
+        f.write_bytes(f.read_bytes())
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    train.train([*common, "--resume", str(out), "--max-steps", "2"])
+    assert "data changed" not in capsys.readouterr().err and [r["step"] for r in log_lines(out)] == [1, 2]
+
+
 def test_resume_over_data_with_another_number_of_images_names_the_data_not_the_arguments(sd_dir, tmp_path):
     """It said "resume with the same arguments", which were the same; --allow-data-change does not help either."""
     data = make_data(tmp_path / "data")
