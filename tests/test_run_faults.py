@@ -534,6 +534,23 @@ def test_resume_over_changed_data_is_refused_unless_allowed(sd_dir, tmp_path):
     assert [r["step"] for r in log_lines(out)] == [1, 2]
 
 
+def test_after_a_resume_allowed_over_changed_data_that_data_is_the_runs_and_a_later_change_is_refused(sd_dir, tmp_path):
+    """Every later resume compared the data with the first start's and needed --allow-data-change again, though the
+    run had gone on with the new data: the resume that allows a change records the data it goes on with."""
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    meta = data / "metadata.jsonl"
+    meta.write_text(meta.read_text().replace("a blue square", "a navy square", 1))
+    train.train([*common, "--resume", str(out), "--max-steps", "2", "--allow-data-change"])
+    train.train([*common, "--resume", str(out), "--max-steps", "3"])
+    meta.write_text(meta.read_text().replace("a red square", "a crimson square", 1))
+    with pytest.raises(ValueError, match=r"changed since the run started \(metadata\.jsonl differs\)"):
+        train.train([*common, "--resume", str(out), "--max-steps", "4"])
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
 def test_a_data_folder_moved_or_copied_with_its_files_unchanged_resumes_and_the_resume_records_where(sd_dir, tmp_path,
                                                                                                      capsys):
     """A data folder moved elsewhere was refused as "started with data=OLD, now data=NEW; resume with the same
