@@ -388,7 +388,10 @@ def check_run_dir(run_dir, config, data, args, device, say):
         print(f"note: {run_dir / 'run.json'} records no {', '.join(older)} (an older run): taking their defaults",
               file=sys.stderr)
     was = info["config"].get("data")
-    changed = data_change(info.get("data"), data_fingerprint(data), was, config["data"])
+    # the data as the run last went on with it: recorded by a resume that allowed a change (record_resume), or at start
+    stored = next((r["data"] for r in info.get("resumes", [])[::-1] if isinstance(r, dict)
+                   and isinstance(r.get("data"), dict)), info.get("data"))
+    changed = data_change(stored, data_fingerprint(data), was, config["data"])
     if changed and not args.allow_data_change:
         raise ValueError(f"--resume {run_dir}: the data in {config['data']} changed since the run started "
                          f"({changed}); an exact resume needs the same data: restore it, or pass "
@@ -417,7 +420,7 @@ def data_change(stored, now, was, where):
     return said and moved + said
 
 
-def open_log(run_dir, step, args, config):
+def open_log(run_dir, step, args, config, data):
     """log.jsonl in append mode, without the lines a crash left past the checkpoint at `step` (or cut half-way). A
     resume with steps to train gets here once every check passed and every model is built: `record_resume` first."""
     path = run_dir / "log.jsonl"
@@ -431,25 +434,28 @@ def open_log(run_dir, step, args, config):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path}, line {n}: not a log record (a JSON object with a 'step')") from None
-    if args["resume"] and step < args["max_steps"]:
-        record_resume(run_dir, step, args, config)
+    if args.resume and step < args.max_steps:
+        record_resume(run_dir, step, vars(args), config, data)
     weights.write_atomic(path, "".join(kept))
     with weights.writing(path):
         return open(path, "a")
 
 
-def record_resume(run_dir, step, args, config):
+def record_resume(run_dir, step, args, config, data):
     """Append to run.json's `resumes` the step a resume goes on from, when, on which torch, and the new values of the
     flags `args` that differ from the first start's. Not listed: the `config` a resume repeats (compared resolved by
     check_run_dir, so `--data ./d` is no change), --out and --resume, the parser's own objective_fields/defaults, and
-    flags the first start did not record (an older version's)."""
+    flags the first start did not record (an older version's). With --allow-data-change, the fingerprint of `data`
+    too: later resumes are compared with the data the run went on with."""
     info = weights.read_json(run_dir / "run.json")  # as written: read_run_json fills in defaults
     skip = {*config, "out", "resume", "objective_fields", "objective_defaults"}
     changed = {k: v for k, v in args.items() if k not in skip and info.get("args", {}).get(k, v) != v}
     if config["data"] != info["config"]["data"]:  # moved (check_run_dir): where this resume read it
         changed["data"] = config["data"]
-    info.setdefault("resumes", []).append({"step": step, "torch": torch.__version__,
-                                           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed})
+    resume = {"step": step, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed}
+    if args["allow_data_change"]:
+        resume["data"] = data_fingerprint(data)
+    info.setdefault("resumes", []).append(resume)
     weights.write_json(run_dir / "run.json", info)
 
 

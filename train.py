@@ -226,7 +226,7 @@ class Trainer:
     def run(self):
         args, rank = self.args, self.rank
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        log = rundir.open_log(self.run_dir, self.step_count, vars(args), self.config) if rank == 0 else nullcontext()
+        log = nullcontext() if rank else rundir.open_log(self.run_dir, self.step_count, args, self.config, self.data)
         bar = tqdm(total=args.max_steps, initial=self.step_count, desc="train", unit="step",
                    disable=rank != 0 or not args.progress)
         with log, bar:
