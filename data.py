@@ -121,10 +121,9 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     keep = {int(i) for c in chosen for i in c[:max(1, round(labelled * len(c)))]}  # stratified: per digit
     chosen = rng.permutation(np.concatenate(chosen))  # groups interleaved, not in blocks
     caption = prompt if callable(prompt) else lambda digit: prompt
-    rows = [{"text": caption(d), "group": d if i in keep else None, "digit": d, "source_index": i}
-            for i, d in zip(chosen.tolist(), labels[chosen].tolist())]
-    entries = [(lambda i=row["source_index"]: digit_image(images[i], resolution), f"{k:05d}.png", row)
-               for k, row in enumerate(rows)]
+    entries = [(lambda i=i: digit_image(images[i], resolution), f"{k:05d}.png",
+                {"text": caption(d), "group": d if i in keep else None, "digit": d, "source_index": i})
+               for k, (i, d) in enumerate(zip(chosen.tolist(), labels[chosen].tolist()))]
     return write_folder(out_dir, entries, overwrite=overwrite, flag=flag)
 
 
