@@ -69,9 +69,7 @@ def split_digits(seed=0, heldout_per_class=100, labels=None):
     of everything that trains (the classifier, the diffusion models); they serve only for evaluation. `labels`
     defaults to those of `load_digits()`.
     """
-    if labels is None:
-        labels = load_digits()[1]
-    labels = np.asarray(labels)
+    labels = load_digits()[1] if labels is None else np.asarray(labels)
     rng = np.random.default_rng(seed)
     heldout = []
     for c in np.unique(labels):
