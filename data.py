@@ -111,8 +111,7 @@ def make_digit_folder(out_dir, images, labels, counts, *, indices=None, resoluti
     pool = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
     rng = np.random.default_rng(seed)
     chosen = []
-    for digit in sorted(counts):
-        n = counts[digit]
+    for digit, n in sorted(counts.items()):
         members = pool[labels[pool] == digit]
         assert 0 <= n <= len(members), f"asked for {n} images of digit {digit!r} but the pool holds only {len(members)}"
         chosen.append(rng.permutation(members)[:n])
