@@ -122,7 +122,7 @@ class Tokenizer:
     split CJK characters apart and dropped control characters first: other ids for such text).
     """
 
-    def __init__(self, vocab, merges, max_length=77, source=None):
+    def __init__(self, vocab, merges, source=None):
         """ValueError, naming `source` (the folder or file they came from) where vocab and merges are no CLIP BPE."""
         self.encoder = dict(vocab)
         self.ranks = {tuple(m): rank for rank, m in enumerate(merges)}
@@ -155,7 +155,7 @@ class Tokenizer:
         self.decoder = {i: t for t, i in self.encoder.items()}
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
         self.pad_with(END)
-        self.max_length = max_length
+        self.max_length = 77  # SD's; Models sets its text encoder's positions
         self.longest = max((len("".join(m).removesuffix("</w>")) for m in self.ranks), default=1)  # in bytes
         self.pattern, self.bmp_pattern = pre_split_pattern(), pre_split_pattern(astral=False)
         self.cache = {}  # pre-split piece -> ids; prompts reuse few words, so BPE runs once per word
