@@ -40,19 +40,10 @@ def bytes_to_unicode():
 # matches U+001C..U+001F, which the reference keeps as symbols, so the set is spelled out.
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]+")
+LAST_WHITESPACE = re.compile(f"(?s:.*)[{WHITESPACE}]")  # chunks' cut
 # The special strings count only where written exactly, found before normalization. transformers' split pattern
 # lists them as well, but there they never match (lower-cased "<|ENDOFTEXT|>" splits as "<|" "endoftext" "|>").
 SPECIAL = re.compile(f"({re.escape(START)}|{re.escape(END)})")
-
-
-def lower(text):
-    """Lower-case character by character, as the reference's normalizer does: str.lower() alone gives a
-    word-final capital sigma its final form (ΟΔΟΣ -> οδος, not οδοσ), its only context-dependent rule, so Σ is
-    mapped to σ first."""
-    return text.replace("Σ", "σ").lower()
-
-
-LAST_WHITESPACE = re.compile(f"(?s:.*)[{WHITESPACE}]")
 
 
 def chunks(text, size):
@@ -283,7 +274,9 @@ class Tokenizer:
                     continue
                 # NFC by this Python's tables: about 50 combining marks of Unicode 10-14 compose here and block in
                 # the reference's (tokenizers), so text holding them gets other ids, as with the letters above
-                part = lower(WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", part)))
+                # Σ -> σ first: the reference lower-cases character by character, str.lower() alone would give a
+                # word-final capital sigma its final form (ΟΔΟΣ -> οδος, not οδοσ)
+                part = WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", part)).replace("Σ", "σ").lower()
                 pattern = self.pattern if part and max(part) > "\uffff" else self.bmp_pattern
                 for piece in pattern.findall(part):
                     ids += self.cache.get(piece) or self.bpe(piece, max_bytes)
