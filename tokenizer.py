@@ -261,11 +261,8 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        if max_tokens is None:
-            max_bytes, parts = None, [text]
-        else:
-            max_bytes = 2 * max_tokens * self.longest
-            parts = chunks(text, 2 * max_bytes)
+        max_bytes = None if max_tokens is None else 2 * max_tokens * self.longest
+        parts = [text] if max_bytes is None else chunks(text, 2 * max_bytes)
         ids = []
         for chunk in parts:
             for i, part in enumerate(self.special.split(chunk)):  # odd parts are the special strings themselves
