@@ -66,18 +66,13 @@ def chunks(text, size):
 
 @functools.cache
 def pre_split_pattern(astral=True):
-    """CLIP's pre-split regex without the `regex` package (which has \\p{L}, \\p{N}; `re` has neither):
-
-        's|'t|'re|'ve|'m|'ll|'d | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+
-
-    i.e. English contractions, runs of letters, single digits, runs of other non-space characters. \\p{L} and
-    \\p{N} are built as explicit code point ranges from unicodedata's categories (L*, N*), once per process: the
-    running Python's Unicode (3.11: 14.0). A reference built on newer tables (tokenizers: 16.0) also counts the
-    letters added since (CJK Extensions H and I, Egyptian Extended-A, ...), so text holding them can split apart.
-    With astral=False the classes stop at U+FFFF: it splits any text without astral characters (emoji, CJK
-    extensions, math letters) identically, and `re` runs it ~4x faster (a set reaching past U+FFFF loses its
-    bitmap and is scanned range by range).
-    """
+    """CLIP's pre-split regex, 's|'t|'re|'ve|'m|'ll|'d | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+ (contractions, runs of
+    letters, single digits, runs of other non-space characters), without the `regex` package: `re` has no \\p{L} or
+    \\p{N}, so they are built as code point ranges from unicodedata's L* and N* categories, once per process. Those
+    are the running Python's tables (3.11: Unicode 14.0); a reference on newer ones (tokenizers: 16.0) also counts
+    the letters added since (CJK Extensions H and I, Egyptian Extended-A, ...), so text holding them can split apart.
+    With astral=False the classes stop at U+FFFF: the same split of any text without astral characters (emoji, CJK
+    extensions, math letters), ~4x faster in `re` (a set reaching past U+FFFF loses its bitmap, scanned by range)."""
     categories = map(unicodedata.category, map(chr, range((sys.maxunicode if astral else 0xFFFF) + 1)))
     letters, numbers, start = [], [], 0
     for major, run in itertools.groupby(categories, key=operator.itemgetter(0)):
