@@ -247,9 +247,9 @@ def _check_read_back(tmp, tensors):
         back = read_checkpoint(tmp, list(tensors))
         _read_optimizer(tmp / "optimizer.pt", "cpu", mmap=True)  # its structure; the tensors stay on disk
         for file, sd in tensors.items():
-            differs = [k for k in sd if k not in back["tensors"][file]
-                       or not torch.equal(back["tensors"][file][k], sd[k].detach().cpu())]
-            if differs or back["tensors"][file].keys() != sd.keys():
+            got = back["tensors"][file]
+            differs = [k for k in sd if k not in got or not torch.equal(got[k], sd[k].detach().cpu())]
+            if differs or got.keys() != sd.keys():
                 raise weights.CheckpointError(f"{tmp / file}: tensor {(differs or ['names'])[0]} differs")
     except (ValueError, OSError) as e:
         raise weights.CheckpointError(f"{tmp.name[:-4]} does not read back as written, so it was not kept (the older "
