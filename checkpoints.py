@@ -287,11 +287,11 @@ def save_checkpoint(run_dir, step, tensors, optimizer, scaler, extra, metadata=N
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(run_dir)
-    for _, old, _ in _checkpoint_dirs(run_dir):
+    for old in [p for _, p, _ in _checkpoint_dirs(run_dir) if p != final]:
         theirs = foreign_files(old)  # a run or export saved under a checkpoint's name, a file put in a checkpoint
-        if old != final and theirs:
+        if theirs:
             print(f"note: {old} is kept: it holds {theirs[0].name}, which a checkpoint does not", file=sys.stderr)
-        elif old != final:
+        else:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
