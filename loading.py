@@ -144,7 +144,7 @@ def load_models(path, device="cpu", dtype=torch.float32):
 
 @dataclass
 class Run:
-    """A trained run: `models` (LoRA merged unless asked not to), its indicator and groups (checkpoints.py)."""
+    """A trained run (load_run): `models` (LoRA merged unless asked not to), its indicator, groups and step."""
     models: Models
     indicator: Indicator  # None when the run's objective has none (ddm.uses_indicator)
     group_names: list
@@ -152,10 +152,10 @@ class Run:
     info: dict  # run.json
 
 
-def _read_checkpoint(run_dir, config, name=None):
-    """A run's checkpoint folder `name` read whole, or by default its newest that reads (passing over broken ones)."""
+def _read_checkpoint(run_dir, config, name):
+    """A run's checkpoint folder `name` read whole, or for None its newest that reads (passing over broken ones)."""
     files = checkpoints.checkpoint_files(config)
-    ckpt = (checkpoints.read_checkpoint(Path(run_dir) / name, files) if name else
+    ckpt = (checkpoints.read_checkpoint(run_dir / name, files) if name else
             checkpoints.newest_checkpoint(run_dir, files))
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} holds no finished checkpoint yet")
