@@ -101,9 +101,8 @@ class Tokenizer:
     encode(text): split out the literal special strings; NFC; collapse whitespace runs to one space; lower-case;
     pre-split (pre_split_pattern); each piece -> UTF-8 bytes -> bytes_to_unicode symbols, the last one marked
     `</w>` (end of word); merge adjacent pairs, lowest merge rank first, until no pair has a rank; look up ids.
-    __call__ wraps each text as [start] + ids[:75] + [end] and pads with pad_id (end, or `pad_with`) to 77; it
-    stops reading the text once it has the 75 ids, and merges a long word over the first bytes that can hold them
-    only (`bpe`).
+    __call__ wraps each text as [start] + ids[:75] + [end], padded with pad_id (end, or `pad_with`) to 77, reading
+    only as much of the text as those 75 ids need (`encode`).
     Unlike OpenAI's original, no ftfy / html.unescape clean-up, as transformers 5's CLIPTokenizer (4.x without ftfy
     split CJK characters apart and dropped control characters first: other ids for such text).
     """
@@ -195,7 +194,7 @@ class Tokenizer:
         except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, not UTF-8
             raise ValueError(f"{path}: not a tokenizer.json with model.vocab and model.merges ({e!r})") from None
         pairs = [m.split(" ") if isinstance(m, str) else m for m in merges] if isinstance(merges, list) else []
-        bad = next((n for n, p in enumerate(pairs)  # "a b" strings in older files, [a, b] pairs in newer ones
+        bad = next((n for n, p in enumerate(pairs)
                     if not (isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p))), None)
         if not isinstance(vocab, dict) or not isinstance(merges, list):
             why = "model.vocab must be an object and model.merges a list"
