@@ -412,7 +412,7 @@ def prompt_groups_error(groups, prompted, fix):
 
 
 def evaluate_images(images, classifier, groups=None, *, requested=None, indicator_logits=None,
-                    reference_features=None, batch_size=256, diversity_subset=DIVERSITY_SUBSET):
+                    reference_features=None, diversity_subset=DIVERSITY_SUBSET):
     """Group balance and quality of generated images -> dict of JSON-ready numbers (None where not computed).
 
     groups: the K groups to judge balance over, a subset of `classifier.class_names` (default all of them);
@@ -433,7 +433,7 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     if why:
         raise ValueError(why)
     K = len(groups)
-    logits = classify(classifier, images, batch_size)
+    logits = classify(classifier, images)
     assert logits.shape == (len(images), len(class_names)), \
         f"classifier returned logits of shape {tuple(logits.shape)} for {len(images)} images, but it names " \
         f"K={len(class_names)} classes"
@@ -462,7 +462,7 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         rates = {str(g): (labels[asked == k] == k).double().mean().item() for k, g in enumerate(groups)}
         result.update(success_rates=rates, spd=statistical_parity_difference(rates))
     if reference_features is not None:
-        feats = classify(classifier, images, batch_size, features=True)
+        feats = classify(classifier, images, features=True)
         result.update(frechet_distances(feats, labels, p, groups, reference_features, m=diversity_subset))
         if isinstance(reference_features, dict):
             result.update(diversity(feats, labels, groups, reference_features, m=diversity_subset))
