@@ -842,20 +842,21 @@ def evaluate_clip(args):
                              indicator_logits=indicator_logits, reference_features=reference_features)
     scores = clip_scores(model, tokenizer, embeds, prompts, args.batch_size)
     probs = [classify(j, embeds).softmax(1) for j in judges]
+    picks = [p.argmax(1) for p in probs]  # each image's group of each attribute
     result.update(classifier="clip", clip=str(args.clip), clip_score=scores.mean().item(),
                   reference=None if reference is None else str(args.reference), n_reference=len(reference or ()))
     if len(lists) > 1:
-        shares = [group_proportions(p.argmax(1), len(texts)) for texts, p in zip(lists, probs)]
+        shares = [group_proportions(pick, len(texts)) for texts, pick in zip(lists, picks)]
         result["attributes"] = [{"groups": texts, "proportions": s.tolist(), "fd": fairness_discrepancy(s)}
                                 for texts, s in zip(lists, shares)]
         joint = [" & ".join(c) for c in itertools.product(*lists)]
-        index = sum(p.argmax(1) * math.prod(len(t) for t in lists[k + 1:]) for k, p in enumerate(probs))
+        index = sum(pick * math.prod(len(t) for t in lists[i + 1:]) for i, pick in enumerate(picks))
         share = group_proportions(index, len(joint))
         result["intersections"] = {"groups": joint, "proportions": share.tolist(), "fd": fairness_discrepancy(share)}
-    result["images"] = [{"file": str(p), "prompt": t, "label": lists[0][int(q.argmax())], "probs": q.tolist(),
-                         "clip_score": c, **({"labels": [texts[int(pk[i].argmax())] for texts, pk in
-                                                         zip(lists, probs)]} if len(lists) > 1 else {})}
-                        for i, (p, t, q, c) in enumerate(zip(paths, prompts, probs[0], scores.tolist()))]
+    labels = [[texts[k] for texts, k in zip(lists, row)] for row in zip(*[pick.tolist() for pick in picks])]
+    result["images"] = [{"file": str(p), "prompt": t, "label": names[0], "probs": q.tolist(), "clip_score": c,
+                         **({"labels": names} if len(lists) > 1 else {})}
+                        for p, t, names, q, c in zip(paths, prompts, labels, probs[0], scores.tolist())]
     return result
 
 
