@@ -893,12 +893,14 @@ def format_result(r):
     """The numbers of `evaluate_images` as a short human-readable block."""
     def num(v, fmt=".4f"):
         return "-" if v is None else format(v, fmt)
+
+    def shares(proportions):
+        return " ".join(f"{p:.3f}" for p in proportions)
     clip = r.get("classifier") == "clip"
     lines = [f"images            {r['n_images']}   groups {r['groups']}",
              "classifier        CLIP zero-shot (no held-out accuracy)" if clip else
              f"classifier acc.   {num(r['classifier_heldout_accuracy'])} (held-out real digits)",
-             f"proportions       {' '.join(f'{p:.3f}' for p in r['proportions'])}"
-             f"   (soft {' '.join(f'{p:.3f}' for p in r['proportions_soft'])})",
+             f"proportions       {shares(r['proportions'])}   (soft {shares(r['proportions_soft'])})",
              f"FD                {num(r['fd'])}   soft {num(r['fd_soft'])}   (max {r['fd_max']:.4f})"]
     if r["spd"] is not None:
         rates = ", ".join(f"{g}: {v:.3f}" for g, v in r["success_rates"].items())
@@ -925,10 +927,9 @@ def format_result(r):
     if clip:
         lines.append(f"CLIP score        {r['clip_score']:.2f} (mean of 100 max(cos(image, its prompt), 0))")
     for k, a in enumerate(r.get("attributes", [])):  # several --attributes lists: each one, then the intersections
-        lines.append(f"attribute {k + 1:<7} {' '.join(f'{p:.3f}' for p in a['proportions'])}   FD {a['fd']:.4f}   "
-                     f"{a['groups']}")
+        lines.append(f"attribute {k + 1:<7} {shares(a['proportions'])}   FD {a['fd']:.4f}   {a['groups']}")
     if "intersections" in r:
-        lines.append(f"intersections     {' '.join(f'{p:.3f}' for p in r['intersections']['proportions'])}   "
+        lines.append(f"intersections     {shares(r['intersections']['proportions'])}   "
                      f"FD {r['intersections']['fd']:.4f}")
     return "\n".join(lines)
 
