@@ -124,18 +124,16 @@ class CLIPModel(nn.Module):
 # --- preprocessing -------------------------------------------------------------------------------------------------
 
 def preprocess(images, size=224):
-    """Images -> CLIP's input, float (N, 3, size, size): as CLIP's own pipeline, resize the short side to `size`
-    (bicubic; the long side to int(size * long / short)), crop the centre square, scale to [0, 1], subtract MEAN
-    and divide by STD per channel.
+    """Images -> CLIP's input, float (N, 3, size, size), as CLIP's own pipeline: the short side resized to `size`
+    (bicubic; the long side to int(size * long / short)), the centre square cropped, [0, 1] pixels normalized by
+    MEAN and STD per channel.
 
     images: a PIL image, or a sequence of PIL images or uint8 arrays (H, W) / (H, W, 3), e.g. an (N, H, W, 3)
-    array; any sizes. The resize is PIL's own bicubic on uint8 pixels, what transformers' CLIPImageProcessor and
-    OpenAI's torchvision transform both call, so it does not differ from PIL's. (torch's
-    interpolate(mode="bicubic") would: a = -0.75 instead of PIL's -0.5, and no widening of the kernel when
-    shrinking unless antialias=True.) The crop offset is (excess) // 2 as in transformers; torchvision's CenterCrop
-    rounds excess / 2 to the nearest integer instead, one pixel further for some odd excesses. A folder's
-    preprocessor_config.json is not read: these are the constants of OpenAI's folders, not of a model made otherwise.
-    """
+    array; any sizes. The resize is PIL's bicubic on uint8 pixels, which transformers' CLIPImageProcessor and
+    OpenAI's torchvision transform both call (torch's interpolate(mode="bicubic") differs: a = -0.75, not -0.5, and
+    no kernel widening when shrinking unless antialias=True). The crop offset is excess // 2 as in transformers
+    (torchvision's CenterCrop rounds excess / 2 to the nearest integer: one pixel further for some odd excesses).
+    A folder's preprocessor_config.json is not read: these are OpenAI's constants, not a model's made otherwise."""
     if isinstance(images, Image.Image):
         images = [images]
     out = torch.empty(len(images), 3, size, size)
@@ -147,8 +145,7 @@ def preprocess(images, size=224):
             image = Image.fromarray(a)
         img = image.convert("RGB")
         w, h = img.size
-        short, long = min(w, h), max(w, h)
-        new_long = int(size * long / short)
+        new_long = int(size * max(w, h) / min(w, h))
         img = img.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
         left, top = (img.width - size) // 2, (img.height - size) // 2
         img = img.crop((left, top, left + size, top + size))
