@@ -220,8 +220,7 @@ def get_digit_classifier(path, progress=True):
 
 def white_ink(images):
     """uint8 (N, H, W, 3) digits in any ink colour -> the same in white ink (each pixel's brightest channel)."""
-    x = np.asarray(images)
-    return np.repeat(x.max(-1, keepdims=True), 3, axis=-1)
+    return np.repeat(np.asarray(images).max(-1, keepdims=True), 3, axis=-1)
 
 
 class AttributeJudge:
