@@ -470,11 +470,10 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
 
 def frechet_distances(feats, labels, p, groups, reference_features, m=DIVERSITY_SUBSET, draws=DIVERSITY_DRAWS,
                       seed=0):
-    """{"frechet_distance", "frechet_per_group"} of generated features with group labels and shares p against real
-    features: (M, D), or {group: (M_g, D)} mixed in the generated shares (bias alone is not bad quality), then per
-    group the images judged to be g against real g, so a group's broken images cannot hide in the mix: on
-    equal_subsets, as the Frechet distance falls with the number of images (None for fewer than m). {} for one
-    image, which has no covariance."""
+    """{"frechet_distance", "frechet_per_group"}: generated features (group labels, shares p) against real ones, (M, D)
+    or {group: (M_g, D)} mixed in the shares p (bias alone is not bad quality); per group, the images judged g against
+    real g (a group's broken images cannot hide in the mix) on equal_subsets of m, as the distance falls with the
+    number of images (None for fewer than m). {} for one image, which has no covariance."""
     if len(feats) < 2:
         return {}
     if not isinstance(reference_features, dict):
