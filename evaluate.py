@@ -269,9 +269,8 @@ class CLIPZeroShot:
         self.model = model
         self.class_names = list(attributes)
         self.heldout_accuracy = None  # zero-shot: nothing held out; check it on labelled real images of yours
-        device = model.logit_scale.device
         with torch.no_grad():
-            self.text_embeds = model.encode_text(tokenizer(self.class_names).to(device))
+            self.text_embeds = model.encode_text(tokenizer(self.class_names).to(model.logit_scale.device))
 
     def __call__(self, image_embeds):
         with torch.no_grad():
