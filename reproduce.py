@@ -664,14 +664,13 @@ def foreign_results(out):
             found += [p for p in sorted(folder.iterdir()) if not ours(p)]
         elif folder.exists():  # a file where a run writes a folder
             found.append(folder)
-    stored, report = evaluate.json_object(out / "report.json"), out / "report.md"  # {}: no report.json that reads
-    sha = report.is_file() and hashlib.sha256(report.read_bytes()).hexdigest()
-    if report.exists() and not (sha and stored.get("report_md_sha256") in (None, sha)  # None: written before the hash
-                                and report.read_text(errors="replace").startswith(REPORT_TITLES)):
-        found.append(report)
-    report = out / "report.json"  # both experiments' reports hold these keys
-    if report.exists() and not {"mode", "rows", "summary"} <= stored.keys():
-        found.append(report)
+    md, stored = out / "report.md", evaluate.json_object(out / "report.json")  # {}: no report.json that reads
+    sha = md.is_file() and hashlib.sha256(md.read_bytes()).hexdigest()
+    if md.exists() and not (sha and stored.get("report_md_sha256") in (None, sha)  # None: written before the hash
+                            and md.read_text(errors="replace").startswith(REPORT_TITLES)):
+        found.append(md)
+    if (out / "report.json").exists() and not {"mode", "rows", "summary"} <= stored.keys():  # in every report
+        found.append(out / "report.json")
     return found
 
 
