@@ -317,7 +317,7 @@ def common_train_args(batch, steps, lr, seed, progress):
             "--cache-latents", "--checkpoint-every", "0", *([] if progress else ["--no-progress"])]
 
 
-def train_base(folder, sizes, vae_path, data_path, progress=True, extra=()):
+def train_base(folder, sizes, vae_path, data_path, progress, extra):
     """UNet + text encoder from random init through train.py's from-scratch path, plain denoising (w_ind = 0)."""
     config = folder / "init_config.json"
     weights.write_json(config, {k: v for k, v in TINY.items() if k != "vae"})
@@ -327,10 +327,10 @@ def train_base(folder, sizes, vae_path, data_path, progress=True, extra=()):
     return {"path": str(run), "final_loss": train_stats(run)}
 
 
-def train_stats(run_dir, last=50):
+def train_stats(run_dir):
     """Mean denoising MSE, and the indicator's accuracy and balanced accuracy on its training batches (None
-    without an indicator), over the last `last` logged steps (one step is noisy)."""
-    lines = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()][-last:]
+    without an indicator), over the last 50 logged steps (one step is noisy)."""
+    lines = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()][-50:]
     out = {"rec": float(np.mean([r["rec"] for r in lines]))}
     for key, name in (("acc", "indicator_acc"), ("bacc", "indicator_bacc")):
         values = [r[key] for r in lines if r.get(key) is not None]
@@ -383,10 +383,10 @@ def sample_scenarios(models, groups, sizes, *, indicator=None, method=None, guid
 
 
 @torch.no_grad()
-def indicator_logits(models, indicator, objective, images, seed=0):
+def indicator_logits(models, indicator, objective, images):
     """The indicator on generated images through the training step's own forward (train.micro_batch_inputs and
     DDMModel.micro_batch): each image encoded, noised at t ~ U{0..999} under the generic prompt -> (N, K) logits."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(0)
     x = sample.from_uint8(images)
     hp = SimpleNamespace(objective=objective, caption_dropout=0.0, train_text_encoder=False)
     model = train.DDMModel(models.unet, models.text_encoder, indicator, hp, dict(
@@ -402,8 +402,7 @@ def indicator_logits(models, indicator, objective, images, seed=0):
     return torch.cat(out)
 
 
-def evaluate_model(models, indicator, method, judge, groups, sizes, *, guidance=None, generic_only=False,
-                   progress=True):
+def evaluate_model(models, indicator, method, judge, groups, sizes, *, progress, guidance=None, generic_only=False):
     """One model's numbers: balance (FD, SPD), quality (confidence, share outside the groups, Frechet overall and
     per group), and for the authors' DDM its indicator's entropy on the generated images."""
     classifier, reference = judge
@@ -1018,7 +1017,7 @@ def evaluate_attribute_row(models, indicators, classifier, judges, sizes, progre
     return attribute_summary(per_prompt, chosen), grid
 
 
-def attribute_summary(per_prompt, chosen=None):
+def attribute_summary(per_prompt, chosen):
     """The numbers of one model over its prompts: means, the worst prompt's intersectional FD, recall per group."""
     prompts = list(per_prompt.values())
     row = {"per_prompt": per_prompt, "guidance_chosen": chosen or None,
