@@ -102,10 +102,6 @@ QUICK = Sizes(classifier_epochs=1, vae_steps=30, vae_batch=16, base_steps=30, ba
               attr_diversity=4)
 
 
-def sizes_of(args):
-    return QUICK if args.quick else FULL
-
-
 @dataclasses.dataclass
 class Method:
     """One row of the verdict: what train.py runs (None: sample the `source` method's runs), and how to sample."""
@@ -633,7 +629,7 @@ def selection_error(args, given, groups, counts, methods):
     if unknown or not methods:
         return f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(BY_NAME)}"
     # else train.py refuses the set after stages 1-2, or data.py clusters finds fewer images than clusters
-    need, what = sizes_of(args).ft_batch, f"one fine-tuning batch{' of --quick' if args.quick else ''}"
+    need, what = (QUICK if args.quick else FULL).ft_batch, f"one fine-tuning batch{' of --quick' if args.quick else ''}"
     for m in methods:  # a label-free method: clusters x groups of them
         if BY_NAME[m].clusters * len(groups) > need:
             need, what = BY_NAME[m].clusters * len(groups), f"the {BY_NAME[m].clusters * len(groups)} clusters of {m}"
@@ -828,7 +824,8 @@ def cfg_check(args, sizes, rows, runs, best, evaluated):
 def run(args):
     """The experiment: stages 1-2 (prepare), then its own stages 3-4 (run_digits or run_attributes); report.json
     and report.md written, the verdict table and the wall time printed -> the report."""
-    t_start, sizes, out = time.time(), sizes_of(args), args.out
+    t_start, out = time.time(), args.out
+    sizes = QUICK if args.quick else FULL
     with own_run_dir(out):  # held to the end: no other run writes its report here meanwhile
         claim_run_dir(out, args.overwrite)
         torch.set_num_threads(args.threads)
