@@ -672,7 +672,7 @@ def foreign_results(out):
 @contextlib.contextmanager
 def own_run_dir(out):
     """OUT held by this run alone until it ends (an exclusive lock on OUT/.reproduce.lock, freed when a run is
-    killed): a second run on the same --out found no results yet, ran to the end, and its report replaced one."""
+    killed), so that a second run on the same --out, finding no results yet, cannot replace this run's report."""
     out.mkdir(parents=True, exist_ok=True)
     fd = weights.lock_file(out / ".reproduce.lock")
     if fd is None:
