@@ -185,6 +185,28 @@ def test_indicator_weighted_trains_its_indicator_on_labelled_images_only_and_wei
     assert math.isfinite(loss.item()) and math.isnan(parts["ind"]) and math.isnan(parts["bacc"])  # not measured
 
 
+def test_indicator_weighted_gives_weight_one_where_its_indicator_cannot_tell_the_groups_apart():
+    """The class-balanced CE (noise_aware_ce) trains the indicator toward p(g | x) under equal group priors: on images
+    that carry no group it learns q = 1/K, not the data's shares. Read as the data's posterior, that q gave each such
+    image (1/K) sum_g pi*_g / pi_hat_g (2.78 at 9 : 1) instead of 1: nothing to reweight, yet the MSE was scaled."""
+    torch.manual_seed(0)
+    n = 1000
+    b = micro_batch([int(k % 10 == 0) for k in range(n)], t=[0] * n, shares=(0.9, 0.1))
+    b.z0, b.z_t = torch.zeros(n, *LATENT), torch.zeros(n, *LATENT)  # every image alike: no information on its group
+    ind = ddm.make_indicator("indicator-weighted", LATENT, 2, (8,))
+    opt = torch.optim.Adam(ind.parameters(), 1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        ddm.noise_aware_ce(b, ind)[1].backward()
+        opt.step()
+    q = ind(b.z0, torch.zeros(n, dtype=torch.long)).softmax(1).detach()
+    torch.testing.assert_close(q, torch.full((n, 2), 0.5), atol=0.01, rtol=0)  # equal priors, not the shares 0.9 : 0.1
+    _, parts = ddm.indicator_weighted(b, ind, HP)
+    assert parts["w_max"].item() == pytest.approx(1.0, abs=0.03)
+    plain = (b.pred - b.target).pow(2).mean()
+    torch.testing.assert_close(parts["rec"], plain, rtol=0.03, atol=0)
+
+
 @pytest.mark.parametrize("objective", ["ddm", "ddm-x0", "plain-indicator", "indicator-weighted"])
 def test_a_batch_without_labels_logs_its_indicator_parts_as_not_measured(objective):
     """The loss stays finite (its CE term is 0), but "ind", "acc" and "bacc" were not measured: NaN, logged null."""
