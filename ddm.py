@@ -156,10 +156,11 @@ def noise_aware_ce(b, indicator):
 def indicator_weighted(b, indicator, hp):
     """Ours: DDM's indicator made to balance. It learns p(g | z_t, t) on the labelled images (noise_aware_ce), and
     its posterior on the clean latent, q = p(. | z0, t = 0), weights every image's MSE by importance_weights.
-    Images without a label are weighted all the same, which is what makes 10% labels enough."""
+    Its class-balanced CE makes that a posterior under equal group priors: Bayes' rule puts the data's shares back,
+    q ∝ softmax(logits + log pi_hat). Images without a label are weighted all the same: 10% labels are enough."""
     logits, ind, logged = noise_aware_ce(b, indicator)
     with torch.no_grad():
-        q = indicator(b.z0, torch.zeros_like(b.t)).float().softmax(1)
+        q = (indicator(b.z0, torch.zeros_like(b.t)).float().log_softmax(1) + b.group_shares.float().log()).softmax(1)
         w = importance_weights(q, b.group_shares, b.target_shares, hp.weight_clip)
     rec = weighted_mse(b, w)
     return hp.w_rec * rec + hp.w_ind * ind, {"rec": rec, "ind": logged, **accuracies(logits, b.groups),

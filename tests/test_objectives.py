@@ -177,8 +177,8 @@ def test_indicator_weighted_trains_its_indicator_on_labelled_images_only_and_wei
     b2.z_t = b2.z_t.clone()
     b2.z_t[[1, 3]] += 100  # moving the unlabelled images changes nothing in the indicator's gradient
     torch.testing.assert_close(torch.autograd.grad(ddm.noise_aware_ce(b2, ind)[1], ind.net[1].weight)[0], grads)
-    q = ind(b.z0, torch.zeros(4, dtype=torch.long)).softmax(1).detach()
-    w = ddm.importance_weights(q, b.group_shares, b.target_shares)
+    q = ind(b.z0, torch.zeros(4, dtype=torch.long)).softmax(1).detach()  # under equal priors (class-balanced CE)
+    w = (q @ b.target_shares) / (q @ b.group_shares)  # sum_g pi*_g p(z0 | g) / sum_g pi_hat_g p(z0 | g)
     torch.testing.assert_close(parts["rec"], ((b.pred - b.target).pow(2).flatten(1).mean(1) * w).mean())
     none = micro_batch([-1, -1])  # a batch without labels: CE 0, still a finite loss
     loss, parts = ddm.indicator_weighted(none, ind, HP)
@@ -235,8 +235,8 @@ def test_indicator_weighted_weights_each_image_by_its_clean_latents_posterior_at
     while at the batch's t (700-999) the same indicator would say group 1 for every image."""
     b = micro_batch([0, -1, 1, -1], t=[900, 700, 999, 800])
     _, parts = ddm.indicator_weighted(b, TimeAwareLogits(), HP)
-    q1 = torch.sigmoid(3 * b.z0.flatten(1).mean(1) - 5)
-    raw = (1 - q1) * 0.5 / 0.75 + q1 * 0.5 / 0.25  # sum_g q_g pi*_g / pi_hat_g, below the clip
+    q1 = torch.sigmoid(3 * b.z0.flatten(1).mean(1) - 5)  # under equal priors (class-balanced CE)
+    raw = 0.5 / ((1 - q1) * 0.75 + q1 * 0.25)  # sum_g pi*_g q_g / sum_g pi_hat_g q_g, below the clip
     per_image = (b.pred - b.target).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(parts["rec"], (per_image * raw).mean(), rtol=1e-5, atol=0)
 
@@ -409,7 +409,8 @@ def test_the_noise_aware_objectives_add_w_rec_times_their_mse_and_w_ind_times_th
     loss, _ = ddm.plain_indicator(b, ind, hp)
     torch.testing.assert_close(loss, 0.95 * per_image.mean() + 0.05 * balanced_ce(ind))
     loss, _ = ddm.indicator_weighted(b, ind, hp)
-    raw = ind(b.z0, torch.zeros(4, dtype=torch.long)).softmax(1) @ (b.target_shares / b.group_shares)
+    q = ind(b.z0, torch.zeros(4, dtype=torch.long)).softmax(1)  # under equal priors: Bayes puts pi_hat back
+    raw = (q @ b.target_shares) / (q @ b.group_shares)
     torch.testing.assert_close(loss, 0.95 * (per_image * raw).mean() + 0.05 * balanced_ce(ind))
 
 

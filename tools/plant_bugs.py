@@ -140,8 +140,11 @@ BUGS = [  # (name, file, old, new, tests)
     ("pi-hat-unlabelled-as-0", "train.py", "self.data.groups.count(k)",
      "[max(g, 0) for g in self.data.groups].count(k)", [PI_HAT]),
     ("indicator-lr-ignored", "train.py", '"lr": args.indicator_lr or args.lr', '"lr": args.lr', [IND_LR]),
-    ("iw-posterior-at-batch-t", "ddm.py", "q = indicator(b.z0, torch.zeros_like(b.t))", "q = indicator(b.z0, b.t)",
+    ("iw-posterior-at-batch-t", "ddm.py", "(indicator(b.z0, torch.zeros_like(b.t))", "(indicator(b.z0, b.t)",
      [IW]),
+    ("iw-posterior-under-equal-priors", "ddm.py", ".log_softmax(1) + b.group_shares.float().log()).softmax(1)",
+     ".log_softmax(1)).softmax(1)", [IW, O + "test_indicator_weighted_gives_weight_one_where_its_indicator_cannot_tell_"
+                                         "the_groups_apart"]),
     ("shard-ignores-rank", "train.py", "self.step_count * args.grad_accum, rank,",
      "self.step_count * args.grad_accum, 0,", [RANKS]),
     ("noise-seed-ignores-rank", "train.py", '"noise", self.step_count, micro, self.rank)',
