@@ -853,6 +853,24 @@ def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(hel
     assert len(evaluate.image_files(folder)) == 3  # "./00001.png" lists 00001.png, as the data folder reads it
 
 
+def test_a_data_folder_with_a_metadata_line_that_does_not_read_is_refused_naming_the_line(heldout, tmp_path):
+    """A line that is no JSON object with a file_name was passed over: an image in a subfolder that only that line
+    lists was left out of the numbers without a word (train.py refuses the folder, naming the line), and one at the
+    top was said to be unlisted."""
+    images, _ = heldout
+    folder = _write_pngs(tmp_path / "data", images[:4])
+    (folder / "sub").mkdir()
+    (folder / "00003.png").rename(folder / "sub" / "00003.png")
+    lines = [json.dumps({"file_name": n, "text": "", "group": None}) for n in ("00000.png", "00001.png", "00002.png",
+                                                                               "sub/00003.png")]
+    for broken, line in ((4, lines[3][:-1]), (2, json.dumps({"filename": "00001.png"})), (3, '["00002.png"]')):
+        (folder / "metadata.jsonl").write_text("\n".join(lines[:broken - 1] + [line] + lines[broken:]) + "\n")
+        with pytest.raises(ValueError, match=rf"metadata.jsonl, line {broken}: "):
+            evaluate.image_files(folder)
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n\n")  # a blank line lists nothing
+    assert len(evaluate.image_files(folder)) == 4
+
+
 def test_a_data_folder_is_judged_on_every_image_it_lists_named_grid_or_in_a_subfolder(heldout, tmp_path):
     """Every file named grid* was skipped as sample.py's grid, and images listed in a subfolder were never read:
     evaluate.py judged fewer images than train.py trains on, without a word. Only a sample.py run's grid.png is
