@@ -267,11 +267,13 @@ def make_attribute_folder(out_dir, images_dir, attribute_file, attribute, counts
 def listed_files(meta):
     """The files a metadata.jsonl lists inside its folder, as `within` gives them (so "./a.png" is "a.png"; lines
     without a file_name skipped)."""
-    names = set()
-    for _, line in text_lines(meta):
-        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-            names.add(within(meta.parent, json.loads(line)["file_name"]))
-    return names - {None}
+    return {line_file(meta.parent, line) for _, line in text_lines(meta)} - {None}
+
+
+def line_file(folder, line):
+    """The file a metadata.jsonl line lists inside `folder` (`within`), or None: no JSON object with a file_name."""
+    with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+        return within(folder, json.loads(line)["file_name"])
 
 
 def within(out_dir, name):

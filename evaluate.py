@@ -594,8 +594,10 @@ def unlisted_error(directory, paths):
     if not meta.is_file():
         return None
     why, gone = data.interrupted_error(directory), next((p for p in paths if not p.is_file()), None)
-    if why or gone:
-        return why or f"{meta} lists {gone.relative_to(directory)}, which is not there"
+    broken = next((n for n, line in data.text_lines(meta) if line.strip() and not data.line_file(directory, line)), 0)
+    if why or gone or broken:
+        return why or (f"{meta}, line {broken}: no JSON object with a 'file_name' inside the folder (its image would "
+                       "be left out)" if broken else f"{meta} lists {gone.relative_to(directory)}, which is not there")
     listed, root = data.listed_files(meta), directory.resolve()
     unlisted = [str(p.relative_to(directory)) for p in paths if root / p.relative_to(directory) not in listed]
     return (f"{meta} does not list {len(unlisted)} images of the folder, e.g. {', '.join(unlisted[:3])}; move them "
