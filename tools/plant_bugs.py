@@ -160,6 +160,8 @@ BUGS = [  # (name, file, old, new, tests)
     ("precision-recall-swapped", "evaluate.py", "return precision, recall", "return recall, precision", [HAND]),
     ("offsets-push-the-wrong-way", "guidance.py", "((log_p - c) / temperature)", "((log_p + c) / temperature)",
      [OFFSETS]),
+    ("offsets-never-hotter", "guidance.py", "if soft_met else temperature * 4", "if soft_met else temperature / 4",
+     [G + "test_decision_offsets_pick_the_asked_shares_when_the_indicator_is_sure_of_each_image_by_tens_of_nats"]),
     ("auto-takes-a-rung-too-high", "guidance.py", "float(AUTO_SCALES[h]) for h in high]",
      "float(AUTO_SCALES[min(h + 1, 11)]) for h in high]", [AUTO]),
     ("colour-rule-inverted", "evaluate.py", '"red", "green"),', '"green", "red"),', [JUDGES]),
