@@ -1,5 +1,6 @@
 """The attribute experiment's pieces (ours): digits with an ink colour and a stroke width that captions never name,
 their judges, groups named by attribute with partial labels, and one guidance term per attribute."""
+import argparse
 import collections
 import json
 import re
@@ -159,6 +160,18 @@ def test_targets_by_attribute_name_and_the_refusals(tmp_path):
                                                                                        "thin=0.5,thick=0.5"]
     with pytest.raises(ValueError, match="--target shape: name one of the attributes"):
         guidance.target_specs(["shape:uniform"], ["colour", "width"])
+
+
+def test_targets_by_attribute_for_some_of_three_indicators_pass_the_flag_check(tmp_path):
+    """Two ATTRIBUTE:SPEC targets for three indicators were refused as "give one for all indicators or one per
+    --indicator (3), got 2", which target_specs reads as meant: the third indicator aims at uniform."""
+    args = argparse.Namespace(calibration=None, indicator_guidance=1.0, indicator=[str(tmp_path)] * 3,
+                              target=["colour:red=1,blue=0", "size:big=1,small=0"])
+    assert guidance.flag_error(args) is None
+    assert guidance.target_specs(args.target, ["colour", "size", "shape"]) == ["red=1,blue=0", "big=1,small=0",
+                                                                               "uniform"]
+    args.target = ["red=1,blue=0", "big=1,small=0"]  # in order: one for all or one per indicator
+    assert "give one for all indicators or one per --indicator (3), got 2" in guidance.flag_error(args)
 
 
 def test_a_refused_target_names_the_spec_at_fault():
