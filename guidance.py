@@ -221,18 +221,25 @@ def flag_error(args):
     if args.calibration is not None and args.indicator_guidance not in ("auto", 0) and drawn:
         return (f"--calibration: --indicator-guidance {args.indicator_guidance:g} with --decide-at none runs no "
                 "calibration batch (it sets trajectory-aware targets and the auto scale)")
-    if args.target and (not args.indicator or len(args.target) not in (1, len(args.indicator))):
+    ordered = args.target and not all(map(target_attribute, args.target))  # by ATTRIBUTE:SPEC: any number of them
+    if args.target and (not args.indicator or ordered and len(args.target) not in (1, len(args.indicator))):
         return (f"--target: give one for all indicators or one per --indicator ({len(args.indicator)}), got "
                 f"{len(args.target)}" + ("" if args.indicator else "; it needs --indicator"))
     missing = [path for path in args.indicator if not Path(path).exists()]
     return f"--indicator {missing[0]} does not exist" if missing else None
 
 
+def target_attribute(target):
+    """The attribute an ATTRIBUTE:SPEC --target names, or None (a SPEC alone: uniform, or NAME=SHARE,...)."""
+    head, colon, _ = target.partition(":")
+    return head if colon and "=" not in head else None
+
+
 def target_specs(targets, attributes):
     """Each indicator's --target: given in order (one for all), or by attribute as ATTRIBUTE:SPEC; "uniform" for an
     indicator none names. ValueError for an attribute no indicator guides or one named twice, and for a spec that
     names none beside one that does."""
-    keys = [t.partition(":")[0] if "=" not in t.partition(":")[0] and ":" in t else None for t in targets]
+    keys = [target_attribute(t) for t in targets]
     named = {key: t.partition(":")[2] for key, t in zip(keys, targets) if key is not None}
     if not named:
         return [targets[k if len(targets) > 1 else 0] if targets else "uniform" for k in range(len(attributes))]
