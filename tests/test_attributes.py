@@ -172,6 +172,8 @@ def test_targets_by_attribute_for_some_of_three_indicators_pass_the_flag_check(t
                                                                                "uniform"]
     args.target = ["red=1,blue=0", "big=1,small=0"]  # in order: one for all or one per indicator
     assert "give one for all indicators or one per --indicator (3), got 2" in guidance.flag_error(args)
+    args.target = ["colour:red=1,blue=0", "uniform"]  # a mix: target_specs names the spec at fault, as for two
+    assert guidance.flag_error(args) is None
 
 
 def test_a_refused_target_names_the_spec_at_fault():

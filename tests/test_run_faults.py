@@ -551,6 +551,22 @@ def test_after_a_resume_allowed_over_changed_data_that_data_is_the_runs_and_a_la
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
 
 
+def test_data_changed_after_an_allowed_change_is_said_to_differ_from_that_resumes_data(sd_dir, tmp_path):
+    """The data put back as the run started on it was refused as "changed since the run started": it differs from
+    the data the run went on with at the resume that allowed a change, which is what is compared."""
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    common = ["--model", str(sd_dir), "--data", str(data), "--lora-rank", "4", *FAST, "--checkpoint-every", "1"]
+    train.train([*common, "--out", str(out), "--max-steps", "1"])
+    meta = data / "metadata.jsonl"
+    first = meta.read_text()
+    meta.write_text(first.replace("a blue square", "a navy square", 1))
+    train.train([*common, "--resume", str(out), "--max-steps", "2", "--allow-data-change"])
+    meta.write_text(first)
+    with pytest.raises(ValueError, match=r"changed since the resume at step 1 that allowed a change \(metadata"):
+        train.train([*common, "--resume", str(out), "--max-steps", "3"])
+
+
 def test_a_data_folder_moved_or_copied_with_its_files_unchanged_resumes_and_the_resume_records_where(sd_dir, tmp_path,
                                                                                                      capsys):
     """A data folder moved elsewhere was refused as "started with data=OLD, now data=NEW; resume with the same
