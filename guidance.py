@@ -221,7 +221,7 @@ def flag_error(args):
     if args.calibration is not None and args.indicator_guidance not in ("auto", 0) and drawn:
         return (f"--calibration: --indicator-guidance {args.indicator_guidance:g} with --decide-at none runs no "
                 "calibration batch (it sets trajectory-aware targets and the auto scale)")
-    ordered = args.target and not all(map(target_attribute, args.target))  # by ATTRIBUTE:SPEC: any number of them
+    ordered = args.target and not any(map(target_attribute, args.target))  # by ATTRIBUTE:SPEC: target_specs checks
     if args.target and (not args.indicator or ordered and len(args.target) not in (1, len(args.indicator))):
         return (f"--target: give one for all indicators or one per --indicator ({len(args.indicator)}), got "
                 f"{len(args.target)}" + ("" if args.indicator else "; it needs --indicator"))

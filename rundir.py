@@ -389,15 +389,16 @@ def check_run_dir(run_dir, config, data, args, device, say):
               file=sys.stderr)
     was = info["config"].get("data")
     # the data as the run last went on with it: recorded by a resume that allowed a change (record_resume), or at start
-    stored = next((r["data"] for r in info.get("resumes", [])[::-1] if isinstance(r, dict)
-                   and isinstance(r.get("data"), dict)), info.get("data"))
-    changed = data_change(stored, data_fingerprint(data), was, config["data"])
+    allowed = [r for r in info.get("resumes", []) if isinstance(r, dict) and isinstance(r.get("data"), dict)]
+    since = f"the resume at step {allowed[-1].get('step')} that allowed a change" if allowed else "the run started"
+    changed = data_change(allowed[-1]["data"] if allowed else info.get("data"), data_fingerprint(data), was,
+                          config["data"])
     if changed and not args.allow_data_change:
-        raise ValueError(f"--resume {run_dir}: the data in {config['data']} changed since the run started "
-                         f"({changed}); an exact resume needs the same data: restore it, or pass "
-                         f"--allow-data-change to go on with the data as it is now")
+        raise ValueError(f"--resume {run_dir}: the data in {config['data']} changed since {since} ({changed}); an "
+                         f"exact resume needs the same data: restore it, or pass --allow-data-change to go on with "
+                         f"the data as it is now")
     if say and (changed or was != config["data"]):
-        print(f"warning: the data changed since the run started ({changed}); going on with it" if changed else
+        print(f"warning: the data changed since {since} ({changed}); going on with it" if changed else
               f"note: the run started on the data in {was}; it is in {config['data']} now, its files the same",
               file=sys.stderr)
     ckpt = newest_checkpoint(run_dir, checkpoint_files(config), optimizer_device=device, say=say)

@@ -546,7 +546,8 @@ def test_after_a_resume_allowed_over_changed_data_that_data_is_the_runs_and_a_la
     train.train([*common, "--resume", str(out), "--max-steps", "2", "--allow-data-change"])
     train.train([*common, "--resume", str(out), "--max-steps", "3"])
     meta.write_text(meta.read_text().replace("a red square", "a crimson square", 1))
-    with pytest.raises(ValueError, match=r"changed since the run started \(metadata\.jsonl differs\)"):
+    with pytest.raises(ValueError, match=r"changed since the resume at step 1 that allowed a change \(metadata\.jsonl "
+                                         r"differs\)"):
         train.train([*common, "--resume", str(out), "--max-steps", "4"])
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
 
