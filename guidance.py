@@ -129,6 +129,10 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
                 tqdm.write(f"warning: {prompt!r}: indicator {j + 1}: no calibration image aimed at its group "
                            f"{', '.join(map(str, missed))} (of {len(specs[j][1])}), so the auto scale was chosen "
                            f"without it; use a larger --calibration (now {calibration})", file=sys.stderr)
+    for j in [j for j, met in enumerate(record.get("together", [])) if not met and record["hit_reached"][j]]:
+        tqdm.write(f"warning: {prompt!r}: indicator {j + 1} missed the hit rate with every indicator at the scale "
+                   f"chosen ({', '.join(f'{s:g}' for s in scales)}): each was chosen beside the others' scales of its "
+                   "try", file=sys.stderr)
     for j in [j for j, met in enumerate(record.get("hit_reached", [])) if not met]:
         tqdm.write(f"warning: {prompt!r}: indicator {j + 1} met the hit rate ({AUTO_HIT:.0%} of each group's "
                    f"calibration images end in their target) at no rung up to {AUTO_SCALES[-2]:g}, so it guides at "
@@ -141,10 +145,10 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
 def auto_scales(batch, cal_guides, cal_targets, cal, alphas_cumprod, record):
     """Each guide's smallest rung of AUTO_SCALES at which AUTO_HIT of its calibration images targeted at each
     group end in it (ending_groups), by bisection (hits grow with the scale); every try goes into the record, and
-    whether a rung met the hit rate: where none below the top did, the top is taken untried."""
-    low, high = [-1] * len(cal_guides), [len(AUTO_SCALES) - 1] * len(cal_guides)  # the rung sought: (low, high]
-    while any(h - lo > 1 for lo, h in zip(low, high)):
-        rungs = [(lo + h) // 2 if h - lo > 1 else h for lo, h in zip(low, high)]
+    whether a rung met the hit rate: where none below the top did, the top is taken untried. Each try guides with
+    every guide at its rung of that try: several guides' scales are tried together at the end (unless a try was
+    theirs), `together` recording which guides met the hit rate there."""
+    def hit_rates(rungs):  # of each guide, per target group, on a calibration batch at these rungs
         for g, r in zip(cal_guides, rungs):
             g.scale = float(AUTO_SCALES[r])
         z0 = batch(cal_guides)
@@ -152,11 +156,20 @@ def auto_scales(batch, cal_guides, cal_targets, cal, alphas_cumprod, record):
         hits = [[(end[targets == k] == k).double().mean().item() for k in targets.unique().tolist()]
                 for end, targets in zip(ends, cal_targets)]  # double: in float32, 9/10 reads under 0.9
         record.setdefault("calibration", []).append({"scales": [g.scale for g in cal_guides], "hit_rates": hits})
-        for j, (r, h) in enumerate(zip(rungs, hits)):
+        return hits
+
+    low, high = [-1] * len(cal_guides), [len(AUTO_SCALES) - 1] * len(cal_guides)  # the rung sought: (low, high]
+    while any(h - lo > 1 for lo, h in zip(low, high)):
+        rungs = [(lo + h) // 2 if h - lo > 1 else h for lo, h in zip(low, high)]
+        for j, (r, h) in enumerate(zip(rungs, hit_rates(rungs))):
             if high[j] - low[j] > 1:
                 low[j], high[j] = (low[j], r) if min(h) >= AUTO_HIT else (r, high[j])
     record["hit_reached"] = [h < len(AUTO_SCALES) - 1 for h in high]
-    return [float(AUTO_SCALES[h]) for h in high]
+    scales = [float(AUTO_SCALES[h]) for h in high]
+    if len(cal_guides) > 1:
+        tried = {tuple(c["scales"]): c["hit_rates"] for c in record.get("calibration", [])}
+        record["together"] = [min(h) >= AUTO_HIT for h in tried.get(tuple(scales)) or hit_rates(high)]
+    return scales
 
 
 # ----------------------------------------------------------------------------------------------------------------
