@@ -836,6 +836,35 @@ def test_the_printed_summary_of_several_attributes_gives_each_one_and_the_inters
     assert f"intersections     {shares}   FD {r['intersections']['fd']:.4f}" in out
 
 
+class FeatureJudge(FixedClassifier):
+    """FixedClassifier with features of their own (rows of `feats`), not its logits."""
+
+    def __init__(self, logits, class_names, feats):
+        super().__init__(logits, class_names)
+        self.feats = feats
+
+    def features(self, images):
+        return self.feats[torch.as_tensor(images).view(len(images), -1)[:, 0].long()]
+
+
+def test_a_groups_precision_recall_and_frechet_are_of_the_images_whose_best_class_is_that_group():
+    """An image the judge reads as another class, a little more like b than a, was counted among b's images in b's
+    columns: on the digits about half of plain's "8s" were other digits (its 8s' Frechet read 214 where its 8s alone
+    read 118). Such images are the share outside the groups, a column of its own; FD still counts every image in the
+    nearer of the groups, as a classifier of the groups alone would."""
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    logits = torch.tensor([[5.0, 0, 0]] * n + [[0, 5.0, 0]] * n + [[0, 1.0, 5.0]] * n)  # a, b, then c (b second)
+    feats = torch.cat([torch.randn(n, 3, generator=g) + 10 * k for k in range(3)])
+    ref = {"a": torch.randn(60, 3, generator=g), "b": torch.randn(60, 3, generator=g) + 10}
+    judge, images = FeatureJudge(logits, ["a", "b", "c"], feats), torch.arange(3 * n).view(-1, 1, 1)
+    mixed = evaluate.evaluate_images(images, judge, ["a", "b"], reference_features=ref)
+    own = evaluate.evaluate_images(images[:2 * n], judge, ["a", "b"], reference_features=ref)
+    assert mixed["share_outside_groups"] == pytest.approx(1 / 3) and mixed["proportions"] == [1 / 3, 2 / 3]
+    for key in ("frechet_per_group", "recall_per_group", "precision_per_group"):
+        assert mixed[key] == own[key], key
+
+
 def test_images_a_data_folders_metadata_does_not_list_are_refused_naming_one(heldout, tmp_path):
     """A data folder's metadata.jsonl lists its images: one it does not list (put there by hand, or left by an
     earlier build) would be judged with them, silently."""
