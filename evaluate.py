@@ -414,10 +414,11 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     """Group balance and quality of generated images -> dict of JSON-ready numbers (None where not computed).
 
     groups: the K groups to judge balance over, a subset of `classifier.class_names` (default all of them);
-    images are assigned to the most likely of these K classes; share_outside_groups is the share whose most likely
-    class of all is none of them (None where they are all the classes: 0 by construction). requested: per image,
-    the group its prompt asked for (conditional scenario) -> success rates and SPD; every group must be requested at
-    least once.
+    images are assigned to the most likely of these K classes (proportions, FD, SPD); share_outside_groups is the
+    share whose most likely class of all is none of them (None where they are all the classes: 0 by construction),
+    and left out of the per-group Frechet, precision and recall, which are of each group's own images. requested:
+    per image, the group its prompt asked for (conditional scenario) -> success rates and SPD; every group must be
+    requested at least once.
     indicator_logits: (N, K) logits of the trained indicator, one row per image -> mean entropy.
     reference_features: classifier features of real images -> Frechet distance; either (M, D), or a dict
     {group: (M_g, D)} for every group, whose mixture is weighted by the generated (hard) proportions; with the
@@ -441,8 +442,8 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     labels = group_logits.argmax(1)
     p = group_proportions(labels, K)
     p_soft = group_proportions(group_logits.softmax(1), K)
-    share_outside = (None if len(columns) == len(class_names) else  # every class a group: none can be outside
-                     (~torch.isin(probs.argmax(1), torch.tensor(columns))).double().mean().item())
+    inside = torch.isin(probs.argmax(1), torch.tensor(columns))  # the images whose best class of all is a group
+    share_outside = None if len(columns) == len(class_names) else (~inside).double().mean().item()  # else none
     result = {
         "n_images": len(images), "groups": groups,
         "classifier_heldout_accuracy": getattr(classifier, "heldout_accuracy", None),
@@ -459,11 +460,11 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
         asked = torch.tensor([groups.index(r) for r in requested])
         rates = {str(g): (labels[asked == k] == k).double().mean().item() for k, g in enumerate(groups)}
         result.update(success_rates=rates, spd=statistical_parity_difference(rates))
-    if reference_features is not None:
-        feats = classify(classifier, images, features=True)
-        result.update(frechet_distances(feats, labels, p, groups, reference_features, m=diversity_subset))
+    if reference_features is not None:  # a group's own columns: its images, not another class nearer it than the rest
+        feats, own = classify(classifier, images, features=True), torch.where(inside, labels, -1)
+        result.update(frechet_distances(feats, own, p, groups, reference_features, m=diversity_subset))
         if isinstance(reference_features, dict):
-            result.update(diversity(feats, labels, groups, reference_features, m=diversity_subset))
+            result.update(diversity(feats, own, groups, reference_features, m=diversity_subset))
     return result
 
 

@@ -158,6 +158,8 @@ BUGS = [  # (name, file, old, new, tests)
     ("bar-ignores-recall", "reproduce.py", "and recall_kept(s, plain, groups))", ")", [RECALL]),
     ("worst-seed-is-the-best", "reproduce.py", '"fd_worst": max(', '"fd_worst": min(', [RECALL]),
     ("precision-recall-swapped", "evaluate.py", "return precision, recall", "return recall, precision", [HAND]),
+    ("per-group-columns-count-other-classes", "evaluate.py", "torch.where(inside, labels, -1)", "labels",
+     [E + "test_a_groups_precision_recall_and_frechet_are_of_the_images_whose_best_class_is_that_group"]),
     ("offsets-push-the-wrong-way", "guidance.py", "((log_p - c) / temperature)", "((log_p + c) / temperature)",
      [OFFSETS]),
     ("offsets-never-hotter", "guidance.py", "if soft_met else temperature * 4", "if soft_met else temperature / 4",
