@@ -915,12 +915,13 @@ FD = ||uniform − shares||₂ over the groups from {sizes['n_generic']} images 
 "{report['generic_prompt']}" (0 balanced, max {report['fd_max']:.3f}); SPD = max − min over groups of the share of
 {sizes['n_per_group']} images per group prompt that the judge assigns to the requested digit. The judge is the
 10-class digit classifier (held-out accuracy {report['classifier_heldout_accuracy']:.4f}), never the indicator; FD
-and SPD count each image in the most likely of the groups, whatever its best class.
+and SPD count each image in the most likely of the groups, whatever its best class (as a judge of the groups alone).
 Quality: Frechet distance to held-out real digits in the judge's features (mixed in the model's own shares, so bias
-alone is not bad quality), the same per group (a group's images against its real ones, on equal-size subsets as below),
-the share of generic images whose best class is none of the groups, confidence. Diversity: precision and recall
-(Kynkäänniemi et al. 2019, k = 3) in the judge's features, each group's generic images as judged against its held-out
-real digits, on equal-size random subsets of {DIVERSITY_SUBSET} (mean of {DIVERSITY_DRAWS} draws). Indicator acc / bacc:
+alone is not bad quality), the same per group (the images whose best class is the group against its real ones, on
+equal-size subsets as below), the share of generic images whose best class is none of the groups, confidence.
+Diversity: precision and recall (Kynkäänniemi et al. 2019, k = 3) in the judge's features, each group's generic images
+(best class) against its held-out real digits, on equal-size random subsets of {DIVERSITY_SUBSET} (mean of
+{DIVERSITY_DRAWS} draws). Indicator acc / bacc:
 its accuracy on its training batches and balanced accuracy on those holding every group, last 50 steps. DDIM
 {sizes['sample_steps']} steps, CFG {sizes['guidance']}. Std is the sample std over seeds (none for one model; "n of N
 seeds": the seeds that measured it); "worst seed" is the largest FD of any seed. The bar, on the unrounded means over
