@@ -443,7 +443,7 @@ def evaluate_images(images, classifier, groups=None, *, requested=None, indicato
     p = group_proportions(labels, K)
     p_soft = group_proportions(group_logits.softmax(1), K)
     inside = torch.isin(probs.argmax(1), torch.tensor(columns))  # the images whose best class of all is a group
-    share_outside = None if len(columns) == len(class_names) else (~inside).double().mean().item()  # else none
+    share_outside = None if len(columns) == len(class_names) else (~inside).double().mean().item()  # None: 0 always
     result = {
         "n_images": len(images), "groups": groups,
         "classifier_heldout_accuracy": getattr(classifier, "heldout_accuracy", None),

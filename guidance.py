@@ -54,7 +54,7 @@ def decision_offsets(log_p, shares, temperature=0.02, iters=2000):
     (the arg-max is the same for log p and offsets scaled together), and 4x lower each time, until the arg-max is
     within a row of each share (or a millionth of the spread: rows alike to the last bit cannot be told apart).
     Where the rows differ by tens of nats (an indicator sure of each image), steps of 0.02 nats do not reach the
-    offsets: the soft assignment itself misses, and the next round runs 4x hotter (at most 40 rounds, ~3 s)."""
+    offsets: the soft assignment itself misses, and the next round runs 4x hotter (at most 40 rounds: ~3 s at N 200)."""
     keep = shares > 0  # a group of share 0 is never a target: an infinite offset
     c, log_p = torch.zeros(int(keep.sum()), dtype=torch.float64), log_p[:, keep].double().cpu()
     want, spread = shares[keep].double(), (log_p - log_p.mean(1, keepdim=True)).std().nan_to_num().item()
