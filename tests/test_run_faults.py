@@ -2,6 +2,7 @@
 run directory, the user's files left alone, a broken checkpoint named and passed over, changed data refused, a
 failed write named, one-line errors for a truncated run.json or an out-of-range seed."""
 import json
+import math
 import os
 import re
 import resource
@@ -60,6 +61,27 @@ def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run_before_the_upda
         train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--lora-rank", "4",
                      "--max-steps", "2", *FAST, "--checkpoint-every", "1", "--objective", "sqrt-at-zero", "--w-ind",
                      "0", "--max-grad-norm", max_grad_norm])
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_nan_loss_in_one_micro_batch_stops_an_fp16_run_as_it_stops_a_float32_one(sd_dir, data_dir, tmp_path,
+                                                                                    monkeypatch):
+    """A NaN part is one not measured in that micro-batch; a NaN loss is a failure. Under fp16 the scaler skips the
+    update whose gradients are NaN, so a run that averaged the loss over the other micro-batch logged a finite loss
+    for an update that never happened, and went on (float32 stops at the gradient norm)."""
+    calls = []
+
+    def nan_once(b, indicator, hp):  # the first micro-batch's loss is NaN, every other one's is the DDM loss
+        loss, parts = ddm.ddm(b, indicator, hp)
+        calls.append(1)
+        return (loss * math.nan if len(calls) == 1 else loss), parts
+
+    monkeypatch.setitem(ddm.OBJECTIVES, "nan-once", ddm.Objective(nan_once, "pred"))
+    out = tmp_path / "nan-loss"
+    with pytest.raises(FloatingPointError, match=r"^loss is nan at step 1; training stopped before applying it"):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(out), "--lora-rank", "4",
+                     "--max-steps", "2", *FAST, "--checkpoint-every", "1", "--objective", "nan-once",
+                     "--mixed-precision", "fp16"])
     assert not list(out.glob("checkpoint-*"))
 
 
