@@ -169,8 +169,8 @@ class Trainer:
                 if name.endswith("_max"):  # a maximum: the step's largest; not measured (NaN): -inf, below any value
                     maxima[name] = torch.fmax(maxima.get(name, value.new_tensor(-math.inf)), value)
                     continue
-                measured = torch.stack([torch.where(value.isnan(), 0.0, value), ~value.isnan()])  # (sum, count)
-                sums[name] = sums.get(name, 0) + measured
+                unmeasured = value.isnan() & (name != "loss")  # a NaN loss is a failure: counted, it stops the run
+                sums[name] = sums.get(name, 0) + torch.stack([torch.where(unmeasured, 0.0, value), ~unmeasured])
         totals = torch.stack(list(sums.values()))  # (parts, 2): sum and count; the same parts in order on every rank
         if self.world > 1:
             dist.all_reduce(totals)
