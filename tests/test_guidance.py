@@ -226,21 +226,28 @@ def test_the_auto_scale_takes_a_rung_whose_hit_rate_is_exactly_the_bar(monkeypat
     assert record["hit_reached"] == [True]
 
 
-def test_the_auto_scales_of_two_indicators_are_tried_together_and_a_miss_there_is_recorded(monkeypatch):
+@pytest.mark.parametrize("beside_8, taken, together", [(10, [10.0, 8.0], [True, True]),
+                                                       (30, [20.0, 8.0], [False, True])])
+def test_the_auto_scales_of_two_indicators_are_raised_until_they_meet_the_hit_rate_together(beside_8, taken, together,
+                                                                                           monkeypatch):
     """Each rung is judged on a batch guided by every indicator at its rung of that try, so the scales taken may never
-    have run together. Here guide 1 needs 8, and guide 0 needs 5 beside a guide 1 under 8 but 10 beside 8: the
-    bisection took (6, 8), never tried, where guide 0 misses, and the record said only that both had met the rate."""
+    have run together. Here guide 1 needs 8, and guide 0 needs 5 beside a guide 1 under 8 but `beside_8` beside 8:
+    the bisection takes (6, 8), never tried, where guide 0 misses. A guide that misses there goes up a rung at a time
+    until every guide meets the rate together, or it is at the top; a miss there is recorded (it was only recorded,
+    and (6, 8) taken)."""
     targets = torch.tensor([0, 1] * 10)
     guides = [diffusion.Guidance(j, targets, 0.0) for j in (0, 1)]
 
     def meets(j):
-        return guides[1].scale >= 8 if j == 1 else guides[0].scale >= (10 if guides[1].scale >= 8 else 5)
+        return guides[1].scale >= 8 if j == 1 else guides[0].scale >= (beside_8 if guides[1].scale >= 8 else 5)
 
     monkeypatch.setattr(guidance, "ending_groups", lambda j, *_: targets.clone() if meets(j) else 1 - targets)
     record = {}
-    assert guidance.auto_scales(lambda g: None, guides, [targets] * 2, list(range(20)), None, record) == [6.0, 8.0]
-    assert record["calibration"][-1] == {"scales": [6.0, 8.0], "hit_rates": [[0.0, 0.0], [1.0, 1.0]]}
-    assert record["together"] == [False, True]
+    assert guidance.auto_scales(lambda g: None, guides, [targets] * 2, list(range(20)), None, record) == taken
+    assert {"scales": [6.0, 8.0], "hit_rates": [[0.0, 0.0], [1.0, 1.0]]} in record["calibration"]
+    tried = [c["scales"] for c in record["calibration"]]
+    assert tried[tried.index([6.0, 8.0]):] == [[s, 8.0] for s in guidance.AUTO_SCALES if 6 <= s <= taken[0]]
+    assert record["together"] == together
     one = {}  # one indicator: its rung was tried as it is taken
     guidance.auto_scales(lambda g: None, guides[1:], [targets], list(range(20)), None, one)
     assert "together" not in one and [8.0] in [c["scales"] for c in one["calibration"]]
