@@ -130,9 +130,9 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
                            f"{', '.join(map(str, missed))} (of {len(specs[j][1])}), so the auto scale was chosen "
                            f"without it; use a larger --calibration (now {calibration})", file=sys.stderr)
     for j in [j for j, met in enumerate(record.get("together", [])) if not met and record["hit_reached"][j]]:
-        tqdm.write(f"warning: {prompt!r}: indicator {j + 1} missed the hit rate with every indicator at the scale "
-                   f"chosen ({', '.join(f'{s:g}' for s in scales)}): each was chosen beside the others' scales of its "
-                   "try", file=sys.stderr)
+        tqdm.write(f"warning: {prompt!r}: indicator {j + 1} misses the hit rate beside the other indicators even at "
+                   f"the top rung ({', '.join(f'{s:g}' for s in scales)}), though it met it beside their scales of a "
+                   "lower try", file=sys.stderr)
     for j in [j for j, met in enumerate(record.get("hit_reached", [])) if not met]:
         tqdm.write(f"warning: {prompt!r}: indicator {j + 1} met the hit rate ({AUTO_HIT:.0%} of each group's "
                    f"calibration images end in their target) at no rung up to {AUTO_SCALES[-2]:g}, so it guides at "
@@ -146,8 +146,8 @@ def auto_scales(batch, cal_guides, cal_targets, cal, alphas_cumprod, record):
     """Each guide's smallest rung of AUTO_SCALES at which AUTO_HIT of its calibration images targeted at each
     group end in it (ending_groups), by bisection (hits grow with the scale); every try goes into the record, and
     whether a rung met the hit rate: where none below the top did, the top is taken untried. Each try guides with
-    every guide at its rung of that try: several guides' scales are tried together at the end (unless a try was
-    theirs), `together` recording which guides met the hit rate there."""
+    every guide at its rung of that try: several guides' rungs are tried together at the end (unless a try was
+    theirs), and one that misses there goes up a rung until all meet it or it is at the top (`together`: which met)."""
     def hit_rates(rungs):  # of each guide, per target group, on a calibration batch at these rungs
         for g, r in zip(cal_guides, rungs):
             g.scale = float(AUTO_SCALES[r])
@@ -165,11 +165,14 @@ def auto_scales(batch, cal_guides, cal_targets, cal, alphas_cumprod, record):
             if high[j] - low[j] > 1:
                 low[j], high[j] = (low[j], r) if min(h) >= AUTO_HIT else (r, high[j])
     record["hit_reached"] = [h < len(AUTO_SCALES) - 1 for h in high]
-    scales = [float(AUTO_SCALES[h]) for h in high]
-    if len(cal_guides) > 1:
+    while len(cal_guides) > 1:  # the rungs taken, tried together: a guide that misses there goes up a rung
         tried = {tuple(c["scales"]): c["hit_rates"] for c in record.get("calibration", [])}
-        record["together"] = [min(h) >= AUTO_HIT for h in tried.get(tuple(scales)) or hit_rates(high)]
-    return scales
+        met = [min(h) >= AUTO_HIT for h in tried.get(tuple(float(AUTO_SCALES[h]) for h in high)) or hit_rates(high)]
+        record["together"], up = met, [not m and h < len(AUTO_SCALES) - 1 for m, h in zip(met, high)]
+        if not any(up):
+            break
+        high = [h + u for h, u in zip(high, up)]
+    return [float(AUTO_SCALES[h]) for h in high]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ UNTIL = ("tests/test_guidance.py::"
          "test_the_calibration_batch_stops_at_the_x_t_of_the_step_where_denoise_decides_the_targets")
 RENOISED = "tests/test_guidance.py::test_the_auto_scale_reads_each_final_latent_renoised_to_its_read_step_at_that_step"
 REAL_AS_REAL = E + "test_per_group_precision_and_recall_take_the_real_images_as_real_and_the_generated_as_generated"
+RAISED = G + "test_the_auto_scales_of_two_indicators_are_raised_until_they_meet_the_hit_rate_together"
 NAN_LOSS = ("tests/test_run_faults.py::test_a_nan_loss_in_one_micro_batch_stops_an_fp16_run_as_it_stops_a_"
             "float32_one")
 NOT_MEASURED = (T + "test_a_part_not_measured_in_a_micro_batch_is_logged_as_the_mean_of_the_micro_batches_"
@@ -234,6 +235,7 @@ BUGS = [  # (name, file, old, new, tests)
     ("overall-diversity-against-one-group", "evaluate.py",
      "overall = mean_pr(torch.cat([reference_features[groups[k]] for k in order]), feats)",
      "overall = mean_pr(reference_features[groups[0]], feats)", [EVERY_GROUP]),
+    ("auto-pair-never-raised", "guidance.py", "high = [h + u for h, u in zip(high, up)]", "break", [RAISED]),
     ("auto-hit-strictly-above-the-bar", "guidance.py", "if min(h) >= AUTO_HIT", "if min(h) > AUTO_HIT", [AT_THE_BAR]),
     ("v-to-eps-at-the-euler-state", "diffusion.py", "eps = eps_from_v(x_t, out, t, alphas_cumprod)",
      "eps = eps_from_v(x, out, t, alphas_cumprod)", [V_EULER]),
