@@ -644,6 +644,20 @@ def test_an_attributes_list_that_names_a_text_twice_is_refused_at_parse_time(tmp
         assert e.value.code == 2 and f"--attributes names the text {text!r} twice" in err, err
 
 
+@pytest.mark.parametrize("first, second", [
+    ("a photo of a caf\u00e9 owner", "a photo of a cafe\u0301 owner"),  # NFC and NFD: CLIP composes first
+    (" ".join(["x"] * 75) + " man", " ".join(["x"] * 75) + " woman"),  # apart only past the 75 ids CLIP keeps
+])
+def test_attribute_texts_that_clip_reads_as_the_same_ids_are_refused_at_parse_time(first, second, tmp_path, capsys):
+    """Two texts of one ids give one embedding: every image went to the first (the arg-max of equal logits), FD read
+    sqrt(1/2) whatever the images. They were compared lowered and split at whitespace, which is not CLIP's reading."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(tmp_path), "--clip", str(tmp_path / "clip"), "--prompt", "x", "--attributes", first,
+                       second])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--attributes names the text {first!r} twice" in err, err
+
+
 def test_per_group_frechet_compares_each_group_with_its_own_real_images():
     g = torch.Generator().manual_seed(0)
     real = {7: torch.randn(50, 4, generator=g), 8: torch.randn(200, 4, generator=g) + 3}
