@@ -38,6 +38,7 @@ import clip_image
 import data
 import weights
 from ddm import fairness_discrepancy, group_proportions, mean_entropy, statistical_parity_difference
+from tokenizer import Tokenizer
 
 DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent / "runs" / "digit_classifier.safetensors"
 CLASSIFIER_FORMAT = "ddm-digit-classifier-v1"  # bump when the architecture or its training changes
@@ -715,10 +716,11 @@ def flag_error(args):
         return "--groups picks digit classes; with --clip the groups are the --attributes"
     elif args.classifier != DEFAULT_CLASSIFIER_PATH:
         return f"--classifier is the digit judge's; with --clip, CLIP judges (got --classifier {args.classifier})"
-    folded = [[" ".join(t.lower().split()) for t in texts] for texts in args.attributes or []]  # as CLIP reads them
-    twice = [t for t in map(cli.repeated, folded) if t is not None]
-    if twice:
-        return f"--attributes names the text {twice[0]!r} twice; each group of an attribute needs its own text"
+    for texts in args.attributes or []:  # as CLIP reads them: the ids, 75 at most, of the text lowered and NFC
+        ids = [tuple(row) for row in Tokenizer.default()(texts).tolist()]
+        if cli.repeated(ids) is not None:
+            return (f"--attributes names the text {texts[ids.index(cli.repeated(ids))]!r} twice; each group of an "
+                    "attribute needs its own text")
     resolved = [Path(d).resolve() for d in args.image_dirs]
     folder = next((t for texts in args.attributes or [] for t in texts
                    if t and Path(t).is_dir() and Path(t).resolve() not in resolved), None)
