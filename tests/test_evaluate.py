@@ -943,6 +943,26 @@ def test_a_data_folder_is_judged_on_every_image_it_lists_named_grid_or_in_a_subf
         evaluate.image_files(folder)
 
 
+def test_a_data_folder_whose_first_build_was_interrupted_is_refused(tmp_path, monkeypatch):
+    """A first build stopped half-way leaves images and its UNFINISHED record but no metadata.jsonl: evaluate.py
+    judged the images that happened to be written as a plain image folder (2 of 3 : 2 read FD 0, shares 0.5 / 0.5)."""
+    images, labels = data.load_digits()
+    out, calls, render = tmp_path / "d", [], data.digit_image
+
+    def stop_at_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return render(*args)
+
+    monkeypatch.setattr(data, "digit_image", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        data.make_digit_folder(out, images, labels, {7: 3, 8: 2})
+    assert len(list(out.glob("*.png"))) == 2 and not (out / "metadata.jsonl").exists()
+    with pytest.raises(ValueError, match=r"a build of this folder was interrupted"):
+        evaluate.image_files(out)
+
+
 def test_an_out_that_names_a_file_no_evaluation_wrote_is_refused_and_kept(heldout, tmp_path, capsys):
     """--out out/man/samples.json (or a data folder's metadata.jsonl) would replace sample.py's record of the prompts
     with the result; a result of an earlier evaluate.py run may be replaced."""
