@@ -293,7 +293,7 @@ def interrupted_error(root):
     if not (Path(root) / UNFINISHED).is_file():
         return None
     return (f"{Path(root) / 'metadata.jsonl'}: a build of this folder was interrupted, so its images may not be the "
-            f"ones this file describes ({UNFINISHED} lists them): build it again")
+            f"ones this file describes, if it is there ({UNFINISHED} lists them): build it again")
 
 
 def check_out_folder(out_dir, files, overwrite, flag="--overwrite"):

@@ -593,8 +593,8 @@ def unlisted_error(directory, paths):
     the folder, and one it does not list (put there by hand, or left by an earlier build that --overwrite did not
     write again) would be judged with them; one it lists is gone; or a build of the folder stopped half-way."""
     meta = directory / "metadata.jsonl"
-    if not meta.is_file():
-        return None
+    if not meta.is_file():  # a plain image folder, or a first build stopped half-way
+        return data.interrupted_error(directory)
     why, gone = data.interrupted_error(directory), next((p for p in paths if not p.is_file()), None)
     broken = next((n for n, line in data.text_lines(meta) if line.strip() and not data.line_file(directory, line)), 0)
     if why or gone or broken:
