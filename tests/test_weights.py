@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from weights import CheckpointError, load_strict, read_component, read_json, read_state_dict, rename
+from weights import (CheckpointError, load_strict, read_component, read_json, read_metadata, read_state_dict,
+                     rename)
 
 
 class Tiny(torch.nn.Module):
@@ -89,6 +90,30 @@ def test_missing_and_truncated_files_name_the_path(tmp_path):
         read_state_dict(tmp_path / "t.safetensors")
     with pytest.raises(FileNotFoundError, match="neither a single-file checkpoint nor a diffusers folder"):
         read_component(tmp_path, subfolder="unet", single_file_prefix="", weight_names=("w.safetensors",), convert=dict)
+
+
+def test_a_safetensors_file_whose_name_has_no_suffix_reads_as_one(tmp_path):
+    """The Hugging Face cache keeps a snapshot's file as a link to blobs/<sha256>, a name without a suffix, and a run
+    records --model resolved: the blob. It was read as a torch pickle ("not a PyTorch checkpoint (Unsupported
+    operand 160)"), so a run fine-tuned from such a file could not be sampled, exported or resumed."""
+    (tmp_path / "blobs").mkdir()
+    save_file({"model.diffusion_model.w": torch.ones(2)}, tmp_path / "blobs" / "7c8b1d2e", metadata={"k": "v"})
+    link = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    link.symlink_to(tmp_path / "blobs" / "7c8b1d2e")
+    for path in (link, link.resolve()):
+        assert read_state_dict(path, "model.diffusion_model.")["w"].tolist() == [1, 1]
+        assert read_metadata(path)["k"] == "v"
+    torch.save({"w": torch.ones(3)}, tmp_path / "blobs" / "0a1b")  # a torch file under a bare name reads too
+    assert read_state_dict(tmp_path / "blobs" / "0a1b")["w"].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("name", ["empty.ckpt", "empty.safetensors", "empty"])
+def test_an_empty_weight_file_is_named_as_empty(tmp_path, name):
+    """The zero-byte file a failed download or a full disk leaves: "cannot read checkpoint PATH: " and no reason."""
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"^cannot read checkpoint {re.escape(str(tmp_path / name))}: the file "
+                                              r"is empty \(0 bytes\)$"):
+        read_state_dict(tmp_path / name)
 
 
 @pytest.mark.parametrize("files,held", [
