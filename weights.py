@@ -138,10 +138,10 @@ def read_state_dict(path, prefix="", dtype=None):
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if not path.is_file():
         raise CheckpointError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a checkpoint")
-    cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+    cast, head = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t), None
     try:
-        open(path, "rb").close()  # safetensors reports every failure to open as "No such file or directory"
-        if path.suffix == ".safetensors":
+        head = is_safetensors(path)  # opened here: safetensors reports any failure to open as "No such file"
+        if head:
             with safe_open(str(path), framework="pt") as f:
                 return {k[len(prefix):]: cast(f.get_tensor(k)) for k in f.keys() if k.startswith(prefix)}
         try:
@@ -151,12 +151,21 @@ def read_state_dict(path, prefix="", dtype=None):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unreadable (the system's reason) or truncated files, wrong formats, pickles of objects
-        raise CheckpointError(f"cannot read checkpoint {path}: {_load_error(e)}") from e
+        why = "the file is empty (0 bytes)" if head is None and path.stat().st_size == 0 else _load_error(e)
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # CompVis .ckpt wraps everything
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     return {k[len(prefix):]: cast(v) for k, v in obj.items() if k.startswith(prefix) and torch.is_tensor(v)}
+
+
+def is_safetensors(path):
+    """Whether the file holds safetensors, by its first bytes (an 8-byte header length, then the header's JSON): not
+    by its name, as the Hugging Face cache keeps files as blobs named by their hash; None for an empty file."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return head[8:] == b"{" if head else None
 
 
 def _load_error(e):
@@ -176,7 +185,7 @@ def _load_error(e):
 def read_metadata(path):
     """The string metadata of a .safetensors file ({} for other formats); CheckpointError naming an unreadable one."""
     path = existing_file(path)
-    if path.suffix != ".safetensors":
+    if not is_safetensors(path):
         return {}
     try:
         with safe_open(str(path), framework="pt") as f:

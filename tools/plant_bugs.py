@@ -153,6 +153,9 @@ BUGS = [  # (name, file, old, new, tests)
     ("noise-seed-ignores-rank", "train.py", '"noise", self.step_count, micro, self.rank)',
      '"noise", self.step_count, micro, 0)', [RANKS]),
     # strict loading
+    ("safetensors-by-suffix", "weights.py", 'return head[8:] == b"{" if head else None',
+     'return path.suffix == ".safetensors" if head else None',
+     [W + "test_a_safetensors_file_whose_name_has_no_suffix_reads_as_one"]),
     ("strict-missing-only", "weights.py", "if missing or unexpected:", "if unexpected:", [STRICT, CKPT]),
     ("strict-unexpected-only", "weights.py", "if missing or unexpected:", "if missing:", [STRICT]),
     ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
