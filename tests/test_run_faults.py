@@ -801,6 +801,21 @@ def test_a_fine_tune_whose_base_model_was_moved_names_its_run_json_and_the_field
         loading.load_run(run)
 
 
+def test_a_moved_base_model_is_mended_as_the_message_says(sd_dir, data_dir, tmp_path):
+    """The message said "write where it is now in the field 'base'"; done, run.json was refused: "field 'base' ... is
+    not the model the run fine-tunes, config.model ...". It names both fields, and with both written the run loads."""
+    base, run = tmp_path / "sd", tmp_path / "run"
+    shutil.copytree(sd_dir, base)
+    train.train(["--model", str(base), "--data", str(data_dir), *LORA, "--out", str(run), "--max-steps", "2"])
+    base.rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match=r"write where it is now in the field 'base' and in config\.model"):
+        loading.load_run(run)
+    info = json.loads((run / "run.json").read_text())
+    info["base"] = info["config"]["model"] = str(tmp_path / "moved")
+    (run / "run.json").write_text(json.dumps(info))
+    assert loading.load_run(run).step == 2
+
+
 def test_the_base_fingerprint_sees_one_tensor_changed_in_a_large_file(tmp_path):
     """A LoRA merged into a saved-over base changes only the attention tensors it trained, a few % of the file: 64
     pieces spread evenly over it could all miss them. Every tensor's first bytes are read."""
