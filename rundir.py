@@ -279,7 +279,8 @@ def base_path(run_dir, info):
         why = (f"it now holds {now.name if now else 'no checkpoint'}: it trained on since, and the weights this run "
                f"started from are gone; put {started} back there, or fine-tune {model} anew")
     elif not os.path.lexists(folder):
-        why = "it does not exist (moved or deleted): put it back there, or write where it is now in the field 'base'"
+        why = ("it does not exist (moved or deleted): put it back there, or write where it is now in the field 'base' "
+               "and in config.model")
     else:
         now = stored and model_fingerprint(folder)
         differ = [name for name in sorted({**stored, **now}) if stored.get(name) != now.get(name)] if stored else []
