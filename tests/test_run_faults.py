@@ -816,6 +816,31 @@ def test_a_moved_base_model_is_mended_as_the_message_says(sd_dir, data_dir, tmp_
     assert loading.load_run(run).step == 2
 
 
+def test_a_resume_that_validates_a_step_again_keeps_no_image_of_the_attempt_that_crashed(sd_dir, data_dir, tmp_path,
+                                                                                         monkeypatch):
+    """validation/step_N/ of a step the crashed attempt validated past its last checkpoint kept that attempt's images
+    beside the resume's: with --validation-n 1 and another prompt, 00.png was the new prompt's, 01.png and 02.png the
+    old one's. A file there that no run wrote is kept."""
+    run, step = tmp_path / "run", train.Trainer.step
+    flags = ["--model", str(sd_dir), "--data", str(data_dir), *FAST, "--w-ind", "0", "--lora-rank", "4",
+             "--checkpoint-every", "2", "--validation-every", "1", "--validation-steps", "1", "--max-steps", "4"]
+
+    def crash_in_step_4(self):
+        if self.step_count == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(train.Trainer, "step", crash_in_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            train.train(flags + ["--out", str(run), "--validation-prompt", "a red square", "--validation-n", "3"])
+    assert len(list((run / "validation" / "step_000003").iterdir())) == 3
+    (run / "validation" / "step_000003" / "notes.txt").write_text("mine")
+    train.train(flags + ["--resume", str(run), "--validation-prompt", "a blue square", "--validation-n", "1"])
+    assert sorted(p.name for p in (run / "validation" / "step_000003").iterdir()) == ["00.png", "notes.txt"]
+    assert sorted(p.name for p in (run / "validation" / "step_000002").iterdir()) == ["00.png", "01.png", "02.png"]
+
+
 def test_the_base_fingerprint_sees_one_tensor_changed_in_a_large_file(tmp_path):
     """A LoRA merged into a saved-over base changes only the attention tensors it trained, a few % of the file: 64
     pieces spread evenly over it could all miss them. Every tensor's first bytes are read."""
