@@ -423,8 +423,9 @@ def data_change(stored, now, was, where):
 
 
 def open_log(run_dir, step, args, config, data):
-    """log.jsonl in append mode, without the lines a crash left past the checkpoint at `step` (or cut half-way). A
-    resume with steps to train gets here once every check passed and every model is built: `record_resume` first."""
+    """log.jsonl in append mode, without the lines a crash left past the checkpoint at `step` (or cut half-way), and
+    without its validation images of those steps (made again, maybe fewer or of another prompt). A resume with steps
+    to train gets here once every check passed and every model is built: `record_resume` first."""
     path = run_dir / "log.jsonl"
     old = path.read_text().splitlines() if path.exists() else []
     if old and not old[-1].endswith("}"):
@@ -439,6 +440,9 @@ def open_log(run_dir, step, args, config, data):
     if args.resume and step < args.max_steps:
         record_resume(run_dir, step, vars(args), config, data)
     weights.write_atomic(path, "".join(kept))
+    for image in (run_dir / "validation").glob("step_*/*.png"):  # save_pngs' 00.png, ... of a step past `step`
+        if image.stem.isdecimal() and image.parent.name[5:].isdecimal() and int(image.parent.name[5:]) > step:
+            image.unlink()
     with weights.writing(path):
         return open(path, "a")
 
