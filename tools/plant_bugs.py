@@ -57,6 +57,9 @@ UNTIL = ("tests/test_guidance.py::"
 RENOISED = "tests/test_guidance.py::test_the_auto_scale_reads_each_final_latent_renoised_to_its_read_step_at_that_step"
 REAL_AS_REAL = E + "test_per_group_precision_and_recall_take_the_real_images_as_real_and_the_generated_as_generated"
 RAISED = G + "test_the_auto_scales_of_two_indicators_are_raised_until_they_meet_the_hit_rate_together"
+VALIDATED_AGAIN = ("tests/test_run_faults.py::test_a_resume_that_validates_a_step_again_keeps_no_image_of_the_"
+                   "attempt_that_crashed")
+MOVED_BASE = "tests/test_run_faults.py::test_a_moved_base_model_is_mended_as_the_message_says"
 NAN_LOSS = ("tests/test_run_faults.py::test_a_nan_loss_in_one_micro_batch_stops_an_fp16_run_as_it_stops_a_"
             "float32_one")
 NOT_MEASURED = (T + "test_a_part_not_measured_in_a_micro_batch_is_logged_as_the_mean_of_the_micro_batches_"
@@ -156,6 +159,10 @@ BUGS = [  # (name, file, old, new, tests)
     ("safetensors-by-suffix", "weights.py", 'return head[8:] == b"{" if head else None',
      'return path.suffix == ".safetensors" if head else None',
      [W + "test_a_safetensors_file_whose_name_has_no_suffix_reads_as_one"]),
+    ("stale-validation-images-kept", "rundir.py", "int(image.parent.name[5:]) > step:",
+     "int(image.parent.name[5:]) < 0:", [VALIDATED_AGAIN]),
+    ("moved-base-names-one-field", "rundir.py", "'base' \"\n               \"and in config.model\")",
+     "'base'\")", [MOVED_BASE]),
     ("strict-missing-only", "weights.py", "if missing or unexpected:", "if unexpected:", [STRICT, CKPT]),
     ("strict-unexpected-only", "weights.py", "if missing or unexpected:", "if missing:", [STRICT]),
     ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
