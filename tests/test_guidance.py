@@ -684,3 +684,62 @@ def test_nan_in_a_calibration_batch_is_one_line_naming_the_prompt_and_nothing_is
     assert str(e.value.code).startswith(f"error: the calibration batch of prompt {PROMPT!r}: calibration image 0: "
                                         f"NaN or infinite values in the latents{where}"), e.value.code
     assert not out.exists()
+
+
+# ---- the guidance term against a closed form: two Gaussian groups, whose every score and posterior are known
+
+
+class GaussianGroups:
+    """x_0 | g ~ N(μ_g, s² I) with μ_g = ∓1 and priors `prior`: at step t, x_t | g ~ N(√ᾱ μ_g, (ᾱ s² + 1 − ᾱ) I),
+    so p(g | x_t) and the mixture's exact ε are closed forms."""
+    shape, s = (4, 1, 1), 0.7
+    mu = torch.stack([-torch.ones(shape), torch.ones(shape)]).double().flatten(1)  # (2, 4)
+    ac = diffusion.sd_schedule()
+
+    def log_joint(self, x, t, prior):  # log p(x_t | g) + log π_g, up to a constant: the exact posterior's logits
+        a = self.ac[int(t)]
+        d = x.double().flatten(1)[:, None] - a.sqrt() * self.mu[None]
+        return -(d ** 2).sum(-1) / (2 * (a * self.s ** 2 + 1 - a)) + prior.log()
+
+    def unet(self, prior, prediction_type):
+        """A "UNet" whose ε (or v) is the exact one of the mixture with these priors: ε = √(1−ᾱ)(x_t − √ᾱ E[μ | x_t])
+        / (ᾱ s² + 1 − ᾱ)."""
+        groups = self
+
+        class Exact(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.dtype_anchor = torch.nn.Parameter(torch.zeros(1))  # denoise reads the dtype of its parameters
+
+            def forward(self, x, t, context):
+                a = groups.ac[int(t)]
+                mean = (groups.log_joint(x, t, prior).softmax(1) @ groups.mu).view(x.shape)
+                eps = (1 - a).sqrt() * (x.double() - a.sqrt() * mean) / (a * groups.s ** 2 + 1 - a)
+                x0 = (x.double() - (1 - a).sqrt() * eps) / a.sqrt()
+                return (eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0).float()
+
+        return Exact()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("euler", 0.0)])
+def test_guidance_at_scale_1_by_the_exact_posterior_samples_the_exact_conditional(sampler, eta, prediction_type):
+    """∇ log p(x_t | g) = ∇ log p(x_t) + ∇ log p(g | x_t), and ε = −√(1−ᾱ)·∇ log p(x_t): the mixture's ε guided at
+    S = 1 by the exact posterior toward group 1 is group 1's own ε, step for step, in every sampler. The other tests
+    restate the term ε − S·√(1−ᾱ)·∇; this derives it (its sign, its √(1−ᾱ) and the x_t it reads)."""
+    groups, n, prior = GaussianGroups(), 8, torch.tensor([0.9, 0.1], dtype=torch.float64)
+
+    class Posterior(torch.nn.Module):
+        def forward(self, x, t):
+            return groups.log_joint(x, t, prior)
+
+    def run(unet, guides=()):
+        x = torch.randn(n, *groups.shape, generator=torch.Generator().manual_seed(0))
+        return diffusion.denoise(unet, x, torch.zeros(n, 2, 2), None, groups.ac,
+                                 [torch.Generator().manual_seed(k) for k in range(n)], steps=20, guidance=1.0,
+                                 sampler=sampler, eta=eta, prediction_type=prediction_type, guides=guides)
+
+    alone = run(groups.unet(torch.tensor([1e-300, 1.0], dtype=torch.float64), prediction_type))  # group 1's own
+    guided = run(groups.unet(prior, prediction_type),
+                 [diffusion.Guidance(Posterior(), torch.ones(n, dtype=torch.long), 1.0)])
+    torch.testing.assert_close(guided, alone, atol=1e-5, rtol=1e-5)
