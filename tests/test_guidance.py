@@ -743,3 +743,60 @@ def test_guidance_at_scale_1_by_the_exact_posterior_samples_the_exact_conditiona
     guided = run(groups.unet(prior, prediction_type),
                  [diffusion.Guidance(Posterior(), torch.ones(n, dtype=torch.long), 1.0)])
     torch.testing.assert_close(guided, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_models_prior_is_the_maximum_likelihood_mixture_weight_of_posteriors_read_under_equal_priors():
+    """EM (Saerens et al. 2002) on the equal-prior posteriors of images drawn 80 : 20 from two Gaussian groups at
+    t = 500 (where the groups overlap: no image's posterior alone tells its group) recovers 0.8 : 0.2."""
+    groups, g = GaussianGroups(), torch.Generator().manual_seed(0)
+    member = (torch.rand(8000, generator=g) < 0.2).long()
+    a = groups.ac[500]
+    x = a.sqrt() * groups.mu[member] + (a * groups.s ** 2 + 1 - a).sqrt() * torch.randn(8000, 4, generator=g,
+                                                                                       dtype=torch.float64)
+    equal = groups.log_joint(x, 500, torch.tensor([0.5, 0.5], dtype=torch.float64)).log_softmax(1)
+    assert (equal.argmax(1) != member).double().mean() > 0.05  # the posteriors alone misplace images
+    prior = guidance.model_prior(equal).exp()
+    torch.testing.assert_close(prior.double(), torch.tensor([0.8, 0.2], dtype=torch.float64), atol=0.012, rtol=0)
+    torch.testing.assert_close(guidance.model_prior(torch.zeros(5, 3)).exp(), torch.full((3,), 1 / 3))  # nothing read
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_guidance_by_a_class_balanced_indicator_with_the_models_prior_samples_the_exact_conditional(sampler):
+    """A class-balanced CE teaches the indicator p(g | x_t) under equal priors; differentiated as it is, S = 1 aimed
+    at the 10% group gave mean +0.33 along μ where p(x | g) has +0.93. With the model's own prior added to its
+    logits it is the exact posterior, and S = 1 gives group 1's own ε, step for step."""
+    groups, n, prior = GaussianGroups(), 8, torch.tensor([0.9, 0.1], dtype=torch.float64)
+
+    class Balanced(torch.nn.Module):
+        def forward(self, x, t):
+            return groups.log_joint(x, t, torch.tensor([0.5, 0.5], dtype=torch.float64)).float()
+
+    def run(unet, guides=()):
+        x = torch.randn(n, *groups.shape, generator=torch.Generator().manual_seed(0))
+        return diffusion.denoise(unet, x, torch.zeros(n, 2, 2), None, groups.ac,
+                                 [torch.Generator().manual_seed(k) for k in range(n)], steps=20, guidance=1.0,
+                                 sampler=sampler, guides=guides)
+
+    alone = run(groups.unet(torch.tensor([1e-300, 1.0], dtype=torch.float64), "epsilon"))
+    target = torch.ones(n, dtype=torch.long)
+    guided = run(groups.unet(prior, "epsilon"),
+                 [diffusion.Guidance(Balanced(), target, 1.0, log_prior=prior.log().float())])
+    torch.testing.assert_close(guided, alone, atol=1e-4, rtol=1e-4)
+    equal = run(groups.unet(prior, "epsilon"), [diffusion.Guidance(Balanced(), target, 1.0)])
+    assert (equal - alone).abs().max() > 0.1  # without it: another distribution
+
+
+def test_trajectory_aware_guides_read_the_models_prior_from_the_calibration_batch_at_the_decide_step(models):
+    """The prior is the prompt's own (EM over the calibration batch's posteriors where the targets are decided),
+    recorded in samples.json; drawn targets have no such batch and read equal priors."""
+    ind = mean_reader(loading.latent_shape(models, RES, RES))
+    guides, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
+                                         [(ind, torch.tensor([0.5, 0.5]))], 1.0, calibration=32, **SETTINGS)
+    x_t = sample.generate(models, [PROMPT] * 32, [data.derive_seed(0, "calibration", k) for k in range(32)],
+                          until=guidance.DECIDE_AT, decode=False, progress=False, **SETTINGS)
+    want = guidance.model_prior(ind(x_t, record["decide_step"]).float().log_softmax(1))
+    assert torch.equal(guides[0].log_prior, want) and record["priors"] == [want.exp().tolist()]
+    drawn, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
+                                        [(ind, torch.tensor([0.5, 0.5]))], 1.0, decide_at=None, calibration=8,
+                                        **SETTINGS)
+    assert drawn[0].log_prior is None and record["priors"] == [None]
