@@ -61,6 +61,8 @@ VALIDATED_AGAIN = ("tests/test_run_faults.py::test_a_resume_that_validates_a_ste
                    "attempt_that_crashed")
 MOVED_BASE = "tests/test_run_faults.py::test_a_moved_base_model_is_mended_as_the_message_says"
 CLOSED = G + "test_guidance_at_scale_1_by_the_exact_posterior_samples_the_exact_conditional"
+PRIOR_EXACT = G + "test_guidance_by_a_class_balanced_indicator_with_the_models_prior_samples_the_exact_conditional"
+PRIOR_EM = G + "test_the_models_prior_is_the_maximum_likelihood_mixture_weight_of_posteriors_read_under_equal_priors"
 NAN_LOSS = ("tests/test_run_faults.py::test_a_nan_loss_in_one_micro_batch_stops_an_fp16_run_as_it_stops_a_"
             "float32_one")
 NOT_MEASURED = (T + "test_a_part_not_measured_in_a_micro_batch_is_logged_as_the_mean_of_the_micro_batches_"
@@ -125,6 +127,10 @@ BUGS = [  # (name, file, old, new, tests)
      [CLOSED]),
     ("guidance-reads-euler-x", "diffusion.py", "g.indicator, x_t, t, targets[j])", "g.indicator, x, t, targets[j])",
      [CLOSED]),
+    ("guidance-under-equal-priors", "diffusion.py", "logits + log_prior.to(x.device)).log_softmax(1)",
+     "logits).log_softmax(1)", [PRIOR_EXACT]),
+    ("prior-one-em-step", "guidance.py", "(log_p + log_pi).log_softmax(1).logsumexp(0)",
+     "log_p.log_softmax(1).logsumexp(0)", [PRIOR_EM]),
     ("guidance-every-target", "diffusion.py", "log_p[torch.arange(len(x)), groups].sum()", "log_p[:, groups].sum()",
      [STEP]),
     ("targets-depend-on-batch", "guidance.py", 'derive_seed(s, *key))).item() for s in seeds])',
