@@ -786,15 +786,16 @@ def test_guidance_by_a_class_balanced_indicator_with_the_models_prior_samples_th
     assert (equal - alone).abs().max() > 0.1  # without it: another distribution
 
 
-def test_trajectory_aware_guides_read_the_models_prior_from_the_calibration_batch_at_the_decide_step(models):
-    """The prior is the prompt's own (EM over the calibration batch's posteriors where the targets are decided),
-    recorded in samples.json; drawn targets have no such batch and read equal priors."""
-    ind = mean_reader(loading.latent_shape(models, RES, RES))
+def test_trajectory_aware_guides_read_the_models_prior_from_the_calibration_batch_run_unguided_to_the_end(models):
+    """The prior is the prompt's own: model_prior over the calibration images the model makes unguided, read as the
+    hit rate reads them (at the decide step the posteriors barely tell the groups apart); recorded in samples.json.
+    Drawn targets read equal priors."""
+    ind, cal = mean_reader(loading.latent_shape(models, RES, RES)), [data.derive_seed(0, "calibration", k)
+                                                                     for k in range(32)]
     guides, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
                                          [(ind, torch.tensor([0.5, 0.5]))], 1.0, calibration=32, **SETTINGS)
-    x_t = sample.generate(models, [PROMPT] * 32, [data.derive_seed(0, "calibration", k) for k in range(32)],
-                          until=guidance.DECIDE_AT, decode=False, progress=False, **SETTINGS)
-    want = guidance.model_prior(ind(x_t, record["decide_step"]).float().log_softmax(1))
+    z0 = sample.generate(models, [PROMPT] * 32, cal, decode=False, progress=False, **SETTINGS)
+    want = guidance.model_prior(guidance.ending_posteriors(ind, z0, cal, models.alphas_cumprod))
     assert torch.equal(guides[0].log_prior, want) and record["priors"] == [want.exp().tolist()]
     drawn, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
                                         [(ind, torch.tensor([0.5, 0.5]))], 1.0, decide_at=None, calibration=8,
