@@ -122,7 +122,7 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
                         progress=False, **settings)
 
     x_t = None if t is None else batch(until=decide_at)
-    z0 = None if t is None else batch()  # unguided to the end: the groups' shares in what the model makes for the prompt
+    z0 = None if t is None else batch()  # unguided to the end: the groups' shares in what the model makes
     guides, cal_guides, cal_targets, priors = [], [], [], []
     for j, (indicator, shares) in enumerate(specs):
         if t is None:
