@@ -239,6 +239,23 @@ def test_unreadable_weight_files_report_the_systems_reason(tmp_path, monkeypatch
         read_state_dict(tmp_path / "t.safetensors")
 
 
+def test_an_empty_or_unreadable_file_is_named_by_read_metadata_too_and_an_unreadable_one_is_not_called_empty(
+        tmp_path, monkeypatch):
+    """read_metadata (an indicator file's) called an empty file "not an indicator file written by train.py" and let
+    an unreadable one out as an OSError without its path; read_state_dict called an unreadable empty file empty."""
+    import weights
+    (tmp_path / "i.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"i\.safetensors: the file is empty \(0 bytes\)$"):
+        read_metadata(tmp_path / "i.safetensors")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(weights, "open", denied, raising=False)
+    for read in (read_metadata, read_state_dict):
+        with pytest.raises(CheckpointError, match=r"i\.safetensors: Permission denied"):
+            read(tmp_path / "i.safetensors")
+
+
 class Callback:
     """Stands in for the objects a training framework pickles beside the weights (Lightning's ModelCheckpoint)."""
 
