@@ -138,10 +138,9 @@ def read_state_dict(path, prefix="", dtype=None):
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if not path.is_file():
         raise CheckpointError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a checkpoint")
-    cast, head = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t), None
+    cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)
     try:
-        head = is_safetensors(path)  # opened here: safetensors reports any failure to open as "No such file"
-        if head:
+        if is_safetensors(path):  # opened here: safetensors reports any failure to open as "No such file"
             with safe_open(str(path), framework="pt") as f:
                 return {k[len(prefix):]: cast(f.get_tensor(k)) for k in f.keys() if k.startswith(prefix)}
         try:
@@ -150,9 +149,10 @@ def read_state_dict(path, prefix="", dtype=None):
             if "mmap" not in str(e):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as e:  # unreadable (the system's reason) or truncated files, wrong formats, pickles of objects
-        why = "the file is empty (0 bytes)" if head is None and path.stat().st_size == 0 else _load_error(e)
-        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_error(e)}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # CompVis .ckpt wraps everything
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -162,10 +162,12 @@ def read_state_dict(path, prefix="", dtype=None):
 
 def is_safetensors(path):
     """Whether the file holds safetensors, by its first bytes (an 8-byte header length, then the header's JSON): not
-    by its name, as the Hugging Face cache keeps files as blobs named by their hash; None for an empty file."""
+    by its name, as the Hugging Face cache keeps files as blobs named by their hash. CheckpointError if empty."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return head[8:] == b"{" if head else None
+    if not head:  # what a failed download or a full disk leaves; torch.load's reason would be an empty EOFError
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
+    return head[8:] == b"{"
 
 
 def _load_error(e):
@@ -185,13 +187,15 @@ def _load_error(e):
 def read_metadata(path):
     """The string metadata of a .safetensors file ({} for other formats); CheckpointError naming an unreadable one."""
     path = existing_file(path)
-    if not is_safetensors(path):
-        return {}
     try:
+        if not is_safetensors(path):
+            return {}
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
-    except Exception as e:  # a truncated or foreign file: safetensors raises several types
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # unreadable, truncated or foreign files: safetensors raises several types
+        raise CheckpointError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def find_component(path, *, subfolder, weight_names):

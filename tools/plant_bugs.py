@@ -173,8 +173,7 @@ BUGS = [  # (name, file, old, new, tests)
     ("noise-seed-ignores-rank", "train.py", '"noise", self.step_count, micro, self.rank)',
      '"noise", self.step_count, micro, 0)', [RANKS]),
     # strict loading
-    ("safetensors-by-suffix", "weights.py", 'return head[8:] == b"{" if head else None',
-     'return path.suffix == ".safetensors" if head else None',
+    ("safetensors-by-suffix", "weights.py", 'return head[8:] == b"{"', 'return path.suffix == ".safetensors"',
      [W + "test_a_safetensors_file_whose_name_has_no_suffix_reads_as_one"]),
     ("stale-validation-images-kept", "rundir.py", "int(image.parent.name[5:]) > step:",
      "int(image.parent.name[5:]) < 0:", [VALIDATED_AGAIN]),
