@@ -656,6 +656,7 @@ def test_attribute_texts_that_clip_reads_as_the_same_ids_are_refused_at_parse_ti
                        second])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--attributes names the text {first!r} twice" in err, err
+    assert f"{second!r} reads as the same" in err  # the text typed second is named too: it is not the same string
 
 
 def test_per_group_frechet_compares_each_group_with_its_own_real_images():
