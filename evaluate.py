@@ -718,9 +718,11 @@ def flag_error(args):
         return f"--classifier is the digit judge's; with --clip, CLIP judges (got --classifier {args.classifier})"
     for texts in args.attributes or []:  # as CLIP reads them: the ids, 75 at most, of the text lowered and NFC
         ids = [tuple(row) for row in Tokenizer.default()(texts).tolist()]
-        if cli.repeated(ids) is not None:
-            return (f"--attributes names the text {texts[ids.index(cli.repeated(ids))]!r} twice; each group of an "
-                    "attribute needs its own text")
+        again = next((k for k, row in enumerate(ids) if row in ids[:k]), None)
+        if again is not None:
+            first = texts[ids.index(ids[again])]
+            return (f"--attributes names the text {first!r} twice" + (f": {texts[again]!r} reads as the same token "
+                    "ids to CLIP" if texts[again] != first else "") + "; each group of an attribute needs its own text")
     resolved = [Path(d).resolve() for d in args.image_dirs]
     folder = next((t for texts in args.attributes or [] for t in texts
                    if t and Path(t).is_dir() and Path(t).resolve() not in resolved), None)
