@@ -402,8 +402,9 @@ def test_a_fine_tune_of_a_run_directory_that_trained_on_since_is_refused_naming_
         loading.load_run(child)
     assert (child / "log.jsonl").read_bytes() == log
     assert checkpoints.latest_checkpoint(child).name == "checkpoint-000002"
-    shutil.rmtree(parent)  # the base run deleted whole: the same line, not a bare "No such file or directory"
-    with pytest.raises(ValueError, match=message.replace("checkpoint-000006", "no checkpoint")):
+    parent.rename(tmp_path / "moved")  # the base run moved or deleted whole: not "it trained on since"
+    with pytest.raises(ValueError, match=message.split(", but")[0] + r", but it does not exist \(moved or deleted\): "
+                                         r"put it back there, or write where it is now in the field 'base'"):
         loading.load_run(child)
 
 
