@@ -274,11 +274,11 @@ def base_path(run_dir, info):
     stored = info.get("base_fingerprint")  # None: run.json older than the fingerprint (of a run's checkpoint)
     folder = base if started is None else checkpoint_folder(base, started)
     model, at = (base, "") if started is None else (folder.parent, f" at its {started}")  # what --model named
-    if not folder.is_dir() and started is not None:
-        now = latest_checkpoint(model) if model.is_dir() else None
+    if not folder.is_dir() and started is not None and model.is_dir():
+        now = latest_checkpoint(model)
         why = (f"it now holds {now.name if now else 'no checkpoint'}: it trained on since, and the weights this run "
                f"started from are gone; put {started} back there, or fine-tune {model} anew")
-    elif not os.path.lexists(folder):
+    elif not os.path.lexists(model):
         why = ("it does not exist (moved or deleted): put it back there, or write where it is now in the field 'base' "
                "and in config.model")
     else:
