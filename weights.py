@@ -316,9 +316,9 @@ def writing(path):
             raise  # a RuntimeError that is not about the disk
         found = re.search(r"os error (\d+)", str(e))
         code = cause.errno if isinstance(cause, OSError) else int(found[1]) if found else None
-        if code == errno.ENOSPC:
-            raise WriteError(f"no space left on {path}") from e
-        raise WriteError(f"cannot write {path}: {os.strerror(code) if code else e}") from e
+        why = (f"no space left on {path}" if code == errno.ENOSPC else
+               f"cannot write {path}: {os.strerror(code) if code else e}")
+        raise WriteError(why) from e
 
 
 def write_text(path, text):
