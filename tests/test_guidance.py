@@ -690,8 +690,8 @@ def test_nan_in_a_calibration_batch_is_one_line_naming_the_prompt_and_nothing_is
 
 
 class GaussianGroups:
-    """x_0 | g ~ N(μ_g, s² I) with μ_g = ∓1 and priors `prior`: at step t, x_t | g ~ N(√ᾱ μ_g, (ᾱ s² + 1 − ᾱ) I),
-    so p(g | x_t) and the mixture's exact ε are closed forms."""
+    """x_0 | g ~ N(μ_g, s² I) with μ_g = ∓1: at step t, x_t | g ~ N(√ᾱ μ_g, (ᾱ s² + 1 − ᾱ) I), so p(g | x_t) under
+    any priors and the mixture's exact ε are closed forms."""
     shape, s = (4, 1, 1), 0.7
     mu = torch.stack([-torch.ones(shape), torch.ones(shape)]).double().flatten(1)  # (2, 4)
     ac = diffusion.sd_schedule()
@@ -701,7 +701,22 @@ class GaussianGroups:
         d = x.double().flatten(1)[:, None] - a.sqrt() * self.mu[None]
         return -(d ** 2).sum(-1) / (2 * (a * self.s ** 2 + 1 - a)) + prior.log()
 
-    def unet(self, prior, prediction_type):
+    def draw(self, n, t, share, generator):
+        """n latents x_t (n, 4) of the mixture with group 1 at `share`, and each one's group."""
+        member, a = (torch.rand(n, generator=generator) < share).long(), self.ac[t]
+        noise = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+        return a.sqrt() * self.mu[member] + (a * self.s ** 2 + 1 - a).sqrt() * noise, member
+
+    def reader(self, prior):
+        """An indicator whose logits are the exact posterior's under `prior` (equal priors: a class-balanced one)."""
+        groups = self
+
+        class Reader(torch.nn.Module):
+            def forward(self, x, t):
+                return groups.log_joint(x, t, prior).float()
+        return Reader()
+
+    def unet(self, prior, prediction_type="epsilon"):
         """A "UNet" whose ε (or v) is the exact one of the mixture with these priors: ε = √(1−ᾱ)(x_t − √ᾱ E[μ | x_t])
         / (ᾱ s² + 1 − ᾱ)."""
         groups = self
@@ -717,8 +732,19 @@ class GaussianGroups:
                 eps = (1 - a).sqrt() * (x.double() - a.sqrt() * mean) / (a * groups.s ** 2 + 1 - a)
                 x0 = (x.double() - (1 - a).sqrt() * eps) / a.sqrt()
                 return (eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0).float()
-
         return Exact()
+
+    def sample(self, unet, guides=(), n=8, **settings):
+        """n images of `unet` from fixed noise, 20 steps, no CFG."""
+        x = torch.randn(n, *self.shape, generator=torch.Generator().manual_seed(0))
+        return diffusion.denoise(unet, x, torch.zeros(n, 2, 2), None, self.ac,
+                                 [torch.Generator().manual_seed(k) for k in range(n)], steps=20, guidance=1.0,
+                                 guides=guides, **settings)
+
+
+PRIOR = torch.tensor([0.9, 0.1], dtype=torch.float64)  # the mixture's: group 1 is the minority
+GROUP_1 = torch.tensor([1e-300, 1.0], dtype=torch.float64)  # group 1 alone
+EQUAL = torch.tensor([0.5, 0.5], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -727,33 +753,19 @@ def test_guidance_at_scale_1_by_the_exact_posterior_samples_the_exact_conditiona
     """∇ log p(x_t | g) = ∇ log p(x_t) + ∇ log p(g | x_t), and ε = −√(1−ᾱ)·∇ log p(x_t): the mixture's ε guided at
     S = 1 by the exact posterior toward group 1 is group 1's own ε, step for step, in every sampler. The other tests
     restate the term ε − S·√(1−ᾱ)·∇; this derives it (its sign, its √(1−ᾱ) and the x_t it reads)."""
-    groups, n, prior = GaussianGroups(), 8, torch.tensor([0.9, 0.1], dtype=torch.float64)
-
-    class Posterior(torch.nn.Module):
-        def forward(self, x, t):
-            return groups.log_joint(x, t, prior)
-
-    def run(unet, guides=()):
-        x = torch.randn(n, *groups.shape, generator=torch.Generator().manual_seed(0))
-        return diffusion.denoise(unet, x, torch.zeros(n, 2, 2), None, groups.ac,
-                                 [torch.Generator().manual_seed(k) for k in range(n)], steps=20, guidance=1.0,
-                                 sampler=sampler, eta=eta, prediction_type=prediction_type, guides=guides)
-
-    alone = run(groups.unet(torch.tensor([1e-300, 1.0], dtype=torch.float64), prediction_type))  # group 1's own
-    guided = run(groups.unet(prior, prediction_type),
-                 [diffusion.Guidance(Posterior(), torch.ones(n, dtype=torch.long), 1.0)])
+    groups, settings = GaussianGroups(), dict(sampler=sampler, eta=eta, prediction_type=prediction_type)
+    alone = groups.sample(groups.unet(GROUP_1, prediction_type), **settings)
+    guided = groups.sample(groups.unet(PRIOR, prediction_type),
+                           [diffusion.Guidance(groups.reader(PRIOR), torch.ones(8, dtype=torch.long), 1.0)], **settings)
     torch.testing.assert_close(guided, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_the_models_prior_is_the_maximum_likelihood_mixture_weight_of_posteriors_read_under_equal_priors():
     """EM (Saerens et al. 2002) on the equal-prior posteriors of images drawn 80 : 20 from two Gaussian groups at
     t = 500 (where the groups overlap: no image's posterior alone tells its group) recovers 0.8 : 0.2."""
-    groups, g = GaussianGroups(), torch.Generator().manual_seed(0)
-    member = (torch.rand(8000, generator=g) < 0.2).long()
-    a = groups.ac[500]
-    x = a.sqrt() * groups.mu[member] + (a * groups.s ** 2 + 1 - a).sqrt() * torch.randn(8000, 4, generator=g,
-                                                                                       dtype=torch.float64)
-    equal = groups.log_joint(x, 500, torch.tensor([0.5, 0.5], dtype=torch.float64)).log_softmax(1)
+    groups = GaussianGroups()
+    x, member = groups.draw(8000, 500, 0.2, torch.Generator().manual_seed(0))
+    equal = groups.log_joint(x, 500, EQUAL).log_softmax(1)
     assert (equal.argmax(1) != member).double().mean() > 0.05  # the posteriors alone misplace images
     prior = guidance.model_prior(equal).exp()
     torch.testing.assert_close(prior.double(), torch.tensor([0.8, 0.2], dtype=torch.float64), atol=0.012, rtol=0)
@@ -765,24 +777,13 @@ def test_guidance_by_a_class_balanced_indicator_with_the_models_prior_samples_th
     """A class-balanced CE teaches the indicator p(g | x_t) under equal priors; differentiated as it is, S = 1 aimed
     at the 10% group gave mean +0.33 along μ where p(x | g) has +0.93. With the model's own prior added to its
     logits it is the exact posterior, and S = 1 gives group 1's own ε, step for step."""
-    groups, n, prior = GaussianGroups(), 8, torch.tensor([0.9, 0.1], dtype=torch.float64)
-
-    class Balanced(torch.nn.Module):
-        def forward(self, x, t):
-            return groups.log_joint(x, t, torch.tensor([0.5, 0.5], dtype=torch.float64)).float()
-
-    def run(unet, guides=()):
-        x = torch.randn(n, *groups.shape, generator=torch.Generator().manual_seed(0))
-        return diffusion.denoise(unet, x, torch.zeros(n, 2, 2), None, groups.ac,
-                                 [torch.Generator().manual_seed(k) for k in range(n)], steps=20, guidance=1.0,
-                                 sampler=sampler, guides=guides)
-
-    alone = run(groups.unet(torch.tensor([1e-300, 1.0], dtype=torch.float64), "epsilon"))
-    target = torch.ones(n, dtype=torch.long)
-    guided = run(groups.unet(prior, "epsilon"),
-                 [diffusion.Guidance(Balanced(), target, 1.0, log_prior=prior.log().float())])
+    groups, target = GaussianGroups(), torch.ones(8, dtype=torch.long)
+    alone = groups.sample(groups.unet(GROUP_1), sampler=sampler)
+    balanced = groups.reader(EQUAL)
+    guided = groups.sample(groups.unet(PRIOR), [diffusion.Guidance(balanced, target, 1.0,
+                                                                   log_prior=PRIOR.log().float())], sampler=sampler)
     torch.testing.assert_close(guided, alone, atol=1e-4, rtol=1e-4)
-    equal = run(groups.unet(prior, "epsilon"), [diffusion.Guidance(Balanced(), target, 1.0)])
+    equal = groups.sample(groups.unet(PRIOR), [diffusion.Guidance(balanced, target, 1.0)], sampler=sampler)
     assert (equal - alone).abs().max() > 0.1  # without it: another distribution
 
 
@@ -809,12 +810,7 @@ def test_the_models_prior_read_where_the_groups_barely_differ_puts_no_group_at_a
     about twice too hard, and an image of the majority aimed at it got no push at all. One image's worth of each
     group added (a Dirichlet prior) keeps every draw's minority share above 0.01."""
     groups, shares = GaussianGroups(), []
-    a = groups.ac[801]
     for seed in range(30):
-        g = torch.Generator().manual_seed(seed)
-        member = (torch.rand(64, generator=g) < 0.1).long()
-        x = a.sqrt() * groups.mu[member] + (a * groups.s ** 2 + 1 - a).sqrt() * torch.randn(64, 4, generator=g,
-                                                                                           dtype=torch.float64)
-        equal = groups.log_joint(x, 801, torch.tensor([0.5, 0.5], dtype=torch.float64)).log_softmax(1)
-        shares.append(guidance.model_prior(equal).exp()[1].item())
+        x, _ = groups.draw(64, 801, 0.1, torch.Generator().manual_seed(seed))
+        shares.append(guidance.model_prior(groups.log_joint(x, 801, EQUAL).log_softmax(1)).exp()[1].item())
     assert min(shares) > 0.01, sorted(shares)
