@@ -173,7 +173,6 @@ class Guidance:
     scale: float
     decide_at: int = None
     offsets: torch.Tensor = None
-    log_prior: torch.Tensor = None  # log π (K,) added to the logits: the posterior under the model's shares
 
     def rows(self, index):
         """The same guidance for a slice or an index tensor of the images."""
@@ -186,13 +185,11 @@ def decide_targets(indicator, x, t, offsets):
     return (indicator(x.float(), t).float().log_softmax(1) - offsets.to(x.device)).argmax(1).cpu()
 
 
-def indicator_gradient(indicator, x, t, groups, log_prior=None):
-    """∇_x log p(g | x, t) (B, C, h, w) for each image's target group g, through the indicator only; its logits
-    shifted by `log_prior` (Bayes' rule: an indicator of equal priors read under the priors π)."""
+def indicator_gradient(indicator, x, t, groups):
+    """∇_x log p(g | x, t) (B, C, h, w) for each image's target group g, through the indicator only."""
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().float().requires_grad_(True)
-        logits = indicator(x, t).float()
-        log_p = (logits if log_prior is None else logits + log_prior.to(x.device)).log_softmax(1)
+        log_p = indicator(x, t).float().log_softmax(1)
         groups = groups.to(x.device).clone()  # a normal tensor: targets decided in inference mode are not
         return torch.autograd.grad(log_p[torch.arange(len(x)), groups].sum(), x)[0]
 
@@ -249,7 +246,7 @@ def denoise(unet, x, cond, uncond, alphas_cumprod, generators, *, steps=50, guid
                 targets[j] = decide_targets(g.indicator, x_t, t, g.offsets)
             if g.scale and targets[j] is not None:
                 eps = eps - g.scale * float(1 - alphas_cumprod[t]) ** 0.5 * indicator_gradient(
-                    g.indicator, x_t, t, targets[j], g.log_prior)
+                    g.indicator, x_t, t, targets[j])
         if sampler == "ddim":
             noise = per_image_noise(generators, x.shape[1:], x.device) if eta > 0 else None
             x = ddim_step(x, eps, t, t_prevs[i], alphas_cumprod, eta, noise)

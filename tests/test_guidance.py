@@ -701,12 +701,6 @@ class GaussianGroups:
         d = x.double().flatten(1)[:, None] - a.sqrt() * self.mu[None]
         return -(d ** 2).sum(-1) / (2 * (a * self.s ** 2 + 1 - a)) + prior.log()
 
-    def draw(self, n, t, share, generator):
-        """n latents x_t (n, 4) of the mixture with group 1 at `share`, and each one's group."""
-        member, a = (torch.rand(n, generator=generator) < share).long(), self.ac[t]
-        noise = torch.randn(n, 4, generator=generator, dtype=torch.float64)
-        return a.sqrt() * self.mu[member] + (a * self.s ** 2 + 1 - a).sqrt() * noise, member
-
     def reader(self, prior):
         """An indicator whose logits are the exact posterior's under `prior` (equal priors: a class-balanced one)."""
         groups = self
@@ -744,7 +738,6 @@ class GaussianGroups:
 
 PRIOR = torch.tensor([0.9, 0.1], dtype=torch.float64)  # the mixture's: group 1 is the minority
 GROUP_1 = torch.tensor([1e-300, 1.0], dtype=torch.float64)  # group 1 alone
-EQUAL = torch.tensor([0.5, 0.5], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -758,59 +751,3 @@ def test_guidance_at_scale_1_by_the_exact_posterior_samples_the_exact_conditiona
     guided = groups.sample(groups.unet(PRIOR, prediction_type),
                            [diffusion.Guidance(groups.reader(PRIOR), torch.ones(8, dtype=torch.long), 1.0)], **settings)
     torch.testing.assert_close(guided, alone, atol=1e-5, rtol=1e-5)
-
-
-def test_the_models_prior_is_the_maximum_likelihood_mixture_weight_of_posteriors_read_under_equal_priors():
-    """EM (Saerens et al. 2002) on the equal-prior posteriors of images drawn 80 : 20 from two Gaussian groups at
-    t = 500 (where the groups overlap: no image's posterior alone tells its group) recovers 0.8 : 0.2."""
-    groups = GaussianGroups()
-    x, member = groups.draw(8000, 500, 0.2, torch.Generator().manual_seed(0))
-    equal = groups.log_joint(x, 500, EQUAL).log_softmax(1)
-    assert (equal.argmax(1) != member).double().mean() > 0.05  # the posteriors alone misplace images
-    prior = guidance.model_prior(equal).exp()
-    torch.testing.assert_close(prior.double(), torch.tensor([0.8, 0.2], dtype=torch.float64), atol=0.012, rtol=0)
-    torch.testing.assert_close(guidance.model_prior(torch.zeros(5, 3)).exp(), torch.full((3,), 1 / 3))  # nothing read
-
-
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_guidance_by_a_class_balanced_indicator_with_the_models_prior_samples_the_exact_conditional(sampler):
-    """A class-balanced CE teaches the indicator p(g | x_t) under equal priors; differentiated as it is, S = 1 aimed
-    at the 10% group gave mean +0.33 along μ where p(x | g) has +0.93. With the model's own prior added to its
-    logits it is the exact posterior, and S = 1 gives group 1's own ε, step for step."""
-    groups, target = GaussianGroups(), torch.ones(8, dtype=torch.long)
-    alone = groups.sample(groups.unet(GROUP_1), sampler=sampler)
-    balanced = groups.reader(EQUAL)
-    guided = groups.sample(groups.unet(PRIOR), [diffusion.Guidance(balanced, target, 1.0,
-                                                                   log_prior=PRIOR.log().float())], sampler=sampler)
-    torch.testing.assert_close(guided, alone, atol=1e-4, rtol=1e-4)
-    equal = groups.sample(groups.unet(PRIOR), [diffusion.Guidance(balanced, target, 1.0)], sampler=sampler)
-    assert (equal - alone).abs().max() > 0.1  # without it: another distribution
-
-
-def test_trajectory_aware_guides_read_the_models_prior_from_the_calibration_batch_run_unguided_to_the_end(models):
-    """The prior is the prompt's own: model_prior over the calibration images the model makes unguided, read as the
-    hit rate reads them (at the decide step the posteriors barely tell the groups apart); recorded in samples.json.
-    Drawn targets read equal priors."""
-    ind, cal = mean_reader(loading.latent_shape(models, RES, RES)), [data.derive_seed(0, "calibration", k)
-                                                                     for k in range(32)]
-    guides, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
-                                         [(ind, torch.tensor([0.5, 0.5]))], 1.0, calibration=32, **SETTINGS)
-    z0 = sample.generate(models, [PROMPT] * 32, cal, decode=False, progress=False, **SETTINGS)
-    want = guidance.model_prior(guidance.ending_posteriors(ind, z0, cal, models.alphas_cumprod))
-    assert torch.equal(guides[0].log_prior, want) and record["priors"] == [want.exp().tolist()]
-    drawn, record = guidance.guides_for(sample.generate, models, PROMPT, list(range(8)),
-                                        [(ind, torch.tensor([0.5, 0.5]))], 1.0, decide_at=None, calibration=8,
-                                        **SETTINGS)
-    assert drawn[0].log_prior is None and record["priors"] == [None]
-
-
-def test_the_models_prior_read_where_the_groups_barely_differ_puts_no_group_at_a_share_of_zero():
-    """At the decide step (t = 801) posteriors barely tell the groups apart, and the maximum-likelihood shares of 64
-    images drawn 9 : 1 put the minority under 0.001 in about a third of the draws: guidance toward it then pushed
-    about twice too hard, and an image of the majority aimed at it got no push at all. One image's worth of each
-    group added (a Dirichlet prior) keeps every draw's minority share above 0.01."""
-    groups, shares = GaussianGroups(), []
-    for seed in range(30):
-        x, _ = groups.draw(64, 801, 0.1, torch.Generator().manual_seed(seed))
-        shares.append(guidance.model_prior(groups.log_joint(x, 801, EQUAL).log_softmax(1)).exp()[1].item())
-    assert min(shares) > 0.01, sorted(shares)
