@@ -63,7 +63,8 @@ class MicroBatch:
     target: torch.Tensor  # (B, 4, h, w) what pred regresses to: eps (v for a v-prediction model)
     alphas_cumprod: torch.Tensor  # (T,) abar of the model's noise schedule
     groups: torch.Tensor  # (B,) group index of each image, -1 where the image has no label
-    group_shares: torch.Tensor  # (K,) pi_hat: the share of each group among the labelled training images
+    group_shares: torch.Tensor  # (K,) pi_hat: the share of each group among the labelled training images (the
+    # data's where labels are missing at random; not where a few are kept per group, as data.py's at least one)
     target_shares: torch.Tensor  # (K,) pi*: the group shares generation should have (--target; uniform)
     labelled_share: float  # the share of the training images that carry a group label (cross_entropy)
     prediction_type: str = "epsilon"  # or "v_prediction"
@@ -125,8 +126,8 @@ def ddm_x0(b, indicator, hp):
 def importance_weights(q, group_shares, target_shares, clip=10.0):
     """w = sum_g q_g * pi*_g / pi_hat_g per image (q: (B, K) posteriors or one-hot labels), clipped at `clip`.
     Minimising E[w * ||eps_hat - eps||^2] fits the re-balanced data sum_g pi*_g p(x | g) (Choi et al. 2020,
-    importance weighting). Not normalised per batch: w has mean 1 over the data when q is calibrated, and a
-    micro-batch's own mean would make every weight 1 at batch size 1."""
+    importance weighting). Not normalised per batch: w has mean 1 over the data when q is calibrated, pi_hat is the
+    data's and the clip does not bind; a micro-batch's own mean would make every weight 1 at batch size 1."""
     return (q.float() @ (target_shares / group_shares).float()).clamp(max=clip)
 
 
