@@ -617,6 +617,26 @@ def test_each_resume_is_recorded_in_run_json_with_the_flags_it_changed(lora_run,
     assert [r["step"] for r in log_lines(run)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resume_on_another_cpu_thread_count_is_recorded_and_warned_of(lora_run, sd_dir, data_dir, tmp_path,
+                                                                          capsys):
+    """On the CPU a run resumed on another number of threads differs from one run in the last bits (the kernels sum
+    in another order), and nothing recorded the thread count: the start and each resume record it, and a resume on
+    another count says so."""
+    run = tmp_path / "resumed"
+    shutil.copytree(lora_run, run)
+    started = json.loads((run / "run.json").read_text())["versions"]["threads"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(started + 1)
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), "--lora-rank", "4", "--train-text-encoder",
+                     *FAST, "--resume", str(run), "--max-steps", "5"])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((run / "run.json").read_text())["resumes"][-1]["threads"] == started + 1
+    assert (f"warning: {started + 1} CPU threads, where the run started on {started}: on the CPU a resume is bit-exact "
+            "only on the same number") in capsys.readouterr().err
+
+
 def test_a_resume_is_recorded_once_it_trains_and_a_path_spelled_otherwise_is_no_change(lora_run, sd_dir, data_dir,
                                                                                         tmp_path, monkeypatch):
     """A resume that fails after its checks (here: reading its checkpoint) adds nothing to run.json, and a retry is
