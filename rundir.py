@@ -350,7 +350,8 @@ def write_run(run_dir, config, models, latent_shape, args, data):
             "latent_shape": list(latent_shape), "prediction_type": models.prediction_type,
             "schedule": schedule_record(models.alphas_cumprod), "args": args,
             "model_configs": configs,
-            "data": data_fingerprint(data), "versions": {"torch": torch.__version__},
+            "data": data_fingerprint(data),
+            "versions": {"torch": torch.__version__, "threads": torch.get_num_threads()},  # CPU sums: by thread count
             "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     except BaseException:
         if from_scratch:  # the directory was empty: base/ is ours
@@ -458,7 +459,12 @@ def record_resume(run_dir, step, args, config, data):
     changed = {k: v for k, v in args.items() if k not in skip and info.get("args", {}).get(k, v) != v}
     if config["data"] != info["config"]["data"]:  # moved (check_run_dir): where this resume read it
         changed["data"] = config["data"]
-    resume = {"step": step, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed}
+    resume = {"step": step, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": changed}
+    started = info.get("versions", {}).get("threads")  # None: run.json older than the record
+    if started not in (None, resume["threads"]):  # the kernels sum in another order: the last bits differ
+        print(f"warning: {resume['threads']} CPU threads, where the run started on {started}: on the CPU a resume is "
+              "bit-exact only on the same number", file=sys.stderr)
     if args["allow_data_change"]:
         resume["data"] = data_fingerprint(data)
     info.setdefault("resumes", []).append(resume)

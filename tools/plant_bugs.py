@@ -171,6 +171,8 @@ BUGS = [  # (name, file, old, new, tests)
     ("moved-base-run-trained-on", "rundir.py", "started is not None and model.is_dir():", "started is not None:",
      ["tests/test_run_faults.py::test_a_fine_tune_of_a_run_directory_that_trained_on_since_is_refused_naming_both_"
       "checkpoints"]),
+    ("resume-threads-unchecked", "rundir.py", 'if started not in (None, resume["threads"]):', "if False:",
+     [T + "test_a_resume_on_another_cpu_thread_count_is_recorded_and_warned_of"]),
     ("strict-missing-only", "weights.py", "if missing or unexpected:", "if unexpected:", [STRICT, CKPT]),
     ("strict-unexpected-only", "weights.py", "if missing or unexpected:", "if missing:", [STRICT]),
     ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
