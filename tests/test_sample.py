@@ -763,6 +763,30 @@ def test_overwrite_deletes_only_what_the_previous_run_listed_and_only_after_ever
         (links / name).unlink()
 
 
+def test_a_run_whose_out_another_run_wrote_into_while_it_loaded_is_refused_and_leaves_that_run_whole(tiny, tmp_path,
+                                                                                                     monkeypatch):
+    """--out was checked before the weights load (seconds to minutes for SD) and not again: a second run started on
+    the same empty folder wrote over the first one's images, and its samples.json listed images it had not made."""
+    import json
+    _, _, folder = tiny
+    out, load, calls = tmp_path / "out", sample.load_models, []
+
+    def load_while_another_run_writes(*args, **kwargs):  # run B starts and finishes while run A loads
+        calls.append(1)
+        if len(calls) == 1:
+            sample.main(_cli_args(folder, out, prompt="a dog", n="3", steps="2", progress=None) + ["--no-progress"])
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "load_models", load_while_another_run_writes)
+    with pytest.raises(SystemExit, match=rf"--out {re.escape(str(out))}: it exists and is not empty"):
+        sample.main(_cli_args(folder, out, n="2") + ["--no-progress"])
+    monkeypatch.undo()
+    sample.main(_cli_args(folder, tmp_path / "ref", prompt="a dog", n="3", steps="2") + ["--no-progress"])
+    assert json.loads((out / "samples.json").read_text())["prompts"] == ["a dog"] * 3
+    for name in ["00000.png", "00001.png", "00002.png"]:  # every image is the one samples.json describes
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
 def test_an_out_through_a_missing_folder_and_dotdot_is_refused_before_it_can_overwrite(tiny, tmp_path, monkeypatch,
                                                                                           capsys):
     """--out missing/../mine: Path.exists() says no to it (missing is not there), so the refusal of a non-empty
