@@ -186,7 +186,7 @@ def parse_args(argv=None):
                 + f", got {args.seed}")
     args.files = [f"{k:0{max(5, len(str(count - 1)))}d}.png" for k in range(count)]
     try:
-        args.previous_outputs = previous_outputs(Path(args.out), args.overwrite, args.files)
+        previous_outputs(Path(args.out), args.overwrite, args.files)  # again before writing: the weights take time
     except (OSError, ValueError) as e:
         p.error(f"--out {args.out}: {e}")
     args.dtype = args.dtype or ("float16" if args.device.type == "cuda" else "float32")
@@ -326,7 +326,7 @@ def main(argv=None):
 
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in args.previous_outputs:  # only the previous run's files and their evaluation
+        for name in previous_outputs(out, args.overwrite, files):  # only the previous run's files and evaluation
             (out / name).unlink(missing_ok=True)
         # written first, so that a run stopped half-way still lists its images for the next --overwrite
         weights.write_json(out / "samples.json", record)
@@ -341,8 +341,8 @@ def main(argv=None):
     except NonFiniteError as e:  # e.image counts within the call of the prompt being generated: rows maps it back
         sys.exit(f"error: image {rows[e.image]}: NaN or infinite values {e.where}: it would be an all-black PNG, so "
                  f"the run stops (NaN weights, or an overflow at these settings); {written} images written to {out}")
-    except OSError as e:
-        sys.exit(f"error: cannot write to --out {out}: {e}")
+    except (OSError, ValueError) as e:  # ValueError: another run wrote into --out while the weights loaded
+        sys.exit(f"error: --out {out}: {e}")
     print(f"wrote {len(files)} images, grid.png and samples.json to {out}")
 
 

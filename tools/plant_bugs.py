@@ -173,6 +173,9 @@ BUGS = [  # (name, file, old, new, tests)
       "checkpoints"]),
     ("resume-threads-unchecked", "rundir.py", 'if started not in (None, resume["threads"]):', "if False:",
      [T + "test_a_resume_on_another_cpu_thread_count_is_recorded_and_warned_of"]),
+    ("out-checked-only-before-loading", "sample.py", "for name in previous_outputs(out, args.overwrite, files):",
+     "for name in []:", [S + "test_a_run_whose_out_another_run_wrote_into_while_it_loaded_is_refused_and_leaves_that_"
+                                "run_whole"]),
     ("strict-missing-only", "weights.py", "if missing or unexpected:", "if unexpected:", [STRICT, CKPT]),
     ("strict-unexpected-only", "weights.py", "if missing or unexpected:", "if missing:", [STRICT]),
     ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
