@@ -253,6 +253,14 @@ def test_an_indicator_of_an_intersection_beside_one_of_its_attributes_is_refused
     assert not (tmp_path / "never").exists()
 
 
+def test_a_target_of_groups_whose_names_hold_a_colon_is_a_spec_for_indicators_that_name_no_attribute():
+    """Group names of a plain metadata.jsonl may hold ':' (train.py reads "hair:long"); their --target was read as
+    ATTRIBUTE:SPEC and refused with "give the SPEC alone", which is what the user had done."""
+    spec = "hair:long=0.7,hair:short=0.3"
+    assert guidance.target_specs([spec], [None]) == [spec]
+    assert guidance.target_specs([spec, "uniform"], [None, None]) == [spec, "uniform"]
+
+
 def test_a_target_by_attribute_for_indicators_that_name_none_says_so():
     """Indicators of folders whose groups name no attribute: the message listed their attributes as "(None)"."""
     with pytest.raises(ValueError, match=r"--target gender: the indicators' runs name no attribute \(their groups "
