@@ -258,7 +258,7 @@ def target_specs(targets, attributes):
     """Each indicator's --target: given in order (one for all), or by attribute as ATTRIBUTE:SPEC; "uniform" for an
     indicator none names. ValueError for an attribute no indicator guides or one named twice, and for a spec that
     names none beside one that does."""
-    keys = [target_attribute(t) for t in targets]
+    keys = [None if "=" in t and not any(attributes) else target_attribute(t) for t in targets]  # names may hold ':'
     named = {key: t.partition(":")[2] for key, t in zip(keys, targets) if key is not None}
     if not named:
         return [targets[k if len(targets) > 1 else 0] if targets else "uniform" for k in range(len(attributes))]
