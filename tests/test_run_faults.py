@@ -756,6 +756,17 @@ def test_an_export_named_like_one_weight_file_is_refused_before_training(name, s
     assert not (tmp_path / "never").exists() and not (tmp_path / name).exists()
 
 
+@pytest.mark.parametrize("inside", ["", "checkpoint-000001", "base"])
+def test_an_export_into_the_run_directory_is_refused_before_training(inside, sd_dir, data_dir, tmp_path):
+    """--export RUN/checkpoint-000001 (or RUN/base, or RUN itself) passed the check before training, as nothing was
+    there yet: the run trained every step, then could not export onto its own folder ("RUN exists" for RUN)."""
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match=r"^--export .*: it lies in the run directory"):
+        train.train(["--model", str(sd_dir), "--data", str(data_dir), "--out", str(run), *FAST, "--max-steps", "1",
+                     "--export", str(run / inside)])
+    assert not list(run.glob("checkpoint-*")) and not (run / "log.jsonl").exists()
+
+
 def test_a_fine_tune_whose_base_schedule_changed_is_refused_not_sampled_or_resumed_on_other_targets(sd_dir, data_dir,
                                                                                                      tmp_path):
     """The fingerprint covers the weight files: a scheduler_config.json edited since (v_prediction, another length)
