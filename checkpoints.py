@@ -386,19 +386,21 @@ def write_tokenizer(tokenizer, folder):
         "pad_token": tokenizer.decoder[tokenizer.pad_id]})  # <|endoftext|>, or SD v2.x's "!"
 
 
-def check_export(out_dir):
+def check_export(out_dir, run_dir=None):
     """Refuse an export folder that exists, or whose DIR.tmp does: neither was written by this export (None: no
-    export); one named like a weight file; or one that cannot be made, where its nearest existing folder is a file
-    or not writable."""
+    export); one in the run directory `run_dir`, whose names train.py writes; one named like a weight file; or one
+    that cannot be made, where its nearest existing folder is a file or not writable."""
     if out_dir is None:
         return
     out_dir = Path(os.path.normpath(out_dir))  # "new/../x" is x: the export makes "new" first, then writes x
-    for p in (out_dir, out_dir.with_name(out_dir.name + ".tmp")):
+    inside = run_dir is not None and Path(run_dir).absolute() in (out_dir.absolute(), *out_dir.absolute().parents)
+    for p in () if inside else (out_dir, out_dir.with_name(out_dir.name + ".tmp")):
         if p.exists() or p.is_symlink():
             raise FileExistsError(f"--export {out_dir}: {p} exists; choose a new folder, or move it away")
     single = out_dir.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # what other tools read
-    why = ("it writes a diffusers folder, not one file; give a folder name" if single
-           else cli.folder_error(out_dir.absolute()))
+    why = ("it lies in the run directory, whose files train.py writes; give a folder outside it" if inside else
+           "it writes a diffusers folder, not one file; give a folder name" if single else
+           cli.folder_error(out_dir.absolute()))
     if why:
         raise weights.WriteError(f"--export {out_dir}: {why}")
 

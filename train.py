@@ -88,7 +88,7 @@ class Trainer:
         self.data = data = ImageFolder(args.data, args.resolution, attribute=args.attribute,  # every line and image
                                        need_groups=ddm.reads_groups(args.objective, args.w_ind) and not args.resume)
         self.target_shares = ddm.parse_target(args.target, data.group_names).to(device)
-        checkpoints.check_export(args.export)  # not only after hours of training
+        checkpoints.check_export(args.export, args.out or args.resume)  # not only after hours of training
         from_scratch = args.init_config is not None
         args.lora_rank = rundir.lora_rank(args)
         args.train_text_encoder = from_scratch if args.train_text_encoder is None else args.train_text_encoder

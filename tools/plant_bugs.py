@@ -179,6 +179,9 @@ BUGS = [  # (name, file, old, new, tests)
     ("colon-group-names-read-as-attribute", "guidance.py", 'None if "=" in t and not any(attributes) else ', "",
      ["tests/test_attributes.py::test_a_target_of_groups_whose_names_hold_a_colon_is_a_spec_for_indicators_that_"
       "name_no_attribute"]),
+    ("export-into-the-run", "train.py", "checkpoints.check_export(args.export, args.out or args.resume)",
+     "checkpoints.check_export(args.export)",
+     ["tests/test_run_faults.py::test_an_export_into_the_run_directory_is_refused_before_training"]),
     ("strict-missing-only", "weights.py", "if missing or unexpected:", "if unexpected:", [STRICT, CKPT]),
     ("strict-unexpected-only", "weights.py", "if missing or unexpected:", "if missing:", [STRICT]),
     ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
