@@ -97,6 +97,15 @@ def test_quick_run_writes_a_report_with_every_method_and_every_seed(quick_run):
     assert (out / "grids" / "all_seed0.png").is_file()
 
 
+def test_the_report_names_the_step_the_guided_rows_decided_their_targets_at(quick_run):
+    """report.md said "decided at t = 801" at any number of sampling steps: --quick's 3 steps decide at t = 667."""
+    out, _ = quick_run
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    steps = {p["decide_step"] for r in rows if r.get("guidance_chosen") for p in r["guidance_chosen"].values()}
+    steps.discard(None)  # drawn targets (guidance 3 and 10) decide nothing
+    assert steps == {667} and "trajectory-aware targets decided at t = 667 " in (out / "report.md").read_text()
+
+
 def test_three_groups_run_end_to_end(tmp_path, cache):
     report = quick(["--out", str(tmp_path / "k3"), "--cache", str(cache), "--groups", "8,1,7", "--counts",
                     "5,30,10", "--methods", "plain,balanced,guided-3,clusters", "--seeds", "1"])
