@@ -83,6 +83,13 @@ def ending_groups(indicator, z0, seeds, alphas_cumprod):
     return indicator(diffusion.add_noise(z0, noise, torch.full((len(z0),), t), alphas_cumprod), t).argmax(1).cpu()
 
 
+def decide_step(steps, decide_at=DECIDE_AT, n_train=diffusion.N_TRAIN_TIMESTEPS):
+    """The step where trajectory-aware targets are decided: the first of the `steps` denoise takes with t <= decide_at
+    (of SD's 1000 steps: the same share of a schedule of another length, rounded up)."""
+    at = -(-decide_at * n_train // diffusion.N_TRAIN_TIMESTEPS)
+    return next(t for t in diffusion.ddim_timesteps(steps, n_train) if t <= at)
+
+
 def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECIDE_AT, calibration=CALIBRATION,
                cal_seed=0, group_names=None, **settings):
     """The guidance terms of one prompt's images (`seeds`), one per (indicator, target shares) in `specs`, scale a
@@ -91,16 +98,13 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
     where its posteriors set the offsets (decision_offsets); with "auto" each guide's scale is found on it by
     bisection. `group_names`: each spec's, naming the unchecked groups (else their indices)."""
     cal, n = [derive_seed(cal_seed, "calibration", k) for k in range(calibration)], len(models.alphas_cumprod)
-    taken = diffusion.ddim_timesteps(settings["steps"], n)  # the steps denoise takes
-    if decide_at is not None:  # of SD's 1000 steps: the same share of a schedule of another length (rounded up)
-        decide_at = -(-decide_at * n // diffusion.N_TRAIN_TIMESTEPS)
-    t = None if decide_at is None else next(t for t in taken if t <= decide_at)
+    t = None if decide_at is None else decide_step(settings["steps"], decide_at, n)
 
     def batch(guides=(), until=None):
         return generate(models, [prompt] * calibration, cal, guides=guides, until=until, decode=False,
                         progress=False, **settings)
 
-    x_t = None if t is None else batch(until=decide_at)
+    x_t = None if t is None else batch(until=t)
     guides, cal_guides, cal_targets = [], [], []
     for j, (indicator, shares) in enumerate(specs):
         if t is None:
@@ -110,8 +114,8 @@ def guides_for(generate, models, prompt, seeds, specs, scale, *, decide_at=DECID
             continue
         with torch.no_grad():
             offsets = decision_offsets(indicator(x_t, t).float().log_softmax(1), shares)
-        guides.append(Guidance(indicator, torch.zeros(len(seeds), dtype=torch.long), 0.0, decide_at, offsets))
-        cal_guides.append(Guidance(indicator, torch.zeros(calibration, dtype=torch.long), 0.0, decide_at, offsets))
+        guides.append(Guidance(indicator, torch.zeros(len(seeds), dtype=torch.long), 0.0, t, offsets))
+        cal_guides.append(Guidance(indicator, torch.zeros(calibration, dtype=torch.long), 0.0, t, offsets))
         cal_targets.append(diffusion.decide_targets(indicator, x_t, t, offsets))  # as denoise will decide them
     record = {"decide_step": t, "offsets": [None if g.offsets is None else  # JSON has no infinity: never targeted
                                             [v if math.isfinite(v) else None for v in g.offsets.tolist()]

@@ -42,7 +42,7 @@ import sample
 import train
 import weights
 from evaluate import DIVERSITY_DRAWS, DIVERSITY_SUBSET
-from guidance import DECIDE_AT, guides_for
+from guidance import DECIDE_AT, decide_step, guides_for
 from loading import latent_shape, load_indicator, load_models, load_run
 from vae import VAE, VAEConfig, load_vae, vae_diffusers_config, vae_to_diffusers
 
@@ -907,6 +907,7 @@ def cfg_measured(report):
 
 def report_markdown(report):
     sizes, groups = report["sizes"], report["groups"]
+    decided = decide_step(sizes["sample_steps"])  # 801 at 10 steps, 667 at --quick's 3
     return f"""# Which indicators debias? Handwritten digits {groups} at {report['counts']} ({report['mode']} run)
 
 {report['paper']}. A base model trained on balanced groups, fine-tuned on the biased set above with each method
@@ -927,7 +928,7 @@ its accuracy on its training batches and balanced accuracy on those holding ever
 seeds": the seeds that measured it); "worst seed" is the largest FD of any seed. The bar, on the unrounded means over
 seeds: FD at most half of plain's, Frechet at most 10% worse, and every group's recall at least 0.9x plain's (a
 recall some seed could not measure fails it; a group whose recall plain could not measure is not judged). Guidance
-auto (ours): trajectory-aware targets decided at t = {DECIDE_AT} and the scale chosen per prompt by the indicator
+auto (ours): trajectory-aware targets decided at t = {decided} and the scale chosen per prompt by the indicator
 alone (guidance.guides_for; the scales chosen are in report.json, rows[].guidance_chosen).
 
 ## Verdict (mean ± std over seeds)
