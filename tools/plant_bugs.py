@@ -186,6 +186,10 @@ BUGS = [  # (name, file, old, new, tests)
      "at = decide_at", [G + "test_the_decide_step_is_the_same_share_of_a_schedule_of_any_length"]),
     ("report-says-801", "reproduce.py", "decided at t = {decided}", "decided at t = {DECIDE_AT}",
      [R + "test_the_report_names_the_step_the_guided_rows_decided_their_targets_at"]),
+    ("first-build-judged-as-plain-folder", "evaluate.py", "        return data.interrupted_error(directory)\n",
+     "        return None\n", [E + "test_a_data_folder_whose_first_build_was_interrupted_is_refused"]),
+    ("empty-weight-file-unnamed", "weights.py", "    if not head:  # what a failed download", "    if False:  # what a "
+     "failed download", [W + "test_an_empty_weight_file_is_named_as_empty"]),
     ("strict-missing-only", "weights.py", "if missing or unexpected:", "if unexpected:", [STRICT, CKPT]),
     ("strict-unexpected-only", "weights.py", "if missing or unexpected:", "if missing:", [STRICT]),
     ("checkpoint-file-unnamed", "checkpoints.py", 'str(ckpt["path"] / file), assign=False)', "file, assign=False)",
