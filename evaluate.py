@@ -592,10 +592,10 @@ def unlisted_error(directory, paths):
     """Why the images `paths` of a data folder are not all its own, or None: its metadata.jsonl lists the images of
     the folder, and one it does not list (put there by hand, or left by an earlier build that --overwrite did not
     write again) would be judged with them; one it lists is gone; or a build of the folder stopped half-way."""
-    meta = directory / "metadata.jsonl"
+    meta, why = directory / "metadata.jsonl", data.interrupted_error(directory)
     if not meta.is_file():  # a plain image folder, or a first build stopped half-way
-        return data.interrupted_error(directory)
-    why, gone = data.interrupted_error(directory), next((p for p in paths if not p.is_file()), None)
+        return why
+    gone = next((p for p in paths if not p.is_file()), None)
     broken = next((n for n, line in data.text_lines(meta) if line.strip() and not data.line_file(directory, line)), 0)
     if why or gone or broken:
         return why or (f"{meta}, line {broken}: no JSON object with a 'file_name' inside the folder (its image would "
@@ -716,13 +716,14 @@ def flag_error(args):
         return "--groups picks digit classes; with --clip the groups are the --attributes"
     elif args.classifier != DEFAULT_CLASSIFIER_PATH:
         return f"--classifier is the digit judge's; with --clip, CLIP judges (got --classifier {args.classifier})"
-    for texts in args.attributes or []:  # as CLIP reads them: the ids, 75 at most, of the text lowered and NFC
-        ids = [tuple(row) for row in Tokenizer.default()(texts).tolist()]
-        again = next((k for k, row in enumerate(ids) if row in ids[:k]), None)
-        if again is not None:
-            first = texts[ids.index(ids[again])]
-            return (f"--attributes names the text {first!r} twice" + (f": {texts[again]!r} reads as the same token "
-                    "ids to CLIP" if texts[again] != first else "") + "; each group of an attribute needs its own text")
+    tokenize = Tokenizer.default() if args.attributes else None  # as CLIP reads a text: NFC, lowered, 75 ids at most
+    for texts in args.attributes or []:
+        ids = [tuple(row) for row in tokenize(texts).tolist()]
+        twice = cli.repeated(ids)
+        if twice is not None:
+            first, second = [t for t, row in zip(texts, ids) if row == twice][:2]
+            same = "" if second == first else f": {second!r} reads as the same token ids to CLIP"
+            return f"--attributes names the text {first!r} twice{same}; each group of an attribute needs its own text"
     resolved = [Path(d).resolve() for d in args.image_dirs]
     folder = next((t for texts in args.attributes or [] for t in texts
                    if t and Path(t).is_dir() and Path(t).resolve() not in resolved), None)

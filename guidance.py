@@ -172,11 +172,12 @@ def auto_scales(batch, cal_guides, cal_targets, cal, alphas_cumprod, record):
     record["hit_reached"] = [h < len(AUTO_SCALES) - 1 for h in high]
     while len(cal_guides) > 1:  # the rungs taken, tried together: a guide that misses there goes up a rung
         tried = {tuple(c["scales"]): c["hit_rates"] for c in record.get("calibration", [])}
-        met = [min(h) >= AUTO_HIT for h in tried.get(tuple(float(AUTO_SCALES[h]) for h in high)) or hit_rates(high)]
-        record["together"], up = met, [not m and h < len(AUTO_SCALES) - 1 for m, h in zip(met, high)]
+        rates = tried.get(tuple(float(AUTO_SCALES[r]) for r in high)) or hit_rates(high)
+        record["together"] = [min(h) >= AUTO_HIT for h in rates]
+        up = [not met and r < len(AUTO_SCALES) - 1 for met, r in zip(record["together"], high)]
         if not any(up):
             break
-        high = [h + u for h, u in zip(high, up)]
+        high = [r + u for r, u in zip(high, up)]
     return [float(AUTO_SCALES[h]) for h in high]
 
 

@@ -442,7 +442,8 @@ def open_log(run_dir, step, args, config, data):
         record_resume(run_dir, step, vars(args), config, data)
     weights.write_atomic(path, "".join(kept))
     for image in (run_dir / "validation").glob("step_*/*.png"):  # save_pngs' 00.png, ... of a step past `step`
-        if image.stem.isdecimal() and image.parent.name[5:].isdecimal() and int(image.parent.name[5:]) > step:
+        validated = image.parent.name.removeprefix("step_")
+        if image.stem.isdecimal() and validated.isdecimal() and int(validated) > step:
             image.unlink()
     with weights.writing(path):
         return open(path, "a")
